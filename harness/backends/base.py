@@ -1,0 +1,121 @@
+"""The one interface every parallel backend implements, and the pieces the Fabric backends share.
+
+A backend receives a model built from `models.gpt` (no parallelism inside it), parallelizes it,
+owns the optimizer, and runs one optimizer step over this rank's micro-batches. The runner owns
+everything else: process groups, data, timing, metrics and the run directory.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from harness.config import Layout
+
+MicroBatch = tuple[torch.Tensor, torch.Tensor]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Backend(ABC):
+    name: str
+
+    def __init__(self, cfg: Any, layout: Layout, device: torch.device) -> None:
+        self.cfg, self.layout, self.device = cfg, layout, device
+
+    @property
+    def materialize_before_setup(self) -> bool:
+        """Whether `setup` wants the full model initialised, not on the meta device.
+
+        DTensor's random ops give sharded parameters the values of an unsharded init only on
+        CUDA-like devices; on CPU each shard would draw the same numbers. So on CPU the model is
+        initialised whole and then sharded, which keeps layouts comparable step by step.
+        """
+        return self.device.type == "cpu"
+
+    @abstractmethod
+    def setup(self, model: nn.Module) -> None:
+        """Parallelize `model` and create the optimizer."""
+
+    @abstractmethod
+    def train_step(self, micro_batches: Sequence[MicroBatch]) -> torch.Tensor:
+        """One optimizer step; returns this rank's mean loss over its micro-batches (detached)."""
+
+    @property
+    @abstractmethod
+    def dp_rank(self) -> int:
+        """This rank's index within its data-parallel group (which share of the batch it reads)."""
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
+    """Recompute activations in the backward pass: every block (full) or every attention sub-layer (selective).
+
+    Uses PyTorch's non-reentrant checkpoint wrapper, as torchtitan does; it must be applied before
+    FSDP wraps the blocks.
+    """
+    if mode == "none":
+        return
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for i, block in enumerate(model.blocks):
+        if mode == "full":
+            model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+        else:
+            block.attn = checkpoint_wrapper(block.attn, preserve_rng_state=False)
+
+
+def make_optimizer(params: Any, train: Any) -> torch.optim.Optimizer:
+    """AdamW with GPT-3's betas; the same for every backend so their losses compare."""
+    return torch.optim.AdamW(params, lr=train.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=train.weight_decay)
+
+
+class FabricBackend(Backend):
+    """Shared step loop for the backends that Lightning Fabric drives (its strategy differs)."""
+
+    fabric_precision = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}
+
+    @abstractmethod
+    def strategy(self) -> Any:
+        """The Fabric strategy object."""
+
+    def precision(self) -> str:
+        return self.fabric_precision[self.cfg.train.precision]
+
+    def setup(self, model: nn.Module) -> None:
+        from lightning.fabric import Fabric
+        from lightning.fabric.plugins.environments import TorchElasticEnvironment
+
+        apply_activation_checkpointing(model, self.cfg.train.activation_checkpointing)
+        world, local = self.layout.world_size, int(os.environ["LOCAL_WORLD_SIZE"])
+        # The runner already exported torchrun-style variables for every launcher (srun, mpiexec
+        # included) and initialised the process group, so Fabric reads the same rank layout.
+        self.fabric = Fabric(
+            accelerator=self.device.type,
+            devices=local,
+            num_nodes=world // local,
+            strategy=self.strategy(),
+            precision=self.precision(),
+            plugins=[TorchElasticEnvironment()],
+        )
+        self.fabric.launch()
+        self.model = self.fabric.setup_module(model)
+        self.optimizer = self.fabric.setup_optimizers(make_optimizer(self.model.parameters(), self.cfg.train))
+
+    def train_step(self, micro_batches: Sequence[MicroBatch]) -> torch.Tensor:
+        total = torch.zeros((), device=self.device)
+        n = len(micro_batches)
+        for i, (inputs, targets) in enumerate(micro_batches):
+            with self.fabric.no_backward_sync(self.model, enabled=i < n - 1):
+                loss = self.model(inputs, targets)
+                self.fabric.backward(loss / n)
+            total += loss.detach()
+        if self.cfg.train.grad_clip > 0:
+            self.fabric.clip_gradients(self.model, self.optimizer, max_norm=self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total / n
+

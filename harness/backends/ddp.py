@@ -1,0 +1,21 @@
+"""Data parallelism with a full replica per rank: PyTorch DDP through Lightning Fabric's DDP strategy."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from harness.backends.base import FabricBackend
+
+
+class DDPBackend(FabricBackend):
+    name = "ddp"
+
+    @property
+    def dp_rank(self) -> int:
+        return self.fabric.global_rank
+
+    def strategy(self) -> Any:
+        from lightning.fabric.strategies import DDPStrategy
+
+        return DDPStrategy(timeout=timedelta(seconds=self.cfg.launcher.pg_timeout_s))

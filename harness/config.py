@@ -1,0 +1,332 @@
+"""The config schema (Hydra structured configs) and the checks that run before any process starts.
+
+Hydra composes `conf/` onto these dataclasses, so a misspelt key or a wrong type is rejected by
+OmegaConf; `validate` then checks what types cannot express (divisibility, files, choices) and
+raises `ConfigError` with one line naming the field and the fix. Nothing here imports torch: the
+cost model and the CLI use it before any heavy import.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+BACKENDS = ("ddp", "fsdp")
+PRECISIONS = ("fp32", "fp16", "bf16")
+CHECKPOINTING = ("none", "selective", "full")
+DATA_KINDS = ("synthetic", "tokens")
+TOKEN_DTYPES = {"uint16": 2, "uint32": 4}
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration: the message is one line naming the field and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    """GPT dimensions; the fields mirror `models.gpt.GPTConfig` (a test keeps them in step)."""
+
+    name: str = MISSING
+    """Name of the size, for run names and reports."""
+    n_layers: int = MISSING
+    """Transformer blocks."""
+    d_model: int = MISSING
+    """Hidden size."""
+    n_heads: int = MISSING
+    """Query heads; must divide d_model."""
+    n_kv_heads: Optional[int] = None
+    """Key/value heads for grouped-query attention; None means n_heads (plain multi-head)."""
+    ffn_hidden: Optional[int] = None
+    """MLP width; None means 4 * d_model."""
+    seq_len: int = 2048
+    """Tokens per sample."""
+    vocab_size: int = 51200
+    """Vocabulary, already padded (Megatron pads GPT-2's 50257 to a multiple of 128 or 1024)."""
+    activation: str = "gelu"
+    """gelu (Megatron), gelu_tanh (GPT-2's gelu_new) or swiglu."""
+    norm: str = "layernorm"
+    """layernorm or rmsnorm."""
+    position: str = "learned"
+    """learned absolute positions or rope."""
+    tie_embeddings: bool = True
+    """Share the input embedding with the output projection."""
+    bias: bool = True
+    """Biases in linears and norms."""
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    rope_theta: float = 10000.0
+
+
+@dataclass
+class BackendConfig:
+    """Which parallel backend trains the model, and its own options."""
+
+    name: str = "ddp"
+    """ddp | fsdp."""
+    reshard_after_forward: bool = True
+    """fsdp: free gathered parameters after each block's forward (FSDP1's FULL_SHARD)."""
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size."""
+    pp: int = 1
+    """Pipeline-parallel size."""
+    vpp: int = 1
+    """Virtual pipeline stages per rank (interleaved schedule)."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage."""
+    sequence_parallel: bool = False
+    world_size: Optional[int] = None
+    """Derived from the launched ranks by `run`; given explicitly to `estimate`/`plan`."""
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 1
+    """Samples per rank per forward/backward."""
+    global_batch_size: Optional[int] = None
+    """Samples per optimizer step over all ranks; None means micro_batch_size * dp (no accumulation)."""
+    steps: int = 10
+    """Timed optimizer steps (after the warm-up steps)."""
+    warmup_steps: int = 2
+    """Optimizer steps run first and left out of the summary (allocator, caches, lazy init)."""
+    precision: str = "fp32"
+    """fp32 | fp16 | bf16 (mixed precision: fp32 master weights)."""
+    activation_checkpointing: str = "none"
+    """none | selective (attention sub-layer) | full (every block)."""
+    seed: int = 1234
+    lr: float = 3e-4
+    """Constant learning rate (a benchmark has no use for a schedule)."""
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 disables."""
+
+
+@dataclass
+class DataConfig:
+    kind: str = "synthetic"
+    """synthetic (seeded random tokens) | tokens (a flat binary file of token ids)."""
+    path: Optional[str] = None
+    """tokens: the file."""
+    dtype: str = "uint16"
+    """tokens: uint16 or uint32."""
+
+
+@dataclass
+class SystemConfig:
+    """The machine: device kind and what is known of its peaks (issue-specific fields grow here)."""
+
+    name: str = "cpu"
+    device: str = "auto"
+    """auto | cpu | cuda (ROCm builds of torch report 'cuda' too)."""
+    peak_tflops: Optional[float] = None
+    """A measured dense peak for the run's precision; overrides the built-in table."""
+    peak_tflops_source: Optional[str] = None
+    """Where peak_tflops comes from (required when peak_tflops is set)."""
+    devices_per_node: int = 1
+
+
+@dataclass
+class LauncherConfig:
+    nproc: int = 1
+    """Local ranks to start when not already inside torchrun/srun/mpiexec."""
+    omp_num_threads: Optional[int] = None
+    """Threads per rank; None means the host's cores divided by the local ranks (at least 1)."""
+    pg_timeout_s: int = 300
+    """Collective timeout: a benchmark that stalls this long is broken, not slow."""
+    monitor_interval_s: float = 0.1
+    """How often the local agent checks its ranks; a dead rank ends the job within about this."""
+
+
+@dataclass
+class Config:
+    name: str = "${model.name}-${backend.name}"
+    """Run name, part of the run directory."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    system: SystemConfig = field(default_factory=SystemConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+
+
+def register_schema() -> None:
+    """Make the schema available to `conf/config.yaml` as `base_config`."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="base_config", node=Config)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the ranks are arranged and how a global batch is split over them."""
+
+    world_size: int
+    tp: int
+    pp: int
+    dp: int
+    zero_stage: int
+    micro_batch_size: int
+    global_batch_size: int
+    grad_accum: int
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+def group_choices(group: str) -> list[str]:
+    """The named options of a config group, from the YAML files in conf/<group>/."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def check_group_overrides(overrides: list[str]) -> None:
+    """Reject `model=unknown` before Hydra does (Hydra's message spans many lines)."""
+    groups = [p.name for p in CONF_DIR.iterdir() if p.is_dir()]
+    for override in overrides:
+        key, sep, value = override.lstrip("+~").partition("=")
+        if not sep or key not in groups:
+            continue
+        choices = group_choices(key)
+        for choice in value.split(","):  # a -m sweep lists several
+            if choice not in choices:
+                raise ConfigError(f"{key}={choice}: unknown {key}; choose one of: {', '.join(choices)}")
+
+
+def _choice(value: str, choices: tuple[str, ...] | list[str], key: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value}: unknown value; choose one of: {', '.join(choices)}")
+
+
+def _check_model(m: Any) -> None:
+    for key in ("n_layers", "d_model", "n_heads", "seq_len", "vocab_size"):
+        if getattr(m, key) < 1:
+            raise ConfigError(f"model.{key}={getattr(m, key)}: must be at least 1")
+    if m.d_model % m.n_heads:
+        raise ConfigError(
+            f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; "
+            f"choose n_heads from the divisors of d_model (e.g. {_nearest_divisor(m.d_model, m.n_heads)})"
+        )
+    if m.n_kv_heads is not None and (m.n_kv_heads < 1 or m.n_heads % m.n_kv_heads):
+        raise ConfigError(
+            f"model.n_kv_heads={m.n_kv_heads} does not divide model.n_heads={m.n_heads}; choose a divisor"
+        )
+    _choice(m.activation, ("gelu", "gelu_tanh", "swiglu"), "model.activation")
+    _choice(m.norm, ("layernorm", "rmsnorm"), "model.norm")
+    _choice(m.position, ("learned", "rope"), "model.position")
+
+
+def _nearest_divisor(n: int, near: int) -> int:
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - near), d))
+
+
+def _check_data(d: Any, seq_len: int, vocab_size: int) -> None:
+    _choice(d.kind, DATA_KINDS, "data.kind")
+    if d.kind != "tokens":
+        return
+    _choice(d.dtype, tuple(TOKEN_DTYPES), "data.dtype")
+    if not d.path:
+        raise ConfigError("data.path is not set; data=tokens needs data.path=/path/to/tokens.bin")
+    path = Path(d.path)
+    if not path.is_file():
+        raise ConfigError(f"data.path={d.path}: no such file; give an existing token file")
+    n_tokens = path.stat().st_size // TOKEN_DTYPES[d.dtype]
+    if n_tokens < seq_len + 1:
+        raise ConfigError(
+            f"data.path={d.path} holds {n_tokens} {d.dtype} tokens, fewer than model.seq_len+1={seq_len + 1}; "
+            "use a larger file or a shorter model.seq_len"
+        )
+    import numpy as np  # only for token files; keeps the common path light
+
+    largest = int(np.memmap(path, dtype=np.dtype(d.dtype), mode="r").max())
+    if largest >= vocab_size:
+        raise ConfigError(
+            f"data.path={d.path} holds token id {largest}, outside model.vocab_size={vocab_size}; "
+            "use a model whose vocab_size exceeds the tokenizer's ids"
+        )
+
+
+def validate(cfg: DictConfig | Config, world_size: int) -> Layout:
+    """Check the whole config for a job of `world_size` ranks and derive its layout."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    _choice(cfg.backend.name, BACKENDS, "backend")
+    _check_model(m)
+    _choice(t.precision, PRECISIONS, "train.precision")
+    _choice(t.activation_checkpointing, CHECKPOINTING, "train.activation_checkpointing")
+    _choice(cfg.system.device, DEVICES, "system.device")
+    if cfg.launcher.nproc < 1:
+        raise ConfigError(f"launcher.nproc={cfg.launcher.nproc}: must be at least 1 (ranks to start)")
+    if t.steps <= 0:
+        raise ConfigError(f"train.steps={t.steps}: must be at least 1 timed step")
+    if t.warmup_steps < 0:
+        raise ConfigError(f"train.warmup_steps={t.warmup_steps}: must be 0 or more")
+    if t.micro_batch_size < 1:
+        raise ConfigError(f"train.micro_batch_size={t.micro_batch_size}: must be at least 1")
+    if cfg.system.peak_tflops is not None and not cfg.system.peak_tflops_source:
+        raise ConfigError("system.peak_tflops is set without system.peak_tflops_source; say where it was measured")
+    for key in ("tp", "pp", "vpp"):
+        if getattr(p, key) < 1:
+            raise ConfigError(f"parallel.{key}={getattr(p, key)}: must be at least 1")
+    if p.tp > 1 or p.pp > 1 or p.vpp > 1 or p.sequence_parallel:
+        raise ConfigError(
+            f"parallel.tp={p.tp} pp={p.pp} vpp={p.vpp} sequence_parallel={p.sequence_parallel}: "
+            f"backend={cfg.backend.name} here is data-parallel only; set them to 1/false"
+        )
+    if p.zero_stage != 0:
+        raise ConfigError(f"parallel.zero_stage={p.zero_stage}: ZeRO stages belong to DeepSpeed; set 0 for ddp/fsdp")
+    if cfg.backend.name == "fsdp" and t.precision == "fp16":
+        raise ConfigError(
+            "train.precision=fp16 with backend=fsdp needs a sharded gradient scaler; use train.precision=bf16"
+        )
+    if p.world_size is not None and p.world_size != world_size:
+        raise ConfigError(
+            f"parallel.world_size={p.world_size} but {world_size} ranks are launched; leave it unset for `run`"
+        )
+    if world_size % (p.tp * p.pp):
+        raise ConfigError(f"world size {world_size} is not divisible by parallel.tp*parallel.pp={p.tp * p.pp}")
+    dp = world_size // (p.tp * p.pp)
+    per_step = t.micro_batch_size * dp
+    global_batch = t.global_batch_size if t.global_batch_size is not None else per_step
+    if global_batch < 1 or global_batch % per_step:
+        lower = max(per_step, global_batch // per_step * per_step)
+        raise ConfigError(
+            f"train.global_batch_size={global_batch} is not divisible by micro_batch_size*dp="
+            f"{t.micro_batch_size}*{dp}={per_step}; use a multiple such as {lower} or {lower + per_step}"
+        )
+    _check_data(cfg.data, m.seq_len, m.vocab_size)
+    return Layout(
+        world_size=world_size,
+        tp=p.tp,
+        pp=p.pp,
+        dp=dp,
+        zero_stage=p.zero_stage,
+        micro_batch_size=t.micro_batch_size,
+        global_batch_size=global_batch,
+        grad_accum=global_batch // per_step,
+    )
+
+
+def ffn_hidden(m: Any) -> int:
+    """The MLP width a model config resolves to."""
+    return m.ffn_hidden if m.ffn_hidden is not None else 4 * m.d_model
+
+
+def default_threads_per_rank(local_ranks: int) -> int:
+    """Share the host's cores among its ranks, so two ranks on two cores do not fight over four threads."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, math.floor(cores / max(1, local_ranks)))
+
+
+def to_container(cfg: DictConfig) -> dict[str, Any]:
+    """A resolved plain-dict copy, for run directories and for pickling to spawned ranks."""
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

@@ -1,0 +1,69 @@
+"""Dense peak throughput per device, each with its source.
+
+An unknown device gets no peak (MFU `null` with the reason), never another device's peak: that
+fallback is how torchtitan once reported 152% MFU. A system config may supply a measured peak.
+Sparsity figures from datasheets are halved to their dense values here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DevicePeak:
+    name: str
+    pattern: str
+    """Regular expression matched (case-insensitive) against the device name torch reports."""
+    tflops: dict[str, float | None]
+    """Dense TFLOP/s per precision: bf16 and fp16 tensor-core math, fp32 without TF32."""
+    source: str
+
+
+# Order matters: more specific names first (H100 PCIe before H100).
+PEAKS: tuple[DevicePeak, ...] = (
+    DevicePeak("V100-PCIe", r"V100.*PCIE", {"fp16": 112.0, "bf16": None, "fp32": 14.0},
+               "NVIDIA V100 datasheet (PCIe): 112 TFLOP/s fp16 tensor, 14 fp32; no bf16 tensor cores"),
+    DevicePeak("V100-SXM2", r"V100", {"fp16": 125.0, "bf16": None, "fp32": 15.7},
+               "NVIDIA V100 datasheet (SXM2): 125 TFLOP/s fp16 tensor, 15.7 fp32; no bf16 tensor cores"),
+    DevicePeak("A100", r"A100", {"fp16": 312.0, "bf16": 312.0, "fp32": 19.5},
+               "NVIDIA A100 datasheet: 312 TFLOP/s bf16/fp16 dense, 19.5 fp32"),
+    DevicePeak("H100-PCIe", r"H100.*PCIE", {"fp16": 756.0, "bf16": 756.0, "fp32": 51.0},
+               "NVIDIA H100 datasheet (PCIe): 1513 with sparsity = 756 dense bf16/fp16, 51 fp32"),
+    DevicePeak("H100-SXM", r"H100|GH200", {"fp16": 989.0, "bf16": 989.0, "fp32": 67.0},
+               "NVIDIA H100 datasheet (SXM): 1979 with sparsity = 989 dense bf16/fp16, 67 fp32"),
+    DevicePeak("H200", r"H200", {"fp16": 989.0, "bf16": 989.0, "fp32": 67.0},
+               "NVIDIA H200 datasheet (SXM): 1979 with sparsity = 989 dense bf16/fp16, 67 fp32"),
+    DevicePeak("MI250X-GCD", r"MI250X?", {"fp16": 191.5, "bf16": 191.5, "fp32": 23.95},
+               "AMD Instinct MI250X datasheet: 383 TFLOP/s fp16/bf16 and 47.9 fp32 vector per OAM; "
+               "torch sees each of its two GCDs as a device, so half per GCD"),
+    DevicePeak("MI300X", r"MI300X", {"fp16": 1307.4, "bf16": 1307.4, "fp32": 163.4},
+               "AMD Instinct MI300X datasheet: 1307.4 TFLOP/s fp16/bf16 dense, 163.4 fp32 vector"),
+    DevicePeak("Max-1550-tile", r"Max 1550|Data Center GPU Max", {"fp16": None, "bf16": 256.0, "fp32": None},
+               "Measured bf16 GEMM per tile at 1.5 GHz on Aurora (shared/reference/published.md)"),
+)
+
+
+@dataclass(frozen=True)
+class PeakLookup:
+    tflops: float | None
+    source: str | None
+    reason: str | None
+    """Why `tflops` is None."""
+
+
+def lookup_peak(device_name: str, precision: str) -> PeakLookup:
+    """The dense peak of `device_name` for `precision` (fp32 | fp16 | bf16)."""
+    for peak in PEAKS:
+        if re.search(peak.pattern, device_name, flags=re.IGNORECASE):
+            value = peak.tflops.get(precision)
+            if value is None:
+                return PeakLookup(None, None, f"{peak.name} has no dense {precision} peak in the table ({peak.source})")
+            return PeakLookup(value, peak.source, None)
+    return PeakLookup(
+        None,
+        None,
+        f"no dense {precision} peak is known for device '{device_name}'; "
+        "give a measured one with system.peak_tflops and system.peak_tflops_source",
+    )

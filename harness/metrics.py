@@ -1,0 +1,104 @@
+"""Per-step measurements: throughput, FLOP rates, utilisation against the peak, memory."""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from harness.costmodel.flops import StepFlops
+from harness.costmodel.peaks import PeakLookup, lookup_peak
+
+
+def resolve_peak(system: Any, precision: str, device: torch.device) -> PeakLookup:
+    """A measured peak from the system config wins; else the table by device name; a CPU has none."""
+    if system.peak_tflops is not None:
+        return PeakLookup(float(system.peak_tflops), system.peak_tflops_source, None)
+    if device.type == "cpu":
+        return PeakLookup(None, None, "no dense peak is known for a CPU; give a measured one with "
+                          "system.peak_tflops and system.peak_tflops_source")
+    return lookup_peak(device_name(device), precision)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Turns an iteration time into the rates reported for it."""
+
+    flops: StepFlops
+    tokens_per_step: int
+    world_size: int
+    peak: PeakLookup
+
+    def rates(self, iter_time_s: float) -> dict[str, Optional[float]]:
+        model_tflops = self.flops.model / iter_time_s / self.world_size / 1e12
+        hardware_tflops = self.flops.hardware / iter_time_s / self.world_size / 1e12
+        peak = self.peak.tflops
+        return {
+            "iter_time_ms": iter_time_s * 1e3,
+            "tokens_per_s": self.tokens_per_step / iter_time_s,
+            "model_tflops_per_device": model_tflops,
+            "hardware_tflops_per_device": hardware_tflops,
+            "mfu": model_tflops / peak if peak else None,
+            "hfu": hardware_tflops / peak if peak else None,
+        }
+
+
+class MemoryMeter:
+    """Peak memory per step: the CUDA caching allocator's peak on GPU, the process's peak RSS on CPU.
+
+    On CPU only a lifetime peak exists (getrusage), so the figure never falls; it is labelled
+    `cpu_peak_rss` to keep it apart from device memory.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.kind = "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss"
+        self._retries = 0
+
+    def start_step(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def read(self) -> dict[str, Optional[float]]:
+        if self.device.type == "cuda":
+            retries = torch.cuda.memory_stats(self.device).get("num_alloc_retries", 0)
+            new, self._retries = retries - self._retries, retries
+            return {"peak_memory_mb": torch.cuda.max_memory_allocated(self.device) / 2**20, "alloc_retries": new}
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        return {"peak_memory_mb": rss / (2**20 if sys.platform == "darwin" else 2**10), "alloc_retries": None}
+
+
+SUMMARY_KEYS = ("loss", "iter_time_ms", "tokens_per_s", "model_tflops_per_device", "hardware_tflops_per_device",
+                "mfu", "hfu", "peak_memory_mb", "power_w")
+
+
+def summarize_steps(steps: list[dict[str, Any]]) -> dict[str, Optional[float]]:
+    """Medians over the timed (non-warm-up) steps; peak memory is the maximum."""
+    timed = [s for s in steps if not s.get("warmup")]
+    out: dict[str, Optional[float]] = {}
+    for key in SUMMARY_KEYS:
+        values = [s[key] for s in timed if s.get(key) is not None]
+        if not values:
+            out[key] = None
+        else:
+            out[key] = max(values) if key == "peak_memory_mb" else statistics.median(values)
+    energies = [s["energy_j"] for s in timed if s.get("energy_j") is not None]
+    out["energy_j_per_step"] = statistics.median(energies) if energies else None
+    out["tokens_per_joule"] = (
+        out["tokens_per_s"] * out["iter_time_ms"] / 1e3 / out["energy_j_per_step"]  # type: ignore[operator]
+        if out["energy_j_per_step"] else None
+    )
+    out["timed_steps"] = len(timed)
+    return out

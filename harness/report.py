@@ -1,0 +1,77 @@
+"""What a person reads: the live progress line during a run and the result table after it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as RichProgress
+from rich.table import Table
+
+console = Console()
+
+
+def _fmt(value: Optional[float], spec: str, missing: str = "n/a") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def _step_text(record: dict[str, Any]) -> str:
+    return (f"loss {record['loss']:.4f}  {record['iter_time_ms']:.1f} ms/step  "
+            f"{record['tokens_per_s']:,.0f} tok/s  {record['model_tflops_per_device']:.3g} TFLOP/s/dev")
+
+
+class Progress:
+    """A live bar on a terminal; one plain line per step otherwise (CI logs, files)."""
+
+    def __init__(self, total: int, warmup: int) -> None:
+        self.warmup = warmup
+        self.live = console.is_terminal
+        if self.live:
+            self.bar = RichProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                    TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), console=console)
+            self.task = self.bar.add_task("warm-up" if warmup else "train", total=total, stats="")
+            self.bar.start()
+
+    def update(self, record: dict[str, Any]) -> None:
+        phase = "warm-up" if record["warmup"] else "train"
+        if self.live:
+            self.bar.update(self.task, advance=1, description=phase, stats=_step_text(record))
+        else:
+            console.print(f"step {record['step']:>4} {phase:<7} {_step_text(record)}", highlight=False)
+
+    def close(self) -> None:
+        if self.live:
+            self.bar.stop()
+
+
+def summary_table(summary: dict[str, Any]) -> Table:
+    m, layout, model = summary["metrics"], summary["layout"], summary["model"]
+    title = (f"{model.get('name')} ({_fmt(model.get('params'), ',')} params) · "
+             f"{summary['config']['backend']['name']} · world {layout['world_size']} (dp {layout['dp']}, "
+             f"tp {layout['tp']}, pp {layout['pp']}) · batch {layout['global_batch_size']} "
+             f"= {layout['micro_batch_size']} x {layout['dp']} x {layout['grad_accum']} accum")
+    table = Table(title=title, title_justify="left")
+    table.add_column("metric")
+    table.add_column("measured (median)", justify="right")
+    table.add_column("note")
+    rows = [
+        ("iteration time", _fmt(m["iter_time_ms"], ".2f") + " ms", f"{m['timed_steps']} timed steps"),
+        ("tokens/s", _fmt(m["tokens_per_s"], ",.0f"), ""),
+        ("model TFLOP/s per device", _fmt(m["model_tflops_per_device"], ".4g"), ""),
+        ("hardware TFLOP/s per device", _fmt(m["hardware_tflops_per_device"], ".4g"), "with recompute"),
+        ("MFU", _fmt(m["mfu"], ".1%"), m.get("mfu_reason") or f"peak {m.get('peak_tflops')} TFLOP/s"),
+        ("HFU", _fmt(m["hfu"], ".1%"), m.get("hfu_reason") or ""),
+        ("peak memory", _fmt(m["peak_memory_mb"], ",.0f") + " MB", m.get("peak_memory_kind") or ""),
+        ("power", _fmt(m["power_w"], ".0f") + " W", m.get("power_w_reason") or ""),
+        ("loss", _fmt(m["loss"], ".4f"), "median over timed steps"),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
+    console.print(summary_table(summary))
+    console.print(f"run directory: {run_dir}", highlight=False)

@@ -1,0 +1,302 @@
+"""One benchmark run: validate, launch the ranks, train for a bounded number of steps, write the run directory.
+
+`run` executes in the process the user started. It validates the config before any process group
+exists, then either joins the ranks a cluster launcher started (torchrun, srun, mpiexec), runs a
+single rank in-process, or starts `launcher.nproc` local ranks through PyTorch's elastic agent.
+`rank_main` is what every rank runs. If no rank managed to write `summary.json` (a rank was killed,
+say), `run` writes it from the steps already on disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
+
+from harness.backends import make_backend
+from harness.config import Layout, default_threads_per_rank, to_container, validate
+from harness.costmodel.flops import step_flops
+from harness.data import rank_micro_batches, token_source
+from harness.metrics import MemoryMeter, Throughput, device_name, resolve_peak
+from harness.report import Progress, print_summary
+from harness.results import (
+    StepLog,
+    build_summary,
+    environment,
+    hostname,
+    read_steps,
+    write_config,
+    write_summary,
+)
+from launchers.env import RankInfo, discover, export
+from launchers.local import launch_local
+from models.gpt import GPT, GPTConfig
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig, run_dir: Path) -> str:
+    """Run one benchmark and return its status (`ok | failed | oom`). Raises ConfigError before launch."""
+    joined = discover(os.environ)
+    world_size = joined.world_size if joined else cfg.launcher.nproc
+    layout = validate(cfg, world_size)
+    _check_device(cfg.system.device)
+    config = to_container(cfg)
+    if joined is None or joined.rank == 0:
+        write_config(run_dir, config)
+    threads = cfg.launcher.omp_num_threads or default_threads_per_rank(
+        joined.local_world_size if joined else cfg.launcher.nproc
+    )
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    try:
+        if joined is not None:
+            rank_main(config, str(run_dir))
+        elif cfg.launcher.nproc == 1:
+            with _single_rank_env():
+                rank_main(config, str(run_dir))
+        else:
+            launch_local(cfg.launcher.nproc, rank_main, config, str(run_dir),
+                         monitor_interval_s=cfg.launcher.monitor_interval_s)
+    except ChildFailedError as exc:
+        return _ensure_failed_summary(run_dir, config, layout, _child_error(exc))
+    except Exception as exc:  # the in-process rank already wrote its summary
+        return _ensure_failed_summary(run_dir, config, layout, f"{type(exc).__name__}: {exc}")
+    summary = run_dir / "summary.json"
+    return _read_status(summary) if summary.exists() else "ok"
+
+
+def _check_device(device: str) -> None:
+    from harness.config import ConfigError
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("system.device=cuda but torch sees no GPU; use system=cpu or a CUDA/ROCm build of torch")
+
+
+@contextlib.contextmanager
+def _single_rank_env() -> Iterator[None]:
+    """torchrun-style variables for a 1-rank job run in this process; removed afterwards."""
+    from torch.distributed.elastic.utils.distributed import get_free_port
+
+    saved = dict(os.environ)
+    export(RankInfo(0, 0, 1, 1, 0, "127.0.0.1", get_free_port(), "local"))
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _child_error(exc: ChildFailedError) -> str:
+    rank, failure = exc.get_first_failure()
+    message = failure.message if isinstance(failure.message, str) else failure.message.get("message", "")
+    detail = message.strip().splitlines()[-1] if message.strip() else f"exit code {failure.exitcode}"
+    return f"rank {rank} failed: {detail}"
+
+
+def _read_status(summary: Path) -> str:
+    import json
+
+    return json.loads(summary.read_text())["status"]
+
+
+def _ensure_failed_summary(run_dir: Path, config: dict[str, Any], layout: Layout, error: str) -> str:
+    """Keep a summary a rank wrote; otherwise write one from the steps on disk."""
+    summary = run_dir / "summary.json"
+    if summary.exists() and _read_status(summary) != "ok":
+        return _read_status(summary)
+    status = "oom" if "OutOfMemoryError" in error or "out of memory" in error.lower() else "failed"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_summary(run_dir, build_summary(
+        status=status, error=error, config=config, layout=layout.as_dict(), model={},
+        steps=read_steps(run_dir),
+        env=environment(world_size=layout.world_size, hostnames=[hostname()], devices=[], launcher="unknown"),
+    ))
+    log.error("run failed: %s", error)
+    return status
+
+
+@record
+def rank_main(config: dict[str, Any], run_dir: str) -> None:
+    """What every rank runs: join the process group, train, leave."""
+    cfg = OmegaConf.create(config)
+    info = discover(os.environ)
+    assert info is not None, "rank_main needs a launcher environment"
+    export(info)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    device = _rank_device(cfg.system.device, info.local_rank)
+    dist.init_process_group(
+        backend="nccl" if device.type == "cuda" else "gloo",
+        timeout=datetime.timedelta(seconds=cfg.launcher.pg_timeout_s),
+        device_id=device if device.type == "cuda" else None,
+    )
+    try:
+        Trainer(cfg, info, device, Path(run_dir)).run()
+    finally:
+        dist.destroy_process_group()
+
+
+def _rank_device(choice: str, local_rank: int) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def gpt_config(model: Any) -> GPTConfig:
+    """The model section of the config as the model's own dataclass."""
+    return GPTConfig(**{f.name: model[f.name] for f in dataclasses.fields(GPTConfig)})
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Trainer:
+    """The bounded step loop of one rank; rank 0 also records and reports."""
+
+    def __init__(self, cfg: DictConfig, info: RankInfo, device: torch.device, run_dir: Path) -> None:
+        self.cfg, self.info, self.device, self.run_dir = cfg, info, device, run_dir
+        self.layout = validate(cfg, info.world_size)
+        self.is_writer = info.rank == 0
+        self.steps: list[dict[str, Any]] = []
+
+    def build(self) -> None:
+        train = self.cfg.train
+        self.backend = make_backend(self.cfg, self.layout, self.device)
+        torch.manual_seed(train.seed)
+        if self.backend.materialize_before_setup:
+            model = GPT(gpt_config(self.cfg.model))
+        else:
+            with torch.device("meta"):
+                model = GPT(gpt_config(self.cfg.model))
+        self.n_params = model.num_params()
+        self.backend.setup(model)
+        flops = step_flops(self.cfg.model, self.layout.global_batch_size, train.activation_checkpointing)
+        self.throughput = Throughput(
+            flops=flops,
+            tokens_per_step=self.layout.global_batch_size * self.cfg.model.seq_len,
+            world_size=self.layout.world_size,
+            peak=resolve_peak(self.cfg.system, train.precision, self.device),
+        )
+        d = self.cfg.data
+        self.data = token_source(kind=d.kind, vocab_size=self.cfg.model.vocab_size, seq_len=self.cfg.model.seq_len,
+                                 seed=train.seed, path=d.path, dtype=d.dtype)
+        self.memory = MemoryMeter(self.device)
+
+    def run(self) -> None:
+        status, error = "ok", None
+        step_log = StepLog(self.run_dir) if self.is_writer else None
+        try:
+            self.build()
+            self.loop(step_log)
+        except torch.OutOfMemoryError as exc:
+            status, error = "oom", f"OutOfMemoryError: {exc}"
+            raise
+        except BaseException as exc:
+            status, error = "failed", f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            if step_log is not None:
+                step_log.close()
+            self.finish(status, error)
+
+    def loop(self, step_log: Optional[StepLog]) -> None:
+        train = self.cfg.train
+        total = train.warmup_steps + train.steps
+        progress = Progress(total, train.warmup_steps) if self.is_writer else None
+        _synchronize(self.device)
+        last = time.perf_counter()
+        for step in range(total):
+            self.memory.start_step()
+            batches = rank_micro_batches(self.data, step=step, layout=self.layout,
+                                         dp_rank=self.backend.dp_rank, device=self.device)
+            loss = self.backend.train_step(batches)
+            _synchronize(self.device)
+            now = time.perf_counter()
+            iter_time_s, last = now - last, now
+            record = self.record(step, step < train.warmup_steps, loss, iter_time_s)
+            if step_log is not None and progress is not None:
+                step_log.write(record)
+                progress.update(record)
+        if progress is not None:
+            progress.close()
+
+    def record(self, step: int, warmup: bool, loss: torch.Tensor, iter_time_s: float) -> dict[str, Any]:
+        """One line of steps.jsonl. Its reduction falls into the next step's time, not hidden from it."""
+        memory = self.memory.read()
+        loss_value, peak_mb = self.reduce(loss, memory["peak_memory_mb"])
+        return {
+            "step": step,
+            "warmup": warmup,
+            "loss": loss_value,
+            **self.throughput.rates(iter_time_s),
+            "peak_memory_mb": peak_mb,
+            "alloc_retries": memory["alloc_retries"],
+            "power_w": None,
+            "energy_j": None,
+        }
+
+    def reduce(self, loss: torch.Tensor, peak_mb: float) -> tuple[float, float]:
+        """The mean loss over ranks (all are data-parallel here) and the largest peak memory, in one collective."""
+        mine = torch.stack([loss.detach().float(), torch.tensor(peak_mb, device=loss.device)])
+        if self.info.world_size == 1:
+            return float(mine[0]), float(mine[1])
+        gathered = [torch.empty_like(mine) for _ in range(self.info.world_size)]
+        dist.all_gather(gathered, mine)
+        table = torch.stack(gathered)
+        return float(table[:, 0].mean()), float(table[:, 1].max())
+
+    def finish(self, status: str, error: Optional[str]) -> None:
+        hostnames: list[Any] = [None] * self.info.world_size
+        devices: list[Any] = [None] * self.info.world_size
+        if status == "ok" and self.info.world_size > 1:  # peers of a failed rank may be gone
+            dist.all_gather_object(hostnames, hostname())
+            dist.all_gather_object(devices, device_name(self.device))
+        else:
+            hostnames, devices = [hostname()], [device_name(self.device)]
+        if not self.is_writer:
+            return
+        steps = read_steps(self.run_dir)
+        summary = build_summary(
+            status=status,
+            error=error,
+            config=to_container(self.cfg),
+            layout=self.layout.as_dict(),
+            model=self.model_info(),
+            steps=steps,
+            env=environment(world_size=self.info.world_size, hostnames=hostnames, devices=devices,
+                            launcher=self.info.launcher),
+            extra_metrics=self.metric_notes(),
+        )
+        write_summary(self.run_dir, summary)
+        if status == "ok":
+            print_summary(summary, self.run_dir)
+
+    def model_info(self) -> dict[str, Any]:
+        dims = dataclasses.asdict(gpt_config(self.cfg.model))
+        return {"name": self.cfg.model.name, "params": getattr(self, "n_params", None), **dims}
+
+    def metric_notes(self) -> dict[str, Any]:
+        throughput = getattr(self, "throughput", None)
+        notes: dict[str, Any] = {"peak_memory_kind": getattr(getattr(self, "memory", None), "kind", None)}
+        if throughput is not None:
+            notes.update(
+                model_flops_per_step=throughput.flops.model,
+                hardware_flops_per_step=throughput.flops.hardware,
+                peak_tflops=throughput.peak.tflops,
+                peak_tflops_source=throughput.peak.source,
+            )
+            if throughput.peak.tflops is None:
+                notes["mfu_reason"] = notes["hfu_reason"] = throughput.peak.reason
+        return notes

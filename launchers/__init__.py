@@ -1,0 +1,1 @@
+"""Finding this process's rank from whatever started it, and starting local ranks."""

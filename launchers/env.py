@@ -1,0 +1,152 @@
+"""Rank discovery from the environment a launcher leaves behind.
+
+`discover` is a pure function of an environment mapping, so every launcher can be unit-tested from
+environments written from its documentation. Precedence, first match wins:
+
+1. torchrun / torch elastic: `RANK`, `LOCAL_RANK`, `WORLD_SIZE` (and `LOCAL_WORLD_SIZE`, `GROUP_RANK`).
+2. Slurm `srun`: `SLURM_PROCID`, `SLURM_LOCALID`, `SLURM_STEP_NUM_TASKS`, `SLURM_NODEID`. Only a job
+   *step* counts: an `sbatch` script itself also sees `SLURM_PROCID=0` but is not one of the ranks.
+3. Open MPI `mpiexec`/`mpirun` (and LSF `jsrun`, which sets the same): `OMPI_COMM_WORLD_RANK`,
+   `OMPI_COMM_WORLD_LOCAL_RANK`, `OMPI_COMM_WORLD_SIZE`, `OMPI_COMM_WORLD_LOCAL_SIZE`.
+4. MPICH / Cray PALS (PBS on Polaris and Aurora): `PMI_RANK`, `PMI_SIZE`, `PMI_LOCAL_RANK` or
+   `PALS_LOCAL_RANKID`, `PMI_LOCAL_SIZE` or `PALS_LOCAL_SIZE`.
+
+`MASTER_ADDR` comes from the environment when set, else from the first host of a Slurm node list,
+else 127.0.0.1 when all ranks are on this node; otherwise discovery fails and says what is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Mapping, MutableMapping, Optional
+
+DEFAULT_MASTER_PORT = 29500
+
+
+class LaunchEnvError(RuntimeError):
+    """The environment describes ranks inconsistently or incompletely."""
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    node_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str
+
+    @property
+    def num_nodes(self) -> int:
+        return max(1, self.world_size // self.local_world_size)
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Expand a Slurm host list such as `nid[001-003,007],login1` into host names."""
+    hosts: list[str] = []
+    for prefix, ranges, plain in re.findall(r"([^,\[]+)\[([^\]]+)\]|([^,\[\]]+)", nodelist):
+        if plain:
+            hosts.append(plain)
+            continue
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            for i in range(int(lo), int(hi or lo) + 1):
+                hosts.append(f"{prefix}{i:0{len(lo)}d}")
+    return hosts
+
+
+def _slurm_tasks_on_node(spec: str, node_id: int) -> int:
+    """Tasks on node `node_id` from `SLURM_STEP_TASKS_PER_NODE`, e.g. `4(x2),2`."""
+    node = 0
+    for count, repeat in re.findall(r"(\d+)(?:\(x(\d+)\))?", spec):
+        node += int(repeat or 1)
+        if node_id < node:
+            return int(count)
+    raise LaunchEnvError(f"SLURM_STEP_TASKS_PER_NODE={spec} does not cover node {node_id}")
+
+
+def _int(env: Mapping[str, str], *names: str) -> Optional[int]:
+    for name in names:
+        if env.get(name, "") != "":
+            return int(env[name])
+    return None
+
+
+def _from_torchrun(env: Mapping[str, str]) -> Optional[tuple[int, int, int, int, int, str]]:
+    if not {"RANK", "WORLD_SIZE", "LOCAL_RANK"} <= env.keys():
+        return None
+    world = int(env["WORLD_SIZE"])
+    local_world = _int(env, "LOCAL_WORLD_SIZE") or world
+    return int(env["RANK"]), int(env["LOCAL_RANK"]), world, local_world, _int(env, "GROUP_RANK") or 0, "torchrun"
+
+
+def _from_slurm(env: Mapping[str, str]) -> Optional[tuple[int, int, int, int, int, str]]:
+    if "SLURM_PROCID" not in env or "SLURM_STEP_NUM_TASKS" not in env:
+        return None
+    node = int(env.get("SLURM_NODEID", 0))
+    local_world = _slurm_tasks_on_node(env.get("SLURM_STEP_TASKS_PER_NODE", env["SLURM_STEP_NUM_TASKS"]), node)
+    return (int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_STEP_NUM_TASKS"]),
+            local_world, node, "slurm")
+
+
+def _from_mpi(env: Mapping[str, str]) -> Optional[tuple[int, int, int, int, int, str]]:
+    if "OMPI_COMM_WORLD_RANK" in env:
+        names = ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_SIZE",
+                 "OMPI_COMM_WORLD_LOCAL_SIZE")
+        launcher = "openmpi"
+    elif "PMI_RANK" in env:
+        names = ("PMI_RANK", "PMI_LOCAL_RANK|PALS_LOCAL_RANKID", "PMI_SIZE", "PMI_LOCAL_SIZE|PALS_LOCAL_SIZE")
+        launcher = "pmi"
+    else:
+        return None
+    values = [_int(env, *name.split("|")) for name in names]
+    missing = [name for name, value in zip(names, values) if value is None]
+    if missing:
+        raise LaunchEnvError(f"{launcher} launch without {', '.join(missing)}: cannot place this rank")
+    rank, local_rank, world, local_world = (int(v) for v in values)  # type: ignore[arg-type]
+    return rank, local_rank, world, local_world, rank // local_world, launcher
+
+
+def _master_addr(env: Mapping[str, str], world: int, local_world: int, launcher: str) -> str:
+    if env.get("MASTER_ADDR"):
+        return env["MASTER_ADDR"]
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+    if launcher == "slurm" and nodelist:
+        return expand_nodelist(nodelist)[0]
+    if world == local_world:
+        return "127.0.0.1"
+    raise LaunchEnvError(
+        f"{launcher} launch across nodes without MASTER_ADDR: export MASTER_ADDR=<first host of the allocation>"
+    )
+
+
+def discover(env: Mapping[str, str]) -> Optional[RankInfo]:
+    """This process's place in the job, or None when no launcher started it."""
+    found = _from_torchrun(env) or _from_slurm(env) or _from_mpi(env)
+    if found is None:
+        return None
+    rank, local_rank, world, local_world, node_rank, launcher = found
+    if not 0 <= rank < world:
+        raise LaunchEnvError(f"{launcher}: rank {rank} is outside world size {world}")
+    if not 0 <= local_rank < local_world:
+        raise LaunchEnvError(f"{launcher}: local rank {local_rank} is outside the {local_world} ranks of its node")
+    port = _int(env, "MASTER_PORT") or DEFAULT_MASTER_PORT
+    return RankInfo(rank, local_rank, world, local_world, node_rank,
+                    _master_addr(env, world, local_world, launcher), port, launcher)
+
+
+def export(info: RankInfo, env: MutableMapping[str, str] = os.environ) -> None:
+    """Write the torchrun-style variables that `init_process_group("env://")` and Fabric read."""
+    env.update(
+        RANK=str(info.rank),
+        LOCAL_RANK=str(info.local_rank),
+        WORLD_SIZE=str(info.world_size),
+        LOCAL_WORLD_SIZE=str(info.local_world_size),
+        GROUP_RANK=str(info.node_rank),
+        MASTER_ADDR=info.master_addr,
+        MASTER_PORT=str(info.master_port),
+    )
