@@ -1,0 +1,30 @@
+# Two commands do all the set-up on a fresh machine with Python 3.11 and pip:
+#   make demo   install, then train a tiny GPT on 2 CPU ranks and print the result table
+#   make test   install, then run the test suite
+# The CPU build of torch is pinned here on purpose: an unpinned torch pulls a multi-GB CUDA build.
+# On a cluster, install your site's torch first, then `pip install -e .[gpu]`.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_CPU ?= torch==2.13.0
+
+.PHONY: install demo test clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_CPU)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	$(BIN)/harness run launcher.nproc=2 train.micro_batch_size=8 train.steps=10
+
+test: install
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) results/runs .pytest_cache

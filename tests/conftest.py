@@ -1,0 +1,62 @@
+"""Shared helpers: tests drive the real `harness` CLI in subprocesses, as a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
+               "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+
+# Tiny and fast: 2 layers, width 64, 1 thread per rank (see the README's test notes).
+TINY = ["model=gpt-tiny", "launcher.omp_num_threads=1", "train.warmup_steps=1", "train.steps=3"]
+
+
+@dataclass
+class Run:
+    proc: subprocess.CompletedProcess[str]
+    run_dir: Path
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return json.loads((self.run_dir / "summary.json").read_text())
+
+    @property
+    def steps(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in (self.run_dir / "steps.jsonl").read_text().splitlines()]
+
+    @property
+    def losses(self) -> list[float]:
+        return [s["loss"] for s in self.steps]
+
+
+def clean_env() -> dict[str, str]:
+    """This environment without any launcher's variables, so the CLI starts its own ranks."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def harness(args: list[str], cwd: Path, timeout: float = 300, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "harness.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env or clean_env())
+
+
+def harness_run(run_dir: Path, *overrides: str, timeout: float = 300) -> Run:
+    """`harness run` into a known directory; fails the test with the output if it exits non-zero."""
+    proc = harness(["run", f"hydra.run.dir={run_dir}", *overrides], cwd=run_dir.parent, timeout=timeout)
+    assert proc.returncode == 0, f"harness run failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    return Run(proc, run_dir)
+
+
+@pytest.fixture(scope="session")
+def runs_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("runs")
