@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import gc
 import logging
 import os
 import time
@@ -88,7 +89,7 @@ def _single_rank_env() -> Iterator[None]:
     from torch.distributed.elastic.utils.distributed import get_free_port
 
     saved = dict(os.environ)
-    export(RankInfo(0, 0, 1, 1, 0, "127.0.0.1", get_free_port(), "local"))
+    export(RankInfo(0, 0, 1, 1, 0, "127.0.0.1", get_free_port(), "local", 1))
     try:
         yield
     finally:
@@ -215,6 +216,11 @@ class Trainer:
         train = self.cfg.train
         total = train.warmup_steps + train.steps
         progress = Progress(total, train.warmup_steps) if self.is_writer else None
+        # Move everything imported and built so far out of the collector's reach: otherwise each
+        # full collection walks millions of framework objects mid-step (torchtitan and Megatron
+        # manage the GC in their loops for the same reason).
+        gc.collect()
+        gc.freeze()
         _synchronize(self.device)
         last = time.perf_counter()
         for step in range(total):

@@ -39,24 +39,29 @@ class RankInfo:
     master_addr: str
     master_port: int
     launcher: str
-
-    @property
-    def num_nodes(self) -> int:
-        return max(1, self.world_size // self.local_world_size)
+    num_nodes: int
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
-    """Expand a Slurm host list such as `nid[001-003,007],login1` into host names."""
+    """Expand a Slurm host list such as `nid[001-003,007],login1` or `rack[1-2]-n[01-02]` into host names."""
     hosts: list[str] = []
-    for prefix, ranges, plain in re.findall(r"([^,\[]+)\[([^\]]+)\]|([^,\[\]]+)", nodelist):
-        if plain:
-            hosts.append(plain)
-            continue
-        for part in ranges.split(","):
-            lo, _, hi = part.partition("-")
-            for i in range(int(lo), int(hi or lo) + 1):
-                hosts.append(f"{prefix}{i:0{len(lo)}d}")
+    for host in re.findall(r"(?:[^,\[]|\[[^\]]*\])+", nodelist):
+        hosts.extend(_expand_host(host))
     return hosts
+
+
+def _expand_host(pattern: str) -> list[str]:
+    """All names of one host pattern; each bracket group multiplies the names."""
+    match = re.search(r"\[([^\]]+)\]", pattern)
+    if match is None:
+        return [pattern]
+    head, tail = pattern[: match.start()], pattern[match.end() :]
+    names = []
+    for part in match.group(1).split(","):
+        lo, _, hi = part.partition("-")
+        for i in range(int(lo), int(hi or lo) + 1):
+            names.extend(f"{head}{i:0{len(lo)}d}{rest}" for rest in _expand_host(tail))
+    return names
 
 
 def _slurm_tasks_on_node(spec: str, node_id: int) -> int:
@@ -69,6 +74,10 @@ def _slurm_tasks_on_node(spec: str, node_id: int) -> int:
     raise LaunchEnvError(f"SLURM_STEP_TASKS_PER_NODE={spec} does not cover node {node_id}")
 
 
+_Found = tuple[int, int, int, int, int, int, str]
+"""rank, local rank, world size, local world size, node rank, nodes, launcher."""
+
+
 def _int(env: Mapping[str, str], *names: str) -> Optional[int]:
     for name in names:
         if env.get(name, "") != "":
@@ -76,24 +85,27 @@ def _int(env: Mapping[str, str], *names: str) -> Optional[int]:
     return None
 
 
-def _from_torchrun(env: Mapping[str, str]) -> Optional[tuple[int, int, int, int, int, str]]:
+def _from_torchrun(env: Mapping[str, str]) -> Optional[_Found]:
     if not {"RANK", "WORLD_SIZE", "LOCAL_RANK"} <= env.keys():
         return None
     world = int(env["WORLD_SIZE"])
     local_world = _int(env, "LOCAL_WORLD_SIZE") or world
-    return int(env["RANK"]), int(env["LOCAL_RANK"]), world, local_world, _int(env, "GROUP_RANK") or 0, "torchrun"
+    # torchrun starts the same number of ranks on every node; `export` passes on a node count it knows.
+    return (int(env["RANK"]), int(env["LOCAL_RANK"]), world, local_world, _int(env, "GROUP_RANK") or 0,
+            _int(env, "NNODES") or max(1, world // local_world), "torchrun")
 
 
-def _from_slurm(env: Mapping[str, str]) -> Optional[tuple[int, int, int, int, int, str]]:
+def _from_slurm(env: Mapping[str, str]) -> Optional[_Found]:
     if "SLURM_PROCID" not in env or "SLURM_STEP_NUM_TASKS" not in env:
         return None
     node = int(env.get("SLURM_NODEID", 0))
-    local_world = _slurm_tasks_on_node(env.get("SLURM_STEP_TASKS_PER_NODE", env["SLURM_STEP_NUM_TASKS"]), node)
+    spec = env.get("SLURM_STEP_TASKS_PER_NODE", env["SLURM_STEP_NUM_TASKS"])
+    nodes = _int(env, "SLURM_STEP_NUM_NODES") or sum(int(r or 1) for _, r in re.findall(r"(\d+)(?:\(x(\d+)\))?", spec))
     return (int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_STEP_NUM_TASKS"]),
-            local_world, node, "slurm")
+            _slurm_tasks_on_node(spec, node), node, nodes, "slurm")
 
 
-def _from_mpi(env: Mapping[str, str]) -> Optional[tuple[int, int, int, int, int, str]]:
+def _from_mpi(env: Mapping[str, str]) -> Optional[_Found]:
     if "OMPI_COMM_WORLD_RANK" in env:
         names = ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_SIZE",
                  "OMPI_COMM_WORLD_LOCAL_SIZE")
@@ -108,7 +120,12 @@ def _from_mpi(env: Mapping[str, str]) -> Optional[tuple[int, int, int, int, int,
     if missing:
         raise LaunchEnvError(f"{launcher} launch without {', '.join(missing)}: cannot place this rank")
     rank, local_rank, world, local_world = (int(v) for v in values)  # type: ignore[arg-type]
-    return rank, local_rank, world, local_world, rank // local_world, launcher
+    if local_world < 1:
+        raise LaunchEnvError(f"{launcher}: local size {local_world} must be at least 1")
+    # PALS names the node; Open MPI does not, so assume block placement with equal counts per node.
+    node = _int(env, "PALS_NODEID")
+    nodes = max(1, -(-world // local_world))
+    return rank, local_rank, world, local_world, rank // local_world if node is None else node, nodes, launcher
 
 
 def _master_addr(env: Mapping[str, str], world: int, local_world: int, launcher: str) -> str:
@@ -129,14 +146,14 @@ def discover(env: Mapping[str, str]) -> Optional[RankInfo]:
     found = _from_torchrun(env) or _from_slurm(env) or _from_mpi(env)
     if found is None:
         return None
-    rank, local_rank, world, local_world, node_rank, launcher = found
+    rank, local_rank, world, local_world, node_rank, nodes, launcher = found
     if not 0 <= rank < world:
         raise LaunchEnvError(f"{launcher}: rank {rank} is outside world size {world}")
     if not 0 <= local_rank < local_world:
         raise LaunchEnvError(f"{launcher}: local rank {local_rank} is outside the {local_world} ranks of its node")
     port = _int(env, "MASTER_PORT") or DEFAULT_MASTER_PORT
     return RankInfo(rank, local_rank, world, local_world, node_rank,
-                    _master_addr(env, world, local_world, launcher), port, launcher)
+                    _master_addr(env, world, local_world, launcher), port, launcher, nodes)
 
 
 def export(info: RankInfo, env: MutableMapping[str, str] = os.environ) -> None:
@@ -149,4 +166,5 @@ def export(info: RankInfo, env: MutableMapping[str, str] = os.environ) -> None:
         GROUP_RANK=str(info.node_rank),
         MASTER_ADDR=info.master_addr,
         MASTER_PORT=str(info.master_port),
+        NNODES=str(info.num_nodes),
     )

@@ -60,3 +60,31 @@ def harness_run(run_dir: Path, *overrides: str, timeout: float = 300) -> Run:
 @pytest.fixture(scope="session")
 def runs_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("runs")
+
+
+GLOBAL_BATCH = ["train.global_batch_size=4", "train.precision=fp32"]
+
+LAYOUTS = {
+    "ddp-2": ["launcher.nproc=2", "backend=ddp", "train.micro_batch_size=2"],
+    "ddp-2-accum": ["launcher.nproc=2", "backend=ddp", "train.micro_batch_size=1"],
+    "fsdp-2": ["launcher.nproc=2", "backend=fsdp", "train.micro_batch_size=2"],
+    "fsdp-2-no-reshard": ["launcher.nproc=2", "backend=fsdp", "backend.reshard_after_forward=false",
+                          "train.micro_batch_size=2"],
+    "ddp-2-selective": ["launcher.nproc=2", "backend=ddp", "train.micro_batch_size=2",
+                        "train.activation_checkpointing=selective"],
+    "fsdp-2-checkpointed": ["launcher.nproc=2", "backend=fsdp", "train.micro_batch_size=1",
+                            "train.activation_checkpointing=full"],
+}
+
+
+@pytest.fixture(scope="session")
+def reference(runs_root: Path) -> Run:
+    """One rank, the whole global batch as two accumulated micro-batches."""
+    return harness_run(runs_root / "reference", *TINY, *GLOBAL_BATCH, "launcher.nproc=1",
+                       "train.micro_batch_size=2")
+
+
+@pytest.fixture(scope="session")
+def layout_runs(runs_root: Path) -> dict[str, Run]:
+    return {name: harness_run(runs_root / name, *TINY, *GLOBAL_BATCH, *overrides)
+            for name, overrides in LAYOUTS.items()}

@@ -90,13 +90,12 @@ class FabricBackend(Backend):
         from lightning.fabric.plugins.environments import TorchElasticEnvironment
 
         apply_activation_checkpointing(model, self.cfg.train.activation_checkpointing)
-        world, local = self.layout.world_size, int(os.environ["LOCAL_WORLD_SIZE"])
         # The runner already exported torchrun-style variables for every launcher (srun, mpiexec
         # included) and initialised the process group, so Fabric reads the same rank layout.
         self.fabric = Fabric(
             accelerator=self.device.type,
-            devices=local,
-            num_nodes=world // local,
+            devices=int(os.environ["LOCAL_WORLD_SIZE"]),
+            num_nodes=int(os.environ["NNODES"]),
             strategy=self.strategy(),
             precision=self.precision(),
             plugins=[TorchElasticEnvironment()],

@@ -1,4 +1,8 @@
-"""Data parallelism with a full replica per rank: PyTorch DDP through Lightning Fabric's DDP strategy."""
+"""Data parallelism with a full replica per rank: PyTorch DDP through Lightning Fabric's DDP strategy.
+
+On one rank DDP would only all-reduce every gradient with itself, which is pure overhead in a
+benchmark, so a 1-rank job trains on Fabric's single-device strategy.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ class DDPBackend(FabricBackend):
         return self.fabric.global_rank
 
     def strategy(self) -> Any:
-        from lightning.fabric.strategies import DDPStrategy
+        from lightning.fabric.strategies import DDPStrategy, SingleDeviceStrategy
 
+        if self.layout.world_size == 1:
+            return SingleDeviceStrategy(device=self.device)
         return DDPStrategy(timeout=timedelta(seconds=self.cfg.launcher.pg_timeout_s))
