@@ -98,10 +98,13 @@ def _single_rank_env() -> Iterator[None]:
 
 
 def _child_error(exc: ChildFailedError) -> str:
-    rank, failure = exc.get_first_failure()
-    message = failure.message if isinstance(failure.message, str) else failure.message.get("message", "")
-    detail = message.strip().splitlines()[-1] if message.strip() else f"exit code {failure.exitcode}"
-    return f"rank {rank} failed: {detail}"
+    """Every failed rank in the order the agent saw them: the first is usually the cause, the rest its echo."""
+    parts = []
+    for rank, failure in sorted(exc.failures.items(), key=lambda item: item[1].timestamp):
+        message = failure.message if isinstance(failure.message, str) else failure.message.get("message", "")
+        detail = message.strip().splitlines()[-1] if message.strip() else f"exit code {failure.exitcode}"
+        parts.append(f"rank {rank} failed: {detail}")
+    return "; ".join(parts)
 
 
 def _read_status(summary: Path) -> str:
@@ -111,10 +114,19 @@ def _read_status(summary: Path) -> str:
 
 
 def _ensure_failed_summary(run_dir: Path, config: dict[str, Any], layout: Layout, error: str) -> str:
-    """Keep a summary a rank wrote; otherwise write one from the steps on disk."""
-    summary = run_dir / "summary.json"
-    if summary.exists() and _read_status(summary) != "ok":
-        return _read_status(summary)
+    """Make `summary.json` say why the job failed, from the launching process's view of all ranks.
+
+    A rank may have written its own failed summary first (a peer's death shows up there as a
+    collective error); its status and steps are kept, and the error names every failed rank.
+    """
+    import json
+
+    path = run_dir / "summary.json"
+    if path.exists() and _read_status(path) != "ok":
+        summary = json.loads(path.read_text())
+        summary["error"] = error  # includes what rank 0 reported, through its @record error file
+        write_summary(run_dir, summary)
+        return summary["status"]
     status = "oom" if "OutOfMemoryError" in error or "out of memory" in error.lower() else "failed"
     run_dir.mkdir(parents=True, exist_ok=True)
     write_summary(run_dir, build_summary(
