@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import datetime
 import gc
+import json
 import logging
 import os
 import time
@@ -25,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 
 from harness.backends import make_backend
-from harness.config import Layout, default_threads_per_rank, to_container, validate
+from harness.config import ConfigError, Layout, default_threads_per_rank, to_container, validate
 from harness.costmodel.flops import step_flops
 from harness.data import rank_micro_batches, token_source
 from harness.metrics import MemoryMeter, Throughput, device_name, resolve_peak
@@ -77,8 +78,6 @@ def run(cfg: DictConfig, run_dir: Path) -> str:
 
 
 def _check_device(device: str) -> None:
-    from harness.config import ConfigError
-
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("system.device=cuda but torch sees no GPU; use system=cpu or a CUDA/ROCm build of torch")
 
@@ -108,8 +107,6 @@ def _child_error(exc: ChildFailedError) -> str:
 
 
 def _read_status(summary: Path) -> str:
-    import json
-
     return json.loads(summary.read_text())["status"]
 
 
@@ -119,8 +116,6 @@ def _ensure_failed_summary(run_dir: Path, config: dict[str, Any], layout: Layout
     A rank may have written its own failed summary first (a peer's death shows up there as a
     collective error); its status and steps are kept, and the error names every failed rank.
     """
-    import json
-
     path = run_dir / "summary.json"
     if path.exists() and _read_status(path) != "ok":
         summary = json.loads(path.read_text())
