@@ -31,9 +31,9 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE)
         return
     command, rest = args[0], args[1:]
-    if command != "run":
-        _fail(f"unknown command '{command}'; choose one of: run\n{USAGE}")
-    _run(rest)
+    if command not in COMMANDS:
+        _fail(f"unknown command '{command}'; choose one of: {', '.join(COMMANDS)}\n{USAGE}")
+    COMMANDS[command](rest)
 
 
 def _run(args: list[str]) -> None:
@@ -96,6 +96,11 @@ def _hydra_app() -> None:
 
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_task)()
 
+
+# Each subcommand takes the arguments after its name. Add new subcommands here.
+COMMANDS = {
+    "run": _run,
+}
 
 if __name__ == "__main__":
     main()
