@@ -18,7 +18,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
-BACKENDS = ("ddp", "fsdp")
+BACKENDS = ("ddp", "fsdp", "deepspeed", "deepspeed3d")
 PRECISIONS = ("fp32", "fp16", "bf16")
 CHECKPOINTING = ("none", "selective", "full")
 DATA_KINDS = ("synthetic", "tokens")
@@ -226,6 +226,65 @@ def _check_model(m: Any) -> None:
     _choice(m.position, ("learned", "rope"), "model.position")
 
 
+@dataclass(frozen=True)
+class BackendAbilities:
+    """What layouts a backend can run; `validate` refuses the rest before any process starts."""
+
+    tensor_parallel: bool
+    pipeline_parallel: bool
+    zero_stages: tuple[int, ...]
+    precisions: tuple[str, ...] = PRECISIONS
+
+
+ABILITIES = {
+    "ddp": BackendAbilities(tensor_parallel=False, pipeline_parallel=False, zero_stages=(0,)),
+    # FSDP2 shards itself (no ZeRO stage); fp16 would need a sharded gradient scaler.
+    "fsdp": BackendAbilities(tensor_parallel=True, pipeline_parallel=False, zero_stages=(0,),
+                             precisions=("fp32", "bf16")),
+    "deepspeed": BackendAbilities(tensor_parallel=False, pipeline_parallel=False, zero_stages=(0, 1, 2, 3)),
+    "deepspeed3d": BackendAbilities(tensor_parallel=True, pipeline_parallel=True, zero_stages=(0, 1)),
+}
+
+
+def _check_parallel(backend: str, m: Any, p: Any, precision: str) -> None:
+    """The parallel sizes against what `backend` can do and what the model's shapes allow."""
+    can = ABILITIES[backend]
+    for key in ("tp", "pp", "vpp"):
+        if getattr(p, key) < 1:
+            raise ConfigError(f"parallel.{key}={getattr(p, key)}: must be at least 1")
+    if precision not in can.precisions:
+        raise ConfigError(f"train.precision={precision}: backend={backend} supports {', '.join(can.precisions)}")
+    if p.zero_stage not in can.zero_stages:
+        if backend == "deepspeed3d":
+            raise ConfigError(f"parallel.zero_stage={p.zero_stage}: DeepSpeed's pipeline engine supports ZeRO-1 "
+                              "only; use parallel.zero_stage=1 (or 0) with backend=deepspeed3d")
+        raise ConfigError(f"parallel.zero_stage={p.zero_stage}: backend={backend} supports "
+                          f"{', '.join(map(str, can.zero_stages))}; ZeRO stages 1-3 need backend=deepspeed")
+    if p.tp > 1 and not can.tensor_parallel:
+        raise ConfigError(f"parallel.tp={p.tp}: backend={backend} has no tensor parallelism; "
+                          "use backend=fsdp or backend=deepspeed3d")
+    if (p.pp > 1 or p.vpp > 1) and not can.pipeline_parallel:
+        raise ConfigError(f"parallel.pp={p.pp} vpp={p.vpp}: backend={backend} has no pipeline parallelism; "
+                          "use backend=deepspeed3d")
+    if p.sequence_parallel and p.tp == 1:
+        raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1 (it splits the sequence over TP ranks)")
+    _check_tensor_parallel(m, p.tp)
+    if p.pp > m.n_layers:
+        raise ConfigError(f"parallel.pp={p.pp} is larger than model.n_layers={m.n_layers}; "
+                          "every pipeline stage needs at least one block")
+
+
+def _check_tensor_parallel(m: Any, tp: int) -> None:
+    """Megatron splits whole heads and whole FFN columns over TP ranks."""
+    widths = {"model.n_heads": m.n_heads, "model.ffn_hidden": ffn_hidden(m)}
+    if m.n_kv_heads is not None:
+        widths["model.n_kv_heads"] = m.n_kv_heads
+    for key, width in widths.items():
+        if width % tp:
+            raise ConfigError(f"parallel.tp={tp} does not divide {key}={width}; "
+                              f"choose tp from its divisors (e.g. {_nearest_divisor(width, tp)})")
+
+
 def _nearest_divisor(n: int, near: int) -> int:
     return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - near), d))
 
@@ -274,20 +333,7 @@ def validate(cfg: DictConfig | Config, world_size: int) -> Layout:
         raise ConfigError(f"train.micro_batch_size={t.micro_batch_size}: must be at least 1")
     if cfg.system.peak_tflops is not None and not cfg.system.peak_tflops_source:
         raise ConfigError("system.peak_tflops is set without system.peak_tflops_source; say where it was measured")
-    for key in ("tp", "pp", "vpp"):
-        if getattr(p, key) < 1:
-            raise ConfigError(f"parallel.{key}={getattr(p, key)}: must be at least 1")
-    if p.tp > 1 or p.pp > 1 or p.vpp > 1 or p.sequence_parallel:
-        raise ConfigError(
-            f"parallel.tp={p.tp} pp={p.pp} vpp={p.vpp} sequence_parallel={p.sequence_parallel}: "
-            f"backend={cfg.backend.name} here is data-parallel only; set them to 1/false"
-        )
-    if p.zero_stage != 0:
-        raise ConfigError(f"parallel.zero_stage={p.zero_stage}: ZeRO stages belong to DeepSpeed; set 0 for ddp/fsdp")
-    if cfg.backend.name == "fsdp" and t.precision == "fp16":
-        raise ConfigError(
-            "train.precision=fp16 with backend=fsdp needs a sharded gradient scaler; use train.precision=bf16"
-        )
+    _check_parallel(cfg.backend.name, m, p, t.precision)
     if p.world_size is not None and p.world_size != world_size:
         raise ConfigError(
             f"parallel.world_size={p.world_size} but {world_size} ranks are launched; leave it unset for `run`"
