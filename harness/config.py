@@ -70,9 +70,23 @@ class BackendConfig:
     """Which parallel backend trains the model, and its own options."""
 
     name: str = "ddp"
-    """ddp | fsdp."""
+    """ddp | fsdp | deepspeed | deepspeed3d."""
     reshard_after_forward: bool = True
     """fsdp: free gathered parameters after each block's forward (FSDP1's FULL_SHARD)."""
+    offload_optimizer: bool = False
+    """deepspeed: keep optimizer states on the CPU and step there (ZeRO-Offload; ZeRO stage 1 or more)."""
+    offload_param: bool = False
+    """deepspeed: keep parameters on the CPU between uses (ZeRO-Infinity; ZeRO stage 3 only)."""
+    initial_scale_power: int = 16
+    """deepspeed fp16: the dynamic loss scale starts at 2**initial_scale_power."""
+    loss_scale_window: int = 1000
+    """deepspeed fp16: overflow-free steps before the loss scale doubles."""
+    hysteresis: int = 2
+    """deepspeed fp16: overflows tolerated before the loss scale halves."""
+    min_loss_scale: float = 1.0
+    """deepspeed fp16: the loss scale never falls below this."""
+    ds_config: dict[str, Any] = field(default_factory=dict)
+    """deepspeed, deepspeed3d: extra DeepSpeed JSON keys merged (recursively) over the generated config."""
 
 
 @dataclass
@@ -285,6 +299,40 @@ def _check_tensor_parallel(m: Any, tp: int) -> None:
                               f"choose tp from its divisors (e.g. {_nearest_divisor(width, tp)})")
 
 
+DS_BATCH_KEYS = {"train_batch_size": "train.global_batch_size", "train_micro_batch_size_per_gpu":
+                 "train.micro_batch_size", "gradient_accumulation_steps": "train.global_batch_size"}
+
+
+def _check_deepspeed(b: Any, p: Any, precision: str) -> None:
+    """Offload and the extra DeepSpeed keys: only for the DeepSpeed backends, never against the harness's own fields."""
+    deepspeed, zero_stage = b.name in ("deepspeed", "deepspeed3d"), p.zero_stage
+    if b.name == "deepspeed3d" and p.sequence_parallel:
+        raise ConfigError("parallel.sequence_parallel=true: backend=deepspeed3d has no sequence parallelism yet; "
+                          "leave it false")
+    if b.ds_config and not deepspeed:
+        raise ConfigError(f"backend.ds_config is set but backend={b.name}; it needs backend=deepspeed or deepspeed3d")
+    for key, needs in (("offload_optimizer", 1), ("offload_param", 3)):
+        if not getattr(b, key):
+            continue
+        if b.name != "deepspeed":
+            raise ConfigError(f"backend.{key}=true needs backend=deepspeed (ZeRO-Offload)")
+        if zero_stage < needs:
+            raise ConfigError(f"backend.{key}=true needs parallel.zero_stage>={needs}; got {zero_stage}")
+    extra = b.ds_config or {}
+    for key, owner in DS_BATCH_KEYS.items():
+        if key in extra:
+            raise ConfigError(f"backend.ds_config.{key}: the batch is set by {owner}; drop the DeepSpeed key")
+    asked = {name for name, keys in (("fp16", ("fp16",)), ("bf16", ("bf16", "bfloat16")))
+             if any((extra.get(k) or {}).get("enabled") for k in keys)}
+    requested = sorted(asked | ({precision} - {"fp32"}))
+    if len(requested) > 1:
+        raise ConfigError(f"fp16 and bf16 both requested (train.precision={precision}, backend.ds_config enables "
+                          f"{' and '.join(sorted(asked))}); choose one with train.precision and drop the ds_config key")
+    if asked and precision == "fp32":
+        raise ConfigError(f"backend.ds_config enables {requested[0]} but train.precision=fp32; "
+                          f"set train.precision={requested[0]} instead of the ds_config key")
+
+
 def _nearest_divisor(n: int, near: int) -> int:
     return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - near), d))
 
@@ -334,6 +382,7 @@ def validate(cfg: DictConfig | Config, world_size: int) -> Layout:
     if cfg.system.peak_tflops is not None and not cfg.system.peak_tflops_source:
         raise ConfigError("system.peak_tflops is set without system.peak_tflops_source; say where it was measured")
     _check_parallel(cfg.backend.name, m, p, t.precision)
+    _check_deepspeed(cfg.backend, p, t.precision)
     if p.world_size is not None and p.world_size != world_size:
         raise ConfigError(
             f"parallel.world_size={p.world_size} but {world_size} ranks are launched; leave it unset for `run`"

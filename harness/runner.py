@@ -182,6 +182,9 @@ class Trainer:
     def build(self) -> None:
         train = self.cfg.train
         self.backend = make_backend(self.cfg, self.layout, self.device)
+        if self.is_writer:
+            for name, content in self.backend.run_files().items():
+                (self.run_dir / name).write_text(json.dumps(content, indent=2) + "\n")
         torch.manual_seed(train.seed)
         if self.backend.materialize_before_setup:
             model = GPT(gpt_config(self.cfg.model))
@@ -256,6 +259,7 @@ class Trainer:
             **self.throughput.rates(iter_time_s),
             "peak_memory_mb": peak_mb,
             "alloc_retries": memory["alloc_retries"],
+            **self.backend.step_notes(),
             "power_w": None,
             "energy_j": None,
         }
@@ -281,16 +285,17 @@ class Trainer:
         if not self.is_writer:
             return
         steps = read_steps(self.run_dir)
+        notes = self.backend.summary_notes() if hasattr(self, "backend") else {}
         summary = build_summary(
             status=status,
             error=error,
             config=to_container(self.cfg),
-            layout=self.layout.as_dict(),
-            model=self.model_info(),
+            layout={**self.layout.as_dict(), **notes.get("layout", {})},
+            model={**self.model_info(), **notes.get("model", {})},
             steps=steps,
             env=environment(world_size=self.info.world_size, hostnames=hostnames, devices=devices,
                             launcher=self.info.launcher),
-            extra_metrics=self.metric_notes(),
+            extra_metrics={**self.metric_notes(), **notes.get("metrics", {})},
         )
         write_summary(self.run_dir, summary)
         if status == "ok":

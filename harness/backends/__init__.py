@@ -16,6 +16,14 @@ def make_backend(cfg: Any, layout: Layout, device: torch.device) -> Backend:
         from harness.backends.fsdp import FSDPBackend
 
         return FSDPBackend(cfg, layout, device)
+    if cfg.backend.name == "deepspeed":
+        from harness.backends.deepspeed import DeepSpeedBackend
+
+        return DeepSpeedBackend(cfg, layout, device)
+    if cfg.backend.name == "deepspeed3d":
+        from harness.backends.deepspeed3d import DeepSpeed3DBackend
+
+        return DeepSpeed3DBackend(cfg, layout, device)
     from harness.backends.ddp import DDPBackend
 
     return DDPBackend(cfg, layout, device)

@@ -50,6 +50,18 @@ class Backend(ABC):
     def dp_rank(self) -> int:
         """This rank's index within its data-parallel group (which share of the batch it reads)."""
 
+    def run_files(self) -> dict[str, Any]:
+        """JSON files the backend generated (e.g. `ds_config.json`), written by rank 0 into the run directory."""
+        return {}
+
+    def step_notes(self) -> dict[str, Any]:
+        """Extra fields for the last step's line in steps.jsonl (e.g. fp16 steps skipped on overflow)."""
+        return {}
+
+    def summary_notes(self) -> dict[str, dict[str, Any]]:
+        """Extra fields for summary.json, by block: `layout`, `model` or `metrics`."""
+        return {}
+
 
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
     """Recompute activations in the backward pass: every block (full) or every attention sub-layer (selective).

@@ -1,0 +1,122 @@
+"""Data parallelism with ZeRO stages 0-3 (optionally offloaded to the CPU) through DeepSpeed's engine.
+
+The DeepSpeed JSON is generated from the harness config (`ds_config`), so batch sizes, optimizer,
+clipping and precision stay the harness's own fields and every backend trains the same way;
+`backend.ds_config` merges extra keys over it. The optimizer is DeepSpeed's config-built
+`torch.optim.AdamW` (`"torch_adam": true`): the same update as the other backends, and no compiled
+extension needed on CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from harness.backends.base import Backend, MicroBatch, apply_activation_checkpointing
+from harness.config import Layout
+
+
+def import_deepspeed(device: torch.device) -> Any:
+    """DeepSpeed picks its accelerator once, at import: tell it about a CPU run first."""
+    if device.type == "cpu":
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    import deepspeed
+
+    return deepspeed
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`extra` over `base`, recursively (nested dicts merge, anything else replaces)."""
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def ds_config(cfg: Any, layout: Layout) -> dict[str, Any]:
+    """The DeepSpeed JSON for this run: generated fields, then `backend.ds_config` merged over them."""
+    train, b = cfg.train, cfg.backend
+    zero: dict[str, Any] = {"stage": layout.zero_stage}
+    if b.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if b.offload_param:
+        zero["offload_param"] = {"device": "cpu"}
+    config: dict[str, Any] = {
+        "train_batch_size": layout.global_batch_size,
+        "train_micro_batch_size_per_gpu": layout.micro_batch_size,
+        "gradient_accumulation_steps": layout.grad_accum,
+        "gradient_clipping": train.grad_clip,
+        "optimizer": {"type": "AdamW", "params": {"lr": train.lr, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                  "weight_decay": train.weight_decay, "torch_adam": True}},
+        "zero_optimization": zero,
+        "steps_per_print": 1 << 30,  # the harness reports every step itself
+        "wall_clock_breakdown": False,
+    }
+    if train.precision == "fp16":
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": b.initial_scale_power,
+                          "loss_scale_window": b.loss_scale_window, "hysteresis": b.hysteresis,
+                          "min_loss_scale": b.min_loss_scale}
+    elif train.precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    from omegaconf import OmegaConf
+
+    extra = OmegaConf.to_container(b.ds_config, resolve=True) if OmegaConf.is_config(b.ds_config) else b.ds_config
+    return merge(config, extra or {})
+
+
+class DeepSpeedEngineBackend(Backend):
+    """What both DeepSpeed backends share: the generated JSON, the engine, and fp16's skipped steps."""
+
+    def __init__(self, cfg: Any, layout: Layout, device: torch.device) -> None:
+        super().__init__(cfg, layout, device)
+        self.config = ds_config(cfg, layout)
+        self.deepspeed = import_deepspeed(device)
+        # Wrap the process group the runner started (DeepSpeed would otherwise try MPI discovery).
+        self.deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
+        self._skipped_before = 0
+
+    def run_files(self) -> dict[str, Any]:
+        return {"ds_config.json": self.config}
+
+    def initialize(self, model: nn.Module, **kwargs: Any) -> None:
+        """`deepspeed.initialize` on the process group the runner already started (DeepSpeed wraps it)."""
+        self.engine, *_ = self.deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                                    config=self.config, dist_init_required=False, **kwargs)
+
+    def step_notes(self) -> dict[str, Any]:
+        skipped = self.engine.skipped_steps
+        new, self._skipped_before = skipped - self._skipped_before, skipped
+        return {"skipped_steps": new}
+
+    def summary_notes(self) -> dict[str, dict[str, Any]]:
+        engine = getattr(self, "engine", None)
+        return {"metrics": {"skipped_steps": engine.skipped_steps if engine is not None else None}}
+
+
+class DeepSpeedBackend(DeepSpeedEngineBackend):
+    name = "deepspeed"
+
+    @property
+    def dp_rank(self) -> int:
+        return self.engine.global_rank
+
+    def setup(self, model: nn.Module) -> None:
+        if model.tok_emb.weight.is_meta:  # built on meta (GPU): every rank initialises the same full model
+            model.to_empty(device=self.device)
+            model.init_weights()
+        apply_activation_checkpointing(model, self.cfg.train.activation_checkpointing)
+        self.initialize(model)
+
+    def train_step(self, micro_batches: Sequence[MicroBatch]) -> torch.Tensor:
+        """DeepSpeed divides each micro-batch's loss by the accumulation steps and steps on the last one."""
+        total = torch.zeros((), device=self.device)
+        for inputs, targets in micro_batches:
+            loss = self.engine(inputs, targets)
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.detach().float()
+        return total / len(micro_batches)

@@ -1,0 +1,312 @@
+"""Megatron-DeepSpeed-style 3D parallelism: megatron-core tensor parallelism x DeepSpeed pipeline x data (ZeRO-1).
+
+megatron-core's `parallel_state` owns the tensor/data/pipeline groups its `tensor_parallel` layers
+use; DeepSpeed's `PipelineModule` gets a `PipeModelDataParallelTopology` with the same order (TP
+fastest, then DP, then PP), builds only this rank's stage from one `LayerSpec` per block (the
+embedding and the tied output projection share weights through `TiedLayerSpec`), and
+`PipelineEngine.train_batch` runs its 1F1B schedule over the step's micro-batches.
+
+The stages follow `models.gpt` exactly: each block *is* a `models.gpt.Block` whose linears are
+swapped for column/row-parallel ones, so the block's forward is the model file's own. Weights:
+on CPU the full `models.gpt.GPT` is initialised with the seed and every rank copies its slice
+(parity with one rank); on GPU each rank initialises only its own shard with megatron-core's
+model-parallel RNG (`model_parallel_cuda_manual_seed`), so a 175B model never exists whole.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from harness.backends.base import MicroBatch
+from harness.backends.deepspeed import DeepSpeedEngineBackend
+from models.gpt import GPT, Block, GPTConfig, make_norm, rope_cache
+
+
+def padded_vocab_size(vocab_size: int, tp: int) -> int:
+    """Megatron pads the vocabulary so every TP rank holds an equal slice of the embedding."""
+    return -(-vocab_size // tp) * tp
+
+
+def _tensor_parallel() -> Any:
+    from megatron.core import tensor_parallel
+
+    return tensor_parallel
+
+
+def _mark_partitioned(param: nn.Parameter, dim: int) -> None:
+    """What megatron's own init would set: DeepSpeed's gradient norm counts TP shards on every rank."""
+    _tensor_parallel().set_tensor_model_parallel_attributes(param, True, dim, 1)
+
+
+def _column(in_features: int, out_features: int, *, bias: bool, mp: Any, init: Callable) -> nn.Module:
+    layer = _ColumnLinear(in_features, out_features, config=mp, init_method=init, bias=bias, gather_output=False)
+    _mark_partitioned(layer.weight, 0)
+    return layer
+
+
+def _row(in_features: int, out_features: int, *, bias: bool, mp: Any, init: Callable) -> nn.Module:
+    layer = _RowLinear(in_features, out_features, config=mp, init_method=init, bias=bias, input_is_parallel=True,
+                       skip_bias_add=False)
+    _mark_partitioned(layer.weight, 1)
+    return layer
+
+
+class _ColumnLinear(_tensor_parallel().ColumnParallelLinear):
+    """Returns the output tensor alone (megatron returns `(output, bias)`), as `nn.Linear` does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(x)[0]
+
+
+class _RowLinear(_tensor_parallel().RowParallelLinear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(x)[0]
+
+
+def _normal(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    return functools.partial(nn.init.normal_, mean=0.0, std=std)
+
+
+class Stage(nn.Module):
+    """A pipeline layer that knows its name in `models.gpt.GPT` (to copy its slice from a full model)."""
+
+    prefix = ""
+
+
+class EmbeddingPipe(Stage):
+    """Vocab-parallel token embedding (+ learned positions). Also the tied output projection."""
+
+    def __init__(self, config: GPTConfig, mp: Any) -> None:
+        super().__init__()
+        self.learned = config.position == "learned"
+        self.tok_emb = _tensor_parallel().VocabParallelEmbedding(
+            padded_vocab_size(config.vocab_size, mp.tensor_model_parallel_size), config.d_model,
+            init_method=_normal(config.init_std), config=mp)
+        _mark_partitioned(self.tok_emb.weight, 0)
+        if self.learned:
+            self.pos_emb = nn.Embedding(config.seq_len, config.d_model)
+
+    @property
+    def weight(self) -> nn.Parameter:
+        """The tied weight, for `TiedLayerSpec(tied_weight_attr="weight")`."""
+        return self.tok_emb.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.tok_emb(tokens)
+        if self.learned:
+            x = x + self.pos_emb(torch.arange(tokens.shape[1], device=tokens.device))
+        return x
+
+
+def tied_logits(embedding: EmbeddingPipe, x: torch.Tensor) -> torch.Tensor:
+    """This rank's vocabulary slice of the logits (Megatron's `parallel_lm_logits`)."""
+    return F.linear(_tensor_parallel().copy_to_tensor_model_parallel_region(x), embedding.weight)
+
+
+class BlockPipe(Stage):
+    """One `models.gpt.Block` with its linears column/row-parallel; carries its own RoPE table."""
+
+    def __init__(self, config: GPTConfig, mp: Any, index: int, checkpoint_attention: bool) -> None:
+        super().__init__()
+        self.prefix = f"blocks.{index}."
+        std, resid_std = config.init_std, config.init_std / (2 * config.n_layers) ** 0.5
+        qkv_out = (config.n_heads + 2 * config.n_kv_heads) * config.head_dim  # type: ignore[operator]
+        with torch.device("meta"):  # only the norms survive from this build
+            self.block = Block(config)
+        block = self.block
+        block.norm1, block.norm2 = make_norm(config), make_norm(config)
+        block.attn.qkv = _column(config.d_model, qkv_out, bias=config.bias, mp=mp, init=_normal(std))
+        block.attn.proj = _row(config.n_heads * config.head_dim, config.d_model, bias=config.bias, mp=mp,
+                               init=_normal(resid_std))
+        ffn = config.ffn_hidden
+        block.mlp.fc = _column(config.d_model, ffn, bias=config.bias, mp=mp, init=_normal(std))
+        if config.activation == "swiglu":
+            block.mlp.gate = _column(config.d_model, ffn, bias=config.bias, mp=mp, init=_normal(std))
+        block.mlp.proj = _row(ffn, config.d_model, bias=config.bias, mp=mp, init=_normal(resid_std))
+        if checkpoint_attention:
+            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+            block.attn = checkpoint_wrapper(block.attn, preserve_rng_state=False)
+        self.rope = config.position == "rope"
+        if self.rope:
+            cos, sin = rope_cache(config, torch.get_default_device())
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T = x.shape[1]
+        return self.block(x, (self.rope_cos[:T], self.rope_sin[:T]) if self.rope else None)
+
+
+class FinalNormPipe(Stage):
+    prefix = "norm_f."
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.norm = make_norm(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x)
+
+
+class LMHeadPipe(Stage):
+    """The untied output projection, column-parallel over the (padded) vocabulary."""
+
+    prefix = "lm_head."
+
+    def __init__(self, config: GPTConfig, mp: Any) -> None:
+        super().__init__()
+        vocab = padded_vocab_size(config.vocab_size, mp.tensor_model_parallel_size)
+        self.proj = _column(config.d_model, vocab, bias=False, mp=mp, init=_normal(config.init_std))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def vocab_parallel_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over all positions, with the softmax spread over the TP ranks' vocabulary slices."""
+    return _tensor_parallel().vocab_parallel_cross_entropy(logits.float(), targets).mean()
+
+
+def layer_specs(config: GPTConfig, mp: Any, *, checkpoint_attention: bool = False) -> list[Any]:
+    """The whole model as DeepSpeed layer specs, in `models.gpt.GPT.forward` order; each rank builds its stage's."""
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+    if config.tie_embeddings:
+        embedding = TiedLayerSpec("embedding", EmbeddingPipe, config, mp, tied_weight_attr="weight")
+        head = TiedLayerSpec("embedding", EmbeddingPipe, config, mp, forward_fn=tied_logits, tied_weight_attr="weight")
+    else:
+        embedding, head = LayerSpec(EmbeddingPipe, config, mp), LayerSpec(LMHeadPipe, config, mp)
+    blocks = [LayerSpec(BlockPipe, config, mp, i, checkpoint_attention) for i in range(config.n_layers)]
+    return [embedding, *blocks, LayerSpec(FinalNormPipe, config), head]
+
+
+BLOCK_PARTITION = "type:BlockPipe"
+"""DeepSpeed balances the number of blocks per stage; the embedding joins the first, the head the last."""
+
+
+def model_parallel_config(tp: int, pp: int, *, on_gpu: bool, dtype: torch.dtype = torch.float32) -> Any:
+    """megatron-core layer settings. On CPU nothing is initialised here (weights are copied in later)."""
+    from megatron.core import ModelParallelConfig
+
+    return ModelParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                               use_cpu_initialization=not on_gpu, perform_initialization=on_gpu,
+                               params_dtype=dtype)
+
+
+@torch.no_grad()
+def copy_slices(stage: nn.Module, full: GPT, tp_rank: int) -> None:
+    """Give this rank's TP/PP shard the values of the same parameters in a full model.
+
+    A TP-partitioned parameter takes its slice along `partition_dim`; the vocabulary padding has
+    no counterpart in the full model and starts at zero.
+    """
+    for layer in stage.modules():
+        if not isinstance(layer, Stage):
+            continue
+        for name, param in layer.named_parameters():
+            source = full.get_parameter(_gpt_name(layer, name))
+            dim = getattr(param, "partition_dim", 0) if getattr(param, "tensor_model_parallel", False) else None
+            if dim is not None:
+                size = param.shape[dim]
+                start = min(tp_rank * size, source.shape[dim])
+                source = source.narrow(dim, start, min(size, source.shape[dim] - start))
+            param.zero_()
+            param.narrow(dim or 0, 0, source.shape[dim or 0]).copy_(source)
+
+
+def _gpt_name(layer: nn.Module, name: str) -> str:
+    """`models.gpt.GPT`'s name for a stage parameter (checkpoint wrappers add a component to strip)."""
+    name = name.replace("_checkpoint_wrapped_module.", "").replace("block.", "", 1)
+    if isinstance(layer, EmbeddingPipe):
+        return name
+    if isinstance(layer, LMHeadPipe):
+        return "lm_head.weight"
+    if isinstance(layer, FinalNormPipe):
+        return "norm_f." + name.removeprefix("norm.")
+    return layer.prefix + name
+
+
+class DeepSpeed3DBackend(DeepSpeedEngineBackend):
+    name = "deepspeed3d"
+
+    @property
+    def dp_rank(self) -> int:
+        from megatron.core import parallel_state
+
+        return parallel_state.get_data_parallel_rank()
+
+    def setup(self, model: nn.Module) -> None:
+        from deepspeed.pipe import PipelineModule
+        from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+        from megatron.core import parallel_state, tensor_parallel
+
+        layout, on_gpu = self.layout, self.device.type == "cuda"
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=layout.tp,
+                                                 pipeline_model_parallel_size=layout.pp, order="tp-cp-ep-dp-pp")
+        if on_gpu:
+            tensor_parallel.model_parallel_cuda_manual_seed(self.cfg.train.seed)
+        config: GPTConfig = model.config
+        self.padded_vocab = padded_vocab_size(config.vocab_size, layout.tp)
+        mode = self.cfg.train.activation_checkpointing
+        pipe = PipelineModule(
+            layers=layer_specs(config, model_parallel_config(layout.tp, layout.pp, on_gpu=on_gpu),
+                               checkpoint_attention=mode == "selective"),
+            topology=PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp),
+            loss_fn=vocab_parallel_loss,
+            partition_method=BLOCK_PARTITION,
+            activation_checkpoint_interval=1 if mode == "full" else 0,
+            activation_checkpoint_func=functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False),
+        )
+        if model.tok_emb.weight.is_meta:
+            self._init_replicated(pipe)
+        else:
+            copy_slices(pipe, model, parallel_state.get_tensor_model_parallel_rank())
+        self.initialize(pipe)
+        self.rank_table = self._rank_table()
+
+    @torch.no_grad()
+    def _init_replicated(self, pipe: nn.Module) -> None:
+        """megatron-core initialised the TP shards; the replicated learned positions get GPT's init here."""
+        generator = torch.Generator(self.device).manual_seed(self.cfg.train.seed)
+        for layer in pipe.modules():
+            if isinstance(layer, EmbeddingPipe) and layer.learned:
+                layer.pos_emb.weight.normal_(0.0, self.cfg.model.init_std, generator=generator)
+
+    def _rank_table(self) -> Optional[list[dict[str, Any]]]:
+        """Every rank's coordinates and groups as megatron-core and DeepSpeed each see them (rank 0 keeps it)."""
+        from megatron.core import parallel_state as ps
+
+        grid = self.engine.grid
+        coord = grid._topo.get_coord(dist.get_rank())
+        mine = {
+            "rank": dist.get_rank(),
+            "megatron": {"tp": ps.get_tensor_model_parallel_rank(), "dp": ps.get_data_parallel_rank(),
+                         "pp": ps.get_pipeline_model_parallel_rank(),
+                         "tp_group": dist.get_process_group_ranks(ps.get_tensor_model_parallel_group()),
+                         "dp_group": dist.get_process_group_ranks(ps.get_data_parallel_group()),
+                         "pp_group": dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())},
+            "deepspeed": {"tp": coord.model, "dp": coord.data, "pp": coord.pipe,
+                          "tp_group": sorted(grid.slice_group), "dp_group": sorted(grid.dp_group),
+                          "pp_group": sorted(grid.pp_group)},
+        }
+        table: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(table, mine)
+        return table
+
+    def train_step(self, micro_batches: Sequence[MicroBatch]) -> torch.Tensor:
+        """1F1B over the micro-batches; DeepSpeed returns the DP-averaged mean loss on every stage."""
+        return self.engine.train_batch(data_iter=iter(micro_batches)).detach().float()
+
+    def summary_notes(self) -> dict[str, dict[str, Any]]:
+        notes = super().summary_notes()
+        notes["layout"] = {"micro_batches_per_step": self.layout.grad_accum,
+                           "ranks": getattr(self, "rank_table", None)}
+        notes["model"] = {"padded_vocab_size": getattr(self, "padded_vocab", None)}
+        return notes
