@@ -197,7 +197,7 @@ def model_parallel_config(tp: int, pp: int, *, on_gpu: bool, dtype: torch.dtype 
 
     return ModelParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                use_cpu_initialization=not on_gpu, perform_initialization=on_gpu,
-                               params_dtype=dtype)
+                               params_dtype=dtype, pipeline_dtype=dtype)
 
 
 @torch.no_grad()
@@ -279,23 +279,22 @@ class DeepSpeed3DBackend(DeepSpeedEngineBackend):
             if isinstance(layer, EmbeddingPipe) and layer.learned:
                 layer.pos_emb.weight.normal_(0.0, self.cfg.model.init_std, generator=generator)
 
-    def _rank_table(self) -> Optional[list[dict[str, Any]]]:
-        """Every rank's coordinates and groups as megatron-core and DeepSpeed each see them (rank 0 keeps it)."""
+    def _rank_table(self) -> list[dict[str, Any]]:
+        """Every rank's (tp, dp, pp) coordinates as megatron-core and DeepSpeed see them; their groups must agree."""
         from megatron.core import parallel_state as ps
 
         grid = self.engine.grid
+        megatron_groups = [dist.get_process_group_ranks(group) for group in (
+            ps.get_tensor_model_parallel_group(), ps.get_data_parallel_group(), ps.get_pipeline_model_parallel_group())]
+        deepspeed_groups = [sorted(grid.slice_group), sorted(grid.dp_group), sorted(grid.pp_group)]
+        if megatron_groups != deepspeed_groups:
+            raise RuntimeError(f"rank {dist.get_rank()}: megatron-core's (tp, dp, pp) groups {megatron_groups} differ "
+                               f"from DeepSpeed's {deepspeed_groups}")
         coord = grid._topo.get_coord(dist.get_rank())
-        mine = {
-            "rank": dist.get_rank(),
-            "megatron": {"tp": ps.get_tensor_model_parallel_rank(), "dp": ps.get_data_parallel_rank(),
-                         "pp": ps.get_pipeline_model_parallel_rank(),
-                         "tp_group": dist.get_process_group_ranks(ps.get_tensor_model_parallel_group()),
-                         "dp_group": dist.get_process_group_ranks(ps.get_data_parallel_group()),
-                         "pp_group": dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())},
-            "deepspeed": {"tp": coord.model, "dp": coord.data, "pp": coord.pipe,
-                          "tp_group": sorted(grid.slice_group), "dp_group": sorted(grid.dp_group),
-                          "pp_group": sorted(grid.pp_group)},
-        }
+        mine = {"rank": dist.get_rank(),
+                "megatron": [ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank(),
+                             ps.get_pipeline_model_parallel_rank()],
+                "deepspeed": [coord.model, coord.data, coord.pipe]}
         table: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(table, mine)
         return table
@@ -307,6 +306,7 @@ class DeepSpeed3DBackend(DeepSpeedEngineBackend):
     def summary_notes(self) -> dict[str, dict[str, Any]]:
         notes = super().summary_notes()
         notes["layout"] = {"micro_batches_per_step": self.layout.grad_accum,
-                           "ranks": getattr(self, "rank_table", None)}
+                           "rank_coordinates": getattr(self, "rank_table", None),
+                           "rank_coordinates_order": "tp, dp, pp"}
         notes["model"] = {"padded_vocab_size": getattr(self, "padded_vocab", None)}
         return notes
