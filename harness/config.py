@@ -323,7 +323,7 @@ def _check_deepspeed(b: Any, p: Any, precision: str) -> None:
         if key in extra:
             raise ConfigError(f"backend.ds_config.{key}: the batch is set by {owner}; drop the DeepSpeed key")
     asked = {name for name, keys in (("fp16", ("fp16",)), ("bf16", ("bf16", "bfloat16")))
-             if any((extra.get(k) or {}).get("enabled") for k in keys)}
+             if any(hasattr(extra.get(k), "get") and extra[k].get("enabled") for k in keys)}
     requested = sorted(asked | ({precision} - {"fp32"}))
     if len(requested) > 1:
         raise ConfigError(f"fp16 and bf16 both requested (train.precision={precision}, backend.ds_config enables "

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
+from omegaconf import DictConfig
 
 from conftest import GLOBAL_BATCH, TINY, Run, harness, harness_run
 from harness.config import ConfigError, validate
@@ -57,7 +57,7 @@ def test_zero_run_directory(zero_runs: dict[str, Run]) -> None:
     assert config["optimizer"]["params"]["torch_adam"] is True
 
 
-def _config(*overrides: str) -> OmegaConf:
+def _config(*overrides: str) -> DictConfig:
     from hydra import compose, initialize_config_dir
 
     from harness.config import CONF_DIR, register_schema

@@ -44,6 +44,16 @@ def test_3d_losses_match_single_rank_reference(reference: Run, runs_3d: dict[str
 
 
 @pytest.mark.multirank
+def test_untied_output_projection_matches_single_rank_reference(runs_root: Path) -> None:
+    """The untied head is its own column-parallel layer on the last stage (TP 2 x PP 2 would need 4 more ranks)."""
+    untied = [*TINY, *GLOBAL_BATCH, "model.tie_embeddings=false", "train.micro_batch_size=2"]
+    expected = harness_run(runs_root / "reference-untied", *untied, "launcher.nproc=1").losses
+    got = harness_run(runs_root / "pp2-untied", *untied, "backend=deepspeed3d", "launcher.nproc=2", "parallel.pp=2",
+                      timeout=600).losses
+    assert len(got) == 4 and got == pytest.approx(expected, abs=TOLERANCE, rel=0), f"{got} vs {expected}"
+
+
+@pytest.mark.multirank
 @pytest.mark.parametrize("layout", ["tp2-pp2", "tp2-dp2"])
 def test_megatron_and_deepspeed_agree_rank_by_rank(runs_3d: dict[str, Run], layout: str) -> None:
     """TP fastest, then DP, then PP, in both libraries (each rank also checked that their groups agree)."""

@@ -11,19 +11,29 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from typing import Any, Sequence
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from harness.backends.base import Backend, MicroBatch, apply_activation_checkpointing
 from harness.config import Layout
 
 
+def quiet_library_warnings() -> None:
+    """Not the user's to act on, and repeated every step: DeepSpeed still calls collectives torch has
+    renamed, and megatron-core notes that its optional fused kernels are not installed."""
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed", category=UserWarning)
+
+
 def import_deepspeed(device: torch.device) -> Any:
     """DeepSpeed picks its accelerator once, at import: tell it about a CPU run first."""
     if device.type == "cpu":
         os.environ["DS_ACCELERATOR"] = "cpu"
+    quiet_library_warnings()
     import deepspeed
 
     return deepspeed
@@ -62,8 +72,6 @@ def ds_config(cfg: Any, layout: Layout) -> dict[str, Any]:
                           "min_loss_scale": b.min_loss_scale}
     elif train.precision == "bf16":
         config["bf16"] = {"enabled": True}
-    from omegaconf import OmegaConf
-
     extra = OmegaConf.to_container(b.ds_config, resolve=True) if OmegaConf.is_config(b.ds_config) else b.ds_config
     return merge(config, extra or {})
 

@@ -16,7 +16,7 @@ model-parallel RNG (`model_parallel_cuda_manual_seed`), so a 175B model never ex
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -24,8 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.backends.base import MicroBatch
-from harness.backends.deepspeed import DeepSpeedEngineBackend
+from harness.backends.deepspeed import DeepSpeedEngineBackend, quiet_library_warnings
 from models.gpt import GPT, Block, GPTConfig, make_norm, rope_cache
+
+quiet_library_warnings()
+from megatron.core import parallel_state, tensor_parallel  # noqa: E402  (after the filters: it warns on import)
 
 
 def padded_vocab_size(vocab_size: int, tp: int) -> int:
@@ -33,15 +36,9 @@ def padded_vocab_size(vocab_size: int, tp: int) -> int:
     return -(-vocab_size // tp) * tp
 
 
-def _tensor_parallel() -> Any:
-    from megatron.core import tensor_parallel
-
-    return tensor_parallel
-
-
 def _mark_partitioned(param: nn.Parameter, dim: int) -> None:
     """What megatron's own init would set: DeepSpeed's gradient norm counts TP shards on every rank."""
-    _tensor_parallel().set_tensor_model_parallel_attributes(param, True, dim, 1)
+    tensor_parallel.set_tensor_model_parallel_attributes(param, True, dim, 1)
 
 
 def _column(in_features: int, out_features: int, *, bias: bool, mp: Any, init: Callable) -> nn.Module:
@@ -57,14 +54,14 @@ def _row(in_features: int, out_features: int, *, bias: bool, mp: Any, init: Call
     return layer
 
 
-class _ColumnLinear(_tensor_parallel().ColumnParallelLinear):
+class _ColumnLinear(tensor_parallel.ColumnParallelLinear):
     """Returns the output tensor alone (megatron returns `(output, bias)`), as `nn.Linear` does."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return super().forward(x)[0]
 
 
-class _RowLinear(_tensor_parallel().RowParallelLinear):
+class _RowLinear(tensor_parallel.RowParallelLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return super().forward(x)[0]
 
@@ -74,7 +71,7 @@ def _normal(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 class Stage(nn.Module):
-    """A pipeline layer that knows its name in `models.gpt.GPT` (to copy its slice from a full model)."""
+    """A pipeline layer whose parameter names are `models.gpt.GPT`'s after `prefix` (to copy slices of a full model)."""
 
     prefix = ""
 
@@ -85,7 +82,7 @@ class EmbeddingPipe(Stage):
     def __init__(self, config: GPTConfig, mp: Any) -> None:
         super().__init__()
         self.learned = config.position == "learned"
-        self.tok_emb = _tensor_parallel().VocabParallelEmbedding(
+        self.tok_emb = tensor_parallel.VocabParallelEmbedding(
             padded_vocab_size(config.vocab_size, mp.tensor_model_parallel_size), config.d_model,
             init_method=_normal(config.init_std), config=mp)
         _mark_partitioned(self.tok_emb.weight, 0)
@@ -106,72 +103,66 @@ class EmbeddingPipe(Stage):
 
 def tied_logits(embedding: EmbeddingPipe, x: torch.Tensor) -> torch.Tensor:
     """This rank's vocabulary slice of the logits (Megatron's `parallel_lm_logits`)."""
-    return F.linear(_tensor_parallel().copy_to_tensor_model_parallel_region(x), embedding.weight)
+    return F.linear(tensor_parallel.copy_to_tensor_model_parallel_region(x), embedding.weight)
 
 
-class BlockPipe(Stage):
-    """One `models.gpt.Block` with its linears column/row-parallel; carries its own RoPE table."""
+class BlockPipe(Block, Stage):
+    """`models.gpt.Block` with its linears column/row-parallel; its forward is the model file's own."""
 
     def __init__(self, config: GPTConfig, mp: Any, index: int, checkpoint_attention: bool) -> None:
-        super().__init__()
+        with torch.device("meta"):  # only the norms survive from this build, remade below
+            super().__init__(config)
         self.prefix = f"blocks.{index}."
         std, resid_std = config.init_std, config.init_std / (2 * config.n_layers) ** 0.5
         qkv_out = (config.n_heads + 2 * config.n_kv_heads) * config.head_dim  # type: ignore[operator]
-        with torch.device("meta"):  # only the norms survive from this build
-            self.block = Block(config)
-        block = self.block
-        block.norm1, block.norm2 = make_norm(config), make_norm(config)
-        block.attn.qkv = _column(config.d_model, qkv_out, bias=config.bias, mp=mp, init=_normal(std))
-        block.attn.proj = _row(config.n_heads * config.head_dim, config.d_model, bias=config.bias, mp=mp,
-                               init=_normal(resid_std))
+        self.norm1, self.norm2 = make_norm(config), make_norm(config)
+        self.attn.qkv = _column(config.d_model, qkv_out, bias=config.bias, mp=mp, init=_normal(std))
+        self.attn.proj = _row(config.n_heads * config.head_dim, config.d_model, bias=config.bias, mp=mp,
+                              init=_normal(resid_std))
         ffn = config.ffn_hidden
-        block.mlp.fc = _column(config.d_model, ffn, bias=config.bias, mp=mp, init=_normal(std))
+        self.mlp.fc = _column(config.d_model, ffn, bias=config.bias, mp=mp, init=_normal(std))
         if config.activation == "swiglu":
-            block.mlp.gate = _column(config.d_model, ffn, bias=config.bias, mp=mp, init=_normal(std))
-        block.mlp.proj = _row(ffn, config.d_model, bias=config.bias, mp=mp, init=_normal(resid_std))
+            self.mlp.gate = _column(config.d_model, ffn, bias=config.bias, mp=mp, init=_normal(std))
+        self.mlp.proj = _row(ffn, config.d_model, bias=config.bias, mp=mp, init=_normal(resid_std))
         if checkpoint_attention:
             from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-            block.attn = checkpoint_wrapper(block.attn, preserve_rng_state=False)
+            self.attn = checkpoint_wrapper(self.attn, preserve_rng_state=False)
         self.rope = config.position == "rope"
         if self.rope:
             cos, sin = rope_cache(config, torch.get_default_device())
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         T = x.shape[1]
-        return self.block(x, (self.rope_cos[:T], self.rope_sin[:T]) if self.rope else None)
+        return super().forward(x, (self.rope_cos[:T], self.rope_sin[:T]) if self.rope else None)
 
 
 class FinalNormPipe(Stage):
-    prefix = "norm_f."
-
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.norm = make_norm(config)
+        self.norm_f = make_norm(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x)
+        return self.norm_f(x)
 
 
 class LMHeadPipe(Stage):
     """The untied output projection, column-parallel over the (padded) vocabulary."""
 
-    prefix = "lm_head."
-
     def __init__(self, config: GPTConfig, mp: Any) -> None:
         super().__init__()
         vocab = padded_vocab_size(config.vocab_size, mp.tensor_model_parallel_size)
-        self.proj = _column(config.d_model, vocab, bias=False, mp=mp, init=_normal(config.init_std))
+        self.lm_head = _column(config.d_model, vocab, bias=False, mp=mp, init=_normal(config.init_std))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
+        return self.lm_head(x)
 
 
 def vocab_parallel_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over all positions, with the softmax spread over the TP ranks' vocabulary slices."""
-    return _tensor_parallel().vocab_parallel_cross_entropy(logits.float(), targets).mean()
+    return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), targets).mean()
 
 
 def layer_specs(config: GPTConfig, mp: Any, *, checkpoint_attention: bool = False) -> list[Any]:
@@ -221,16 +212,9 @@ def copy_slices(stage: nn.Module, full: GPT, tp_rank: int) -> None:
             param.narrow(dim or 0, 0, source.shape[dim or 0]).copy_(source)
 
 
-def _gpt_name(layer: nn.Module, name: str) -> str:
-    """`models.gpt.GPT`'s name for a stage parameter (checkpoint wrappers add a component to strip)."""
-    name = name.replace("_checkpoint_wrapped_module.", "").replace("block.", "", 1)
-    if isinstance(layer, EmbeddingPipe):
-        return name
-    if isinstance(layer, LMHeadPipe):
-        return "lm_head.weight"
-    if isinstance(layer, FinalNormPipe):
-        return "norm_f." + name.removeprefix("norm.")
-    return layer.prefix + name
+def _gpt_name(layer: Stage, name: str) -> str:
+    """`models.gpt.GPT`'s name for a stage parameter (a checkpoint wrapper adds a component to strip)."""
+    return layer.prefix + name.replace("_checkpoint_wrapped_module.", "")
 
 
 class DeepSpeed3DBackend(DeepSpeedEngineBackend):
@@ -238,14 +222,11 @@ class DeepSpeed3DBackend(DeepSpeedEngineBackend):
 
     @property
     def dp_rank(self) -> int:
-        from megatron.core import parallel_state
-
         return parallel_state.get_data_parallel_rank()
 
     def setup(self, model: nn.Module) -> None:
         from deepspeed.pipe import PipelineModule
         from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-        from megatron.core import parallel_state, tensor_parallel
 
         layout, on_gpu = self.layout, self.device.type == "cuda"
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=layout.tp,
@@ -281,8 +262,7 @@ class DeepSpeed3DBackend(DeepSpeedEngineBackend):
 
     def _rank_table(self) -> list[dict[str, Any]]:
         """Every rank's (tp, dp, pp) coordinates as megatron-core and DeepSpeed see them; their groups must agree."""
-        from megatron.core import parallel_state as ps
-
+        ps = parallel_state
         grid = self.engine.grid
         megatron_groups = [dist.get_process_group_ranks(group) for group in (
             ps.get_tensor_model_parallel_group(), ps.get_data_parallel_group(), ps.get_pipeline_model_parallel_group())]
