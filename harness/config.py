@@ -303,7 +303,7 @@ DS_BATCH_KEYS = {"train_batch_size": "train.global_batch_size", "train_micro_bat
                  "train.micro_batch_size", "gradient_accumulation_steps": "train.global_batch_size"}
 
 
-def _check_deepspeed(b: Any, p: Any, precision: str) -> None:
+def _check_deepspeed(b: Any, p: Any, precision: str, device: str) -> None:
     """Offload and the extra DeepSpeed keys: only for the DeepSpeed backends, never against the harness's own fields."""
     deepspeed, zero_stage = b.name in ("deepspeed", "deepspeed3d"), p.zero_stage
     if b.name == "deepspeed3d" and p.sequence_parallel:
@@ -331,6 +331,8 @@ def _check_deepspeed(b: Any, p: Any, precision: str) -> None:
     if asked and precision == "fp32":
         raise ConfigError(f"backend.ds_config enables {requested[0]} but train.precision=fp32; "
                           f"set train.precision={requested[0]} instead of the ds_config key")
+    if deepspeed and precision == "fp16" and device == "cpu":
+        raise ConfigError("train.precision=fp16: DeepSpeed's CPU accelerator has no fp16; use bf16 or fp32 on CPU")
 
 
 def _nearest_divisor(n: int, near: int) -> int:
@@ -382,7 +384,7 @@ def validate(cfg: DictConfig | Config, world_size: int) -> Layout:
     if cfg.system.peak_tflops is not None and not cfg.system.peak_tflops_source:
         raise ConfigError("system.peak_tflops is set without system.peak_tflops_source; say where it was measured")
     _check_parallel(cfg.backend.name, m, p, t.precision)
-    _check_deepspeed(cfg.backend, p, t.precision)
+    _check_deepspeed(cfg.backend, p, t.precision, cfg.system.device)
     if p.world_size is not None and p.world_size != world_size:
         raise ConfigError(
             f"parallel.world_size={p.world_size} but {world_size} ranks are launched; leave it unset for `run`"

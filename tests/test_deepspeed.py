@@ -70,8 +70,9 @@ def _config(*overrides: str) -> DictConfig:
 def test_generated_config_merges_extra_keys_and_fp16_loss_scaling() -> None:
     from harness.backends.deepspeed import ds_config
 
-    cfg = _config("backend=deepspeed", "parallel.zero_stage=2", "train.precision=fp16", "backend.offload_optimizer=true",
-                  "+backend.ds_config.zero_optimization.overlap_comm=true", "backend.initial_scale_power=12")
+    cfg = _config("backend=deepspeed", "system=cuda", "parallel.zero_stage=2", "train.precision=fp16",
+                  "backend.offload_optimizer=true", "+backend.ds_config.zero_optimization.overlap_comm=true",
+                  "backend.initial_scale_power=12")
     config = ds_config(cfg, validate(cfg, 2))
     assert config["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu"}, "overlap_comm": True}
     assert config["fp16"]["enabled"] and config["fp16"]["loss_scale"] == 0 and config["fp16"]["initial_scale_power"] == 12
@@ -85,6 +86,7 @@ BAD_DEEPSPEED = [
     (["backend.offload_param=true", "parallel.zero_stage=2"], "backend.offload_param=true needs parallel.zero_stage>=3"),
     (["backend.offload_optimizer=true"], "backend.offload_optimizer=true needs parallel.zero_stage>=1"),
     (["+backend.ds_config.train_batch_size=8"], "train.global_batch_size"),
+    (["train.precision=fp16"], "DeepSpeed's CPU accelerator has no fp16"),
 ]
 
 
