@@ -110,7 +110,7 @@ class BlockPipe(Block, Stage):
     """`models.gpt.Block` with its linears column/row-parallel; its forward is the model file's own."""
 
     def __init__(self, config: GPTConfig, mp: Any, index: int, checkpoint_attention: bool) -> None:
-        with torch.device("meta"):  # only the norms survive from this build, remade below
+        with torch.device("meta"):  # the structure is the model file's; every parameter is replaced below
             super().__init__(config)
         self.prefix = f"blocks.{index}."
         std, resid_std = config.init_std, config.init_std / (2 * config.n_layers) ** 0.5
