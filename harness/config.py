@@ -16,6 +16,8 @@ from typing import Any, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from launchers.env import GPU_ORDERS
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 BACKENDS = ("ddp", "fsdp", "deepspeed", "deepspeed3d")
@@ -23,7 +25,7 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 CHECKPOINTING = ("none", "selective", "full")
 DATA_KINDS = ("synthetic", "tokens")
 TOKEN_DTYPES = {"uint16": 2, "uint32": 4}
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda", "xpu")
 
 
 class ConfigError(ValueError):
@@ -128,7 +130,7 @@ class SystemConfig:
 
     name: str = "cpu"
     device: str = "auto"
-    """auto | cpu | cuda (ROCm builds of torch report 'cuda' too)."""
+    """auto | cpu | cuda (ROCm builds of torch report 'cuda' too) | xpu (Intel GPUs, xccl backend)."""
     peak_tflops: Optional[float] = None
     """A measured dense peak for the run's precision; overrides the built-in table."""
     peak_tflops_source: Optional[str] = None
@@ -146,6 +148,8 @@ class LauncherConfig:
     """Collective timeout: a benchmark that stalls this long is broken, not slow."""
     monitor_interval_s: float = 0.1
     """How often the local agent checks its ranks; a dead rank ends the job within about this."""
+    gpu_order: str = "local_rank"
+    """local_rank: local rank i drives device i | reversed: device n-1-i (Polaris, where GPU 3 is nearest cores 0-7)."""
 
 
 @dataclass
@@ -323,6 +327,7 @@ def validate(cfg: DictConfig | Config, world_size: int) -> Layout:
     _choice(t.precision, PRECISIONS, "train.precision")
     _choice(t.activation_checkpointing, CHECKPOINTING, "train.activation_checkpointing")
     _choice(cfg.system.device, DEVICES, "system.device")
+    _choice(cfg.launcher.gpu_order, GPU_ORDERS, "launcher.gpu_order")
     if cfg.launcher.nproc < 1:
         raise ConfigError(f"launcher.nproc={cfg.launcher.nproc}: must be at least 1 (ranks to start)")
     if t.steps <= 0:

@@ -40,7 +40,7 @@ from harness.results import (
     write_config,
     write_summary,
 )
-from launchers.env import RankInfo, discover, export
+from launchers.env import RankInfo, device_index, discover, export
 from launchers.local import launch_local
 from models.gpt import GPT, GPTConfig
 
@@ -80,6 +80,8 @@ def run(cfg: DictConfig, run_dir: Path) -> str:
 def _check_device(device: str) -> None:
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("system.device=cuda but torch sees no GPU; use system=cpu or a CUDA/ROCm build of torch")
+    if device == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise ConfigError("system.device=xpu but torch sees no Intel GPU; use system=cpu or an XPU build of torch")
 
 
 @contextlib.contextmanager
@@ -141,9 +143,9 @@ def rank_main(config: dict[str, Any], run_dir: str) -> None:
     assert info is not None, "rank_main needs a launcher environment"
     export(info)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    device = _rank_device(cfg.system.device, info.local_rank)
+    device = _rank_device(cfg.system.device, info.local_rank, cfg.launcher.gpu_order)
     dist.init_process_group(
-        backend="nccl" if device.type == "cuda" else "gloo",
+        backend=_process_group_backend(device),
         timeout=datetime.timedelta(seconds=cfg.launcher.pg_timeout_s),
         device_id=device if device.type == "cuda" else None,
     )
@@ -153,11 +155,29 @@ def rank_main(config: dict[str, Any], run_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _rank_device(choice: str, local_rank: int) -> torch.device:
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+def _rank_device(choice: str, local_rank: int, order: str) -> torch.device:
+    """One device per rank (ROCm builds of torch drive AMD GPUs as 'cuda'; Intel GPUs are 'xpu')."""
+    kind = choice
+    if choice == "auto":
+        xpu = hasattr(torch, "xpu") and torch.xpu.is_available()
+        kind = "cuda" if torch.cuda.is_available() else "xpu" if xpu else "cpu"
+    if kind == "cpu":
+        return torch.device("cpu")
+    accelerator = getattr(torch, kind)
+    index = device_index(local_rank, accelerator.device_count(), order)
+    accelerator.set_device(index)
+    return torch.device(kind, index)
+
+
+def _process_group_backend(device: torch.device) -> str:
+    """NCCL (RCCL on ROCm) for GPUs, oneCCL's xccl for Intel GPUs, gloo on CPU."""
+    if device.type == "cuda":
+        return "nccl"
+    if device.type == "xpu":
+        if not dist.is_xccl_available():
+            raise RuntimeError("this torch build has no xccl backend for Intel GPUs; install torch 2.8+ built for XPU")
+        return "xccl"
+    return "gloo"
 
 
 def gpt_config(model: Any) -> GPTConfig:
@@ -166,8 +186,8 @@ def gpt_config(model: Any) -> GPTConfig:
 
 
 def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    if device.type != "cpu":
+        getattr(torch, device.type).synchronize(device)
 
 
 class Trainer:

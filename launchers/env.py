@@ -199,6 +199,27 @@ def discover(env: Mapping[str, str], read: ReadLines = read_lines) -> Optional[R
                     _master_addr(env, world, local_world, launcher, read), port, launcher, nodes)
 
 
+GPU_ORDERS = ("local_rank", "reversed")
+
+
+def device_index(local_rank: int, visible: int, order: str = "local_rank") -> int:
+    """Which of the `visible` devices this rank drives: one device per rank, by local rank.
+
+    A scheduler that binds one device per task (`srun --gpus-per-task=1 --gpu-bind=closest` on Frontier,
+    `jsrun -g 1` on Summit, an affinity script setting CUDA_VISIBLE_DEVICES) leaves one visible: index 0.
+    `reversed` counts from the last device: on Polaris GPU 3 is closest to cores 0-7, so ALCF's
+    set_affinity_gpu_polaris.sh gives local rank 0 GPU 3.
+    """
+    if visible < 1:
+        raise LaunchEnvError(f"local rank {local_rank} sees no device; check the job's GPU request and binding")
+    if visible == 1:
+        return 0
+    if local_rank >= visible:
+        raise LaunchEnvError(f"local rank {local_rank} but only {visible} devices are visible on this node; "
+                             "start at most one rank per device")
+    return visible - 1 - local_rank if order == "reversed" else local_rank
+
+
 def export(info: RankInfo, env: MutableMapping[str, str] = os.environ) -> None:
     """Write the torchrun-style variables that `init_process_group("env://")` and Fabric read."""
     env.update(
