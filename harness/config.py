@@ -125,6 +125,26 @@ class DataConfig:
 
 
 @dataclass
+class JobConfig:
+    """How `harness submit <system>` writes and submits a batch job (launchers/jobscript.py)."""
+
+    scheduler: str = "slurm"
+    """slurm | pbs | lsf."""
+    script: str = "scripts/slurm/generic.sbatch"
+    """The job script template, relative to the project root."""
+    ranks_per_node: Optional[int] = None
+    """Ranks one node holds; None means devices_per_node (one rank per GPU, GCD or tile)."""
+    account_required: bool = False
+    """Whether the site refuses jobs without an allocation to charge."""
+    queue: Optional[str] = None
+    """Default partition (Slurm), QOS (Perlmutter) or queue (PBS, LSF); None keeps the template's."""
+    walltime: str = "00:30:00"
+    """Default wall-time, HH:MM:SS."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra variables the job script exports (the site's own settings live in the template)."""
+
+
+@dataclass
 class SystemConfig:
     """The machine: device kind and what is known of its peaks (issue-specific fields grow here)."""
 
@@ -136,6 +156,8 @@ class SystemConfig:
     peak_tflops_source: Optional[str] = None
     """Where peak_tflops comes from (required when peak_tflops is set)."""
     devices_per_node: int = 1
+    job: JobConfig = field(default_factory=JobConfig)
+    """Batch job settings for `harness submit`."""
 
 
 @dataclass
@@ -148,6 +170,10 @@ class LauncherConfig:
     """Collective timeout: a benchmark that stalls this long is broken, not slow."""
     monitor_interval_s: float = 0.1
     """How often the local agent checks its ranks; a dead rank ends the job within about this."""
+    watchdog_s: float = 600.0
+    """End the job (status failed, stop_reason watchdog) when no step finishes for this long; 0 disables."""
+    walltime_margin_s: float = 120.0
+    """Stop this long (plus one step) before the batch allocation ends, so the summary is written in time."""
     gpu_order: str = "local_rank"
     """local_rank: local rank i drives device i | reversed: device n-1-i (Polaris, where GPU 3 is nearest cores 0-7)."""
 
@@ -328,6 +354,9 @@ def validate(cfg: DictConfig | Config, world_size: int) -> Layout:
     _choice(t.activation_checkpointing, CHECKPOINTING, "train.activation_checkpointing")
     _choice(cfg.system.device, DEVICES, "system.device")
     _choice(cfg.launcher.gpu_order, GPU_ORDERS, "launcher.gpu_order")
+    for key in ("watchdog_s", "walltime_margin_s"):
+        if cfg.launcher[key] < 0:
+            raise ConfigError(f"launcher.{key}={cfg.launcher[key]}: must be 0 or more seconds")
     if cfg.launcher.nproc < 1:
         raise ConfigError(f"launcher.nproc={cfg.launcher.nproc}: must be at least 1 (ranks to start)")
     if t.steps <= 0:
