@@ -73,7 +73,9 @@ for _ in $(seq 30); do
         echo "provision-slurm: node $host is $state (CPUs=$cpus); Open MPI $(mpiexec --version | head -n1)"
         exit 0
     fi
-    [[ "$state" == down* || "$state" == drain* ]] && scontrol update nodename="$host" state=resume || true
+    if [[ "$state" == down* || "$state" == drain* ]]; then
+        scontrol update nodename="$host" state=resume || true
+    fi
     sleep 1
 done
 echo "provision-slurm: slurmd did not come up; see /var/log/slurm/" >&2

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 SUBMIT = {"slurm": "sbatch", "pbs": "qsub", "lsf": "bsub"}
+DIRECTIVE = {"slurm": "#SBATCH", "pbs": "#PBS", "lsf": "#BSUB"}
 """How each scheduler takes a script: `sbatch FILE`, `qsub FILE`, `bsub < FILE`."""
 
 # Per scheduler and parameter: the directive line to rewrite, with the value as group "v".
@@ -28,6 +29,13 @@ _DIRECTIVES: dict[str, dict[str, str]] = {
     "lsf": {"account": r"^#BSUB -P (?P<v>\S*)$", "nodes": r"^#BSUB -nnodes (?P<v>\S*)$",
             "walltime": r"^#BSUB -W (?P<v>\S*)$", "queue": r"^#BSUB -q (?P<v>\S*)$",
             "name": r"^#BSUB -J (?P<v>\S*)$"},
+}
+
+# Directives a template may leave out (a generic cluster may need no account or queue): added when asked for.
+_NEW_DIRECTIVE = {
+    "slurm": {"account": "#SBATCH --account={}", "queue": "#SBATCH --partition={}"},
+    "pbs": {"account": "#PBS -A {}", "queue": "#PBS -q {}"},
+    "lsf": {"account": "#BSUB -P {}", "queue": "#BSUB -q {}"},
 }
 
 PARAMS = ("account", "nodes", "walltime", "queue", "tasks", "results", "name")
@@ -114,7 +122,12 @@ def render(request: JobRequest) -> str:
         return rendered
 
     for key, value in _directive_values(request).items():
-        text = must_set(directives[key], value, key)
+        if key in _NEW_DIRECTIVE[request.scheduler] and not re.search(directives[key], text, flags=re.MULTILINE):
+            last = list(re.finditer(rf"^{re.escape(DIRECTIVE[request.scheduler])} .*$", text, flags=re.MULTILINE))[-1]
+            line = _NEW_DIRECTIVE[request.scheduler][key].format(value)
+            text = text[: last.end()] + "\n" + line + text[last.end():]
+        else:
+            text = must_set(directives[key], value, key)
     assignments = {"ranks_per_node": str(request.ranks_per_node), "walltime_min": str(_minutes(request.walltime))}
     if request.results:
         assignments["results_dir"] = shlex.quote(request.results)
