@@ -19,6 +19,8 @@ USAGE = """usage: harness run [overrides ...] [-m] [hydra options]
   harness run launcher.nproc=2 backend=fsdp     2 local ranks, FSDP2
   harness run -m train.micro_batch_size=1,2,4   a sweep, one run directory per point
   harness run --cfg job                         print the composed config
+  harness submit frontier --dry-run account=abc123 nodes=2 -- backend=fsdp
+                                                a site's batch job script (harness submit -h)
 
 Config groups: model, backend, data, system (see conf/). Results: results/runs/<date>/<time>-<name>/."""
 
