@@ -9,9 +9,12 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harness.config import ConfigError
+
+if TYPE_CHECKING:
+    from launchers.jobscript import JobRequest
 
 USAGE = """usage: harness run [overrides ...] [-m] [hydra options]
 
@@ -123,7 +126,7 @@ def _submit(args: list[str]) -> None:
         _fail(str(exc))
 
 
-def _job_request(args: list[str]):  # type: ignore[no-untyped-def]
+def _job_request(args: list[str]) -> tuple[JobRequest, bool]:
     """Parse `<system> [--dry-run] key=value ... -- overrides` against the system's `job:` block."""
     from omegaconf import OmegaConf
 
@@ -177,7 +180,7 @@ def _check_overrides(overrides: list[str], site: str, world_size: int) -> None:
     validate(cfg, world_size)
 
 
-def _render_and_submit(request, dry_run: bool) -> None:  # type: ignore[no-untyped-def]
+def _render_and_submit(request: JobRequest, dry_run: bool) -> None:
     import datetime
     import subprocess
 

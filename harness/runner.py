@@ -31,7 +31,6 @@ from harness.costmodel.flops import step_flops
 from harness.data import rank_micro_batches, token_source
 from harness.metrics import MemoryMeter, Throughput, device_name, resolve_peak
 from harness.report import Progress, print_summary
-from harness.stopping import Watchdog, job_end_time, out_of_time, raise_on_sigterm
 from harness.results import (
     StepLog,
     build_summary,
@@ -41,6 +40,7 @@ from harness.results import (
     write_config,
     write_summary,
 )
+from harness.stopping import Watchdog, job_end_time, out_of_time, raise_on_sigterm
 from launchers.env import RankInfo, device_index, discover, export
 from launchers.local import launch_local
 from models.gpt import GPT, GPTConfig

@@ -72,6 +72,8 @@ class JobRequest:
 def check(request: JobRequest, account_required: bool) -> None:
     """Refuse what the scheduler would refuse (or silently shrink) before anything is submitted."""
     site = request.site
+    if request.scheduler not in SUBMIT:
+        raise SubmitError(f"{site}: job.scheduler={request.scheduler} is not one of {', '.join(SUBMIT)}")
     if account_required and not request.account:
         raise SubmitError(f"{site}: account= is required (the allocation to charge, e.g. account=abc123)")
     if request.nodes < 1:
@@ -133,10 +135,11 @@ def render(request: JobRequest) -> str:
         assignments["results_dir"] = shlex.quote(request.results)
     for name, value in assignments.items():
         text = _set(text, rf"^{name}=(?P<v>.*)$", value) or text
-    if request.tasks is not None:
-        # Generic Slurm asks for tasks in a directive; site templates count ranks in `ranks=`.
-        tasks = _set(text, directives.get("tasks", "(?!)"), str(request.tasks))
-        text = tasks or must_set(r"^ranks=(?P<v>.*)$", str(request.tasks), "ranks=")
+    # Generic Slurm asks for its tasks in a directive; site templates count ranks in `ranks=` (empty: all).
+    if re.search(directives.get("tasks", "(?!)"), text, flags=re.MULTILINE):
+        text = must_set(directives["tasks"], str(request.total_tasks), "tasks")
+    elif request.tasks is not None:
+        text = must_set(r"^ranks=(?P<v>.*)$", str(request.tasks), "ranks=")
     match = re.search(r"^overrides=\((?P<v>.*)\)$", text, flags=re.MULTILINE)
     if match is None:
         raise SubmitError(f"{request.script} has no overrides=(...) line; it cannot be rendered")

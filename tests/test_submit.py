@@ -47,6 +47,11 @@ def test_generic_cluster_gets_tasks_and_an_inserted_account(capsys: pytest.Captu
     assert "#SBATCH --partition=short\n" in out and "results_dir='/scratch/a b'\n" in out
 
 
+def test_generic_cluster_asks_for_every_slot_by_default(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["submit", "cpu", "--dry-run", "nodes=2"])
+    assert "#SBATCH --ntasks=16\n" in capsys.readouterr().out  # 2 nodes x job.ranks_per_node=8
+
+
 def test_job_env_is_exported_right_after_the_overrides() -> None:
     request = JobRequest(site="polaris", scheduler="pbs", script=ROOT / "scripts/pbs/polaris.pbs", ranks_per_node=4,
                          env={"NCCL_DEBUG": "INFO", "HARNESS_VENV": "/home/a b/venv"})
