@@ -6,6 +6,7 @@ Without them these tests skip with a message, except under CI (`CI=true`), where
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -24,11 +25,23 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted(p for p in (ROOT / "scripts").rglob("*") if p.is_file()) + sorted((ROOT / ".ci").iterdir())
 
 
+@functools.cache
+def _missing(tool: str, works: tuple[str, ...]) -> str | None:
+    """Why `tool` cannot be tested here, or None. Asked once per session: a stopped slurmctld makes sinfo wait."""
+    if shutil.which(tool) is None:
+        return f"{tool} is not installed"
+    try:
+        done = subprocess.run(works, capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return f"`{' '.join(works)}` did not answer in 30 s"
+    return None if done.returncode == 0 else f"`{' '.join(works)}` failed: {done.stderr.strip()[:200]}"
+
+
 def _need(tool: str, works: list[str]) -> None:
     """Skip (locally) or fail (CI=true) when `tool` is missing or `works` does not succeed."""
-    ok = shutil.which(tool) is not None and subprocess.run(works, capture_output=True, timeout=30).returncode == 0
-    if not ok:
-        message = f"{tool} is not available here; run .ci/provision-slurm.sh as root on Debian to test it"
+    why = _missing(tool, tuple(works))
+    if why is not None:
+        message = f"{why}; run .ci/provision-slurm.sh as root on Debian to test it"
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
@@ -89,6 +102,9 @@ def test_sbatch_generic_script_two_tasks(slurm: None, tmp_path: Path) -> None:
     log = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
     assert proc.returncode == 0, f"{proc.stderr}\n{log}"
     _run_dir_is_complete(tmp_path / "results" / job_id, job_id, "slurm")
+    # The script found the end of the 30-minute allocation (SLURM_JOB_END_TIME, else squeue) for the walltime stop.
+    end_time = int(re.search(rf"job {job_id} ends at (\d+)", log).group(1))  # type: ignore[union-attr]
+    assert 0 < end_time - time.time() <= 30 * 60
 
 
 @pytest.mark.multirank
