@@ -9,6 +9,12 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from harness.config import ConfigError
+
+if TYPE_CHECKING:
+    from launchers.jobscript import JobRequest
 
 USAGE = """usage: harness run [overrides ...] [-m] [hydra options]
 
@@ -16,6 +22,8 @@ USAGE = """usage: harness run [overrides ...] [-m] [hydra options]
   harness run launcher.nproc=2 backend=fsdp     2 local ranks, FSDP2
   harness run -m train.micro_batch_size=1,2,4   a sweep, one run directory per point
   harness run --cfg job                         print the composed config
+  harness submit frontier --dry-run account=abc123 nodes=2 -- backend=fsdp
+                                                a site's batch job script (harness submit -h)
 
 Config groups: model, backend, data, system (see conf/). Results: results/runs/<date>/<time>-<name>/."""
 
@@ -97,9 +105,110 @@ def _hydra_app() -> None:
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_task)()
 
 
+SUBMIT_USAGE = """usage: harness submit <system> [--dry-run] [key=value ...] [-- harness run overrides ...]
+
+  keys: account, nodes, walltime (HH:MM:SS), queue, tasks (total ranks), results (run directory parent), name
+  harness submit frontier --dry-run account=abc123 nodes=2 -- model=gpt-1.3b backend=fsdp"""
+
+
+def _submit(args: list[str]) -> None:
+    """Render conf/system/<system>.yaml's job script and print it (--dry-run) or hand it to the scheduler."""
+    from launchers.jobscript import SubmitError
+
+    if not args or args[0] in ("-h", "--help"):
+        print(SUBMIT_USAGE)
+        return
+    try:
+        request, dry_run = _job_request(args)
+        _check_overrides(request.overrides, request.site, request.total_tasks)
+        _render_and_submit(request, dry_run)
+    except (SubmitError, ConfigError) as exc:
+        _fail(str(exc))
+
+
+def _job_request(args: list[str]) -> tuple[JobRequest, bool]:
+    """Parse `<system> [--dry-run] key=value ... -- overrides` against the system's `job:` block."""
+    from omegaconf import OmegaConf
+
+    from harness.config import CONF_DIR, JobConfig, group_choices
+    from launchers.jobscript import PARAMS, JobRequest, SubmitError, check
+
+    site, rest = args[0], args[1:]
+    if site not in group_choices("system"):
+        raise SubmitError(f"unknown system '{site}'; choose one of: {', '.join(group_choices('system'))}")
+    split = rest.index("--") if "--" in rest else len(rest)
+    params, overrides = rest[:split], rest[split + 1:]
+    dry_run = "--dry-run" in params
+    values: dict[str, Any] = {}
+    for param in (p for p in params if p != "--dry-run"):
+        key, sep, value = param.partition("=")
+        if not sep or key not in PARAMS:
+            raise SubmitError(f"{param}: expected key=value with key one of {', '.join(PARAMS)} "
+                              "(harness overrides go after --)")
+        if key in ("nodes", "tasks"):
+            if not value.isdigit():
+                raise SubmitError(f"{key}={value}: must be a whole number")
+            values[key] = int(value)
+        else:
+            values[key] = value
+    system = OmegaConf.load(CONF_DIR / "system" / f"{site}.yaml")
+    job = OmegaConf.merge(OmegaConf.structured(JobConfig), system.get("job", {}))
+    defaults = {"walltime": job.walltime, "queue": job.queue}
+    request = JobRequest(
+        site=site, scheduler=job.scheduler, script=CONF_DIR.parent / job.script,
+        ranks_per_node=job.ranks_per_node or system.get("devices_per_node", 1), env=dict(job.env),
+        overrides=overrides, **{**defaults, **values})
+    check(request, job.account_required)
+    return request, dry_run
+
+
+def _check_overrides(overrides: list[str], site: str, world_size: int) -> None:
+    """Compose and validate the run's config for the job's rank count now, not after hours in the queue."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    from harness.config import CONF_DIR, check_group_overrides, register_schema, validate
+
+    check_group_overrides(overrides)
+    register_schema()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=[f"system={site}", *overrides])
+    except HydraException as exc:
+        lines = str(exc).strip().splitlines()
+        raise ConfigError(" ".join(lines[:2])) from exc
+    validate(cfg, world_size)
+
+
+def _render_and_submit(request: JobRequest, dry_run: bool) -> None:
+    import datetime
+    import subprocess
+
+    from launchers.jobscript import SUBMIT, SubmitError, render, submit_command
+
+    script = render(request)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = Path("results/jobs/scripts") / f"{request.site}-{stamp}{request.script.suffix}"
+    if dry_run:
+        print(script, end="")
+        print(f"harness: dry run: would write {path} and run: {submit_command(request.scheduler, path)}",
+              file=sys.stderr)
+        return
+    if shutil.which(SUBMIT[request.scheduler]) is None:
+        raise SubmitError(f"{SUBMIT[request.scheduler]} not found: run `harness submit {request.site}` on the "
+                          "site's login node, or add --dry-run to print the script")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(script)
+    done = subprocess.run(submit_command(request.scheduler, path), shell=True, capture_output=True, text=True)
+    if done.returncode != 0:
+        _fail(f"{SUBMIT[request.scheduler]} refused {path}: {done.stderr.strip() or done.stdout.strip()}", code=1)
+    print(f"{path}: {done.stdout.strip()}")
+
+
 # Each subcommand takes the arguments after its name. Add new subcommands here.
 COMMANDS = {
     "run": _run,
+    "submit": _submit,
 }
 
 if __name__ == "__main__":

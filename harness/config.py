@@ -16,6 +16,8 @@ from typing import Any, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from launchers.env import GPU_ORDERS
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 BACKENDS = ("ddp", "fsdp", "deepspeed", "deepspeed3d")
@@ -23,7 +25,7 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 CHECKPOINTING = ("none", "selective", "full")
 DATA_KINDS = ("synthetic", "tokens")
 TOKEN_DTYPES = {"uint16": 2, "uint32": 4}
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda", "xpu")
 
 
 class ConfigError(ValueError):
@@ -137,17 +139,39 @@ class DataConfig:
 
 
 @dataclass
+class JobConfig:
+    """How `harness submit <system>` writes and submits a batch job (launchers/jobscript.py)."""
+
+    scheduler: str = "slurm"
+    """slurm | pbs | lsf."""
+    script: str = "scripts/slurm/generic.sbatch"
+    """The job script template, relative to the project root."""
+    ranks_per_node: Optional[int] = None
+    """Ranks one node holds; None means devices_per_node (one rank per GPU, GCD or tile)."""
+    account_required: bool = False
+    """Whether the site refuses jobs without an allocation to charge."""
+    queue: Optional[str] = None
+    """Default partition (Slurm), QOS (Perlmutter) or queue (PBS, LSF); None keeps the template's."""
+    walltime: str = "00:30:00"
+    """Default wall-time, HH:MM:SS."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra variables the job script exports (the site's own settings live in the template)."""
+
+
+@dataclass
 class SystemConfig:
     """The machine: device kind and what is known of its peaks (issue-specific fields grow here)."""
 
     name: str = "cpu"
     device: str = "auto"
-    """auto | cpu | cuda (ROCm builds of torch report 'cuda' too)."""
+    """auto | cpu | cuda (ROCm builds of torch report 'cuda' too) | xpu (Intel GPUs, xccl backend)."""
     peak_tflops: Optional[float] = None
     """A measured dense peak for the run's precision; overrides the built-in table."""
     peak_tflops_source: Optional[str] = None
     """Where peak_tflops comes from (required when peak_tflops is set)."""
     devices_per_node: int = 1
+    job: JobConfig = field(default_factory=JobConfig)
+    """Batch job settings for `harness submit`."""
 
 
 @dataclass
@@ -160,6 +184,12 @@ class LauncherConfig:
     """Collective timeout: a benchmark that stalls this long is broken, not slow."""
     monitor_interval_s: float = 0.1
     """How often the local agent checks its ranks; a dead rank ends the job within about this."""
+    watchdog_s: float = 600.0
+    """End the job (status failed, stop_reason watchdog) when no step finishes for this long; 0 disables."""
+    walltime_margin_s: float = 120.0
+    """Stop this long (plus one step) before the batch allocation ends, so the summary is written in time."""
+    gpu_order: str = "local_rank"
+    """local_rank: local rank i drives device i | reversed: device n-1-i (Polaris, where GPU 3 is nearest cores 0-7)."""
 
 
 @dataclass
@@ -373,6 +403,10 @@ def validate(cfg: DictConfig | Config, world_size: int) -> Layout:
     _choice(t.precision, PRECISIONS, "train.precision")
     _choice(t.activation_checkpointing, CHECKPOINTING, "train.activation_checkpointing")
     _choice(cfg.system.device, DEVICES, "system.device")
+    _choice(cfg.launcher.gpu_order, GPU_ORDERS, "launcher.gpu_order")
+    for key in ("watchdog_s", "walltime_margin_s"):
+        if cfg.launcher[key] < 0:
+            raise ConfigError(f"launcher.{key}={cfg.launcher[key]}: must be 0 or more seconds")
     if cfg.launcher.nproc < 1:
         raise ConfigError(f"launcher.nproc={cfg.launcher.nproc}: must be at least 1 (ranks to start)")
     if t.steps <= 0:

@@ -74,4 +74,6 @@ def summary_table(summary: dict[str, Any]) -> Table:
 
 def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     console.print(summary_table(summary))
+    if summary.get("stop_reason", "completed") != "completed":
+        console.print(f"stopped early: {summary['stop_reason']}", highlight=False)
     console.print(f"run directory: {run_dir}", highlight=False)

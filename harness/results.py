@@ -84,6 +84,7 @@ def build_summary(
     steps: list[dict[str, Any]],
     env: dict[str, Any],
     extra_metrics: Optional[dict[str, Any]] = None,
+    stop_reason: Optional[str] = None,
 ) -> dict[str, Any]:
     metrics: dict[str, Any] = summarize_steps(steps)
     metrics.update(extra_metrics or {})
@@ -93,6 +94,7 @@ def build_summary(
     return {
         "schema": SCHEMA,
         "status": status,
+        "stop_reason": stop_reason or ("completed" if status == "ok" else "failed"),
         "error": error,
         "config": config,
         "env": env,

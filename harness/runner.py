@@ -40,7 +40,8 @@ from harness.results import (
     write_config,
     write_summary,
 )
-from launchers.env import RankInfo, discover, export
+from harness.stopping import Watchdog, job_end_time, out_of_time, raise_on_sigterm
+from launchers.env import RankInfo, device_index, discover, export
 from launchers.local import launch_local
 from models.gpt import GPT, GPTConfig
 
@@ -80,6 +81,8 @@ def run(cfg: DictConfig, run_dir: Path) -> str:
 def _check_device(device: str) -> None:
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("system.device=cuda but torch sees no GPU; use system=cpu or a CUDA/ROCm build of torch")
+    if device == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise ConfigError("system.device=xpu but torch sees no Intel GPU; use system=cpu or an XPU build of torch")
 
 
 @contextlib.contextmanager
@@ -117,9 +120,11 @@ def _ensure_failed_summary(run_dir: Path, config: dict[str, Any], layout: Layout
     collective error); its status and steps are kept, and the error names every failed rank.
     """
     path = run_dir / "summary.json"
+    stalled = "StalledRun:" in error  # some rank's watchdog ended the job
     if path.exists() and _read_status(path) != "ok":
         summary = json.loads(path.read_text())
         summary["error"] = error  # includes what rank 0 reported, through its @record error file
+        summary["stop_reason"] = "watchdog" if stalled else summary.get("stop_reason", "failed")
         write_summary(run_dir, summary)
         return summary["status"]
     status = "oom" if "OutOfMemoryError" in error or "out of memory" in error.lower() else "failed"
@@ -128,6 +133,7 @@ def _ensure_failed_summary(run_dir: Path, config: dict[str, Any], layout: Layout
         status=status, error=error, config=config, layout=layout.as_dict(), model={},
         steps=read_steps(run_dir),
         env=environment(world_size=layout.world_size, hostnames=[hostname()], devices=[], launcher="unknown"),
+        stop_reason="watchdog" if stalled else "failed",
     ))
     log.error("run failed: %s", error)
     return status
@@ -140,10 +146,11 @@ def rank_main(config: dict[str, Any], run_dir: str) -> None:
     info = discover(os.environ)
     assert info is not None, "rank_main needs a launcher environment"
     export(info)
+    raise_on_sigterm()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    device = _rank_device(cfg.system.device, info.local_rank)
+    device = _rank_device(cfg.system.device, info.local_rank, cfg.launcher.gpu_order)
     dist.init_process_group(
-        backend="nccl" if device.type == "cuda" else "gloo",
+        backend=_process_group_backend(device),
         timeout=datetime.timedelta(seconds=cfg.launcher.pg_timeout_s),
         device_id=device if device.type == "cuda" else None,
     )
@@ -153,11 +160,29 @@ def rank_main(config: dict[str, Any], run_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _rank_device(choice: str, local_rank: int) -> torch.device:
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+def _rank_device(choice: str, local_rank: int, order: str) -> torch.device:
+    """One device per rank (ROCm builds of torch drive AMD GPUs as 'cuda'; Intel GPUs are 'xpu')."""
+    kind = choice
+    if choice == "auto":
+        xpu = hasattr(torch, "xpu") and torch.xpu.is_available()
+        kind = "cuda" if torch.cuda.is_available() else "xpu" if xpu else "cpu"
+    if kind == "cpu":
+        return torch.device("cpu")
+    accelerator = getattr(torch, kind)
+    index = device_index(local_rank, accelerator.device_count(), order)
+    accelerator.set_device(index)
+    return torch.device(kind, index)
+
+
+def _process_group_backend(device: torch.device) -> str:
+    """NCCL (RCCL on ROCm) for GPUs, oneCCL's xccl for Intel GPUs, gloo on CPU."""
+    if device.type == "cuda":
+        return "nccl"
+    if device.type == "xpu":
+        if not dist.is_xccl_available():
+            raise RuntimeError("this torch build has no xccl backend for Intel GPUs; install torch 2.8+ built for XPU")
+        return "xccl"
+    return "gloo"
 
 
 def gpt_config(model: Any) -> GPTConfig:
@@ -166,8 +191,8 @@ def gpt_config(model: Any) -> GPTConfig:
 
 
 def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    if device.type != "cpu":
+        getattr(torch, device.type).synchronize(device)
 
 
 class Trainer:
@@ -178,6 +203,8 @@ class Trainer:
         self.layout = validate(cfg, info.world_size)
         self.is_writer = info.rank == 0
         self.steps: list[dict[str, Any]] = []
+        self.end_time_s = job_end_time(os.environ)
+        self.stop_reason = "completed"
 
     def build(self) -> None:
         train = self.cfg.train
@@ -210,12 +237,13 @@ class Trainer:
         step_log = StepLog(self.run_dir) if self.is_writer else None
         try:
             self.build()
-            self.loop(step_log)
+            with Watchdog(self.cfg.launcher.watchdog_s, self.stalled) as self.watchdog:
+                self.loop(step_log)
         except torch.OutOfMemoryError as exc:
-            status, error = "oom", f"OutOfMemoryError: {exc}"
+            status, error, self.stop_reason = "oom", f"OutOfMemoryError: {exc}", "failed"
             raise
         except BaseException as exc:
-            status, error = "failed", f"{type(exc).__name__}: {exc}"
+            status, error, self.stop_reason = "failed", f"{type(exc).__name__}: {exc}", "failed"
             raise
         finally:
             if step_log is not None:
@@ -245,13 +273,18 @@ class Trainer:
             if step_log is not None and progress is not None:
                 step_log.write(record)
                 progress.update(record)
+            self.watchdog.beat()
+            if self.stop_agreed:
+                self.stop_reason = "walltime"
+                break
         if progress is not None:
             progress.close()
 
     def record(self, step: int, warmup: bool, loss: torch.Tensor, iter_time_s: float) -> dict[str, Any]:
         """One line of steps.jsonl. Its reduction falls into the next step's time, not hidden from it."""
         memory = self.memory.read()
-        loss_value, peak_mb = self.reduce(loss, memory["peak_memory_mb"])
+        stop = out_of_time(self.end_time_s, time.time(), iter_time_s, self.cfg.launcher.walltime_margin_s)
+        loss_value, peak_mb, self.stop_agreed = self.reduce(loss, memory["peak_memory_mb"], stop)
         return {
             "step": step,
             "warmup": warmup,
@@ -264,15 +297,22 @@ class Trainer:
             "energy_j": None,
         }
 
-    def reduce(self, loss: torch.Tensor, peak_mb: float) -> tuple[float, float]:
-        """The mean loss over ranks (all are data-parallel here) and the largest peak memory, in one collective."""
-        mine = torch.stack([loss.detach().float(), torch.tensor(peak_mb, device=loss.device)])
+    def reduce(self, loss: torch.Tensor, peak_mb: float, stop: bool) -> tuple[float, float, bool]:
+        """The mean loss over ranks (all are data-parallel here), the largest peak memory, and rank 0's
+        decision to stop, in one collective: every rank leaves the loop after the same step."""
+        mine = torch.stack([loss.detach().float(), torch.tensor(peak_mb, device=loss.device),
+                            torch.tensor(float(stop), device=loss.device)])
         if self.info.world_size == 1:
-            return float(mine[0]), float(mine[1])
+            return float(mine[0]), float(mine[1]), stop
         gathered = [torch.empty_like(mine) for _ in range(self.info.world_size)]
         dist.all_gather(gathered, mine)
         table = torch.stack(gathered)
-        return float(table[:, 0].mean()), float(table[:, 1].max())
+        return float(table[:, 0].mean()), float(table[:, 1].max()), bool(table[0, 2])
+
+    def stalled(self, error: Exception) -> None:
+        """The watchdog's last act on this rank: the summary says the run stopped making progress."""
+        self.stop_reason = "watchdog"
+        self.finish("failed", f"{type(error).__name__}: {error}")
 
     def finish(self, status: str, error: Optional[str]) -> None:
         hostnames: list[Any] = [None] * self.info.world_size
@@ -296,6 +336,7 @@ class Trainer:
             env=environment(world_size=self.info.world_size, hostnames=hostnames, devices=devices,
                             launcher=self.info.launcher),
             extra_metrics={**self.metric_notes(), **notes.get("metrics", {})},
+            stop_reason=self.stop_reason,
         )
         write_summary(self.run_dir, summary)
         if status == "ok":

@@ -1,1 +1,1 @@
-"""Finding this process's rank from whatever started it, and starting local ranks."""
+"""Finding this process's rank from whatever started it, starting local ranks, and rendering batch job scripts."""

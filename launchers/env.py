@@ -1,18 +1,24 @@
 """Rank discovery from the environment a launcher leaves behind.
 
-`discover` is a pure function of an environment mapping, so every launcher can be unit-tested from
-environments written from its documentation. Precedence, first match wins:
+`discover` is a pure function of an environment mapping (and of the host files it names, read through
+an injectable reader), so every launcher can be unit-tested from environments written from its
+documentation. Precedence, first match wins:
 
 1. torchrun / torch elastic: `RANK`, `LOCAL_RANK`, `WORLD_SIZE` (and `LOCAL_WORLD_SIZE`, `GROUP_RANK`).
 2. Slurm `srun`: `SLURM_PROCID`, `SLURM_LOCALID`, `SLURM_STEP_NUM_TASKS`, `SLURM_NODEID`. Only a job
    *step* counts: an `sbatch` script itself also sees `SLURM_PROCID=0` but is not one of the ranks.
-3. Open MPI `mpiexec`/`mpirun` (and LSF `jsrun`, which sets the same): `OMPI_COMM_WORLD_RANK`,
-   `OMPI_COMM_WORLD_LOCAL_RANK`, `OMPI_COMM_WORLD_SIZE`, `OMPI_COMM_WORLD_LOCAL_SIZE`.
-4. MPICH / Cray PALS (PBS on Polaris and Aurora): `PMI_RANK`, `PMI_SIZE`, `PMI_LOCAL_RANK` or
-   `PALS_LOCAL_RANKID`, `PMI_LOCAL_SIZE` or `PALS_LOCAL_SIZE`.
+3. LSF `jsrun` (Summit): `JSM_NAMESPACE_RANK`, `JSM_NAMESPACE_LOCAL_RANK`, `JSM_NAMESPACE_SIZE`,
+   `JSM_NAMESPACE_LOCAL_SIZE`. jsrun's Spectrum MPI also sets Open MPI's variables; JSM's name the launcher.
+4. Open MPI `mpiexec`/`mpirun`: `OMPI_COMM_WORLD_RANK`, `OMPI_COMM_WORLD_LOCAL_RANK`,
+   `OMPI_COMM_WORLD_SIZE`, `OMPI_COMM_WORLD_LOCAL_SIZE`.
+5. PMI (MPICH Hydra, Intel MPI, Cray PALS under PBS on Polaris and Aurora): `PMI_RANK`, `PMI_SIZE`, and
+   the local place from `PMI_LOCAL_RANK`/`PALS_LOCAL_RANKID`/`MPI_LOCALRANKID` and
+   `PMI_LOCAL_SIZE`/`PALS_LOCAL_SIZE`/`MPI_LOCALNRANKS`.
 
-`MASTER_ADDR` comes from the environment when set, else from the first host of a Slurm node list,
-else 127.0.0.1 when all ranks are on this node; otherwise discovery fails and says what is missing.
+`MASTER_ADDR` comes from the environment when set; else, for srun, from the first host of the step's
+(or job's) node list; else 127.0.0.1 when all ranks are on this node; else from the first host of the
+allocation: the Slurm node list (mpirun inside sbatch), `$PBS_NODEFILE`, or `$LSB_DJOB_HOSTFILE` without
+its batch/login hosts (the launch node LSF lists first). Otherwise discovery fails and says what is missing.
 """
 
 from __future__ import annotations
@@ -20,13 +26,25 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Mapping, MutableMapping, Optional
+from pathlib import Path
+from typing import Callable, Mapping, MutableMapping, Optional
 
 DEFAULT_MASTER_PORT = 29500
 
 
 class LaunchEnvError(RuntimeError):
     """The environment describes ranks inconsistently or incompletely."""
+
+
+ReadLines = Callable[[str], list[str]]
+"""Reads a host file (`$PBS_NODEFILE`, `$LSB_DJOB_HOSTFILE`) into lines; tests pass their own files."""
+
+
+def read_lines(path: str) -> list[str]:
+    try:
+        return Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise LaunchEnvError(f"cannot read host file {path}: {exc.strerror}") from exc
 
 
 @dataclass(frozen=True)
@@ -105,16 +123,21 @@ def _from_slurm(env: Mapping[str, str]) -> Optional[_Found]:
             _slurm_tasks_on_node(spec, node), node, nodes, "slurm")
 
 
+# Per MPI launcher: the variable that marks it, then rank, local rank, size, local size ("A|B": A, else B).
+_MPI_VARIABLES = {
+    "jsrun": ("JSM_NAMESPACE_RANK", "JSM_NAMESPACE_LOCAL_RANK", "JSM_NAMESPACE_SIZE", "JSM_NAMESPACE_LOCAL_SIZE"),
+    "openmpi": ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_SIZE",
+                "OMPI_COMM_WORLD_LOCAL_SIZE"),
+    "pmi": ("PMI_RANK", "PMI_LOCAL_RANK|PALS_LOCAL_RANKID|MPI_LOCALRANKID", "PMI_SIZE",
+            "PMI_LOCAL_SIZE|PALS_LOCAL_SIZE|MPI_LOCALNRANKS"),
+}
+
+
 def _from_mpi(env: Mapping[str, str]) -> Optional[_Found]:
-    if "OMPI_COMM_WORLD_RANK" in env:
-        names = ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_SIZE",
-                 "OMPI_COMM_WORLD_LOCAL_SIZE")
-        launcher = "openmpi"
-    elif "PMI_RANK" in env:
-        names = ("PMI_RANK", "PMI_LOCAL_RANK|PALS_LOCAL_RANKID", "PMI_SIZE", "PMI_LOCAL_SIZE|PALS_LOCAL_SIZE")
-        launcher = "pmi"
-    else:
+    launcher = next((name for name, names in _MPI_VARIABLES.items() if names[0] in env), None)
+    if launcher is None:
         return None
+    names = _MPI_VARIABLES[launcher]
     values = [_int(env, *name.split("|")) for name in names]
     missing = [name for name, value in zip(names, values) if value is None]
     if missing:
@@ -122,26 +145,46 @@ def _from_mpi(env: Mapping[str, str]) -> Optional[_Found]:
     rank, local_rank, world, local_world = (int(v) for v in values)  # type: ignore[arg-type]
     if local_world < 1:
         raise LaunchEnvError(f"{launcher}: local size {local_world} must be at least 1")
-    # PALS names the node; Open MPI does not, so assume block placement with equal counts per node.
+    # PALS names the node; the others do not, so assume block placement with equal counts per node.
     node = _int(env, "PALS_NODEID")
     nodes = max(1, -(-world // local_world))
     return rank, local_rank, world, local_world, rank // local_world if node is None else node, nodes, launcher
 
 
-def _master_addr(env: Mapping[str, str], world: int, local_world: int, launcher: str) -> str:
+def _allocation_first_host(env: Mapping[str, str], read: ReadLines) -> Optional[str]:
+    """The first compute host of the batch allocation, where block placement puts rank 0."""
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+    if nodelist:
+        return expand_nodelist(nodelist)[0]
+    if env.get("PBS_NODEFILE"):
+        hosts = [line.strip() for line in read(env["PBS_NODEFILE"]) if line.strip()]
+        if hosts:
+            return hosts[0]
+    if env.get("LSB_DJOB_HOSTFILE"):
+        # LSF lists the launch (batch) node first; jsrun places no rank there.
+        hosts = [line.strip() for line in read(env["LSB_DJOB_HOSTFILE"])
+                 if line.strip() and not line.strip().startswith(("batch", "login"))]
+        if hosts:
+            return hosts[0]
+    return None
+
+
+def _master_addr(env: Mapping[str, str], world: int, local_world: int, launcher: str, read: ReadLines) -> str:
     if env.get("MASTER_ADDR"):
         return env["MASTER_ADDR"]
-    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
-    if launcher == "slurm" and nodelist:
-        return expand_nodelist(nodelist)[0]
+    if launcher == "slurm" or world != local_world:
+        first = _allocation_first_host(env, read)
+        if first is not None:
+            return first
     if world == local_world:
         return "127.0.0.1"
     raise LaunchEnvError(
-        f"{launcher} launch across nodes without MASTER_ADDR: export MASTER_ADDR=<first host of the allocation>"
+        f"{launcher} launch across nodes without MASTER_ADDR, and no SLURM_JOB_NODELIST, PBS_NODEFILE or "
+        "LSB_DJOB_HOSTFILE to find the first host: export MASTER_ADDR=<first host of the allocation>"
     )
 
 
-def discover(env: Mapping[str, str]) -> Optional[RankInfo]:
+def discover(env: Mapping[str, str], read: ReadLines = read_lines) -> Optional[RankInfo]:
     """This process's place in the job, or None when no launcher started it."""
     found = _from_torchrun(env) or _from_slurm(env) or _from_mpi(env)
     if found is None:
@@ -153,7 +196,28 @@ def discover(env: Mapping[str, str]) -> Optional[RankInfo]:
         raise LaunchEnvError(f"{launcher}: local rank {local_rank} is outside the {local_world} ranks of its node")
     port = _int(env, "MASTER_PORT") or DEFAULT_MASTER_PORT
     return RankInfo(rank, local_rank, world, local_world, node_rank,
-                    _master_addr(env, world, local_world, launcher), port, launcher, nodes)
+                    _master_addr(env, world, local_world, launcher, read), port, launcher, nodes)
+
+
+GPU_ORDERS = ("local_rank", "reversed")
+
+
+def device_index(local_rank: int, visible: int, order: str = "local_rank") -> int:
+    """Which of the `visible` devices this rank drives: one device per rank, by local rank.
+
+    A scheduler that binds one device per task (`srun --gpus-per-task=1 --gpu-bind=closest` on Frontier,
+    `jsrun -g 1` on Summit, an affinity script setting CUDA_VISIBLE_DEVICES) leaves one visible: index 0.
+    `reversed` counts from the last device: on Polaris GPU 3 is closest to cores 0-7, so ALCF's
+    set_affinity_gpu_polaris.sh gives local rank 0 GPU 3.
+    """
+    if visible < 1:
+        raise LaunchEnvError(f"local rank {local_rank} sees no device; check the job's GPU request and binding")
+    if visible == 1:
+        return 0
+    if local_rank >= visible:
+        raise LaunchEnvError(f"local rank {local_rank} but only {visible} devices are visible on this node; "
+                             "start at most one rank per device")
+    return visible - 1 - local_rank if order == "reversed" else local_rank
 
 
 def export(info: RankInfo, env: MutableMapping[str, str] = os.environ) -> None:

@@ -264,10 +264,14 @@ def test_one_node_without_master_addr_uses_loopback(env: dict[str, str]) -> None
     assert info is not None and info.master_addr == "127.0.0.1"
 
 
+def _without(env: dict[str, str], *names: str) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k not in names}
+
+
 @pytest.mark.parametrize("env", [
     pytest.param(openmpi_env(5), id="openmpi"),
-    pytest.param(pals_env(5), id="pmi"),
-    pytest.param(pals_env(5, pmi_local=False), id="pals-local"),
+    pytest.param(_without(pals_env(5), "PBS_NODEFILE"), id="pmi"),
+    pytest.param(_without(pals_env(5, pmi_local=False), "PBS_NODEFILE"), id="pals-local"),
     pytest.param(torchrun_env(5, addr=None), id="torchrun"),
 ])
 def test_several_nodes_without_master_addr_is_an_error_naming_it(env: dict[str, str]) -> None:
