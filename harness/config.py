@@ -161,6 +161,11 @@ class SystemConfig:
     """Fixed cost of one collective call."""
     framework_overhead_gb: float = 0.0
     """Memory per device that no model tensor explains (CUDA/HIP context, allocator, communicator buffers)."""
+    layer_overhead_us: float = 0.0
+    """Host time per block per micro-batch that no FLOP or byte explains (operator dispatch, autograd);
+    matters on a CPU, hidden behind the kernels on a GPU."""
+    step_overhead_us: float = 0.0
+    """The same outside the blocks (embeddings, head, loss, optimizer calls, the training loop)."""
     overlap_comm: bool = True
     """Communication runs concurrently with compute (false on a CPU, whose cores do both)."""
     calibration: Optional[str] = None

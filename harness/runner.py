@@ -27,6 +27,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, r
 
 from harness.backends import make_backend
 from harness.config import ConfigError, Layout, default_threads_per_rank, to_container, validate
+from harness.costmodel.estimate import estimate, predicted_metrics
 from harness.costmodel.flops import step_flops
 from harness.data import rank_micro_batches, token_source
 from harness.metrics import MemoryMeter, Throughput, device_name, resolve_peak
@@ -291,10 +292,18 @@ class Trainer:
             env=environment(world_size=self.info.world_size, hostnames=hostnames, devices=devices,
                             launcher=self.info.launcher),
             extra_metrics=self.metric_notes(),
+            **self.prediction(),
         )
         write_summary(self.run_dir, summary)
         if status == "ok":
             print_summary(summary, self.run_dir)
+
+    def prediction(self) -> dict[str, Any]:
+        """The cost model's values for this run's metric keys; its failure must never fail the run."""
+        try:
+            return {"prediction": predicted_metrics(estimate(self.cfg, self.layout))}
+        except Exception as exc:  # noqa: BLE001 - reported in the summary instead
+            return {"prediction": None, "prediction_reason": f"cost model failed: {type(exc).__name__}: {exc}"}
 
     def model_info(self) -> dict[str, Any]:
         dims = dataclasses.asdict(gpt_config(self.cfg.model))

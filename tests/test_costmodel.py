@@ -10,9 +10,9 @@
 from __future__ import annotations
 
 import json
+import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -156,14 +156,16 @@ def harness_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_estimate_1t_on_frontier_is_fast_and_complete() -> None:
-    start = time.perf_counter()
+    """Under 2 s of CPU time for the whole command, interpreter start included (CPU time, not wall time,
+    so neighbours' load on a shared host cannot fail it; about 0.35 s wall on an idle host)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = harness_cli("estimate", "model=gpt-1t", "system=frontier", "parallel.tp=8", "parallel.pp=64",
                        "parallel.world_size=3072", "backend.name=deepspeed3d", "parallel.zero_stage=1",
                        "train.global_batch_size=1536", "train.precision=bf16",
                        "train.activation_checkpointing=full", "--json")
-    elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     assert proc.returncode == 0, proc.stderr
-    assert elapsed < 2.0
+    assert (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime) < 2.0
     est = json.loads(proc.stdout)
     for key in ("params", "flops_per_step", "memory_per_device_bytes", "fits", "comm_bytes_per_device",
                 "bubble_fraction", "step_time_s", "tokens_per_s", "tflops_per_device", "mfu", "hfu",

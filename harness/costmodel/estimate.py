@@ -102,3 +102,27 @@ def _add_rates(out: dict[str, Any], cfg: Any, layout: Layout, flops: Any, timed:
         "train_energy_j": None if power is None else power * world * train_s,
         "devices": world,
     }
+
+
+def predicted_metrics(est: dict[str, Any]) -> dict[str, Any]:
+    """The estimate under the keys of a run's measured `metrics`, with the full estimate under `estimate`."""
+    tflops = est["tflops_per_device"] or {}
+    out: dict[str, Any] = {
+        "iter_time_ms": est["iter_time_ms"],
+        "tokens_per_s": est["tokens_per_s"],
+        "model_tflops_per_device": tflops.get("model"),
+        "hardware_tflops_per_device": tflops.get("hardware"),
+        "mfu": est["mfu"],
+        "hfu": est["hfu"],
+        "peak_memory_mb": est["memory_per_device_bytes"]["total"] / 2**20,
+        "power_w": est["power_w"],
+        "energy_j_per_step": est["energy_j_per_step"],
+        "tokens_per_joule": (est["tokens_per_s"] * est["step_time_s"] / est["energy_j_per_step"]
+                             if est["energy_j_per_step"] else None),
+        "comm_bytes_per_device": est["comm_bytes_per_device"]["total"],
+    }
+    for key in ("iter_time_ms", "tokens_per_s", "mfu", "power_w", "energy_j_per_step"):
+        if out[key] is None and est.get(f"{key}_reason"):
+            out[f"{key}_reason"] = est[f"{key}_reason"]
+    out["estimate"] = est
+    return out

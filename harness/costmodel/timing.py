@@ -5,7 +5,8 @@ Step time = compute + exposed communication, stretched by the pipeline bubble:
   which a GEMM reaches half of it (a fixed fill/tail cost per kernel, the effect Calculon and
   Megatron's own sweeps tabulate as GEMM efficiency against size); the non-GEMM kernels (norms,
   softmax, GELU, dropout, residuals) are memory-bound, so they take a few passes over the stored
-  activation bytes at the device memory bandwidth; the optimizer streams its states once.
+  activation bytes at the device memory bandwidth; the optimizer streams its states once; a host
+  overhead per block and per micro-batch (operator dispatch, autograd) that only a CPU exposes.
 - communication: per collective, latency + wire bytes / (link bandwidth · efficiency) (comm.py);
   TP and PP transfers sit on the critical path; DP traffic overlaps the backward pass where the
   backend does so (PyTorch DDP buckets, FSDP prefetch, ZeRO-3) and the system allows it.
@@ -44,6 +45,8 @@ class Hardware:
     comm_efficiency: float
     comm_latency_s: float
     overlap_comm: bool
+    layer_overhead_s: float
+    step_overhead_s: float
     idle_power_w: Optional[float]
     peak_power_w: Optional[float]
 
@@ -61,6 +64,8 @@ def hardware(system: Any, peak_tflops: float) -> Hardware:
         comm_efficiency=system.comm_efficiency,
         comm_latency_s=system.comm_latency_us * 1e-6,
         overlap_comm=getattr(system, "overlap_comm", True),
+        layer_overhead_s=system.layer_overhead_us * 1e-6,
+        step_overhead_s=system.step_overhead_us * 1e-6,
         idle_power_w=system.idle_power_w,
         peak_power_w=system.peak_power_w,
     )
@@ -84,6 +89,7 @@ def micro_batch_compute_s(job: Job, hw: Hardware) -> float:
     calls_per_layer = 3 * fwd_calls + recompute_calls
     logits_flops = 3 * fwd.logits * tokens / layout.tp
     gemm = layers * gemm_time(per_layer_flops, calls_per_layer, hw) + gemm_time(logits_flops, 3, hw)
+    gemm += layers * hw.layer_overhead_s + hw.step_overhead_s
     if hw.hbm_bw is None:
         return gemm
     recompute_share = {"full": 4 / 3, "selective": 1.1}.get(job.checkpointing, 1.0)
