@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness.costmodel.layout import Job, layers_per_stage, param_split, stage_params
+from harness.costmodel.layout import Job, layers_per_stage, stage_params
 from harness.costmodel.memory import shard_degrees, state_bytes_per_param
 
 RING_FACTOR = {"all_reduce": lambda p: 2 * (p - 1) / p, "all_gather": lambda p: (p - 1) / p,
@@ -77,21 +77,18 @@ def dp_collectives(job: Job) -> list[Collective]:
 def _fsdp_collectives(job: Job, params: float, c) -> list[Collective]:  # type: ignore[no-untyped-def]
     """FSDP2: parameters gathered in the compute dtype, gradients reduced in fp32, once per step.
 
-    Fabric's `no_backward_sync` skips the reduce-scatter of all but the last micro-batch; the
-    root module (embeddings, final norm, head) is not resharded after forward, so only the blocks
-    are gathered a second time for the backward (full_shard).
+    Fabric's `no_backward_sync` skips the reduce-scatter of all but the last micro-batch. With
+    full_shard every parameter, the root module's too, is gathered again for the backward: that is
+    what torch 2.13's profiler records (tests/test_comm_volume.py), although FSDP2's documentation
+    describes keeping the root unsharded after forward.
     """
     m, dp = job.micro_batches, job.layout.dp
     if job.sharding == "no_shard":
         return [c("all_reduce", params * 4, 1)]
-    split = param_split(job.model)
-    blocks = layers_per_stage(job) * split.per_layer / job.layout.tp
-    gather = job.act_bytes
     n = shard_degrees(job).weights
     inside = _intra(job.layout.tp * n, job)
-    out = [c("all_gather", params * gather, m, n, inside)]
-    if job.sharding in ("full_shard", "hybrid_shard"):
-        out.append(c("all_gather", blocks * gather, m, n, inside))
+    gathers = 2 if job.sharding in ("full_shard", "hybrid_shard") else 1
+    out = [c("all_gather", params * job.act_bytes, gathers * m, n, inside)]
     out.append(c("reduce_scatter", params * 4, 1, n, inside))
     if job.sharding == "hybrid_shard" and dp > n:
         out.append(c("all_reduce", params * 4 / n, 1, dp // n, False))

@@ -132,7 +132,7 @@ def buffer_bytes(job: Job) -> float:
         compute_bytes = job.act_bytes
         if job.backend == "fsdp" and job.sharding == "shard_grad_op":
             gathered = split.total / layout.tp * compute_bytes
-        else:  # two blocks and the root module (FSDP2 does not reshard the root after forward)
+        else:  # two blocks (the current one and the prefetched one) and the root module
             gathered = (2 * block + split.embedding + split.head) * compute_bytes
         gathered += block * 4
     elif job.offload:
