@@ -106,6 +106,23 @@ def measure_rank(precision: str, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
+def _timed_collective(fn: Callable[[], Any], sync: Callable[[], None], calls: int = 10, blocks: int = 3) -> float:
+    """Seconds per call with a fixed number of calls: every rank must issue the same collectives,
+    so the stopping rule cannot depend on a rank's own clock (that deadlocks)."""
+    import torch.distributed as dist
+
+    fn()
+    per_call = []
+    for _ in range(blocks):
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        per_call.append((time.perf_counter() - start) / calls)
+    return sorted(per_call)[len(per_call) // 2]
+
+
 def _probe_config(width: int, layers: int) -> Any:
     from models.gpt import GPTConfig
 
@@ -145,8 +162,7 @@ def _measure_collectives(world: int, device: Any, sync: Callable[[], None]) -> d
             calls = {"all_reduce": lambda: dist.all_reduce(full),
                      "all_gather": lambda: dist.all_gather_into_tensor(full[: part.numel() * world], part),
                      "reduce_scatter": lambda: dist.reduce_scatter_tensor(part, full[: part.numel() * world])}
-            dist.barrier()
-            points.append((RING_FACTOR[kind](world) * size, _timed(calls[kind], sync, min_s=0.3)))
+            points.append((RING_FACTOR[kind](world) * size, _timed_collective(calls[kind], sync)))
         out[kind] = points
     return out
 
