@@ -22,7 +22,7 @@ from harness.metrics import summarize_steps
 
 SCHEMA = "harness.run/1"
 NOT_MEASURED_POWER = "not measured: this harness version has no power telemetry source yet"
-NOT_PREDICTED = "not predicted: the run failed before its layout was known"
+NOT_PREDICTED = "not predicted: the job ended before a rank ran the cost model (invalid config or failed launch)"
 
 
 def write_config(run_dir: Path, config: dict[str, Any]) -> None:

@@ -56,10 +56,6 @@ class Job:
     software: Software = HARNESS
 
     @property
-    def grad_accum(self) -> int:
-        return self.layout.grad_accum
-
-    @property
     def micro_batches(self) -> int:
         """Micro-batches each data-parallel replica runs per optimizer step."""
         return self.layout.global_batch_size // (self.layout.micro_batch_size * self.layout.dp)
