@@ -175,23 +175,31 @@ def _per_layer(result: dict[str, Any], width: int) -> tuple[float, float]:
     return per_layer, max(0.0, t1 - l1 * per_layer)
 
 
-def _elementwise_passes(profile: dict[str, Any], block_s: float, width: int) -> float:
-    """Passes over a block's activation bytes that explain what the probe block costs beyond GEMMs and overhead."""
+def _probe_job(width: int, layers: int) -> Any:
+    """The probe GPT as the cost model sees it: one rank, one micro-batch of one sample, fp32."""
     from harness.config import Layout
     from harness.costmodel.layout import Job
-    from harness.costmodel.memory import layer_activation_bytes
+
+    one = Layout(world_size=1, tp=1, pp=1, dp=1, zero_stage=0, micro_batch_size=1, global_batch_size=1, grad_accum=1)
+    return Job(model=_probe_config(width, layers), layout=one, backend="ddp", sharding="full_shard", offload=False,
+               precision="fp32", checkpointing="none", sequence_parallel=False, vpp=1, devices_per_node=1)
+
+
+def modelled_probe_block_s(profile: dict[str, Any], width: int) -> float:
+    """What the cost model, with `profile`, predicts for one block of the probe GPT at `width`."""
     from harness.costmodel.timing import hardware, micro_batch_compute_s
 
-    system = SimpleNamespace(**{**profile, "elementwise_passes": 0.0})
-    one = Layout(world_size=1, tp=1, pp=1, dp=1, zero_stage=0, micro_batch_size=1, global_batch_size=1, grad_accum=1)
-    jobs = [Job(model=_probe_config(width, n), layout=one, backend="ddp", sharding="full_shard", offload=False,
-                precision="fp32", checkpointing="none", sequence_parallel=False, vpp=1, devices_per_node=1)
-            for n in PROBE_LAYERS]
-    hw = hardware(system, profile["peak_tflops"])
-    modelled_block = (micro_batch_compute_s(jobs[1], hw) - micro_batch_compute_s(jobs[0], hw)) / (
-        PROBE_LAYERS[1] - PROBE_LAYERS[0])
-    left = block_s - modelled_block
-    return max(0.0, left * profile["hbm_bw_gb_per_s"] * 1e9 / layer_activation_bytes(jobs[0], "none"))
+    hw = hardware(SimpleNamespace(**profile), profile["peak_tflops"])
+    first, last = (micro_batch_compute_s(_probe_job(width, n), hw) for n in PROBE_LAYERS)
+    return (last - first) / (PROBE_LAYERS[1] - PROBE_LAYERS[0])
+
+
+def _elementwise_passes(profile: dict[str, Any], block_s: float, width: int) -> float:
+    """Passes over a block's activation bytes that explain what the probe block costs beyond GEMMs and overhead."""
+    from harness.costmodel.memory import layer_activation_bytes
+
+    left = block_s - modelled_probe_block_s({**profile, "elementwise_passes": 0.0}, width)
+    return max(0.0, left * profile["hbm_bw_gb_per_s"] * 1e9 / layer_activation_bytes(_probe_job(width, 1), "none"))
 
 
 def profile_from(result: dict[str, Any], base: dict[str, Any], name: str, precision: str) -> dict[str, Any]:
