@@ -299,9 +299,15 @@ class Trainer:
             print_summary(summary, self.run_dir)
 
     def prediction(self) -> dict[str, Any]:
-        """The cost model's values for this run's metric keys; its failure must never fail the run."""
+        """The cost model's values for this run's metric keys; its failure must never fail the run.
+
+        A profile that names no accelerator (system=cuda) gets the device torch reports, for its peak.
+        """
+        cfg = self.cfg
+        if cfg.system.accelerator is None and self.device.type == "cuda":
+            cfg = OmegaConf.merge(cfg, {"system": {"accelerator": device_name(self.device)}})
         try:
-            return {"prediction": predicted_metrics(estimate(self.cfg, self.layout))}
+            return {"prediction": predicted_metrics(estimate(cfg, self.layout))}
         except Exception as exc:  # noqa: BLE001 - reported in the summary instead
             return {"prediction": None, "prediction_reason": f"cost model failed: {type(exc).__name__}: {exc}"}
 
