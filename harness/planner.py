@@ -1,7 +1,7 @@
 """`harness plan`: run the cost model over the layouts a job could use and rank those that fit by throughput.
 
 The search space is every backend (or the one named with `backend=`/`backend.name=`), every TP
-size that divides the node and the model's heads, every PP size that divides the layers and the
+size that fits in a node and divides the ranks, every PP size that divides the
 remaining ranks, ZeRO stages the backend supports, micro-batch sizes 1..8 and the three
 checkpointing policies. Layouts `validate` refuses are skipped, exactly as `run` would refuse them.
 """

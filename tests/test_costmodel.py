@@ -191,3 +191,16 @@ def test_estimate_gives_runs_config_errors() -> None:
                                                 "parallel.tp*parallel.pp=2"]
     with pytest.raises(ConfigError):
         validate(make_cfg(parallel={"tp": 2}), 2)
+
+
+def test_plan_ranks_only_legal_fitting_layouts() -> None:
+    from harness.planner import plan
+    from harness.predict import compose
+
+    cfg = compose(["model=gpt-13b", "system=dgx-a100-80gb", "parallel.world_size=8", "train.precision=bf16",
+                   "train.global_batch_size=64"])
+    ranked = plan(cfg, 8, ["ddp", "deepspeed3d"])
+    assert ranked and all(r["memory_gb"] <= 80 for r in ranked)
+    assert [r["tokens_per_s"] for r in ranked] == sorted((r["tokens_per_s"] for r in ranked), reverse=True)
+    assert all(r["backend"] == "deepspeed3d" for r in ranked)  # 13B does not fit one A100 as a DDP replica
+    assert all(r["tp"] * r["pp"] * r["dp"] == 8 and 40 % r["pp"] == 0 for r in ranked)
