@@ -24,6 +24,9 @@ USAGE = """usage: harness run [overrides ...] [-m] [hydra options]
   harness run --cfg job                         print the composed config
   harness submit frontier --dry-run account=abc123 nodes=2 -- backend=fsdp
                                                 a site's batch job script (harness submit -h)
+  harness estimate model=gpt-1t system=frontier parallel.tp=8 parallel.pp=64 parallel.world_size=3072 [--json]
+  harness plan model=gpt-13b system=dgx-a100-80gb parallel.world_size=64 train.global_batch_size=512 [--json]
+  harness calibrate launcher.nproc=2            measure this host; writes conf/system/<name>.yaml
 
 Config groups: model, backend, data, system (see conf/). Results: results/runs/<date>/<time>-<name>/."""
 
@@ -205,10 +208,30 @@ def _render_and_submit(request: JobRequest, dry_run: bool) -> None:
     print(f"{path}: {done.stdout.strip()}")
 
 
+def _checked(command_path: str):  # type: ignore[no-untyped-def]
+    """A subcommand imported on use, with config errors printed as one line and its exit status kept."""
+    def command(args: list[str]) -> None:
+        import importlib
+
+        from harness.config import ConfigError
+
+        module, _, name = command_path.partition(":")
+        try:
+            code = getattr(importlib.import_module(module), name)(args)
+        except ConfigError as exc:
+            _fail(str(exc))
+        if code:
+            raise SystemExit(code)
+    return command
+
+
 # Each subcommand takes the arguments after its name. Add new subcommands here.
 COMMANDS = {
     "run": _run,
     "submit": _submit,
+    "estimate": _checked("harness.predict:estimate_command"),
+    "plan": _checked("harness.planner:plan_command"),
+    "calibrate": _checked("harness.calibrate:calibrate_command"),
 }
 
 if __name__ == "__main__":

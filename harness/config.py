@@ -170,6 +170,42 @@ class SystemConfig:
     peak_tflops_source: Optional[str] = None
     """Where peak_tflops comes from (required when peak_tflops is set)."""
     devices_per_node: int = 1
+    # -- hardware the cost model reads (harness/costmodel); each profile in conf/system/ cites its sources --
+    accelerator: Optional[str] = None
+    """Device model, looked up in harness/costmodel/peaks.py for the precision's peak (e.g. A100, MI250X)."""
+    memory_gb: Optional[float] = None
+    """Memory per device, GB (1e9 bytes); None: unknown, so `fits` is null."""
+    hbm_bw_gb_per_s: Optional[float] = None
+    """Device memory bandwidth, for the memory-bound (non-GEMM) work of a step."""
+    intra_node_bw_gb_per_s: Optional[float] = None
+    """Per-device, per-direction bandwidth between devices of one node (NVLink, Infinity Fabric, Xe Link)."""
+    inter_node_bw_gb_per_s: Optional[float] = None
+    """Per-device, per-direction network bandwidth between nodes (NICs per node / devices per node)."""
+    idle_power_w: Optional[float] = None
+    """Power of one device while idle."""
+    peak_power_w: Optional[float] = None
+    """Power of one device at full load (its TDP/TBP)."""
+    gemm_efficiency: float = 0.7
+    """Fraction of the peak a large GEMM reaches."""
+    gemm_half_gflop: float = 1.0
+    """GEMM size (GFLOP) at which it reaches half of gemm_efficiency: small GEMMs do not fill the device."""
+    elementwise_passes: float = 6.0
+    """Device-memory passes over each stored activation byte by the non-GEMM kernels (norms, softmax, GELU...)."""
+    comm_efficiency: float = 0.8
+    """Fraction of the link bandwidth a large collective reaches."""
+    comm_latency_us: float = 10.0
+    """Fixed cost of one collective call."""
+    framework_overhead_gb: float = 0.0
+    """Memory per device that no model tensor explains (CUDA/HIP context, allocator, communicator buffers)."""
+    layer_overhead_us: float = 0.0
+    """Host time per block per micro-batch that no FLOP or byte explains (operator dispatch, autograd);
+    matters on a CPU, hidden behind the kernels on a GPU."""
+    step_overhead_us: float = 0.0
+    """The same outside the blocks (embeddings, head, loss, optimizer calls, the training loop)."""
+    overlap_comm: bool = True
+    """Communication runs concurrently with compute (false on a CPU, whose cores do both)."""
+    calibration: Optional[str] = None
+    """What set the efficiency figures: `harness calibrate` (with the date) or the fit they come from."""
     job: JobConfig = field(default_factory=JobConfig)
     """Batch job settings for `harness submit`."""
 

@@ -55,20 +55,26 @@ def summary_table(summary: dict[str, Any]) -> Table:
     table = Table(title=title, title_justify="left")
     table.add_column("metric")
     table.add_column("measured (median)", justify="right")
+    table.add_column("predicted", justify="right")
+    table.add_column("error", justify="right")
     table.add_column("note")
-    rows = [
-        ("iteration time", _fmt(m["iter_time_ms"], ".2f") + " ms", f"{m['timed_steps']} timed steps"),
-        ("tokens/s", _fmt(m["tokens_per_s"], ",.0f"), ""),
-        ("model TFLOP/s per device", _fmt(m["model_tflops_per_device"], ".4g"), ""),
-        ("hardware TFLOP/s per device", _fmt(m["hardware_tflops_per_device"], ".4g"), "with recompute"),
-        ("MFU", _fmt(m["mfu"], ".1%"), m.get("mfu_reason") or f"peak {m.get('peak_tflops')} TFLOP/s"),
-        ("HFU", _fmt(m["hfu"], ".1%"), m.get("hfu_reason") or ""),
-        ("peak memory", _fmt(m["peak_memory_mb"], ",.0f") + " MB", m.get("peak_memory_kind") or ""),
-        ("power", _fmt(m["power_w"], ".0f") + " W", m.get("power_w_reason") or ""),
-        ("loss", _fmt(m["loss"], ".4f"), "median over timed steps"),
+    predicted = summary.get("prediction") or {}
+    rows = [  # label, metrics key, format, unit, note
+        ("iteration time", "iter_time_ms", ".2f", " ms", f"{m['timed_steps']} timed steps"),
+        ("tokens/s", "tokens_per_s", ",.0f", "", ""),
+        ("model TFLOP/s per device", "model_tflops_per_device", ".4g", "", ""),
+        ("hardware TFLOP/s per device", "hardware_tflops_per_device", ".4g", "", "with recompute"),
+        ("MFU", "mfu", ".1%", "", m.get("mfu_reason") or f"peak {m.get('peak_tflops')} TFLOP/s"),
+        ("HFU", "hfu", ".1%", "", m.get("hfu_reason") or ""),
+        ("peak memory", "peak_memory_mb", ",.0f", " MB", m.get("peak_memory_kind") or ""),
+        ("power", "power_w", ".0f", " W", m.get("power_w_reason") or ""),
+        ("loss", "loss", ".4f", "", "median over timed steps"),
     ]
-    for row in rows:
-        table.add_row(*row)
+    for label, key, spec, unit, note in rows:
+        measured, guess = m.get(key), predicted.get(key)
+        error = _fmt(guess / measured - 1 if guess is not None and measured else None, "+.0%", "")
+        table.add_row(label, _fmt(measured, spec) + unit, _fmt(guess, spec, "") + (unit if guess is not None else ""),
+                      error, note)
     return table
 
 

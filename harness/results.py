@@ -22,7 +22,7 @@ from harness.metrics import summarize_steps
 
 SCHEMA = "harness.run/1"
 NOT_MEASURED_POWER = "not measured: this harness version has no power telemetry source yet"
-NOT_PREDICTED = "not predicted: this harness version has no cost-model prediction yet"
+NOT_PREDICTED = "not predicted: the job ended before a rank ran the cost model (invalid config or failed launch)"
 
 
 def write_config(run_dir: Path, config: dict[str, Any]) -> None:
@@ -85,6 +85,8 @@ def build_summary(
     env: dict[str, Any],
     extra_metrics: Optional[dict[str, Any]] = None,
     stop_reason: Optional[str] = None,
+    prediction: Optional[dict[str, Any]] = None,
+    prediction_reason: str = NOT_PREDICTED,
 ) -> dict[str, Any]:
     metrics: dict[str, Any] = summarize_steps(steps)
     metrics.update(extra_metrics or {})
@@ -101,8 +103,8 @@ def build_summary(
         "layout": layout,
         "model": model,
         "metrics": metrics,
-        "prediction": None,
-        "prediction_reason": NOT_PREDICTED,
+        "prediction": prediction,
+        "prediction_reason": None if prediction is not None else prediction_reason,
         "telemetry": {"source": None, "reason": NOT_MEASURED_POWER},
     }
 

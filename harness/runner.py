@@ -27,6 +27,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, r
 
 from harness.backends import make_backend
 from harness.config import ConfigError, Layout, default_threads_per_rank, to_container, validate
+from harness.costmodel.estimate import estimate, predicted_metrics
 from harness.costmodel.flops import step_flops
 from harness.data import rank_micro_batches, token_source
 from harness.metrics import MemoryMeter, Throughput, device_name, resolve_peak
@@ -337,10 +338,24 @@ class Trainer:
                             launcher=self.info.launcher),
             extra_metrics={**self.metric_notes(), **notes.get("metrics", {})},
             stop_reason=self.stop_reason,
+            **self.prediction(),
         )
         write_summary(self.run_dir, summary)
         if status == "ok":
             print_summary(summary, self.run_dir)
+
+    def prediction(self) -> dict[str, Any]:
+        """The cost model's values for this run's metric keys; its failure must never fail the run.
+
+        A profile that names no accelerator (system=cuda) gets the device torch reports, for its peak.
+        """
+        cfg = self.cfg
+        if cfg.system.accelerator is None and self.device.type == "cuda":
+            cfg = OmegaConf.merge(cfg, {"system": {"accelerator": device_name(self.device)}})
+        try:
+            return {"prediction": predicted_metrics(estimate(cfg, self.layout))}
+        except Exception as exc:  # noqa: BLE001 - reported in the summary instead
+            return {"prediction": None, "prediction_reason": f"cost model failed: {type(exc).__name__}: {exc}"}
 
     def model_info(self) -> dict[str, Any]:
         dims = dataclasses.asdict(gpt_config(self.cfg.model))

@@ -1,0 +1,256 @@
+"""`harness calibrate`: measure this host's devices and links and write a system profile for `system=<name>`.
+
+Every local rank measures at the same time, so the figures are what one rank gets while its peers
+work too (on a CPU the ranks share cores; on a GPU node they share the links):
+- GEMM: torch.matmul of square sizes; a least-squares fit of t = (F + F½)/R gives the large-GEMM
+  rate R (written as `peak_tflops`, with `gemm_efficiency` 1) and the half-efficiency size F½;
+- memory bandwidth: a copy between two large preallocated tensors;
+- host overhead: training steps of the harness's own GPT at negligible width, with 1 and 4 blocks:
+  the slope is the overhead per block, the intercept the overhead outside the blocks;
+- non-GEMM work: the same at a moderate width (256): what a block costs beyond its GEMMs and its
+  overhead, in passes over its activation bytes at the measured bandwidth (`elementwise_passes`);
+- collectives: all-reduce, all-gather and reduce-scatter over the ranks at several sizes; a fit of
+  t = latency + wire bytes / B (ring volumes, costmodel/comm.py) gives B and the latency.
+The profile lands in conf/system/<name>.yaml, where Hydra finds it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable
+
+from omegaconf import OmegaConf
+
+from harness.config import CONF_DIR
+from harness.costmodel.comm import RING_FACTOR
+
+GEMM_SIZES = (64, 128, 256, 512, 768, 1024)
+PROBE_WIDTHS = (16, 256)
+"""Negligible width (host overhead only) and a moderate one (GEMMs and non-GEMM work show)."""
+PROBE_LAYERS = (1, 4)
+PROBE_HEADS, PROBE_SEQ, PROBE_VOCAB = 4, 128, 64
+COMM_BYTES = (2**16, 2**18, 2**20, 2**22)
+
+
+def _timed(fn: Callable[[], Any], sync: Callable[[], None], min_s: float = 0.2, blocks: int = 3) -> float:
+    """Seconds per call: the median over `blocks` blocks of calls lasting `min_s` each, after a warm-up call.
+
+    The median of blocks, not the mean of all calls, so one burst of a neighbour's load on a shared
+    host moves the figure less.
+    """
+    fn()
+    sync()
+    per_call = []
+    for _ in range(blocks):
+        reps, start = 0, time.perf_counter()
+        while True:
+            fn()
+            reps += 1
+            sync()
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_s:
+                per_call.append(elapsed / reps)
+                break
+    return sorted(per_call)[len(per_call) // 2]
+
+
+def _fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """y = slope·x + intercept by least squares on the relative error (weights 1/y²), so the small sizes
+    count as much as the large ones; the intercept is kept non-negative."""
+    w = [1 / y**2 for y in ys]
+    sw, sx, sy = sum(w), sum(wi * x for wi, x in zip(w, xs)), sum(wi * y for wi, y in zip(w, ys))
+    sxx, sxy = sum(wi * x * x for wi, x in zip(w, xs)), sum(wi * x * y for wi, x, y in zip(w, xs, ys))
+    slope = (sw * sxy - sx * sy) / (sw * sxx - sx * sx)
+    intercept = (sy - slope * sx) / sw
+    if intercept < 0:
+        return sxy / sxx, 0.0
+    return slope, intercept
+
+
+def measure_rank(precision: str, out_dir: str) -> None:
+    """What every rank runs under the local launcher; rank 0 writes the measurements as JSON."""
+    import torch
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    world = dist.get_world_size()
+    result: dict[str, Any] = {"world": world, "device": torch.cuda.get_device_name(device) if cuda else "cpu"}
+    dist.barrier()
+    gemm = []
+    for n in GEMM_SIZES:
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+        gemm.append((2.0 * n**3, _timed(lambda: torch.matmul(a, b), sync)))
+    result["gemm"] = gemm
+    src, dst = torch.ones(2**24, device=device), torch.empty(2**24, device=device)  # 64 MiB each
+    result["mem_bw"] = 2 * src.numel() * 4 / _timed(lambda: dst.copy_(src), sync)  # read + write
+    for width, layers in itertools.product(PROBE_WIDTHS, PROBE_LAYERS):
+        result[f"gpt_{width}_{layers}"] = _timed(_gpt_step(width, layers, device), sync, min_s=0.3)
+    if world > 1:
+        result["comm"] = _measure_collectives(world, device, sync)
+    if dist.get_rank() == 0:
+        Path(out_dir, "calibration.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def _timed_collective(fn: Callable[[], Any], sync: Callable[[], None], calls: int = 10, blocks: int = 3) -> float:
+    """Seconds per call with a fixed number of calls: every rank must issue the same collectives,
+    so the stopping rule cannot depend on a rank's own clock (that deadlocks)."""
+    import torch.distributed as dist
+
+    fn()
+    per_call = []
+    for _ in range(blocks):
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        per_call.append((time.perf_counter() - start) / calls)
+    return sorted(per_call)[len(per_call) // 2]
+
+
+def _probe_config(width: int, layers: int) -> Any:
+    from models.gpt import GPTConfig
+
+    return GPTConfig(n_layers=layers, d_model=width, n_heads=PROBE_HEADS, seq_len=PROBE_SEQ, vocab_size=PROBE_VOCAB)
+
+
+def _gpt_step(width: int, layers: int, device: Any) -> Callable[[], None]:
+    """One fp32 training step (forward, backward, AdamW) of the harness's GPT, as the backends run it."""
+    import torch
+
+    from harness.backends.base import make_optimizer
+    from models.gpt import GPT
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = GPT(_probe_config(width, layers))
+    optimizer = make_optimizer(model.parameters(), SimpleNamespace(lr=1e-4, weight_decay=0.1))
+    tokens = torch.randint(0, PROBE_VOCAB, (1, PROBE_SEQ), device=device)
+
+    def step() -> None:
+        model(tokens, tokens).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def _measure_collectives(world: int, device: Any, sync: Callable[[], None]) -> dict[str, list[tuple[float, float]]]:
+    import torch
+    import torch.distributed as dist
+
+    out: dict[str, list[tuple[float, float]]] = {}
+    for kind in ("all_reduce", "all_gather", "reduce_scatter"):
+        points = []
+        for size in COMM_BYTES:
+            full = torch.ones(size // 4, device=device)
+            part = torch.ones(size // 4 // world, device=device)
+            calls = {"all_reduce": lambda: dist.all_reduce(full),
+                     "all_gather": lambda: dist.all_gather_into_tensor(full[: part.numel() * world], part),
+                     "reduce_scatter": lambda: dist.reduce_scatter_tensor(part, full[: part.numel() * world])}
+            points.append((RING_FACTOR[kind](world) * size, _timed_collective(calls[kind], sync)))
+        out[kind] = points
+    return out
+
+
+def _per_layer(result: dict[str, Any], width: int) -> tuple[float, float]:
+    """(seconds per block, seconds outside the blocks) of a training step at `width`."""
+    (l1, l2) = PROBE_LAYERS
+    t1, t2 = result[f"gpt_{width}_{l1}"], result[f"gpt_{width}_{l2}"]
+    per_layer = (t2 - t1) / (l2 - l1)
+    return per_layer, max(0.0, t1 - l1 * per_layer)
+
+
+def _probe_job(width: int, layers: int) -> Any:
+    """The probe GPT as the cost model sees it: one rank, one micro-batch of one sample, fp32."""
+    from harness.config import Layout
+    from harness.costmodel.layout import Job
+
+    one = Layout(world_size=1, tp=1, pp=1, dp=1, zero_stage=0, micro_batch_size=1, global_batch_size=1, grad_accum=1)
+    return Job(model=_probe_config(width, layers), layout=one, backend="ddp", sharding="full_shard", offload=False,
+               precision="fp32", checkpointing="none", sequence_parallel=False, vpp=1, devices_per_node=1)
+
+
+def modelled_probe_block_s(profile: dict[str, Any], width: int) -> float:
+    """What the cost model, with `profile`, predicts for one block of the probe GPT at `width`."""
+    from harness.costmodel.timing import hardware, micro_batch_compute_s
+
+    hw = hardware(SimpleNamespace(**profile), profile["peak_tflops"])
+    first, last = (micro_batch_compute_s(_probe_job(width, n), hw) for n in PROBE_LAYERS)
+    return (last - first) / (PROBE_LAYERS[1] - PROBE_LAYERS[0])
+
+
+def _elementwise_passes(profile: dict[str, Any], block_s: float, width: int) -> float:
+    """Passes over a block's activation bytes that explain what the probe block costs beyond GEMMs and overhead."""
+    from harness.costmodel.memory import layer_activation_bytes
+
+    left = block_s - modelled_probe_block_s({**profile, "elementwise_passes": 0.0}, width)
+    return max(0.0, left * profile["hbm_bw_gb_per_s"] * 1e9 / layer_activation_bytes(_probe_job(width, 1), "none"))
+
+
+def profile_from(result: dict[str, Any], base: dict[str, Any], name: str, precision: str) -> dict[str, Any]:
+    flops, seconds = zip(*result["gemm"])
+    slope, intercept = _fit_line(list(flops), list(seconds))
+    today = datetime.date.today().isoformat()
+    source = (f"harness calibrate {today}: torch.matmul {GEMM_SIZES[0]}..{GEMM_SIZES[-1]}^3 {precision} "
+              f"with {result['world']} ranks busy, fitted large-GEMM rate")
+    layer_s, outside_s = _per_layer(result, PROBE_WIDTHS[0])
+    profile = {
+        **base,
+        "name": name,
+        "devices_per_node": result["world"],
+        "peak_tflops": round(1 / slope / 1e12, 6),
+        "peak_tflops_source": source,
+        "gemm_efficiency": 1.0,
+        "gemm_half_gflop": intercept / slope / 1e9,
+        "hbm_bw_gb_per_s": result["mem_bw"] / 1e9,
+        "layer_overhead_us": layer_s * 1e6,
+        "step_overhead_us": outside_s * 1e6,
+        "calibration": f"harness calibrate {today} on {result['device']}, {result['world']} ranks",
+    }
+    profile["elementwise_passes"] = _elementwise_passes(profile, _per_layer(result, PROBE_WIDTHS[1])[0],
+                                                        PROBE_WIDTHS[1])
+    if "comm" in result:
+        xs = [w for points in result["comm"].values() for w, _ in points]
+        ys = [t for points in result["comm"].values() for _, t in points]
+        inverse_bw, latency = _fit_line(xs, ys)
+        profile.update(intra_node_bw_gb_per_s=1 / inverse_bw / 1e9, comm_efficiency=1.0,
+                       comm_latency_us=latency * 1e6)
+    return profile
+
+
+def calibrate_command(args: list[str]) -> int:
+    """`harness calibrate [system=cpu] [launcher.nproc=N] [train.precision=...] [--name=NAME]`."""
+    from harness.predict import compose
+    from launchers.local import launch_local
+
+    names = [a.split("=", 1)[1] for a in args if a.startswith("--name=")]
+    overrides = [a for a in args if not a.startswith("--name=")]
+    cfg = compose(overrides)
+    name = names[0] if names else f"{cfg.system.name}-calibrated"
+    nproc = cfg.launcher.nproc
+    os.environ["OMP_NUM_THREADS"] = str(cfg.launcher.omp_num_threads or max(1, (os.cpu_count() or 1) // nproc))
+    with tempfile.TemporaryDirectory() as tmp:
+        launch_local(nproc, measure_rank, cfg.train.precision, tmp)
+        result = json.loads(Path(tmp, "calibration.json").read_text())
+    base = OmegaConf.to_container(cfg.system, resolve=True)
+    profile = profile_from(result, base, name, cfg.train.precision)  # type: ignore[arg-type]
+    path = CONF_DIR / "system" / f"{name}.yaml"
+    header = f"# Written by `harness calibrate` ({profile['calibration']}). Use it as system={name}.\n"
+    path.write_text(header + OmegaConf.to_yaml(OmegaConf.create(profile)))
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,130 @@
+"""What the cost model needs to know about a job, read once from a config: shapes, sharding, software.
+
+Every other costmodel module takes a `Job`, so the reading of config fields (with defaults for the
+backend options other branches add: `backend.sharding`, `backend.offload`) lives in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+from harness.config import Layout
+from harness.costmodel.flops import param_count
+
+FSDP_SHARDINGS = ("full_shard", "shard_grad_op", "hybrid_shard", "no_shard")
+ACT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass(frozen=True)
+class Software:
+    """How the training code computes attention, which changes activation memory and memory traffic.
+
+    The harness's model uses `scaled_dot_product_attention` (a fused kernel: no s×s score matrix is
+    stored) and no dropout. Megatron-LM as of Narayanan et al. 2021 stored the scores, their
+    softmax and dropout masks (Korthikanti et al. 2022, section 4.1).
+    """
+
+    fused_attention: bool = True
+    dropout: bool = False
+    pp_scatter_gather: bool = False
+    """Each TP rank sends 1/TP of a stage boundary's activations and the next stage all-gathers them
+    over the fast intra-node links (Narayanan et al. 2021, section 4.1)."""
+
+
+HARNESS = Software()
+MEGATRON_2021 = Software(fused_attention=False, dropout=True, pp_scatter_gather=True)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One training job as the cost model sees it."""
+
+    model: Any
+    layout: Layout
+    backend: str
+    sharding: str
+    """FSDP strategy (fsdp only): full_shard | shard_grad_op | hybrid_shard | no_shard."""
+    offload: bool
+    """Parameters, gradients and optimizer state live in host memory (FSDP CPU offload)."""
+    precision: str
+    checkpointing: str
+    sequence_parallel: bool
+    vpp: int
+    devices_per_node: int
+    software: Software = HARNESS
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches each data-parallel replica runs per optimizer step."""
+        return self.layout.global_batch_size // (self.layout.micro_batch_size * self.layout.dp)
+
+    @property
+    def act_bytes(self) -> int:
+        return ACT_BYTES[self.precision]
+
+
+def job_from_config(cfg: Any, layout: Layout, software: Software = HARNESS) -> Job:
+    backend = cfg.backend
+    sharding = getattr(backend, "sharding", None)
+    if sharding is None:  # before `backend.sharding` existed, FSDP2's reshard flag chose between the two
+        sharding = "full_shard" if getattr(backend, "reshard_after_forward", True) else "shard_grad_op"
+    return Job(
+        model=cfg.model,
+        layout=layout,
+        backend=backend.name,
+        sharding=sharding,
+        offload=bool(getattr(backend, "offload", False)),
+        precision=cfg.train.precision,
+        checkpointing=cfg.train.activation_checkpointing,
+        sequence_parallel=bool(cfg.parallel.sequence_parallel),
+        vpp=cfg.parallel.vpp,
+        devices_per_node=cfg.system.devices_per_node,
+        software=software,
+    )
+
+
+def _dims(m: Any, **changes: Any) -> SimpleNamespace:
+    fields = ("n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_hidden", "seq_len", "vocab_size", "activation",
+              "norm", "position", "tie_embeddings", "bias")
+    return SimpleNamespace(**{**{f: getattr(m, f) for f in fields}, **changes})
+
+
+@dataclass(frozen=True)
+class ParamSplit:
+    """Parameters by where they live: one block, the input embeddings, and the rest (final norm, untied head)."""
+
+    per_layer: int
+    embedding: int
+    head: int
+    """Final norm plus the untied output projection (0 projection when tied)."""
+    total: int
+
+
+def param_split(m: Any) -> ParamSplit:
+    total = param_count(m)
+    no_layers = param_count(_dims(m, n_layers=0))
+    embedding = m.vocab_size * m.d_model + (m.seq_len * m.d_model if m.position == "learned" else 0)
+    return ParamSplit(per_layer=(total - no_layers) // m.n_layers, embedding=embedding,
+                      head=no_layers - embedding, total=total)
+
+
+def stage_params(job: Job) -> float:
+    """Parameters held by one rank of the busiest pipeline stage, before any data-parallel sharding.
+
+    Megatron splits every block's weights over TP ranks (norm weights are replicated, a small
+    error ignored here) and places the embeddings on the first stage; with PP > 1 a tied output
+    projection is a second copy on the last stage (Narayanan et al. 2021, section 3).
+    """
+    split = param_split(job.model)
+    tp, pp = job.layout.tp, job.layout.pp
+    layers = -(-job.model.n_layers // pp)
+    first = layers * split.per_layer + split.embedding + (split.head if pp == 1 else 0)
+    last = layers * split.per_layer + split.head + (job.model.vocab_size * job.model.d_model
+                                                     if pp > 1 and job.model.tie_embeddings else 0)
+    return max(first, last) / tp
+
+
+def layers_per_stage(job: Job) -> int:
+    return -(-job.model.n_layers // job.layout.pp)

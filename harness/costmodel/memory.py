@@ -1,0 +1,153 @@
+"""Memory per device by category: weights, gradients, optimizer state, activations, buffers, overhead.
+
+Model states follow Rajbhandari et al. 2020 (ZeRO, section 3 and figure 1): mixed-precision Adam
+keeps 2 bytes of 16-bit weights, 2 of 16-bit gradients and K = 12 of fp32 master weights, momentum
+and variance per parameter; stage 1 shards the optimizer state over the N data-parallel ranks,
+stage 2 also the gradients, stage 3 also the weights: (2+2+K)Ψ, 4Ψ + KΨ/N, 2Ψ + (2+K)Ψ/N,
+(2+2+K)Ψ/N. PyTorch DDP and FSDP2 (autocast / MixedPrecisionPolicy) keep fp32 weights and
+gradients instead (4 + 4 + 8 bytes) and cast copies for compute; FSDP2 shards like stage 3
+(full_shard), keeps gathered blocks between forward and backward (shard_grad_op), shards within a
+node only (hybrid_shard) or not at all (no_shard). DeepSpeed 3D keeps Ψ/(PP·TP) per rank with ZeRO-1
+over DP (the issue's M_p/(PP·TP) + M_o/DP + M_g/(PP·TP)).
+
+Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
+Models", section 4): per layer s·b·h·(34 + 5·a·s/h) bytes in 16 bits with dropout, of which
+10·s·b·h is replicated over TP ranks unless sequence parallelism splits it; full recompute keeps
+only each layer's 2·s·b·h input; with 1F1B the first pipeline stage holds min(micro-batches, PP)
+micro-batches, times (1 + (PP−1)/(PP·v)) with v interleaved stages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from harness.costmodel.layout import FSDP_SHARDINGS, Job, layers_per_stage, param_split, stage_params
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class StateBytes:
+    """Bytes per parameter of each model state before sharding."""
+
+    weights: float
+    grads: float
+    optimizer: float
+
+
+def state_bytes_per_param(backend: str, precision: str) -> StateBytes:
+    """DeepSpeed keeps 16-bit weights and fp32 master copies; PyTorch autocast keeps fp32 weights."""
+    if precision == "fp32" or backend in ("ddp", "fsdp"):
+        return StateBytes(weights=4, grads=4, optimizer=8)  # Adam momentum + variance
+    return StateBytes(weights=2, grads=2, optimizer=12)  # fp32 master + momentum + variance (K = 12)
+
+
+@dataclass(frozen=True)
+class Shards:
+    """How many ranks share each model state (1: every rank holds all of it; 0 divisor means offloaded)."""
+
+    weights: int
+    grads: int
+    optimizer: int
+
+
+def shard_degrees(job: Job) -> Shards:
+    dp = job.layout.dp
+    if job.backend == "fsdp":
+        if job.sharding not in FSDP_SHARDINGS:
+            raise ValueError(f"backend.sharding={job.sharding}: choose one of {', '.join(FSDP_SHARDINGS)}")
+        n = {"no_shard": 1, "hybrid_shard": min(dp, job.devices_per_node)}.get(job.sharding, dp)
+        return Shards(n, n, n)
+    stage = job.layout.zero_stage
+    return Shards(weights=dp if stage >= 3 else 1, grads=dp if stage >= 2 else 1, optimizer=dp if stage >= 1 else 1)
+
+
+def model_state_bytes(params: float, job: Job) -> dict[str, float]:
+    """Weights, gradients and optimizer state per device for `params` parameters on this rank."""
+    per = state_bytes_per_param(job.backend, job.precision)
+    shards = shard_degrees(job)
+    if job.offload:
+        return {"weights": 0.0, "grads": 0.0, "optimizer": 0.0}
+    return {
+        "weights": params * per.weights / shards.weights,
+        "grads": params * per.grads / shards.grads,
+        "optimizer": params * per.optimizer / shards.optimizer,
+    }
+
+
+def layer_activation_bytes(job: Job, checkpointing: str) -> float:
+    """Bytes one transformer layer stores for its backward pass, per micro-batch, on one TP rank."""
+    m, t = job.model, job.layout.tp
+    s, b, h = m.seq_len, job.layout.micro_batch_size, m.d_model
+    a = m.n_heads
+    g = m.n_kv_heads if m.n_kv_heads is not None else a
+    dh, f = h // a, (m.ffn_hidden if m.ffn_hidden is not None else 4 * h)
+    B, sbh = job.act_bytes, s * b * h
+    split_over_tp = t if job.sequence_parallel else 1
+    if checkpointing == "full":
+        return B * sbh / split_over_tp
+    mask = 1 if job.software.dropout else 0
+    replicated = 4 * B * sbh + 2 * mask * sbh  # two norm inputs, qkv and fc inputs, two dropout masks
+    mlp = B * s * b * f * (2 if m.activation == "swiglu" else 1) + B * s * b * f  # activation input, proj input
+    attn_core = (B + mask * (1 + B)) * a * s * s * b if not job.software.fused_attention else 4 * a * s * b
+    attention = B * s * b * (a + 2 * g) * dh + B * sbh + attn_core  # q, k, v; proj input; scores or logsumexp
+    if checkpointing == "selective":  # the attention sub-layer is recomputed from its input
+        attention = 0.0
+    return replicated / split_over_tp + (attention + mlp) / t
+
+
+def in_flight_micro_batches(job: Job) -> float:
+    """Micro-batches whose activations the first pipeline stage holds at once under 1F1B."""
+    pp = job.layout.pp
+    if pp == 1:
+        return 1.0
+    held = min(job.micro_batches, pp)
+    return held * (1 + (pp - 1) / (pp * job.vpp)) if job.vpp > 1 else held
+
+
+def activation_bytes(job: Job) -> float:
+    layers = layers_per_stage(job)
+    stored = layers * layer_activation_bytes(job, job.checkpointing) * in_flight_micro_batches(job)
+    if job.checkpointing == "full":  # the layer being recomputed holds its full activations meanwhile
+        stored += layer_activation_bytes(job, "none")
+    return stored
+
+
+def buffer_bytes(job: Job) -> float:
+    """Temporary tensors that are not model state or stored activations.
+
+    Logits in the compute dtype plus their fp32 copy and softmax (the loss is computed in fp32);
+    FSDP and ZeRO-3 gather blocks in the compute dtype (current + one prefetched) and produce one
+    unsharded block gradient in fp32 before reducing it; shard_grad_op keeps every gathered block
+    until its backward; PyTorch DDP reduces in gradient buckets that copy the gradients
+    (`gradient_as_bucket_view=False`, its default).
+    """
+    m, layout = job.model, job.layout
+    logits = layout.micro_batch_size * m.seq_len * m.vocab_size / layout.tp * (job.act_bytes + 8)
+    split = param_split(m)
+    block = split.per_layer / layout.tp
+    gathered = 0.0
+    shards = shard_degrees(job)
+    if shards.weights > 1:
+        compute_bytes = job.act_bytes
+        if job.backend == "fsdp" and job.sharding == "shard_grad_op":
+            gathered = split.total / layout.tp * compute_bytes
+        else:  # two blocks (the current one and the prefetched one) and the root module
+            gathered = (2 * block + split.embedding + split.head) * compute_bytes
+        gathered += block * 4
+    elif job.offload:
+        gathered = (2 * block + split.embedding + split.head) * job.act_bytes + block * 4
+    buckets = 0.0
+    if job.backend == "ddp" and layout.dp > 1:
+        buckets = stage_params(job) * state_bytes_per_param(job.backend, job.precision).grads
+    return logits + gathered + buckets
+
+
+def memory_per_device(job: Job, framework_overhead_bytes: float = 0.0) -> dict[str, float]:
+    """Bytes per device of the busiest rank by category, and their total."""
+    out = model_state_bytes(stage_params(job), job)
+    out["activations"] = activation_bytes(job)
+    out["buffers"] = buffer_bytes(job)
+    out["overhead"] = framework_overhead_bytes
+    out["total"] = sum(out.values())
+    return out

@@ -1,0 +1,159 @@
+"""Step time, energy, figure of merit and projections.
+
+Step time = compute + exposed communication, stretched by the pipeline bubble:
+- compute: every GEMM takes (F + F½)/(peak · e) — e the large-GEMM efficiency, F½ the size at
+  which a GEMM reaches half of it (a fixed fill/tail cost per kernel, the effect Calculon and
+  Megatron's own sweeps tabulate as GEMM efficiency against size); the non-GEMM kernels (norms,
+  softmax, GELU, dropout, residuals) are memory-bound, so they take a few passes over the stored
+  activation bytes at the device memory bandwidth; the optimizer streams its states once; a host
+  overhead per block and per micro-batch (operator dispatch, autograd) that only a CPU exposes.
+- communication: per collective, latency + wire bytes / (link bandwidth · efficiency) (comm.py);
+  TP and PP transfers sit on the critical path; DP traffic overlaps the backward pass where the
+  backend does so (PyTorch DDP buckets, FSDP prefetch, ZeRO-3) and the system allows it.
+- pipeline: 1F1B runs m micro-batches in (m + (p−1)/v) micro-batch times, a bubble of (p−1)/(v·m)
+  (Narayanan et al. 2021, section 2.2).
+Energy is device power × time, the power rising linearly from idle to peak with the busy fraction.
+The ALCF-4 figure of merit is (6·s·d² + s²·d)·b·L / T_step. A full training run needs model FLOPs
+per token × D tokens, by default D = 20·P (Hoffmann et al. 2022), t ≈ T_FLOPs / R_FLOPs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from harness.costmodel.comm import Collective
+from harness.costmodel.flops import forward_flops_per_token, recomputed_forward_per_token
+from harness.costmodel.layout import Job, layers_per_stage, stage_params
+from harness.costmodel.memory import layer_activation_bytes, shard_degrees, state_bytes_per_param
+
+OVERLAPPING_DP = {"ddp", "fsdp"}
+"""Backends whose data-parallel traffic runs during the backward pass (DeepSpeed ZeRO-3 too)."""
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """The system profile's numbers, in base units."""
+
+    peak_flops: float
+    gemm_efficiency: float
+    gemm_half_flops: float
+    hbm_bw: Optional[float]
+    elementwise_passes: float
+    intra_bw: Optional[float]
+    inter_bw: Optional[float]
+    comm_efficiency: float
+    comm_latency_s: float
+    overlap_comm: bool
+    layer_overhead_s: float
+    step_overhead_s: float
+    idle_power_w: Optional[float]
+    peak_power_w: Optional[float]
+
+
+def hardware(system: Any, peak_tflops: float) -> Hardware:
+    gbps = lambda v: None if v is None else v * 1e9  # noqa: E731
+    return Hardware(
+        peak_flops=peak_tflops * 1e12,
+        gemm_efficiency=system.gemm_efficiency,
+        gemm_half_flops=system.gemm_half_gflop * 1e9,
+        hbm_bw=gbps(system.hbm_bw_gb_per_s),
+        elementwise_passes=system.elementwise_passes,
+        intra_bw=gbps(system.intra_node_bw_gb_per_s),
+        inter_bw=gbps(system.inter_node_bw_gb_per_s),
+        comm_efficiency=system.comm_efficiency,
+        comm_latency_s=system.comm_latency_us * 1e-6,
+        overlap_comm=getattr(system, "overlap_comm", True),
+        layer_overhead_s=system.layer_overhead_us * 1e-6,
+        step_overhead_s=system.step_overhead_us * 1e-6,
+        idle_power_w=system.idle_power_w,
+        peak_power_w=system.peak_power_w,
+    )
+
+
+def gemm_time(flops: float, calls: float, hw: Hardware) -> float:
+    return (flops + calls * hw.gemm_half_flops) / (hw.peak_flops * hw.gemm_efficiency)
+
+
+def micro_batch_compute_s(job: Job, hw: Hardware) -> float:
+    """Forward + backward (+ recompute) of one micro-batch on one rank of the busiest stage."""
+    m, layout = job.model, job.layout
+    tokens = layout.micro_batch_size * m.seq_len
+    fwd = forward_flops_per_token(m)
+    layers = layers_per_stage(job)
+    recompute = recomputed_forward_per_token(fwd, job.checkpointing) / fwd.n_layers
+    per_layer_flops = (3 * fwd.layer + recompute) * tokens / layout.tp
+    linears = 5 if m.activation == "swiglu" else 4  # qkv, proj, fc (, gate), fc2
+    fwd_calls = linears + 2  # + QK^T and AV
+    recompute_calls = {"full": fwd_calls, "selective": 4}.get(job.checkpointing, 0)
+    calls_per_layer = 3 * fwd_calls + recompute_calls
+    logits_flops = 3 * fwd.logits * tokens / layout.tp
+    gemm = layers * gemm_time(per_layer_flops, calls_per_layer, hw) + gemm_time(logits_flops, 3, hw)
+    gemm += layers * hw.layer_overhead_s + hw.step_overhead_s
+    if hw.hbm_bw is None:
+        return gemm
+    recompute_share = {"full": 4 / 3, "selective": 1.1}.get(job.checkpointing, 1.0)
+    moved = hw.elementwise_passes * layer_activation_bytes(job, "none") * recompute_share
+    return gemm + layers * moved / hw.hbm_bw
+
+
+def optimizer_s(job: Job, hw: Hardware) -> float:
+    """Adam reads weights, gradients and both moments and writes weights and moments: memory-bound."""
+    if hw.hbm_bw is None:
+        return 0.0
+    per = state_bytes_per_param(job.backend, job.precision)
+    params = stage_params(job) / shard_degrees(job).optimizer
+    return params * (2 * (per.weights + per.optimizer) + per.grads) / hw.hbm_bw
+
+
+def collective_s(c: Collective, hw: Hardware) -> Optional[float]:
+    bw = hw.intra_bw if c.intra_node else hw.inter_bw
+    if bw is None:
+        return None
+    return c.calls * hw.comm_latency_s + c.wire_bytes / (bw * hw.comm_efficiency)
+
+
+@dataclass(frozen=True)
+class StepTime:
+    step_s: float
+    compute_s: float
+    """Compute of all micro-batches on the busiest rank, without the bubble."""
+    bubble_fraction: float
+    exposed_comm_s: dict[str, float]
+    """Communication on the critical path, by dimension."""
+    comm_s: dict[str, float]
+    """All communication time, overlapped or not, by dimension."""
+
+
+def step_time(job: Job, colls: list[Collective], hw: Hardware) -> StepTime | str:
+    """The modelled step, or the reason it cannot be modelled (a link bandwidth the profile lacks)."""
+    comm = {"dp": 0.0, "tp": 0.0, "pp": 0.0}
+    for c in colls:
+        t = collective_s(c, hw)
+        if t is None:
+            link = "intra_node_bw_gb_per_s" if c.intra_node else "inter_node_bw_gb_per_s"
+            return f"the system profile has no {link} for the {c.dim} {c.kind}"
+        comm[c.dim] += t
+    m = job.micro_batches
+    per_mb = micro_batch_compute_s(job, hw)
+    bubble = (job.layout.pp - 1) / (job.vpp * m)
+    pipeline = (per_mb + (comm["tp"] + comm["pp"]) / m) * m * (1 + bubble)
+    overlaps = hw.overlap_comm and (job.backend in OVERLAPPING_DP
+                                    or (job.backend == "deepspeed" and job.layout.zero_stage == 3))
+    window = per_mb * m * 2 / 3 if overlaps else 0.0  # the backward passes
+    exposed_dp = max(0.0, comm["dp"] - window)
+    step = pipeline + exposed_dp + optimizer_s(job, hw)
+    return StepTime(step_s=step, compute_s=per_mb * m, bubble_fraction=bubble,
+                    exposed_comm_s={"dp": exposed_dp, "tp": comm["tp"], "pp": comm["pp"]}, comm_s=comm)
+
+
+def power_w(busy_fraction: float, hw: Hardware) -> Optional[float]:
+    if hw.idle_power_w is None or hw.peak_power_w is None:
+        return None
+    return hw.idle_power_w + (hw.peak_power_w - hw.idle_power_w) * min(1.0, busy_fraction)
+
+
+def alcf_fom(m: Any, global_batch_size: int, step_s: float) -> float:
+    """ALCF-4 figure of merit: (6·s·d² + s²·d)·b·L / T_step."""
+    s, d = m.seq_len, m.d_model
+    return (6 * s * d * d + s * s * d) * global_batch_size * m.n_layers / step_s

@@ -1,0 +1,99 @@
+"""`harness plan`: run the cost model over the layouts a job could use and rank those that fit by throughput.
+
+The search space is every backend (or the one named with `backend=`/`backend.name=`), every TP
+size that fits in a node and divides the ranks, every PP size that divides the
+remaining ranks, ZeRO stages the backend supports, micro-batch sizes 1..8 and the three
+checkpointing policies. Layouts `validate` refuses are skipped, exactly as `run` would refuse them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from harness.config import ABILITIES, CHECKPOINTING, ConfigError, validate
+from harness.costmodel.estimate import estimate
+from harness.predict import compose, planned_world_size
+
+MICRO_BATCHES = (1, 2, 4, 8)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def candidates(cfg: Any, world: int, backends: list[str]) -> list[dict[str, Any]]:
+    """Override sets (as nested dicts) to try; `validate` decides which are legal."""
+    out = []
+    tps = [t for t in _divisors(world) if t <= cfg.system.devices_per_node]
+    for backend in backends:
+        can = ABILITIES[backend]
+        for tp, pp, zero, micro, ckpt in itertools.product(
+                tps if can.tensor_parallel else [1], _divisors(world) if can.pipeline_parallel else [1],
+                can.zero_stages, MICRO_BATCHES, CHECKPOINTING):
+            out.append({"backend": {"name": backend}, "parallel": {"tp": tp, "pp": pp, "zero_stage": zero},
+                        "train": {"micro_batch_size": micro, "activation_checkpointing": ckpt}})
+    return out
+
+
+def plan(cfg: Any, world: int, backends: list[str]) -> list[dict[str, Any]]:
+    """Every legal candidate that fits, best tokens/s first."""
+    ranked = []
+    for change in candidates(cfg, world, backends):
+        trial = OmegaConf.merge(cfg, change)
+        try:
+            layout = validate(trial, world)
+        except ConfigError:
+            continue
+        est = estimate(trial, layout)
+        if est["fits"] is False or est["tokens_per_s"] is None:
+            continue
+        ranked.append({"backend": change["backend"]["name"], **change["parallel"], "dp": layout.dp,
+                       **change["train"], "grad_accum": layout.grad_accum, "tokens_per_s": est["tokens_per_s"],
+                       "step_time_s": est["step_time_s"], "mfu": est["mfu"],
+                       "memory_gb": est["memory_per_device_bytes"]["total"] / 1e9,
+                       "overrides": _overrides(change)})
+    return sorted(ranked, key=lambda r: -r["tokens_per_s"])
+
+
+def _overrides(change: dict[str, Any]) -> str:
+    return " ".join(f"{section}.{key}={value}" for section, values in change.items() for key, value in values.items())
+
+
+def plan_command(args: list[str]) -> int:
+    """`harness plan <overrides> [--json] [--top=N]`; exit 1 when no layout fits."""
+    flags = [a for a in args if a.startswith("--")]
+    overrides = [a for a in args if not a.startswith("--")]
+    top = int(next((f.split("=", 1)[1] for f in flags if f.startswith("--top=")), 10))
+    cfg = compose(overrides)
+    chose_backend = any(o.split("=", 1)[0] in ("backend", "backend.name") for o in overrides)
+    backends = [cfg.backend.name] if chose_backend else list(ABILITIES)
+    world = planned_world_size(cfg)
+    ranked = plan(cfg, world, backends)
+    if "--json" in flags:
+        print(json.dumps(ranked[:top], indent=2))
+    else:
+        _print(ranked[:top], cfg, world)
+    if not ranked:
+        print(f"harness: error: no layout of {cfg.model.name} on {world} devices of system={cfg.system.name} "
+              "fits in device memory (or the profile cannot time it)")
+        return 1
+    return 0
+
+
+def _print(ranked: list[dict[str, Any]], cfg: Any, world: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{cfg.model.name} on {world} × {cfg.system.name}: best layouts by predicted tokens/s",
+                  title_justify="left")
+    for column in ("#", "tokens/s", "step s", "MFU", "GB/dev", "layout (overrides)"):
+        table.add_column(column, justify="left" if column.startswith("layout") else "right")
+    for i, r in enumerate(ranked, 1):
+        mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}"
+        table.add_row(str(i), f"{r['tokens_per_s']:,.0f}", f"{r['step_time_s']:.4g}", mfu, f"{r['memory_gb']:.1f}",
+                      r["overrides"])
+    Console().print(table)

@@ -1,0 +1,114 @@
+"""`harness estimate`: compose a config from Hydra overrides, validate it as `run` would, print the cost model.
+
+Nothing here imports torch, so an estimate of a trillion-parameter layout answers in well under 2 s.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from omegaconf import DictConfig
+
+from harness.config import CONF_DIR, Layout, check_group_overrides, register_schema, validate
+from harness.costmodel.estimate import estimate
+from harness.costmodel.memory import GB
+
+MEMORY_KEYS = ("weights", "grads", "optimizer", "activations", "buffers", "overhead", "total")
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """The config `harness run <overrides>` would see (same defaults list, same schema)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    check_group_overrides(overrides)
+    register_schema()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+def planned_world_size(cfg: Any) -> int:
+    """`parallel.world_size` when given, else the ranks `run` would start locally."""
+    return cfg.parallel.world_size if cfg.parallel.world_size is not None else cfg.launcher.nproc
+
+
+def predict(cfg: Any, world_size: int) -> tuple[Layout, dict[str, Any]]:
+    layout = validate(cfg, world_size)
+    return layout, estimate(cfg, layout)
+
+
+def _split_flags(args: list[str]) -> tuple[list[str], set[str]]:
+    flags = {a for a in args if a.startswith("--")}
+    return [a for a in args if a not in flags], flags
+
+
+def _fmt_bytes(value: float | None) -> str:
+    return "n/a" if value is None else f"{value / GB:,.2f} GB"
+
+
+def _num(value: Any, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def print_estimate(cfg: Any, layout: Layout, est: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    title = (f"{cfg.model.name} ({est['params']:,} params) · {cfg.backend.name} · system {est['system']} · "
+             f"world {layout.world_size} (dp {layout.dp}, tp {layout.tp}, pp {layout.pp}, zero {layout.zero_stage})"
+             f" · batch {layout.global_batch_size} = {layout.micro_batch_size} x {layout.dp} x {layout.grad_accum}")
+    table = Table(title=title, title_justify="left")
+    for column in ("quantity", "predicted", "note"):
+        table.add_column(column, justify="right" if column == "predicted" else "left")
+    mem, device = est["memory_per_device_bytes"], est["device_memory_bytes"]
+    for key in MEMORY_KEYS:
+        table.add_row(f"memory: {key}", _fmt_bytes(mem[key]), "per device, busiest rank")
+    fits = {True: "fits", False: "DOES NOT FIT", None: est.get("fits_reason", "")}[est["fits"]]
+    table.add_row("device memory", _fmt_bytes(device), fits)
+    comm = est["comm_bytes_per_device"]
+    table.add_row("communication", _fmt_bytes(comm["total"]),
+                  f"per device per step: dp {_fmt_bytes(comm['dp'])}, tp {_fmt_bytes(comm['tp'])}, "
+                  f"pp {_fmt_bytes(comm['pp'])}")
+    table.add_row("model / hardware FLOPs per step",
+                  f"{est['flops_per_step']['model']:.4g} / {est['flops_per_step']['hardware']:.4g}", "all devices")
+    table.add_row("pipeline bubble", f"{est['bubble_fraction']:.1%}", "(pp-1)/(vpp*micro-batches)")
+    reason = est.get("step_time_s_reason", "")
+    tf = est["tflops_per_device"] or {}
+    rows = [
+        ("step time", _num(est["step_time_s"], ".4g") + " s", reason),
+        ("tokens/s", _num(est["tokens_per_s"], ",.0f"), ""),
+        ("model TFLOP/s per device", _num(tf.get("model"), ".4g"), f"peak {est['peak_tflops']}"),
+        ("MFU / HFU", f"{_num(est['mfu'], '.1%')} / {_num(est['hfu'], '.1%')}", ""),
+        ("energy per step", _num(est["energy_j_per_step"], ",.0f") + " J", est.get("energy_j_per_step_reason", "")),
+        ("ALCF FOM", _num(est["fom"], ".4g"), "(6sd²+s²d)·b·L / T_step"),
+        ("bandwidth for linear scaling", _num(est["linear_scaling_bw_gb_per_s"], ".3g") + " GB/s",
+         "comm per step / compute time"),
+    ]
+    projection = est.get("projection")
+    if projection:
+        rows.append(("train 20 tokens/param", f"{projection['train_days']:.4g} days",
+                     f"{projection['train_flops']:.3g} FLOPs, energy {_num(projection['train_energy_j'], '.3g')} J"))
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+
+
+def estimate_command(args: list[str]) -> int:
+    """Exit status: 0, or 1 when the layout does not fit the device memory (the numbers still print)."""
+    overrides, flags = _split_flags(args)
+    cfg = compose(overrides)
+    layout, est = predict(cfg, planned_world_size(cfg))
+    if "--json" in flags:
+        print(json.dumps(est, indent=2))
+    else:
+        print_estimate(cfg, layout, est)
+    if est["fits"] is False:
+        print(f"harness: error: fits: false — {_fmt_bytes(est['memory_per_device_bytes']['total'])} per device "
+              f"needed, {_fmt_bytes(est['device_memory_bytes'])} available ("
+              + ", ".join(f"{k} {_fmt_bytes(est['memory_per_device_bytes'][k])}" for k in MEMORY_KEYS[:-1]) + ")",
+              file=sys.stderr)
+        return 1
+    return 0
+

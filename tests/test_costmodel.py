@@ -1,0 +1,206 @@
+"""The cost model against published numbers and its own formulas (pure Python, no process groups).
+
+- ZeRO paper (Rajbhandari et al. 2020, section 1/figure 1): 7.5B parameters, DP 64, K = 12 →
+  120 / 31.4 / 16.6 / 1.9 GB of model states per GPU for DDP / stages 1 / 2 / 3.
+- Megatron-LM (Narayanan et al. 2021, Table 1, A100): TFLOP/s per GPU within ±15% on every row,
+  with the dgx-a100-80gb profile as it stands and the same assumptions for every row (micro-batch 1,
+  no interleaving, 2021 Megatron software: unfused attention, dropout, scatter/gather p2p).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from harness.config import CONF_DIR, Config, ConfigError, validate
+from harness.costmodel.comm import Collective, collectives
+from harness.costmodel.estimate import estimate
+from harness.costmodel.layout import MEGATRON_2021, job_from_config, param_split, stage_params
+from harness.costmodel.memory import GB, layer_activation_bytes, model_state_bytes
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_cfg(system: str = "dgx-a100-80gb", **sections: dict) -> OmegaConf:  # type: ignore[type-arg]
+    """A config as Hydra would compose it: the schema, a system profile, then overrides per section."""
+    cfg = OmegaConf.structured(Config)
+    cfg.system = OmegaConf.merge(cfg.system, OmegaConf.load(CONF_DIR / "system" / f"{system}.yaml"))
+    cfg.model.update(OmegaConf.load(CONF_DIR / "model" / "gpt-tiny.yaml"))
+    for section, values in sections.items():
+        cfg[section].update(values)
+    return cfg
+
+
+def job(world: int, **sections: dict):  # type: ignore[no-untyped-def,type-arg]
+    cfg = make_cfg(**sections)
+    return job_from_config(cfg, validate(cfg, world))
+
+
+@pytest.mark.parametrize("stage, expected_gb", [(0, 120.0), (1, 31.4), (2, 16.6), (3, 1.9)])
+def test_zero_paper_example(stage: int, expected_gb: float) -> None:
+    j = job(64, backend={"name": "deepspeed"}, parallel={"zero_stage": stage}, train={"precision": "fp16"})
+    states = model_state_bytes(7.5e9, j)
+    assert round(sum(states.values()) / GB, 1) == expected_gb
+
+
+MEGATRON_TABLE_1 = [  # name, hidden, layers, heads, TP, PP, GPUs, global batch, published TFLOP/s per GPU
+    ("1.7B", 2304, 24, 24, 1, 1, 32, 512, 137), ("3.6B", 3072, 30, 32, 2, 1, 64, 512, 138),
+    ("7.5B", 4096, 36, 32, 4, 1, 128, 512, 142), ("18B", 6144, 40, 48, 8, 1, 256, 1024, 135),
+    ("39B", 8192, 48, 64, 8, 2, 512, 1536, 138), ("76B", 10240, 60, 80, 8, 4, 1024, 1792, 140),
+    ("145B", 12288, 80, 96, 8, 8, 1536, 2304, 148), ("310B", 16384, 96, 128, 8, 16, 1920, 2160, 155),
+    ("530B", 20480, 105, 128, 8, 35, 2520, 2520, 163), ("1T", 25600, 128, 160, 8, 64, 3072, 3072, 163),
+]
+
+
+def megatron_row_error(row: tuple) -> float:  # type: ignore[type-arg]
+    name, h, layers, heads, tp, pp, gpus, batch, published = row
+    cfg = make_cfg(model={"name": name, "n_layers": layers, "d_model": h, "n_heads": heads, "seq_len": 2048,
+                          "vocab_size": 51200},
+                   backend={"name": "deepspeed3d"}, parallel={"tp": tp, "pp": pp},
+                   train={"micro_batch_size": 1, "global_batch_size": batch, "precision": "fp16",
+                          "activation_checkpointing": "full"})
+    est = estimate(cfg, validate(cfg, gpus), software=MEGATRON_2021)
+    # The paper's own count: 96·B·s·l·h²(1 + s/6h + V/16lh), recompute included, attention not halved.
+    flops = 96 * batch * 2048 * layers * h * h * (1 + 2048 / (6 * h) + 51200 / (16 * layers * h))
+    predicted = flops / est["step_time_s"] / gpus / 1e12
+    return predicted / published - 1
+
+
+@pytest.mark.parametrize("row", MEGATRON_TABLE_1, ids=[r[0] for r in MEGATRON_TABLE_1])
+def test_megatron_table_within_15_percent(row: tuple) -> None:  # type: ignore[type-arg]
+    assert abs(megatron_row_error(row)) <= 0.15
+
+
+def test_korthikanti_activations_per_layer() -> None:
+    """s·b·h·(34 + 5as/h) without TP; s·b·h·(10 + 24/t + 5as/(ht)) with TP; /t with sequence parallelism."""
+    m = {"n_layers": 4, "d_model": 1024, "n_heads": 16, "seq_len": 512, "vocab_size": 1024}
+    s, b, h, a = 512, 2, 1024, 16
+    for tp, sp, expected in [(1, False, s * b * h * (34 + 5 * a * s / h)),
+                             (4, False, s * b * h * (10 + 24 / 4 + 5 * a * s / (h * 4))),
+                             (4, True, s * b * h * (34 + 5 * a * s / h) / 4)]:
+        j = job(tp, model=m, backend={"name": "deepspeed3d"}, parallel={"tp": tp, "sequence_parallel": sp},
+                train={"micro_batch_size": b, "precision": "fp16"})
+        j = type(j)(**{**j.__dict__, "software": MEGATRON_2021})
+        assert layer_activation_bytes(j, "none") == pytest.approx(expected)
+        assert layer_activation_bytes(j, "full") == pytest.approx(2 * s * b * h / (tp if sp else 1))
+
+
+def by_kind(colls: list[Collective]) -> dict[tuple[str, str], float]:
+    out: dict[tuple[str, str], float] = {}
+    for c in colls:
+        out[(c.dim, c.kind)] = out.get((c.dim, c.kind), 0.0) + c.payload_bytes * c.calls
+    return out
+
+
+def test_dp_volumes_follow_zero_paper() -> None:
+    """Per step on 4 ranks: DDP all-reduces Ψ gradients; ZeRO-1/2 reduce-scatter + all-gather; ZeRO-3 3Ψ."""
+    common = {"train": {"precision": "fp16", "micro_batch_size": 1, "global_batch_size": 8}}
+    wire = {}
+    for stage in (0, 1, 2, 3):
+        j = job(4, backend={"name": "deepspeed"}, parallel={"zero_stage": stage}, **common)
+        wire[stage] = sum(c.wire_bytes for c in collectives(j))
+    psi_bytes = 2 * stage_params(j) * 3 / 4  # 16-bit bytes × (p−1)/p
+    assert wire[0] == pytest.approx(2 * psi_bytes)
+    assert wire[1] == pytest.approx(2 * psi_bytes)
+    assert wire[2] == pytest.approx((2 + 1) * psi_bytes)  # reduce-scatter in each of 2 micro-batches
+    assert wire[3] == pytest.approx(2 * 3 * psi_bytes)  # per micro-batch: 2 all-gathers + reduce-scatter
+
+
+def test_tp_and_pp_volumes() -> None:
+    """TP 2: 4 all-reduces of b·s·h per layer per micro-batch (+2 for embedding/head); PP 2: one send each way."""
+    j = job(2, backend={"name": "deepspeed3d"}, parallel={"tp": 2}, train={"precision": "bf16"})
+    payload = 1 * 128 * 64 * 2
+    assert by_kind(collectives(j)) == {("tp", "all_reduce"): payload * (4 * 2 + 2)}
+    j = job(2, backend={"name": "deepspeed3d"}, parallel={"pp": 2}, train={"precision": "bf16",
+                                                                          "global_batch_size": 4})
+    assert by_kind(collectives(j)) == {("pp", "send_recv"): payload * 2 * 4}
+
+
+def test_fsdp_volumes() -> None:
+    """FSDP2 full_shard: all-gather the parameters (in bf16) for forward and again for backward, then
+    reduce-scatter the fp32 gradients once; shard_grad_op gathers once."""
+    j = job(2, backend={"name": "fsdp"}, train={"precision": "bf16"})
+    split = param_split(j.model)
+    assert by_kind(collectives(j)) == {("dp", "all_gather"): 2 * 2 * split.total,
+                                       ("dp", "reduce_scatter"): 4 * split.total}
+    j = job(2, backend={"name": "fsdp", "reshard_after_forward": False}, train={"precision": "bf16"})
+    assert by_kind(collectives(j))[("dp", "all_gather")] == 2 * split.total
+
+
+def test_checkpointing_and_sequence_parallel_change_the_answer() -> None:
+    base = dict(model={"name": "gpt-1t", "n_layers": 128, "d_model": 25600, "n_heads": 160, "seq_len": 2048,
+                       "vocab_size": 51200}, backend={"name": "deepspeed3d"})
+    answers = {}
+    for key, extra in {"none": {}, "full": {"train": {"activation_checkpointing": "full"}},
+                       "sp": {"parallel": {"tp": 8, "pp": 64, "sequence_parallel": True}},
+                       "vpp": {"parallel": {"tp": 8, "pp": 64, "vpp": 2}}}.items():
+        parallel = {"tp": 8, "pp": 64, **extra.get("parallel", {})}
+        cfg = make_cfg(system="frontier", **{**base, "parallel": parallel,
+                                             "train": {"precision": "bf16", "global_batch_size": 1536,
+                                                       **extra.get("train", {})}})
+        answers[key] = estimate(cfg, validate(cfg, 3072))
+    assert answers["full"]["memory_per_device_bytes"]["activations"] < answers["none"]["memory_per_device_bytes"]["activations"]
+    assert answers["full"]["flops_per_step"]["hardware"] > answers["none"]["flops_per_step"]["hardware"]
+    assert answers["sp"]["memory_per_device_bytes"]["activations"] < answers["none"]["memory_per_device_bytes"]["activations"]
+    assert answers["vpp"]["bubble_fraction"] == pytest.approx(answers["none"]["bubble_fraction"] / 2)
+
+
+def harness_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "harness.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_estimate_1t_on_frontier_is_fast_and_complete() -> None:
+    """Under 2 s of CPU time for the whole command, interpreter start included (CPU time, not wall time,
+    so neighbours' load on a shared host cannot fail it; about 0.35 s wall on an idle host)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = harness_cli("estimate", "model=gpt-1t", "system=frontier", "parallel.tp=8", "parallel.pp=64",
+                       "parallel.world_size=3072", "backend.name=deepspeed3d", "parallel.zero_stage=1",
+                       "train.global_batch_size=1536", "train.precision=bf16",
+                       "train.activation_checkpointing=full", "--json")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    assert proc.returncode == 0, proc.stderr
+    assert (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime) < 2.0
+    est = json.loads(proc.stdout)
+    for key in ("params", "flops_per_step", "memory_per_device_bytes", "fits", "comm_bytes_per_device",
+                "bubble_fraction", "step_time_s", "tokens_per_s", "tflops_per_device", "mfu", "hfu",
+                "energy_j_per_step", "fom", "projection"):
+        assert est[key] is not None, key
+    assert set(est["memory_per_device_bytes"]) >= {"weights", "grads", "optimizer", "activations", "buffers", "total"}
+    assert set(est["projection"]) >= {"train_flops", "train_days", "train_energy_j"}
+    assert est["fits"] is True
+
+
+def test_estimate_that_does_not_fit_exits_nonzero_with_breakdown() -> None:
+    proc = harness_cli("estimate", "model=gpt-13b", "system=dgx-a100-80gb", "parallel.world_size=1", "--json")
+    assert proc.returncode == 1
+    assert json.loads(proc.stdout)["fits"] is False
+    assert "fits: false" in proc.stderr and "optimizer" in proc.stderr
+
+
+def test_estimate_gives_runs_config_errors() -> None:
+    proc = harness_cli("estimate", "parallel.world_size=3", "parallel.tp=2", "backend=fsdp")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["harness: error: world size 3 is not divisible by "
+                                                "parallel.tp*parallel.pp=2"]
+    with pytest.raises(ConfigError):
+        validate(make_cfg(parallel={"tp": 2}), 2)
+
+
+def test_plan_ranks_only_legal_fitting_layouts() -> None:
+    from harness.planner import plan
+    from harness.predict import compose
+
+    cfg = compose(["model=gpt-13b", "system=dgx-a100-80gb", "parallel.world_size=8", "train.precision=bf16",
+                   "train.global_batch_size=64"])
+    ranked = plan(cfg, 8, ["ddp", "deepspeed3d"])
+    assert ranked and all(r["memory_gb"] <= 80 for r in ranked)
+    assert [r["tokens_per_s"] for r in ranked] == sorted((r["tokens_per_s"] for r in ranked), reverse=True)
+    assert all(r["backend"] == "deepspeed3d" for r in ranked)  # 13B does not fit one A100 as a DDP replica
+    assert all(r["tp"] * r["pp"] * r["dp"] == 8 and 40 % r["pp"] == 0 for r in ranked)
