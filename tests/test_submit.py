@@ -80,7 +80,7 @@ def _error(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     (["frontier", "account=a", "gpus=8"],
      "gpus=8: expected key=value with key one of account, nodes, walltime, queue, tasks, results, name "
      "(harness overrides go after --)"),
-    (["lumi", "account=a"], "unknown system 'lumi'; choose one of: aurora, cpu, cuda, frontier,"),
+    (["lumi", "account=a"], "unknown system 'lumi'; choose one of: aurora, cpu, cuda,"),
     (["frontier", "account=a", "--", "model=gpt-9"], "model=gpt-9: unknown model; choose one of"),
     (["frontier", "account=a", "nodes=1", "--", "train.global_batch_size=12"],
      "train.global_batch_size=12 is not divisible by micro_batch_size*dp=1*8=8; use a multiple such as 8 or 16"),
