@@ -117,12 +117,15 @@ def _ensure_failed_summary(run_dir: Path, config: dict[str, Any], layout: Layout
     collective error); its status and steps are kept, and the error names every failed rank.
     """
     path = run_dir / "summary.json"
+    oom = "OutOfMemoryError" in error or "out of memory" in error.lower()
     if path.exists() and _read_status(path) != "ok":
         summary = json.loads(path.read_text())
         summary["error"] = error  # includes what rank 0 reported, through its @record error file
+        if oom:  # a peer's OOM reaches rank 0 only as the agent's SIGTERM or a broken collective
+            summary["status"] = "oom"
         write_summary(run_dir, summary)
         return summary["status"]
-    status = "oom" if "OutOfMemoryError" in error or "out of memory" in error.lower() else "failed"
+    status = "oom" if oom else "failed"
     run_dir.mkdir(parents=True, exist_ok=True)
     write_summary(run_dir, build_summary(
         status=status, error=error, config=config, layout=layout.as_dict(), model={},
@@ -190,7 +193,8 @@ class Trainer:
                 model = GPT(gpt_config(self.cfg.model))
         self.n_params = model.num_params()
         self.backend.setup(model)
-        flops = step_flops(self.cfg.model, self.layout.global_batch_size, train.activation_checkpointing)
+        flops = step_flops(self.cfg.model, self.layout.global_batch_size, train.activation_checkpointing,
+                           train.checkpoint_every_n)
         self.throughput = Throughput(
             flops=flops,
             tokens_per_step=self.layout.global_batch_size * self.cfg.model.seq_len,
@@ -232,6 +236,7 @@ class Trainer:
         last = time.perf_counter()
         for step in range(total):
             self.memory.start_step()
+            self.inject_fault(step)
             batches = rank_micro_batches(self.data, step=step, layout=self.layout,
                                          dp_rank=self.backend.dp_rank, device=self.device)
             loss = self.backend.train_step(batches)
@@ -245,30 +250,39 @@ class Trainer:
         if progress is not None:
             progress.close()
 
+    def inject_fault(self, step: int) -> None:
+        """`train.fault_inject_oom_step`: the last rank fails as a real out-of-memory step would, so the
+        failure path (peers ended, `status: oom`, a sweep going on) can be tested without a GPU."""
+        if step == self.cfg.train.fault_inject_oom_step and self.info.rank == self.info.world_size - 1:
+            raise torch.OutOfMemoryError(f"injected by train.fault_inject_oom_step={step} on rank {self.info.rank}")
+
     def record(self, step: int, warmup: bool, loss: torch.Tensor, iter_time_s: float) -> dict[str, Any]:
         """One line of steps.jsonl. Its reduction falls into the next step's time, not hidden from it."""
         memory = self.memory.read()
-        loss_value, peak_mb = self.reduce(loss, memory["peak_memory_mb"])
+        loss_value, peak_mb, retries = self.reduce(loss, memory["peak_memory_mb"], memory["alloc_retries"])
         return {
             "step": step,
             "warmup": warmup,
             "loss": loss_value,
             **self.throughput.rates(iter_time_s),
             "peak_memory_mb": peak_mb,
-            "alloc_retries": memory["alloc_retries"],
+            "alloc_retries": retries,
             "power_w": None,
             "energy_j": None,
         }
 
-    def reduce(self, loss: torch.Tensor, peak_mb: float) -> tuple[float, float]:
-        """The mean loss over ranks (all are data-parallel here) and the largest peak memory, in one collective."""
-        mine = torch.stack([loss.detach().float(), torch.tensor(peak_mb, device=loss.device)])
-        if self.info.world_size == 1:
-            return float(mine[0]), float(mine[1])
-        gathered = [torch.empty_like(mine) for _ in range(self.info.world_size)]
-        dist.all_gather(gathered, mine)
-        table = torch.stack(gathered)
-        return float(table[:, 0].mean()), float(table[:, 1].max())
+    def reduce(self, loss: torch.Tensor, peak_mb: float, retries: Optional[int]
+               ) -> tuple[float, float, Optional[int]]:
+        """The mean loss over ranks (all are data-parallel here), and the largest peak memory and allocator
+        retries of any rank (the rank nearest its memory limit), in one collective."""
+        mine = torch.stack([loss.detach().float(), torch.tensor(peak_mb, device=loss.device),
+                            torch.tensor(float(retries or 0), device=loss.device)])
+        if self.info.world_size > 1:
+            gathered = [torch.empty_like(mine) for _ in range(self.info.world_size)]
+            dist.all_gather(gathered, mine)
+            table = torch.stack(gathered)
+            mine = torch.stack([table[:, 0].mean(), table[:, 1].max(), table[:, 2].max()])
+        return float(mine[0]), float(mine[1]), None if retries is None else int(mine[2])
 
     def finish(self, status: str, error: Optional[str]) -> None:
         hostnames: list[Any] = [None] * self.info.world_size
@@ -302,7 +316,10 @@ class Trainer:
 
     def metric_notes(self) -> dict[str, Any]:
         throughput = getattr(self, "throughput", None)
-        notes: dict[str, Any] = {"peak_memory_kind": getattr(getattr(self, "memory", None), "kind", None)}
+        memory = getattr(self, "memory", None)
+        notes: dict[str, Any] = {"peak_memory_kind": getattr(memory, "kind", None)}
+        if memory is not None and memory.kind == "cpu_peak_rss":
+            notes["alloc_retries_reason"] = "no caching allocator on a CPU: retries are a CUDA allocator statistic"
         if throughput is not None:
             notes.update(
                 model_flops_per_step=throughput.flops.model,
