@@ -308,7 +308,7 @@ FSDP_SHARDING = ("full_shard", "shard_grad_op", "hybrid_shard", "no_shard")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager", "cudagraphs")
 
 
-def _check_fsdp(b: Any, devices_per_node: int, dp: int, precision: str) -> None:
+def _check_fsdp(b: Any, devices_per_node: int, dp: int, precision: str, tp: int, device: str) -> None:
     """The FSDP2 options; the hybrid group splits the data-parallel ranks into replicas of `group` shards."""
     _choice(b.sharding, FSDP_SHARDING, "backend.sharding")
     if b.sharding == "hybrid_shard":
@@ -323,9 +323,10 @@ def _check_fsdp(b: Any, devices_per_node: int, dp: int, precision: str) -> None:
             _choice(getattr(b, key), PRECISIONS, f"backend.{key}")
     if (b.param_dtype or precision) == "fp16":
         raise ConfigError("backend.param_dtype=fp16: FSDP2 would need a sharded gradient scaler; use bf16")
-    if b.offload and b.sharding == "no_shard":
-        raise ConfigError("backend.offload=true with backend.sharding=no_shard: FSDP2 offloads only sharded "
-                          "parameters; use full_shard, shard_grad_op or hybrid_shard")
+    if b.offload and tp > 1 and device != "cpu":
+        raise ConfigError(f"backend.offload=true with parallel.tp={tp}: torch's parallelize_module moves tensor-parallel "
+                          "shards to the GPU and FSDP2's CPUOffloadPolicy refuses parameters not on the CPU; "
+                          "use parallel.tp=1 with offload (or system=cpu)")
 
 
 def _check_train_extras(t: Any, n_layers: int) -> None:
@@ -400,7 +401,7 @@ def validate(cfg: DictConfig | Config, world_size: int) -> Layout:
     dp = world_size // (p.tp * p.pp)
     _check_train_extras(t, m.n_layers)
     if cfg.backend.name == "fsdp":
-        _check_fsdp(cfg.backend, cfg.system.devices_per_node, dp, t.precision)
+        _check_fsdp(cfg.backend, cfg.system.devices_per_node, dp, t.precision, p.tp, cfg.system.device)
     per_step = t.micro_batch_size * dp
     global_batch = t.global_batch_size if t.global_batch_size is not None else per_step
     if global_batch < 1 or global_batch % per_step:

@@ -98,6 +98,11 @@ class FabricBackend(Backend):
     def precision(self) -> str:
         return self.fabric_precision[self.cfg.train.precision]
 
+    @property
+    def move_to_device(self) -> bool:
+        """Whether Fabric moves the whole model to the device before the strategy wraps it."""
+        return True
+
     def prepare(self, model: nn.Module) -> None:
         """What happens to the plain model before Fabric wraps it (a backend that parallelizes
         blocks itself does this inside its own parallelize function instead)."""
@@ -119,7 +124,7 @@ class FabricBackend(Backend):
             plugins=[TorchElasticEnvironment()],
         )
         self.fabric.launch()
-        self.model = self.fabric.setup_module(model)
+        self.model = self.fabric.setup_module(model, move_to_device=self.move_to_device)
         self.optimizer = self.fabric.setup_optimizers(make_optimizer(self.model.parameters(), self.cfg.train))
 
     def clip_gradients(self, max_norm: float) -> None:

@@ -80,6 +80,16 @@ class FSDPBackend(FabricBackend):
     def precision(self) -> str:
         return "32-true"
 
+    @property
+    def materialize_before_setup(self) -> bool:
+        """With CPU offload FSDP2 shards parameters that are already on the CPU (it refuses others), so the
+        model is built there whole, and Fabric must not move it to the GPU first."""
+        return self.cfg.backend.offload or super().materialize_before_setup
+
+    @property
+    def move_to_device(self) -> bool:
+        return not self.cfg.backend.offload
+
     def prepare(self, model: nn.Module) -> None:
         """Nothing before Fabric: checkpointing and compile come after tensor parallelism, in `parallelize`."""
 
