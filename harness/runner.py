@@ -273,7 +273,7 @@ class Trainer:
 
     def reduce(self, loss: torch.Tensor, peak_mb: float, retries: Optional[int]
                ) -> tuple[float, float, Optional[int]]:
-        """The mean loss over ranks (all are data-parallel here), and the largest peak memory and allocator
+        """The mean loss over ranks (tensor-parallel peers hold the same loss), and the largest peak memory and allocator
         retries of any rank (the rank nearest its memory limit), in one collective."""
         mine = torch.stack([loss.detach().float(), torch.tensor(peak_mb, device=loss.device),
                             torch.tensor(float(retries or 0), device=loss.device)])
