@@ -318,6 +318,8 @@ class Trainer:
         throughput = getattr(self, "throughput", None)
         memory = getattr(self, "memory", None)
         notes: dict[str, Any] = {"peak_memory_kind": getattr(memory, "kind", None)}
+        if hasattr(getattr(self, "backend", None), "model"):  # set up: how much of the model rank 0 holds
+            notes["params_on_rank0"] = self.backend.local_params()
         if memory is not None and memory.kind == "cpu_peak_rss":
             notes["alloc_retries_reason"] = "no caching allocator on a CPU: retries are a CUDA allocator statistic"
         if throughput is not None:

@@ -55,6 +55,26 @@ def test_fsdp_layout_matches_single_rank_reference(reference: Run, fsdp_runs: di
     assert abs(expected[-1] - expected[0]) > 10 * TOLERANCE
 
 
+# Share of the model's parameters that rank 0 stores: shows each strategy really shards (or does not).
+# gpt-tiny under TP 2 keeps its embeddings whole and splits the blocks' matrices: 91,456 of 141,056.
+PARAM_SHARE = {
+    "no-shard-2": (1.0, 1.0),
+    "hybrid-4-every-2nd-block": (0.49, 0.51),
+    "tp-2": (0.64, 0.65),
+    "tp-2-x-fsdp-2-full-prefetch": (0.32, 0.33),
+    "offload-2-prefetch-2": (0.49, 0.51),
+}
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("layout", list(PARAM_SHARE))
+def test_fsdp_layout_holds_its_share_of_the_parameters(fsdp_runs: dict[str, Run], layout: str) -> None:
+    summary = fsdp_runs[layout].summary
+    share = summary["metrics"]["params_on_rank0"] / summary["model"]["params"]
+    low, high = PARAM_SHARE[layout]
+    assert low <= share <= high, f"{layout}: rank 0 holds {share:.3f} of the parameters"
+
+
 @pytest.mark.multirank
 def test_tp_x_fsdp_layout_recorded(fsdp_runs: dict[str, Run]) -> None:
     summary = fsdp_runs["tp-2-x-fsdp-2-full-prefetch"].summary

@@ -50,6 +50,10 @@ class Backend(ABC):
     def dp_rank(self) -> int:
         """This rank's index within its data-parallel group (which share of the batch it reads)."""
 
+    def local_params(self) -> int | None:
+        """Parameter elements this rank stores after `setup` (what the layout shards); None if unknown."""
+        return None
+
 
 def apply_activation_checkpointing(model: nn.Module, mode: str, every_n: int | None = None) -> None:
     """Recompute activations in the backward pass: every block (full), or (selective) every attention
@@ -126,6 +130,11 @@ class FabricBackend(Backend):
         self.fabric.launch()
         self.model = self.fabric.setup_module(model, move_to_device=self.move_to_device)
         self.optimizer = self.fabric.setup_optimizers(make_optimizer(self.model.parameters(), self.cfg.train))
+
+    def local_params(self) -> int | None:
+        from torch.distributed.tensor import DTensor
+
+        return sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in self.model.parameters())
 
     def clip_gradients(self, max_norm: float) -> None:
         self.fabric.clip_gradients(self.model, self.optimizer, max_norm=max_norm)
