@@ -423,6 +423,14 @@ def validate(cfg: DictConfig | Config, world_size: int) -> Layout:
     )
 
 
+def compute_precision(cfg: Any) -> str:
+    """The dtype the blocks compute in, which picks the peak MFU divides by: FSDP's param_dtype may differ
+    from train.precision."""
+    if cfg.backend.name == "fsdp" and cfg.backend.param_dtype is not None:
+        return cfg.backend.param_dtype
+    return cfg.train.precision
+
+
 def ffn_hidden(m: Any) -> int:
     """The MLP width a model config resolves to."""
     return m.ffn_hidden if m.ffn_hidden is not None else 4 * m.d_model

@@ -26,7 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 
 from harness.backends import make_backend
-from harness.config import ConfigError, Layout, default_threads_per_rank, to_container, validate
+from harness.config import (ConfigError, Layout, compute_precision, default_threads_per_rank, to_container,
+                            validate)
 from harness.costmodel.flops import step_flops
 from harness.data import rank_micro_batches, token_source
 from harness.metrics import MemoryMeter, Throughput, device_name, resolve_peak
@@ -199,7 +200,7 @@ class Trainer:
             flops=flops,
             tokens_per_step=self.layout.global_batch_size * self.cfg.model.seq_len,
             world_size=self.layout.world_size,
-            peak=resolve_peak(self.cfg.system, train.precision, self.device),
+            peak=resolve_peak(self.cfg.system, compute_precision(self.cfg), self.device),
         )
         d = self.cfg.data
         self.data = token_source(kind=d.kind, vocab_size=self.cfg.model.vocab_size, seq_len=self.cfg.model.seq_len,

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from conftest import GLOBAL_BATCH, TINY, Run, harness, harness_run
 from harness.backends.base import apply_activation_checkpointing
-from harness.config import CONF_DIR, ConfigError, Config, validate
+from harness.config import CONF_DIR, ConfigError, Config, compute_precision, validate
 from models.gpt import GPT, GPTConfig
 
 TOLERANCE = 1e-5
@@ -204,3 +204,19 @@ def test_bad_fsdp_option_fails_on_the_command_line_before_launch(tmp_path: Path)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("harness: error: backend.hybrid_shard_group=3"), lines[0]
+
+
+def test_mfu_peak_follows_the_dtype_blocks_compute_in() -> None:
+    assert compute_precision(_config("backend.param_dtype=bf16")) == "bf16"
+    assert compute_precision(_config()) == "fp32"
+    assert compute_precision(_config("backend.name=ddp", "backend.param_dtype=bf16")) == "fp32"  # ddp ignores it
+
+
+@pytest.mark.multirank
+def test_mixed_precision_policy_computes_in_bf16(reference: Run, runs_root: Path) -> None:
+    """bf16 parameters and fp16 gradient reduction: close to the fp32 reference, but not equal to it."""
+    run = harness_run(runs_root / "fsdp-bf16-fp16-reduce", *TINY, *GLOBAL_BATCH, "backend=fsdp", "launcher.nproc=2",
+                      "train.micro_batch_size=2", "backend.param_dtype=bf16", "backend.reduce_dtype=fp16")
+    differences = [abs(a - b) for a, b in zip(run.losses, reference.losses)]
+    assert len(differences) == 4 and max(differences) < 1e-2 and max(differences) > TOLERANCE, differences
+    assert run.summary["config"]["backend"]["param_dtype"] == "bf16"
