@@ -76,7 +76,7 @@ class BackendConfig:
     hybrid_shard_group: Optional[int] = None
     """fsdp hybrid_shard: ranks that shard one replica (FSDP2's HSDP); None means system.devices_per_node."""
     prefetch_depth: int = 0
-    """fsdp: all-gather the next (forward) / previous (backward) k blocks explicitly; 0 keeps FSDP2's implicit one."""
+    """fsdp: all-gather the next (forward) / previous (backward) k blocks explicitly; 0: FSDP2's implicit one."""
     offload: bool = False
     """fsdp: keep sharded parameters, gradients and optimizer state on the CPU (FSDP2's CPUOffloadPolicy)."""
     param_dtype: Optional[str] = None
@@ -317,15 +317,15 @@ def _check_fsdp(b: Any, devices_per_node: int, dp: int, precision: str, tp: int,
             raise ConfigError(f"backend.hybrid_shard_group={group} does not divide the {dp} data-parallel ranks; "
                               f"choose a divisor of {dp} (e.g. {_nearest_divisor(dp, group)})")
     if b.prefetch_depth < 0:
-        raise ConfigError(f"backend.prefetch_depth={b.prefetch_depth}: must be 0 (FSDP2's implicit prefetch) or more")
+        raise ConfigError(f"backend.prefetch_depth={b.prefetch_depth}: must be 0 (FSDP2's implicit one) or more")
     for key in ("param_dtype", "reduce_dtype"):
         if getattr(b, key) is not None:
             _choice(getattr(b, key), PRECISIONS, f"backend.{key}")
     if (b.param_dtype or precision) == "fp16":
         raise ConfigError("backend.param_dtype=fp16: FSDP2 would need a sharded gradient scaler; use bf16")
     if b.offload and tp > 1 and device != "cpu":
-        raise ConfigError(f"backend.offload=true with parallel.tp={tp}: torch's parallelize_module moves tensor-parallel "
-                          "shards to the GPU and FSDP2's CPUOffloadPolicy refuses parameters not on the CPU; "
+        raise ConfigError(f"backend.offload=true with parallel.tp={tp}: torch's parallelize_module moves "
+                          "tensor-parallel shards to the GPU and FSDP2's CPUOffloadPolicy refuses parameters not on the CPU; "
                           "use parallel.tp=1 with offload (or system=cpu)")
 
 
@@ -336,7 +336,8 @@ def _check_train_extras(t: Any, n_layers: int) -> None:
             raise ConfigError(f"train.checkpoint_every_n={t.checkpoint_every_n} needs "
                               "train.activation_checkpointing=selective")
         if not 1 <= t.checkpoint_every_n <= n_layers:
-            raise ConfigError(f"train.checkpoint_every_n={t.checkpoint_every_n}: choose 1..model.n_layers={n_layers}")
+            raise ConfigError(f"train.checkpoint_every_n={t.checkpoint_every_n}: "
+                              f"choose 1..model.n_layers={n_layers}")
     _choice(t.compile_backend, COMPILE_BACKENDS, "train.compile_backend")
     total = t.warmup_steps + t.steps
     if t.fault_inject_oom_step is not None and not 0 <= t.fault_inject_oom_step < total:

@@ -66,7 +66,7 @@ class MemoryMeter:
         self.device = device
         self.kind = "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss"
         # num_alloc_retries counts from process start; retries while building the model are not a step's.
-        self._retries = torch.cuda.memory_stats(device).get("num_alloc_retries", 0) if device.type == "cuda" else 0
+        self._retries = 0 if device.type != "cuda" else torch.cuda.memory_stats(device).get("num_alloc_retries", 0)
 
     def start_step(self) -> None:
         if self.device.type == "cuda":
@@ -102,6 +102,7 @@ def summarize_steps(steps: list[dict[str, Any]]) -> dict[str, Optional[float]]:
         if out["energy_j_per_step"] else None
     )
     retries = [s["alloc_retries"] for s in timed if s.get("alloc_retries") is not None]
-    out["alloc_retries"] = sum(retries) if retries else None  # total over timed steps: each a cache flush and retried cudaMalloc
+    # Total over the timed steps; each retry is a cache flush and a second cudaMalloc.
+    out["alloc_retries"] = sum(retries) if retries else None
     out["timed_steps"] = len(timed)
     return out

@@ -255,7 +255,8 @@ class Trainer:
         """`train.fault_inject_oom_step`: the last rank fails as a real out-of-memory step would, so the
         failure path (peers ended, `status: oom`, a sweep going on) can be tested without a GPU."""
         if step == self.cfg.train.fault_inject_oom_step and self.info.rank == self.info.world_size - 1:
-            raise torch.OutOfMemoryError(f"injected by train.fault_inject_oom_step={step} on rank {self.info.rank}")
+            raise torch.OutOfMemoryError(
+                f"injected by train.fault_inject_oom_step={step} on rank {self.info.rank}")
 
     def record(self, step: int, warmup: bool, loss: torch.Tensor, iter_time_s: float) -> dict[str, Any]:
         """One line of steps.jsonl. Its reduction falls into the next step's time, not hidden from it."""
@@ -274,8 +275,8 @@ class Trainer:
 
     def reduce(self, loss: torch.Tensor, peak_mb: float, retries: Optional[int]
                ) -> tuple[float, float, Optional[int]]:
-        """The mean loss over ranks (tensor-parallel peers hold the same loss), and the largest peak memory and allocator
-        retries of any rank (the rank nearest its memory limit), in one collective."""
+        """The mean loss over ranks (tensor-parallel peers hold the same loss), and the largest peak memory
+        and allocator retries of any rank (the rank nearest its memory limit), in one collective."""
         mine = torch.stack([loss.detach().float(), torch.tensor(peak_mb, device=loss.device),
                             torch.tensor(float(retries or 0), device=loss.device)])
         if self.info.world_size > 1:
@@ -322,7 +323,7 @@ class Trainer:
         if hasattr(getattr(self, "backend", None), "model"):  # set up: how much of the model rank 0 holds
             notes["params_on_rank0"] = self.backend.local_params()
         if memory is not None and memory.kind == "cpu_peak_rss":
-            notes["alloc_retries_reason"] = "no caching allocator on a CPU: retries are a CUDA allocator statistic"
+            notes["alloc_retries_reason"] = "no caching allocator on a CPU (retries are a CUDA statistic)"
         if throughput is not None:
             notes.update(
                 model_flops_per_step=throughput.flops.model,

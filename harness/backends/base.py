@@ -134,7 +134,8 @@ class FabricBackend(Backend):
     def local_params(self) -> int | None:
         from torch.distributed.tensor import DTensor
 
-        return sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in self.model.parameters())
+        return sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel()
+                   for p in self.model.parameters())
 
     def clip_gradients(self, max_norm: float) -> None:
         self.fabric.clip_gradients(self.model, self.optimizer, max_norm=max_norm)

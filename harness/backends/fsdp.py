@@ -59,13 +59,15 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any, *, sequence_parallel: 
             plan.update({
                 "norm1": SequenceParallel(),
                 "norm2": SequenceParallel(),
-                "attn": PrepareModuleInput(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)),
+                "attn": PrepareModuleInput(input_layouts=(Shard(1), None),
+                                           desired_input_layouts=(Replicate(), None)),
                 "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
             })
         parallelize_module(block, tp_mesh, plan)
     if sequence_parallel:  # the residual stream enters the sequence-split region at the first block
         parallelize_module(model.blocks[0], tp_mesh,  # and leaves it for the replicated final norm and head
-                           PrepareModuleInput(input_layouts=(Replicate(), None), desired_input_layouts=(Shard(1), None)))
+                           PrepareModuleInput(input_layouts=(Replicate(), None),
+                                              desired_input_layouts=(Shard(1), None)))
         parallelize_module(model.blocks[-1], tp_mesh,
                            PrepareModuleOutput(output_layouts=Shard(1), desired_output_layouts=Replicate()))
 
@@ -104,12 +106,13 @@ class FSDPBackend(FabricBackend):
         )
 
     def replica_group(self) -> int | None:
-        """Ranks that shard one replica for hybrid_shard / no_shard (None: one group of all data-parallel ranks)."""
+        """Ranks sharding one replica under hybrid_shard / no_shard (None: all data-parallel ranks shard one)."""
         b = self.cfg.backend
         if b.sharding == "no_shard":
             return 1
         if b.sharding == "hybrid_shard":
-            return b.hybrid_shard_group if b.hybrid_shard_group is not None else self.cfg.system.devices_per_node
+            default = self.cfg.system.devices_per_node
+            return b.hybrid_shard_group if b.hybrid_shard_group is not None else default
         return None
 
     def full_mesh(self, fabric_mesh: Any) -> Any:
@@ -134,7 +137,8 @@ class FSDPBackend(FabricBackend):
         b, train = self.cfg.backend, self.cfg.train
         mesh = self.full_mesh(fabric_mesh)
         if self.layout.tp > 1:
-            apply_tensor_parallel(model, mesh["tensor_parallel"], sequence_parallel=self.cfg.parallel.sequence_parallel)
+            apply_tensor_parallel(model, mesh["tensor_parallel"],
+                                  sequence_parallel=self.cfg.parallel.sequence_parallel)
         checkpoint_and_compile(model, train)
         dp_mesh = mesh[REPLICA_DIMS] if self.replica_group() is not None else mesh["data_parallel"]
         options = dict(
@@ -142,7 +146,8 @@ class FSDPBackend(FabricBackend):
             reshard_after_forward=b.sharding in ("full_shard", "hybrid_shard"),
             mp_policy=MixedPrecisionPolicy(param_dtype=DTYPES[b.param_dtype or train.precision],
                                            reduce_dtype=DTYPES[b.reduce_dtype or "fp32"]),
-            offload_policy=CPUOffloadPolicy(pin_memory=self.device.type == "cuda") if b.offload else OffloadPolicy(),
+            offload_policy=(CPUOffloadPolicy(pin_memory=self.device.type == "cuda") if b.offload
+                            else OffloadPolicy()),
         )
         blocks = list(model.blocks)
         for block in blocks:
