@@ -73,8 +73,18 @@ class BackendConfig:
 
     name: str = "ddp"
     """ddp | fsdp | deepspeed | deepspeed3d."""
-    reshard_after_forward: bool = True
-    """fsdp: free gathered parameters after each block's forward (FSDP1's FULL_SHARD)."""
+    sharding: str = "full_shard"
+    """fsdp: full_shard | shard_grad_op | hybrid_shard | no_shard (FSDP1's names, mapped onto FSDP2)."""
+    hybrid_shard_group: Optional[int] = None
+    """fsdp hybrid_shard: ranks that shard one replica (FSDP2's HSDP); None means system.devices_per_node."""
+    prefetch_depth: int = 0
+    """fsdp: all-gather the next (forward) / previous (backward) k blocks explicitly; 0: FSDP2's implicit one."""
+    offload: bool = False
+    """fsdp: keep sharded parameters, gradients and optimizer state on the CPU (FSDP2's CPUOffloadPolicy)."""
+    param_dtype: Optional[str] = None
+    """fsdp: dtype blocks compute in (fp32 | bf16 | fp16); None follows train.precision."""
+    reduce_dtype: Optional[str] = None
+    """fsdp: dtype gradients are reduced in; None means fp32."""
     offload_optimizer: bool = False
     """deepspeed: keep optimizer states on the CPU and step there (ZeRO-Offload; ZeRO stage 1 or more)."""
     offload_param: bool = False
@@ -120,6 +130,15 @@ class TrainConfig:
     """fp32 | fp16 | bf16 (mixed precision: fp32 master weights)."""
     activation_checkpointing: str = "none"
     """none | selective (attention sub-layer) | full (every block)."""
+    checkpoint_every_n: Optional[int] = None
+    """selective: None checkpoints every block's attention; n checkpoints every n-th whole block (torchtitan's
+    selective_ac_option=n), trading memory against recompute between none and full."""
+    compile: bool = False
+    """torch.compile every block (after checkpointing, before sharding: torchtitan's order)."""
+    compile_backend: str = "inductor"
+    """torch.compile backend; aot_eager traces without generating code (fast, for tests)."""
+    fault_inject_oom_step: Optional[int] = None
+    """Testing the failure path: the last rank raises torch.OutOfMemoryError at this step."""
     seed: int = 1234
     lr: float = 3e-4
     """Constant learning rate (a benchmark has no use for a schedule)."""
@@ -401,6 +420,46 @@ def _check_deepspeed(b: Any, p: Any, precision: str, device: str) -> None:
         raise ConfigError("train.precision=fp16: DeepSpeed's CPU accelerator has no fp16; use bf16 or fp32 on CPU")
 
 
+FSDP_SHARDING = ("full_shard", "shard_grad_op", "hybrid_shard", "no_shard")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager", "cudagraphs")
+
+
+def _check_fsdp(b: Any, devices_per_node: int, dp: int, precision: str, tp: int, device: str) -> None:
+    """The FSDP2 options; the hybrid group splits the data-parallel ranks into replicas of `group` shards."""
+    _choice(b.sharding, FSDP_SHARDING, "backend.sharding")
+    if b.sharding == "hybrid_shard":
+        group = b.hybrid_shard_group if b.hybrid_shard_group is not None else devices_per_node
+        if group < 1 or dp % group:
+            raise ConfigError(f"backend.hybrid_shard_group={group} does not divide the {dp} data-parallel ranks; "
+                              f"choose a divisor of {dp} (e.g. {_nearest_divisor(dp, group)})")
+    if b.prefetch_depth < 0:
+        raise ConfigError(f"backend.prefetch_depth={b.prefetch_depth}: must be 0 (FSDP2's implicit one) or more")
+    for key in ("param_dtype", "reduce_dtype"):
+        if getattr(b, key) is not None:
+            _choice(getattr(b, key), PRECISIONS, f"backend.{key}")
+    if (b.param_dtype or precision) == "fp16":
+        raise ConfigError("backend.param_dtype=fp16: FSDP2 would need a sharded gradient scaler; use bf16")
+    if b.offload and tp > 1 and device != "cpu":
+        raise ConfigError(f"backend.offload=true with parallel.tp={tp}: torch's parallelize_module moves "
+                          "tensor-parallel shards to the GPU and FSDP2's CPUOffloadPolicy refuses parameters not on the CPU; "
+                          "use parallel.tp=1 with offload (or system=cpu)")
+
+
+def _check_train_extras(t: Any, n_layers: int) -> None:
+    """Checkpointing granularity, compilation and the fault-injection step."""
+    if t.checkpoint_every_n is not None:
+        if t.activation_checkpointing != "selective":
+            raise ConfigError(f"train.checkpoint_every_n={t.checkpoint_every_n} needs "
+                              "train.activation_checkpointing=selective")
+        if not 1 <= t.checkpoint_every_n <= n_layers:
+            raise ConfigError(f"train.checkpoint_every_n={t.checkpoint_every_n}: "
+                              f"choose 1..model.n_layers={n_layers}")
+    _choice(t.compile_backend, COMPILE_BACKENDS, "train.compile_backend")
+    total = t.warmup_steps + t.steps
+    if t.fault_inject_oom_step is not None and not 0 <= t.fault_inject_oom_step < total:
+        raise ConfigError(f"train.fault_inject_oom_step={t.fault_inject_oom_step}: choose a step in 0..{total - 1}")
+
+
 def _nearest_divisor(n: int, near: int) -> int:
     return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - near), d))
 
@@ -462,6 +521,9 @@ def validate(cfg: DictConfig | Config, world_size: int) -> Layout:
     if world_size % (p.tp * p.pp):
         raise ConfigError(f"world size {world_size} is not divisible by parallel.tp*parallel.pp={p.tp * p.pp}")
     dp = world_size // (p.tp * p.pp)
+    _check_train_extras(t, m.n_layers)
+    if cfg.backend.name == "fsdp":
+        _check_fsdp(cfg.backend, cfg.system.devices_per_node, dp, t.precision, p.tp, cfg.system.device)
     per_step = t.micro_batch_size * dp
     global_batch = t.global_batch_size if t.global_batch_size is not None else per_step
     if global_batch < 1 or global_batch % per_step:
@@ -481,6 +543,14 @@ def validate(cfg: DictConfig | Config, world_size: int) -> Layout:
         global_batch_size=global_batch,
         grad_accum=global_batch // per_step,
     )
+
+
+def compute_precision(cfg: Any) -> str:
+    """The dtype the blocks compute in, which picks the peak MFU divides by: FSDP's param_dtype may differ
+    from train.precision."""
+    if cfg.backend.name == "fsdp" and cfg.backend.param_dtype is not None:
+        return cfg.backend.param_dtype
+    return cfg.train.precision
 
 
 def ffn_hidden(m: Any) -> int:

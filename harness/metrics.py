@@ -65,7 +65,8 @@ class MemoryMeter:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.kind = "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss"
-        self._retries = 0
+        # num_alloc_retries counts from process start; retries while building the model are not a step's.
+        self._retries = 0 if device.type != "cuda" else torch.cuda.memory_stats(device).get("num_alloc_retries", 0)
 
     def start_step(self) -> None:
         if self.device.type == "cuda":
@@ -100,5 +101,8 @@ def summarize_steps(steps: list[dict[str, Any]]) -> dict[str, Optional[float]]:
         out["tokens_per_s"] * out["iter_time_ms"] / 1e3 / out["energy_j_per_step"]  # type: ignore[operator]
         if out["energy_j_per_step"] else None
     )
+    retries = [s["alloc_retries"] for s in timed if s.get("alloc_retries") is not None]
+    # Total over the timed steps; each retry is a cache flush and a second cudaMalloc.
+    out["alloc_retries"] = sum(retries) if retries else None
     out["timed_steps"] = len(timed)
     return out

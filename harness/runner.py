@@ -26,7 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 
 from harness.backends import make_backend
-from harness.config import ConfigError, Layout, default_threads_per_rank, to_container, validate
+from harness.config import (ConfigError, Layout, compute_precision, default_threads_per_rank, to_container,
+                            validate)
 from harness.costmodel.estimate import estimate, predicted_metrics
 from harness.costmodel.flops import step_flops
 from harness.data import rank_micro_batches, token_source
@@ -122,13 +123,16 @@ def _ensure_failed_summary(run_dir: Path, config: dict[str, Any], layout: Layout
     """
     path = run_dir / "summary.json"
     stalled = "StalledRun:" in error  # some rank's watchdog ended the job
+    oom = "OutOfMemoryError" in error or "out of memory" in error.lower()
     if path.exists() and _read_status(path) != "ok":
         summary = json.loads(path.read_text())
         summary["error"] = error  # includes what rank 0 reported, through its @record error file
         summary["stop_reason"] = "watchdog" if stalled else summary.get("stop_reason", "failed")
+        if oom:  # a peer's OOM reaches rank 0 only as the agent's SIGTERM or a broken collective
+            summary["status"] = "oom"
         write_summary(run_dir, summary)
         return summary["status"]
-    status = "oom" if "OutOfMemoryError" in error or "out of memory" in error.lower() else "failed"
+    status = "oom" if oom else "failed"
     run_dir.mkdir(parents=True, exist_ok=True)
     write_summary(run_dir, build_summary(
         status=status, error=error, config=config, layout=layout.as_dict(), model={},
@@ -221,12 +225,13 @@ class Trainer:
                 model = GPT(gpt_config(self.cfg.model))
         self.n_params = model.num_params()
         self.backend.setup(model)
-        flops = step_flops(self.cfg.model, self.layout.global_batch_size, train.activation_checkpointing)
+        flops = step_flops(self.cfg.model, self.layout.global_batch_size, train.activation_checkpointing,
+                           train.checkpoint_every_n)
         self.throughput = Throughput(
             flops=flops,
             tokens_per_step=self.layout.global_batch_size * self.cfg.model.seq_len,
             world_size=self.layout.world_size,
-            peak=resolve_peak(self.cfg.system, train.precision, self.device),
+            peak=resolve_peak(self.cfg.system, compute_precision(self.cfg), self.device),
         )
         d = self.cfg.data
         self.data = token_source(kind=d.kind, vocab_size=self.cfg.model.vocab_size, seq_len=self.cfg.model.seq_len,
@@ -264,6 +269,7 @@ class Trainer:
         last = time.perf_counter()
         for step in range(total):
             self.memory.start_step()
+            self.inject_fault(step)
             batches = rank_micro_batches(self.data, step=step, layout=self.layout,
                                          dp_rank=self.backend.dp_rank, device=self.device)
             loss = self.backend.train_step(batches)
@@ -281,34 +287,45 @@ class Trainer:
         if progress is not None:
             progress.close()
 
+    def inject_fault(self, step: int) -> None:
+        """`train.fault_inject_oom_step`: the last rank fails as a real out-of-memory step would, so the
+        failure path (peers ended, `status: oom`, a sweep going on) can be tested without a GPU."""
+        if step == self.cfg.train.fault_inject_oom_step and self.info.rank == self.info.world_size - 1:
+            raise torch.OutOfMemoryError(
+                f"injected by train.fault_inject_oom_step={step} on rank {self.info.rank}")
+
     def record(self, step: int, warmup: bool, loss: torch.Tensor, iter_time_s: float) -> dict[str, Any]:
         """One line of steps.jsonl. Its reduction falls into the next step's time, not hidden from it."""
         memory = self.memory.read()
         stop = out_of_time(self.end_time_s, time.time(), iter_time_s, self.cfg.launcher.walltime_margin_s)
-        loss_value, peak_mb, self.stop_agreed = self.reduce(loss, memory["peak_memory_mb"], stop)
+        loss_value, peak_mb, retries, self.stop_agreed = self.reduce(
+            loss, memory["peak_memory_mb"], memory["alloc_retries"], stop)
         return {
             "step": step,
             "warmup": warmup,
             "loss": loss_value,
             **self.throughput.rates(iter_time_s),
             "peak_memory_mb": peak_mb,
-            "alloc_retries": memory["alloc_retries"],
+            "alloc_retries": retries,
             **self.backend.step_notes(),
             "power_w": None,
             "energy_j": None,
         }
 
-    def reduce(self, loss: torch.Tensor, peak_mb: float, stop: bool) -> tuple[float, float, bool]:
-        """The mean loss over ranks (all are data-parallel here), the largest peak memory, and rank 0's
-        decision to stop, in one collective: every rank leaves the loop after the same step."""
+    def reduce(self, loss: torch.Tensor, peak_mb: float, retries: Optional[int], stop: bool
+               ) -> tuple[float, float, Optional[int], bool]:
+        """In one collective: the mean loss over ranks (tensor-parallel peers hold the same loss), the largest
+        peak memory and allocator retries of any rank (the one nearest its memory limit), and rank 0's
+        decision to stop, so that every rank leaves the loop after the same step."""
         mine = torch.stack([loss.detach().float(), torch.tensor(peak_mb, device=loss.device),
+                            torch.tensor(float(retries or 0), device=loss.device),
                             torch.tensor(float(stop), device=loss.device)])
-        if self.info.world_size == 1:
-            return float(mine[0]), float(mine[1]), stop
-        gathered = [torch.empty_like(mine) for _ in range(self.info.world_size)]
-        dist.all_gather(gathered, mine)
-        table = torch.stack(gathered)
-        return float(table[:, 0].mean()), float(table[:, 1].max()), bool(table[0, 2])
+        if self.info.world_size > 1:
+            gathered = [torch.empty_like(mine) for _ in range(self.info.world_size)]
+            dist.all_gather(gathered, mine)
+            table = torch.stack(gathered)
+            mine = torch.stack([table[:, 0].mean(), table[:, 1].max(), table[:, 2].max(), table[0, 3]])
+        return float(mine[0]), float(mine[1]), None if retries is None else int(mine[2]), bool(mine[3])
 
     def stalled(self, error: Exception) -> None:
         """The watchdog's last act on this rank: the summary says the run stopped making progress."""
@@ -363,7 +380,12 @@ class Trainer:
 
     def metric_notes(self) -> dict[str, Any]:
         throughput = getattr(self, "throughput", None)
-        notes: dict[str, Any] = {"peak_memory_kind": getattr(getattr(self, "memory", None), "kind", None)}
+        memory = getattr(self, "memory", None)
+        notes: dict[str, Any] = {"peak_memory_kind": getattr(memory, "kind", None)}
+        if hasattr(getattr(self, "backend", None), "model"):  # set up: how much of the model rank 0 holds
+            notes["params_on_rank0"] = self.backend.local_params()
+        if memory is not None and memory.kind == "cpu_peak_rss":
+            notes["alloc_retries_reason"] = "no caching allocator on a CPU (retries are a CUDA statistic)"
         if throughput is not None:
             notes.update(
                 model_flops_per_step=throughput.flops.model,

@@ -68,7 +68,7 @@ LAYOUTS = {
     "ddp-2": ["launcher.nproc=2", "backend=ddp", "train.micro_batch_size=2"],
     "ddp-2-accum": ["launcher.nproc=2", "backend=ddp", "train.micro_batch_size=1"],
     "fsdp-2": ["launcher.nproc=2", "backend=fsdp", "train.micro_batch_size=2"],
-    "fsdp-2-no-reshard": ["launcher.nproc=2", "backend=fsdp", "backend.reshard_after_forward=false",
+    "fsdp-2-no-reshard": ["launcher.nproc=2", "backend=fsdp", "backend.sharding=shard_grad_op",
                           "train.micro_batch_size=2"],
     "ddp-2-selective": ["launcher.nproc=2", "backend=ddp", "train.micro_batch_size=2",
                         "train.activation_checkpointing=selective"],

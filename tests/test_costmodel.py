@@ -129,7 +129,7 @@ def test_fsdp_volumes() -> None:
     split = param_split(j.model)
     assert by_kind(collectives(j)) == {("dp", "all_gather"): 2 * 2 * split.total,
                                        ("dp", "reduce_scatter"): 4 * split.total}
-    j = job(2, backend={"name": "fsdp", "reshard_after_forward": False}, train={"precision": "bf16"})
+    j = job(2, backend={"name": "fsdp", "sharding": "shard_grad_op"}, train={"precision": "bf16"})
     assert by_kind(collectives(j))[("dp", "all_gather")] == 2 * split.total
 
 

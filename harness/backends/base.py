@@ -62,9 +62,14 @@ class Backend(ABC):
         """Extra fields for summary.json, by block: `layout`, `model` or `metrics`."""
         return {}
 
+    def local_params(self) -> int | None:
+        """Parameter elements this rank stores after `setup` (what the layout shards); None if unknown."""
+        return None
 
-def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
-    """Recompute activations in the backward pass: every block (full) or every attention sub-layer (selective).
+
+def apply_activation_checkpointing(model: nn.Module, mode: str, every_n: int | None = None) -> None:
+    """Recompute activations in the backward pass: every block (full), or (selective) every attention
+    sub-layer, or with `every_n` every n-th whole block (blocks n-1, 2n-1, ...: torchtitan's count).
 
     Uses PyTorch's non-reentrant checkpoint wrapper, as torchtitan does; it must be applied before
     FSDP wraps the blocks.
@@ -74,10 +79,22 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     for i, block in enumerate(model.blocks):
-        if mode == "full":
+        if mode == "full" or (every_n is not None and (i + 1) % every_n == 0):
             model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
-        else:
+        elif every_n is None:
             block.attn = checkpoint_wrapper(block.attn, preserve_rng_state=False)
+
+
+def checkpoint_and_compile(model: nn.Module, train: Any) -> None:
+    """Activation checkpointing, then `torch.compile` of each block in place (torchtitan's order).
+
+    Compiling block by block keeps the module names (so sharding wraps the same blocks) and lets
+    each repeated block reuse one compiled graph.
+    """
+    apply_activation_checkpointing(model, train.activation_checkpointing, train.checkpoint_every_n)
+    if train.compile:
+        for block in model.blocks:
+            block.compile(backend=train.compile_backend)
 
 
 def make_optimizer(params: Any, train: Any) -> torch.optim.Optimizer:
@@ -97,11 +114,21 @@ class FabricBackend(Backend):
     def precision(self) -> str:
         return self.fabric_precision[self.cfg.train.precision]
 
+    @property
+    def move_to_device(self) -> bool:
+        """Whether Fabric moves the whole model to the device before the strategy wraps it."""
+        return True
+
+    def prepare(self, model: nn.Module) -> None:
+        """What happens to the plain model before Fabric wraps it (a backend that parallelizes
+        blocks itself does this inside its own parallelize function instead)."""
+        checkpoint_and_compile(model, self.cfg.train)
+
     def setup(self, model: nn.Module) -> None:
         from lightning.fabric import Fabric
         from lightning.fabric.plugins.environments import TorchElasticEnvironment
 
-        apply_activation_checkpointing(model, self.cfg.train.activation_checkpointing)
+        self.prepare(model)
         # The runner already exported torchrun-style variables for every launcher (srun, mpiexec
         # included) and initialised the process group, so Fabric reads the same rank layout.
         self.fabric = Fabric(
@@ -113,8 +140,17 @@ class FabricBackend(Backend):
             plugins=[TorchElasticEnvironment()],
         )
         self.fabric.launch()
-        self.model = self.fabric.setup_module(model)
+        self.model = self.fabric.setup_module(model, move_to_device=self.move_to_device)
         self.optimizer = self.fabric.setup_optimizers(make_optimizer(self.model.parameters(), self.cfg.train))
+
+    def local_params(self) -> int | None:
+        from torch.distributed.tensor import DTensor
+
+        return sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel()
+                   for p in self.model.parameters())
+
+    def clip_gradients(self, max_norm: float) -> None:
+        self.fabric.clip_gradients(self.model, self.optimizer, max_norm=max_norm)
 
     def train_step(self, micro_batches: Sequence[MicroBatch]) -> torch.Tensor:
         total = torch.zeros((), device=self.device)
@@ -125,7 +161,7 @@ class FabricBackend(Backend):
                 self.fabric.backward(loss / n)
             total += loss.detach()
         if self.cfg.train.grad_clip > 0:
-            self.fabric.clip_gradients(self.model, self.optimizer, max_norm=self.cfg.train.grad_clip)
+            self.clip_gradients(self.cfg.train.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total / n

@@ -89,14 +89,18 @@ def forward_flops_per_token(m: ModelDims, *, causal_halved: bool = True) -> Forw
     )
 
 
-def recomputed_forward_per_token(fwd: ForwardFlops, activation_checkpointing: str) -> float:
+def recomputed_forward_per_token(fwd: ForwardFlops, activation_checkpointing: str,
+                                 every_n: int | None = None) -> float:
     """Forward FLOPs per token that checkpointing runs a second time in the backward pass.
 
     full: every block's forward; selective: the attention sub-layer of every block (what this
-    harness checkpoints); none: nothing. The logits are never recomputed.
+    harness checkpoints), or with `every_n` every n-th whole block; none: nothing. The logits are
+    never recomputed.
     """
     if activation_checkpointing == "full":
         return fwd.n_layers * fwd.layer
+    if activation_checkpointing == "selective" and every_n is not None:
+        return fwd.n_layers // every_n * fwd.layer
     if activation_checkpointing == "selective":
         return fwd.n_layers * (fwd.attn_gemms + fwd.attn_core)
     return 0.0
@@ -110,9 +114,11 @@ class StepFlops:
     """Model FLOPs plus recompute (what HFU divides)."""
 
 
-def step_flops(m: ModelDims, global_batch_size: int, activation_checkpointing: str = "none") -> StepFlops:
+def step_flops(m: ModelDims, global_batch_size: int, activation_checkpointing: str = "none",
+               checkpoint_every_n: int | None = None) -> StepFlops:
     """Training FLOPs of one optimizer step over the whole global batch (all ranks together)."""
     fwd = forward_flops_per_token(m)
     tokens = global_batch_size * m.seq_len
     model = 3 * (fwd.n_layers * fwd.layer + fwd.logits) * tokens
-    return StepFlops(model=model, hardware=model + recomputed_forward_per_token(fwd, activation_checkpointing) * tokens)
+    recomputed = recomputed_forward_per_token(fwd, activation_checkpointing, checkpoint_every_n)
+    return StepFlops(model=model, hardware=model + recomputed * tokens)

@@ -67,15 +67,12 @@ class Job:
 
 def job_from_config(cfg: Any, layout: Layout, software: Software = HARNESS) -> Job:
     backend = cfg.backend
-    sharding = getattr(backend, "sharding", None)
-    if sharding is None:  # before `backend.sharding` existed, FSDP2's reshard flag chose between the two
-        sharding = "full_shard" if getattr(backend, "reshard_after_forward", True) else "shard_grad_op"
     return Job(
         model=cfg.model,
         layout=layout,
         backend=backend.name,
-        sharding=sharding,
-        offload=bool(getattr(backend, "offload", False)),
+        sharding=backend.sharding,
+        offload=backend.offload,
         precision=cfg.train.precision,
         checkpointing=cfg.train.activation_checkpointing,
         sequence_parallel=bool(cfg.parallel.sequence_parallel),

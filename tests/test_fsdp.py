@@ -1,0 +1,222 @@
+"""The FSDP backend's options: every sharding strategy, tensor (and sequence) parallelism, TP x FSDP,
+checkpointing, prefetch, offload and compile against the 1-rank reference; checkpointing's saved
+bytes; the out-of-memory path in a sweep; the FSDP study as experiments; bad input.
+
+Parity runs train gpt-tiny in fp32 with the reference's global batch (4 samples) for 4 optimizer
+steps on real gloo groups, like tests/test_parity.py; the tolerance is the same 1e-5 (the issue asks
+for 1e-4): tensor parallelism splits matmul reductions, so losses agree to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import GLOBAL_BATCH, TINY, Run, harness, harness_run
+from harness.backends.base import apply_activation_checkpointing
+from harness.config import CONF_DIR, ConfigError, Config, compute_precision, validate
+from models.gpt import GPT, GPTConfig
+
+TOLERANCE = 1e-5
+
+FSDP_LAYOUTS = {
+    "no-shard-2": ["launcher.nproc=2", "backend.sharding=no_shard", "train.micro_batch_size=2"],
+    "hybrid-4-every-2nd-block": ["launcher.nproc=4", "backend.sharding=hybrid_shard", "backend.hybrid_shard_group=2",
+                                 "train.micro_batch_size=1", "train.activation_checkpointing=selective",
+                                 "train.checkpoint_every_n=2"],
+    "tp-2": ["launcher.nproc=2", "parallel.tp=2", "train.micro_batch_size=2"],
+    "tp-2-sequence-parallel-selective": ["launcher.nproc=2", "parallel.tp=2", "parallel.sequence_parallel=true",
+                                         "train.micro_batch_size=2", "train.activation_checkpointing=selective"],
+    "tp-2-x-fsdp-2-full-prefetch": ["launcher.nproc=4", "parallel.tp=2", "train.micro_batch_size=1",
+                                    "train.activation_checkpointing=full", "backend.prefetch_depth=1"],
+    "offload-2-prefetch-2": ["launcher.nproc=2", "backend.offload=true", "backend.prefetch_depth=2",
+                             "train.micro_batch_size=1"],
+    "compile-2": ["launcher.nproc=2", "train.compile=true", "train.compile_backend=aot_eager",
+                  "train.micro_batch_size=2"],
+}
+
+
+@pytest.fixture(scope="session")
+def fsdp_runs(runs_root: Path) -> dict[str, Run]:
+    return {name: harness_run(runs_root / f"fsdp-{name}", *TINY, *GLOBAL_BATCH, "backend=fsdp", *overrides)
+            for name, overrides in FSDP_LAYOUTS.items()}
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("layout", list(FSDP_LAYOUTS))
+def test_fsdp_layout_matches_single_rank_reference(reference: Run, fsdp_runs: dict[str, Run], layout: str) -> None:
+    expected, got = reference.losses, fsdp_runs[layout].losses
+    assert len(got) == len(expected) == 4
+    assert got == pytest.approx(expected, abs=TOLERANCE, rel=0), f"{layout}: {got} vs {expected}"
+    assert abs(expected[-1] - expected[0]) > 10 * TOLERANCE
+
+
+# Share of the model's parameters that rank 0 stores: shows each strategy really shards (or does not).
+# gpt-tiny under TP 2 keeps its embeddings whole and splits the blocks' matrices: 91,456 of 141,056.
+PARAM_SHARE = {
+    "no-shard-2": (1.0, 1.0),
+    "hybrid-4-every-2nd-block": (0.49, 0.51),
+    "tp-2": (0.64, 0.65),
+    "tp-2-x-fsdp-2-full-prefetch": (0.32, 0.33),
+    "offload-2-prefetch-2": (0.49, 0.51),
+}
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("layout", list(PARAM_SHARE))
+def test_fsdp_layout_holds_its_share_of_the_parameters(fsdp_runs: dict[str, Run], layout: str) -> None:
+    summary = fsdp_runs[layout].summary
+    share = summary["metrics"]["params_on_rank0"] / summary["model"]["params"]
+    low, high = PARAM_SHARE[layout]
+    assert low <= share <= high, f"{layout}: rank 0 holds {share:.3f} of the parameters"
+
+
+@pytest.mark.multirank
+def test_tp_x_fsdp_layout_recorded(fsdp_runs: dict[str, Run]) -> None:
+    summary = fsdp_runs["tp-2-x-fsdp-2-full-prefetch"].summary
+    assert summary["layout"] == {"world_size": 4, "tp": 2, "pp": 1, "dp": 2, "zero_stage": 0, "micro_batch_size": 1,
+                                 "global_batch_size": 4, "grad_accum": 2}
+    # On a CPU no allocator retries exist: null with the reason, not 0.
+    assert summary["metrics"]["alloc_retries"] is None and summary["metrics"]["alloc_retries_reason"]
+
+
+def _saved_activation_bytes(mode: str, every_n: int | None = None) -> int:
+    """Bytes autograd keeps for backward after one forward: unique storages seen by saved_tensors_hooks,
+    parameters excluded. Non-reentrant checkpointing replaces the hooks inside its regions, so what it
+    recomputes never reaches these hooks."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layers=4, d_model=64, n_heads=4, seq_len=64, vocab_size=128))
+    apply_activation_checkpointing(model, mode, every_n)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    tokens = torch.randint(0, 128, (2, 64))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(tokens, tokens)
+    loss.backward()
+    return sum(storages.values())
+
+
+def test_checkpointing_reduces_saved_activation_bytes() -> None:
+    none = _saved_activation_bytes("none")
+    attention = _saved_activation_bytes("selective")
+    every_2nd = _saved_activation_bytes("selective", every_n=2)
+    full = _saved_activation_bytes("full")
+    assert full < every_2nd < none and full < attention < none, (full, every_2nd, attention, none)
+
+
+@pytest.mark.multirank
+def test_oom_ends_its_point_with_status_oom_and_the_sweep_goes_on(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    proc = harness(["run", "-m", *TINY, "backend=fsdp", "launcher.nproc=2", "train.fault_inject_oom_step=2,null",
+                    f"hydra.sweep.dir={sweep}"], cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    points = {json.loads(p.read_text())["config"]["train"]["fault_inject_oom_step"]: p.parent
+              for p in sweep.glob("*/summary.json")}
+    assert sorted(points, key=str) == [2, None]
+    oom = json.loads((points[2] / "summary.json").read_text())
+    assert oom["status"] == "oom" and "OutOfMemoryError" in oom["error"] and "rank 1" in oom["error"], oom["error"]
+    finished = [json.loads(line)["step"] for line in (points[2] / "steps.jsonl").read_text().splitlines()]
+    assert finished == [0, 1]
+    assert json.loads((points[None] / "summary.json").read_text())["status"] == "ok"
+
+
+def test_oom_in_a_single_run_exits_non_zero(tmp_path: Path) -> None:
+    proc = harness(["run", f"hydra.run.dir={tmp_path / 'run'}", *TINY, "train.fault_inject_oom_step=1"],
+                   cwd=tmp_path, timeout=120)
+    assert proc.returncode == 1 and "run oom" in proc.stderr, proc.stderr
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "oom"
+
+
+@pytest.mark.multirank
+def test_cpu_study_sweeps_by_itself_one_directory_per_point(tmp_path: Path) -> None:
+    sweep = tmp_path / "study"
+    proc = harness(["run", "-m", "+experiment=fsdp-study-cpu", f"hydra.sweep.dir={sweep}"], cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    summaries = [json.loads(p.read_text()) for p in sweep.glob("*/summary.json")]
+    points = sorted((s["config"]["train"]["micro_batch_size"], s["config"]["train"]["activation_checkpointing"])
+                    for s in summaries)
+    assert points == [(1, "full"), (1, "none"), (2, "full"), (2, "none")]
+    assert all(s["status"] == "ok" and s["config"]["backend"]["prefetch_depth"] == 1 for s in summaries)
+    # Checkpointing shows in the hardware FLOPs (recomputed forward passes), not in the model FLOPs.
+    by_point = {(s["config"]["train"]["micro_batch_size"], s["config"]["train"]["activation_checkpointing"]):
+                s["metrics"] for s in summaries}
+    assert by_point[(2, "full")]["hardware_flops_per_step"] > by_point[(2, "none")]["hardware_flops_per_step"]
+    assert by_point[(2, "full")]["model_flops_per_step"] == by_point[(2, "none")]["model_flops_per_step"]
+
+
+@pytest.mark.parametrize("experiment,points", [("fsdp-study-xl", 6), ("fsdp-study-xl-ckpt", 8),
+                                               ("fsdp-study-3b-ckpt", 3)])
+def test_gpu_study_experiments_expand_to_the_published_points(tmp_path: Path, experiment: str, points: int) -> None:
+    """Each point is composed and validated; train.steps=0 stops every point before launch (no GPU here)."""
+    sweep = tmp_path / "sweep"
+    proc = harness(["run", "-m", f"+experiment={experiment}", "train.steps=0", f"hydra.sweep.dir={sweep}"],
+                   cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    configs = [json.loads(p.read_text())["config"] for p in sweep.glob("*/summary.json")]
+    assert len(configs) == points
+    assert all(c["backend"]["name"] == "fsdp" and c["model"]["seq_len"] == 128 and c["launcher"]["nproc"] == 4
+               for c in configs)
+
+
+def _config(*dotlist: str) -> Config:
+    """gpt-tiny with backend=fsdp and `dotlist` overrides, as Hydra would compose it."""
+    groups = {"model": OmegaConf.load(CONF_DIR / "model/gpt-tiny.yaml"),
+              "backend": OmegaConf.load(CONF_DIR / "backend/fsdp.yaml")}
+    return OmegaConf.merge(OmegaConf.structured(Config), groups, OmegaConf.from_dotlist(list(dotlist)))  # type: ignore
+
+
+BAD_FSDP = [
+    (["backend.sharding=zero3"], 2, "backend.sharding=zero3", "full_shard, shard_grad_op, hybrid_shard, no_shard"),
+    (["backend.sharding=hybrid_shard", "backend.hybrid_shard_group=3"], 4, "backend.hybrid_shard_group=3",
+     "divisor of 4"),
+    (["parallel.tp=3"], 3, "parallel.tp=3", "model.n_heads=4"),
+    (["backend.offload=true", "parallel.tp=2", "system.device=cuda"], 2, "backend.offload=true",
+     "CPUOffloadPolicy refuses"),
+    (["backend.param_dtype=fp16"], 2, "backend.param_dtype=fp16", "use bf16"),
+    (["backend.prefetch_depth=-1"], 2, "backend.prefetch_depth=-1", "0"),
+    (["train.checkpoint_every_n=2"], 2, "train.checkpoint_every_n=2", "activation_checkpointing=selective"),
+    (["train.compile_backend=nope"], 2, "train.compile_backend=nope", "aot_eager"),
+]
+
+
+@pytest.mark.parametrize("overrides,world,field,fix", BAD_FSDP, ids=[b[2] for b in BAD_FSDP])
+def test_bad_fsdp_options_are_rejected_in_one_line(overrides: list[str], world: int, field: str, fix: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        validate(_config(*overrides), world)
+    message = str(info.value)
+    assert "\n" not in message and field in message and fix in message, message
+
+
+def test_bad_fsdp_option_fails_on_the_command_line_before_launch(tmp_path: Path) -> None:
+    proc = harness(["run", "backend=fsdp", "launcher.nproc=4", "backend.sharding=hybrid_shard",
+                    "backend.hybrid_shard_group=3"], cwd=tmp_path, timeout=60)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("harness: error: backend.hybrid_shard_group=3"), lines[0]
+
+
+def test_mfu_peak_follows_the_dtype_blocks_compute_in() -> None:
+    assert compute_precision(_config("backend.param_dtype=bf16")) == "bf16"
+    assert compute_precision(_config()) == "fp32"
+    assert compute_precision(_config("backend.name=ddp", "backend.param_dtype=bf16")) == "fp32"  # ddp ignores it
+
+
+@pytest.mark.multirank
+def test_mixed_precision_policy_computes_in_bf16(reference: Run, runs_root: Path) -> None:
+    """bf16 parameters and fp16 gradient reduction: close to the fp32 reference, but not equal to it."""
+    run = harness_run(runs_root / "fsdp-bf16-fp16-reduce", *TINY, *GLOBAL_BATCH, "backend=fsdp", "launcher.nproc=2",
+                      "train.micro_batch_size=2", "backend.param_dtype=bf16", "backend.reduce_dtype=fp16")
+    differences = [abs(a - b) for a, b in zip(run.losses, reference.losses)]
+    assert len(differences) == 4 and max(differences) < 1e-2 and max(differences) > TOLERANCE, differences
+    assert run.summary["config"]["backend"]["param_dtype"] == "bf16"
