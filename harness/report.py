@@ -64,7 +64,14 @@ def summary_table(summary: dict[str, Any]) -> Table:
         ("MFU", _fmt(m["mfu"], ".1%"), m.get("mfu_reason") or f"peak {m.get('peak_tflops')} TFLOP/s"),
         ("HFU", _fmt(m["hfu"], ".1%"), m.get("hfu_reason") or ""),
         ("peak memory", _fmt(m["peak_memory_mb"], ",.0f") + " MB", m.get("peak_memory_kind") or ""),
-        ("power", _fmt(m["power_w"], ".0f") + " W", m.get("power_w_reason") or ""),
+        ("power per device", _fmt(m.get("power_w"), ".1f") + " W", m.get("power_w_reason") or "time-weighted mean"),
+        ("idle power per device", _fmt(m.get("idle_power_w"), ".1f") + " W", m.get("idle_power_w_reason") or ""),
+        ("energy per step", _fmt(m.get("energy_j_per_step"), ".4g") + " J",
+         m.get("energy_j_per_step_reason") or "all devices, all nodes"),
+        ("tokens per joule", _fmt(m.get("tokens_per_joule"), ",.1f"), m.get("tokens_per_joule_reason") or ""),
+        ("GPU usage", _fmt(m.get("gpu_util_pct_mean"), ".0f") + " ± " + _fmt(m.get("gpu_util_pct_std"), ".0f") + " %",
+         "mean ± std over timed steps"),
+        ("process CPU", _fmt(m.get("process_cpu_pct"), ".0f") + " %", "of one core, mean over ranks (psutil)"),
         ("loss", _fmt(m["loss"], ".4f"), "median over timed steps"),
     ]
     for row in rows:

@@ -31,6 +31,8 @@ from harness.costmodel.flops import step_flops
 from harness.data import rank_micro_batches, token_source
 from harness.metrics import MemoryMeter, Throughput, device_name, resolve_peak
 from harness.report import Progress, print_summary
+from harness.telemetry import Sampler, StepReading, make_sampler
+from harness.telemetry.summary import step_fields, telemetry_block, write_power_csv
 from harness.results import (
     StepLog,
     build_summary,
@@ -201,6 +203,10 @@ class Trainer:
         self.data = token_source(kind=d.kind, vocab_size=self.cfg.model.vocab_size, seq_len=self.cfg.model.seq_len,
                                  seed=train.seed, path=d.path, dtype=d.dtype)
         self.memory = MemoryMeter(self.device)
+        self.sampler: Sampler = make_sampler(
+            self.cfg.telemetry, device_type=self.device.type, device_index=self.device.index,
+            local_rank=self.info.local_rank, rank=self.info.rank, host=hostname(),
+            warmup_steps=train.warmup_steps, rocm=torch.version.hip is not None)
 
     def run(self) -> None:
         status, error = "ok", None
@@ -217,12 +223,14 @@ class Trainer:
         finally:
             if step_log is not None:
                 step_log.close()
-            self.finish(status, error)
+            sampler = getattr(self, "sampler", None)
+            self.finish(status, error, sampler.stop() if sampler is not None else None)
 
     def loop(self, step_log: Optional[StepLog]) -> None:
         train = self.cfg.train
         total = train.warmup_steps + train.steps
         progress = Progress(total, train.warmup_steps) if self.is_writer else None
+        self.sampler.start()  # idle power first, with the model built and the device quiet
         # Move everything imported and built so far out of the collector's reach: otherwise each
         # full collection walks millions of framework objects mid-step (torchtitan and Megatron
         # manage the GC in their loops for the same reason).
@@ -230,6 +238,7 @@ class Trainer:
         gc.freeze()
         _synchronize(self.device)
         last = time.perf_counter()
+        self.sampler.mark_step(last)
         for step in range(total):
             self.memory.start_step()
             batches = rank_micro_batches(self.data, step=step, layout=self.layout,
@@ -238,17 +247,20 @@ class Trainer:
             _synchronize(self.device)
             now = time.perf_counter()
             iter_time_s, last = now - last, now
-            record = self.record(step, step < train.warmup_steps, loss, iter_time_s)
+            reading = self.sampler.mark_step(now)
+            assert reading is not None  # every boundary after the first closes a window
+            record = self.record(step, step < train.warmup_steps, loss, iter_time_s, reading)
             if step_log is not None and progress is not None:
                 step_log.write(record)
                 progress.update(record)
         if progress is not None:
             progress.close()
 
-    def record(self, step: int, warmup: bool, loss: torch.Tensor, iter_time_s: float) -> dict[str, Any]:
+    def record(self, step: int, warmup: bool, loss: torch.Tensor, iter_time_s: float,
+               reading: StepReading) -> dict[str, Any]:
         """One line of steps.jsonl. Its reduction falls into the next step's time, not hidden from it."""
         memory = self.memory.read()
-        loss_value, peak_mb = self.reduce(loss, memory["peak_memory_mb"])
+        loss_value, peak_mb, telemetry = self.reduce(loss, memory["peak_memory_mb"], reading.vector())
         return {
             "step": step,
             "warmup": warmup,
@@ -256,30 +268,34 @@ class Trainer:
             **self.throughput.rates(iter_time_s),
             "peak_memory_mb": peak_mb,
             "alloc_retries": memory["alloc_retries"],
-            "power_w": None,
-            "energy_j": None,
+            **step_fields(telemetry, iter_time_s),
         }
 
-    def reduce(self, loss: torch.Tensor, peak_mb: float) -> tuple[float, float]:
-        """The mean loss over ranks (all are data-parallel here) and the largest peak memory, in one collective."""
-        mine = torch.stack([loss.detach().float(), torch.tensor(peak_mb, device=loss.device)])
+    def reduce(self, loss: torch.Tensor, peak_mb: float, telemetry: list[float]
+               ) -> tuple[float, float, list[list[float]]]:
+        """The mean loss over ranks (all are data-parallel here), the largest peak memory and every rank's
+        telemetry row, in one collective."""
+        extra = torch.tensor([peak_mb, *telemetry], dtype=torch.float64, device=loss.device)
+        mine = torch.cat([loss.detach().double().reshape(1), extra])
         if self.info.world_size == 1:
-            return float(mine[0]), float(mine[1])
-        gathered = [torch.empty_like(mine) for _ in range(self.info.world_size)]
-        dist.all_gather(gathered, mine)
-        table = torch.stack(gathered)
-        return float(table[:, 0].mean()), float(table[:, 1].max())
-
-    def finish(self, status: str, error: Optional[str]) -> None:
-        hostnames: list[Any] = [None] * self.info.world_size
-        devices: list[Any] = [None] * self.info.world_size
-        if status == "ok" and self.info.world_size > 1:  # peers of a failed rank may be gone
-            dist.all_gather_object(hostnames, hostname())
-            dist.all_gather_object(devices, device_name(self.device))
+            table = mine.reshape(1, -1)
         else:
-            hostnames, devices = [hostname()], [device_name(self.device)]
+            gathered = [torch.empty_like(mine) for _ in range(self.info.world_size)]
+            dist.all_gather(gathered, mine)
+            table = torch.stack(gathered)
+        return float(table[:, 0].mean()), float(table[:, 1].max()), table[:, 2:].tolist()
+
+    def finish(self, status: str, error: Optional[str], telemetry: Optional[dict[str, Any]]) -> None:
+        mine = (hostname(), device_name(self.device), telemetry)
+        if status == "ok" and self.info.world_size > 1:  # peers of a failed rank may be gone
+            ranks: list[Any] = [None] * self.info.world_size
+            dist.all_gather_object(ranks, mine)
+        else:
+            ranks = [mine]
+        hostnames, devices = [r[0] for r in ranks], [r[1] for r in ranks]
         if not self.is_writer:
             return
+        reports = [r[2] for r in ranks if r[2] is not None]
         steps = read_steps(self.run_dir)
         summary = build_summary(
             status=status,
@@ -291,6 +307,7 @@ class Trainer:
             env=environment(world_size=self.info.world_size, hostnames=hostnames, devices=devices,
                             launcher=self.info.launcher),
             extra_metrics=self.metric_notes(),
+            telemetry=telemetry_block(reports, write_power_csv(self.run_dir, reports)) if reports else None,
         )
         write_summary(self.run_dir, summary)
         if status == "ok":
