@@ -228,10 +228,11 @@ def test_sampler_without_a_source_reports_nan_and_measures_the_process() -> None
     sampler = Sampler(None, reason="no GPU", shared=False, interval_s=0.1, idle_s=3.0, warmup_steps=0,
                       host="h", rank=0)
     start = time.perf_counter()
-    readings, _ = run_steps(sampler, [0.05])
+    readings, _ = run_steps(sampler, [0.01, 0.25])
     assert time.perf_counter() - start < 1.0, "no idle wait without a source"
     assert math.isnan(readings[0].energy_j) and readings[0].devices == 0
-    assert readings[0].process_rss_mb > 10 and readings[0].process_cpu_pct >= 0
+    assert math.isnan(readings[0].process_cpu_pct), "no CPU % before the thread's first interval"
+    assert readings[1].process_rss_mb > 10 and readings[1].process_cpu_pct >= 0
     report = sampler.stop()
     assert report["source"] is None and report["reason"] == "no GPU" and report["samples"] == []
 
@@ -354,15 +355,15 @@ def test_rocm_smi_json() -> None:
 def zone(path: Path, name: str, energy_uj: int, max_uj: int = 262_143_328_850) -> Path:
     path.mkdir(parents=True)
     (path / "name").write_text(name + "\n")
-    (path / "energy_uj").write_text(f"{energy_uj}\n")
+    (path / "energy_uj").write_text(f"{energy_uj:020d}\n")
     (path / "max_energy_range_uj").write_text(f"{max_uj}\n")
     return path
 
 
 def set_energy(zone_path: Path, energy_uj: int) -> None:
-    tmp = zone_path / "energy_uj.tmp"
-    tmp.write_text(f"{energy_uj}\n")
-    tmp.replace(zone_path / "energy_uj")  # atomic, so a concurrent reader never sees half a number
+    """In place and fixed width, in one write: the source keeps the file open and preads it, like sysfs."""
+    with open(zone_path / "energy_uj", "r+") as f:
+        f.write(f"{energy_uj:020d}\n")
 
 
 @pytest.fixture
@@ -401,13 +402,13 @@ def test_rapl_unwraps_at_max_energy_range(powercap: Path) -> None:
 
 
 def test_rapl_root_only_counter_is_reported_not_read_around(powercap: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = Path.read_text
+    real_open = os.open
 
-    def read_text(self: Path, *args: Any, **kwargs: Any) -> str:
-        if self.name == "energy_uj":  # mode 0400 root:root since CVE-2020-8694; we run as root here
-            raise PermissionError(13, "Permission denied", str(self))
-        return real(self, *args, **kwargs)
-    monkeypatch.setattr(Path, "read_text", read_text)
+    def open_(path: Any, flags: int, *args: Any) -> int:
+        if str(path).endswith("energy_uj"):  # mode 0400 root:root since CVE-2020-8694; we run as root here
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+    monkeypatch.setattr(os, "open", open_)
     with pytest.raises(SourceUnavailable, match="readable by root only"):
         RaplSource(powercap)
 

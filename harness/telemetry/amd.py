@@ -103,7 +103,7 @@ class AmdSmiSource:
         ticks = count["energy_accumulator"] if "energy_accumulator" in count else count["power"]
         return ticks * count["counter_resolution"] / 1e6
 
-    def read(self) -> list[Reading]:
+    def read(self, boundary: bool = False) -> list[Reading]:
         smi, out = self.smi, []
         for handle, key, has_energy in zip(self.handles, self.power_key, self.has_energy):
             reading = Reading()
@@ -113,6 +113,9 @@ class AmdSmiSource:
             if key is not None:
                 with contextlib.suppress(smi.AmdSmiException):
                     reading.power_w = _number(smi.amdsmi_get_power_info(handle).get(key))
+            if boundary:
+                out.append(reading)
+                continue
             with contextlib.suppress(smi.AmdSmiException):
                 reading.util_pct = _number(smi.amdsmi_get_gpu_activity(handle).get("gfx_activity"))
             with contextlib.suppress(smi.AmdSmiException):

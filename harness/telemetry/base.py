@@ -57,6 +57,8 @@ class Source(Protocol):
     """Power is measured apart from the energy counter, so one can check the other (not RAPL's)."""
     min_interval_s: float
 
-    def read(self) -> list[Reading]: ...
+    def read(self, boundary: bool = False) -> list[Reading]:
+        """All devices now; at a step `boundary` only energy and power are needed (fewer calls)."""
+        ...
 
     def close(self) -> None: ...

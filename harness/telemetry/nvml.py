@@ -103,11 +103,13 @@ class NvmlSource:
             raise self.nv.NVMLError(value.nvmlReturn)
         return float(getattr(value.value, _VALUE_MEMBER[value.valueType]))
 
-    def read(self) -> list[Reading]:
+    def read(self, boundary: bool = False) -> list[Reading]:
         out = []
         for readers in self.readers:
             reading = Reading()
             for quantity, read in readers.items():
+                if boundary and quantity not in ("energy_j", "power_w"):
+                    continue
                 try:
                     setattr(reading, quantity, read())
                 except self.nv.NVMLError:  # a transient failure: this sample lacks the value

@@ -71,7 +71,7 @@ class RocmSmiSource:
                                util_pct=_number(c.get("GPU use (%)"))))
         return out
 
-    def read(self) -> list[Reading]:
+    def read(self, boundary: bool = False) -> list[Reading]:
         try:
             return self._parse(self.query())
         except (OSError, subprocess.SubprocessError, json.JSONDecodeError):

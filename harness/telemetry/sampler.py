@@ -12,7 +12,8 @@ Energy per window comes from the hardware counter where it passed a Zeus-style c
 idle window (counter energy within 0.1x-10x of integrated power x time; Zeus uses the same loose
 bounds to catch counters that are plainly broken), and from trapezoidal integration of the
 sampled power otherwise. Sources cheap enough are also read synchronously at each boundary, so a
-window's ends are exact readings rather than the nearest sample.
+window's ends are exact readings rather than the nearest sample; utilisation, memory and the
+process (psutil) are left to the thread, which also runs without a power source.
 """
 
 from __future__ import annotations
@@ -74,11 +75,11 @@ class Sampler:
         self._unix_offset = time.time() - time.perf_counter()
 
     # -- sampling -------------------------------------------------------------------------------
-    def _sample(self) -> None:
-        """Read every device once and advance each running power integral."""
+    def _sample(self, boundary: bool = False) -> None:
+        """Read every device once and advance each running power integral; the thread's samples are kept."""
         assert self.source is not None
         with self._lock:
-            readings = self.source.read()
+            readings = self.source.read(boundary)
             t = time.perf_counter()
             for k, r in enumerate(readings):
                 if r.energy_j is not None:
@@ -93,11 +94,14 @@ class Sampler:
                     self._power[k], self._power_t[k] = r.power_w, t
                 if r.util_pct is not None:
                     self._util[k] = r.util_pct
-                self.rows.append((t, k, r.power_w, self._counter[k], r.util_pct, r.memory_mb))
+                if not boundary:
+                    self.rows.append((t, k, r.power_w, self._counter[k], r.util_pct, r.memory_mb))
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self._sample()
+            self.process.sample()
+            if self.source is not None:
+                self._sample()
         self._thread_cpu_s = time.thread_time()  # this thread's own CPU time, robust to busy neighbours
 
     def _values_at(self, t: float) -> list[tuple[Optional[float], Optional[float]]]:
@@ -113,18 +117,20 @@ class Sampler:
 
     def _read_boundary(self, t: float) -> list[tuple[Optional[float], Optional[float]]]:
         if self.source is not None and self.source.boundary_reads:
-            self._sample()
+            self._sample(boundary=True)
         return self._values_at(t)
 
     # -- life cycle -----------------------------------------------------------------------------
     def start(self) -> None:
         """Start the thread and measure idle power for `idle_s` (before the first step)."""
         self._started_at = time.perf_counter()
-        if self.source is None:
-            return
-        self._sample()
+        self.process.sample()
+        if self.source is not None:
+            self._sample()
         self._thread = threading.Thread(target=self._run, name="harness-telemetry", daemon=True)
         self._thread.start()
+        if self.source is None:
+            return
         idle: list[tuple[Optional[float], Optional[float]]] = [(None, None)] * len(self.methods)
         if self.idle_s > 0:
             t0 = time.perf_counter()
@@ -174,9 +180,8 @@ class Sampler:
             self._timed_start = values
         self._boundaries += 1
         if prev is None:
-            self.process.restart()
             return None
-        cpu_pct, rss_mb = self.process.window(t - prev[0])
+        cpu_pct, rss_mb = self.process.cpu_pct, self.process.rss_mb  # the thread's latest interval
         if self.source is None:
             return StepReading(0.0 if self.shared else math.nan, 0, 0.0, 0, cpu_pct, rss_mb)
         energies = [_pick(m, (_delta(a[0], b[0]), _delta(a[1], b[1]))) for m, a, b in zip(self.methods, prev[1], values)]
@@ -201,7 +206,7 @@ class Sampler:
 
     def stop(self) -> dict[str, Any]:
         """Stop the thread and report what this rank measured, for the summary and power.csv."""
-        wall_s = time.perf_counter() - self._started_at
+        wall_s = time.perf_counter() - self._started_at if self._started_at else 0.0
         if self._thread is not None:
             self._stop.set()
             self._thread.join()

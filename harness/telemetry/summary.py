@@ -29,9 +29,15 @@ def step_fields(table: Sequence[Sequence[float]], iter_time_s: float) -> dict[st
         "power_w": energy_j / iter_time_s / devices if energy_j is not None and iter_time_s > 0 else None,
         "energy_j": energy_j,
         "gpu_util_pct": sum(row[2] for row in table) / util_devices if util_devices else None,
-        "process_cpu_pct": statistics.fmean(row[4] for row in table),
-        "process_rss_mb": max(row[5] for row in table),
+        **_process_fields(table),
     }
+
+
+def _process_fields(table: Sequence[Sequence[float]]) -> dict[str, Optional[float]]:
+    """NaN until the sampler thread has measured its first interval."""
+    cpu = [row[4] for row in table if not math.isnan(row[4])]
+    rss = [row[5] for row in table if not math.isnan(row[5])]
+    return {"process_cpu_pct": statistics.fmean(cpu) if cpu else None, "process_rss_mb": max(rss) if rss else None}
 
 
 def energy_metrics(steps: list[dict[str, Any]]) -> dict[str, Optional[float]]:
@@ -60,7 +66,7 @@ def energy_metrics(steps: list[dict[str, Any]]) -> dict[str, Optional[float]]:
     cpu = [s["process_cpu_pct"] for s in timed if s.get("process_cpu_pct") is not None]
     if cpu:
         out["process_cpu_pct"] = statistics.fmean(cpu)
-        out["process_rss_mb"] = max(s["process_rss_mb"] for s in timed)
+        out["process_rss_mb"] = max(s["process_rss_mb"] for s in timed if s.get("process_rss_mb") is not None)
     return out
 
 
@@ -71,7 +77,7 @@ def telemetry_block(reports: list[dict[str, Any]], power_csv: Optional[str]) -> 
     unmeasured = [r for r in reports if r["source"] is None and not r["shared_with_local_rank_0"]]
     reasons = sorted({f"rank {r['rank']} on {r['host']}: {r['reason']}" for r in unmeasured})
     idle = [d["idle_power_w"] for d in devices if d["idle_power_w"] is not None]
-    busy = max((r["sampler_cpu_s"] / r["wall_s"] for r in reports if r["source"] and r["wall_s"] > 0), default=None)
+    busy = max((r["sampler_cpu_s"] / r["wall_s"] for r in reports if r["wall_s"] > 0), default=None)
     return {
         "source": ", ".join(sources) if sources else None,
         "reason": "; ".join(reasons) if reasons else None,
