@@ -31,8 +31,6 @@ from harness.costmodel.flops import step_flops
 from harness.data import rank_micro_batches, token_source
 from harness.metrics import MemoryMeter, Throughput, device_name, resolve_peak
 from harness.report import Progress, print_summary
-from harness.telemetry import Sampler, StepReading, make_sampler
-from harness.telemetry.summary import step_fields, telemetry_block, write_power_csv
 from harness.results import (
     StepLog,
     build_summary,
@@ -42,6 +40,8 @@ from harness.results import (
     write_config,
     write_summary,
 )
+from harness.telemetry import Sampler, StepReading, make_sampler
+from harness.telemetry.summary import step_fields, telemetry_block, write_power_csv
 from launchers.env import RankInfo, discover, export
 from launchers.local import launch_local
 from models.gpt import GPT, GPTConfig
