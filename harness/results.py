@@ -89,7 +89,7 @@ def build_summary(
 ) -> dict[str, Any]:
     """`telemetry` is the block from harness.telemetry.summary.telemetry_block (None: no rank reported)."""
     metrics: dict[str, Any] = summarize_steps(steps)
-    metrics.update(energy_metrics(steps))
+    metrics.update(energy_metrics(steps, layout.get("world_size", 1)))
     metrics.update(extra_metrics or {})
     telemetry = telemetry or {"source": None, "reason": NO_REPORT}
     metrics["idle_power_w"] = telemetry.get("idle_power_w")

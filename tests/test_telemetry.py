@@ -447,14 +447,14 @@ def test_energy_metrics_mean_energy_and_time_weighted_power() -> None:
         steps.append({"warmup": False, "iter_time_ms": ms, "energy_j": energy, "power_w": energy / (ms / 1e3),
                       "tokens_per_s": 1000 / (ms / 1e3), "model_tflops_per_device": 2.0 * 100 / ms,
                       "gpu_util_pct": 90.0 + ms / 100, "process_cpu_pct": 100, "process_rss_mb": 1})
-    m = energy_metrics(steps)
+    m = energy_metrics(steps, world_size=4)
     assert m["energy_j_per_step"] == pytest.approx(80.0 / 3)
     assert m["power_w"] == pytest.approx(80.0 / 0.4)  # total energy over total time
     assert m["tokens_per_joule"] == pytest.approx(1000 / (80.0 / 3))
-    assert m["tflops_per_watt"] == pytest.approx((2.0 * 0.1 + 2.0 * 0.1 + 1.0 * 0.2) / 0.4 / 200.0)
+    assert m["tflops_per_watt"] == pytest.approx(4 * (2.0 * 0.1 + 2.0 * 0.1 + 1.0 * 0.2) / 80.0)  # TFLOP per J
     assert m["gpu_util_pct_mean"] == pytest.approx(91.333, rel=1e-3) and m["gpu_util_pct_std"] > 0
     steps[2]["energy_j"] = None
-    assert energy_metrics(steps)["energy_j_per_step"] is None  # one unmeasured step: no partial total
+    assert energy_metrics(steps, world_size=4)["energy_j_per_step"] is None  # one unmeasured step: no partial total
 
 
 @pytest.mark.parametrize("field,value,message", [

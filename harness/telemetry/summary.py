@@ -40,12 +40,13 @@ def _process_fields(table: Sequence[Sequence[float]]) -> dict[str, Optional[floa
     return {"process_cpu_pct": statistics.fmean(cpu) if cpu else None, "process_rss_mb": max(rss) if rss else None}
 
 
-def energy_metrics(steps: list[dict[str, Any]]) -> dict[str, Optional[float]]:
+def energy_metrics(steps: list[dict[str, Any]], world_size: int) -> dict[str, Optional[float]]:
     """Summary metrics over the timed steps.
 
     Energy per step is the mean, not the median: a counter that moves every 100 ms puts a short
-    step's energy in the next step, and only the sum over steps cancels that out. Power and
-    TFLOP/s per watt are time-weighted for the same reason.
+    step's energy in the next step, and only the sum over steps cancels that out. Power is
+    time-weighted for the same reason, and TFLOP/s per watt is the job's model FLOPs over its
+    energy (so it does not depend on how many devices a source counts: GPUs, GCDs or sockets).
     """
     timed = [s for s in steps if not s.get("warmup")]
     measured = [s for s in timed if s.get("energy_j") is not None and s.get("power_w") is not None]
@@ -58,8 +59,9 @@ def energy_metrics(steps: list[dict[str, Any]]) -> dict[str, Optional[float]]:
         out["energy_j_per_step"] = statistics.fmean(s["energy_j"] for s in timed)
         tokens_per_step = timed[0]["tokens_per_s"] * timed[0]["iter_time_ms"] / 1e3
         out["tokens_per_joule"] = tokens_per_step / out["energy_j_per_step"] if out["energy_j_per_step"] else None
-        tflops = sum(s["model_tflops_per_device"] * s["iter_time_ms"] / 1e3 for s in timed) / seconds
-        out["tflops_per_watt"] = tflops / out["power_w"] if out["power_w"] else None
+        tflop = sum(s["model_tflops_per_device"] * world_size * s["iter_time_ms"] / 1e3 for s in timed)
+        energy_j = sum(s["energy_j"] for s in timed)
+        out["tflops_per_watt"] = tflop / energy_j if energy_j else None
     utils = [s["gpu_util_pct"] for s in timed if s.get("gpu_util_pct") is not None]
     if utils:
         out["gpu_util_pct_mean"], out["gpu_util_pct_std"] = statistics.fmean(utils), statistics.pstdev(utils)
