@@ -199,16 +199,16 @@ def run_steps(sampler: Sampler, seconds: list[float]) -> tuple[list[Any], list[f
 def test_sampler_counter_windows_sum_to_power_times_time(fake_nvml: Any) -> None:
     fake_nvml(FakeGpu(power_w=300.0))
     sampler = sampler_for(NvmlSource([ID]), warmup=1)
-    readings, durations = run_steps(sampler, [0.05, 0.25, 0.25, 0.03, 0.25])
+    readings, durations = run_steps(sampler, [0.05, 0.3, 0.3, 0.03, 0.3])
     report = sampler.stop()
     device = report["devices"][0]
     assert device["energy_method"] == "counter" and device["notes"] == []
     assert device["idle_power_w"] == pytest.approx(300.0, rel=0.35)  # 0.35 s of a 100 ms counter
-    total = sum(r.energy_j for r in readings)
-    assert total == pytest.approx(300.0 * sum(durations), rel=0.12)  # quantisation cancels in the sum
+    total = sum(r.energy_j for r in readings)  # quantisation cancels in the sum, up to one 100 ms tick
+    assert total == pytest.approx(300.0 * sum(durations), abs=300.0 * 0.1 + 1.0)
     assert min(r.energy_j for r in readings) >= 0
     assert all(r.devices == 1 and r.util_sum == 87 and r.util_devices == 1 for r in readings)
-    assert device["counter_over_integrated"] == pytest.approx(1.0, rel=0.15)
+    assert device["counter_over_integrated"] == pytest.approx(1.0, rel=0.2)
     assert report["sampler_cpu_s"] > 0 and report["samples"] and report["samples"][0][1] == UUID
 
 
