@@ -223,8 +223,7 @@ class Trainer:
         finally:
             if step_log is not None:
                 step_log.close()
-            sampler = getattr(self, "sampler", None)
-            self.finish(status, error, sampler.stop() if sampler is not None else None)
+            self.finish(status, error)
 
     def loop(self, step_log: Optional[StepLog]) -> None:
         train = self.cfg.train
@@ -285,8 +284,9 @@ class Trainer:
             table = torch.stack(gathered)
         return float(table[:, 0].mean()), float(table[:, 1].max()), table[:, 2:].tolist()
 
-    def finish(self, status: str, error: Optional[str], telemetry: Optional[dict[str, Any]]) -> None:
-        mine = (hostname(), device_name(self.device), telemetry)
+    def finish(self, status: str, error: Optional[str]) -> None:
+        sampler: Optional[Sampler] = getattr(self, "sampler", None)  # None if the build failed first
+        mine = (hostname(), device_name(self.device), sampler.stop() if sampler is not None else None)
         if status == "ok" and self.info.world_size > 1:  # peers of a failed rank may be gone
             ranks: list[Any] = [None] * self.info.world_size
             dist.all_gather_object(ranks, mine)

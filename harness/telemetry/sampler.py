@@ -73,6 +73,7 @@ class Sampler:
         self._prev: Optional[tuple[float, list[tuple[Optional[float], Optional[float]]], int]] = None
         self._timed_start: Optional[list[tuple[Optional[float], Optional[float]]]] = None
         self._unix_offset = time.time() - time.perf_counter()
+        self._report: Optional[dict[str, Any]] = None
 
     # -- sampling -------------------------------------------------------------------------------
     def _sample(self, boundary: bool = False) -> None:
@@ -205,7 +206,12 @@ class Sampler:
         return out
 
     def stop(self) -> dict[str, Any]:
-        """Stop the thread and report what this rank measured, for the summary and power.csv."""
+        """Stop the thread and report what this rank measured, for the summary and power.csv (once)."""
+        if self._report is None:
+            self._report = self._stop_and_report()
+        return self._report
+
+    def _stop_and_report(self) -> dict[str, Any]:
         wall_s = time.perf_counter() - self._started_at if self._started_at else 0.0
         if self._thread is not None:
             self._stop.set()
