@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 
@@ -42,15 +43,22 @@ def model_overrides(name: str, dims: dict[str, int]) -> list[str]:
     return [f"model.name={name}"] + [f"model.{k}={v}" for k, v in dims.items() if k != "batch"]
 
 
-def harness_step_ms(name: str, dims: dict[str, int], steps: int, warmup: int, threads: int) -> list[float]:
+def run_harness(name: str, dims: dict[str, int], steps: int, warmup: int, threads: int,
+                extra: Sequence[str] = ()) -> tuple[list[float], dict[str, Any]]:
+    """Timed step times (ms) and the summary of one `harness run` in a fresh subprocess."""
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         cmd = [sys.executable, "-m", "harness.cli", "run", f"hydra.run.dir={run_dir}", *model_overrides(name, dims),
                f"train.micro_batch_size={dims['batch']}", f"train.steps={steps}", f"train.warmup_steps={warmup}",
-               f"launcher.omp_num_threads={threads}"]
+               f"launcher.omp_num_threads={threads}", *extra]
         subprocess.run(cmd, cwd=tmp, check=True, capture_output=True, text=True)
         lines = (run_dir / "steps.jsonl").read_text().splitlines()
-        return [json.loads(line)["iter_time_ms"] for line in lines if not json.loads(line)["warmup"]]
+        times = [json.loads(line)["iter_time_ms"] for line in lines if not json.loads(line)["warmup"]]
+        return times, json.loads((run_dir / "summary.json").read_text())
+
+
+def harness_step_ms(name: str, dims: dict[str, int], steps: int, warmup: int, threads: int) -> list[float]:
+    return run_harness(name, dims, steps, warmup, threads)[0]
 
 
 def bare_step_ms(dims: dict[str, int], steps: int, warmup: int, threads: int) -> list[float]:

@@ -248,6 +248,32 @@ class LauncherConfig:
 
 
 @dataclass
+class TelemetryConfig:
+    """Power, energy and utilisation sampling (harness/telemetry/)."""
+
+    source: str = "auto"
+    """auto (NVML on NVIDIA, amdsmi then rocm-smi on ROCm, RAPL on CPU) | nvml | amdsmi | rocm-smi | rapl | none."""
+    interval_ms: float = 100.0
+    """Background sampling period; NVML's energy counter itself moves only about every 100 ms."""
+    idle_s: float = 3.0
+    """Idle power is measured this long before the first step (also checks the energy counter); 0 skips it."""
+    powercap_root: str = "/sys/class/powercap"
+    """Where RAPL zones live (a different root only for tests and containers that bind-mount it)."""
+
+
+TELEMETRY_SOURCES = ("auto", "nvml", "amdsmi", "rocm-smi", "rapl", "none")
+
+
+def _check_telemetry(t: Any) -> None:
+    _choice(t.source, TELEMETRY_SOURCES, "telemetry.source")
+    if t.interval_ms < 10:
+        raise ConfigError(f"telemetry.interval_ms={t.interval_ms}: sample at most every 10 ms "
+                          "(NVML's counters move every ~100 ms; faster only costs CPU)")
+    if t.idle_s < 0:
+        raise ConfigError(f"telemetry.idle_s={t.idle_s}: must be 0 (skip idle power) or more")
+
+
+@dataclass
 class Config:
     name: str = "${model.name}-${backend.name}"
     """Run name, part of the run directory."""
@@ -258,6 +284,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     system: SystemConfig = field(default_factory=SystemConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
 
 def register_schema() -> None:
@@ -533,6 +560,7 @@ def validate(cfg: DictConfig | Config, world_size: int) -> Layout:
             f"{t.micro_batch_size}*{dp}={per_step}; use a multiple such as {lower} or {lower + per_step}"
         )
     _check_data(cfg.data, m.seq_len, m.vocab_size)
+    _check_telemetry(cfg.telemetry)
     return Layout(
         world_size=world_size,
         tp=p.tp,

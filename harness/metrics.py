@@ -82,11 +82,12 @@ class MemoryMeter:
 
 
 SUMMARY_KEYS = ("loss", "iter_time_ms", "tokens_per_s", "model_tflops_per_device", "hardware_tflops_per_device",
-                "mfu", "hfu", "peak_memory_mb", "power_w")
+                "mfu", "hfu", "peak_memory_mb")
 
 
 def summarize_steps(steps: list[dict[str, Any]]) -> dict[str, Optional[float]]:
-    """Medians over the timed (non-warm-up) steps; peak memory is the maximum."""
+    """Medians over the timed (non-warm-up) steps; peak memory is the maximum. Power and energy are
+    summarised by harness.telemetry.summary.energy_metrics."""
     timed = [s for s in steps if not s.get("warmup")]
     out: dict[str, Optional[float]] = {}
     for key in SUMMARY_KEYS:
@@ -95,12 +96,6 @@ def summarize_steps(steps: list[dict[str, Any]]) -> dict[str, Optional[float]]:
             out[key] = None
         else:
             out[key] = max(values) if key == "peak_memory_mb" else statistics.median(values)
-    energies = [s["energy_j"] for s in timed if s.get("energy_j") is not None]
-    out["energy_j_per_step"] = statistics.median(energies) if energies else None
-    out["tokens_per_joule"] = (
-        out["tokens_per_s"] * out["iter_time_ms"] / 1e3 / out["energy_j_per_step"]  # type: ignore[operator]
-        if out["energy_j_per_step"] else None
-    )
     retries = [s["alloc_retries"] for s in timed if s.get("alloc_retries") is not None]
     # Total over the timed steps; each retry is a cache flush and a second cudaMalloc.
     out["alloc_retries"] = sum(retries) if retries else None

@@ -59,6 +59,7 @@ def summary_table(summary: dict[str, Any]) -> Table:
     table.add_column("error", justify="right")
     table.add_column("note")
     predicted = summary.get("prediction") or {}
+    util_std = _fmt(m.get("gpu_util_pct_std"), ".0f")
     rows = [  # label, metrics key, format, unit, note
         ("iteration time", "iter_time_ms", ".2f", " ms", f"{m['timed_steps']} timed steps"),
         ("tokens/s", "tokens_per_s", ",.0f", "", ""),
@@ -67,7 +68,13 @@ def summary_table(summary: dict[str, Any]) -> Table:
         ("MFU", "mfu", ".1%", "", m.get("mfu_reason") or f"peak {m.get('peak_tflops')} TFLOP/s"),
         ("HFU", "hfu", ".1%", "", m.get("hfu_reason") or ""),
         ("peak memory", "peak_memory_mb", ",.0f", " MB", m.get("peak_memory_kind") or ""),
-        ("power", "power_w", ".0f", " W", m.get("power_w_reason") or ""),
+        ("power per device", "power_w", ".1f", " W", m.get("power_w_reason") or "time-weighted mean"),
+        ("idle power per device", "idle_power_w", ".1f", " W", m.get("idle_power_w_reason") or ""),
+        ("energy per step", "energy_j_per_step", ".4g", " J",
+         m.get("energy_j_per_step_reason") or "all devices, all nodes"),
+        ("tokens per joule", "tokens_per_joule", ",.1f", "", m.get("tokens_per_joule_reason") or ""),
+        ("GPU usage", "gpu_util_pct_mean", ".0f", " %", f"mean over timed steps, std {util_std} %"),
+        ("process CPU", "process_cpu_pct", ".0f", " %", "of one core, mean over ranks (psutil)"),
         ("loss", "loss", ".4f", "", "median over timed steps"),
     ]
     for label, key, spec, unit, note in rows:

@@ -19,9 +19,10 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 
 from harness.metrics import summarize_steps
+from harness.telemetry.summary import NO_REPORT, energy_metrics
 
 SCHEMA = "harness.run/1"
-NOT_MEASURED_POWER = "not measured: this harness version has no power telemetry source yet"
+ENERGY_KEYS = ("power_w", "idle_power_w", "energy_j_per_step", "tokens_per_joule", "tflops_per_watt")
 NOT_PREDICTED = "not predicted: the job ended before a rank ran the cost model (invalid config or failed launch)"
 
 
@@ -87,12 +88,17 @@ def build_summary(
     stop_reason: Optional[str] = None,
     prediction: Optional[dict[str, Any]] = None,
     prediction_reason: str = NOT_PREDICTED,
+    telemetry: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
+    """`telemetry` is the block from harness.telemetry.summary.telemetry_block (None: no rank reported)."""
     metrics: dict[str, Any] = summarize_steps(steps)
+    metrics.update(energy_metrics(steps, layout.get("world_size", 1)))
     metrics.update(extra_metrics or {})
-    for key in ("power_w", "energy_j_per_step", "tokens_per_joule"):
+    telemetry = telemetry or {"source": None, "reason": NO_REPORT}
+    metrics["idle_power_w"] = telemetry.get("idle_power_w")
+    for key in ENERGY_KEYS:
         if metrics.get(key) is None:
-            metrics[f"{key}_reason"] = NOT_MEASURED_POWER
+            metrics[f"{key}_reason"] = _energy_reason(key, telemetry)
     return {
         "schema": SCHEMA,
         "status": status,
@@ -105,8 +111,16 @@ def build_summary(
         "metrics": metrics,
         "prediction": prediction,
         "prediction_reason": None if prediction is not None else prediction_reason,
-        "telemetry": {"source": None, "reason": NOT_MEASURED_POWER},
+        "telemetry": telemetry,
     }
+
+
+def _energy_reason(key: str, telemetry: dict[str, Any]) -> str:
+    if telemetry.get("reason"):
+        return f"not measured: {telemetry['reason']}"
+    if key == "idle_power_w":
+        return "not measured: telemetry.idle_s=0 or no device reported power while idle"
+    return "not measured: some device reported neither energy nor power (see telemetry.devices)"
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:

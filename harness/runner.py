@@ -43,6 +43,8 @@ from harness.results import (
     write_summary,
 )
 from harness.stopping import Watchdog, job_end_time, out_of_time, raise_on_sigterm
+from harness.telemetry import Sampler, StepReading, make_sampler
+from harness.telemetry.summary import step_fields, telemetry_block, write_power_csv
 from launchers.env import RankInfo, device_index, discover, export
 from launchers.local import launch_local
 from models.gpt import GPT, GPTConfig
@@ -237,6 +239,10 @@ class Trainer:
         self.data = token_source(kind=d.kind, vocab_size=self.cfg.model.vocab_size, seq_len=self.cfg.model.seq_len,
                                  seed=train.seed, path=d.path, dtype=d.dtype)
         self.memory = MemoryMeter(self.device)
+        self.sampler: Sampler = make_sampler(
+            self.cfg.telemetry, device_type=self.device.type, device_index=self.device.index,
+            local_rank=self.info.local_rank, rank=self.info.rank, host=hostname(),
+            warmup_steps=train.warmup_steps, rocm=torch.version.hip is not None)
 
     def run(self) -> None:
         status, error = "ok", None
@@ -260,6 +266,7 @@ class Trainer:
         train = self.cfg.train
         total = train.warmup_steps + train.steps
         progress = Progress(total, train.warmup_steps) if self.is_writer else None
+        self.sampler.start()  # idle power first, with the model built and the device quiet
         # Move everything imported and built so far out of the collector's reach: otherwise each
         # full collection walks millions of framework objects mid-step (torchtitan and Megatron
         # manage the GC in their loops for the same reason).
@@ -267,6 +274,7 @@ class Trainer:
         gc.freeze()
         _synchronize(self.device)
         last = time.perf_counter()
+        self.sampler.mark_step(last)
         for step in range(total):
             self.memory.start_step()
             self.inject_fault(step)
@@ -276,7 +284,9 @@ class Trainer:
             _synchronize(self.device)
             now = time.perf_counter()
             iter_time_s, last = now - last, now
-            record = self.record(step, step < train.warmup_steps, loss, iter_time_s)
+            reading = self.sampler.mark_step(now)
+            assert reading is not None  # every boundary after the first closes a window
+            record = self.record(step, step < train.warmup_steps, loss, iter_time_s, reading)
             if step_log is not None and progress is not None:
                 step_log.write(record)
                 progress.update(record)
@@ -294,12 +304,13 @@ class Trainer:
             raise torch.OutOfMemoryError(
                 f"injected by train.fault_inject_oom_step={step} on rank {self.info.rank}")
 
-    def record(self, step: int, warmup: bool, loss: torch.Tensor, iter_time_s: float) -> dict[str, Any]:
+    def record(self, step: int, warmup: bool, loss: torch.Tensor, iter_time_s: float,
+               reading: StepReading) -> dict[str, Any]:
         """One line of steps.jsonl. Its reduction falls into the next step's time, not hidden from it."""
         memory = self.memory.read()
         stop = out_of_time(self.end_time_s, time.time(), iter_time_s, self.cfg.launcher.walltime_margin_s)
-        loss_value, peak_mb, retries, self.stop_agreed = self.reduce(
-            loss, memory["peak_memory_mb"], memory["alloc_retries"], stop)
+        loss_value, peak_mb, retries, self.stop_agreed, telemetry = self.reduce(
+            loss, memory["peak_memory_mb"], memory["alloc_retries"], stop, reading.vector())
         return {
             "step": step,
             "warmup": warmup,
@@ -308,24 +319,24 @@ class Trainer:
             "peak_memory_mb": peak_mb,
             "alloc_retries": retries,
             **self.backend.step_notes(),
-            "power_w": None,
-            "energy_j": None,
+            **step_fields(telemetry, iter_time_s),
         }
 
-    def reduce(self, loss: torch.Tensor, peak_mb: float, retries: Optional[int], stop: bool
-               ) -> tuple[float, float, Optional[int], bool]:
+    def reduce(self, loss: torch.Tensor, peak_mb: float, retries: Optional[int], stop: bool,
+               telemetry: list[float]) -> tuple[float, float, Optional[int], bool, list[list[float]]]:
         """In one collective: the mean loss over ranks (tensor-parallel peers hold the same loss), the largest
-        peak memory and allocator retries of any rank (the one nearest its memory limit), and rank 0's
-        decision to stop, so that every rank leaves the loop after the same step."""
-        mine = torch.stack([loss.detach().float(), torch.tensor(peak_mb, device=loss.device),
-                            torch.tensor(float(retries or 0), device=loss.device),
-                            torch.tensor(float(stop), device=loss.device)])
-        if self.info.world_size > 1:
+        peak memory and allocator retries of any rank (the one nearest its memory limit), rank 0's decision
+        to stop (so that every rank leaves the loop after the same step), and every rank's telemetry row."""
+        mine = torch.tensor([float(loss.detach()), peak_mb, float(retries or 0), float(stop), *telemetry],
+                            dtype=torch.float64, device=loss.device)
+        if self.info.world_size == 1:
+            table = mine.reshape(1, -1)
+        else:
             gathered = [torch.empty_like(mine) for _ in range(self.info.world_size)]
             dist.all_gather(gathered, mine)
             table = torch.stack(gathered)
-            mine = torch.stack([table[:, 0].mean(), table[:, 1].max(), table[:, 2].max(), table[0, 3]])
-        return float(mine[0]), float(mine[1]), None if retries is None else int(mine[2]), bool(mine[3])
+        return (float(table[:, 0].mean()), float(table[:, 1].max()),
+                None if retries is None else int(table[:, 2].max()), bool(table[0, 3]), table[:, 4:].tolist())
 
     def stalled(self, error: Exception) -> None:
         """The watchdog's last act on this rank: the summary says the run stopped making progress."""
@@ -333,15 +344,17 @@ class Trainer:
         self.finish("failed", f"{type(error).__name__}: {error}")
 
     def finish(self, status: str, error: Optional[str]) -> None:
-        hostnames: list[Any] = [None] * self.info.world_size
-        devices: list[Any] = [None] * self.info.world_size
+        sampler: Optional[Sampler] = getattr(self, "sampler", None)  # None if the build failed first
+        mine = (hostname(), device_name(self.device), sampler.stop() if sampler is not None else None)
         if status == "ok" and self.info.world_size > 1:  # peers of a failed rank may be gone
-            dist.all_gather_object(hostnames, hostname())
-            dist.all_gather_object(devices, device_name(self.device))
+            ranks: list[Any] = [None] * self.info.world_size
+            dist.all_gather_object(ranks, mine)
         else:
-            hostnames, devices = [hostname()], [device_name(self.device)]
+            ranks = [mine]
+        hostnames, devices = [r[0] for r in ranks], [r[1] for r in ranks]
         if not self.is_writer:
             return
+        reports = [r[2] for r in ranks if r[2] is not None]
         steps = read_steps(self.run_dir)
         notes = self.backend.summary_notes() if hasattr(self, "backend") else {}
         summary = build_summary(
@@ -356,6 +369,7 @@ class Trainer:
             extra_metrics={**self.metric_notes(), **notes.get("metrics", {})},
             stop_reason=self.stop_reason,
             **self.prediction(),
+            telemetry=telemetry_block(reports, write_power_csv(self.run_dir, reports)) if reports else None,
         )
         write_summary(self.run_dir, summary)
         if status == "ok":
