@@ -27,6 +27,8 @@ LAYOUTS_3D = {
                          "train.activation_checkpointing=full"],
     "tp2-pp2": ["launcher.nproc=4", "parallel.tp=2", "parallel.pp=2", "train.micro_batch_size=1"],
     "tp2-dp2": ["launcher.nproc=4", "parallel.tp=2", "train.micro_batch_size=1"],
+    "tp2-pp2-sequence-parallel": ["launcher.nproc=4", "parallel.tp=2", "parallel.pp=2",
+                                  "parallel.sequence_parallel=true", "train.micro_batch_size=1"],
 }
 
 
