@@ -68,20 +68,24 @@ def _swap_batch_and_sequence(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(0, 1).contiguous()
 
 
-class _ColumnLinear(tensor_parallel.ColumnParallelLinear):
-    """Returns the output tensor alone (megatron returns `(output, bias)`), as `nn.Linear` does."""
+class _AsLinear:
+    """A megatron linear used as `nn.Linear`: the output tensor alone (megatron returns `(output, bias)`),
+    batch-first (under sequence parallelism megatron gathers/scatters the first dimension: swap around it)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    sequence_parallel: bool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.sequence_parallel:
-            return super().forward(x)[0]
-        return _swap_batch_and_sequence(super().forward(_swap_batch_and_sequence(x))[0])
+            return super().forward(x)[0]  # type: ignore[misc]
+        return _swap_batch_and_sequence(super().forward(_swap_batch_and_sequence(x))[0])  # type: ignore[misc]
 
 
-class _RowLinear(tensor_parallel.RowParallelLinear):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        if not self.sequence_parallel:
-            return super().forward(x)[0]
-        return _swap_batch_and_sequence(super().forward(_swap_batch_and_sequence(x))[0])
+class _ColumnLinear(_AsLinear, tensor_parallel.ColumnParallelLinear):
+    pass
+
+
+class _RowLinear(_AsLinear, tensor_parallel.RowParallelLinear):
+    pass
 
 
 def _mark_sequence_parallel(module: nn.Module, mp: Any) -> nn.Module:
