@@ -100,7 +100,6 @@ class ParallelConfig:
     zero_stage: int = 0
     """DeepSpeed ZeRO stage."""
     sequence_parallel: bool = False
-    """Megatron sequence parallelism (deepspeed3d, tp > 1): norms, residuals and dropout see seq_len/tp tokens."""
     world_size: Optional[int] = None
     """Derived from the launched ranks by `run`; given explicitly to `estimate`/`plan`."""
 
@@ -283,9 +282,9 @@ def _check_parallel(backend: str, m: Any, p: Any, precision: str) -> None:
                           "use backend=deepspeed3d")
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1 (it splits the sequence over TP ranks)")
-    if p.sequence_parallel and m.seq_len % p.tp:
+    if p.sequence_parallel and backend == "deepspeed3d" and m.seq_len % p.tp:
         raise ConfigError(f"parallel.sequence_parallel=true splits model.seq_len={m.seq_len} over parallel.tp={p.tp} "
-                          "ranks; choose a seq_len divisible by tp")
+                          "ranks (megatron-core: equal shards); choose a seq_len divisible by tp")
     _check_tensor_parallel(m, p.tp)
     if p.pp > m.n_layers:
         raise ConfigError(f"parallel.pp={p.pp} is larger than model.n_layers={m.n_layers}; "
@@ -310,9 +309,6 @@ DS_BATCH_KEYS = {"train_batch_size": "train.global_batch_size", "train_micro_bat
 def _check_deepspeed(b: Any, p: Any, precision: str, device: str) -> None:
     """Offload and the extra DeepSpeed keys: only for the DeepSpeed backends, never against the harness's own fields."""
     deepspeed, zero_stage = b.name in ("deepspeed", "deepspeed3d"), p.zero_stage
-    if p.sequence_parallel and b.name != "deepspeed3d":
-        raise ConfigError(f"parallel.sequence_parallel=true: backend={b.name} has no sequence parallelism; "
-                          "use backend=deepspeed3d or leave it false")
     if b.ds_config and not deepspeed:
         raise ConfigError(f"backend.ds_config is set but backend={b.name}; it needs backend=deepspeed or deepspeed3d")
     for key, needs in (("offload_optimizer", 1), ("offload_param", 3)):

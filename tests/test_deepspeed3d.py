@@ -169,11 +169,6 @@ def test_bad_3d_config_is_rejected(overrides: list[str], world: int, message: st
         validate(_config("backend=deepspeed3d", *overrides), world)
 
 
-def test_sequence_parallelism_only_with_deepspeed3d() -> None:
-    with pytest.raises(ConfigError, match=re.escape("backend=fsdp has no sequence parallelism")):
-        validate(_config("backend=fsdp", "parallel.tp=2", "parallel.sequence_parallel=true"), 2)
-
-
 def test_bad_ffn_width_fails_before_any_process_group(tmp_path: Path) -> None:
     proc = harness(["run", "backend=deepspeed3d", "launcher.nproc=2", "parallel.tp=2", "model.ffn_hidden=255"],
                    cwd=tmp_path, timeout=60)
