@@ -394,6 +394,9 @@ def _check_parallel(backend: str, m: Any, p: Any, precision: str) -> None:
                           "use backend=deepspeed3d")
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1 (it splits the sequence over TP ranks)")
+    if p.sequence_parallel and backend == "deepspeed3d" and m.seq_len % p.tp:
+        raise ConfigError(f"parallel.sequence_parallel=true splits model.seq_len={m.seq_len} over parallel.tp={p.tp} "
+                          "ranks (megatron-core: equal shards); choose a seq_len divisible by tp")
     _check_tensor_parallel(m, p.tp)
     if p.pp > m.n_layers:
         raise ConfigError(f"parallel.pp={p.pp} is larger than model.n_layers={m.n_layers}; "
@@ -418,9 +421,6 @@ DS_BATCH_KEYS = {"train_batch_size": "train.global_batch_size", "train_micro_bat
 def _check_deepspeed(b: Any, p: Any, precision: str, device: str) -> None:
     """Offload and the extra DeepSpeed keys: only for the DeepSpeed backends, never against the harness's own fields."""
     deepspeed, zero_stage = b.name in ("deepspeed", "deepspeed3d"), p.zero_stage
-    if b.name == "deepspeed3d" and p.sequence_parallel:
-        raise ConfigError("parallel.sequence_parallel=true: backend=deepspeed3d has no sequence parallelism yet; "
-                          "leave it false")
     if b.ds_config and not deepspeed:
         raise ConfigError(f"backend.ds_config is set but backend={b.name}; it needs backend=deepspeed or deepspeed3d")
     for key, needs in (("offload_optimizer", 1), ("offload_param", 3)):

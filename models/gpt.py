@@ -127,8 +127,9 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.n_heads * config.head_dim, config.d_model, bias=config.bias)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        B, T, _ = x.shape
-        qkv = self.qkv(x).view(B, T, -1, self.q_per_group + 2, self.head_dim)
+        qkv = self.qkv(x)
+        B, T, _ = qkv.shape  # not x's: a sequence-parallel qkv gathers the whole sequence from its shards
+        qkv = qkv.view(B, T, -1, self.q_per_group + 2, self.head_dim)
         q, k, v = qkv.split([self.q_per_group, 1, 1], dim=3)
         # Query head g*q_per_group + j belongs to KV group g, which is what enable_gqa expects.
         q = q.reshape(B, T, -1, self.head_dim).transpose(1, 2)

@@ -21,10 +21,14 @@ from test_deepspeed import TOLERANCE, _config
 LAYOUTS_3D = {
     "tp2-selective": ["launcher.nproc=2", "parallel.tp=2", "train.micro_batch_size=2",
                       "train.activation_checkpointing=selective"],
+    "tp2-sequence-parallel": ["launcher.nproc=2", "parallel.tp=2", "parallel.sequence_parallel=true",
+                              "train.micro_batch_size=2"],
     "pp2-checkpointed": ["launcher.nproc=2", "parallel.pp=2", "train.micro_batch_size=1",
                          "train.activation_checkpointing=full"],
     "tp2-pp2": ["launcher.nproc=4", "parallel.tp=2", "parallel.pp=2", "train.micro_batch_size=1"],
     "tp2-dp2": ["launcher.nproc=4", "parallel.tp=2", "train.micro_batch_size=1"],
+    "tp2-pp2-sequence-parallel": ["launcher.nproc=4", "parallel.tp=2", "parallel.pp=2",
+                                  "parallel.sequence_parallel=true", "train.micro_batch_size=1"],
 }
 
 
@@ -73,11 +77,23 @@ def test_3d_summary(runs_3d: dict[str, Run]) -> None:
     assert summary["status"] == "ok"
     layout = {k: v for k, v in summary["layout"].items() if k not in ("rank_coordinates", "rank_coordinates_order")}
     assert layout == {"world_size": 4, "tp": 2, "pp": 2, "dp": 1, "zero_stage": 1, "micro_batch_size": 1,
-                      "global_batch_size": 4, "grad_accum": 4, "micro_batches_per_step": 4}
+                      "global_batch_size": 4, "grad_accum": 4, "micro_batches_per_step": 4,
+                      "sequence_parallel": False, "block_input_shape": [1, 128, 64], "sequence_parallel_params": 0}
     assert summary["model"]["padded_vocab_size"] == 512
     checkpointed = runs_3d["pp2-checkpointed"].summary["metrics"]
     assert checkpointed["hardware_flops_per_step"] > checkpointed["model_flops_per_step"]
     assert (runs_3d["tp2-pp2"].run_dir / "ds_config.json").is_file()
+
+
+@pytest.mark.multirank
+def test_sequence_parallelism_shards_the_sequence(runs_3d: dict[str, Run]) -> None:
+    """Rank 0's first block really receives seq_len/tp = 64 of gpt-tiny's 128 positions, and the replicated
+    norms and row-parallel biases (2 blocks x 6 + the final norm's 2) have their gradients summed over TP."""
+    plain, sharded = (runs_3d[name].summary["layout"] for name in ("tp2-selective", "tp2-sequence-parallel"))
+    assert (plain["sequence_parallel"], plain["block_input_shape"], plain["sequence_parallel_params"]) \
+        == (False, [2, 128, 64], 0)
+    assert (sharded["sequence_parallel"], sharded["block_input_shape"], sharded["sequence_parallel_params"]) \
+        == (True, [2, 64, 64], 14)
 
 
 def test_vocabulary_padded_to_a_multiple_of_tp() -> None:
@@ -141,7 +157,9 @@ BAD_3D = [
     (["parallel.pp=3"], 3, "parallel.pp=3 is larger than model.n_layers=2"),
     (["parallel.pp=2", "parallel.zero_stage=2"], 2, "DeepSpeed's pipeline engine supports ZeRO-1 only"),
     (["train.precision=bf16", "+backend.ds_config.fp16.enabled=true"], 2, "fp16 and bf16 both requested"),
-    (["parallel.tp=2", "parallel.sequence_parallel=true"], 2, "no sequence parallelism"),
+    (["parallel.tp=2", "parallel.sequence_parallel=true", "model.seq_len=127"], 2,
+     "parallel.sequence_parallel=true splits model.seq_len=127 over parallel.tp=2 ranks"),
+    (["parallel.sequence_parallel=true"], 2, "parallel.sequence_parallel=true needs parallel.tp > 1"),
 ]
 
 

@@ -72,6 +72,10 @@ def ds_config(cfg: Any, layout: Layout) -> dict[str, Any]:
                           "min_loss_scale": b.min_loss_scale}
     elif train.precision == "bf16":
         config["bf16"] = {"enabled": True}
+    if cfg.parallel.sequence_parallel:
+        # The pipeline engine sends each TP rank 1/tp of an activation and all-gathers it on the next stage,
+        # which assumes the TP ranks hold the same activation; under sequence parallelism each holds its own.
+        config["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
     extra = OmegaConf.to_container(b.ds_config, resolve=True) if OmegaConf.is_config(b.ds_config) else b.ds_config
     return merge(config, extra or {})
 

@@ -11,12 +11,21 @@ swapped for column/row-parallel ones, so the block's forward is the model file's
 on CPU the full `models.gpt.GPT` is initialised with the seed and every rank copies its slice
 (parity with one rank); on GPU each rank initialises only its own shard with megatron-core's
 model-parallel RNG (`model_parallel_cuda_manual_seed`), so a 175B model never exists whole.
+
+Sequence parallelism (Korthikanti et al. 2022) is megatron-core's own (`sequence_parallel=True`):
+between the TP regions every rank holds seq_len/tp tokens; column-parallel linears all-gather
+their input along the sequence and row-parallel ones reduce-scatter their output. megatron-core
+splits the first dimension ([sequence, batch, hidden]); the model file is batch-first, so the
+linears here transpose around megatron's (free at micro-batch 1, a copy otherwise) and the block's
+forward stays the model file's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ContextManager, Sequence
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -54,16 +63,48 @@ def _row(in_features: int, out_features: int, *, bias: bool, mp: Any, init: Call
     return layer
 
 
-class _ColumnLinear(tensor_parallel.ColumnParallelLinear):
-    """Returns the output tensor alone (megatron returns `(output, bias)`), as `nn.Linear` does."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return super().forward(x)[0]
+def _swap_batch_and_sequence(x: torch.Tensor) -> torch.Tensor:
+    """Batch-first <-> megatron's sequence-first layout, whose first dimension sequence parallelism splits."""
+    return x.transpose(0, 1).contiguous()
 
 
-class _RowLinear(tensor_parallel.RowParallelLinear):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return super().forward(x)[0]
+class _AsLinear:
+    """A megatron linear used as `nn.Linear`: the output tensor alone (megatron returns `(output, bias)`),
+    batch-first (under sequence parallelism megatron gathers/scatters the first dimension: swap around it)."""
+
+    sequence_parallel: bool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.sequence_parallel:
+            return super().forward(x)[0]  # type: ignore[misc]
+        return _swap_batch_and_sequence(super().forward(_swap_batch_and_sequence(x))[0])  # type: ignore[misc]
+
+
+class _ColumnLinear(_AsLinear, tensor_parallel.ColumnParallelLinear):
+    pass
+
+
+class _RowLinear(_AsLinear, tensor_parallel.RowParallelLinear):
+    pass
+
+
+def _mark_sequence_parallel(module: nn.Module, mp: Any) -> nn.Module:
+    """A replicated parameter that sees only a sequence shard (megatron's attribute, set on norms)."""
+    for param in module.parameters():
+        param.sequence_parallel = mp.sequence_parallel
+    return module
+
+
+def scatter_to_sequence_shards(x: torch.Tensor) -> torch.Tensor:
+    """(B, T, H) -> this TP rank's (B, T/tp, H); the backward all-gathers."""
+    return _swap_batch_and_sequence(tensor_parallel.scatter_to_sequence_parallel_region(_swap_batch_and_sequence(x)))
+
+
+def gather_sequence_shards(x: torch.Tensor) -> torch.Tensor:
+    """(B, T/tp, H) -> (B, T, H) before a TP region; the backward reduce-scatters the partial gradients."""
+    gathered = tensor_parallel.gather_from_sequence_parallel_region(_swap_batch_and_sequence(x),
+                                                                    tensor_parallel_output_grad=True)
+    return _swap_batch_and_sequence(gathered)
 
 
 def _normal(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -82,6 +123,7 @@ class EmbeddingPipe(Stage):
     def __init__(self, config: GPTConfig, mp: Any) -> None:
         super().__init__()
         self.learned = config.position == "learned"
+        self.sequence_parallel = mp.sequence_parallel
         self.tok_emb = tensor_parallel.VocabParallelEmbedding(
             padded_vocab_size(config.vocab_size, mp.tensor_model_parallel_size), config.d_model,
             init_method=_normal(config.init_std), config=mp)
@@ -98,12 +140,16 @@ class EmbeddingPipe(Stage):
         x = self.tok_emb(tokens)
         if self.learned:
             x = x + self.pos_emb(torch.arange(tokens.shape[1], device=tokens.device))
-        return x
+        return scatter_to_sequence_shards(x) if self.sequence_parallel else x
 
 
 def tied_logits(embedding: EmbeddingPipe, x: torch.Tensor) -> torch.Tensor:
     """This rank's vocabulary slice of the logits (Megatron's `parallel_lm_logits`)."""
-    return F.linear(tensor_parallel.copy_to_tensor_model_parallel_region(x), embedding.weight)
+    if embedding.sequence_parallel:
+        x = gather_sequence_shards(x)
+    else:
+        x = tensor_parallel.copy_to_tensor_model_parallel_region(x)
+    return F.linear(x, embedding.weight)
 
 
 class BlockPipe(Block, Stage):
@@ -115,7 +161,7 @@ class BlockPipe(Block, Stage):
         self.prefix = f"blocks.{index}."
         std, resid_std = config.init_std, config.init_std / (2 * config.n_layers) ** 0.5
         qkv_out = (config.n_heads + 2 * config.n_kv_heads) * config.head_dim  # type: ignore[operator]
-        self.norm1, self.norm2 = make_norm(config), make_norm(config)
+        self.norm1, self.norm2 = (_mark_sequence_parallel(make_norm(config), mp) for _ in range(2))
         self.attn.qkv = _column(config.d_model, qkv_out, bias=config.bias, mp=mp, init=_normal(std))
         self.attn.proj = _row(config.n_heads * config.head_dim, config.d_model, bias=config.bias, mp=mp,
                               init=_normal(resid_std))
@@ -129,20 +175,21 @@ class BlockPipe(Block, Stage):
 
             self.attn = checkpoint_wrapper(self.attn, preserve_rng_state=False)
         self.rope = config.position == "rope"
+        self.sequence_shards = mp.tensor_model_parallel_size if mp.sequence_parallel else 1
         if self.rope:
             cos, sin = rope_cache(config, torch.get_default_device())
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        T = x.shape[1]
+        T = x.shape[1] * self.sequence_shards
         return super().forward(x, (self.rope_cos[:T], self.rope_sin[:T]) if self.rope else None)
 
 
 class FinalNormPipe(Stage):
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, mp: Any) -> None:
         super().__init__()
-        self.norm_f = make_norm(config)
+        self.norm_f = _mark_sequence_parallel(make_norm(config), mp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm_f(x)
@@ -175,20 +222,42 @@ def layer_specs(config: GPTConfig, mp: Any, *, checkpoint_attention: bool = Fals
     else:
         embedding, head = LayerSpec(EmbeddingPipe, config, mp), LayerSpec(LMHeadPipe, config, mp)
     blocks = [LayerSpec(BlockPipe, config, mp, i, checkpoint_attention) for i in range(config.n_layers)]
-    return [embedding, *blocks, LayerSpec(FinalNormPipe, config), head]
+    return [embedding, *blocks, LayerSpec(FinalNormPipe, config, mp), head]
 
 
 BLOCK_PARTITION = "type:BlockPipe"
 """DeepSpeed balances the number of blocks per stage; the embedding joins the first, the head the last."""
 
 
-def model_parallel_config(tp: int, pp: int, *, on_gpu: bool, dtype: torch.dtype = torch.float32) -> Any:
+def model_parallel_config(tp: int, pp: int, *, on_gpu: bool, dtype: torch.dtype = torch.float32,
+                          sequence_parallel: bool = False) -> Any:
     """megatron-core layer settings. On CPU nothing is initialised here (weights are copied in later)."""
     from megatron.core import ModelParallelConfig
 
     return ModelParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                               use_cpu_initialization=not on_gpu, perform_initialization=on_gpu,
-                               params_dtype=dtype, pipeline_dtype=dtype)
+                               sequence_parallel=sequence_parallel, use_cpu_initialization=not on_gpu,
+                               perform_initialization=on_gpu, params_dtype=dtype, pipeline_dtype=dtype)
+
+
+def _sum_over_tensor_parallel_ranks(grad: torch.Tensor) -> torch.Tensor:
+    grad = grad.contiguous()
+    dist.all_reduce(grad, group=parallel_state.get_tensor_model_parallel_group())
+    return grad
+
+
+def sum_sequence_parallel_grads(stage: nn.Module) -> int:
+    """Norms (and row-parallel biases) are replicated over TP but each rank sees only its sequence shard,
+    so their gradients are partial sums; Megatron all-reduces them over the TP group before the optimizer.
+
+    DeepSpeed's pipeline engine offers no step between the last backward and its own gradient
+    reduction, so a gradient hook does it on every micro-batch's gradient, before it is accumulated
+    (the sum is linear, so this is exact): one small all-reduce per such parameter and micro-batch,
+    where Megatron does one per step. Returns how many parameters it hooked.
+    """
+    params = [p for p in stage.parameters() if getattr(p, "sequence_parallel", False)]
+    for param in params:
+        param.register_hook(_sum_over_tensor_parallel_ranks)
+    return len(params)
 
 
 @torch.no_grad()
@@ -237,7 +306,8 @@ class DeepSpeed3DBackend(DeepSpeedEngineBackend):
         self.padded_vocab = padded_vocab_size(config.vocab_size, layout.tp)
         mode = self.cfg.train.activation_checkpointing
         pipe = PipelineModule(
-            layers=layer_specs(config, model_parallel_config(layout.tp, layout.pp, on_gpu=on_gpu),
+            layers=layer_specs(config, model_parallel_config(layout.tp, layout.pp, on_gpu=on_gpu,
+                                                             sequence_parallel=self.cfg.parallel.sequence_parallel),
                                checkpoint_attention=mode == "selective"),
             topology=PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp),
             loss_fn=vocab_parallel_loss,
@@ -249,6 +319,8 @@ class DeepSpeed3DBackend(DeepSpeedEngineBackend):
             self._init_replicated(pipe)
         else:
             copy_slices(pipe, model, parallel_state.get_tensor_model_parallel_rank())
+        self.sequence_parallel_params = sum_sequence_parallel_grads(pipe)
+        self._record_block_input_shape(pipe)
         self.initialize(pipe)
         self.rank_table = self._rank_table()
 
@@ -259,6 +331,19 @@ class DeepSpeed3DBackend(DeepSpeedEngineBackend):
         for layer in pipe.modules():
             if isinstance(layer, EmbeddingPipe) and layer.learned:
                 layer.pos_emb.weight.normal_(0.0, self.cfg.model.init_std, generator=generator)
+
+    def _record_block_input_shape(self, pipe: nn.Module) -> None:
+        """What one block of this rank really receives (B, T/tp, H under sequence parallelism), seen once."""
+        self.block_input_shape: list[int] | None = None
+        block = next((layer for layer in pipe.modules() if isinstance(layer, BlockPipe)), None)
+        if block is None:
+            return
+
+        def record(_: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            self.block_input_shape = list(args[0].shape)
+            handle.remove()
+
+        handle = block.register_forward_pre_hook(record)
 
     def _rank_table(self) -> list[dict[str, Any]]:
         """Every rank's (tp, dp, pp) coordinates as megatron-core and DeepSpeed see them; their groups must agree."""
@@ -279,14 +364,25 @@ class DeepSpeed3DBackend(DeepSpeedEngineBackend):
         dist.all_gather_object(table, mine)
         return table
 
+    def _megatron_buffers_on_cpu(self) -> ContextManager[Any]:
+        """megatron-core allocates its sequence-parallel gather/scatter buffers on `torch.cuda.current_device()`;
+        on a CPU run (no CUDA) they must land on the CPU instead. Scoped to the step, nothing else changes."""
+        if self.device.type != "cpu" or not self.cfg.parallel.sequence_parallel:
+            return contextlib.nullcontext()
+        return mock.patch.object(torch.cuda, "current_device", return_value=torch.device("cpu"))
+
     def train_step(self, micro_batches: Sequence[MicroBatch]) -> torch.Tensor:
         """1F1B over the micro-batches; DeepSpeed returns the DP-averaged mean loss on every stage."""
-        return self.engine.train_batch(data_iter=iter(micro_batches)).detach().float()
+        with self._megatron_buffers_on_cpu():
+            return self.engine.train_batch(data_iter=iter(micro_batches)).detach().float()
 
     def summary_notes(self) -> dict[str, dict[str, Any]]:
         notes = super().summary_notes()
         notes["layout"] = {"micro_batches_per_step": self.layout.grad_accum,
                            "rank_coordinates": getattr(self, "rank_table", None),
-                           "rank_coordinates_order": "tp, dp, pp"}
+                           "rank_coordinates_order": "tp, dp, pp",
+                           "sequence_parallel": self.cfg.parallel.sequence_parallel,
+                           "block_input_shape": getattr(self, "block_input_shape", None),
+                           "sequence_parallel_params": getattr(self, "sequence_parallel_params", None)}
         notes["model"] = {"padded_vocab_size": getattr(self, "padded_vocab", None)}
         return notes
