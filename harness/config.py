@@ -472,8 +472,11 @@ def _check_fsdp(b: Any, devices_per_node: int, dp: int, precision: str, tp: int,
                           "use parallel.tp=1 with offload (or system=cpu)")
 
 
-def _check_train_extras(t: Any, n_layers: int) -> None:
+def _check_train_extras(t: Any, n_layers: int, backend: str) -> None:
     """Checkpointing granularity, compilation and the fault-injection step."""
+    if backend == "deepspeed3d" and (t.checkpoint_every_n is not None or t.compile):
+        raise ConfigError("train.checkpoint_every_n / train.compile: backend=deepspeed3d builds its pipeline "
+                          "stages itself (checkpointing per stage layer); leave them unset")
     if t.checkpoint_every_n is not None:
         if t.activation_checkpointing != "selective":
             raise ConfigError(f"train.checkpoint_every_n={t.checkpoint_every_n} needs "
@@ -548,7 +551,7 @@ def validate(cfg: DictConfig | Config, world_size: int) -> Layout:
     if world_size % (p.tp * p.pp):
         raise ConfigError(f"world size {world_size} is not divisible by parallel.tp*parallel.pp={p.tp * p.pp}")
     dp = world_size // (p.tp * p.pp)
-    _check_train_extras(t, m.n_layers)
+    _check_train_extras(t, m.n_layers, cfg.backend.name)
     if cfg.backend.name == "fsdp":
         _check_fsdp(cfg.backend, cfg.system.devices_per_node, dp, t.precision, p.tp, cfg.system.device)
     per_step = t.micro_batch_size * dp

@@ -160,6 +160,9 @@ BAD_3D = [
     (["parallel.tp=2", "parallel.sequence_parallel=true", "model.seq_len=127"], 2,
      "parallel.sequence_parallel=true splits model.seq_len=127 over parallel.tp=2 ranks"),
     (["parallel.sequence_parallel=true"], 2, "parallel.sequence_parallel=true needs parallel.tp > 1"),
+    (["train.compile=true"], 2, "backend=deepspeed3d builds its pipeline stages itself"),
+    (["train.activation_checkpointing=selective", "train.checkpoint_every_n=1"], 2,
+     "backend=deepspeed3d builds its pipeline stages itself"),
 ]
 
 

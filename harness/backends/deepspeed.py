@@ -18,7 +18,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from harness.backends.base import Backend, MicroBatch, apply_activation_checkpointing
+from harness.backends.base import Backend, MicroBatch, checkpoint_and_compile
 from harness.config import Layout
 
 
@@ -120,7 +120,7 @@ class DeepSpeedBackend(DeepSpeedEngineBackend):
         if model.tok_emb.weight.is_meta:  # built on meta (GPU): every rank initialises the same full model
             model.to_empty(device=self.device)
             model.init_weights()
-        apply_activation_checkpointing(model, self.cfg.train.activation_checkpointing)
+        checkpoint_and_compile(model, self.cfg.train)
         self.initialize(model)
 
     def train_step(self, micro_batches: Sequence[MicroBatch]) -> torch.Tensor:
