@@ -151,6 +151,21 @@ def test_checkpointing_and_sequence_parallel_change_the_answer() -> None:
     assert answers["vpp"]["bubble_fraction"] == pytest.approx(answers["none"]["bubble_fraction"] / 2)
 
 
+def test_every_nth_block_checkpointed_lies_between_none_and_full() -> None:
+    """train.checkpoint_every_n=2: half the blocks recompute everything, the other half store everything."""
+    answers = {}
+    for key, train in {"none": {}, "every-2": {"activation_checkpointing": "selective", "checkpoint_every_n": 2},
+                       "full": {"activation_checkpointing": "full"}}.items():
+        cfg = make_cfg(model={"n_layers": 8}, backend={"name": "fsdp"}, system="dgx-a100-80gb",
+                       train={"precision": "bf16", "micro_batch_size": 4, **train})
+        answers[key] = estimate(cfg, validate(cfg, 8))
+    acts = {k: a["memory_per_device_bytes"]["activations"] for k, a in answers.items()}
+    recompute = {k: a["flops_per_step"]["hardware"] - a["flops_per_step"]["model"] for k, a in answers.items()}
+    assert acts["full"] < acts["every-2"] < acts["none"]
+    assert recompute["none"] == 0 < recompute["every-2"] == pytest.approx(recompute["full"] / 2)
+    assert answers["none"]["step_time_s"] < answers["every-2"]["step_time_s"] < answers["full"]["step_time_s"]
+
+
 def harness_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "harness.cli", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=60)

@@ -34,7 +34,7 @@ def estimate(cfg: Any, layout: Layout, *, software: Software = HARNESS,
     """The cost model's answer for `cfg` on `layout` (already validated)."""
     job = job_from_config(cfg, layout, software)
     system, m = cfg.system, cfg.model
-    flops = step_flops(m, layout.global_batch_size, job.checkpointing)
+    flops = step_flops(m, layout.global_batch_size, job.checkpointing, job.checkpoint_every_n)
     memory = memory_per_device(job, system.framework_overhead_gb * GB)
     colls = collectives(job)
     out: dict[str, Any] = {

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Optional
 
 from harness.config import Layout
 from harness.costmodel.flops import param_count
@@ -54,6 +54,16 @@ class Job:
     vpp: int
     devices_per_node: int
     software: Software = HARNESS
+    checkpoint_every_n: Optional[int] = None
+    """With selective checkpointing: every n-th whole block is checkpointed instead of attention."""
+
+    @property
+    def checkpoint_modes(self) -> dict[str, float]:
+        """The share of blocks under each checkpointing mode (every n-th block: full, the rest: none)."""
+        if self.checkpointing == "selective" and self.checkpoint_every_n:
+            full = (self.model.n_layers // self.checkpoint_every_n) / self.model.n_layers
+            return {"full": full, "none": 1.0 - full}
+        return {self.checkpointing: 1.0}
 
     @property
     def micro_batches(self) -> int:
@@ -75,6 +85,7 @@ def job_from_config(cfg: Any, layout: Layout, software: Software = HARNESS) -> J
         offload=backend.offload,
         precision=cfg.train.precision,
         checkpointing=cfg.train.activation_checkpointing,
+        checkpoint_every_n=cfg.train.checkpoint_every_n,
         sequence_parallel=bool(cfg.parallel.sequence_parallel),
         vpp=cfg.parallel.vpp,
         devices_per_node=cfg.system.devices_per_node,

@@ -107,8 +107,10 @@ def in_flight_micro_batches(job: Job) -> float:
 
 def activation_bytes(job: Job) -> float:
     layers = layers_per_stage(job)
-    stored = layers * layer_activation_bytes(job, job.checkpointing) * in_flight_micro_batches(job)
-    if job.checkpointing == "full":  # the layer being recomputed holds its full activations meanwhile
+    modes = job.checkpoint_modes
+    per_layer = sum(share * layer_activation_bytes(job, mode) for mode, share in modes.items())
+    stored = layers * per_layer * in_flight_micro_batches(job)
+    if modes.get("full"):  # the layer being recomputed holds its full activations meanwhile
         stored += layer_activation_bytes(job, "none")
     return stored
 
