@@ -19,15 +19,15 @@ from harness.costmodel.layout import job_from_config
 from harness.predict import compose
 
 ZERO3_KEEP_NOTHING = ("param_persistence_threshold", "max_reuse_distance", "prefetch_bucket_size")
-LAYOUTS = {  # name: overrides (gpt-tiny, 2 ranks, 2 micro-batches per step)
+LAYOUTS = {  # name: overrides (gpt-tiny, 2 ranks, 2 micro-batches per step; 4 with TP or PP, where dp = 1)
     "ddp": ["backend=ddp"],
     "fsdp-full_shard": ["backend=fsdp", "backend.reshard_after_forward=true"],
     "fsdp-shard_grad_op": ["backend=fsdp", "backend.reshard_after_forward=false"],
     "zero1": ["backend=deepspeed", "parallel.zero_stage=1"],
     "zero2": ["backend=deepspeed", "parallel.zero_stage=2"],
     # ZeRO-3's general path (what a large model's weight matrices take): every tensor gathered at each use.
-    "zero3": ["backend=deepspeed", "parallel.zero_stage=3"] + [f"+backend.ds_config.zero_optimization.stage3_{k}=0"
-                                                              for k in ZERO3_KEEP_NOTHING],
+    "zero3": ["backend=deepspeed", "parallel.zero_stage=3"]
+    + [f"+backend.ds_config.zero_optimization.stage3_{k}=0" for k in ZERO3_KEEP_NOTHING],
     # DeepSpeed's defaults: gpt-tiny's tensors are all under the persistence threshold (1e5 elements).
     "zero3-default": ["backend=deepspeed", "parallel.zero_stage=3"],
     "tp2": ["backend=deepspeed3d", "parallel.tp=2"],
@@ -60,7 +60,8 @@ def test_predicted_comm_bytes_match_profiled_step(name: str, tmp_path: Path) -> 
     launch_local(2, measure_step, to_container(cfg), str(out))
     measured = json.loads(out.read_text())
     predicted = predicted_by_kind(cfg, 2)
-    # What the model leaves out must be negligible (DDP's small bookkeeping broadcasts, scalar norms).
+    # What the model leaves out must be negligible (DDP's bookkeeping broadcasts, scalar norms, the
+    # pipeline's loss broadcast).
     for kind in set(measured) - set(predicted):
         assert measured[kind] <= 1e-3 * sum(measured.values()), (kind, measured)
     for kind, value in predicted.items():

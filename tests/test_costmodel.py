@@ -138,14 +138,16 @@ def test_tp_and_pp_volumes() -> None:
     """TP 2: 4 all-reduces of b·s·h per layer per micro-batch (+2 for embedding/head), 3 of b·s fp32 in the
     vocab-parallel cross-entropy, and DeepSpeed's one-rank dp reduction; PP 2: each rank sends once per
     micro-batch and the tied embedding's gradient is all-reduced between the end stages."""
-    j = job(2, backend={"name": "deepspeed3d"}, parallel={"tp": 2, "zero_stage": 1}, train={"precision": "bf16"})
+    j = job(2, backend={"name": "deepspeed3d"}, parallel={"tp": 2, "zero_stage": 1},
+            train={"precision": "bf16"})
     payload = 1 * 128 * 64 * 2
     assert by_kind(collectives(j)) == {("tp", "all_reduce"): payload * (4 * 2 + 2) + 3 * 128 * 4,
                                        ("dp", "reduce_scatter"): stage_params(j) * 2}
     assert sum(c.wire_bytes for c in collectives(j) if c.dim == "dp") == 0
     j = job(2, backend={"name": "deepspeed3d"}, parallel={"pp": 2, "zero_stage": 1},
             train={"precision": "bf16", "global_batch_size": 4})
-    assert by_kind(collectives(j)) == {("pp", "send_recv"): payload * 4, ("pp", "all_reduce"): 512 * 64 * 2,
+    assert by_kind(collectives(j)) == {("pp", "send_recv"): payload * 4,
+                                       ("pp", "all_reduce"): 512 * 64 * 2,
                                        ("dp", "reduce_scatter"): stage_params(j) * 2}
 
 
