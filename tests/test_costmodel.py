@@ -19,8 +19,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from harness.config import CONF_DIR, Config, ConfigError, validate
-from harness.costmodel.comm import Collective, collectives
+from harness.costmodel.comm import Collective, collectives, zero3_gathered_numel
 from harness.costmodel.estimate import estimate
+from harness.costmodel.flops import param_count
 from harness.costmodel.layout import MEGATRON_2021, job_from_config, param_split, stage_params
 from harness.costmodel.memory import GB, layer_activation_bytes, model_state_bytes
 
@@ -98,28 +99,56 @@ def by_kind(colls: list[Collective]) -> dict[tuple[str, str], float]:
     return out
 
 
+KEEP_NOTHING = {"zero_optimization": {f"stage3_{k}": 0 for k in (
+    "param_persistence_threshold", "max_reuse_distance", "prefetch_bucket_size")}}
+
+
 def test_dp_volumes_follow_zero_paper() -> None:
-    """Per step on 4 ranks: DDP all-reduces Ψ gradients; ZeRO-1/2 reduce-scatter + all-gather; ZeRO-3 3Ψ."""
+    """Per step on 4 ranks: DDP all-reduces Ψ gradients; ZeRO-1/2 reduce-scatter + all-gather; ZeRO-3 3Ψ
+    when DeepSpeed keeps no parameter gathered between uses."""
     common = {"train": {"precision": "fp16", "micro_batch_size": 1, "global_batch_size": 8}}
     wire = {}
     for stage in (0, 1, 2, 3):
-        j = job(4, backend={"name": "deepspeed"}, parallel={"zero_stage": stage}, **common)
+        j = job(4, backend={"name": "deepspeed", "ds_config": KEEP_NOTHING if stage == 3 else {}},
+                parallel={"zero_stage": stage}, **common)
         wire[stage] = sum(c.wire_bytes for c in collectives(j))
     psi_bytes = 2 * stage_params(j) * 3 / 4  # 16-bit bytes × (p−1)/p
+    tied_head = 2 * j.model.vocab_size * j.model.d_model * 3 / 4  # the tied weight is used twice
     assert wire[0] == pytest.approx(2 * psi_bytes)
     assert wire[1] == pytest.approx(2 * psi_bytes)
     assert wire[2] == pytest.approx((2 + 1) * psi_bytes)  # reduce-scatter in each of 2 micro-batches
-    assert wire[3] == pytest.approx(2 * 3 * psi_bytes)  # per micro-batch: 2 all-gathers + reduce-scatter
+    # per micro-batch: gathers for forward and backward (the tied weight's twice more) + reduce-scatter
+    assert wire[3] == pytest.approx(2 * (3 * psi_bytes + 2 * tied_head))
+
+
+def test_zero3_keeps_small_and_soon_reused_parameters() -> None:
+    """DeepSpeed's defaults: tensors under 1e5 elements are gathered once per step, the rest once per
+    micro-batch while their reuse distance stays under 1e9 elements."""
+    m = {"name": "wide", "n_layers": 2, "d_model": 512, "n_heads": 8, "seq_len": 128, "vocab_size": 512}
+    j = job(2, model=m, backend={"name": "deepspeed"}, parallel={"zero_stage": 3},
+            train={"precision": "fp16", "global_batch_size": 4})
+    per_micro_batch, per_step = zero3_gathered_numel(j)
+    big = 2 * 512 * 512 * (3 + 1 + 4 + 4) + 512 * 512  # blocks' weight matrices + tied embedding
+    assert (per_micro_batch, per_step) == (big, param_count(j.model) - big)
+    gathers = [c for c in collectives(j) if c.kind == "all_gather"]
+    assert [(c.payload_bytes, c.calls) for c in gathers] == [(2 * big, 2), (2 * (param_count(j.model) - big), 1)]
 
 
 def test_tp_and_pp_volumes() -> None:
-    """TP 2: 4 all-reduces of b·s·h per layer per micro-batch (+2 for embedding/head); PP 2: one send each way."""
-    j = job(2, backend={"name": "deepspeed3d"}, parallel={"tp": 2}, train={"precision": "bf16"})
+    """TP 2: 4 all-reduces of b·s·h per layer per micro-batch (+2 for embedding/head), 3 of b·s fp32 in the
+    vocab-parallel cross-entropy, and DeepSpeed's one-rank dp reduction; PP 2: each rank sends once per
+    micro-batch and the tied embedding's gradient is all-reduced between the end stages."""
+    j = job(2, backend={"name": "deepspeed3d"}, parallel={"tp": 2, "zero_stage": 1},
+            train={"precision": "bf16"})
     payload = 1 * 128 * 64 * 2
-    assert by_kind(collectives(j)) == {("tp", "all_reduce"): payload * (4 * 2 + 2)}
-    j = job(2, backend={"name": "deepspeed3d"}, parallel={"pp": 2}, train={"precision": "bf16",
-                                                                          "global_batch_size": 4})
-    assert by_kind(collectives(j)) == {("pp", "send_recv"): payload * 2 * 4}
+    assert by_kind(collectives(j)) == {("tp", "all_reduce"): payload * (4 * 2 + 2) + 3 * 128 * 4,
+                                       ("dp", "reduce_scatter"): stage_params(j) * 2}
+    assert sum(c.wire_bytes for c in collectives(j) if c.dim == "dp") == 0
+    j = job(2, backend={"name": "deepspeed3d"}, parallel={"pp": 2, "zero_stage": 1},
+            train={"precision": "bf16", "global_batch_size": 4})
+    assert by_kind(collectives(j)) == {("pp", "send_recv"): payload * 4,
+                                       ("pp", "all_reduce"): 512 * 64 * 2,
+                                       ("dp", "reduce_scatter"): stage_params(j) * 2}
 
 
 def test_fsdp_volumes() -> None:

@@ -4,11 +4,16 @@ Volumes use the ring (bandwidth-optimal) algorithms: over p ranks an all-reduce 
 2(p−1)/p·S per rank, an all-gather or reduce-scatter whose full tensor is S sends (p−1)/p·S
 (Thakur, Rabenseifner & Gropp 2005; Patarasuk & Yuan 2009). So DDP moves 2Ψ·bytes per step,
 ZeRO-1/2 the same (reduce-scatter + all-gather), ZeRO-3 and FSDP 3Ψ·bytes (Rajbhandari et al. 2020,
-section 7). Tensor parallelism all-reduces the b·s·h activations twice per layer in the forward and
-twice in the backward, once more per recomputed sub-layer (Narayanan et al. 2021, section 2.3;
+section 7); DeepSpeed's ZeRO-3 gathers less where it keeps parameters (`zero3_gathered_numel`).
+Tensor parallelism all-reduces the b·s·h activations twice per layer in the forward and twice in
+the backward, once more per recomputed sub-layer (Narayanan et al. 2021, section 2.3;
 Korthikanti et al. 2022: sequence parallelism turns each all-reduce into an all-gather and a
 reduce-scatter of the same volume). Pipeline stages send b·s·h activations forward and their
-gradients backward once per micro-batch and virtual stage.
+gradients backward once per micro-batch and virtual stage (each rank receives as much as it sends).
+
+`payload_bytes × calls` is what the torch profiler records on a real gloo run (tests/
+test_comm_volume.py), including collectives DeepSpeed issues over a one-rank group: those have
+`group=1` and move no bytes (`wire_bytes` 0).
 
 Rank order is Megatron's and DeepSpeed's (TP fastest, then DP, then PP): a group stays inside a
 node when its span of consecutive ranks fits in `devices_per_node`.
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from harness.costmodel.flops import param_modules, param_tensors
 from harness.costmodel.layout import Job, layers_per_stage, stage_params
 from harness.costmodel.memory import shard_degrees, state_bytes_per_param
 
@@ -53,8 +59,6 @@ def dp_collectives(job: Job) -> list[Collective]:
     """Gradient reduction and parameter gathering over the data-parallel group, per backend and stage."""
     layout = job.layout
     dp, m = layout.dp, job.micro_batches
-    if dp == 1:
-        return []
     params = stage_params(job)
     per = state_bytes_per_param(job.backend, job.precision)
     intra = _intra(layout.tp * dp, job)
@@ -62,16 +66,66 @@ def dp_collectives(job: Job) -> list[Collective]:
     def c(kind: str, payload: float, calls: float, group: int = dp, inside: bool = intra) -> Collective:
         return Collective("dp", kind, payload, calls, group, inside)
 
+    stage = layout.zero_stage
+    if dp == 1:
+        # ZeRO-1's gradient reduction (deepspeed/runtime/zero/stage_1_and_2.py `reduce_gradients`)
+        # still runs over a one-rank group; only the parameter all-gather checks for it
+        # (deepspeed/runtime/utils.py `all_gather_dp_groups`).
+        zero1 = job.backend.startswith("deepspeed") and stage == 1
+        return [c("reduce_scatter", params * per.grads, 1)] if zero1 else []
     if job.backend == "fsdp":
         return _fsdp_collectives(job, params, c)
-    stage = layout.zero_stage
     if stage == 0:
         return [c("all_reduce", params * per.grads, 1)]
     if stage == 1:
         return [c("reduce_scatter", params * per.grads, 1), c("all_gather", params * per.weights, 1)]
     if stage == 2:  # DeepSpeed reduces partitioned gradients in every micro-batch's backward
         return [c("reduce_scatter", params * per.grads, m), c("all_gather", params * per.weights, 1)]
-    return [c("all_gather", params * per.weights, 2 * m), c("reduce_scatter", params * per.grads, m)]
+    per_micro_batch, per_step = zero3_gathered_numel(job)
+    gathers = [c("all_gather", per_micro_batch * per.weights, m)]
+    if per_step:
+        gathers.append(c("all_gather", per_step * per.weights, 1))
+    return gathers + [c("reduce_scatter", params * per.grads, m)]
+
+
+def zero3_gathered_numel(job: Job) -> tuple[float, float]:
+    """Parameters ZeRO-3 all-gathers (full numel): per micro-batch, and once per step.
+
+    deepspeed/runtime/zero/parameter_offload.py `mark_persistent_parameters`: tensors of at most
+    `stage3_param_persistence_threshold` elements (while their sum stays within
+    `stage3_model_persistence_threshold`) stay gathered, and are all-gathered again once per step
+    after the optimizer updated their shards (stage3.py `_post_step`). Every other tensor is
+    gathered where the forward first uses it; partitioned_param_coordinator.py
+    `__params_to_release` frees it after a use only if the parameters of the modules before its
+    next use in the forward + backward trace reach `stage3_max_reuse_distance` elements (a freed
+    tensor is gathered again at that use). Reuse inside the prefetch window also keeps it, taken
+    here as the same rule with `stage3_prefetch_bucket_size`. With the defaults every tensor of a
+    block whose later layers hold fewer than ~5e8 parameters is gathered once per micro-batch, not
+    twice as in the ZeRO paper's 3Ψ.
+    """
+    z = job.zero3
+    persistent: set[str] = set()
+    kept = 0
+    for t in param_tensors(job.model):
+        if t.numel <= z.param_persistence_threshold and kept + t.numel <= z.model_persistence_threshold:
+            persistent.add(t.name)
+            kept += t.numel
+    forward = param_modules(job.model)
+    trace = forward + forward[::-1]
+    before = [0]  # parameters of trace[:i]
+    uses: dict[str, list[int]] = {}
+    for i, (_, tensors) in enumerate(trace):
+        before.append(before[-1] + sum(t.numel for t in tensors))
+        for t in tensors:
+            uses.setdefault(t.name, []).append(i)
+    numel = {t.name: t.numel for t in param_tensors(job.model)}
+    reuse = max(z.max_reuse_distance, z.prefetch_bucket_size)
+    per_micro_batch = 0
+    for name, steps in uses.items():
+        if name not in persistent:
+            regathers = sum(before[b] - before[a + 1] >= reuse for a, b in zip(steps, steps[1:]))
+            per_micro_batch += numel[name] * (1 + regathers)
+    return float(per_micro_batch), float(kept)
 
 
 def _fsdp_collectives(job: Job, params: float, c) -> list[Collective]:  # type: ignore[no-untyped-def]
@@ -96,31 +150,46 @@ def _fsdp_collectives(job: Job, params: float, c) -> list[Collective]:  # type: 
 
 
 def tp_collectives(job: Job) -> list[Collective]:
+    """Megatron's TP all-reduces of b·s·h activations, and vocab-parallel cross-entropy's three of b·s fp32
+    (max, target logit, sum of exponentials: megatron/core/tensor_parallel/cross_entropy.py)."""
     layout = job.layout
     t = layout.tp
     if t == 1:
         return []
-    payload = layout.micro_batch_size * job.model.seq_len * job.model.d_model * job.act_bytes
+    tokens = layout.micro_batch_size * job.model.seq_len
+    payload = tokens * job.model.d_model * job.act_bytes
     per_layer = 4 + {"full": 2, "selective": 1}.get(job.checkpointing, 0)
     calls = (per_layer * layers_per_stage(job) + 2) * job.micro_batches  # + embedding forward, head backward
     intra = _intra(t, job)
+    loss = Collective("tp", "all_reduce", tokens * 4, 3 * job.micro_batches, t, intra)
     if job.sequence_parallel:
         return [Collective("tp", "all_gather", payload, calls, t, intra),
-                Collective("tp", "reduce_scatter", payload, calls, t, intra)]
-    return [Collective("tp", "all_reduce", payload, calls, t, intra)]
+                Collective("tp", "reduce_scatter", payload, calls, t, intra), loss]
+    return [Collective("tp", "all_reduce", payload, calls, t, intra), loss]
 
 
 def pp_collectives(job: Job) -> list[Collective]:
+    """Stage-boundary sends, and the tied embedding's gradient all-reduce between the first and last
+    stage once per step (deepspeed/runtime/pipe/engine.py `_exec_reduce_tied_grads`)."""
     layout = job.layout
     if layout.pp == 1:
         return []
     payload = layout.micro_batch_size * job.model.seq_len * job.model.d_model * job.act_bytes
-    calls = 2 * job.micro_batches * job.vpp  # activations forward, their gradients backward
+    # Sends of the busiest rank: a middle stage sends each micro-batch's activations forward and its
+    # gradients backward; an end stage only one of them, per model chunk it holds at an end.
+    m, v = job.micro_batches, job.vpp
+    calls = 2 * m * v if layout.pp > 2 else m * (2 * v - 1)
     intra = _intra(layout.world_size, job)
     if job.software.pp_scatter_gather and layout.tp > 1:
-        return [Collective("pp", "send_recv", payload / layout.tp, calls, 2, intra),
-                Collective("pp", "all_gather", payload, calls, layout.tp, _intra(layout.tp, job))]
-    return [Collective("pp", "send_recv", payload, calls, 2, intra)]
+        out = [Collective("pp", "send_recv", payload / layout.tp, calls, 2, intra),
+               Collective("pp", "all_gather", payload, calls, layout.tp, _intra(layout.tp, job))]
+    else:
+        out = [Collective("pp", "send_recv", payload, calls, 2, intra)]
+    if job.model.tie_embeddings:
+        grads = state_bytes_per_param(job.backend, job.precision).grads
+        tied = job.model.vocab_size * job.model.d_model / layout.tp * grads
+        out.append(Collective("pp", "all_reduce", tied, 1, 2, intra))
+    return out
 
 
 def collectives(job: Job) -> list[Collective]:

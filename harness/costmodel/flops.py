@@ -37,22 +37,58 @@ def _dims(m: Any) -> tuple[int, int, int, int, int, int, int]:
     return m.n_layers, m.d_model, m.n_heads, kv, m.d_model // m.n_heads, ffn, m.vocab_size
 
 
+@dataclass(frozen=True)
+class Tensor:
+    """One parameter tensor of `models.gpt.GPT`, named as there."""
+
+    name: str
+    numel: int
+    tp_split: bool
+    """Megatron splits it over the TP ranks (column/row-parallel weights, column-parallel biases, the
+    vocab-parallel embedding); norms, row-parallel biases and learned positions are replicated."""
+
+
+def param_modules(m: ModelDims) -> list[tuple[str, tuple[Tensor, ...]]]:
+    """`models.gpt.GPT`'s parameter-holding modules in forward order (also their registration order).
+
+    A tied output projection lists the embedding's tensor again: the same Parameter used twice,
+    which matters to ZeRO-3's gathering (harness/costmodel/comm.py).
+    """
+    layers, h, a, g, dh, f, vocab = _dims(m)
+    bias = bool(m.bias)
+
+    def linear(name: str, n_in: int, n_out: int, *, column: bool) -> tuple[str, tuple[Tensor, ...]]:
+        weight = Tensor(f"{name}.weight", n_in * n_out, True)
+        return name, (weight, Tensor(f"{name}.bias", n_out, column)) if bias else (weight,)
+
+    def norm(name: str) -> tuple[str, tuple[Tensor, ...]]:
+        with_bias = m.norm == "layernorm" and bias
+        return name, (Tensor(f"{name}.weight", h, False),) + ((Tensor(f"{name}.bias", h, False),) if with_bias else ())
+
+    out = [("tok_emb", (Tensor("tok_emb.weight", vocab * h, True),))]
+    if m.position == "learned":
+        out.append(("pos_emb", (Tensor("pos_emb.weight", m.seq_len * h, False),)))
+    for i in range(layers):
+        p = f"blocks.{i}."
+        out += [norm(p + "norm1"), linear(p + "attn.qkv", h, (a + 2 * g) * dh, column=True),
+                linear(p + "attn.proj", a * dh, h, column=False), norm(p + "norm2"),
+                linear(p + "mlp.fc", h, f, column=True)]
+        if m.activation == "swiglu":
+            out.append(linear(p + "mlp.gate", h, f, column=True))
+        out.append(linear(p + "mlp.proj", f, h, column=False))
+    out.append(norm("norm_f"))
+    out.append(("lm_head", out[0][1] if m.tie_embeddings else (Tensor("lm_head.weight", vocab * h, True),)))
+    return out
+
+
+def param_tensors(m: ModelDims) -> list[Tensor]:
+    """Each parameter tensor once (a tied projection is the embedding's), in registration order."""
+    return list({t.name: t for _, tensors in param_modules(m) for t in tensors}.values())
+
+
 def param_count(m: ModelDims) -> int:
     """Exact trainable parameters of `models.gpt.GPT` (tied embeddings counted once)."""
-    layers, h, a, g, dh, f, vocab = _dims(m)
-    b = 1 if m.bias else 0
-    norm = h * (2 if m.norm == "layernorm" and m.bias else 1)
-    mlp_in = 2 if m.activation == "swiglu" else 1
-    per_layer = (
-        h * (a + 2 * g) * dh + b * (a + 2 * g) * dh  # fused qkv
-        + a * dh * h + b * h  # attention output projection
-        + mlp_in * (h * f + b * f)  # fc (and gate)
-        + f * h + b * h  # mlp output projection
-        + 2 * norm
-    )
-    embeddings = vocab * h + (m.seq_len * h if m.position == "learned" else 0)
-    head = 0 if m.tie_embeddings else vocab * h
-    return embeddings + layers * per_layer + norm + head
+    return sum(t.numel for t in param_tensors(m))
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 from typing import Any, Optional
 
 from harness.config import Layout
-from harness.costmodel.flops import param_count
+from harness.costmodel.flops import param_count, param_tensors
 
 FSDP_SHARDINGS = ("full_shard", "shard_grad_op", "hybrid_shard", "no_shard")
 ACT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -31,6 +31,22 @@ class Software:
     pp_scatter_gather: bool = False
     """Each TP rank sends 1/TP of a stage boundary's activations and the next stage all-gathers them
     over the fast intra-node links (Narayanan et al. 2021, section 4.1)."""
+
+
+@dataclass(frozen=True)
+class Zero3:
+    """DeepSpeed ZeRO-3's knobs that decide how often a parameter is gathered, with DeepSpeed's defaults
+    (deepspeed/runtime/zero/config.py; read from `backend.ds_config.zero_optimization.stage3_*`)."""
+
+    param_persistence_threshold: int = 100_000
+    model_persistence_threshold: int = 2**63 - 1
+    max_reuse_distance: int = 1_000_000_000
+    prefetch_bucket_size: int = 50_000_000
+
+    @classmethod
+    def from_ds_config(cls, ds_config: Any) -> "Zero3":
+        zero = dict((ds_config or {}).get("zero_optimization", {}) or {})
+        return cls(**{f: int(zero[f"stage3_{f}"]) for f in cls.__dataclass_fields__ if f"stage3_{f}" in zero})
 
 
 HARNESS = Software()
@@ -54,6 +70,7 @@ class Job:
     vpp: int
     devices_per_node: int
     software: Software = HARNESS
+    zero3: Zero3 = Zero3()
     checkpoint_every_n: Optional[int] = None
     """With selective checkpointing: every n-th whole block is checkpointed instead of attention."""
 
@@ -90,6 +107,7 @@ def job_from_config(cfg: Any, layout: Layout, software: Software = HARNESS) -> J
         vpp=cfg.parallel.vpp,
         devices_per_node=cfg.system.devices_per_node,
         software=software,
+        zero3=Zero3.from_ds_config(getattr(backend, "ds_config", None)),
     )
 
 
@@ -121,17 +139,24 @@ def param_split(m: Any) -> ParamSplit:
 def stage_params(job: Job) -> float:
     """Parameters held by one rank of the busiest pipeline stage, before any data-parallel sharding.
 
-    Megatron splits every block's weights over TP ranks (norm weights are replicated, a small
-    error ignored here) and places the embeddings on the first stage; with PP > 1 a tied output
-    projection is a second copy on the last stage (Narayanan et al. 2021, section 3).
+    Megatron splits the block weights, column-parallel biases and the vocab-parallel embedding over
+    TP ranks and replicates norms, row-parallel biases and learned positions (megatron/core/
+    tensor_parallel/layers.py; vocabulary padding is ignored). The embeddings live on the first
+    stage; with PP > 1 a tied output projection is a second copy on the last stage (Narayanan et
+    al. 2021, section 3).
     """
-    split = param_split(job.model)
     tp, pp = job.layout.tp, job.layout.pp
-    layers = -(-job.model.n_layers // pp)
-    first = layers * split.per_layer + split.embedding + (split.head if pp == 1 else 0)
-    last = layers * split.per_layer + split.head + (job.model.vocab_size * job.model.d_model
-                                                     if pp > 1 and job.model.tie_embeddings else 0)
-    return max(first, last) / tp
+
+    def per_rank(prefixes: tuple[str, ...]) -> float:
+        return sum(t.numel / tp if t.tp_split else t.numel
+                   for t in param_tensors(job.model) if t.name.startswith(prefixes))
+
+    layer, embedding = per_rank(("blocks.0.",)), per_rank(("tok_emb.", "pos_emb."))
+    head = per_rank(("norm_f.", "lm_head."))
+    layers = layers_per_stage(job)
+    first = layers * layer + embedding + (head if pp == 1 else 0)
+    tied_copy = job.model.vocab_size * job.model.d_model / tp if pp > 1 and job.model.tie_embeddings else 0
+    return max(first, layers * layer + head + tied_copy)
 
 
 def layers_per_stage(job: Job) -> int:

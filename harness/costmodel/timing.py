@@ -108,6 +108,8 @@ def optimizer_s(job: Job, hw: Hardware) -> float:
 
 
 def collective_s(c: Collective, hw: Hardware) -> Optional[float]:
+    if c.group == 1:  # a one-rank group (DeepSpeed's dp=1 reduction) moves nothing
+        return 0.0
     bw = hw.intra_bw if c.intra_node else hw.inter_bw
     if bw is None:
         return None
