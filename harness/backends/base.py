@@ -67,6 +67,19 @@ class Backend(ABC):
         return None
 
 
+def materialize(model: nn.Module, device: torch.device) -> None:
+    """Allocate a model built on the meta device and give it the model's own init (`GPT.init_weights`).
+
+    Every rank seeds the same RNG, so replicas start identical. Fabric would otherwise allocate meta
+    modules itself and run PyTorch's per-layer `reset_parameters` (not GPT's init, and no re-tying of
+    the embeddings), or, for DDP, fail to copy meta tensors to the device. Sharded (FSDP2) models call
+    this after `fully_shard`, so each rank allocates only its shards (torchtitan's order).
+    """
+    if any(p.is_meta for p in model.parameters()):
+        model.to_empty(device=device)
+        model.init_weights()
+
+
 def apply_activation_checkpointing(model: nn.Module, mode: str, every_n: int | None = None) -> None:
     """Recompute activations in the backward pass: every block (full), or (selective) every attention
     sub-layer, or with `every_n` every n-th whole block (blocks n-1, 2n-1, ...: torchtitan's count).
@@ -122,6 +135,7 @@ class FabricBackend(Backend):
     def prepare(self, model: nn.Module) -> None:
         """What happens to the plain model before Fabric wraps it (a backend that parallelizes
         blocks itself does this inside its own parallelize function instead)."""
+        materialize(model, self.device)
         checkpoint_and_compile(model, self.cfg.train)
 
     def setup(self, model: nn.Module) -> None:

@@ -18,7 +18,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from harness.backends.base import Backend, MicroBatch, checkpoint_and_compile
+from harness.backends.base import Backend, MicroBatch, checkpoint_and_compile, materialize
 from harness.config import Layout
 
 
@@ -117,9 +117,7 @@ class DeepSpeedBackend(DeepSpeedEngineBackend):
         return self.engine.global_rank
 
     def setup(self, model: nn.Module) -> None:
-        if model.tok_emb.weight.is_meta:  # built on meta (GPU): every rank initialises the same full model
-            model.to_empty(device=self.device)
-            model.init_weights()
+        materialize(model, self.device)  # built on meta (GPU): every rank initialises the same full model
         checkpoint_and_compile(model, self.cfg.train)
         self.initialize(model)
 

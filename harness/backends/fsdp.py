@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness.backends.base import DTYPES, FabricBackend, checkpoint_and_compile
+from harness.backends.base import DTYPES, FabricBackend, checkpoint_and_compile, materialize
 
 REPLICA_DIMS = ("dp_replicate", "dp_shard")
 
@@ -153,6 +153,7 @@ class FSDPBackend(FabricBackend):
         for block in blocks:
             fully_shard(block, **options)
         fully_shard(model, **options)
+        materialize(model, self.device)  # a meta-built model (GPU) gets only its shards, with GPT's init
         if b.prefetch_depth:
             set_prefetch(blocks, b.prefetch_depth)
         return model
