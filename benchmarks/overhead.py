@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -61,7 +61,9 @@ def harness_step_ms(name: str, dims: dict[str, int], steps: int, warmup: int, th
     return run_harness(name, dims, steps, warmup, threads)[0]
 
 
-def bare_step_ms(dims: dict[str, int], steps: int, warmup: int, threads: int) -> list[float]:
+def bare_step_ms(dims: dict[str, int], steps: int, warmup: int, threads: int,
+                 on_boundary: Optional[Callable[[float], Any]] = None) -> list[float]:
+    """Step times (ms) of a plain training loop; `on_boundary(now)` runs at each step boundary if given."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     cfg = GPTConfig(**{k: v for k, v in dims.items() if k != "batch"})
@@ -78,6 +80,8 @@ def bare_step_ms(dims: dict[str, int], steps: int, warmup: int, threads: int) ->
         optimizer.zero_grad(set_to_none=True)
         float(loss.detach())  # the harness reads the loss every step too
         now = time.perf_counter()
+        if on_boundary is not None:
+            on_boundary(now)
         if step >= warmup:
             times.append((now - last) * 1e3)
         last = now

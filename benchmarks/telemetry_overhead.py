@@ -8,8 +8,10 @@ zone per socket: the background thread samples at `telemetry.interval_ms`, every
 reads the counters synchronously, and psutil reads the process, exactly as on a RAPL host. (The
 process meter runs in both arms: it is not optional.) The sampler's CPU time comes from
 `time.thread_time()` inside its thread, so busy neighbours on a shared host do not inflate it.
-Because wall-clock step times on a shared host drift by more than 1%, the CPU cost of one step
-boundary is also measured in-process (thread CPU time) and reported as the ratio it implies.
+Because wall-clock step times of separate processes drift by far more than 1% on a small host, the
+step-time target is judged in ONE process: a bare training loop with the sampler started and stopped
+in alternating blocks (ABBA), `mark_step` at every boundary. The end-to-end `harness run` ratio is
+reported too. The CPU cost of one step boundary is also measured in-process (thread CPU time).
 Targets: step-time ratio <= 1.01; sampler CPU <= 1% of one core at 10 Hz.
 Writes JSON (default benchmarks/results/telemetry_overhead.json).
 
@@ -31,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.overhead import MODELS, run_harness  # noqa: E402
+from benchmarks.overhead import MODELS, bare_step_ms, run_harness  # noqa: E402
 
 STEP_TARGET, CPU_TARGET = 1.01, 0.01
 
@@ -56,6 +58,30 @@ def boundary_cost_us(powercap: Path, boundaries: int = 2000) -> dict[str, float]
     cost = (time.thread_time() - start) / boundaries * 1e6
     sampler.stop()
     return {"mark_step_cpu_us": cost, "boundaries": boundaries}
+
+
+def interleaved(dims: dict[str, int], powercap: Path, blocks: int, steps: int, threads: int,
+                interval_s: float) -> dict[str, list[float]]:
+    """Step times with the sampler on and off in alternating blocks (ABBA) of one process.
+
+    Separate processes of the same code differ by up to ~2x in step time on this small VM, far more
+    than the 1% to resolve; alternating inside one process removes that, leaving only the sampler.
+    """
+    from harness.telemetry.rapl import RaplSource
+    from harness.telemetry.sampler import Sampler
+
+    times: dict[str, list[float]] = {"on": [], "off": []}
+    for i in range(blocks):
+        for arm in (("on", "off") if i % 2 == 0 else ("off", "on")):
+            if arm == "off":
+                times[arm] += bare_step_ms(dims, steps, 2, threads)
+                continue
+            sampler = Sampler(RaplSource(powercap), reason=None, shared=False, interval_s=interval_s, idle_s=0.0,
+                              warmup_steps=0, host="bench", rank=0)
+            sampler.start()
+            times[arm] += bare_step_ms(dims, steps, 2, threads, on_boundary=sampler.mark_step)
+            sampler.stop()
+    return times
 
 
 def fake_powercap(root: Path, sockets: int = 2) -> Path:
@@ -102,18 +128,27 @@ def main() -> None:
                         assert summary["telemetry"]["source"] == "rapl", summary["telemetry"]
                         busy.append(summary["telemetry"]["sampler_cpu_fraction_of_core"])
             ratio = statistics.median(times["on"]) / statistics.median(times["off"])
+            inproc = interleaved(MODELS[name], powercap, args.rounds * 2, args.steps, args.threads,
+                                 args.interval_ms / 1e3)
+            inproc_ratio = statistics.median(inproc["on"]) / statistics.median(inproc["off"])
             cpu = max(busy)
             bound = 1 + boundary["mark_step_cpu_us"] / 1e3 / statistics.median(times["off"])
             results[name] = {
                 "dims": MODELS[name], "median_ms_on": statistics.median(times["on"]),
                 "median_ms_off": statistics.median(times["off"]), "step_time_ratio": ratio,
-                "step_time_target": STEP_TARGET, "meets_step_time_target": ratio <= STEP_TARGET,
+                "step_time_target": STEP_TARGET,
+                "in_process": {"median_ms_on": statistics.median(inproc["on"]),
+                               "median_ms_off": statistics.median(inproc["off"]), "step_time_ratio": inproc_ratio,
+                               "meets_step_time_target": inproc_ratio <= STEP_TARGET,
+                               "method": "one process, bare training loop, sampler on/off in alternating blocks "
+                                         "(ABBA), mark_step at every boundary"},
                 "boundary_cost_ratio": bound,
                 "sampler_cpu_fraction_of_core": busy, "sampler_cpu_target": CPU_TARGET,
                 "meets_sampler_cpu_target": cpu <= CPU_TARGET, "step_ms_on": times["on"], "step_ms_off": times["off"],
             }
-            print(f"{name}: on {statistics.median(times['on']):.2f} ms, off {statistics.median(times['off']):.2f} ms, "
-                  f"ratio {ratio:.3f} (target <= {STEP_TARGET}), boundary-cost ratio {bound:.4f}; sampler thread {100 * cpu:.3f}% of a core "
+            print(f"{name}: in one process (sampler on/off in alternating blocks) ratio {inproc_ratio:.3f} "
+                  f"(target <= {STEP_TARGET}); separate harness runs: on {statistics.median(times['on']):.2f} ms, "
+                  f"off {statistics.median(times['off']):.2f} ms, ratio {ratio:.3f}, boundary-cost ratio {bound:.4f}; sampler thread {100 * cpu:.3f}% of a core "
                   f"at {1e3 / args.interval_ms:.0f} Hz (target <= {100 * CPU_TARGET:.0f}%)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
