@@ -167,16 +167,13 @@ def _job_request(args: list[str]) -> tuple[JobRequest, bool]:
 
 def _check_overrides(overrides: list[str], site: str, world_size: int) -> None:
     """Compose and validate the run's config for the job's rank count now, not after hours in the queue."""
-    from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
 
-    from harness.config import CONF_DIR, check_group_overrides, register_schema, validate
+    from harness.config import validate
+    from harness.predict import compose
 
-    check_group_overrides(overrides)
-    register_schema()
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose("config", overrides=[f"system={site}", *overrides])
+        cfg = compose([f"system={site}", *overrides])
     except HydraException as exc:
         lines = str(exc).strip().splitlines()
         raise ConfigError(" ".join(lines[:2])) from exc

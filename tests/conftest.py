@@ -57,6 +57,22 @@ def harness_run(run_dir: Path, *overrides: str, timeout: float = 300) -> Run:
     return Run(proc, run_dir)
 
 
+def run_layouts(root: Path, layouts: dict[str, list[str]], *common: str, prefix: str = "",
+                timeout: float = 300) -> dict[str, Run]:
+    """One tiny run per named layout, each into `root/<prefix><name>`."""
+    return {name: harness_run(root / f"{prefix}{name}", *TINY, *GLOBAL_BATCH, *common, *overrides, timeout=timeout)
+            for name, overrides in layouts.items()}
+
+
+def assert_losses_match(expected: Run, got: Run, tolerance: float, label: str) -> None:
+    """Per-step losses of a parallel layout against its 1-rank reference."""
+    want, have = expected.losses, got.losses
+    assert len(have) == len(want) == 4
+    assert have == pytest.approx(want, abs=tolerance, rel=0), f"{label}: {have} vs {want}"
+    # The losses move, so agreement is not the trivial agreement of an untrained model at ln(vocab).
+    assert abs(want[-1] - want[0]) > 10 * tolerance
+
+
 @pytest.fixture(scope="session")
 def runs_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("runs")
@@ -86,5 +102,4 @@ def reference(runs_root: Path) -> Run:
 
 @pytest.fixture(scope="session")
 def layout_runs(runs_root: Path) -> dict[str, Run]:
-    return {name: harness_run(runs_root / name, *TINY, *GLOBAL_BATCH, *overrides)
-            for name, overrides in LAYOUTS.items()}
+    return run_layouts(runs_root, LAYOUTS)

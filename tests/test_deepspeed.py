@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from omegaconf import DictConfig
 
-from conftest import GLOBAL_BATCH, TINY, Run, harness, harness_run
+from conftest import Run, assert_losses_match, harness, run_layouts
 from harness.config import ConfigError, validate
+from harness.predict import compose
 
 TOLERANCE = 1e-4
 
@@ -27,18 +28,13 @@ ZERO_LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def zero_runs(runs_root: Path) -> dict[str, Run]:
-    return {name: harness_run(runs_root / name, *TINY, *GLOBAL_BATCH, "backend=deepspeed", "launcher.nproc=2",
-                              *overrides, timeout=600)
-            for name, overrides in ZERO_LAYOUTS.items()}
+    return run_layouts(runs_root, ZERO_LAYOUTS, "backend=deepspeed", "launcher.nproc=2", timeout=600)
 
 
 @pytest.mark.multirank
 @pytest.mark.parametrize("layout", list(ZERO_LAYOUTS))
 def test_zero_losses_match_single_rank_reference(reference: Run, zero_runs: dict[str, Run], layout: str) -> None:
-    expected, got = reference.losses, zero_runs[layout].losses
-    assert len(got) == len(expected) == 4
-    assert got == pytest.approx(expected, abs=TOLERANCE, rel=0), f"{layout}: {got} vs {expected}"
-    assert abs(expected[-1] - expected[0]) > 10 * TOLERANCE
+    assert_losses_match(reference, zero_runs[layout], TOLERANCE, layout)
 
 
 @pytest.mark.multirank
@@ -58,13 +54,7 @@ def test_zero_run_directory(zero_runs: dict[str, Run]) -> None:
 
 
 def _config(*overrides: str) -> DictConfig:
-    from hydra import compose, initialize_config_dir
-
-    from harness.config import CONF_DIR, register_schema
-
-    register_schema()
-    with initialize_config_dir(str(CONF_DIR), version_base=None):
-        return compose("config", overrides=list(overrides))
+    return compose(list(overrides))
 
 
 def test_generated_config_merges_extra_keys_and_fp16_loss_scaling() -> None:

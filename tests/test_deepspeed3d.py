@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import GLOBAL_BATCH, TINY, Run, harness, harness_run
+from conftest import GLOBAL_BATCH, TINY, Run, assert_losses_match, harness, harness_run, run_layouts
 from harness.config import ConfigError, validate
 from test_deepspeed import TOLERANCE, _config
 
@@ -34,17 +34,13 @@ LAYOUTS_3D = {
 
 @pytest.fixture(scope="module")
 def runs_3d(runs_root: Path) -> dict[str, Run]:
-    return {name: harness_run(runs_root / name, *TINY, *GLOBAL_BATCH, "backend=deepspeed3d", *overrides, timeout=600)
-            for name, overrides in LAYOUTS_3D.items()}
+    return run_layouts(runs_root, LAYOUTS_3D, "backend=deepspeed3d", timeout=600)
 
 
 @pytest.mark.multirank
 @pytest.mark.parametrize("layout", list(LAYOUTS_3D))
 def test_3d_losses_match_single_rank_reference(reference: Run, runs_3d: dict[str, Run], layout: str) -> None:
-    expected, got = reference.losses, runs_3d[layout].losses
-    assert len(got) == len(expected) == 4
-    assert got == pytest.approx(expected, abs=TOLERANCE, rel=0), f"{layout}: {got} vs {expected}"
-    assert abs(expected[-1] - expected[0]) > 10 * TOLERANCE
+    assert_losses_match(reference, runs_3d[layout], TOLERANCE, layout)
 
 
 @pytest.mark.multirank

@@ -16,7 +16,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import GLOBAL_BATCH, TINY, Run, harness, harness_run
+from conftest import GLOBAL_BATCH, TINY, Run, assert_losses_match, harness, harness_run, run_layouts
 from harness.backends.base import apply_activation_checkpointing
 from harness.config import CONF_DIR, ConfigError, Config, compute_precision, validate
 from models.gpt import GPT, GPTConfig
@@ -42,17 +42,13 @@ FSDP_LAYOUTS = {
 
 @pytest.fixture(scope="session")
 def fsdp_runs(runs_root: Path) -> dict[str, Run]:
-    return {name: harness_run(runs_root / f"fsdp-{name}", *TINY, *GLOBAL_BATCH, "backend=fsdp", *overrides)
-            for name, overrides in FSDP_LAYOUTS.items()}
+    return run_layouts(runs_root, FSDP_LAYOUTS, "backend=fsdp", prefix="fsdp-")
 
 
 @pytest.mark.multirank
 @pytest.mark.parametrize("layout", list(FSDP_LAYOUTS))
 def test_fsdp_layout_matches_single_rank_reference(reference: Run, fsdp_runs: dict[str, Run], layout: str) -> None:
-    expected, got = reference.losses, fsdp_runs[layout].losses
-    assert len(got) == len(expected) == 4
-    assert got == pytest.approx(expected, abs=TOLERANCE, rel=0), f"{layout}: {got} vs {expected}"
-    assert abs(expected[-1] - expected[0]) > 10 * TOLERANCE
+    assert_losses_match(reference, fsdp_runs[layout], TOLERANCE, layout)
 
 
 # Share of the model's parameters that rank 0 stores: shows each strategy really shards (or does not).
