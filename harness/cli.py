@@ -56,7 +56,36 @@ def _run(args: list[str]) -> None:
         _fail(str(exc))
     register_schema()
     sys.argv = ["harness run", *args, *_non_writer_overrides()]
-    _hydra_app()
+    from launchers.env import discover
+
+    if discover(os.environ) is None:
+        _hydra_app()
+        return
+    try:
+        _hydra_app()
+    except SystemExit as exc:
+        _end_rank_process(exc.code)
+    _end_rank_process(0)
+
+
+def _end_rank_process(code: object) -> None:
+    """End a rank started by srun, mpiexec, jsrun or torchrun the way the local launcher's children end:
+    flush, then os._exit, skipping interpreter finalization.
+
+    Everything the rank owes (steps.jsonl, summary.json, the table) is written by now. Finalization
+    tears modules down while C++ threads (gloo's workers, NCCL's watchdog) can still touch Python
+    objects, and a rank then aborts after a good run ("terminate called without an active exception",
+    seen under srun in CI): the scheduler reports a failed job. multiprocessing ends its children with
+    os._exit for the same reason.
+    """
+    import logging
+
+    if isinstance(code, str):  # SystemExit("message") prints the message and exits 1
+        print(code, file=sys.stderr)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code if isinstance(code, int) else 0 if code is None else 1)
 
 
 def _non_writer_overrides() -> list[str]:

@@ -167,6 +167,22 @@ def rank_main(config: dict[str, Any], run_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def frozen_gc() -> Iterator[None]:
+    """Move everything imported and built so far out of the collector's reach for the timed loop.
+
+    Otherwise each full collection walks millions of framework objects mid-step (torchtitan and
+    Megatron manage the GC in their loops for the same reason). Unfrozen afterwards, so the trainer
+    and its process groups are freed while the process is whole, not left to interpreter shutdown.
+    """
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def _rank_device(choice: str, local_rank: int, order: str) -> torch.device:
     """One device per rank (ROCm builds of torch drive AMD GPUs as 'cuda'; Intel GPUs are 'xpu')."""
     kind = choice
@@ -267,33 +283,29 @@ class Trainer:
         total = train.warmup_steps + train.steps
         progress = Progress(total, train.warmup_steps) if self.is_writer else None
         self.sampler.start()  # idle power first, with the model built and the device quiet
-        # Move everything imported and built so far out of the collector's reach: otherwise each
-        # full collection walks millions of framework objects mid-step (torchtitan and Megatron
-        # manage the GC in their loops for the same reason).
-        gc.collect()
-        gc.freeze()
-        _synchronize(self.device)
-        last = time.perf_counter()
-        self.sampler.mark_step(last)
-        for step in range(total):
-            self.memory.start_step()
-            self.inject_fault(step)
-            batches = rank_micro_batches(self.data, step=step, layout=self.layout,
-                                         dp_rank=self.backend.dp_rank, device=self.device)
-            loss = self.backend.train_step(batches)
+        with frozen_gc():
             _synchronize(self.device)
-            now = time.perf_counter()
-            iter_time_s, last = now - last, now
-            reading = self.sampler.mark_step(now)
-            assert reading is not None  # every boundary after the first closes a window
-            record = self.record(step, step < train.warmup_steps, loss, iter_time_s, reading)
-            if step_log is not None and progress is not None:
-                step_log.write(record)
-                progress.update(record)
-            self.watchdog.beat()
-            if self.stop_agreed:
-                self.stop_reason = "walltime"
-                break
+            last = time.perf_counter()
+            self.sampler.mark_step(last)
+            for step in range(total):
+                self.memory.start_step()
+                self.inject_fault(step)
+                batches = rank_micro_batches(self.data, step=step, layout=self.layout,
+                                             dp_rank=self.backend.dp_rank, device=self.device)
+                loss = self.backend.train_step(batches)
+                _synchronize(self.device)
+                now = time.perf_counter()
+                iter_time_s, last = now - last, now
+                reading = self.sampler.mark_step(now)
+                assert reading is not None  # every boundary after the first closes a window
+                record = self.record(step, step < train.warmup_steps, loss, iter_time_s, reading)
+                if step_log is not None and progress is not None:
+                    step_log.write(record)
+                    progress.update(record)
+                self.watchdog.beat()
+                if self.stop_agreed:
+                    self.stop_reason = "walltime"
+                    break
         if progress is not None:
             progress.close()
 
