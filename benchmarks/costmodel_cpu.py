@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=1,
                         help="calibrate-then-run rounds; the row reports the medians over rounds")
+    parser.add_argument("--note", default="", help="how quiet the host was, for the record")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "costmodel_cpu.json"))
     args = parser.parse_args()
     points: dict[tuple[str, int], dict[str, list[float]]] = {}
@@ -70,7 +71,7 @@ def main() -> None:
                      "per_round": {"measured_ms": point["measured_ms"], "predicted_ms": point["predicted_ms"]}})
     out = {"benchmark": "costmodel_cpu", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
            "host": platform.node(), "cpus": os.cpu_count(), "rounds": args.rounds,
-           "note": "host shared with other jobs; timings noisy", "rows": rows}
+           "note": args.note, "rows": rows}
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
 
 

@@ -6,7 +6,10 @@ work too (on a CPU the ranks share cores; on a GPU node they share the links):
   rate R (written as `peak_tflops`, with `gemm_efficiency` 1) and the half-efficiency size F½;
 - memory bandwidth: a copy between two large preallocated tensors;
 - host overhead: training steps of the harness's own GPT at negligible width, with 1 and 4 blocks:
-  the slope is the overhead per block, the intercept the overhead outside the blocks;
+  the slope is the overhead per block, the intercept the overhead outside the blocks. With more
+  than one rank the probe steps as the runner's DDP ranks do (DistributedDataParallel's reducer
+  and hooks, then the runner's per-step all_gather of metrics, which waits for the slowest rank),
+  less the gradient all-reduce the cost model charges on its own;
 - non-GEMM work: the same at a moderate width (256): what a block costs beyond its GEMMs and its
   overhead, in passes over its activation bytes at the measured bandwidth (`elementwise_passes`);
 - collectives: all-reduce, all-gather and reduce-scatter over the ranks at several sizes; a fit of
@@ -37,18 +40,25 @@ PROBE_WIDTHS = (16, 256)
 PROBE_LAYERS = (1, 4)
 PROBE_HEADS, PROBE_SEQ, PROBE_VOCAB = 4, 128, 64
 COMM_BYTES = (2**16, 2**18, 2**20, 2**22)
+METRICS_ROW = 10
+"""Floats per rank in the runner's per-step all_gather: loss, peak memory, retries, stop, six of telemetry."""
 
 
 def _timed(fn: Callable[[], Any], sync: Callable[[], None], min_s: float = 0.2, blocks: int = 3) -> float:
     """Seconds per call: the median over `blocks` blocks of calls lasting `min_s` each, after a warm-up call.
 
     The median of blocks, not the mean of all calls, so one burst of a neighbour's load on a shared
-    host moves the figure less.
+    host moves the figure less. Every block starts at a barrier, so all ranks measure at the same time:
+    a rank that ran on alone after its peers finished would see the whole host.
     """
+    import torch.distributed as dist
+
     fn()
     sync()
     per_call = []
     for _ in range(blocks):
+        if dist.is_initialized():
+            dist.barrier()
         reps, start = 0, time.perf_counter()
         while True:
             fn()
@@ -98,7 +108,9 @@ def measure_rank(precision: str, out_dir: str) -> None:
     src, dst = torch.ones(2**24, device=device), torch.empty(2**24, device=device)  # 64 MiB each
     result["mem_bw"] = 2 * src.numel() * 4 / _timed(lambda: dst.copy_(src), sync)  # read + write
     for width, layers in itertools.product(PROBE_WIDTHS, PROBE_LAYERS):
-        result[f"gpt_{width}_{layers}"] = _timed(_gpt_step(width, layers, device), sync, min_s=0.3)
+        step = _gpt_step(width, layers, device, data_parallel=world > 1)
+        # Multi-rank probes take a fixed number of steps: each step is a collective.
+        result[f"gpt_{width}_{layers}"] = _timed_collective(step, sync) if world > 1 else _timed(step, sync, 0.3)
     if world > 1:
         result["comm"] = _measure_collectives(world, device, sync)
     if dist.get_rank() == 0:
@@ -129,23 +141,34 @@ def _probe_config(width: int, layers: int) -> Any:
     return GPTConfig(n_layers=layers, d_model=width, n_heads=PROBE_HEADS, seq_len=PROBE_SEQ, vocab_size=PROBE_VOCAB)
 
 
-def _gpt_step(width: int, layers: int, device: Any) -> Callable[[], None]:
-    """One fp32 training step (forward, backward, AdamW) of the harness's GPT, as the backends run it."""
+def _gpt_step(width: int, layers: int, device: Any, data_parallel: bool = False) -> Callable[[], None]:
+    """One fp32 training step (forward, backward, AdamW) of the harness's GPT, as the runner takes it.
+
+    With `data_parallel`, the model is wrapped in DistributedDataParallel as backend=ddp does, and
+    each step ends with the runner's all_gather of one row of float64 metrics per rank (Trainer.reduce).
+    """
     import torch
+    import torch.distributed as dist
 
     from harness.backends.base import make_optimizer
     from models.gpt import GPT
 
     torch.manual_seed(0)
     with torch.device(device):
-        model = GPT(_probe_config(width, layers))
+        model: torch.nn.Module = GPT(_probe_config(width, layers))
+    if data_parallel:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     optimizer = make_optimizer(model.parameters(), SimpleNamespace(lr=1e-4, weight_decay=0.1))
     tokens = torch.randint(0, PROBE_VOCAB, (1, PROBE_SEQ), device=device)
+    row = torch.zeros(METRICS_ROW, dtype=torch.float64, device=device)
+    rows = [torch.empty_like(row) for _ in range(dist.get_world_size() if data_parallel else 0)]
 
     def step() -> None:
         model(tokens, tokens).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if data_parallel:
+            dist.all_gather(rows, row)
     return step
 
 
@@ -167,22 +190,39 @@ def _measure_collectives(world: int, device: Any, sync: Callable[[], None]) -> d
     return out
 
 
-def _per_layer(result: dict[str, Any], width: int) -> tuple[float, float]:
-    """(seconds per block, seconds outside the blocks) of a training step at `width`."""
+def _per_layer(result: dict[str, Any], width: int, profile: dict[str, Any] | None = None) -> tuple[float, float]:
+    """(seconds per block, seconds outside the blocks) of a training step at `width`.
+
+    Given a profile with communication figures, the gradient all-reduce the cost model charges for
+    each multi-rank probe is taken out first, so that it is not counted twice.
+    """
     (l1, l2) = PROBE_LAYERS
-    t1, t2 = result[f"gpt_{width}_{l1}"], result[f"gpt_{width}_{l2}"]
+    world = result["world"]
+    t1, t2 = (result[f"gpt_{width}_{n}"] - (_probe_dp_comm_s(profile, width, n, world) if profile else 0.0)
+              for n in (l1, l2))
     per_layer = (t2 - t1) / (l2 - l1)
     return per_layer, max(0.0, t1 - l1 * per_layer)
 
 
-def _probe_job(width: int, layers: int) -> Any:
-    """The probe GPT as the cost model sees it: one rank, one micro-batch of one sample, fp32."""
+def _probe_job(width: int, layers: int, world: int = 1) -> Any:
+    """The probe GPT as the cost model sees it: one micro-batch of one sample per rank, fp32, DDP."""
     from harness.config import Layout
     from harness.costmodel.layout import Job
 
-    one = Layout(world_size=1, tp=1, pp=1, dp=1, zero_stage=0, micro_batch_size=1, global_batch_size=1, grad_accum=1)
-    return Job(model=_probe_config(width, layers), layout=one, backend="ddp", sharding="full_shard", offload=False,
-               precision="fp32", checkpointing="none", sequence_parallel=False, vpp=1, devices_per_node=1)
+    layout = Layout(world_size=world, tp=1, pp=1, dp=world, zero_stage=0, micro_batch_size=1,
+                    global_batch_size=world, grad_accum=1)
+    return Job(model=_probe_config(width, layers), layout=layout, backend="ddp", sharding="full_shard", offload=False,
+               precision="fp32", checkpointing="none", sequence_parallel=False, vpp=1, devices_per_node=world)
+
+
+def _probe_dp_comm_s(profile: dict[str, Any], width: int, layers: int, world: int) -> float:
+    """The modelled gradient all-reduce of one probe step: all of it, since a probe's backward is too
+    short to hide it."""
+    from harness.costmodel.comm import dp_collectives
+    from harness.costmodel.timing import collective_s, hardware
+
+    hw = hardware(SimpleNamespace(**profile), 0.0)
+    return sum(collective_s(c, hw) or 0.0 for c in dp_collectives(_probe_job(width, layers, world)))
 
 
 def modelled_probe_block_s(profile: dict[str, Any], width: int) -> float:
@@ -208,7 +248,13 @@ def profile_from(result: dict[str, Any], base: dict[str, Any], name: str, precis
     today = datetime.date.today().isoformat()
     source = (f"harness calibrate {today}: torch.matmul {GEMM_SIZES[0]}..{GEMM_SIZES[-1]}^3 {precision} "
               f"with {result['world']} ranks busy, fitted large-GEMM rate")
-    layer_s, outside_s = _per_layer(result, PROBE_WIDTHS[0])
+    comm: dict[str, Any] = {}
+    if "comm" in result:
+        xs = [w for points in result["comm"].values() for w, _ in points]
+        ys = [t for points in result["comm"].values() for _, t in points]
+        inverse_bw, latency = _fit_line(xs, ys)
+        comm = dict(intra_node_bw_gb_per_s=1 / inverse_bw / 1e9, comm_efficiency=1.0, comm_latency_us=latency * 1e6)
+    layer_s, outside_s = _per_layer(result, PROBE_WIDTHS[0], {**base, **comm} if comm else None)
     profile = {
         **base,
         "name": name,
@@ -222,14 +268,9 @@ def profile_from(result: dict[str, Any], base: dict[str, Any], name: str, precis
         "step_overhead_us": outside_s * 1e6,
         "calibration": f"harness calibrate {today} on {result['device']}, {result['world']} ranks",
     }
-    profile["elementwise_passes"] = _elementwise_passes(profile, _per_layer(result, PROBE_WIDTHS[1])[0],
-                                                        PROBE_WIDTHS[1])
-    if "comm" in result:
-        xs = [w for points in result["comm"].values() for w, _ in points]
-        ys = [t for points in result["comm"].values() for _, t in points]
-        inverse_bw, latency = _fit_line(xs, ys)
-        profile.update(intra_node_bw_gb_per_s=1 / inverse_bw / 1e9, comm_efficiency=1.0,
-                       comm_latency_us=latency * 1e6)
+    profile.update(comm)
+    profile["elementwise_passes"] = _elementwise_passes(
+        profile, _per_layer(result, PROBE_WIDTHS[1], profile if comm else None)[0], PROBE_WIDTHS[1])
     return profile
 
 

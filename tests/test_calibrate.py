@@ -1,14 +1,23 @@
-"""`harness calibrate`'s fits recover the figures its measurements were made from, and its profile composes."""
+"""`harness calibrate`'s fits recover the figures its measurements were made from (its probes' own gradient
+all-reduce taken out), and its profile composes."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
+import torch
 from omegaconf import OmegaConf
 
-from harness.calibrate import GEMM_SIZES, PROBE_LAYERS, PROBE_WIDTHS, modelled_probe_block_s, profile_from
+from harness.calibrate import (GEMM_SIZES, PROBE_HEADS, PROBE_LAYERS, PROBE_SEQ, PROBE_VOCAB, PROBE_WIDTHS,
+                               modelled_probe_block_s, profile_from)
 from harness.config import CONF_DIR
 from harness.costmodel.comm import RING_FACTOR
 from harness.predict import compose, predict
+from models.gpt import GPT, GPTConfig
+
+from conftest import harness
 
 
 def synthetic_measurements() -> dict:  # type: ignore[type-arg]
@@ -19,8 +28,17 @@ def synthetic_measurements() -> dict:  # type: ignore[type-arg]
                               for size in (2**16, 2**20)] for kind in ("all_reduce", "all_gather")}}
     for width in PROBE_WIDTHS:
         for layers in PROBE_LAYERS:
-            result[f"gpt_{width}_{layers}"] = 0.002 + layers * (0.001 if width == 16 else 0.02)
+            # Two DDP ranks: each probe step also all-reduces its fp32 gradients once (2(1-1/2)·4 bytes each).
+            all_reduce = 1e-4 + 4 * _probe_params(width, layers) / 1e9
+            result[f"gpt_{width}_{layers}"] = 0.002 + layers * (0.001 if width == 16 else 0.02) + all_reduce
     return result
+
+
+def _probe_params(width: int, layers: int) -> int:
+    with torch.device("meta"):
+        model = GPT(GPTConfig(n_layers=layers, d_model=width, n_heads=PROBE_HEADS, seq_len=PROBE_SEQ,
+                              vocab_size=PROBE_VOCAB))
+    return sum(p.numel() for p in model.parameters())
 
 
 def test_profile_fits_recover_rates() -> None:
@@ -47,3 +65,23 @@ def test_written_profile_is_a_system_choice() -> None:
     finally:
         path.unlink()
     assert est["step_time_s"] > 0 and est["peak_tflops"] == profile["peak_tflops"]
+
+
+@pytest.mark.multirank
+def test_calibrate_two_ranks_writes_a_profile_a_run_can_use(tmp_path: Path) -> None:
+    """The real command on 2 gloo ranks: every measured figure is positive and the profile predicts a run."""
+    name = f"cpu-test-{os.getpid()}-calibrated"
+    path = CONF_DIR / "system" / f"{name}.yaml"
+    try:
+        proc = harness(["calibrate", "launcher.nproc=2", "launcher.omp_num_threads=1", f"--name={name}"],
+                       cwd=tmp_path, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        profile = OmegaConf.to_container(OmegaConf.load(path))
+        for key in ("peak_tflops", "hbm_bw_gb_per_s", "intra_node_bw_gb_per_s", "comm_latency_us",
+                    "layer_overhead_us"):
+            assert profile[key] > 0, key  # type: ignore[index]
+        assert profile["devices_per_node"] == 2 and profile["overlap_comm"] is False  # type: ignore[index]
+        _, est = predict(compose([f"system={name}", "launcher.nproc=2", "model=gpt-tiny"]), 2)
+    finally:
+        path.unlink(missing_ok=True)
+    assert est["step_time_s"] > 0 and est["comm_bytes_per_device"]["dp"] > 0
