@@ -61,17 +61,15 @@ def harness_step_ms(name: str, dims: dict[str, int], steps: int, warmup: int, th
     return run_harness(name, dims, steps, warmup, threads)[0]
 
 
-def bare_step_ms(dims: dict[str, int], steps: int, warmup: int, threads: int,
-                 on_boundary: Optional[Callable[[float], Any]] = None) -> list[float]:
-    """Step times (ms) of a plain training loop; `on_boundary(now)` runs at each step boundary if given."""
+def bare_trainer(dims: dict[str, int], threads: int) -> Callable[[], None]:
+    """One step of a plain training loop per call: one model and optimizer, a fresh batch each step."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     cfg = GPTConfig(**{k: v for k, v in dims.items() if k != "batch"})
     model = GPT(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    times = []
-    last = time.perf_counter()
-    for step in range(warmup + steps):
+
+    def step() -> None:
         tokens = torch.randint(0, cfg.vocab_size, (dims["batch"], cfg.seq_len + 1))
         loss = model(tokens[:, :-1], tokens[:, 1:])
         loss.backward()
@@ -79,13 +77,28 @@ def bare_step_ms(dims: dict[str, int], steps: int, warmup: int, threads: int,
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         float(loss.detach())  # the harness reads the loss every step too
+    return step
+
+
+def timed_steps(step: Callable[[], None], steps: int, warmup: int = 0,
+                on_boundary: Optional[Callable[[float], Any]] = None) -> list[float]:
+    """Step times (ms) of `steps` calls after `warmup`; `on_boundary(now)` runs at each step boundary if given."""
+    times = []
+    last = time.perf_counter()
+    for i in range(warmup + steps):
+        step()
         now = time.perf_counter()
         if on_boundary is not None:
             on_boundary(now)
-        if step >= warmup:
+        if i >= warmup:
             times.append((now - last) * 1e3)
         last = now
     return times
+
+
+def bare_step_ms(dims: dict[str, int], steps: int, warmup: int, threads: int) -> list[float]:
+    """Step times (ms) of a plain training loop."""
+    return timed_steps(bare_trainer(dims, threads), steps, warmup)
 
 
 def bare_in_subprocess(name: str, steps: int, warmup: int, threads: int) -> list[float]:
