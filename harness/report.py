@@ -46,7 +46,16 @@ class Progress:
             self.bar.stop()
 
 
-def summary_table(summary: dict[str, Any]) -> Table:
+NOTE_WIDTH = 40
+"""Notes longer than this become numbered footnotes under the table: a long reason (why a figure was
+not measured) is printed once, whole, instead of wrapped into every row it applies to."""
+
+RSS_NOTE = ("cpu_peak_rss: the process's resident memory (Python, torch, allocator caches included); "
+            "not comparable with the prediction, which counts model state, activations and buffers")
+
+
+def summary_table(summary: dict[str, Any]) -> tuple[Table, list[str]]:
+    """The result table and its footnotes."""
     m, layout, model = summary["metrics"], summary["layout"], summary["model"]
     title = (f"{model.get('name')} ({_fmt(model.get('params'), ',')} params) · "
              f"{summary['config']['backend']['name']} · world {layout['world_size']} (dp {layout['dp']}, "
@@ -60,6 +69,7 @@ def summary_table(summary: dict[str, Any]) -> Table:
     table.add_column("note")
     predicted = summary.get("prediction") or {}
     util_std = _fmt(m.get("gpu_util_pct_std"), ".0f")
+    rss = m.get("peak_memory_kind") == "cpu_peak_rss"
     rows = [  # label, metrics key, format, unit, note
         ("iteration time", "iter_time_ms", ".2f", " ms", f"{m['timed_steps']} timed steps"),
         ("tokens/s", "tokens_per_s", ",.0f", "", ""),
@@ -67,7 +77,7 @@ def summary_table(summary: dict[str, Any]) -> Table:
         ("hardware TFLOP/s per device", "hardware_tflops_per_device", ".4g", "", "with recompute"),
         ("MFU", "mfu", ".1%", "", m.get("mfu_reason") or f"peak {m.get('peak_tflops')} TFLOP/s"),
         ("HFU", "hfu", ".1%", "", m.get("hfu_reason") or ""),
-        ("peak memory", "peak_memory_mb", ",.0f", " MB", m.get("peak_memory_kind") or ""),
+        ("peak memory", "peak_memory_mb", ",.0f", " MB", RSS_NOTE if rss else m.get("peak_memory_kind") or ""),
         ("power per device", "power_w", ".1f", " W", m.get("power_w_reason") or "time-weighted mean"),
         ("idle power per device", "idle_power_w", ".1f", " W", m.get("idle_power_w_reason") or ""),
         ("energy per step", "energy_j_per_step", ".4g", " J",
@@ -77,16 +87,25 @@ def summary_table(summary: dict[str, Any]) -> Table:
         ("process CPU", "process_cpu_pct", ".0f", " %", "of one core, mean over ranks (psutil)"),
         ("loss", "loss", ".4f", "", "median over timed steps"),
     ]
+    footnotes: list[str] = []
     for label, key, spec, unit, note in rows:
         measured, guess = m.get(key), predicted.get(key)
-        error = _fmt(guess / measured - 1 if guess is not None and measured else None, "+.0%", "")
+        comparable = guess is not None and measured and not (rss and key == "peak_memory_mb")
+        error = _fmt(guess / measured - 1 if comparable else None, "+.0%", "")
+        if len(note) > NOTE_WIDTH:
+            if note not in footnotes:
+                footnotes.append(note)
+            note = f"see ({footnotes.index(note) + 1})"
         table.add_row(label, _fmt(measured, spec) + unit, _fmt(guess, spec, "") + (unit if guess is not None else ""),
                       error, note)
-    return table
+    return table, footnotes
 
 
 def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
-    console.print(summary_table(summary))
+    table, footnotes = summary_table(summary)
+    console.print(table)
+    for number, note in enumerate(footnotes, 1):
+        console.print(f"({number}) {note}", highlight=False, soft_wrap=True)
     if summary.get("stop_reason", "completed") != "completed":
         console.print(f"stopped early: {summary['stop_reason']}", highlight=False)
     console.print(f"run directory: {run_dir}", highlight=False)
