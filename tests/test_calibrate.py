@@ -69,7 +69,7 @@ def test_written_profile_is_a_system_choice() -> None:
 
 @pytest.mark.multirank
 def test_calibrate_two_ranks_writes_a_profile_a_run_can_use(tmp_path: Path) -> None:
-    """The real command on 2 gloo ranks: every measured figure is positive and the profile predicts a run."""
+    """The real command on 2 gloo ranks: the measured rates are positive and the profile predicts a run."""
     name = f"cpu-test-{os.getpid()}-calibrated"
     path = CONF_DIR / "system" / f"{name}.yaml"
     try:
@@ -77,9 +77,9 @@ def test_calibrate_two_ranks_writes_a_profile_a_run_can_use(tmp_path: Path) -> N
                        cwd=tmp_path, timeout=300)
         assert proc.returncode == 0, proc.stderr
         profile = OmegaConf.to_container(OmegaConf.load(path))
-        for key in ("peak_tflops", "hbm_bw_gb_per_s", "intra_node_bw_gb_per_s", "comm_latency_us",
-                    "layer_overhead_us"):
+        for key in ("peak_tflops", "hbm_bw_gb_per_s", "intra_node_bw_gb_per_s", "layer_overhead_us"):
             assert profile[key] > 0, key  # type: ignore[index]
+        assert profile["comm_latency_us"] >= 0  # type: ignore[index]  # the fit keeps its intercept non-negative
         assert profile["devices_per_node"] == 2 and profile["overlap_comm"] is False  # type: ignore[index]
         _, est = predict(compose([f"system={name}", "launcher.nproc=2", "model=gpt-tiny"]), 2)
     finally:
