@@ -190,16 +190,14 @@ def _measure_collectives(world: int, device: Any, sync: Callable[[], None]) -> d
     return out
 
 
-def _per_layer(result: dict[str, Any], width: int, profile: dict[str, Any] | None = None) -> tuple[float, float]:
+def _per_layer(result: dict[str, Any], width: int, profile: dict[str, Any]) -> tuple[float, float]:
     """(seconds per block, seconds outside the blocks) of a training step at `width`.
 
-    Given a profile with communication figures, the gradient all-reduce the cost model charges for
-    each multi-rank probe is taken out first, so that it is not counted twice.
+    The gradient all-reduce the cost model charges, with `profile`'s communication figures, for each
+    multi-rank probe is taken out first, so that it is not counted twice (one rank has none).
     """
     (l1, l2) = PROBE_LAYERS
-    world = result["world"]
-    t1, t2 = (result[f"gpt_{width}_{n}"] - (_probe_dp_comm_s(profile, width, n, world) if profile else 0.0)
-              for n in (l1, l2))
+    t1, t2 = (result[f"gpt_{width}_{n}"] - _probe_dp_comm_s(profile, width, n, result["world"]) for n in (l1, l2))
     per_layer = (t2 - t1) / (l2 - l1)
     return per_layer, max(0.0, t1 - l1 * per_layer)
 
@@ -254,7 +252,7 @@ def profile_from(result: dict[str, Any], base: dict[str, Any], name: str, precis
         ys = [t for points in result["comm"].values() for _, t in points]
         inverse_bw, latency = _fit_line(xs, ys)
         comm = dict(intra_node_bw_gb_per_s=1 / inverse_bw / 1e9, comm_efficiency=1.0, comm_latency_us=latency * 1e6)
-    layer_s, outside_s = _per_layer(result, PROBE_WIDTHS[0], {**base, **comm} if comm else None)
+    layer_s, outside_s = _per_layer(result, PROBE_WIDTHS[0], {**base, **comm})
     profile = {
         **base,
         "name": name,
@@ -269,8 +267,8 @@ def profile_from(result: dict[str, Any], base: dict[str, Any], name: str, precis
         "calibration": f"harness calibrate {today} on {result['device']}, {result['world']} ranks",
     }
     profile.update(comm)
-    profile["elementwise_passes"] = _elementwise_passes(
-        profile, _per_layer(result, PROBE_WIDTHS[1], profile if comm else None)[0], PROBE_WIDTHS[1])
+    profile["elementwise_passes"] = _elementwise_passes(profile, _per_layer(result, PROBE_WIDTHS[1], profile)[0],
+                                                        PROBE_WIDTHS[1])
     return profile
 
 

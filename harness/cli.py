@@ -9,11 +9,12 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 from harness.config import ConfigError
 
 if TYPE_CHECKING:
+    from launchers.env import RankInfo
     from launchers.jobscript import JobRequest
 
 USAGE = """usage: harness run [overrides ...] [-m] [hydra options]
@@ -55,10 +56,11 @@ def _run(args: list[str]) -> None:
     except ConfigError as exc:
         _fail(str(exc))
     register_schema()
-    sys.argv = ["harness run", *args, *_non_writer_overrides()]
     from launchers.env import discover
 
-    if discover(os.environ) is None:
+    info = discover(os.environ)
+    sys.argv = ["harness run", *args, *_non_writer_overrides(info)]
+    if info is None:
         _hydra_app()
         return
     try:
@@ -88,11 +90,8 @@ def _end_rank_process(code: object) -> None:
     os._exit(code if isinstance(code, int) else 0 if code is None else 1)
 
 
-def _non_writer_overrides() -> list[str]:
+def _non_writer_overrides(info: Optional[RankInfo]) -> list[str]:
     """Ranks other than 0 of a cluster launch compose the same config but must not create run directories."""
-    from launchers.env import discover
-
-    info = discover(os.environ)
     if info is None or info.rank == 0:
         return []
     scratch = tempfile.mkdtemp(prefix="harness-rank-")

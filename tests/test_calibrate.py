@@ -10,12 +10,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from harness.calibrate import (GEMM_SIZES, PROBE_HEADS, PROBE_LAYERS, PROBE_SEQ, PROBE_VOCAB, PROBE_WIDTHS,
-                               modelled_probe_block_s, profile_from)
+from harness.calibrate import (GEMM_SIZES, PROBE_LAYERS, PROBE_WIDTHS, _probe_config, modelled_probe_block_s,
+                               profile_from)
 from harness.config import CONF_DIR
 from harness.costmodel.comm import RING_FACTOR
 from harness.predict import compose, predict
-from models.gpt import GPT, GPTConfig
+from models.gpt import GPT
 
 from conftest import harness
 
@@ -36,8 +36,7 @@ def synthetic_measurements() -> dict:  # type: ignore[type-arg]
 
 def _probe_params(width: int, layers: int) -> int:
     with torch.device("meta"):
-        model = GPT(GPTConfig(n_layers=layers, d_model=width, n_heads=PROBE_HEADS, seq_len=PROBE_SEQ,
-                              vocab_size=PROBE_VOCAB))
+        model = GPT(_probe_config(width, layers))
     return sum(p.numel() for p in model.parameters())
 
 

@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 
 import pytest
-from omegaconf import DictConfig
 
 from conftest import Run, assert_losses_match, harness, run_layouts
 from harness.config import ConfigError, validate
@@ -53,16 +52,12 @@ def test_zero_run_directory(zero_runs: dict[str, Run]) -> None:
     assert config["optimizer"]["params"]["torch_adam"] is True
 
 
-def _config(*overrides: str) -> DictConfig:
-    return compose(list(overrides))
-
-
 def test_generated_config_merges_extra_keys_and_fp16_loss_scaling() -> None:
     from harness.backends.deepspeed import ds_config
 
-    cfg = _config("backend=deepspeed", "system=cuda", "parallel.zero_stage=2", "train.precision=fp16",
-                  "backend.offload_optimizer=true", "+backend.ds_config.zero_optimization.overlap_comm=true",
-                  "backend.initial_scale_power=12")
+    cfg = compose(["backend=deepspeed", "system=cuda", "parallel.zero_stage=2", "train.precision=fp16",
+                   "backend.offload_optimizer=true", "+backend.ds_config.zero_optimization.overlap_comm=true",
+                   "backend.initial_scale_power=12"])
     config = ds_config(cfg, validate(cfg, 2))
     assert config["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu"}, "overlap_comm": True}
     assert config["fp16"]["enabled"] and config["fp16"]["loss_scale"] == 0 and config["fp16"]["initial_scale_power"] == 12
@@ -83,7 +78,7 @@ BAD_DEEPSPEED = [
 @pytest.mark.parametrize("overrides,message", BAD_DEEPSPEED, ids=[b[1] for b in BAD_DEEPSPEED])
 def test_bad_deepspeed_config_is_rejected(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        validate(_config("backend=deepspeed", *overrides), 2)
+        validate(compose(["backend=deepspeed", *overrides]), 2)
 
 
 def test_bad_input_fails_before_any_process_group(tmp_path: Path) -> None:

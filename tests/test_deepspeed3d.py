@@ -16,7 +16,8 @@ import torch
 
 from conftest import GLOBAL_BATCH, TINY, Run, assert_losses_match, harness, harness_run, run_layouts
 from harness.config import ConfigError, validate
-from test_deepspeed import TOLERANCE, _config
+from harness.predict import compose
+from test_deepspeed import TOLERANCE
 
 LAYOUTS_3D = {
     "tp2-selective": ["launcher.nproc=2", "parallel.tp=2", "train.micro_batch_size=2",
@@ -118,7 +119,7 @@ def test_gpt_175b_stage_built_on_meta_holds_only_its_slice() -> None:
     from harness.backends.deepspeed3d import BLOCK_PARTITION, BlockPipe, layer_specs, model_parallel_config
     from harness.runner import gpt_config
 
-    cfg = _config("model=gpt-175b", "backend=deepspeed3d", "parallel.tp=8", "parallel.pp=16")
+    cfg = compose(["model=gpt-175b", "backend=deepspeed3d", "parallel.tp=8", "parallel.pp=16"])
     layout = validate(cfg, 128)
     tp_rank, stage = 3, 5
     dist.init_process_group("fake", rank=tp_rank + layout.tp * layout.dp * stage, world_size=128, store=FakeStore())
@@ -165,7 +166,7 @@ BAD_3D = [
 @pytest.mark.parametrize("overrides,world,message", BAD_3D, ids=[b[2] for b in BAD_3D])
 def test_bad_3d_config_is_rejected(overrides: list[str], world: int, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
-        validate(_config("backend=deepspeed3d", *overrides), world)
+        validate(compose(["backend=deepspeed3d", *overrides]), world)
 
 
 def test_bad_ffn_width_fails_before_any_process_group(tmp_path: Path) -> None:
