@@ -24,6 +24,7 @@ demo: install
 	$(BIN)/harness run launcher.nproc=2 train.micro_batch_size=8 train.steps=10
 
 test: install
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 clean:

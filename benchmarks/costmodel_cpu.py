@@ -1,7 +1,8 @@
 """The cost model's step time against measured runs on this CPU, after `harness calibrate`.
 
 For 1, 2 and 4 local ranks: calibrate (every rank measures while its peers do, so the profile
-describes a rank sharing this host's cores with N−1 others) into conf/system/cpu-n<N>.yaml, then
+describes a rank sharing this host's cores with N−1 others) into a profile cpu-n<N> (kept in a
+temporary HARNESS_CONFIG_DIR, so the user's own profiles are untouched), then
 `harness run` gpt-tiny and a ~20M model (DDP) on that profile and compare the run's predicted
 iteration time with its measured median. Target: |error| <= 25%. Writes JSON
 (default benchmarks/results/costmodel_cpu.json). On a shared host timings are noisy: rerun.
@@ -47,6 +48,7 @@ def main() -> None:
     parser.add_argument("--note", default="", help="how quiet the host was, for the record")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "costmodel_cpu.json"))
     args = parser.parse_args()
+    os.environ["HARNESS_CONFIG_DIR"] = tempfile.mkdtemp(prefix="harness-costmodel-cpu-")
     points: dict[tuple[str, int], dict[str, list[float]]] = {}
     for _ in range(args.rounds):
         for nproc in args.ranks:

@@ -186,7 +186,8 @@ def main() -> None:
             print(f"{name}: in one process (sampler on/off in alternating blocks) ratio {inproc_ratio:.3f} "
                   f"(95% interval {low:.3f}..{high:.3f}) "
                   f"(target <= {STEP_TARGET}); separate harness runs: on {statistics.median(times['on']):.2f} ms, "
-                  f"off {statistics.median(times['off']):.2f} ms, ratio {ratio:.3f}; bound from CPU times {bound + cpu:.4f}; "
+                  f"off {statistics.median(times['off']):.2f} ms, ratio {ratio:.3f}; "
+                  f"bound from CPU times {bound + cpu:.4f}; "
                   f"sampler thread {100 * cpu:.3f}% of a core "
                   f"at {1e3 / args.interval_ms:.0f} Hz (target <= {100 * CPU_TARGET:.0f}%)")
     args.out.parent.mkdir(parents=True, exist_ok=True)

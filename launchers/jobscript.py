@@ -4,6 +4,9 @@ A template is a working job script (it passes shellcheck and can be submitted by
 scheduler directives carry defaults, and a few plain shell assignments (`ranks=`, `results_dir=`,
 `overrides=(...)`) are what `harness submit` fills in. Rendering rewrites exactly those lines, so the
 printed script is the site's own idiom with the user's values in it.
+
+Every value is checked before it lands (check_values): what goes into a directive line is a plain word by the
+schedulers' rules, what goes into a shell line is quoted, and nothing carries a newline or control character.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from __future__ import annotations
 import re
 import shlex
 from dataclasses import dataclass, field
-from pathlib import Path
+from importlib import metadata
+from pathlib import Path, PurePosixPath
 from typing import Optional
 
 SUBMIT = {"slurm": "sbatch", "pbs": "qsub", "lsf": "bsub"}
@@ -41,6 +45,26 @@ _NEW_DIRECTIVE = {
 PARAMS = ("account", "nodes", "walltime", "queue", "tasks", "results", "name")
 """What `harness submit <site> key=value ...` accepts."""
 
+MAX_COUNT = 9_999_999
+"""Largest nodes= or tasks=: more than any machine has, and short enough for int() to take."""
+
+# Job names, accounts and queues land in directive lines (#SBATCH, #PBS, #BSUB), which the scheduler reads
+# literally and no shell quoting protects: so they are words that Slurm, PBS and LSF all take as they are.
+_WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_WORD_MAX = 64
+_PBS_QUEUE_MAX = 15  # PBS_MAXQUEUENAME in PBS's pbs_ifl.h
+_EXAMPLE = {"name": "harness", "account": "abc123", "queue": "debug"}
+# results= is a directory the job creates: a path, quoted where it lands and so taken literally (no ~ or $VAR),
+# of what Hydra reads unquoted in the job's `hydra.run.dir=$run_dir` (a comma would make that a sweep).
+_PATH = re.compile(r"[A-Za-z0-9._+/][A-Za-z0-9 ._+/-]*")
+_PATH_MAX = 1024
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+_CHECKOUT = Path(__file__).resolve().parent.parent
+"""The project root, when running from a source checkout (or an editable install)."""
+_INSTALLED = PurePosixPath("share/harness")
+"""Where a wheel puts the templates, under its install prefix (pyproject.toml's data-files)."""
+
 
 class SubmitError(ValueError):
     """A job that cannot be submitted as asked; one line naming the parameter and the fix."""
@@ -69,23 +93,102 @@ class JobRequest:
         return self.tasks if self.tasks is not None else self.nodes * self.ranks_per_node
 
 
+def printable(text: str) -> str:
+    """`text` with every unprintable character escaped (\\n, \\x1b, \\u202e), so an error quoting it stays one line."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
+def _show(value: str, limit: int = 80) -> str:
+    """A user's value as an error message quotes it: escaped, and cut when long."""
+    shown = printable(value)
+    return shown if len(shown) <= limit else shown[:limit] + "..."
+
+
+def parse_count(key: str, text: str) -> int:
+    """`nodes=` or `tasks=` as a number: ASCII digits only, since int() also takes ' 2', '+2', '2_0' and '٢'."""
+    if not re.fullmatch(r"[0-9]{1,7}", text):  # MAX_COUNT's 7 digits
+        raise SubmitError(f"{key}={_show(text)}: must be a whole number from 1 to {MAX_COUNT}, e.g. {key}=2")
+    return int(text)
+
+
 def check(request: JobRequest, account_required: bool) -> None:
     """Refuse what the scheduler would refuse (or silently shrink) before anything is submitted."""
     site = request.site
-    if request.scheduler not in SUBMIT:
-        raise SubmitError(f"{site}: job.scheduler={request.scheduler} is not one of {', '.join(SUBMIT)}")
-    if account_required and not request.account:
+    check_values(request)
+    if account_required and request.account is None:
         raise SubmitError(f"{site}: account= is required (the allocation to charge, e.g. account=abc123)")
-    if request.nodes < 1:
-        raise SubmitError(f"nodes={request.nodes}: must be at least 1")
-    if not re.fullmatch(r"\d+:\d\d:\d\d", request.walltime):
-        raise SubmitError(f"walltime={request.walltime}: use HH:MM:SS, e.g. walltime=00:30:00")
     capacity = request.nodes * request.ranks_per_node
-    if request.tasks is not None and not 1 <= request.tasks <= capacity:
+    if request.tasks is not None and request.tasks > capacity:
         raise SubmitError(
             f"tasks={request.tasks} does not fit nodes={request.nodes} x {request.ranks_per_node} ranks per node "
             f"on {site} = {capacity}; use nodes={-(-request.tasks // request.ranks_per_node)} or fewer tasks"
         )
+
+
+def check_values(request: JobRequest) -> None:
+    """Refuse any value that could not land in the script as exactly one word of its own line.
+
+    Names go into directive lines unquoted, so they are held to the schedulers' own rules; paths, overrides and
+    env values are shell-quoted, so they only have to be one line. Nothing with a newline or another control
+    character is rendered: a newline would start a command of its own.
+    """
+    site = request.site
+    if request.scheduler not in SUBMIT:
+        raise SubmitError(f"{site}: job.scheduler={_show(request.scheduler)} is not one of {', '.join(SUBMIT)}")
+    if request.ranks_per_node < 1:
+        raise SubmitError(f"{site}: job.ranks_per_node={request.ranks_per_node} must be at least 1, "
+                          "e.g. job.ranks_per_node=8")
+    _check_word("name", request.name, _WORD_MAX)
+    if request.account is not None:
+        _check_word("account", request.account, _WORD_MAX)
+    if request.queue is not None:
+        _check_word("queue", request.queue, _PBS_QUEUE_MAX if request.scheduler == "pbs" else _WORD_MAX)
+    _check_walltime(request.walltime)
+    if request.nodes < 1:
+        raise SubmitError(f"nodes={request.nodes}: must be at least 1, e.g. nodes=1")
+    capacity = request.nodes * request.ranks_per_node
+    if request.tasks is not None and request.tasks < 1:
+        raise SubmitError(f"tasks={request.tasks}: must be at least 1; leave tasks= out for all {capacity} slots "
+                          f"of nodes={request.nodes} x {request.ranks_per_node} ranks per node, e.g. tasks={capacity}")
+    if request.results is not None and not (_PATH.fullmatch(request.results) and len(request.results) <= _PATH_MAX):
+        raise SubmitError(f"results={_show(request.results)}: use a path of letters, digits, spaces and . _ + - / "
+                          "(the job expands no ~ or $VARIABLE), e.g. results=/scratch/harness")
+    for override in request.overrides:
+        if not override.isprintable():
+            fix = " ".join("".join(ch if ch.isprintable() else " " for ch in override).split())
+            raise SubmitError(f"{_show(override)}: a harness override must be one line of printable characters "
+                              f"(no newline, tab or control character), e.g. {shlex.quote(fix)}")
+    for key, value in request.env.items():
+        if not _ENV_NAME.fullmatch(key):
+            raise SubmitError(f"{site}: job.env key {_show(key)} is not a shell variable name; use letters, digits "
+                              "and _, not starting with a digit, e.g. NCCL_DEBUG")
+        if not value.isprintable():
+            raise SubmitError(f"{site}: job.env.{key}={_show(value)}: must be one line of printable characters, "
+                              f"e.g. job.env.{key}=INFO")
+
+
+def _check_word(key: str, value: str, limit: int) -> None:
+    """A job name, account or queue: a word every scheduler reads literally in its directive line."""
+    if _WORD.fullmatch(value) and len(value) <= limit:
+        return
+    fix = re.sub(r"[^A-Za-z0-9._-]+", "-", value).strip("-._")[:limit] if key == "name" else ""
+    raise SubmitError(f"{key}={_show(value)}: use at most {limit} letters, digits, '.', '_' or '-', starting with "
+                      f"a letter or digit, e.g. {key}={fix or _EXAMPLE[key]}")
+
+
+def _check_walltime(walltime: str) -> None:
+    """HH:MM:SS as every scheduler takes it: minutes and seconds below 60, and longer than nothing."""
+    match = re.fullmatch(r"([0-9]{1,4}):([0-9]{2}):([0-9]{2})", walltime)
+    if match is None:
+        raise SubmitError(f"walltime={_show(walltime)}: use HH:MM:SS, e.g. walltime=00:30:00")
+    hours, minutes, seconds = (int(x) for x in match.groups())
+    total = hours * 3600 + minutes * 60 + seconds
+    if total == 0:
+        raise SubmitError(f"walltime={walltime}: must be longer than zero, e.g. walltime=00:30:00")
+    if minutes > 59 or seconds > 59:
+        same = f"{total // 3600:02d}:{total // 60 % 60:02d}:{total % 60:02d}"
+        fix = f"use walltime={same} for the same length" if total < 10_000 * 3600 else "e.g. walltime=24:00:00"
+        raise SubmitError(f"walltime={walltime}: minutes and seconds must be 00 to 59; {fix}")
 
 
 def _minutes(walltime: str) -> int:
@@ -113,7 +216,13 @@ def _set(text: str, pattern: str, value: str) -> Optional[str]:
 
 
 def render(request: JobRequest) -> str:
-    """The template with the request's directives, rank counts, result path and overrides filled in."""
+    """The template with the request's directives, rank counts, result path and overrides filled in.
+
+    Every value is checked first (a request built in code gets no less than one from the command line) and
+    shell-quoted where it lands; in directive lines the checked words need no quotes, so quoting leaves them as
+    they are.
+    """
+    check_values(request)
     text = request.script.read_text()
     directives = _DIRECTIVES[request.scheduler]
 
@@ -123,7 +232,7 @@ def render(request: JobRequest) -> str:
             raise SubmitError(f"{request.script} has no line for {what}; it cannot be rendered")
         return rendered
 
-    for key, value in _directive_values(request).items():
+    for key, value in ((key, shlex.quote(value)) for key, value in _directive_values(request).items()):
         if key in _NEW_DIRECTIVE[request.scheduler] and not re.search(directives[key], text, flags=re.MULTILINE):
             last = list(re.finditer(rf"^{re.escape(DIRECTIVE[request.scheduler])} .*$", text, flags=re.MULTILINE))[-1]
             line = _NEW_DIRECTIVE[request.scheduler][key].format(value)
@@ -150,6 +259,30 @@ def render(request: JobRequest) -> str:
     return text[:end] + exports + text[end:]
 
 
+def find_template(script: str) -> Path:
+    """The file behind a profile's `job.script`, a path relative to the project (scripts/slurm/generic.sbatch).
+
+    A source checkout has it at the project root, where `sbatch scripts/slurm/generic.sbatch` finds it too. A
+    wheel installs the templates as data files under <prefix>/share/harness/ (they are shell scripts, not part
+    of a Python package), found through the installed distribution's list of files; `pip install --target DIR`
+    puts them in DIR/share/harness/ while its list of files points elsewhere, so that place is tried as well.
+    """
+    candidates = [_CHECKOUT / script]
+    wanted = _INSTALLED / script
+    try:
+        dist = metadata.distribution("harness")
+        candidates += [Path(file.locate()) for file in dist.files or []
+                       if file.parts[-len(wanted.parts):] == wanted.parts]
+        candidates.append(Path(dist.locate_file(wanted)))
+    except metadata.PackageNotFoundError:
+        pass
+    for path in candidates:
+        if path.is_file():
+            return path.resolve()
+    raise SubmitError(f"job.script={_show(script)}: no such template in {_CHECKOUT} or the installed harness; "
+                      "name one under scripts/, e.g. job.script=scripts/slurm/generic.sbatch")
+
+
 def submit_command(scheduler: str, path: Path) -> str:
-    """The shell command that submits a rendered script."""
+    """The shell command that submits a rendered script, as the dry run shows it."""
     return f"bsub < {shlex.quote(str(path))}" if scheduler == "lsf" else f"{SUBMIT[scheduler]} {shlex.quote(str(path))}"

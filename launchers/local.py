@@ -16,7 +16,8 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 def launch_local(nproc: int, entrypoint: Callable[..., Any], *args: Any, monitor_interval_s: float = 0.1) -> None:
     """Run `entrypoint(*args)` in `nproc` fresh processes; raises ChildFailedError if any rank fails."""
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+    # The agent's own warnings (a SIGTERM passed on to the ranks) repeat what the summary says.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,

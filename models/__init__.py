@@ -1,5 +1,5 @@
-"""GPT model package."""
+"""GPT model package: the torch-free shape (`models.config`) and the model (`models.gpt`)."""
 
-from .gpt import GPT, GPTConfig
+from .config import GPTConfig
 
-__all__ = ["GPT", "GPTConfig"]
+__all__ = ["GPTConfig"]

@@ -14,76 +14,14 @@ the same seed.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
-NORMS = ("layernorm", "rmsnorm")
-POSITIONS = ("learned", "rope")
+from models.config import GPTConfig
 
-
-@dataclass
-class GPTConfig:
-    """Shape and flavour of a GPT decoder (GPT-2 defaults, Llama-like options)."""
-
-    n_layers: int = 2
-    """Number of transformer blocks."""
-    d_model: int = 64
-    """Residual stream (hidden) width."""
-    n_heads: int = 4
-    """Number of query heads; head_dim = d_model // n_heads."""
-    ffn_hidden: int | None = None
-    """MLP inner width; None means 4 * d_model (resolved in __post_init__)."""
-    seq_len: int = 128
-    """Maximum sequence length (size of the learned position table / RoPE cache)."""
-    vocab_size: int = 512
-    """Number of token ids."""
-    n_kv_heads: int | None = None
-    """Key/value heads for grouped-query attention; None means n_heads (plain MHA)."""
-    activation: str = "gelu"
-    """MLP nonlinearity: gelu (exact erf, Megatron default), gelu_tanh (GPT-2 gelu_new) or swiglu."""
-    norm: str = "layernorm"
-    """Normalisation layer: layernorm or rmsnorm."""
-    position: str = "learned"
-    """Positions: learned (absolute embedding table) or rope (rotary, applied to q and k)."""
-    tie_embeddings: bool = True
-    """Share the token embedding matrix with the output projection."""
-    bias: bool = True
-    """Biases in linears and LayerNorms (GPT-2: True; Llama-like: False)."""
-    norm_eps: float = 1e-5
-    """Epsilon of every normalisation layer."""
-    init_std: float = 0.02
-    """Std of the normal initialisation of weights and embeddings."""
-    rope_theta: float = 10000.0
-    """RoPE base frequency."""
-
-    def __post_init__(self) -> None:
-        if self.ffn_hidden is None:
-            self.ffn_hidden = 4 * self.d_model
-        if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
-        for name in ("n_layers", "d_model", "n_heads", "ffn_hidden", "seq_len", "vocab_size", "n_kv_heads"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"GPTConfig.{name} must be positive, got {getattr(self, name)}")
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {self.activation!r}; expected one of {ACTIVATIONS}")
-        if self.norm not in NORMS:
-            raise ValueError(f"unknown norm {self.norm!r}; expected one of {NORMS}")
-        if self.position not in POSITIONS:
-            raise ValueError(f"unknown position {self.position!r}; expected one of {POSITIONS}")
-        if self.position == "rope" and self.head_dim % 2:
-            raise ValueError(f"rope needs an even head_dim, got {self.head_dim}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+__all__ = ["GPT", "GPTConfig"]
 
 
 def make_norm(config: GPTConfig) -> nn.Module:
@@ -121,8 +59,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.head_dim = config.head_dim
-        self.q_per_group = config.n_heads // config.n_kv_heads
-        qkv_out = (config.n_heads + 2 * config.n_kv_heads) * config.head_dim
+        self.q_per_group = config.n_heads // config.kv_heads
+        qkv_out = (config.n_heads + 2 * config.kv_heads) * config.head_dim
         self.qkv = nn.Linear(config.d_model, qkv_out, bias=config.bias)
         self.proj = nn.Linear(config.n_heads * config.head_dim, config.d_model, bias=config.bias)
 
@@ -147,10 +85,10 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.activation = config.activation
-        self.fc = nn.Linear(config.d_model, config.ffn_hidden, bias=config.bias)
+        self.fc = nn.Linear(config.d_model, config.ffn_width, bias=config.bias)
         if config.activation == "swiglu":
-            self.gate = nn.Linear(config.d_model, config.ffn_hidden, bias=config.bias)
-        self.proj = nn.Linear(config.ffn_hidden, config.d_model, bias=config.bias)
+            self.gate = nn.Linear(config.d_model, config.ffn_width, bias=config.bias)
+        self.proj = nn.Linear(config.ffn_width, config.d_model, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)
@@ -183,6 +121,7 @@ class GPT(nn.Module):
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
+        config.check()
         self.config = config
         device = torch.get_default_device()
         # Build on meta so no time or RNG state goes into PyTorch's default init,

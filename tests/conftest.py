@@ -73,6 +73,14 @@ def assert_losses_match(expected: Run, got: Run, tolerance: float, label: str) -
     assert abs(want[-1] - want[0]) > 10 * tolerance
 
 
+@pytest.fixture(scope="session", autouse=True)
+def user_config_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Profiles `harness calibrate` writes go to a directory of this session, never the user's own."""
+    path = tmp_path_factory.mktemp("harness-config")
+    os.environ["HARNESS_CONFIG_DIR"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def runs_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("runs")

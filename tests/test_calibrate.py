@@ -3,21 +3,25 @@ all-reduce taken out), and its profile composes."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import clean_env, harness
 from omegaconf import OmegaConf
 
-from harness.calibrate import (GEMM_SIZES, PROBE_LAYERS, PROBE_WIDTHS, _probe_config, modelled_probe_block_s,
-                               profile_from)
-from harness.config import CONF_DIR
+from harness.config.compose import CONF_DIR, compose
 from harness.costmodel.comm import RING_FACTOR
-from harness.predict import compose, predict
+from harness.predict.calibrate import (
+    GEMM_SIZES,
+    PROBE_LAYERS,
+    PROBE_WIDTHS,
+    _probe_config,
+    modelled_probe_block_s,
+    profile_from,
+)
+from harness.predict.estimate import predict
 from models.gpt import GPT
-
-from conftest import harness
 
 
 def synthetic_measurements() -> dict:  # type: ignore[type-arg]
@@ -67,20 +71,20 @@ def test_written_profile_is_a_system_choice() -> None:
 
 
 @pytest.mark.multirank
-def test_calibrate_two_ranks_writes_a_profile_a_run_can_use(tmp_path: Path) -> None:
-    """The real command on 2 gloo ranks: the measured rates are positive and the profile predicts a run."""
-    name = f"cpu-test-{os.getpid()}-calibrated"
-    path = CONF_DIR / "system" / f"{name}.yaml"
-    try:
-        proc = harness(["calibrate", "launcher.nproc=2", "launcher.omp_num_threads=1", f"--name={name}"],
-                       cwd=tmp_path, timeout=300)
-        assert proc.returncode == 0, proc.stderr
-        profile = OmegaConf.to_container(OmegaConf.load(path))
-        for key in ("peak_tflops", "hbm_bw_gb_per_s", "intra_node_bw_gb_per_s", "layer_overhead_us"):
-            assert profile[key] > 0, key  # type: ignore[index]
-        assert profile["comm_latency_us"] >= 0  # type: ignore[index]  # the fit keeps its intercept non-negative
-        assert profile["devices_per_node"] == 2 and profile["overlap_comm"] is False  # type: ignore[index]
-        _, est = predict(compose([f"system={name}", "launcher.nproc=2", "model=gpt-tiny"]), 2)
-    finally:
-        path.unlink(missing_ok=True)
+def test_calibrate_two_ranks_writes_a_profile_a_run_can_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real command on 2 gloo ranks: the measured rates are positive, the profile lands in the user's config
+    directory (never the package), and `system=<name>` finds it there."""
+    name = "cpu-test-calibrated"
+    monkeypatch.setenv("HARNESS_CONFIG_DIR", str(tmp_path / "config"))
+    proc = harness(["calibrate", "launcher.nproc=2", "launcher.omp_num_threads=1", f"--name={name}"],
+                   cwd=tmp_path, timeout=300, env={**clean_env(), "HARNESS_CONFIG_DIR": str(tmp_path / "config")})
+    assert proc.returncode == 0, proc.stderr
+    path = tmp_path / "config" / "system" / f"{name}.yaml"
+    assert not (CONF_DIR / "system" / f"{name}.yaml").exists()
+    profile = OmegaConf.to_container(OmegaConf.load(path))
+    for key in ("peak_tflops", "hbm_bw_gb_per_s", "intra_node_bw_gb_per_s", "layer_overhead_us"):
+        assert profile[key] > 0, key  # type: ignore[index]
+    assert profile["comm_latency_us"] >= 0  # type: ignore[index]  # the fit keeps its intercept non-negative
+    assert profile["devices_per_node"] == 2 and profile["overlap_comm"] is False  # type: ignore[index]
+    _, est = predict(compose([f"system={name}", "launcher.nproc=2", "model=gpt-tiny"]), 2)
     assert est["step_time_s"] > 0 and est["comm_bytes_per_device"]["dp"] > 0

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import TINY, harness, harness_run
 
 BAD_INPUT = [
@@ -41,11 +40,11 @@ def test_cfg_job_prints_composed_config(tmp_path: Path) -> None:
     assert "d_model: 768" in proc.stdout and "name: ddp" in proc.stdout
 
 
-def test_multirun_gives_each_point_its_directory_and_goes_on_past_a_bad_point(tmp_path: Path) -> None:
+def test_multirun_gives_each_point_its_directory_goes_on_past_a_bad_point_and_exits_1(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     proc = harness(["run", "-m", *TINY, "train.global_batch_size=4", "train.micro_batch_size=1,2,3",
                     f"hydra.sweep.dir={sweep}"], cwd=tmp_path, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 1 and "1 of 3 sweep points did not finish ok" in proc.stderr, proc.stderr
     summaries = {json.loads(p.read_text())["config"]["train"]["micro_batch_size"]: json.loads(p.read_text())
                  for p in sweep.glob("*/summary.json")}
     assert sorted(summaries) == [1, 2, 3]

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from harness.config import to_container, validate
+from harness.config.checks import validate
+from harness.config.compose import compose, to_container
 from harness.costmodel.comm import collectives
 from harness.costmodel.layout import job_from_config
-from harness.predict import compose
 
 ZERO3_KEEP_NOTHING = ("param_persistence_threshold", "max_reuse_distance", "prefetch_bucket_size")
 LAYOUTS = {  # name: overrides (gpt-tiny, 2 ranks, 2 micro-batches per step; 4 with TP or PP, where dp = 1)
@@ -52,7 +52,7 @@ def predicted_by_kind(cfg, world: int) -> dict[str, float]:  # type: ignore[no-u
 @pytest.mark.multirank
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_predicted_comm_bytes_match_profiled_step(name: str, tmp_path: Path) -> None:
-    from harness.commcount import measure_step
+    from harness.predict.commcount import measure_step
     from launchers.local import launch_local
 
     cfg = compose(COMMON + LAYOUTS[name])

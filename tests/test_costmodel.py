@@ -18,7 +18,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from harness.config import CONF_DIR, Config, ConfigError, validate
+from harness.config.checks import validate
+from harness.config.compose import CONF_DIR
+from harness.config.errors import ConfigError
+from harness.config.schema import Config
 from harness.costmodel.comm import Collective, collectives, zero3_gathered_numel
 from harness.costmodel.estimate import estimate
 from harness.costmodel.flops import param_count
@@ -173,10 +176,13 @@ def test_checkpointing_and_sequence_parallel_change_the_answer() -> None:
         cfg = make_cfg(system="frontier", **{**base, "parallel": parallel,
                                              "train": {"precision": "bf16", "global_batch_size": 1536,
                                                        **extra.get("train", {})}})
-        answers[key] = estimate(cfg, validate(cfg, 3072))
-    assert answers["full"]["memory_per_device_bytes"]["activations"] < answers["none"]["memory_per_device_bytes"]["activations"]
+        # The cost model times an interleaved schedule (Megatron-LM's) although no backend here runs one,
+        # so `run` and `estimate` refuse vpp > 1: the layout is derived without it.
+        layout = validate(OmegaConf.merge(cfg, {"parallel": {"vpp": 1}}), 3072)
+        answers[key] = estimate(cfg, layout)
+    activations = {key: answer["memory_per_device_bytes"]["activations"] for key, answer in answers.items()}
+    assert activations["full"] < activations["none"] and activations["sp"] < activations["none"]
     assert answers["full"]["flops_per_step"]["hardware"] > answers["none"]["flops_per_step"]["hardware"]
-    assert answers["sp"]["memory_per_device_bytes"]["activations"] < answers["none"]["memory_per_device_bytes"]["activations"]
     assert answers["vpp"]["bubble_fraction"] == pytest.approx(answers["none"]["bubble_fraction"] / 2)
 
 
@@ -232,14 +238,14 @@ def test_estimate_gives_runs_config_errors() -> None:
     proc = harness_cli("estimate", "parallel.world_size=3", "parallel.tp=2", "backend=fsdp")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["harness: error: world size 3 is not divisible by "
-                                                "parallel.tp*parallel.pp=2"]
+                                                "parallel.tp*parallel.pp=2; choose tp and pp whose product divides 3"]
     with pytest.raises(ConfigError):
         validate(make_cfg(parallel={"tp": 2}), 2)
 
 
 def test_plan_ranks_only_legal_fitting_layouts() -> None:
-    from harness.planner import plan
-    from harness.predict import compose
+    from harness.config.compose import compose
+    from harness.predict.plan import plan
 
     cfg = compose(["model=gpt-13b", "system=dgx-a100-80gb", "parallel.world_size=8", "train.precision=bf16",
                    "train.global_batch_size=64"])

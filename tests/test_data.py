@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from harness.config import Layout
-from harness.data import SyntheticTokens, TokenFile, rank_micro_batches
+from harness.config.checks import Layout
+from harness.run.data import SyntheticTokens, TokenFile, rank_micro_batches
 
 CPU = torch.device("cpu")
 

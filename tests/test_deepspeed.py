@@ -11,10 +11,11 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import Run, assert_losses_match, harness, run_layouts
-from harness.config import ConfigError, validate
-from harness.predict import compose
+
+from harness.config.checks import validate
+from harness.config.compose import compose
+from harness.config.errors import ConfigError
 
 TOLERANCE = 1e-4
 
@@ -60,7 +61,8 @@ def test_generated_config_merges_extra_keys_and_fp16_loss_scaling() -> None:
                    "backend.initial_scale_power=12"])
     config = ds_config(cfg, validate(cfg, 2))
     assert config["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu"}, "overlap_comm": True}
-    assert config["fp16"]["enabled"] and config["fp16"]["loss_scale"] == 0 and config["fp16"]["initial_scale_power"] == 12
+    fp16 = config["fp16"]
+    assert fp16["enabled"] and fp16["loss_scale"] == 0 and fp16["initial_scale_power"] == 12
     assert "bf16" not in config
 
 
@@ -68,7 +70,8 @@ BAD_DEEPSPEED = [
     (["train.precision=fp16", "+backend.ds_config.bf16.enabled=true"], "fp16 and bf16 both requested"),
     (["+backend.ds_config.fp16.enabled=true", "+backend.ds_config.bf16.enabled=true"], "fp16 and bf16 both requested"),
     (["+backend.ds_config.bf16.enabled=true"], "set train.precision=bf16"),
-    (["backend.offload_param=true", "parallel.zero_stage=2"], "backend.offload_param=true needs parallel.zero_stage>=3"),
+    (["backend.offload_param=true", "parallel.zero_stage=2"],
+     "backend.offload_param=true needs parallel.zero_stage>=3"),
     (["backend.offload_optimizer=true"], "backend.offload_optimizer=true needs parallel.zero_stage>=1"),
     (["+backend.ds_config.train_batch_size=8"], "train.global_batch_size"),
     (["train.precision=fp16"], "DeepSpeed's CPU accelerator has no fp16"),

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import GLOBAL_BATCH, TINY, Run, assert_losses_match, harness, harness_run, run_layouts
-from harness.config import ConfigError, validate
-from harness.predict import compose
 from test_deepspeed import TOLERANCE
+
+from harness.config.checks import validate
+from harness.config.compose import compose
+from harness.config.errors import ConfigError
 
 LAYOUTS_3D = {
     "tp2-selective": ["launcher.nproc=2", "parallel.tp=2", "train.micro_batch_size=2",
@@ -117,7 +118,7 @@ def test_gpt_175b_stage_built_on_meta_holds_only_its_slice() -> None:
     from megatron.core import parallel_state
 
     from harness.backends.deepspeed3d import BLOCK_PARTITION, BlockPipe, layer_specs, model_parallel_config
-    from harness.runner import gpt_config
+    from models.config import GPTConfig
 
     cfg = compose(["model=gpt-175b", "backend=deepspeed3d", "parallel.tp=8", "parallel.pp=16"])
     layout = validate(cfg, 128)
@@ -128,7 +129,7 @@ def test_gpt_175b_stage_built_on_meta_holds_only_its_slice() -> None:
                                                  create_gloo_process_groups=False)
         assert (parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank()) \
             == (tp_rank, stage)
-        model = gpt_config(cfg.model)
+        model = GPTConfig.from_section(cfg.model)
         specs = layer_specs(model, model_parallel_config(8, 16, on_gpu=False))
         assert BLOCK_PARTITION == "type:BlockPipe"
         parts = partition_balanced(weights=[int(spec.typename is BlockPipe) for spec in specs], num_parts=16)

@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest import harness
 
-from harness import runner
-from harness.config import ConfigError
+from harness.config.errors import ConfigError
+from harness.run import preflight, rank
 from launchers.env import LaunchEnvError, device_index
 
 
@@ -66,7 +66,7 @@ def test_rank_device(monkeypatch: pytest.MonkeyPatch, choice: str, cuda: int, xp
     fakes = {"cuda": FakeAccelerator(cuda), "xpu": FakeAccelerator(xpu)}
     monkeypatch.setattr(torch, "cuda", fakes["cuda"])
     monkeypatch.setattr(torch, "xpu", fakes["xpu"], raising=False)
-    device = runner._rank_device(choice, local_rank, order)
+    device = rank.select_device(choice, local_rank, order)
     assert str(device) == expected
     if device.type != "cpu":
         assert fakes[device.type].current == device.index
@@ -76,14 +76,14 @@ def test_rank_device(monkeypatch: pytest.MonkeyPatch, choice: str, cuda: int, xp
     ("cpu", False, "gloo"), ("cuda:0", False, "nccl"), ("xpu:3", True, "xccl"),
 ])
 def test_process_group_backend(monkeypatch: pytest.MonkeyPatch, device: str, xccl: bool, backend: str) -> None:
-    monkeypatch.setattr(runner.dist, "is_xccl_available", lambda: xccl)
-    assert runner._process_group_backend(torch.device(device)) == backend
+    monkeypatch.setattr(rank.dist, "is_xccl_available", lambda: xccl)
+    assert rank.process_group_backend(torch.device(device)) == backend
 
 
 def test_xpu_without_xccl_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(runner.dist, "is_xccl_available", lambda: False)
+    monkeypatch.setattr(rank.dist, "is_xccl_available", lambda: False)
     with pytest.raises(RuntimeError, match="no xccl backend"):
-        runner._process_group_backend(torch.device("xpu", 0))
+        rank.process_group_backend(torch.device("xpu", 0))
 
 
 def test_installed_torch_knows_xccl() -> None:
@@ -101,4 +101,4 @@ def test_bad_gpu_order_fails_before_launch(tmp_path: Path) -> None:
 
 def test_xpu_on_a_host_without_one_fails_before_launch() -> None:
     with pytest.raises(ConfigError, match="system.device=xpu but torch sees no Intel GPU"):
-        runner._check_device("xpu")
+        preflight.check_device("xpu")

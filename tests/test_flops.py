@@ -17,7 +17,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from harness.config import ModelConfig
+from harness.config.schema import ModelConfig
 from harness.costmodel.flops import forward_flops_per_token, param_count, step_flops
 from harness.costmodel.peaks import lookup_peak
 from models.gpt import GPT, GPTConfig
@@ -64,10 +64,10 @@ def test_hardware_flops_add_recompute() -> None:
 def test_megatron_formula_for_a_published_shape() -> None:
     """Narayanan et al. 2021 count 96·B·s·l·h²(1 + s/6h + V/16lh) with full recompute and full attention."""
     cfg = GPTConfig(n_layers=24, d_model=2304, n_heads=24, seq_len=2048, vocab_size=51200)
-    b, s, l, h, v = 512, 2048, 24, 2304, 51200
-    paper = 96 * b * s * l * h * h * (1 + s / (6 * h) + v / (16 * l * h))
+    b, s, n_layers, h, v = 512, 2048, 24, 2304, 51200
+    paper = 96 * b * s * n_layers * h * h * (1 + s / (6 * h) + v / (16 * n_layers * h))
     fwd = forward_flops_per_token(cfg, causal_halved=False)
-    ours = (4 * l * fwd.layer + 3 * fwd.logits) * b * s  # forward + backward (2x) + recompute, full attention
+    ours = (4 * n_layers * fwd.layer + 3 * fwd.logits) * b * s  # forward + backward (2x) + recompute, full attention
     assert ours == pytest.approx(paper, rel=1e-12)
 
 

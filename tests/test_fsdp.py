@@ -14,11 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import GLOBAL_BATCH, TINY, Run, assert_losses_match, harness, harness_run, run_layouts
 from omegaconf import OmegaConf
 
-from conftest import GLOBAL_BATCH, TINY, Run, assert_losses_match, harness, harness_run, run_layouts
 from harness.backends.base import apply_activation_checkpointing
-from harness.config import CONF_DIR, ConfigError, Config, compute_precision, validate
+from harness.config.checks import compute_precision, validate
+from harness.config.compose import CONF_DIR
+from harness.config.errors import ConfigError
+from harness.config.schema import Config
 from models.gpt import GPT, GPTConfig
 
 TOLERANCE = 1e-5
@@ -116,7 +119,8 @@ def test_oom_ends_its_point_with_status_oom_and_the_sweep_goes_on(tmp_path: Path
     sweep = tmp_path / "sweep"
     proc = harness(["run", "-m", *TINY, "backend=fsdp", "launcher.nproc=2", "train.fault_inject_oom_step=2,null",
                     f"hydra.sweep.dir={sweep}"], cwd=tmp_path, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 1 and "1 of 2 sweep points did not finish ok" in proc.stderr, proc.stderr
+    assert "0-gpt-tiny-fsdp (oom)" in proc.stderr.splitlines()[-1]
     points = {json.loads(p.read_text())["config"]["train"]["fault_inject_oom_step"]: p.parent
               for p in sweep.glob("*/summary.json")}
     assert sorted(points, key=str) == [2, None]
@@ -154,11 +158,12 @@ def test_cpu_study_sweeps_by_itself_one_directory_per_point(tmp_path: Path) -> N
 @pytest.mark.parametrize("experiment,points", [("fsdp-study-xl", 6), ("fsdp-study-xl-ckpt", 8),
                                                ("fsdp-study-3b-ckpt", 3)])
 def test_gpu_study_experiments_expand_to_the_published_points(tmp_path: Path, experiment: str, points: int) -> None:
-    """Each point is composed and validated; train.steps=0 stops every point before launch (no GPU here)."""
+    """Each point is composed and validated; train.steps=0 stops every point before launch (no GPU here), so the
+    sweep reports every point failed."""
     sweep = tmp_path / "sweep"
     proc = harness(["run", "-m", f"+experiment={experiment}", "train.steps=0", f"hydra.sweep.dir={sweep}"],
                    cwd=tmp_path, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 1 and f"{points} of {points} sweep points did not finish ok" in proc.stderr, proc.stderr
     configs = [json.loads(p.read_text())["config"] for p in sweep.glob("*/summary.json")]
     assert len(configs) == points
     assert all(c["backend"]["name"] == "fsdp" and c["model"]["seq_len"] == 128 and c["launcher"]["nproc"] == 4

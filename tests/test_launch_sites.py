@@ -27,7 +27,8 @@ def frontier_srun_env(rank: int) -> dict[str, str]:
                 SLURM_NTASKS="16", SLURM_TASKS_PER_NODE="8(x2)", SLURM_STEP_ID="0",
                 SLURM_STEP_NODELIST="frontier[00001-00002]", SLURM_STEP_NUM_NODES="2",
                 SLURM_STEP_NUM_TASKS="16", SLURM_STEP_TASKS_PER_NODE="8(x2)", SLURM_PROCID=str(rank),
-                SLURM_LOCALID=str(rank % 8), SLURM_NODEID=str(rank // 8), SLURMD_NODENAME=f"frontier0000{1 + rank // 8}",
+                SLURM_LOCALID=str(rank % 8), SLURM_NODEID=str(rank // 8),
+                SLURMD_NODENAME=f"frontier0000{1 + rank // 8}",
                 SLURM_GPUS_PER_TASK="1", ROCR_VISIBLE_DEVICES=str(rank % 8), SLURM_JOB_END_TIME="1795000000")
 
 

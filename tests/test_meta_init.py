@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import GLOBAL_BATCH, TINY, Run, clean_env
 
 from harness.backends.base import materialize
 from models.gpt import GPT, GPTConfig
-from conftest import GLOBAL_BATCH, TINY, Run, clean_env
 
 CONFIG = GPTConfig(n_layers=2, d_model=64, n_heads=4, seq_len=32, vocab_size=128)
 
@@ -81,8 +81,8 @@ import sys
 from pathlib import Path
 from harness.backends.base import Backend
 from harness.backends.fsdp import FSDPBackend
-from harness.predict import compose
-from harness.runner import run
+from harness.config.compose import compose
+from harness.run.launch import run
 for cls in (Backend, FSDPBackend):  # down the GPU path: the model is built on the meta device
     cls.materialize_before_setup = property(lambda self: False)
 sys.exit(run(compose(sys.argv[2:]), Path(sys.argv[1])) != "ok")

@@ -9,7 +9,6 @@ rounding, not bit for bit: the tolerance is 1e-5 absolute (the losses are about 
 from __future__ import annotations
 
 import pytest
-
 from conftest import LAYOUTS, Run, assert_losses_match
 
 TOLERANCE = 1e-5

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from harness.report import RSS_NOTE, summary_table
+from harness.run.live import RSS_NOTE, summary_table
 
 REASON = "not measured: rank 0 on vm: no GPU, and RAPL is unavailable: no RAPL package domains"
 

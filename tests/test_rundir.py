@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from conftest import Run
 from omegaconf import OmegaConf
 
-from conftest import Run
+from harness.config.schema import ModelConfig
 from harness.costmodel.flops import param_count, step_flops
-from harness.config import ModelConfig
 
 STEP_KEYS = {"step", "warmup", "loss", "iter_time_ms", "tokens_per_s", "model_tflops_per_device",
              "hardware_tflops_per_device", "mfu", "hfu", "peak_memory_mb", "power_w", "energy_j"}

@@ -12,7 +12,7 @@ import psutil
 import pytest
 from conftest import TINY, clean_env
 
-from harness.stopping import job_end_time, out_of_time
+from harness.run.stopping import job_end_time, out_of_time
 
 
 @pytest.mark.parametrize(("env", "end"), [

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
-import pytest
-
 from pathlib import Path
+
+import pytest
 
 from harness.cli import main
 from launchers.jobscript import JobRequest, render
 
 ROOT = Path(__file__).resolve().parent.parent
 
+
+@pytest.fixture(autouse=True)
+def _no_user_profiles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the package's system profiles: ones `harness calibrate` left in ~/.config would change the lists."""
+    monkeypatch.setenv("HARNESS_CONFIG_DIR", str(tmp_path / "config"))
+
+
 SITE_LINES = {
-    "frontier": ["#SBATCH --account=abc123", "#SBATCH --nodes=2", "#SBATCH --time=01:30:00", "#SBATCH --partition=batch",
-                 "--gpus-per-task=1 --gpu-bind=closest", "srun --kill-on-bad-exit=1", "export FI_CXI_ATS=0",
-                 'export MIOPEN_USER_DB_PATH="/tmp/miopen-cache-$SLURM_JOB_ID"', "ranks_per_node=8",
-                 "overrides=(system=frontier model=gpt-tiny 'name=my run')"],
+    "frontier": ["#SBATCH --account=abc123", "#SBATCH --nodes=2", "#SBATCH --time=01:30:00",
+                 "#SBATCH --partition=batch", "--gpus-per-task=1 --gpu-bind=closest", "srun --kill-on-bad-exit=1",
+                 "export FI_CXI_ATS=0", 'export MIOPEN_USER_DB_PATH="/tmp/miopen-cache-$SLURM_JOB_ID"',
+                 "ranks_per_node=8", "overrides=(system=frontier model=gpt-tiny 'name=my run')"],
     "perlmutter": ["#SBATCH --account=abc123", "#SBATCH --qos=regular", "#SBATCH --constraint=gpu", "ranks_per_node=4",
                    "--cpus-per-task=32 --cpu-bind=cores", "overrides=(system=perlmutter model=gpt-tiny 'name=my run')"],
     "polaris": ["#PBS -A abc123", "#PBS -l select=2:system=polaris", "#PBS -l walltime=01:30:00", "#PBS -q debug",
@@ -25,7 +32,8 @@ SITE_LINES = {
                'mpiexec -n "$ranks" --ppn "$ranks_per_node" --cpu-bind "$cpu_bind"',
                "overrides=(system=aurora model=gpt-tiny 'name=my run')"],
     "summit": ["SUMMIT WAS RETIRED IN NOVEMBER 2024", "#BSUB -P abc123", "#BSUB -nnodes 2", "#BSUB -W 1:30",
-               "walltime_min=90", "ranks_per_node=6", "jsrun", "overrides=(system=summit model=gpt-tiny 'name=my run')"],
+               "walltime_min=90", "ranks_per_node=6", "jsrun",
+               "overrides=(system=summit model=gpt-tiny 'name=my run')"],
 }
 
 
@@ -88,3 +96,13 @@ def _error(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
 def test_bad_requests_fail_before_submission_in_one_line(args: list[str], message: str,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     assert _error([args[0], "--dry-run", *args[1:]], capsys).startswith(f"harness: error: {message}")
+
+
+def test_a_user_profile_with_a_job_block_is_submitted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Profiles `harness calibrate` writes live in the user's config directory, not the package's."""
+    (tmp_path / "config/system").mkdir(parents=True)
+    (tmp_path / "config/system/cpu-mine.yaml").write_text(
+        "name: cpu-mine\ndevice: cpu\njob:\n  scheduler: slurm\n  script: scripts/slurm/generic.sbatch\n"
+        "  ranks_per_node: 4\n")
+    main(["submit", "cpu-mine", "--dry-run", "nodes=2"])
+    assert "#SBATCH --ntasks=8\n" in capsys.readouterr().out

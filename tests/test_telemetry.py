@@ -19,9 +19,10 @@ from typing import Any, Optional
 
 import pynvml
 import pytest
-
 from conftest import TINY, harness_run
-from harness.config import ConfigError, TelemetryConfig
+
+from harness.config.errors import ConfigError
+from harness.config.schema import TelemetryConfig
 from harness.telemetry import open_source
 from harness.telemetry.amd import AmdSmiSource
 from harness.telemetry.base import DeviceId, SourceUnavailable
@@ -464,7 +465,8 @@ def test_energy_metrics_mean_energy_and_time_weighted_power() -> None:
 def test_config_rejects_bad_telemetry(field: str, value: Any, message: str) -> None:
     from omegaconf import OmegaConf
 
-    from harness.config import Config, validate
+    from harness.config.checks import validate
+    from harness.config.schema import Config
 
     cfg = OmegaConf.structured(Config)
     cfg.model.update(name="t", n_layers=1, d_model=8, n_heads=1, seq_len=8, vocab_size=16)

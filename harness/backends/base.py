@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from harness.config import Layout
+from harness.config.checks import Layout
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor]
 

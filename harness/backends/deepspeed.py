@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from harness.backends.base import Backend, MicroBatch, checkpoint_and_compile, materialize
-from harness.config import Layout
+from harness.config.checks import Layout
 
 
 def quiet_library_warnings() -> None:

@@ -160,12 +160,12 @@ class BlockPipe(Block, Stage):
             super().__init__(config)
         self.prefix = f"blocks.{index}."
         std, resid_std = config.init_std, config.init_std / (2 * config.n_layers) ** 0.5
-        qkv_out = (config.n_heads + 2 * config.n_kv_heads) * config.head_dim  # type: ignore[operator]
+        qkv_out = (config.n_heads + 2 * config.kv_heads) * config.head_dim
         self.norm1, self.norm2 = (_mark_sequence_parallel(make_norm(config), mp) for _ in range(2))
         self.attn.qkv = _column(config.d_model, qkv_out, bias=config.bias, mp=mp, init=_normal(std))
         self.attn.proj = _row(config.n_heads * config.head_dim, config.d_model, bias=config.bias, mp=mp,
                               init=_normal(resid_std))
-        ffn = config.ffn_hidden
+        ffn = config.ffn_width
         self.mlp.fc = _column(config.d_model, ffn, bias=config.bias, mp=mp, init=_normal(std))
         if config.activation == "swiglu":
             self.mlp.gate = _column(config.d_model, ffn, bias=config.bias, mp=mp, init=_normal(std))

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from harness.backends.base import DTYPES, FabricBackend, checkpoint_and_compile, materialize
+from harness.backends.registry import fsdp_replica_group
 
 REPLICA_DIMS = ("dp_replicate", "dp_shard")
 
@@ -108,12 +109,9 @@ class FSDPBackend(FabricBackend):
     def replica_group(self) -> int | None:
         """Ranks sharding one replica under hybrid_shard / no_shard (None: all data-parallel ranks shard one)."""
         b = self.cfg.backend
-        if b.sharding == "no_shard":
-            return 1
-        if b.sharding == "hybrid_shard":
-            default = self.cfg.system.devices_per_node
-            return b.hybrid_shard_group if b.hybrid_shard_group is not None else default
-        return None
+        if b.sharding not in ("no_shard", "hybrid_shard"):
+            return None
+        return fsdp_replica_group(b.sharding, b.hybrid_shard_group, self.cfg.system.devices_per_node, self.layout.dp)
 
     def full_mesh(self, fabric_mesh: Any) -> Any:
         """Fabric's (data_parallel, tensor_parallel) mesh, or for HSDP one that splits data_parallel in two.

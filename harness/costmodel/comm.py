@@ -71,9 +71,9 @@ def dp_collectives(job: Job) -> list[Collective]:
         # ZeRO-1's gradient reduction (deepspeed/runtime/zero/stage_1_and_2.py `reduce_gradients`)
         # still runs over a one-rank group; only the parameter all-gather checks for it
         # (deepspeed/runtime/utils.py `all_gather_dp_groups`).
-        zero1 = job.backend.startswith("deepspeed") and stage == 1
+        zero1 = job.spec.deepspeed_engine and stage == 1
         return [c("reduce_scatter", params * per.grads, 1)] if zero1 else []
-    if job.backend == "fsdp":
+    if job.spec.shardings:
         return _fsdp_collectives(job, params, c)
     if stage == 0:
         return [c("all_reduce", params * per.grads, 1)]

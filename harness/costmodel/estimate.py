@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from harness.config import Layout
+from harness.config.checks import Layout
 from harness.costmodel.comm import bytes_by_dim, collectives
 from harness.costmodel.flops import param_count, step_flops
 from harness.costmodel.layout import HARNESS, Software, job_from_config, stage_params

@@ -10,31 +10,19 @@ recomputes. MFU uses model FLOPs, HFU hardware FLOPs (Chowdhery et al. 2022, PaL
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
+from models.config import GPTConfig
 
-class ModelDims(Protocol):
-    """Anything with the model fields: `harness.config.ModelConfig`, `models.gpt.GPTConfig`, a DictConfig."""
-
-    n_layers: int
-    d_model: int
-    n_heads: int
-    n_kv_heads: int | None
-    ffn_hidden: int | None
-    seq_len: int
-    vocab_size: int
-    activation: str
-    norm: str
-    position: str
-    tie_embeddings: bool
-    bias: bool
+ModelDims = Any
+"""Anything with the model fields (`models.config.GPTConfig`, the schema's ModelConfig, a DictConfig section);
+read through `GPTConfig.from_section`."""
 
 
 def _dims(m: Any) -> tuple[int, int, int, int, int, int, int]:
     """(layers, hidden, query heads, kv heads, head size, ffn width, vocab)."""
-    kv = m.n_kv_heads if m.n_kv_heads is not None else m.n_heads
-    ffn = m.ffn_hidden if m.ffn_hidden is not None else 4 * m.d_model
-    return m.n_layers, m.d_model, m.n_heads, kv, m.d_model // m.n_heads, ffn, m.vocab_size
+    g = GPTConfig.from_section(m)
+    return g.n_layers, g.d_model, g.n_heads, g.kv_heads, g.head_dim, g.ffn_width, g.vocab_size
 
 
 @dataclass(frozen=True)

@@ -6,14 +6,15 @@ backend options other branches add: `backend.sharding`, `backend.offload`) lives
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any, Optional
 
-from harness.config import Layout
+from harness.backends.registry import BackendSpec, backend_spec, fsdp_replica_group
+from harness.config.checks import Layout
 from harness.costmodel.flops import param_count, param_tensors
+from models.config import GPTConfig
 
-FSDP_SHARDINGS = ("full_shard", "shard_grad_op", "hybrid_shard", "no_shard")
 ACT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
@@ -57,9 +58,10 @@ MEGATRON_2021 = Software(fused_attention=False, dropout=True, pp_scatter_gather=
 class Job:
     """One training job as the cost model sees it."""
 
-    model: Any
+    model: GPTConfig
     layout: Layout
     backend: str
+    """A name in `harness.backends.registry.BACKENDS`; what it can do is `spec`."""
     sharding: str
     """FSDP strategy (fsdp only): full_shard | shard_grad_op | hybrid_shard | no_shard."""
     offload: bool
@@ -73,6 +75,17 @@ class Job:
     zero3: Zero3 = Zero3()
     checkpoint_every_n: Optional[int] = None
     """With selective checkpointing: every n-th whole block is checkpointed instead of attention."""
+    hybrid_shard_group: Optional[int] = None
+    """backend.hybrid_shard_group (fsdp hybrid_shard); None: one node's devices."""
+
+    @property
+    def spec(self) -> BackendSpec:
+        return backend_spec(self.backend)
+
+    @property
+    def fsdp_group(self) -> int:
+        """Ranks that shard one FSDP replica, by the rule the run itself uses."""
+        return fsdp_replica_group(self.sharding, self.hybrid_shard_group, self.devices_per_node, self.layout.dp)
 
     @property
     def checkpoint_modes(self) -> dict[str, float]:
@@ -95,7 +108,7 @@ class Job:
 def job_from_config(cfg: Any, layout: Layout, software: Software = HARNESS) -> Job:
     backend = cfg.backend
     return Job(
-        model=cfg.model,
+        model=GPTConfig.from_section(cfg.model),
         layout=layout,
         backend=backend.name,
         sharding=backend.sharding,
@@ -108,13 +121,10 @@ def job_from_config(cfg: Any, layout: Layout, software: Software = HARNESS) -> J
         devices_per_node=cfg.system.devices_per_node,
         software=software,
         zero3=Zero3.from_ds_config(getattr(backend, "ds_config", None)),
+        hybrid_shard_group=backend.hybrid_shard_group,
     )
 
 
-def _dims(m: Any, **changes: Any) -> SimpleNamespace:
-    fields = ("n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_hidden", "seq_len", "vocab_size", "activation",
-              "norm", "position", "tie_embeddings", "bias")
-    return SimpleNamespace(**{**{f: getattr(m, f) for f in fields}, **changes})
 
 
 @dataclass(frozen=True)
@@ -130,7 +140,7 @@ class ParamSplit:
 
 def param_split(m: Any) -> ParamSplit:
     total = param_count(m)
-    no_layers = param_count(_dims(m, n_layers=0))
+    no_layers = param_count(dataclasses.replace(GPTConfig.from_section(m), n_layers=0))
     embedding = m.vocab_size * m.d_model + (m.seq_len * m.d_model if m.position == "learned" else 0)
     return ParamSplit(per_layer=(total - no_layers) // m.n_layers, embedding=embedding,
                       head=no_layers - embedding, total=total)

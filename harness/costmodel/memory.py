@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness.costmodel.layout import FSDP_SHARDINGS, Job, layers_per_stage, param_split, stage_params
+from harness.backends.registry import backend_spec
+from harness.costmodel.layout import Job, layers_per_stage, param_split, stage_params
 
 GB = 1e9
 
@@ -37,7 +38,7 @@ class StateBytes:
 
 def state_bytes_per_param(backend: str, precision: str) -> StateBytes:
     """DeepSpeed keeps 16-bit weights and fp32 master copies; PyTorch autocast keeps fp32 weights."""
-    if precision == "fp32" or backend in ("ddp", "fsdp"):
+    if precision == "fp32" or not backend_spec(backend).deepspeed_engine:
         return StateBytes(weights=4, grads=4, optimizer=8)  # Adam momentum + variance
     return StateBytes(weights=2, grads=2, optimizer=12)  # fp32 master + momentum + variance (K = 12)
 
@@ -53,10 +54,10 @@ class Shards:
 
 def shard_degrees(job: Job) -> Shards:
     dp = job.layout.dp
-    if job.backend == "fsdp":
-        if job.sharding not in FSDP_SHARDINGS:
-            raise ValueError(f"backend.sharding={job.sharding}: choose one of {', '.join(FSDP_SHARDINGS)}")
-        n = {"no_shard": 1, "hybrid_shard": min(dp, job.devices_per_node)}.get(job.sharding, dp)
+    if job.spec.shardings:
+        if job.sharding not in job.spec.shardings:
+            raise ValueError(f"backend.sharding={job.sharding}: choose one of {', '.join(job.spec.shardings)}")
+        n = job.fsdp_group
         return Shards(n, n, n)
     stage = job.layout.zero_stage
     return Shards(weights=dp if stage >= 3 else 1, grads=dp if stage >= 2 else 1, optimizer=dp if stage >= 1 else 1)
@@ -79,9 +80,7 @@ def layer_activation_bytes(job: Job, checkpointing: str) -> float:
     """Bytes one transformer layer stores for its backward pass, per micro-batch, on one TP rank."""
     m, t = job.model, job.layout.tp
     s, b, h = m.seq_len, job.layout.micro_batch_size, m.d_model
-    a = m.n_heads
-    g = m.n_kv_heads if m.n_kv_heads is not None else a
-    dh, f = h // a, (m.ffn_hidden if m.ffn_hidden is not None else 4 * h)
+    a, g, dh, f = m.n_heads, m.kv_heads, m.head_dim, m.ffn_width
     B, sbh = job.act_bytes, s * b * h
     split_over_tp = t if job.sequence_parallel else 1
     if checkpointing == "full":
@@ -132,7 +131,7 @@ def buffer_bytes(job: Job) -> float:
     shards = shard_degrees(job)
     if shards.weights > 1:
         compute_bytes = job.act_bytes
-        if job.backend == "fsdp" and job.sharding == "shard_grad_op":
+        if job.spec.shardings and job.sharding == "shard_grad_op":
             gathered = split.total / layout.tp * compute_bytes
         else:  # two blocks (the current one and the prefetched one) and the root module
             gathered = (2 * block + split.embedding + split.head) * compute_bytes
@@ -140,7 +139,7 @@ def buffer_bytes(job: Job) -> float:
     elif job.offload:
         gathered = (2 * block + split.embedding + split.head) * job.act_bytes + block * 4
     buckets = 0.0
-    if job.backend == "ddp" and layout.dp > 1:
+    if job.spec.gradient_buckets and layout.dp > 1:
         buckets = stage_params(job) * state_bytes_per_param(job.backend, job.precision).grads
     return logits + gathered + buckets
 

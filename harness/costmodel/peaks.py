@@ -41,7 +41,8 @@ PEAKS: tuple[DevicePeak, ...] = (
     DevicePeak("MI300X", r"MI300X", {"fp16": 1307.4, "bf16": 1307.4, "fp32": 163.4},
                "AMD Instinct MI300X datasheet: 1307.4 TFLOP/s fp16/bf16 dense, 163.4 fp32 vector"),
     DevicePeak("Max-1550-tile", r"Max 1550|Data Center GPU Max", {"fp16": None, "bf16": 256.0, "fp32": None},
-               "Measured bf16 GEMM per tile at 1.5 GHz on Aurora (shared/reference/published.md)"),
+               "Measured bf16 GEMM per tile at 1.5 GHz on Aurora (ALCF-4 LLM benchmark, "
+               "github.com/argonne-lcf/alcf4_aibenchmarks, LLM_modeling_and_projection-LLM.pdf)"),
 )
 
 

@@ -27,9 +27,6 @@ from harness.costmodel.flops import forward_flops_per_token, recomputed_forward_
 from harness.costmodel.layout import Job, layers_per_stage, stage_params
 from harness.costmodel.memory import layer_activation_bytes, shard_degrees, state_bytes_per_param
 
-OVERLAPPING_DP = {"ddp", "fsdp"}
-"""Backends whose data-parallel traffic runs during the backward pass (DeepSpeed ZeRO-3 too)."""
-
 
 @dataclass(frozen=True)
 class Hardware:
@@ -141,8 +138,7 @@ def step_time(job: Job, colls: list[Collective], hw: Hardware) -> StepTime | str
     per_mb = micro_batch_compute_s(job, hw)
     bubble = (job.layout.pp - 1) / (job.vpp * m)
     pipeline = (per_mb + (comm["tp"] + comm["pp"]) / m) * m * (1 + bubble)
-    overlaps = hw.overlap_comm and (job.backend in OVERLAPPING_DP
-                                    or (job.backend == "deepspeed" and job.layout.zero_stage == 3))
+    overlaps = hw.overlap_comm and job.layout.zero_stage in job.spec.overlap_dp_zero_stages
     window = per_mb * m * 2 / 3 if overlaps else 0.0  # the backward passes
     exposed_dp = max(0.0, comm["dp"] - window)
     step = pipeline + exposed_dp + optimizer_s(job, hw)

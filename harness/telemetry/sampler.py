@@ -185,7 +185,8 @@ class Sampler:
         cpu_pct, rss_mb = self.process.cpu_pct, self.process.rss_mb  # the thread's latest interval
         if self.source is None:
             return StepReading(0.0 if self.shared else math.nan, 0, 0.0, 0, cpu_pct, rss_mb)
-        energies = [_pick(m, (_delta(a[0], b[0]), _delta(a[1], b[1]))) for m, a, b in zip(self.methods, prev[1], values)]
+        energies = [_pick(m, (_delta(a[0], b[0]), _delta(a[1], b[1])))
+                    for m, a, b in zip(self.methods, prev[1], values)]
         utils = self._window_utils(prev[2])
         return StepReading(
             energy_j=math.nan if any(e is None for e in energies) else sum(energies),  # type: ignore[misc]

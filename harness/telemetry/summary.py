@@ -74,7 +74,8 @@ def energy_metrics(steps: list[dict[str, Any]], world_size: int) -> dict[str, Op
 
 def telemetry_block(reports: list[dict[str, Any]], power_csv: Optional[str]) -> dict[str, Any]:
     """What measured power on each device, or why nothing did; idle power per device."""
-    devices = [{"host": r["host"], "rank": r["rank"], "source": r["source"], **d} for r in reports for d in r["devices"]]
+    devices = [{"host": r["host"], "rank": r["rank"], "source": r["source"], **d}
+               for r in reports for d in r["devices"]]
     sources = sorted({r["source"] for r in reports if r["source"]})
     unmeasured = [r for r in reports if r["source"] is None and not r["shared_with_local_rank_0"]]
     reasons = sorted({f"rank {r['rank']} on {r['host']}: {r['reason']}" for r in unmeasured})

@@ -14,7 +14,8 @@ work too (on a CPU the ranks share cores; on a GPU node they share the links):
   overhead, in passes over its activation bytes at the measured bandwidth (`elementwise_passes`);
 - collectives: all-reduce, all-gather and reduce-scatter over the ranks at several sizes; a fit of
   t = latency + wire bytes / B (ring volumes, costmodel/comm.py) gives B and the latency.
-The profile lands in conf/system/<name>.yaml, where Hydra finds it.
+The profile lands in the user's config directory (`harness.config.compose.user_config_dir`), whose
+`system/` group Hydra searches after the package's.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import datetime
 import itertools
 import json
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +33,8 @@ from typing import Any, Callable
 
 from omegaconf import OmegaConf
 
-from harness.config import CONF_DIR
+from harness.config.compose import CONF_DIR, HelpRequested, compose, split_command_args, user_config_dir
+from harness.config.errors import ConfigError
 from harness.costmodel.comm import RING_FACTOR
 
 GEMM_SIZES = (64, 128, 256, 512, 768, 1024)
@@ -86,19 +89,25 @@ def _fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
 def measure_rank(precision: str, out_dir: str) -> None:
     """What every rank runs under the local launcher; rank 0 writes the measurements as JSON."""
+    import torch.distributed as dist
+
+    from harness.backends.base import DTYPES
+    from harness.run.metrics import device_name
+    from harness.run.rank import rank_process, synchronize
+
+    with rank_process() as ctx:
+        device = ctx.device
+        sync = lambda: synchronize(device)  # noqa: E731
+        dtype = DTYPES[precision]
+        world = dist.get_world_size()
+        _measure(device, dtype, world, sync, out_dir, device_name(device) if device.type != "cpu" else "cpu")
+
+
+def _measure(device: Any, dtype: Any, world: int, sync: Callable[[], None], out_dir: str, name: str) -> None:
     import torch
     import torch.distributed as dist
 
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    dist.init_process_group("nccl" if cuda else "gloo")
-    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    world = dist.get_world_size()
-    result: dict[str, Any] = {"world": world, "device": torch.cuda.get_device_name(device) if cuda else "cpu"}
+    result: dict[str, Any] = {"world": world, "device": name}
     dist.barrier()
     gemm = []
     for n in GEMM_SIZES:
@@ -115,7 +124,6 @@ def measure_rank(precision: str, out_dir: str) -> None:
         result["comm"] = _measure_collectives(world, device, sync)
     if dist.get_rank() == 0:
         Path(out_dir, "calibration.json").write_text(json.dumps(result))
-    dist.destroy_process_group()
 
 
 def _timed_collective(fn: Callable[[], Any], sync: Callable[[], None], calls: int = 10, blocks: int = 3) -> float:
@@ -204,7 +212,7 @@ def _per_layer(result: dict[str, Any], width: int, profile: dict[str, Any]) -> t
 
 def _probe_job(width: int, layers: int, world: int = 1) -> Any:
     """The probe GPT as the cost model sees it: one micro-batch of one sample per rank, fp32, DDP."""
-    from harness.config import Layout
+    from harness.config.checks import Layout
     from harness.costmodel.layout import Job
 
     layout = Layout(world_size=world, tp=1, pp=1, dp=world, zero_stage=0, micro_batch_size=1,
@@ -272,24 +280,65 @@ def profile_from(result: dict[str, Any], base: dict[str, Any], name: str, precis
     return profile
 
 
+USAGE = """usage: harness calibrate [overrides ...] [--name=NAME]
+
+Measure this host's GEMM rate, memory bandwidth, per-step overheads and collectives with every local
+rank busy, and write a system profile that `system=NAME` then finds.
+
+  harness calibrate launcher.nproc=2                 profile <system>-calibrated (default system=cpu)
+  harness calibrate system=cuda --name=my-node       a named profile for this GPU host
+
+Profiles are written to {dir}/system/ ($HARNESS_CONFIG_DIR or $XDG_CONFIG_HOME/harness), never into the
+installed package."""
+
+NAME_CHARS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def profile_name(name: str | None, system: str) -> str:
+    """`--name=NAME` (a file name: letters, digits, '.', '_', '-'), else `<system>-calibrated`; a packaged
+    profile's name is refused, so `system=<name>` cannot mean two files."""
+    from harness.config.errors import ConfigError
+
+    name = name or f"{system}-calibrated"
+    if not NAME_CHARS.match(name):
+        raise ConfigError(f"--name={name}: use 1-64 letters, digits, '.', '_' or '-' (it names a file and "
+                          "system=<name>), e.g. --name=my-node")
+    if (CONF_DIR / "system" / f"{name}.yaml").exists():
+        raise ConfigError(f"--name={name}: a profile shipped with harness has this name; choose another, "
+                          f"e.g. --name={name}-calibrated")
+    return name
+
+
 def calibrate_command(args: list[str]) -> int:
     """`harness calibrate [system=cpu] [launcher.nproc=N] [train.precision=...] [--name=NAME]`."""
-    from harness.predict import compose
+    from harness.run.rank import threads_per_rank
     from launchers.local import launch_local
 
-    names = [a.split("=", 1)[1] for a in args if a.startswith("--name=")]
-    overrides = [a for a in args if not a.startswith("--name=")]
+    try:
+        overrides, flags = split_command_args(args, {"--name": str})
+    except HelpRequested:
+        print(USAGE.format(dir=user_config_dir()))
+        return 0
     cfg = compose(overrides)
-    name = names[0] if names else f"{cfg.system.name}-calibrated"
+    name = profile_name(flags.get("--name"), cfg.system.name)
     nproc = cfg.launcher.nproc
-    os.environ["OMP_NUM_THREADS"] = str(cfg.launcher.omp_num_threads or max(1, (os.cpu_count() or 1) // nproc))
+    if nproc < 1:
+        raise ConfigError(f"launcher.nproc={nproc}: must be at least 1 (ranks that measure at once)")
+    if cfg.train.precision not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"train.precision={cfg.train.precision}: unknown value; choose one of: fp32, bf16, fp16")
+    path = user_config_dir() / "system" / f"{name}.yaml"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create {path.parent} ({exc.strerror}); set HARNESS_CONFIG_DIR to a "
+                          "writable directory") from exc
+    os.environ["OMP_NUM_THREADS"] = str(threads_per_rank(cfg.launcher.omp_num_threads, nproc))
     with tempfile.TemporaryDirectory() as tmp:
         launch_local(nproc, measure_rank, cfg.train.precision, tmp)
         result = json.loads(Path(tmp, "calibration.json").read_text())
     base = OmegaConf.to_container(cfg.system, resolve=True)
     profile = profile_from(result, base, name, cfg.train.precision)  # type: ignore[arg-type]
-    path = CONF_DIR / "system" / f"{name}.yaml"
     header = f"# Written by `harness calibrate` ({profile['calibration']}). Use it as system={name}.\n"
     path.write_text(header + OmegaConf.to_yaml(OmegaConf.create(profile)))
-    print(f"wrote {path}")
+    print(f"wrote {path}; use it with system={name}")
     return 0

@@ -9,39 +9,29 @@ import json
 import sys
 from typing import Any
 
-from omegaconf import DictConfig
-
-from harness.config import CONF_DIR, Layout, check_group_overrides, register_schema, validate
+from harness.config.checks import Layout, validate
+from harness.config.compose import HelpRequested, compose, split_command_args
+from harness.config.errors import ConfigError
 from harness.costmodel.estimate import estimate
 from harness.costmodel.memory import GB
 
 MEMORY_KEYS = ("weights", "grads", "optimizer", "activations", "buffers", "overhead", "total")
 
 
-def compose(overrides: list[str]) -> DictConfig:
-    """The config `harness run <overrides>` would see (same defaults list, same schema)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    check_group_overrides(overrides)
-    register_schema()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
-
-
 def planned_world_size(cfg: Any) -> int:
     """`parallel.world_size` when given, else the ranks `run` would start locally."""
-    return cfg.parallel.world_size if cfg.parallel.world_size is not None else cfg.launcher.nproc
+    if cfg.parallel.world_size is not None:
+        if cfg.parallel.world_size < 1:
+            raise ConfigError(f"parallel.world_size={cfg.parallel.world_size}: must be at least 1 (devices in the job)")
+        return cfg.parallel.world_size
+    if cfg.launcher.nproc < 1:
+        raise ConfigError(f"launcher.nproc={cfg.launcher.nproc}: must be at least 1; or give parallel.world_size")
+    return cfg.launcher.nproc
 
 
 def predict(cfg: Any, world_size: int) -> tuple[Layout, dict[str, Any]]:
     layout = validate(cfg, world_size)
     return layout, estimate(cfg, layout)
-
-
-def _split_flags(args: list[str]) -> tuple[list[str], set[str]]:
-    flags = {a for a in args if a.startswith("--")}
-    return [a for a in args if a not in flags], flags
 
 
 def _fmt_bytes(value: float | None) -> str:
@@ -95,9 +85,22 @@ def print_estimate(cfg: Any, layout: Layout, est: dict[str, Any]) -> None:
     Console().print(table)
 
 
+USAGE = """usage: harness estimate [overrides ...] [--json]
+
+Predict per-device memory, communication, step time, MFU and energy of one layout with the analytical
+cost model, checked as `harness run` would check it. Exit status 1 when it does not fit the device.
+
+  harness estimate model=gpt-1t system=frontier parallel.tp=8 parallel.pp=64 parallel.world_size=3072
+  harness estimate model=gpt-1.3b backend=fsdp parallel.world_size=8 system=dgx-a100-80gb --json"""
+
+
 def estimate_command(args: list[str]) -> int:
     """Exit status: 0, or 1 when the layout does not fit the device memory (the numbers still print)."""
-    overrides, flags = _split_flags(args)
+    try:
+        overrides, flags = split_command_args(args, {"--json": bool})
+    except HelpRequested:
+        print(USAGE)
+        return 0
     cfg = compose(overrides)
     layout, est = predict(cfg, planned_world_size(cfg))
     if "--json" in flags:

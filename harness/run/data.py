@@ -14,7 +14,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from harness.config import Layout
+from harness.config.checks import Layout
 
 _GOLDEN = 0x9E3779B97F4A7C15  # spreads consecutive indices over the seed space
 

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 from typing import Any
 
 from omegaconf import OmegaConf
 
-from harness.config import ABILITIES, CHECKPOINTING, ConfigError, validate
+from harness.backends.registry import BACKENDS
+from harness.config.checks import CHECKPOINTING, validate
+from harness.config.compose import HelpRequested, compose, split_command_args
+from harness.config.errors import ConfigError
 from harness.costmodel.estimate import estimate
-from harness.predict import compose, planned_world_size
+from harness.predict.estimate import planned_world_size
 
 MICRO_BATCHES = (1, 2, 4, 8)
 
@@ -30,7 +34,7 @@ def candidates(cfg: Any, world: int, backends: list[str]) -> list[dict[str, Any]
     out = []
     tps = [t for t in _divisors(world) if t <= cfg.system.devices_per_node]
     for backend in backends:
-        can = ABILITIES[backend]
+        can = BACKENDS[backend]
         for tp, pp, zero, micro, ckpt in itertools.product(
                 tps if can.tensor_parallel else [1], _divisors(world) if can.pipeline_parallel else [1],
                 can.zero_stages, MICRO_BATCHES, CHECKPOINTING):
@@ -63,14 +67,28 @@ def _overrides(change: dict[str, Any]) -> str:
     return " ".join(f"{section}.{key}={value}" for section, values in change.items() for key, value in values.items())
 
 
+USAGE = """usage: harness plan [overrides ...] [--json] [--top=N]
+
+Run the cost model over every layout the job could use (backends, TP, PP, ZeRO stage, micro-batch,
+checkpointing) and list those that fit, best predicted tokens/s first. Exit status 1 when none fits.
+
+  harness plan model=gpt-13b system=dgx-a100-80gb parallel.world_size=64 train.global_batch_size=512
+  harness plan model=gpt-1.3b backend=fsdp parallel.world_size=8 system=dgx-a100-80gb --top=5"""
+
+
 def plan_command(args: list[str]) -> int:
     """`harness plan <overrides> [--json] [--top=N]`; exit 1 when no layout fits."""
-    flags = [a for a in args if a.startswith("--")]
-    overrides = [a for a in args if not a.startswith("--")]
-    top = int(next((f.split("=", 1)[1] for f in flags if f.startswith("--top=")), 10))
+    try:
+        overrides, flags = split_command_args(args, {"--json": bool, "--top": int})
+    except HelpRequested:
+        print(USAGE)
+        return 0
+    top = flags.get("--top", 10)
+    if top < 1:
+        raise ConfigError(f"--top={top}: must be at least 1 (layouts to list)")
     cfg = compose(overrides)
     chose_backend = any(o.split("=", 1)[0] in ("backend", "backend.name") for o in overrides)
-    backends = [cfg.backend.name] if chose_backend else list(ABILITIES)
+    backends = [cfg.backend.name] if chose_backend else list(BACKENDS)
     world = planned_world_size(cfg)
     ranked = plan(cfg, world, backends)
     if "--json" in flags:
@@ -79,7 +97,7 @@ def plan_command(args: list[str]) -> int:
         _print(ranked[:top], cfg, world)
     if not ranked:
         print(f"harness: error: no layout of {cfg.model.name} on {world} devices of system={cfg.system.name} "
-              "fits in device memory (or the profile cannot time it)")
+              "fits in device memory (or the profile cannot time it)", file=sys.stderr)
         return 1
     return 0
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -41,24 +40,19 @@ def measure_step(config: dict[str, Any], out_path: str) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from harness.backends import make_backend
-    from harness.config import validate
-    from harness.data import rank_micro_batches, token_source
-    from harness.runner import gpt_config
-    from launchers.env import discover, export
+    from harness.config.checks import validate
+    from harness.run.data import rank_micro_batches, token_source
+    from harness.run.rank import rank_process
+    from models.config import GPTConfig
     from models.gpt import GPT
 
     cfg = OmegaConf.create(config)
-    info = discover(os.environ)
-    assert info is not None
-    export(info)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    try:
-        layout = validate(cfg, info.world_size)
+    with rank_process(device="cpu") as ctx:
+        layout = validate(cfg, ctx.info.world_size)
         device = torch.device("cpu")
         backend = make_backend(cfg, layout, device)
         torch.manual_seed(cfg.train.seed)
-        backend.setup(GPT(gpt_config(cfg.model)))
+        backend.setup(GPT(GPTConfig.from_section(cfg.model)))
         data = token_source(kind="synthetic", vocab_size=cfg.model.vocab_size, seq_len=cfg.model.seq_len,
                             seed=cfg.train.seed, path=None, dtype="uint16")
 
@@ -69,7 +63,6 @@ def measure_step(config: dict[str, Any], out_path: str) -> None:
         dist.barrier()
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             step(1)
-        if info.rank == 0:
-            Path(out_path).write_text(json.dumps(payload_by_kind(prof.events(), info.world_size)))
-    finally:
-        dist.destroy_process_group()
+        if ctx.info.rank == 0:
+            Path(out_path).write_text(json.dumps(payload_by_kind(prof.events(), ctx.info.world_size)))
+

@@ -1,0 +1,91 @@
+"""Every parallel backend by name: where it lives and what it can do, in one torch-free table.
+
+The checks, the cost model, the planner and `make_backend` all read this table (Lightning Fabric keeps
+its strategies the same way, in `strategies/registry.py`), so adding a backend is one entry here, one
+module beside this one and one YAML file in `conf/backend/`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+FSDP_SHARDINGS = ("full_shard", "shard_grad_op", "hybrid_shard", "no_shard")
+"""FSDP1's strategy names, mapped onto FSDP2 (harness/backends/fsdp.py)."""
+FP16_SCALER_OPTIONS = ("initial_scale_power", "loss_scale_window", "hysteresis", "min_loss_scale")
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """One backend: its implementation and the abilities `validate` holds a config to before launch."""
+
+    name: str
+    implementation: str
+    """`module:Class` of its `harness.backends.base.Backend`, imported only when a rank builds it."""
+    summary: str
+    tensor_parallel: bool = False
+    pipeline_parallel: bool = False
+    interleaved_pipeline: bool = False
+    """Runs more than one virtual stage per rank (parallel.vpp > 1)."""
+    zero_stages: tuple[int, ...] = (0,)
+    precisions: tuple[str, ...] = PRECISIONS
+    shardings: tuple[str, ...] = ()
+    """FSDP-style strategies chosen by backend.sharding; empty: the backend shards by ZeRO stage."""
+    options: tuple[str, ...] = ()
+    """The `backend.*` keys it reads besides `name`; setting another backend's key is refused."""
+    deepspeed_engine: bool = False
+    """Trains through `deepspeed.initialize`: 16-bit weights with fp32 master copies in the optimizer, and
+    ZeRO's gradient reduction even over a one-rank data-parallel group."""
+    overlap_dp_zero_stages: tuple[int, ...] = ()
+    """ZeRO stages (0 for the non-ZeRO backends) at which data-parallel traffic runs during the backward."""
+    gradient_buckets: bool = False
+    """Keeps a flat gradient copy for its all-reduce buckets (PyTorch DDP's reducer)."""
+
+    @property
+    def implementation_module(self) -> str:
+        return self.implementation.partition(":")[0]
+
+
+BACKENDS: dict[str, BackendSpec] = {spec.name: spec for spec in (
+    BackendSpec(
+        name="ddp", implementation="harness.backends.ddp:DDPBackend",
+        summary="PyTorch DDP through Lightning Fabric",
+        overlap_dp_zero_stages=(0,), gradient_buckets=True),
+    BackendSpec(
+        name="fsdp", implementation="harness.backends.fsdp:FSDPBackend",
+        summary="FSDP2 fully_shard (and DTensor TP) through Fabric's ModelParallelStrategy",
+        tensor_parallel=True,
+        precisions=("fp32", "bf16"),  # fp16 would need a sharded gradient scaler
+        shardings=FSDP_SHARDINGS,
+        options=("sharding", "hybrid_shard_group", "prefetch_depth", "offload", "param_dtype", "reduce_dtype"),
+        overlap_dp_zero_stages=(0,)),
+    BackendSpec(
+        name="deepspeed", implementation="harness.backends.deepspeed:DeepSpeedBackend",
+        summary="DeepSpeed ZeRO 0-3 (with ZeRO-Offload)",
+        zero_stages=(0, 1, 2, 3),
+        options=("offload_optimizer", "offload_param", *FP16_SCALER_OPTIONS, "ds_config"),
+        deepspeed_engine=True, overlap_dp_zero_stages=(3,)),
+    BackendSpec(
+        name="deepspeed3d", implementation="harness.backends.deepspeed3d:DeepSpeed3DBackend",
+        summary="DeepSpeed pipeline engine with megatron-core tensor parallelism (3D, ZeRO-1)",
+        tensor_parallel=True, pipeline_parallel=True,
+        zero_stages=(0, 1),  # DeepSpeed's PipelineEngine supports ZeRO-1 only
+        options=(*FP16_SCALER_OPTIONS, "ds_config"),
+        deepspeed_engine=True),
+)}
+
+
+def backend_spec(name: str) -> BackendSpec:
+    return BACKENDS[name]
+
+
+def fsdp_replica_group(sharding: str, hybrid_shard_group: Optional[int], devices_per_node: int,
+                       dp: int) -> int:
+    """Ranks that shard one replica: all data-parallel ranks, one (no_shard), or under hybrid_shard the
+    group named by backend.hybrid_shard_group (default: one node's devices)."""
+    if sharding == "no_shard":
+        return 1
+    if sharding == "hybrid_shard":
+        return hybrid_shard_group if hybrid_shard_group is not None else devices_per_node
+    return dp

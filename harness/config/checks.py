@@ -1,0 +1,333 @@
+"""The checks that run before any process starts, and the layout they derive.
+
+`validate` checks what the schema's types cannot express (ranges, divisibility, files, what the
+chosen backend can do) and raises `ConfigError` with one line naming the field and the fix. The
+backends' abilities come from `harness.backends.registry`, the model's own rules from
+`models.config.GPTConfig.check`. Nothing here imports torch: the cost model and the CLI use it
+before any heavy import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+from omegaconf import DictConfig
+
+from harness.backends.registry import BACKENDS, PRECISIONS, backend_spec, fsdp_replica_group
+from harness.config.errors import ConfigError
+from harness.config.schema import (
+    BackendConfig,
+    Config,
+    DataConfig,
+    LauncherConfig,
+    ParallelConfig,
+    TelemetryConfig,
+    TrainConfig,
+)
+from launchers.env import GPU_ORDERS
+from models.config import GPTConfig, ModelConfigError, nearest_divisor
+
+CHECKPOINTING = ("none", "selective", "full")
+DATA_KINDS = ("synthetic", "tokens")
+TOKEN_DTYPES = {"uint16": 2, "uint32": 4}
+DEVICES = ("auto", "cpu", "cuda", "xpu")
+TELEMETRY_SOURCES = ("auto", "nvml", "amdsmi", "rocm-smi", "rapl", "none")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager", "cudagraphs")
+DS_BATCH_KEYS = {"train_batch_size": "train.global_batch_size", "train_micro_batch_size_per_gpu":
+                 "train.micro_batch_size", "gradient_accumulation_steps": "train.global_batch_size"}
+AnyConfig = Union[DictConfig, Config]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the ranks are arranged and how a global batch is split over them."""
+
+    world_size: int
+    tp: int
+    pp: int
+    dp: int
+    zero_stage: int
+    micro_batch_size: int
+    global_batch_size: int
+    grad_accum: int
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+def _choice(value: str, choices: Any, key: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value}: unknown value; choose one of: {', '.join(choices)}")
+
+
+def _at_least(section: Any, prefix: str, keys: tuple[str, ...], low: float, what: str) -> None:
+    for key in keys:
+        value = section[key]
+        if value is not None and value < low:
+            raise ConfigError(f"{prefix}.{key}={value}: must be {what}")
+
+
+def check_model(m: Any) -> GPTConfig:
+    """The model section as the model's own config, held to the model's own rules."""
+    model = GPTConfig.from_section(m)
+    try:
+        model.check(prefix="model.")
+    except ModelConfigError as exc:
+        raise ConfigError(str(exc)) from exc
+    return model
+
+
+def _check_parallel(backend: str, model: GPTConfig, p: ParallelConfig, precision: str) -> None:
+    """The parallel sizes against what `backend` can do and what the model's shapes allow."""
+    can = backend_spec(backend)
+    _at_least(p, "parallel", ("tp", "pp", "vpp"), 1, "at least 1")
+    if p.zero_stage < 0:
+        raise ConfigError(f"parallel.zero_stage={p.zero_stage}: must be 0, 1, 2 or 3")
+    if precision not in can.precisions:
+        raise ConfigError(f"train.precision={precision}: backend={backend} supports {', '.join(can.precisions)}")
+    if p.zero_stage not in can.zero_stages:
+        others = [name for name, spec in BACKENDS.items() if p.zero_stage in spec.zero_stages]
+        if backend == "deepspeed3d":
+            raise ConfigError(f"parallel.zero_stage={p.zero_stage}: DeepSpeed's pipeline engine supports ZeRO-1 "
+                              "only; use parallel.zero_stage=1 (or 0) with backend=deepspeed3d")
+        fix = f"; ZeRO stage {p.zero_stage} needs backend={' or '.join(others)}" if others else \
+            "; DeepSpeed's ZeRO stages are 0-3"
+        raise ConfigError(f"parallel.zero_stage={p.zero_stage}: backend={backend} supports "
+                          f"{', '.join(map(str, can.zero_stages))}{fix}")
+    if p.tp > 1 and not can.tensor_parallel:
+        raise ConfigError(f"parallel.tp={p.tp}: backend={backend} has no tensor parallelism; use backend="
+                          + " or backend=".join(n for n, s in BACKENDS.items() if s.tensor_parallel))
+    if p.pp > 1 and not can.pipeline_parallel:
+        raise ConfigError(f"parallel.pp={p.pp}: backend={backend} has no pipeline parallelism; use backend="
+                          + " or backend=".join(n for n, s in BACKENDS.items() if s.pipeline_parallel))
+    if p.vpp > 1 and not can.interleaved_pipeline:
+        interleaving = [n for n, s in BACKENDS.items() if s.interleaved_pipeline]
+        fix = f"use backend={' or backend='.join(interleaving)}" if interleaving else "leave parallel.vpp=1"
+        raise ConfigError(f"parallel.vpp={p.vpp}: backend={backend} has no interleaved pipeline schedule "
+                          f"(virtual stages); {fix}")
+    if p.sequence_parallel and p.tp == 1:
+        raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1 "
+                          "(it splits the sequence over TP ranks)")
+    if p.sequence_parallel and backend == "deepspeed3d" and model.seq_len % p.tp:
+        raise ConfigError(f"parallel.sequence_parallel=true splits model.seq_len={model.seq_len} over parallel.tp="
+                          f"{p.tp} ranks (megatron-core: equal shards); choose a seq_len divisible by tp")
+    _check_tensor_parallel(model, p.tp)
+    if p.pp > model.n_layers:
+        raise ConfigError(f"parallel.pp={p.pp} is larger than model.n_layers={model.n_layers}; "
+                          "every pipeline stage needs at least one block")
+
+
+def _check_tensor_parallel(model: GPTConfig, tp: int) -> None:
+    """Megatron splits whole heads and whole FFN columns over TP ranks."""
+    widths = {"model.n_heads": model.n_heads, "model.ffn_hidden": model.ffn_width}
+    if model.n_kv_heads is not None:
+        widths["model.n_kv_heads"] = model.n_kv_heads
+    for key, width in widths.items():
+        if width % tp:
+            raise ConfigError(f"parallel.tp={tp} does not divide {key}={width}; "
+                              f"choose tp from its divisors (e.g. {nearest_divisor(width, tp)})")
+
+
+def _check_backend_options(b: BackendConfig) -> None:
+    """A `backend.*` option the chosen backend does not read is refused, not silently ignored."""
+    defaults = BackendConfig()
+    spec = backend_spec(b.name)
+    for key in BackendConfig.__dataclass_fields__:
+        if key == "name" or key in spec.options:
+            continue
+        value = b[key] if hasattr(b, "__getitem__") else getattr(b, key)
+        if value != getattr(defaults, key) and value:
+            owners = [n for n, s in BACKENDS.items() if key in s.options]
+            raise ConfigError(f"backend.{key}={value}: backend={b.name} has no such option; it belongs to "
+                              f"backend={' or backend='.join(owners)}")
+
+
+def _check_deepspeed(b: BackendConfig, p: ParallelConfig, precision: str, device: str) -> None:
+    """Offload and the extra DeepSpeed keys, never against the harness's own fields."""
+    for key, needs in (("offload_optimizer", 1), ("offload_param", 3)):
+        if getattr(b, key) and p.zero_stage < needs:
+            raise ConfigError(f"backend.{key}=true needs parallel.zero_stage>={needs}; got {p.zero_stage}")
+    extra = b.ds_config or {}
+    for key, owner in DS_BATCH_KEYS.items():
+        if key in extra:
+            raise ConfigError(f"backend.ds_config.{key}: the batch is set by {owner}; drop the DeepSpeed key")
+    asked = {name for name, keys in (("fp16", ("fp16",)), ("bf16", ("bf16", "bfloat16")))
+             if any(hasattr(extra.get(k), "get") and extra[k].get("enabled") for k in keys)}
+    requested = sorted(asked | ({precision} - {"fp32"}))
+    if len(requested) > 1:
+        raise ConfigError(f"fp16 and bf16 both requested (train.precision={precision}, backend.ds_config enables "
+                          f"{' and '.join(sorted(asked))}); choose one with train.precision and drop the ds_config key")
+    if asked and precision == "fp32":
+        raise ConfigError(f"backend.ds_config enables {requested[0]} but train.precision=fp32; "
+                          f"set train.precision={requested[0]} instead of the ds_config key")
+    if precision == "fp16" and device == "cpu":
+        raise ConfigError("train.precision=fp16: DeepSpeed's CPU accelerator has no fp16; use bf16 or fp32 on CPU")
+    _at_least(b, "backend", ("loss_scale_window", "hysteresis"), 1, "at least 1")
+    if b.min_loss_scale <= 0:
+        raise ConfigError(f"backend.min_loss_scale={b.min_loss_scale}: must be positive")
+
+
+def _check_fsdp(b: BackendConfig, devices_per_node: int, dp: int, precision: str, tp: int, device: str) -> None:
+    """The FSDP2 options; the hybrid group splits the data-parallel ranks into replicas of `group` shards."""
+    _choice(b.sharding, backend_spec("fsdp").shardings, "backend.sharding")
+    if b.sharding == "hybrid_shard":
+        group = fsdp_replica_group(b.sharding, b.hybrid_shard_group, devices_per_node, dp)
+        if group < 1 or dp % group:
+            raise ConfigError(f"backend.hybrid_shard_group={group} does not divide the {dp} data-parallel ranks; "
+                              f"choose a divisor of {dp} (e.g. {nearest_divisor(dp, max(group, 1))})")
+    if b.prefetch_depth < 0:
+        raise ConfigError(f"backend.prefetch_depth={b.prefetch_depth}: must be 0 (FSDP2's implicit one) or more")
+    for key in ("param_dtype", "reduce_dtype"):
+        if getattr(b, key) is not None:
+            _choice(getattr(b, key), PRECISIONS, f"backend.{key}")
+    if (b.param_dtype or precision) == "fp16":
+        raise ConfigError("backend.param_dtype=fp16: FSDP2 would need a sharded gradient scaler; use bf16")
+    if b.offload and tp > 1 and device != "cpu":
+        raise ConfigError(f"backend.offload=true with parallel.tp={tp}: torch's parallelize_module moves "
+                          "tensor-parallel shards to the GPU and FSDP2's CPUOffloadPolicy refuses parameters not "
+                          "on the CPU; use parallel.tp=1 with offload (or system=cpu)")
+
+
+def _check_train(t: TrainConfig, n_layers: int, backend: str) -> None:
+    """Step counts, batch sizes, optimizer settings, checkpointing granularity, compilation, fault injection."""
+    _choice(t.precision, PRECISIONS, "train.precision")
+    _choice(t.activation_checkpointing, CHECKPOINTING, "train.activation_checkpointing")
+    _at_least(t, "train", ("steps",), 1, "at least 1 timed step")
+    _at_least(t, "train", ("micro_batch_size", "global_batch_size"), 1, "at least 1")
+    _at_least(t, "train", ("warmup_steps", "weight_decay", "grad_clip"), 0, "0 or more")
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr={t.lr}: must be positive")
+    if backend == "deepspeed3d" and (t.checkpoint_every_n is not None or t.compile):
+        raise ConfigError("train.checkpoint_every_n / train.compile: backend=deepspeed3d builds its pipeline "
+                          "stages itself (checkpointing per stage layer); leave them unset")
+    if t.checkpoint_every_n is not None:
+        if t.activation_checkpointing != "selective":
+            raise ConfigError(f"train.checkpoint_every_n={t.checkpoint_every_n} needs "
+                              "train.activation_checkpointing=selective")
+        if not 1 <= t.checkpoint_every_n <= n_layers:
+            raise ConfigError(f"train.checkpoint_every_n={t.checkpoint_every_n}: "
+                              f"choose 1..model.n_layers={n_layers}")
+    _choice(t.compile_backend, COMPILE_BACKENDS, "train.compile_backend")
+    total = t.warmup_steps + t.steps
+    if t.fault_inject_oom_step is not None and not 0 <= t.fault_inject_oom_step < total:
+        raise ConfigError(f"train.fault_inject_oom_step={t.fault_inject_oom_step}: choose a step in 0..{total - 1}")
+
+
+def _check_launcher(launcher: LauncherConfig) -> None:
+    _choice(launcher.gpu_order, GPU_ORDERS, "launcher.gpu_order")
+    _at_least(launcher, "launcher", ("nproc",), 1, "at least 1 (ranks to start)")
+    _at_least(launcher, "launcher", ("omp_num_threads",), 1, "at least 1 thread per rank (or unset: cores / ranks)")
+    _at_least(launcher, "launcher", ("pg_timeout_s",), 1, "at least 1 second (a collective's timeout)")
+    for key in ("monitor_interval_s",):
+        if launcher[key] <= 0:
+            raise ConfigError(f"launcher.{key}={launcher[key]}: must be a positive number of seconds")
+    _at_least(launcher, "launcher", ("watchdog_s", "walltime_margin_s"), 0, "0 or more seconds")
+
+
+def _check_data(d: DataConfig, seq_len: int, vocab_size: int) -> None:
+    _choice(d.kind, DATA_KINDS, "data.kind")
+    if d.kind != "tokens":
+        return
+    _choice(d.dtype, TOKEN_DTYPES, "data.dtype")
+    if not d.path:
+        raise ConfigError("data.path is not set; data=tokens needs data.path=/path/to/tokens.bin")
+    path = Path(d.path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"data.path={d.path}: no such file; give an existing token file")
+    size = path.stat().st_size
+    item = TOKEN_DTYPES[d.dtype]
+    if size % item:
+        other = [name for name, width in TOKEN_DTYPES.items() if size % width == 0 and name != d.dtype]
+        fix = f"use data.dtype={other[0]}" if other else "the file is truncated or not a token file"
+        raise ConfigError(f"data.path={d.path} is {size} bytes, not a whole number of {d.dtype} tokens "
+                          f"({item} bytes each); {fix}")
+    n_tokens = size // item
+    if n_tokens < seq_len + 1:
+        raise ConfigError(
+            f"data.path={d.path} holds {n_tokens} {d.dtype} tokens, fewer than model.seq_len+1={seq_len + 1}; "
+            "use a larger file or a shorter model.seq_len"
+        )
+    import numpy as np  # only for token files; keeps the common path light
+
+    largest = int(np.memmap(path, dtype=np.dtype(d.dtype), mode="r").max())
+    if largest >= vocab_size:
+        raise ConfigError(
+            f"data.path={d.path} holds token id {largest}, outside model.vocab_size={vocab_size}; "
+            "use a model whose vocab_size exceeds the tokenizer's ids"
+        )
+
+
+def _check_telemetry(t: TelemetryConfig) -> None:
+    _choice(t.source, TELEMETRY_SOURCES, "telemetry.source")
+    if t.interval_ms < 10:
+        raise ConfigError(f"telemetry.interval_ms={t.interval_ms}: sample at most every 10 ms "
+                          "(NVML's counters move every ~100 ms; faster only costs CPU)")
+    if t.idle_s < 0:
+        raise ConfigError(f"telemetry.idle_s={t.idle_s}: must be 0 (skip idle power) or more")
+
+
+def _check_system(system: Any) -> None:
+    _choice(system.device, DEVICES, "system.device")
+    if system.peak_tflops is not None and not system.peak_tflops_source:
+        raise ConfigError("system.peak_tflops is set without system.peak_tflops_source; say where it was measured")
+    _at_least(system, "system", ("devices_per_node",), 1, "at least 1")
+    _at_least(system, "system", ("peak_tflops", "memory_gb"), 1e-9, "positive")
+
+
+def _batch(t: TrainConfig, dp: int) -> int:
+    per_step = t.micro_batch_size * dp
+    global_batch = t.global_batch_size if t.global_batch_size is not None else per_step
+    if global_batch % per_step:
+        lower = max(per_step, global_batch // per_step * per_step)
+        raise ConfigError(
+            f"train.global_batch_size={global_batch} is not divisible by micro_batch_size*dp="
+            f"{t.micro_batch_size}*{dp}={per_step}; use a multiple such as {lower} or {lower + per_step}"
+        )
+    return global_batch
+
+
+def _check_world(world_size: int, p: ParallelConfig) -> int:
+    """The data-parallel size of `world_size` ranks under tp × pp."""
+    if p.world_size is not None and p.world_size < 1:
+        raise ConfigError(f"parallel.world_size={p.world_size}: must be at least 1 (devices in the job)")
+    if p.world_size is not None and p.world_size != world_size:
+        raise ConfigError(
+            f"parallel.world_size={p.world_size} but {world_size} ranks are launched; leave it unset for `run`"
+        )
+    if world_size % (p.tp * p.pp):
+        raise ConfigError(f"world size {world_size} is not divisible by parallel.tp*parallel.pp={p.tp * p.pp}; "
+                          f"choose tp and pp whose product divides {world_size}")
+    return world_size // (p.tp * p.pp)
+
+
+def validate(cfg: AnyConfig, world_size: int) -> Layout:
+    """Check the whole config for a job of `world_size` ranks and derive its layout."""
+    p, t, backend = cfg.parallel, cfg.train, cfg.backend.name
+    _choice(backend, BACKENDS, "backend")
+    model = check_model(cfg.model)
+    _check_launcher(cfg.launcher)
+    _check_system(cfg.system)
+    _check_train(t, model.n_layers, backend)
+    _check_backend_options(cfg.backend)
+    _check_parallel(backend, model, p, t.precision)
+    if backend_spec(backend).deepspeed_engine:
+        _check_deepspeed(cfg.backend, p, t.precision, cfg.system.device)
+    dp = _check_world(world_size, p)
+    if backend_spec(backend).shardings:
+        _check_fsdp(cfg.backend, cfg.system.devices_per_node, dp, t.precision, p.tp, cfg.system.device)
+    global_batch = _batch(t, dp)
+    _check_data(cfg.data, model.seq_len, model.vocab_size)
+    _check_telemetry(cfg.telemetry)
+    return Layout(world_size=world_size, tp=p.tp, pp=p.pp, dp=dp, zero_stage=p.zero_stage,
+                  micro_batch_size=t.micro_batch_size, global_batch_size=global_batch,
+                  grad_accum=global_batch // (t.micro_batch_size * dp))
+
+
+def compute_precision(cfg: Any) -> str:
+    """The dtype the blocks compute in, which picks the peak MFU divides by: FSDP's param_dtype may differ
+    from train.precision."""
+    if "param_dtype" in backend_spec(cfg.backend.name).options and cfg.backend.param_dtype is not None:
+        return cfg.backend.param_dtype
+    return cfg.train.precision

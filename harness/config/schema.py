@@ -1,0 +1,250 @@
+"""The config schema: Hydra structured configs that `conf/` is composed onto.
+
+A misspelt key or a wrong type is rejected by OmegaConf against these dataclasses; everything types
+cannot express is checked in `harness.config.checks`. The model section is the model's own dataclass
+(`models.config.GPTConfig`) plus a name. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+from models.config import GPTConfig
+
+
+@dataclass
+class ModelConfig(GPTConfig):
+    """GPT dimensions (`models.config.GPTConfig`'s fields) and the size's name."""
+
+    name: str = MISSING
+    """Name of the size, for run names and reports."""
+
+
+@dataclass
+class BackendConfig:
+    """Which parallel backend trains the model, and its own options."""
+
+    name: str = "ddp"
+    """ddp | fsdp | deepspeed | deepspeed3d."""
+    sharding: str = "full_shard"
+    """fsdp: full_shard | shard_grad_op | hybrid_shard | no_shard (FSDP1's names, mapped onto FSDP2)."""
+    hybrid_shard_group: Optional[int] = None
+    """fsdp hybrid_shard: ranks that shard one replica (FSDP2's HSDP); None means system.devices_per_node."""
+    prefetch_depth: int = 0
+    """fsdp: all-gather the next (forward) / previous (backward) k blocks explicitly; 0: FSDP2's implicit one."""
+    offload: bool = False
+    """fsdp: keep sharded parameters, gradients and optimizer state on the CPU (FSDP2's CPUOffloadPolicy)."""
+    param_dtype: Optional[str] = None
+    """fsdp: dtype blocks compute in (fp32 | bf16 | fp16); None follows train.precision."""
+    reduce_dtype: Optional[str] = None
+    """fsdp: dtype gradients are reduced in; None means fp32."""
+    offload_optimizer: bool = False
+    """deepspeed: keep optimizer states on the CPU and step there (ZeRO-Offload; ZeRO stage 1 or more)."""
+    offload_param: bool = False
+    """deepspeed: keep parameters on the CPU between uses (ZeRO-Infinity; ZeRO stage 3 only)."""
+    initial_scale_power: int = 16
+    """deepspeed fp16: the dynamic loss scale starts at 2**initial_scale_power."""
+    loss_scale_window: int = 1000
+    """deepspeed fp16: overflow-free steps before the loss scale doubles."""
+    hysteresis: int = 2
+    """deepspeed fp16: overflows tolerated before the loss scale halves."""
+    min_loss_scale: float = 1.0
+    """deepspeed fp16: the loss scale never falls below this."""
+    ds_config: dict[str, Any] = field(default_factory=dict)
+    """deepspeed, deepspeed3d: extra DeepSpeed JSON keys merged (recursively) over the generated config."""
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size."""
+    pp: int = 1
+    """Pipeline-parallel size."""
+    vpp: int = 1
+    """Virtual pipeline stages per rank (interleaved schedule)."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage."""
+    sequence_parallel: bool = False
+    world_size: Optional[int] = None
+    """Derived from the launched ranks by `run`; given explicitly to `estimate`/`plan`."""
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 1
+    """Samples per rank per forward/backward."""
+    global_batch_size: Optional[int] = None
+    """Samples per optimizer step over all ranks; None means micro_batch_size * dp (no accumulation)."""
+    steps: int = 10
+    """Timed optimizer steps (after the warm-up steps)."""
+    warmup_steps: int = 2
+    """Optimizer steps run first and left out of the summary (allocator, caches, lazy init)."""
+    precision: str = "fp32"
+    """fp32 | fp16 | bf16 (mixed precision: fp32 master weights)."""
+    activation_checkpointing: str = "none"
+    """none | selective (attention sub-layer) | full (every block)."""
+    checkpoint_every_n: Optional[int] = None
+    """selective: None checkpoints every block's attention; n checkpoints every n-th whole block (torchtitan's
+    selective_ac_option=n), trading memory against recompute between none and full."""
+    compile: bool = False
+    """torch.compile every block (after checkpointing, before sharding: torchtitan's order)."""
+    compile_backend: str = "inductor"
+    """torch.compile backend; aot_eager traces without generating code (fast, for tests)."""
+    fault_inject_oom_step: Optional[int] = None
+    """Testing the failure path: the last rank raises torch.OutOfMemoryError at this step."""
+    seed: int = 1234
+    lr: float = 3e-4
+    """Constant learning rate (a benchmark has no use for a schedule)."""
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 disables."""
+
+
+@dataclass
+class DataConfig:
+    kind: str = "synthetic"
+    """synthetic (seeded random tokens) | tokens (a flat binary file of token ids)."""
+    path: Optional[str] = None
+    """tokens: the file."""
+    dtype: str = "uint16"
+    """tokens: uint16 or uint32."""
+
+
+@dataclass
+class JobConfig:
+    """How `harness submit <system>` writes and submits a batch job (launchers/jobscript.py)."""
+
+    scheduler: str = "slurm"
+    """slurm | pbs | lsf."""
+    script: str = "scripts/slurm/generic.sbatch"
+    """The job script template, relative to the project root."""
+    ranks_per_node: Optional[int] = None
+    """Ranks one node holds; None means devices_per_node (one rank per GPU, GCD or tile)."""
+    account_required: bool = False
+    """Whether the site refuses jobs without an allocation to charge."""
+    queue: Optional[str] = None
+    """Default partition (Slurm), QOS (Perlmutter) or queue (PBS, LSF); None keeps the template's."""
+    walltime: str = "00:30:00"
+    """Default wall-time, HH:MM:SS."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra variables the job script exports (the site's own settings live in the template)."""
+
+
+@dataclass
+class SystemConfig:
+    """The machine: device kind and what is known of its peaks (issue-specific fields grow here)."""
+
+    name: str = "cpu"
+    device: str = "auto"
+    """auto | cpu | cuda (ROCm builds of torch report 'cuda' too) | xpu (Intel GPUs, xccl backend)."""
+    peak_tflops: Optional[float] = None
+    """A measured dense peak for the run's precision; overrides the built-in table."""
+    peak_tflops_source: Optional[str] = None
+    """Where peak_tflops comes from (required when peak_tflops is set)."""
+    devices_per_node: int = 1
+    # -- hardware the cost model reads (harness/costmodel); each profile in conf/system/ cites its sources --
+    accelerator: Optional[str] = None
+    """Device model, looked up in harness/costmodel/peaks.py for the precision's peak (e.g. A100, MI250X)."""
+    memory_gb: Optional[float] = None
+    """Memory per device, GB (1e9 bytes); None: unknown, so `fits` is null."""
+    hbm_bw_gb_per_s: Optional[float] = None
+    """Device memory bandwidth, for the memory-bound (non-GEMM) work of a step."""
+    intra_node_bw_gb_per_s: Optional[float] = None
+    """Per-device, per-direction bandwidth between devices of one node (NVLink, Infinity Fabric, Xe Link)."""
+    inter_node_bw_gb_per_s: Optional[float] = None
+    """Per-device, per-direction network bandwidth between nodes (NICs per node / devices per node)."""
+    idle_power_w: Optional[float] = None
+    """Power of one device while idle."""
+    peak_power_w: Optional[float] = None
+    """Power of one device at full load (its TDP/TBP)."""
+    gemm_efficiency: float = 0.7
+    """Fraction of the peak a large GEMM reaches."""
+    gemm_half_gflop: float = 1.0
+    """GEMM size (GFLOP) at which it reaches half of gemm_efficiency: small GEMMs do not fill the device."""
+    elementwise_passes: float = 6.0
+    """Device-memory passes over each stored activation byte by the non-GEMM kernels (norms, softmax, GELU...)."""
+    comm_efficiency: float = 0.8
+    """Fraction of the link bandwidth a large collective reaches."""
+    comm_latency_us: float = 10.0
+    """Fixed cost of one collective call."""
+    framework_overhead_gb: float = 0.0
+    """Memory per device that no model tensor explains (CUDA/HIP context, allocator, communicator buffers)."""
+    layer_overhead_us: float = 0.0
+    """Host time per block per micro-batch that no FLOP or byte explains (operator dispatch, autograd);
+    matters on a CPU, hidden behind the kernels on a GPU."""
+    step_overhead_us: float = 0.0
+    """The same outside the blocks (embeddings, head, loss, optimizer calls, the training loop)."""
+    overlap_comm: bool = True
+    """Communication runs concurrently with compute (false on a CPU, whose cores do both)."""
+    calibration: Optional[str] = None
+    """What set the efficiency figures: `harness calibrate` (with the date) or the fit they come from."""
+    job: JobConfig = field(default_factory=JobConfig)
+    """Batch job settings for `harness submit`."""
+
+
+@dataclass
+class LauncherConfig:
+    nproc: int = 1
+    """Local ranks to start when not already inside torchrun/srun/mpiexec."""
+    omp_num_threads: Optional[int] = None
+    """Threads per rank; None means the host's cores divided by the local ranks (at least 1)."""
+    pg_timeout_s: int = 300
+    """Collective timeout: a benchmark that stalls this long is broken, not slow."""
+    monitor_interval_s: float = 0.1
+    """How often the local agent checks its ranks; a dead rank ends the job within about this."""
+    watchdog_s: float = 600.0
+    """End the job (status failed, stop_reason watchdog) when no step finishes for this long; 0 disables."""
+    walltime_margin_s: float = 120.0
+    """Stop this long (plus one step) before the batch allocation ends, so the summary is written in time."""
+    gpu_order: str = "local_rank"
+    """local_rank: local rank i drives device i | reversed: device n-1-i (Polaris, where GPU 3 is nearest cores 0-7)."""
+    skip_memory_check: bool = False
+    """Start even when the cost model predicts more memory per device than a rank has (you know better)."""
+
+
+@dataclass
+class TelemetryConfig:
+    """Power, energy and utilisation sampling (harness/telemetry/)."""
+
+    source: str = "auto"
+    """auto (NVML on NVIDIA, amdsmi then rocm-smi on ROCm, RAPL on CPU) | nvml | amdsmi | rocm-smi | rapl | none."""
+    interval_ms: float = 100.0
+    """Background sampling period; NVML's energy counter itself moves only about every 100 ms."""
+    idle_s: float = 3.0
+    """Idle power is measured this long before the first step (also checks the energy counter); 0 skips it."""
+    powercap_root: str = "/sys/class/powercap"
+    """Where RAPL zones live (a different root only for tests and containers that bind-mount it)."""
+
+
+@dataclass
+class SweepConfig:
+    """Hydra multirun (`harness run -m ...`) behaviour."""
+
+    resume: bool = False
+    """Skip sweep points whose run directory already holds a finished (status ok) run; rerun the others
+    after moving their earlier files into `previous-<n>/` of that directory."""
+
+
+@dataclass
+class Config:
+    name: str = "${model.name}-${backend.name}"
+    """Run name, part of the run directory."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    system: SystemConfig = field(default_factory=SystemConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+
+
+def register_schema() -> None:
+    """Make the schema available to `conf/config.yaml` as `base_config`."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="base_config", node=Config)

@@ -1,0 +1,111 @@
+"""One rank's bootstrap, shared by every entry point that runs in a rank (the runner, `harness
+calibrate`'s probes, the communication counter): find the rank's place from its launcher, pin the
+threads, pick the device and its process-group backend, join the group, and leave it.
+
+Megatron's `parallel_state` and torchtitan's `init_distributed` keep this in one place for the same
+reason: two copies of it drift (they had two different threads-per-rank rules here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import gc
+import math
+import os
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from harness.run.stopping import raise_on_sigterm
+from launchers.env import RankInfo, device_index, discover, export
+
+
+def threads_per_rank(requested: Optional[int], local_ranks: int) -> int:
+    """`launcher.omp_num_threads`, else the cores this process may use shared among its host's ranks,
+    so two ranks on two cores do not fight over four threads."""
+    if requested:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, math.floor(cores / max(1, local_ranks)))
+
+
+@dataclass(frozen=True)
+class RankContext:
+    info: RankInfo
+    device: torch.device
+
+
+@contextlib.contextmanager
+def rank_process(*, device: str = "auto", gpu_order: str = "local_rank",
+                 pg_timeout_s: float = 300.0) -> Iterator[RankContext]:
+    """Join the job's process group as the rank the launcher's environment names; leave it afterwards.
+
+    The thread count comes from OMP_NUM_THREADS, which the launching process set (`threads_per_rank`).
+    SIGTERM from the launcher becomes an exception, so whatever the rank owes is still written.
+    """
+    info = discover(os.environ)
+    if info is None:
+        raise RuntimeError("a rank needs a launcher environment (torchrun, srun, mpiexec or the local launcher)")
+    export(info)
+    raise_on_sigterm()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    rank_device = select_device(device, info.local_rank, gpu_order)
+    dist.init_process_group(
+        backend=process_group_backend(rank_device),
+        timeout=datetime.timedelta(seconds=pg_timeout_s),
+        device_id=rank_device if rank_device.type == "cuda" else None,
+    )
+    try:
+        yield RankContext(info, rank_device)
+    finally:
+        dist.destroy_process_group()
+
+
+def select_device(choice: str, local_rank: int, order: str) -> torch.device:
+    """One device per rank (ROCm builds of torch drive AMD GPUs as 'cuda'; Intel GPUs are 'xpu')."""
+    kind = choice
+    if choice == "auto":
+        xpu = hasattr(torch, "xpu") and torch.xpu.is_available()
+        kind = "cuda" if torch.cuda.is_available() else "xpu" if xpu else "cpu"
+    if kind == "cpu":
+        return torch.device("cpu")
+    accelerator = getattr(torch, kind)
+    index = device_index(local_rank, accelerator.device_count(), order)
+    accelerator.set_device(index)
+    return torch.device(kind, index)
+
+
+def process_group_backend(device: torch.device) -> str:
+    """NCCL (RCCL on ROCm) for GPUs, oneCCL's xccl for Intel GPUs, gloo on CPU."""
+    if device.type == "cuda":
+        return "nccl"
+    if device.type == "xpu":
+        if not dist.is_xccl_available():
+            raise RuntimeError("this torch build has no xccl backend for Intel GPUs; install torch 2.8+ built for XPU")
+        return "xccl"
+    return "gloo"
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so a host clock read after it times that work."""
+    if device.type != "cpu":
+        getattr(torch, device.type).synchronize(device)
+
+
+@contextlib.contextmanager
+def frozen_gc() -> Iterator[None]:
+    """Move everything imported and built so far out of the collector's reach for the timed loop.
+
+    Otherwise each full collection walks millions of framework objects mid-step (torchtitan and
+    Megatron manage the GC in their loops for the same reason). Unfrozen afterwards, so the trainer
+    and its process groups are freed while the process is whole, not left to interpreter shutdown.
+    """
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()

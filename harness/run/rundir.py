@@ -1,0 +1,412 @@
+"""The run directory: `config.yaml`, `steps.jsonl` (one line per finished step), `summary.json`.
+
+A run directory belongs to one run. `RunDirLock` takes an exclusive lock on it for the run's lifetime and
+refuses a directory that already holds a run's steps or summary, so nothing a user had is mixed
+into or overwritten; nothing here ever deletes a file it did not write. Rank 0 writes each step line
+with one `write` call and flushes it as the step ends, so a crash keeps every finished step; a
+reader skips a torn last line (a kill or a full disk mid-write) and says so. A write error ends the
+run `failed` with the OS error, and the summary is still written (smaller, or to stderr).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import json
+import os
+import platform
+import shutil
+import socket
+import sys
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+
+from harness.config.errors import ConfigError
+from harness.run.metrics import summarize_steps
+from harness.telemetry.summary import NO_REPORT, energy_metrics, telemetry_block, write_power_csv
+
+SCHEMA = "harness.run/1"
+ENERGY_KEYS = ("power_w", "idle_power_w", "energy_j_per_step", "tokens_per_joule", "tflops_per_watt")
+NOT_PREDICTED = "not predicted: the job ended before a rank ran the cost model (invalid config or failed launch)"
+RUN_FILES = ("steps.jsonl", "summary.json")
+SUMMARY_RESERVE = ".summary-reserve"
+SUMMARY_RESERVE_BYTES = 256 * 2**10
+"""Room kept for summary.json (and power.csv) while steps are written; a summary is a few KiB."""
+LOW_DISK_BYTES = 256 * 2**20
+"""Free space below which a run warns before it starts: steps.jsonl and the traces need a few MB."""
+
+
+@dataclass(frozen=True)
+class RankReport:
+    """What each rank tells rank 0 at the end: where it ran and its telemetry report (None: none)."""
+
+    host: str
+    device: str
+    telemetry: Optional[dict[str, Any]]
+
+
+def check_unclaimed(run_dir: Path) -> None:
+    """Refuse a directory that already holds a run, before anything is written into it."""
+    held = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if held:
+        raise ConfigError(f"run directory {run_dir} already holds a run ({', '.join(held)}); give a new "
+                          "hydra.run.dir (or hydra.sweep.dir), or sweep.resume=true to skip finished sweep points")
+
+
+def check_writable(run_dir: Path) -> None:
+    """Refuse a run directory that cannot be written (permissions, a read-only filesystem) before Hydra
+    tries to create it."""
+    probe = run_dir.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise ConfigError(f"run directory {run_dir} is not writable ({probe}: read-only filesystem or no "
+                          "permission); give a writable hydra.run.dir")
+
+
+class RunDirLock:
+    """An exclusive lock on the run directory for the run's lifetime (flock on the directory itself, so no
+    file is left behind): a second run pointed at the same directory is refused, not interleaved. The
+    directory is checked for an earlier run after the lock is taken, so two racing runs cannot both pass."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self._fd: Optional[int] = None
+
+    def __enter__(self) -> "RunDirLock":
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.run_dir, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(f"run directory {self.run_dir} is in use by another run; give a new hydra.run.dir")
+        self._fd = fd
+        try:
+            check_unclaimed(self.run_dir)
+            if not os.access(self.run_dir, os.W_OK):
+                raise ConfigError(f"run directory {self.run_dir} is not writable; give a writable hydra.run.dir")
+        except ConfigError:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the lock
+            self._fd = None
+
+
+def disk_warning(run_dir: Path) -> Optional[str]:
+    """A one-line warning when the run directory's filesystem is nearly full."""
+    probe = run_dir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < LOW_DISK_BYTES:
+        return (f"only {free / 2**20:.0f} MiB free under {probe}; steps.jsonl and summary.json may not fit "
+                "(a full disk ends the run `failed`)")
+    return None
+
+
+def write_config(run_dir: Path, config: dict[str, Any]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(config), run_dir / "config.yaml")
+
+
+def write_run_files(run_dir: Path, files: dict[str, Any]) -> None:
+    """Files a backend generated (e.g. `ds_config.json`)."""
+    for name, content in files.items():
+        (run_dir / name).write_text(json.dumps(content, indent=2) + "\n")
+
+
+class StepLog:
+    """`steps.jsonl`, created for this run: each finished step is one whole line, written by one call and
+    flushed at once; fsync'd at the end. A write that fails part-way is cut back to the last whole line,
+    and the error is kept and raised: the run ends there.
+
+    A reserve file of SUMMARY_RESERVE_BYTES is allocated beside it at the start and released at `close`,
+    so a disk the steps filled up still has room for the summary that says so.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        # O_EXCL: a file that appeared since the lock was taken belongs to someone else; never append to it.
+        self._fd: Optional[int] = os.open(run_dir / "steps.jsonl", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._size = 0
+        self._reserve = run_dir / SUMMARY_RESERVE
+        self.error: Optional[str] = None
+        try:
+            fd = os.open(self._reserve, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                os.posix_fallocate(fd, 0, SUMMARY_RESERVE_BYTES)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            self.close()
+            raise OSError(exc.errno, f"preparing {run_dir} failed: {os_error(exc)}") from exc
+
+    def write(self, record: dict[str, Any]) -> None:
+        assert self._fd is not None
+        line = (json.dumps(record) + "\n").encode()
+        try:
+            written = os.write(self._fd, line)
+            if written != len(line):  # a short write is how a full disk shows itself first
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self._size += written
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._size)  # no torn line: readers see whole steps only
+            self.error = f"writing steps.jsonl failed: {os_error(exc)}"
+            raise OSError(exc.errno, self.error) from exc
+
+    def close(self) -> Optional[str]:
+        """fsync and close, then release the reserve; returns the write error, if there was one (a failed
+        fsync is one too)."""
+        if self._fd is not None:
+            try:
+                os.fsync(self._fd)
+            except OSError as exc:
+                self.error = self.error or f"writing steps.jsonl failed: {os_error(exc)}"
+            finally:
+                os.close(self._fd)
+                self._fd = None
+        self._reserve.unlink(missing_ok=True)  # our own file, made in __init__
+        return self.error
+
+
+def os_error(exc: OSError) -> str:
+    """`ENOSPC: No space left on device`, the way the OS names it."""
+    name = errno.errorcode.get(exc.errno or 0, "OSError")
+    return f"{name}: {exc.strerror or exc}"
+
+
+def read_steps(run_dir: Path) -> list[dict[str, Any]]:
+    """The finished steps; a torn last line (a kill or a full disk mid-write) is skipped and reported."""
+    steps, _ = read_steps_checked(run_dir)
+    return steps
+
+
+def read_steps_checked(run_dir: Path) -> tuple[list[dict[str, Any]], Optional[str]]:
+    """(steps, note): the note says which torn or unreadable lines were skipped."""
+    path = run_dir / "steps.jsonl"
+    if not path.exists():
+        return [], None
+    steps, skipped = [], []
+    lines = path.read_bytes().split(b"\n")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            steps.append(json.loads(line))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            skipped.append(number)
+    note = f"skipped unreadable line(s) {', '.join(map(str, skipped))} of {path} (torn by a kill or a full disk)" \
+        if skipped else None
+    if note:
+        print(f"harness: warning: {note}", file=sys.stderr)
+    return steps, note
+
+
+def versions() -> dict[str, Optional[str]]:
+    out: dict[str, Optional[str]] = {"python": platform.python_version()}
+    for package in ("torch", "lightning", "deepspeed", "megatron-core", "hydra-core", "harness"):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            out[package] = None
+    return out
+
+
+def environment(*, world_size: int, hostnames: list[str], devices: list[str], launcher: str) -> dict[str, Any]:
+    return {
+        **versions(),
+        "platform": platform.platform(),
+        "argv": sys.argv,
+        "launcher": launcher,
+        "world_size": world_size,
+        "hostnames": sorted(set(hostnames)),
+        "devices": devices,
+        "job_id": os.environ.get("SLURM_JOB_ID") or os.environ.get("PBS_JOBID") or os.environ.get("LSB_JOBID"),
+    }
+
+
+def build_summary(
+    *,
+    status: str,
+    error: Optional[str],
+    config: dict[str, Any],
+    layout: dict[str, int],
+    model: dict[str, Any],
+    steps: list[dict[str, Any]],
+    env: dict[str, Any],
+    extra_metrics: Optional[dict[str, Any]] = None,
+    stop_reason: Optional[str] = None,
+    prediction: Optional[dict[str, Any]] = None,
+    prediction_reason: str = NOT_PREDICTED,
+    telemetry: Optional[dict[str, Any]] = None,
+) -> dict[str, Any]:
+    """`telemetry` is the block from harness.telemetry.summary.telemetry_block (None: no rank reported)."""
+    metrics: dict[str, Any] = summarize_steps(steps)
+    metrics.update(energy_metrics(steps, layout.get("world_size", 1)))
+    metrics.update(extra_metrics or {})
+    telemetry = telemetry or {"source": None, "reason": NO_REPORT}
+    metrics["idle_power_w"] = telemetry.get("idle_power_w")
+    for key in ENERGY_KEYS:
+        if metrics.get(key) is None:
+            metrics[f"{key}_reason"] = _energy_reason(key, telemetry)
+    return {
+        "schema": SCHEMA,
+        "status": status,
+        "stop_reason": stop_reason or ("completed" if status == "ok" else "failed"),
+        "error": error,
+        "config": config,
+        "env": env,
+        "layout": layout,
+        "model": model,
+        "metrics": metrics,
+        "prediction": prediction,
+        "prediction_reason": None if prediction is not None else prediction_reason,
+        "telemetry": telemetry,
+    }
+
+
+def _energy_reason(key: str, telemetry: dict[str, Any]) -> str:
+    if telemetry.get("reason"):
+        return f"not measured: {telemetry['reason']}"
+    if key == "idle_power_w":
+        return "not measured: telemetry.idle_s=0 or no device reported power while idle"
+    return "not measured: some device reported neither energy nor power (see telemetry.devices)"
+
+
+def failed_summary(run_dir: Path, *, config: dict[str, Any], error: str, status: str = "failed",
+                   layout: Optional[dict[str, int]] = None, stop_reason: str = "failed",
+                   launcher: str = "none") -> dict[str, Any]:
+    """The summary of a run no rank could report on (a config error in a sweep point, a killed rank),
+    from the steps already on disk."""
+    steps, note = read_steps_checked(run_dir)
+    layout = layout or {}
+    summary = build_summary(
+        status=status, error=error, config=config, layout=layout, model={}, steps=steps,
+        env=environment(world_size=layout.get("world_size", 0), hostnames=[hostname()], devices=[],
+                        launcher=launcher),
+        stop_reason=stop_reason)
+    if note:
+        summary["steps_note"] = note
+    write_summary(run_dir, summary)
+    return summary
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    """Write atomically, so a reader never sees half a summary. On a write error (a full disk), try once more
+    with only the status and the error, then give up to stderr: the summary is never silently lost."""
+    text = json.dumps(summary, indent=2) + "\n"
+    try:
+        _replace(run_dir / "summary.json", text)
+        return
+    except OSError as exc:
+        small = {key: summary.get(key) for key in ("schema", "status", "stop_reason", "error", "layout")}
+        small["status"] = "failed"
+        small["error"] = f"{summary.get('error') or ''}{'; ' if summary.get('error') else ''}writing summary.json " \
+                         f"failed: {os_error(exc)}"
+        try:
+            _replace(run_dir / "summary.json", json.dumps(small) + "\n")
+        except OSError:
+            print(f"harness: error: could not write {run_dir / 'summary.json'} ({os_error(exc)}); "
+                  f"the summary follows\n{text}", file=sys.stderr)
+
+
+def _replace(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        tmp.replace(path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # our own temporary file, never the user's
+        raise
+
+
+def hostname() -> str:
+    return socket.gethostname()
+
+
+def write_run_summary(run_dir: Path, *, cfg: Any, layout: Any, info: Any, device: Any, status: str,
+                      error: Optional[str], stop_reason: str, ranks: list[RankReport], backend: Any,
+                      n_params: Optional[int], throughput: Any, memory_kind: Optional[str]) -> None:
+    """Rank 0's summary of a run it took part in: measured metrics, the prediction, telemetry, the table."""
+    from harness.config.compose import to_container
+    from harness.run.live import print_summary
+    from models.config import GPTConfig
+
+    reports = [r.telemetry for r in ranks if r.telemetry is not None]
+    steps, note = read_steps_checked(run_dir)
+    notes = backend.summary_notes() if backend is not None else {}
+    model = {"name": cfg.model.name, "params": n_params, **dataclasses.asdict(GPTConfig.from_section(cfg.model))}
+    power_csv = None
+    if reports:
+        try:
+            power_csv = write_power_csv(run_dir, reports)
+        except OSError as exc:
+            error = error or f"writing power.csv failed: {os_error(exc)}"
+            status = "failed"
+    summary = build_summary(
+        status=status,
+        error=error,
+        config=to_container(cfg),
+        layout={**layout.as_dict(), **notes.get("layout", {})},
+        model={**model, **notes.get("model", {})},
+        steps=steps,
+        env=environment(world_size=info.world_size, hostnames=[r.host for r in ranks],
+                        devices=[r.device for r in ranks], launcher=info.launcher),
+        extra_metrics={**_metric_notes(backend, throughput, memory_kind), **notes.get("metrics", {})},
+        stop_reason=stop_reason,
+        **_prediction(cfg, layout, device),
+        telemetry=telemetry_block(reports, power_csv) if reports else None,
+    )
+    if note:
+        summary["steps_note"] = note
+    write_summary(run_dir, summary)
+    if status == "ok":
+        print_summary(summary, run_dir)
+
+
+def _prediction(cfg: Any, layout: Any, device: Any) -> dict[str, Any]:
+    """The cost model's values for this run's metric keys; its failure must never fail the run.
+
+    A profile that names no accelerator (system=cuda) gets the device torch reports, for its peak.
+    """
+    from harness.costmodel.estimate import estimate, predicted_metrics
+    from harness.run.metrics import device_name
+
+    if cfg.system.accelerator is None and device.type == "cuda":
+        cfg = OmegaConf.merge(cfg, {"system": {"accelerator": device_name(device)}})
+    try:
+        return {"prediction": predicted_metrics(estimate(cfg, layout))}
+    except Exception as exc:  # noqa: BLE001 - reported in the summary instead
+        return {"prediction": None, "prediction_reason": f"cost model failed: {type(exc).__name__}: {exc}"}
+
+
+def _metric_notes(backend: Any, throughput: Any, memory_kind: Optional[str]) -> dict[str, Any]:
+    notes: dict[str, Any] = {"peak_memory_kind": memory_kind}
+    if backend is not None:  # set up: how much of the model rank 0 holds
+        notes["params_on_rank0"] = backend.local_params()
+    if memory_kind == "cpu_peak_rss":
+        notes["alloc_retries_reason"] = "no caching allocator on a CPU (retries are a CUDA statistic)"
+    if throughput is not None:
+        notes.update(
+            model_flops_per_step=throughput.flops.model,
+            hardware_flops_per_step=throughput.flops.hardware,
+            peak_tflops=throughput.peak.tflops,
+            peak_tflops_source=throughput.peak.source,
+        )
+        if throughput.peak.tflops is None:
+            notes["mfu_reason"] = notes["hfu_reason"] = throughput.peak.reason
+    return notes

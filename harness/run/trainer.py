@@ -1,0 +1,200 @@
+"""The bounded step loop of one rank: build the parallel model, run warm-up and timed steps, and hand
+each step's measurements to the run directory (rank 0) as it ends."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+
+from harness.backends import make_backend
+from harness.backends.base import Backend
+from harness.config.checks import compute_precision, validate
+from harness.costmodel.flops import step_flops
+from harness.run.data import TokenSource, rank_micro_batches, token_source
+from harness.run.live import Progress
+from harness.run.metrics import MemoryMeter, Throughput, device_name, resolve_peak
+from harness.run.rank import frozen_gc, synchronize
+from harness.run.rundir import RankReport, StepLog, hostname, write_run_files, write_run_summary
+from harness.run.stopping import Watchdog, job_end_time, out_of_time
+from harness.telemetry import Sampler, StepReading, make_sampler
+from harness.telemetry.summary import step_fields
+from launchers.env import RankInfo
+from models.gpt import GPT, GPTConfig
+
+
+@dataclass(frozen=True)
+class Built:
+    """Everything `Trainer.build` makes, as one record: either all of it exists or none does."""
+
+    backend: Backend
+    n_params: int
+    throughput: Throughput
+    data: TokenSource
+    memory: MemoryMeter
+    sampler: Sampler
+
+
+class Trainer:
+    """The bounded step loop of one rank; rank 0 also records and reports."""
+
+    def __init__(self, cfg: DictConfig, info: RankInfo, device: torch.device, run_dir: Path) -> None:
+        self.cfg, self.info, self.device, self.run_dir = cfg, info, device, run_dir
+        self.layout = validate(cfg, info.world_size)
+        self.is_writer = info.rank == 0
+        self.end_time_s = job_end_time(os.environ)
+        self.stop_reason = "completed"
+        self.stop_agreed = False
+        self.built: Optional[Built] = None
+        self.step_log: Optional[StepLog] = None
+        self.watchdog = Watchdog(cfg.launcher.watchdog_s, self.stalled)
+
+    def build(self) -> Built:
+        train, model_cfg = self.cfg.train, GPTConfig.from_section(self.cfg.model)
+        backend = make_backend(self.cfg, self.layout, self.device)
+        if self.is_writer:
+            write_run_files(self.run_dir, backend.run_files())
+        torch.manual_seed(train.seed)
+        if backend.materialize_before_setup:
+            model = GPT(model_cfg)
+        else:
+            with torch.device("meta"):
+                model = GPT(model_cfg)
+        n_params = model.num_params()
+        backend.setup(model)
+        flops = step_flops(model_cfg, self.layout.global_batch_size, train.activation_checkpointing,
+                           train.checkpoint_every_n)
+        throughput = Throughput(
+            flops=flops,
+            tokens_per_step=self.layout.global_batch_size * model_cfg.seq_len,
+            world_size=self.layout.world_size,
+            peak=resolve_peak(self.cfg.system, compute_precision(self.cfg), self.device),
+        )
+        d = self.cfg.data
+        data = token_source(kind=d.kind, vocab_size=model_cfg.vocab_size, seq_len=model_cfg.seq_len,
+                            seed=train.seed, path=d.path, dtype=d.dtype)
+        sampler = make_sampler(
+            self.cfg.telemetry, device_type=self.device.type, device_index=self.device.index,
+            local_rank=self.info.local_rank, rank=self.info.rank, host=hostname(),
+            warmup_steps=train.warmup_steps, rocm=torch.version.hip is not None)
+        return Built(backend, n_params, throughput, data, MemoryMeter(self.device), sampler)
+
+    def run(self) -> None:
+        status, error = "ok", None
+        try:
+            if self.is_writer:
+                self.step_log = StepLog(self.run_dir)
+            self.built = self.build()
+            with self.watchdog:
+                self.loop(self.built)
+        except torch.OutOfMemoryError as exc:
+            status, error, self.stop_reason = "oom", f"OutOfMemoryError: {exc}", "failed"
+            raise
+        except BaseException as exc:
+            status, error, self.stop_reason = "failed", f"{type(exc).__name__}: {exc}", "failed"
+            raise
+        finally:
+            self.finish(status, error)
+
+    def loop(self, built: Built) -> None:
+        train = self.cfg.train
+        total = train.warmup_steps + train.steps
+        progress = Progress(total, train.warmup_steps) if self.is_writer else None
+        built.sampler.start()  # idle power first, with the model built and the device quiet
+        with frozen_gc():
+            synchronize(self.device)
+            last = time.perf_counter()
+            built.sampler.mark_step(last)
+            for step in range(total):
+                built.memory.start_step()
+                self.inject_fault(step)
+                batches = rank_micro_batches(built.data, step=step, layout=self.layout,
+                                             dp_rank=built.backend.dp_rank, device=self.device)
+                loss = built.backend.train_step(batches)
+                synchronize(self.device)
+                now = time.perf_counter()
+                iter_time_s, last = now - last, now
+                reading = built.sampler.mark_step(now)
+                assert reading is not None  # every boundary after the first closes a window
+                record = self.record(built, step, step < train.warmup_steps, loss, iter_time_s, reading)
+                if self.step_log is not None and progress is not None:
+                    self.step_log.write(record)
+                    progress.update(record)
+                self.watchdog.beat()
+                if self.stop_agreed:
+                    self.stop_reason = "walltime"
+                    break
+        if progress is not None:
+            progress.close()
+
+    def inject_fault(self, step: int) -> None:
+        """`train.fault_inject_oom_step`: the last rank fails as a real out-of-memory step would, so the
+        failure path (peers ended, `status: oom`, a sweep going on) can be tested without a GPU."""
+        if step == self.cfg.train.fault_inject_oom_step and self.info.rank == self.info.world_size - 1:
+            raise torch.OutOfMemoryError(
+                f"injected by train.fault_inject_oom_step={step} on rank {self.info.rank}")
+
+    def record(self, built: Built, step: int, warmup: bool, loss: torch.Tensor, iter_time_s: float,
+               reading: StepReading) -> dict[str, Any]:
+        """One line of steps.jsonl. Its reduction falls into the next step's time, not hidden from it."""
+        memory = built.memory.read()
+        stop = out_of_time(self.end_time_s, time.time(), iter_time_s, self.cfg.launcher.walltime_margin_s)
+        loss_value, peak_mb, retries, self.stop_agreed, telemetry = self.reduce(
+            loss, memory["peak_memory_mb"], memory["alloc_retries"], stop, reading.vector())
+        return {
+            "step": step,
+            "warmup": warmup,
+            "loss": loss_value,
+            **built.throughput.rates(iter_time_s),
+            "peak_memory_mb": peak_mb,
+            "alloc_retries": retries,
+            **built.backend.step_notes(),
+            **step_fields(telemetry, iter_time_s),
+        }
+
+    def reduce(self, loss: torch.Tensor, peak_mb: float, retries: Optional[int], stop: bool,
+               telemetry: list[float]) -> tuple[float, float, Optional[int], bool, list[list[float]]]:
+        """In one collective: the mean loss over ranks (tensor-parallel peers hold the same loss), the largest
+        peak memory and allocator retries of any rank (the one nearest its memory limit), rank 0's decision
+        to stop (so that every rank leaves the loop after the same step), and every rank's telemetry row."""
+        mine = torch.tensor([float(loss.detach()), peak_mb, float(retries or 0), float(stop), *telemetry],
+                            dtype=torch.float64, device=loss.device)
+        if self.info.world_size == 1:
+            table = mine.reshape(1, -1)
+        else:
+            gathered = [torch.empty_like(mine) for _ in range(self.info.world_size)]
+            dist.all_gather(gathered, mine)
+            table = torch.stack(gathered)
+        return (float(table[:, 0].mean()), float(table[:, 1].max()),
+                None if retries is None else int(table[:, 2].max()), bool(table[0, 3]), table[:, 4:].tolist())
+
+    def stalled(self, error: Exception) -> None:
+        """The watchdog's last act on this rank: the summary says the run stopped making progress."""
+        self.stop_reason = "watchdog"
+        self.finish("failed", f"{type(error).__name__}: {error}")
+
+    def finish(self, status: str, error: Optional[str]) -> None:
+        """Every rank reports its host, device and telemetry; rank 0 closes the step log and writes the summary."""
+        built = self.built
+        mine = RankReport(hostname(), device_name(self.device), built.sampler.stop() if built else None)
+        if status == "ok" and self.info.world_size > 1:  # peers of a failed rank may be gone
+            ranks: list[Any] = [None] * self.info.world_size
+            dist.all_gather_object(ranks, mine)
+        else:
+            ranks = [mine]
+        if not self.is_writer:
+            return
+        if self.step_log is not None:
+            error = self.step_log.close() or error
+            status = "failed" if self.step_log.error and status == "ok" else status
+        write_run_summary(self.run_dir, cfg=self.cfg, layout=self.layout, info=self.info, device=self.device,
+                          status=status, error=error, stop_reason=self.stop_reason, ranks=ranks,
+                          backend=built.backend if built else None, n_params=built.n_params if built else None,
+                          throughput=built.throughput if built else None,
+                          memory_kind=built.memory.kind if built else None)
