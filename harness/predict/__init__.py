@@ -1,0 +1,1 @@
+"""Predicting before running: one module per command (`estimate`, `plan`, `calibrate`)."""

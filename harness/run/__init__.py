@@ -1,0 +1,1 @@
+"""One benchmark run: `harness run`, from the checks before launch to the run directory."""
