@@ -134,15 +134,20 @@ def test_a_torn_last_line_is_skipped_and_reported(tmp_path: Path) -> None:
     assert steps == [{"step": 0}, {"step": 1}] and "line(s) 3" in note
 
 
+def mount_tmpfs(mount: Path, options: str) -> bool:
+    """Mount a tmpfs (root only); under CI=true, where the runner is root, not being able to is a failure."""
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0 and os.environ.get("CI"):
+        pytest.fail(f"cannot mount a tmpfs in CI: {done.stderr.decode().strip()}")
+    return done.returncode == 0
+
+
 @pytest.fixture
 def tiny_filesystem(tmp_path: Path):  # type: ignore[no-untyped-def]
     """A 384 KiB tmpfs: room for the config and the summary reserve, then a few hundred steps."""
     mount = tmp_path / "tiny"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=384k", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        if os.environ.get("CI"):
-            pytest.fail(f"cannot mount a tmpfs in CI: {done.stderr.decode().strip()}")
+    if not mount_tmpfs(mount, "size=384k"):
         pytest.skip("mounting a tmpfs needs root (the simulated ENOSPC test covers the writer)")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=False)
@@ -179,11 +184,7 @@ def test_a_token_file_of_partial_tokens_is_refused(tmp_path: Path) -> None:
 def test_a_read_only_run_directory_fails_in_one_line(tmp_path: Path) -> None:
     """A read-only filesystem (a tmpfs mounted read-only; root ignores permission bits, not that)."""
     mount = tmp_path / "ro"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        if os.environ.get("CI"):
-            pytest.fail(f"cannot mount a tmpfs in CI: {done.stderr.decode().strip()}")
+    if not mount_tmpfs(mount, "ro,size=64k"):
         mount.chmod(0o555)  # without root: permissions make it read-only instead
     try:
         for target in (mount, mount / "run"):
