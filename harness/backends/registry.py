@@ -41,6 +41,12 @@ class BackendSpec:
     """ZeRO stages (0 for the non-ZeRO backends) at which data-parallel traffic runs during the backward."""
     gradient_buckets: bool = False
     """Keeps a flat gradient copy for its all-reduce buckets (PyTorch DDP's reducer)."""
+    zero_stage_note: str = ""
+    """Why its ZeRO stages are what they are, for the error that refuses another."""
+    builds_own_stages: bool = False
+    """Builds its layers itself (pipeline stages), so train.compile and train.checkpoint_every_n do not apply."""
+    sequence_parallel_equal_shards: bool = False
+    """Sequence parallelism needs seq_len divisible by tp (megatron-core splits the sequence in equal shards)."""
 
     @property
     def implementation_module(self) -> str:
@@ -70,9 +76,10 @@ BACKENDS: dict[str, BackendSpec] = {spec.name: spec for spec in (
         name="deepspeed3d", implementation="harness.backends.deepspeed3d:DeepSpeed3DBackend",
         summary="DeepSpeed pipeline engine with megatron-core tensor parallelism (3D, ZeRO-1)",
         tensor_parallel=True, pipeline_parallel=True,
-        zero_stages=(0, 1),  # DeepSpeed's PipelineEngine supports ZeRO-1 only
+        zero_stages=(0, 1),
+        zero_stage_note="DeepSpeed's pipeline engine supports ZeRO-1 only",
         options=(*FP16_SCALER_OPTIONS, "ds_config"),
-        deepspeed_engine=True),
+        deepspeed_engine=True, builds_own_stages=True, sequence_parallel_equal_shards=True),
 )}
 
 

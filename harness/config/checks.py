@@ -89,9 +89,10 @@ def _check_parallel(backend: str, model: GPTConfig, p: ParallelConfig, precision
         raise ConfigError(f"train.precision={precision}: backend={backend} supports {', '.join(can.precisions)}")
     if p.zero_stage not in can.zero_stages:
         others = [name for name, spec in BACKENDS.items() if p.zero_stage in spec.zero_stages]
-        if backend == "deepspeed3d":
-            raise ConfigError(f"parallel.zero_stage={p.zero_stage}: DeepSpeed's pipeline engine supports ZeRO-1 "
-                              "only; use parallel.zero_stage=1 (or 0) with backend=deepspeed3d")
+        if can.zero_stage_note:
+            stages = " or ".join(map(str, sorted(can.zero_stages, reverse=True)))
+            raise ConfigError(f"parallel.zero_stage={p.zero_stage}: {can.zero_stage_note}; use "
+                              f"parallel.zero_stage={stages} with backend={backend}")
         fix = f"; ZeRO stage {p.zero_stage} needs backend={' or '.join(others)}" if others else \
             "; DeepSpeed's ZeRO stages are 0-3"
         raise ConfigError(f"parallel.zero_stage={p.zero_stage}: backend={backend} supports "
@@ -110,7 +111,7 @@ def _check_parallel(backend: str, model: GPTConfig, p: ParallelConfig, precision
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1 "
                           "(it splits the sequence over TP ranks)")
-    if p.sequence_parallel and backend == "deepspeed3d" and model.seq_len % p.tp:
+    if p.sequence_parallel and can.sequence_parallel_equal_shards and model.seq_len % p.tp:
         raise ConfigError(f"parallel.sequence_parallel=true splits model.seq_len={model.seq_len} over parallel.tp="
                           f"{p.tp} ranks (megatron-core: equal shards); choose a seq_len divisible by tp")
     _check_tensor_parallel(model, p.tp)
@@ -171,7 +172,7 @@ def _check_deepspeed(b: BackendConfig, p: ParallelConfig, precision: str, device
 
 def _check_fsdp(b: BackendConfig, devices_per_node: int, dp: int, precision: str, tp: int, device: str) -> None:
     """The FSDP2 options; the hybrid group splits the data-parallel ranks into replicas of `group` shards."""
-    _choice(b.sharding, backend_spec("fsdp").shardings, "backend.sharding")
+    _choice(b.sharding, backend_spec(b.name).shardings, "backend.sharding")
     if b.sharding == "hybrid_shard":
         group = fsdp_replica_group(b.sharding, b.hybrid_shard_group, devices_per_node, dp)
         if group < 1 or dp % group:
@@ -199,8 +200,8 @@ def _check_train(t: TrainConfig, n_layers: int, backend: str) -> None:
     _at_least(t, "train", ("warmup_steps", "weight_decay", "grad_clip"), 0, "0 or more")
     if t.lr <= 0:
         raise ConfigError(f"train.lr={t.lr}: must be positive")
-    if backend == "deepspeed3d" and (t.checkpoint_every_n is not None or t.compile):
-        raise ConfigError("train.checkpoint_every_n / train.compile: backend=deepspeed3d builds its pipeline "
+    if backend_spec(backend).builds_own_stages and (t.checkpoint_every_n is not None or t.compile):
+        raise ConfigError(f"train.checkpoint_every_n / train.compile: backend={backend} builds its pipeline "
                           "stages itself (checkpointing per stage layer); leave them unset")
     if t.checkpoint_every_n is not None:
         if t.activation_checkpointing != "selective":
