@@ -107,7 +107,7 @@ def test_sweep_exits_nonzero_naming_failed_points_and_resume_skips_finished_ones
     assert proc.returncode == 1 and "1 of 2 sweep points" in proc.stderr, proc.stderr
     ok_point = next(p for p in sweep.glob("*/summary.json") if json.loads(p.read_text())["status"] == "ok").parent
     ok_steps = (ok_point / "steps.jsonl").read_text()
-    again = harness([*args, "sweep.resume=true"], cwd=tmp_path, timeout=300)
+    again = harness(args, cwd=tmp_path, timeout=300)  # sweep.resume=true is the default
     assert again.returncode == 1 and "skipped" in again.stderr, again.stderr
     assert (ok_point / "steps.jsonl").read_text() == ok_steps  # not re-run, not appended to
 

@@ -63,8 +63,9 @@ def check_group_overrides(overrides: list[str]) -> None:
                 raise ConfigError(f"{key}={choice}: unknown {key}; choose one of: {', '.join(choices)}")
 
 
-def compose(overrides: list[str]) -> DictConfig:
-    """The config `harness run <overrides>` would see (same defaults list, same schema, same search path)."""
+def compose(overrides: list[str], *, hydra_node: bool = False) -> DictConfig:
+    """The config `harness run <overrides>` would see (same defaults list, same schema, same search path);
+    hydra_node: with Hydra's own section (its sweeper params, run and sweep directories)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
@@ -77,8 +78,31 @@ def compose(overrides: list[str]) -> DictConfig:
     register_schema()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return hydra_compose(config_name="config", overrides=[*overrides, *searchpath_overrides()])
+            return hydra_compose(config_name="config", overrides=[*overrides, *searchpath_overrides()],
+                                 return_hydra_config=hydra_node)
     except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(hydra_error_line(exc)) from exc
+
+
+def sweep_points(overrides: list[str]) -> list[list[str]]:
+    """The overrides of every point `harness run -m <overrides>` would run, in Hydra's order: Hydra's own
+    parser and BasicSweeper expand the experiment's hydra.sweeper.params followed by the command line's."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    from harness.config.errors import hydra_error_line
+
+    parser = OverridesParser.create()
+    try:
+        fixed = [o.input_line for o in parser.parse_overrides(overrides) if not o.is_sweep_override()]
+    except HydraException as exc:
+        raise ConfigError(hydra_error_line(exc)) from exc
+    with_hydra = compose(fixed, hydra_node=True)
+    params = [f"{k}={v}" for k, v in (with_hydra.hydra.sweeper.get("params") or {}).items()]
+    try:
+        return BasicSweeper.split_arguments(parser.parse_overrides([*params, *overrides]), None)[0]
+    except HydraException as exc:
         raise ConfigError(hydra_error_line(exc)) from exc
 
 

@@ -29,6 +29,8 @@ Train a GPT for a bounded number of steps and write a run directory (results/run
   harness run -m train.micro_batch_size=1,2,4   a sweep, one run directory per point (sweep.resume=true skips
                                                 finished points of an earlier sweep in the same hydra.sweep.dir)
   harness run --cfg job                         print the composed config and stop
+  harness run -m +experiment=NAME --dry-run     list a sweep's points, each checked, without running any
+  harness run -m ... --cfg job                  print the composed config of every point of a sweep
   harness run hydra.run.dir=DIR ...             write into DIR (it must not hold another run)
 
 Config groups: model, backend, data, system, experiment; every key is an override (`--cfg job` lists them).
@@ -52,6 +54,11 @@ def run_command(args: list[str]) -> int:
         print(USAGE)
         return 0
     multirun = any(a in ("-m", "--multirun") for a in args)
+    if "--dry-run" in args or (multirun and any(a.startswith(("--cfg", "-c")) for a in args)):
+        try:
+            return _list_points(args)
+        except ConfigError as exc:
+            _fail(str(exc))
     info_only = any(a.startswith(("--cfg", "-c", "--info", "--hydra-help", "--resolve", "--package")) for a in args)
     try:
         check_group_overrides([a for a in args if not a.startswith(("-", "hydra"))])
@@ -101,6 +108,42 @@ def _split_hydra_args(args: list[str]) -> tuple[list[str], list[str]]:
         else:
             overrides.append(arg)
     return options, overrides
+
+
+def _list_points(args: list[str]) -> int:
+    """`--dry-run`: every point of the run or sweep, checked for its layout as `run` would (without this
+    host's device and memory, so a cluster sweep can be checked on a login node); `-m --cfg job`: every
+    point's composed config. Nothing is run, no directory is made. Exit 2 when a point is invalid."""
+    from omegaconf import OmegaConf
+
+    from harness.config.checks import validate
+    from harness.config.compose import compose, sweep_points
+
+    options, overrides = _split_hydra_args(args)
+    points = sweep_points(overrides)
+    cfg_part = next((options[i + 1] for i, o in enumerate(options[:-1]) if o in ("-c", "--cfg")), None)
+    varying = {o.split("=", 1)[0] for o in {o for p in points for o in p}
+               if len({q for p in points for q in p if q.split("=", 1)[0] == o.split("=", 1)[0]}) > 1}
+    bad = 0
+    if cfg_part is None:
+        print(f"harness: {len(points)} point(s); nothing run (drop --dry-run to run them)")
+    for i, point in enumerate(points):
+        shown = [o for o in point if o.split("=", 1)[0] in varying] or [o for o in point if not o.startswith("hydra.")]
+        try:
+            cfg = compose([o for o in point if not o.startswith("hydra.")], hydra_node=cfg_part in ("hydra", "all"))
+            if cfg_part is not None:
+                section = cfg.hydra if cfg_part == "hydra" else cfg
+                print(f"# point {i} of {len(points)}: {' '.join(shown)}\n{OmegaConf.to_yaml(section)}")
+                continue
+            world = cfg.parallel.world_size or cfg.launcher.nproc
+            layout = validate(cfg, world)
+            check = f"ok: {world} rank(s), tp {layout.tp} x pp {layout.pp} x dp {layout.dp}"
+        except ConfigError as exc:
+            bad += 1
+            check, cfg = f"error: {exc}", None
+        name = cfg.name if cfg is not None else "-"
+        print(f"  {i:>3}  {name}  {' '.join(shown)}  [{check}]")
+    return 2 if bad else 0
 
 
 def _preflight_single(args: list[str], info: Optional[RankInfo]) -> None:
@@ -171,7 +214,7 @@ def _task(cfg: Any) -> None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     sweeping = hydra_cfg.mode == RunMode.MULTIRUN
-    if sweeping and cfg.sweep.resume and _resume_point(run_dir):
+    if sweeping and cfg.sweep.resume and _resume_point(run_dir, to_container(cfg)):
         return
     try:
         status = run(cfg, run_dir)
@@ -189,29 +232,40 @@ def _task(cfg: Any) -> None:
         _fail(f"run {status}; see {run_dir / 'summary.json'}", code=1)
 
 
-def _resume_point(run_dir: Path) -> bool:
-    """sweep.resume: True (skip) for a point that already finished ok; an unfinished point's files are moved
-    aside into previous-<n>/ (never deleted) and it runs again."""
+RESUME_IGNORED = ("sweep", "report")
+"""Config sections that do not change what a point measures: a point finished under other values still counts."""
+
+
+def _resume_point(run_dir: Path, config: dict[str, Any]) -> bool:
+    """sweep.resume: True (skip) for a point that already finished ok with the same config; any other earlier
+    run in the directory (unfinished, failed, or of another config) is moved aside into previous-<n>/ (never
+    deleted) and the point runs again."""
     summary = run_dir / "summary.json"
     if summary.exists():
         try:
-            finished = json.loads(summary.read_text()).get("status") == "ok"
+            earlier = json.loads(summary.read_text())
         except (OSError, ValueError):
-            finished = False
-        if finished:
-            print(f"harness: {run_dir}: finished earlier, skipped (sweep.resume=true)", file=sys.stderr)
+            earlier = {}
+        if earlier.get("status") == "ok" and _measured(earlier.get("config") or {}) == _measured(config):
+            print(f"harness: {run_dir}: finished earlier with the same config, skipped (sweep.resume=true)",
+                  file=sys.stderr)
             _sweep_points.append((str(run_dir), "skipped"))
             return True
-    earlier = [p for p in run_dir.iterdir() if p.is_file() and p.name != "harness.log"] if run_dir.exists() else []
-    if any(p.name in ("steps.jsonl", "summary.json") for p in earlier):
+    files = [p for p in run_dir.iterdir() if p.is_file() and p.name != "harness.log"] if run_dir.exists() else []
+    if any(p.name in ("steps.jsonl", "summary.json") for p in files):
         n = 1
         while (run_dir / f"previous-{n}").exists():
             n += 1
         aside = run_dir / f"previous-{n}"
         aside.mkdir()
-        for path in earlier:
+        for path in files:
             path.rename(aside / path.name)
+        print(f"harness: {run_dir}: an earlier unfinished or different run moved to {aside.name}/", file=sys.stderr)
     return False
+
+
+def _measured(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in RESUME_IGNORED}
 
 
 def _hydra_app() -> None:
