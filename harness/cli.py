@@ -18,6 +18,8 @@ COMMANDS = {  # name: (module:function, one-line summary)
     "calibrate": ("harness.predict.calibrate:calibrate_command",
                   "measure this host and write a system profile (system=<name>)"),
     "submit": ("harness.submit:submit_command", "render a site's batch job script and submit it"),
+    "report": ("harness.report.command:report_command",
+               "tables, plots and report.md from run and sweep directories"),
 }
 
 USAGE = "usage: harness <command> [overrides ...] [--help]\n\ncommands:\n" + "\n".join(
@@ -25,6 +27,7 @@ USAGE = "usage: harness <command> [overrides ...] [--help]\n\ncommands:\n" + "\n
 
   harness run launcher.nproc=2 backend=fsdp
   harness estimate model=gpt-1t system=frontier parallel.tp=8 parallel.pp=64 parallel.world_size=3072
+  harness report results/runs --out report/
   harness plan model=gpt-13b system=dgx-a100-80gb parallel.world_size=64 train.global_batch_size=512
 
 `harness <command> --help` shows a command's own usage."""

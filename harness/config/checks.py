@@ -26,6 +26,7 @@ from harness.config.schema import (
     TelemetryConfig,
     TrainConfig,
 )
+from harness.report import VIEWS
 from launchers.env import GPU_ORDERS
 from models.config import GPTConfig, ModelConfigError, nearest_divisor
 
@@ -277,6 +278,13 @@ def _check_system(system: Any) -> None:
     _at_least(system, "system", ("peak_tflops", "memory_gb"), 1e-9, "positive")
 
 
+def _check_report(r: Any) -> None:
+    for view in r.views:
+        _choice(view, VIEWS, "report.views")
+    if r.baseline is not None and "=" not in r.baseline:
+        raise ConfigError(f"report.baseline={r.baseline}: give KEY=VALUE, e.g. report.baseline=backend.name=fsdp")
+
+
 def _batch(t: TrainConfig, dp: int) -> int:
     per_step = t.micro_batch_size * dp
     global_batch = t.global_batch_size if t.global_batch_size is not None else per_step
@@ -321,6 +329,7 @@ def validate(cfg: AnyConfig, world_size: int) -> Layout:
     global_batch = _batch(t, dp)
     _check_data(cfg.data, model.seq_len, model.vocab_size)
     _check_telemetry(cfg.telemetry)
+    _check_report(cfg.report)
     return Layout(world_size=world_size, tp=p.tp, pp=p.pp, dp=dp, zero_stage=p.zero_stage,
                   micro_batch_size=t.micro_batch_size, global_batch_size=global_batch,
                   grad_accum=global_batch // (t.micro_batch_size * dp))

@@ -223,9 +223,28 @@ class TelemetryConfig:
 class SweepConfig:
     """Hydra multirun (`harness run -m ...`) behaviour."""
 
-    resume: bool = False
-    """Skip sweep points whose run directory already holds a finished (status ok) run; rerun the others
-    after moving their earlier files into `previous-<n>/` of that directory."""
+    resume: bool = True
+    """Re-running a sweep into the same hydra.sweep.dir skips each point whose directory already holds a
+    finished (status ok) run of the same config, so a sweep cut by a wall-time limit continues where it
+    stopped. A point with another config, or one that did not finish, runs again after its earlier files
+    are moved into `previous-<n>/` (never deleted). false: a point directory holding a run is refused."""
+
+
+@dataclass
+class ReportConfig:
+    """What `harness report` shows by default for runs of this config; an experiment names the view that
+    reproduces its study's table or figure. Command-line options of `harness report` win."""
+
+    views: list[str] = field(default_factory=list)
+    """sweep | compare | scaling | prediction | power | projection; empty: chosen from what varies across runs."""
+    vs: Optional[str] = None
+    """x axis / swept key (a flattened config key such as train.micro_batch_size); None: the key that varies."""
+    by: list[str] = field(default_factory=list)
+    """Keys that split runs into separate rows or curves (e.g. backend.name)."""
+    baseline: Optional[str] = None
+    """compare view: KEY=VALUE of the run the others are divided by (e.g. backend.name=fsdp)."""
+    study: Optional[str] = None
+    """The published table or figure these runs reproduce (a citation), printed above the report."""
 
 
 @dataclass
@@ -241,6 +260,7 @@ class Config:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
 
 def register_schema() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import resource
-import statistics
 import sys
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -79,25 +78,3 @@ class MemoryMeter:
             return {"peak_memory_mb": torch.cuda.max_memory_allocated(self.device) / 2**20, "alloc_retries": new}
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
         return {"peak_memory_mb": rss / (2**20 if sys.platform == "darwin" else 2**10), "alloc_retries": None}
-
-
-SUMMARY_KEYS = ("loss", "iter_time_ms", "tokens_per_s", "model_tflops_per_device", "hardware_tflops_per_device",
-                "mfu", "hfu", "peak_memory_mb")
-
-
-def summarize_steps(steps: list[dict[str, Any]]) -> dict[str, Optional[float]]:
-    """Medians over the timed (non-warm-up) steps; peak memory is the maximum. Power and energy are
-    summarised by harness.telemetry.summary.energy_metrics."""
-    timed = [s for s in steps if not s.get("warmup")]
-    out: dict[str, Optional[float]] = {}
-    for key in SUMMARY_KEYS:
-        values = [s[key] for s in timed if s.get(key) is not None]
-        if not values:
-            out[key] = None
-        else:
-            out[key] = max(values) if key == "peak_memory_mb" else statistics.median(values)
-    retries = [s["alloc_retries"] for s in timed if s.get("alloc_retries") is not None]
-    # Total over the timed steps; each retry is a cache flush and a second cudaMalloc.
-    out["alloc_retries"] = sum(retries) if retries else None
-    out["timed_steps"] = len(timed)
-    return out

@@ -19,6 +19,7 @@ import os
 import platform
 import shutil
 import socket
+import statistics
 import sys
 from dataclasses import dataclass
 from importlib import metadata
@@ -28,7 +29,6 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 
 from harness.config.errors import ConfigError
-from harness.run.metrics import summarize_steps
 from harness.telemetry.summary import NO_REPORT, energy_metrics, telemetry_block, write_power_csv
 
 SCHEMA = "harness.run/1"
@@ -190,6 +190,28 @@ def read_steps(run_dir: Path) -> list[dict[str, Any]]:
     """The finished steps; a torn last line (a kill or a full disk mid-write) is skipped and reported."""
     steps, _ = read_steps_checked(run_dir)
     return steps
+
+
+SUMMARY_KEYS = ("loss", "iter_time_ms", "tokens_per_s", "model_tflops_per_device", "hardware_tflops_per_device",
+                "mfu", "hfu", "peak_memory_mb")
+
+
+def summarize_steps(steps: list[dict[str, Any]]) -> dict[str, Optional[float]]:
+    """Medians over the timed (non-warm-up) steps; peak memory is the maximum. Power and energy are
+    summarised by harness.telemetry.summary.energy_metrics."""
+    timed = [s for s in steps if not s.get("warmup")]
+    out: dict[str, Optional[float]] = {}
+    for key in SUMMARY_KEYS:
+        values = [s[key] for s in timed if s.get(key) is not None]
+        if not values:
+            out[key] = None
+        else:
+            out[key] = max(values) if key == "peak_memory_mb" else statistics.median(values)
+    retries = [s["alloc_retries"] for s in timed if s.get("alloc_retries") is not None]
+    # Total over the timed steps; each retry is a cache flush and a second cudaMalloc.
+    out["alloc_retries"] = sum(retries) if retries else None
+    out["timed_steps"] = len(timed)
+    return out
 
 
 def read_steps_checked(run_dir: Path) -> tuple[list[dict[str, Any]], Optional[str]]:

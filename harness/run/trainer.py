@@ -144,12 +144,14 @@ class Trainer:
                reading: StepReading) -> dict[str, Any]:
         """One line of steps.jsonl. Its reduction falls into the next step's time, not hidden from it."""
         memory = built.memory.read()
-        stop = out_of_time(self.end_time_s, time.time(), iter_time_s, self.cfg.launcher.walltime_margin_s)
+        end_unix_s = time.time()  # places the step on power.csv's clock (the power view marks step windows)
+        stop = out_of_time(self.end_time_s, end_unix_s, iter_time_s, self.cfg.launcher.walltime_margin_s)
         loss_value, peak_mb, retries, self.stop_agreed, telemetry = self.reduce(
             loss, memory["peak_memory_mb"], memory["alloc_retries"], stop, reading.vector())
         return {
             "step": step,
             "warmup": warmup,
+            "end_unix_s": end_unix_s,
             "loss": loss_value,
             **built.throughput.rates(iter_time_s),
             "peak_memory_mb": peak_mb,

@@ -1,0 +1,174 @@
+"""One PNG per view (matplotlib, Agg: no display needed on a login node or in CI)."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import pandas as pd
+
+from harness.report.load import read_power, read_steps
+from harness.report.views import View
+
+MAX_POWER_RUNS = 4
+"""Power traces drawn (one panel pair each); the table lists every run."""
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _curves(frame: pd.DataFrame, group: list[str]) -> list[tuple[str, pd.DataFrame]]:
+    if not group:
+        return [("", frame)]
+    return [(", ".join(f"{k}={v}" for k, v in zip(group, key if isinstance(key, tuple) else (key,))), members)
+            for key, members in frame.groupby(group, dropna=False, sort=False)]
+
+
+def _sweep(view: View, plt: Any) -> Any:
+    data, vs = view.data, view.meta["vs"]
+    panels = [(k, h) for k, h in (("metrics.tokens_per_s", "tokens/s"), ("metrics.model_tflops_per_device",
+              "TFLOP/s per device"), ("metrics.iter_time_ms", "ms per step"), ("metrics.peak_memory_mb",
+              "peak memory (MB)")) if k in data.columns and data[k].notna().any()]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    numeric = pd.api.types.is_numeric_dtype(data["_x"])
+    positions = {v: i for i, v in enumerate(dict.fromkeys(data["_x"]))}
+    for ax, (key, label) in zip(axes[0], panels):
+        for name, members in _curves(data, view.meta["group"]):
+            x = members["_x"] if numeric else members["_x"].map(positions)
+            ok = members["status"] == "ok"
+            line, = ax.plot(x[ok], members.loc[ok, key], marker="o", label=name or None)
+            for xi, status in zip(x[~ok], members.loc[~ok, "status"]):
+                ax.axvline(xi, color=line.get_color(), linestyle=":", alpha=0.6)
+                ax.annotate(status.upper(), (xi, 0.02), xycoords=("data", "axes fraction"), rotation=90,
+                            fontsize=8, color=line.get_color())
+        if not numeric:
+            ax.set_xticks(list(positions.values()), [str(v) for v in positions], rotation=30)
+        elif pd.api.types.is_integer_dtype(data["_x"]):
+            ax.set_xticks(sorted(positions))  # batch sizes, device counts: no 1.2
+        ax.set_xlabel(vs or "run")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    if view.meta["group"]:
+        axes[0][0].legend(fontsize=7)
+    return fig
+
+
+def _compare(view: View, plt: Any) -> Any:
+    data = view.data[view.data["status"] == "ok"]
+    fig, ax = plt.subplots(figsize=(6.5, 0.45 * len(data) + 1.4))
+    ax.barh(range(len(data)), data["_ratio"], color="tab:blue")
+    ax.set_yticks(range(len(data)), data["_label"], fontsize=8)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xlabel("tokens/s relative to the baseline")
+    ax.invert_yaxis()
+    return fig
+
+
+def _scaling(view: View, plt: Any) -> Any:
+    fig, (speed, eff) = plt.subplots(1, 2, figsize=(9.5, 3.6))
+    for name, members in _curves(view.data, view.meta["group"]):
+        line, = speed.plot(members["devices"], members["speed-up"], marker="o", label=name or "measured")
+        if members["predicted speed-up"].notna().any():
+            speed.plot(members["devices"], members["predicted speed-up"], linestyle=":", marker="x",
+                       color=line.get_color(), label=f"{name} predicted".strip())
+        eff.plot(members["devices"], members["efficiency"], marker="o", color=line.get_color())
+    devices = np.array(sorted(view.data["devices"].unique()))
+    speed.plot(devices, devices / devices[0], color="grey", linestyle="--", label="ideal (linear)")
+    eff.axhline(1.0, color="grey", linestyle="--")
+    for ax, label in ((speed, "speed-up"), (eff, "parallel efficiency")):
+        ax.set_xlabel("devices")
+        ax.set_ylabel(label)
+        ax.set_xticks(devices)
+        ax.grid(alpha=0.3)
+    speed.legend(fontsize=7)
+    return fig
+
+
+def _prediction(view: View, plt: Any) -> Any:
+    data = view.data.dropna(subset=["measured", "predicted"])
+    metrics = list(dict.fromkeys(data["metric"]))
+    fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(3.6 * max(1, len(metrics)), 3.4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        points = data[data["metric"] == metric]
+        ax.scatter(points["measured"], points["predicted"])
+        low = min(points["measured"].min(), points["predicted"].min())
+        high = max(points["measured"].max(), points["predicted"].max())
+        ax.plot([low, high], [low, high], color="grey", linestyle="--")
+        if low > 0 and high / low > 20:
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+        ax.set_title(metric, fontsize=9)
+        ax.set_xlabel("measured")
+        ax.set_ylabel("predicted")
+    if not metrics:
+        axes[0][0].text(0.5, 0.5, "no run has both a prediction and a measurement", ha="center")
+    return fig
+
+
+def _power(view: View, plt: Any) -> Any:
+    runs = view.data.head(MAX_POWER_RUNS)
+    fig, axes = plt.subplots(2, max(1, len(runs)), figsize=(5.5 * max(1, len(runs)), 5.5), squeeze=False)
+    for column, (_, run) in enumerate(runs.iterrows()):
+        trace, steps = read_power(run["path"], run["telemetry.power_csv"]), read_steps(run["path"])
+        top, bottom = axes[0][column], axes[1][column]
+        start = float(trace["time_unix_s"].min()) if trace is not None else 0.0
+        if trace is not None:
+            for device, samples in trace.groupby(["host", "device"]):
+                top.plot(samples["time_unix_s"] - start, samples["power_w"], linewidth=0.8, label=str(device[1])[:12])
+        if "end_unix_s" in steps.columns:
+            for i, step in steps.iterrows():
+                end = step["end_unix_s"] - start
+                top.axvspan(end - step["iter_time_ms"] / 1e3, end, color="grey", alpha=0.25 if i % 2 else 0.1)
+        if pd.notna(run.get("metrics.idle_power_w")):
+            top.axhline(run["metrics.idle_power_w"], color="black", linestyle="--", linewidth=0.8, label="idle")
+        top.set_title(run["run"], fontsize=8)
+        top.set_xlabel("s since the first sample (shaded: steps)")
+        top.set_ylabel("power per device (W)")
+        top.legend(fontsize=6)
+        if "energy_j" in steps.columns:
+            bottom.plot(steps["step"], steps["energy_j"], marker=".")
+        bottom.set_xlabel("step")
+        bottom.set_ylabel("energy per step (J)")
+    return fig
+
+
+def _projection(view: View, plt: Any) -> Any:
+    data = view.data.dropna(subset=["days"])
+    labels = list(dict.fromkeys(data["run"]))
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(labels) + 1.6))
+    for offset, source in ((-0.2, "measured"), (0.2, "predicted")):
+        rows = data[data["from"] == source].set_index("run").reindex(labels)
+        ax.barh(np.arange(len(labels)) + offset, rows["days"], height=0.4, label=source)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.set_xlabel("days to train (6·P·D at the run's rate, linear scaling)")
+    ax.set_xscale("log")
+    ax.legend(fontsize=8)
+    ax.invert_yaxis()
+    return fig
+
+
+PLOTTERS: dict[str, Callable[[View, Any], Any]] = {
+    "sweep": _sweep, "compare": _compare, "scaling": _scaling, "prediction": _prediction, "power": _power,
+    "projection": _projection}
+
+
+def plot(view: View, out_dir: Path) -> Optional[Path]:
+    """Write `<view>.png`; None when the view has nothing to draw."""
+    if view.data.empty:
+        return None
+    plt = _pyplot()
+    fig = PLOTTERS[view.name](view, plt)
+    fig.suptitle(textwrap.fill(view.title, 90), fontsize=10)
+    fig.tight_layout()
+    path = out_dir / f"{view.name}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
