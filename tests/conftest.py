@@ -86,6 +86,15 @@ def runs_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("runs")
 
 
+@pytest.fixture(scope="session")
+def fsdp_study(runs_root: Path) -> Path:
+    """The FSDP study's CPU miniature swept once (4 points, 2 ranks each), read by the FSDP and report tests."""
+    sweep = runs_root / "fsdp-study-cpu"
+    proc = harness(["run", "-m", "+experiment=fsdp-study-cpu", f"hydra.sweep.dir={sweep}"], cwd=runs_root, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return sweep
+
+
 GLOBAL_BATCH = ["train.global_batch_size=4", "train.precision=fp32"]
 
 LAYOUTS = {

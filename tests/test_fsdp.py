@@ -139,11 +139,8 @@ def test_oom_in_a_single_run_exits_non_zero(tmp_path: Path) -> None:
 
 
 @pytest.mark.multirank
-def test_cpu_study_sweeps_by_itself_one_directory_per_point(tmp_path: Path) -> None:
-    sweep = tmp_path / "study"
-    proc = harness(["run", "-m", "+experiment=fsdp-study-cpu", f"hydra.sweep.dir={sweep}"], cwd=tmp_path, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    summaries = [json.loads(p.read_text()) for p in sweep.glob("*/summary.json")]
+def test_cpu_study_sweeps_by_itself_one_directory_per_point(fsdp_study: Path) -> None:
+    summaries = [json.loads(p.read_text()) for p in fsdp_study.glob("*/summary.json")]
     points = sorted((s["config"]["train"]["micro_batch_size"], s["config"]["train"]["activation_checkpointing"])
                     for s in summaries)
     assert points == [(1, "full"), (1, "none"), (2, "full"), (2, "none")]
