@@ -20,6 +20,7 @@ COMMANDS = {  # name: (module:function, one-line summary)
     "submit": ("harness.submit:submit_command", "render a site's batch job script and submit it"),
     "report": ("harness.report.command:report_command",
                "tables, plots and report.md from run and sweep directories"),
+    "data": ("harness.data:data_command", "tokenize local text into a Megatron .bin/.idx dataset (data prepare)"),
 }
 
 USAGE = "usage: harness <command> [overrides ...] [--help]\n\ncommands:\n" + "\n".join(

@@ -59,7 +59,7 @@ def test_every_command_answers_bad_input_in_one_line(tmp_path: Path, args: list[
     assert not list(tmp_path.rglob("*.yaml")), "a config error must leave nothing behind"
 
 
-@pytest.mark.parametrize("command", ["", "run", "estimate", "plan", "calibrate", "submit"])
+@pytest.mark.parametrize("command", ["", "run", "estimate", "plan", "calibrate", "submit", "report", "data"])
 def test_every_command_has_help(tmp_path: Path, command: str) -> None:
     proc = harness([command, "--help"] if command else ["--help"], cwd=tmp_path, timeout=60)
     assert proc.returncode == 0, proc.stderr

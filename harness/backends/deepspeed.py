@@ -11,22 +11,15 @@ from __future__ import annotations
 
 import copy
 import os
-import warnings
 from typing import Any, Sequence
 
 import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from harness import quiet_library_warnings
 from harness.backends.base import Backend, MicroBatch, checkpoint_and_compile, materialize
 from harness.config.checks import Layout
-
-
-def quiet_library_warnings() -> None:
-    """Not the user's to act on, and repeated every step: DeepSpeed still calls collectives torch has
-    renamed, and megatron-core notes that its optional fused kernels are not installed."""
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed", category=UserWarning)
 
 
 def import_deepspeed(device: torch.device) -> Any:

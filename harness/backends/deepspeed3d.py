@@ -32,8 +32,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from harness import quiet_library_warnings
 from harness.backends.base import MicroBatch
-from harness.backends.deepspeed import DeepSpeedEngineBackend, quiet_library_warnings
+from harness.backends.deepspeed import DeepSpeedEngineBackend
 from models.gpt import GPT, Block, GPTConfig, make_norm, rope_cache
 
 quiet_library_warnings()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from omegaconf import DictConfig
 
@@ -31,7 +31,7 @@ from launchers.env import GPU_ORDERS
 from models.config import GPTConfig, ModelConfigError, nearest_divisor
 
 CHECKPOINTING = ("none", "selective", "full")
-DATA_KINDS = ("synthetic", "tokens")
+DATA_KINDS = ("synthetic", "tokens", "megatron")
 TOKEN_DTYPES = {"uint16": 2, "uint32": 4}
 DEVICES = ("auto", "cpu", "cuda", "xpu")
 TELEMETRY_SOURCES = ("auto", "nvml", "amdsmi", "rocm-smi", "rapl", "none")
@@ -228,8 +228,61 @@ def _check_launcher(launcher: LauncherConfig) -> None:
     _at_least(launcher, "launcher", ("watchdog_s", "walltime_margin_s"), 0, "0 or more seconds")
 
 
+def megatron_blend(d: DataConfig) -> tuple[list[str], Optional[list[float]]]:
+    """(prefixes, weights or None) of data=megatron, from data.prefix, data.blend or data.blend_file: the
+    blend tuple megatron-core's BlendedMegatronDatasetConfig takes. ConfigError (one line) for bad input."""
+    given = [key for key in ("prefix", "blend", "blend_file") if d[key]]
+    if len(given) != 1:
+        raise ConfigError("data=megatron needs exactly one of data.prefix=PATH, data.blend=[w,PATH,...] or "
+                          f"data.blend_file=FILE (given: {', '.join(given) or 'none'})")
+    if d.prefix:
+        return [str(d.prefix)], None
+    if d.blend_file:
+        path = Path(d.blend_file).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"data.blend_file={d.blend_file}: no such file; give a list of `weight prefix` lines")
+        items: list[Any] = []
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            fields = line.split("#", 1)[0].split()
+            if not fields:
+                continue
+            if len(fields) not in (2, 3):
+                raise ConfigError(f"data.blend_file={d.blend_file} line {number}: expected `weight prefix [corpus]`, "
+                                  f"got {line.strip()!r}")
+            items += fields[:2]
+        where = f"data.blend_file={d.blend_file}"
+    else:
+        items, where = list(d.blend), "data.blend"
+    if not items or len(items) % 2:
+        raise ConfigError(f"{where}: give weight, prefix pairs (e.g. [0.3,/data/a_text_document,0.7,/data/b]); "
+                          f"got {len(items)} item(s)")
+    weights = []
+    for weight in items[0::2]:
+        try:
+            value = float(weight)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: weight {weight!r} is not a number; give weight, prefix pairs") from None
+        if not value > 0:
+            raise ConfigError(f"{where}: weight {weight!r} must be positive")
+        weights.append(value)
+    return [str(p) for p in items[1::2]], weights
+
+
+def _check_megatron(d: DataConfig) -> None:
+    prefixes, _ = megatron_blend(d)
+    for prefix in prefixes:
+        for suffix in (".bin", ".idx"):
+            if not Path(prefix + suffix).expanduser().is_file():
+                raise ConfigError(f"data: {prefix}{suffix}: no such file; give the prefix of a .bin/.idx pair "
+                                  "(harness data prepare writes one)")
+
+
 def _check_data(d: DataConfig, seq_len: int, vocab_size: int) -> None:
     _choice(d.kind, DATA_KINDS, "data.kind")
+    if d.workers < 0:
+        raise ConfigError(f"data.workers={d.workers}: must be 0 (load in the step) or more loader processes")
+    if d.kind == "megatron":
+        _check_megatron(d)
     if d.kind != "tokens":
         return
     _choice(d.dtype, TOKEN_DTYPES, "data.dtype")

@@ -106,11 +106,23 @@ class TrainConfig:
 @dataclass
 class DataConfig:
     kind: str = "synthetic"
-    """synthetic (seeded random tokens) | tokens (a flat binary file of token ids)."""
+    """synthetic (seeded random tokens) | tokens (a flat binary file of token ids) | megatron (.bin/.idx
+    indexed datasets read through megatron-core's GPTDataset and BlendedDataset)."""
     path: Optional[str] = None
     """tokens: the file."""
     dtype: str = "uint16"
     """tokens: uint16 or uint32."""
+    prefix: Optional[str] = None
+    """megatron: one dataset, the path of its .bin/.idx pair without the suffix."""
+    blend: list[Any] = field(default_factory=list)
+    """megatron: [weight, prefix, weight, prefix, ...] as Megatron's --data-path takes them."""
+    blend_file: Optional[str] = None
+    """megatron: an ALCF-style data list, one `weight prefix [corpus]` line per dataset (# comments)."""
+    cache_dir: Optional[str] = None
+    """megatron: where megatron-core writes its sample-index cache; None: $HARNESS_CACHE_DIR, else
+    $XDG_CACHE_HOME/harness/megatron-indices (~/.cache/...), shared by every rank and reused across runs."""
+    workers: int = 0
+    """Background loader processes (torch DataLoader) preparing the next steps' batches; 0: in the step."""
 
 
 @dataclass

@@ -41,7 +41,7 @@ def measure_step(config: dict[str, Any], out_path: str) -> None:
 
     from harness.backends import make_backend
     from harness.config.checks import validate
-    from harness.run.data import rank_micro_batches, token_source
+    from harness.run.data import SyntheticTokens, rank_micro_batches
     from harness.run.rank import rank_process
     from models.config import GPTConfig
     from models.gpt import GPT
@@ -53,8 +53,7 @@ def measure_step(config: dict[str, Any], out_path: str) -> None:
         backend = make_backend(cfg, layout, device)
         torch.manual_seed(cfg.train.seed)
         backend.setup(GPT(GPTConfig.from_section(cfg.model)))
-        data = token_source(kind="synthetic", vocab_size=cfg.model.vocab_size, seq_len=cfg.model.seq_len,
-                            seed=cfg.train.seed, path=None, dtype="uint16")
+        data = SyntheticTokens(vocab_size=cfg.model.vocab_size, seq_len=cfg.model.seq_len, seed=cfg.train.seed)
 
         def step(i: int) -> None:
             backend.train_step(rank_micro_batches(data, step=i, layout=layout, dp_rank=backend.dp_rank, device=device))

@@ -45,6 +45,7 @@ METRICS = {  # summary column: table heading
     "metrics.model_tflops_per_device": "TFLOP/s/dev",
     "metrics.mfu": "MFU",
     "metrics.iter_time_ms": "ms/step",
+    "metrics.data_time_ms": "data ms",
     "metrics.peak_memory_mb": "peak MB",
     "metrics.alloc_retries": "alloc retries",
     "gpu_use": "GPU use %",
@@ -89,9 +90,18 @@ def config_keys(frame: pd.DataFrame) -> list[str]:
 
 
 def varying(frame: pd.DataFrame, keys: Optional[list[str]] = None) -> list[str]:
-    """Config keys whose value differs between runs."""
+    """Config keys whose value differs between runs, less those a section's name already implies (two
+    systems differ in every system.* figure: system.name says it)."""
     keys = config_keys(frame) if keys is None else keys
-    return [k for k in keys if k in frame.columns and frame[k].astype(str).nunique() > 1]
+    changing = [k for k in keys if k in frame.columns and frame[k].astype(str).nunique() > 1]
+    return [k for k in changing if not _implied_by_name(frame, k, changing)]
+
+
+def _implied_by_name(frame: pd.DataFrame, key: str, changing: list[str]) -> bool:
+    name = f"{key.rpartition('.')[0]}.name"
+    if key == name or name not in changing:
+        return False
+    return bool((frame.groupby(frame[name].astype(str))[key].agg(lambda s: s.astype(str).nunique()) <= 1).all())
 
 
 def check_key(frame: pd.DataFrame, key: str, option: str) -> None:

@@ -193,7 +193,7 @@ def read_steps(run_dir: Path) -> list[dict[str, Any]]:
 
 
 SUMMARY_KEYS = ("loss", "iter_time_ms", "tokens_per_s", "model_tflops_per_device", "hardware_tflops_per_device",
-                "mfu", "hfu", "peak_memory_mb")
+                "mfu", "hfu", "peak_memory_mb", "data_time_ms")
 
 
 def summarize_steps(steps: list[dict[str, Any]]) -> dict[str, Optional[float]]:

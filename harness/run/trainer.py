@@ -17,7 +17,7 @@ from harness.backends import make_backend
 from harness.backends.base import Backend
 from harness.config.checks import compute_precision, validate
 from harness.costmodel.flops import step_flops
-from harness.run.data import TokenSource, rank_micro_batches, token_source
+from harness.run.data import TokenSource, micro_batches, step_batches, token_source
 from harness.run.live import Progress
 from harness.run.metrics import MemoryMeter, Throughput, device_name, resolve_peak
 from harness.run.rank import frozen_gc, synchronize
@@ -76,9 +76,9 @@ class Trainer:
             world_size=self.layout.world_size,
             peak=resolve_peak(self.cfg.system, compute_precision(self.cfg), self.device),
         )
-        d = self.cfg.data
-        data = token_source(kind=d.kind, vocab_size=model_cfg.vocab_size, seq_len=model_cfg.seq_len,
-                            seed=train.seed, path=d.path, dtype=d.dtype)
+        total = train.warmup_steps + train.steps
+        data = token_source(self.cfg.data, vocab_size=model_cfg.vocab_size, seq_len=model_cfg.seq_len,
+                            seed=train.seed, num_samples=total * self.layout.global_batch_size)
         sampler = make_sampler(
             self.cfg.telemetry, device_type=self.device.type, device_index=self.device.index,
             local_rank=self.info.local_rank, rank=self.info.rank, host=hostname(),
@@ -111,18 +111,21 @@ class Trainer:
             synchronize(self.device)
             last = time.perf_counter()
             built.sampler.mark_step(last)
+            loader = step_batches(built.data, layout=self.layout, dp_rank=built.backend.dp_rank, steps=total,
+                                  workers=self.cfg.data.workers, device=self.device)
             for step in range(total):
                 built.memory.start_step()
                 self.inject_fault(step)
-                batches = rank_micro_batches(built.data, step=step, layout=self.layout,
-                                             dp_rank=built.backend.dp_rank, device=self.device)
+                waited = time.perf_counter()
+                batches = micro_batches(next(loader), layout=self.layout, device=self.device)
+                data_s = time.perf_counter() - waited
                 loss = built.backend.train_step(batches)
                 synchronize(self.device)
                 now = time.perf_counter()
                 iter_time_s, last = now - last, now
                 reading = built.sampler.mark_step(now)
                 assert reading is not None  # every boundary after the first closes a window
-                record = self.record(built, step, step < train.warmup_steps, loss, iter_time_s, reading)
+                record = self.record(built, step, step < train.warmup_steps, loss, iter_time_s, data_s, reading)
                 if self.step_log is not None and progress is not None:
                     self.step_log.write(record)
                     progress.update(record)
@@ -140,14 +143,14 @@ class Trainer:
             raise torch.OutOfMemoryError(
                 f"injected by train.fault_inject_oom_step={step} on rank {self.info.rank}")
 
-    def record(self, built: Built, step: int, warmup: bool, loss: torch.Tensor, iter_time_s: float,
+    def record(self, built: Built, step: int, warmup: bool, loss: torch.Tensor, iter_time_s: float, data_s: float,
                reading: StepReading) -> dict[str, Any]:
         """One line of steps.jsonl. Its reduction falls into the next step's time, not hidden from it."""
         memory = built.memory.read()
         end_unix_s = time.time()  # places the step on power.csv's clock (the power view marks step windows)
         stop = out_of_time(self.end_time_s, end_unix_s, iter_time_s, self.cfg.launcher.walltime_margin_s)
-        loss_value, peak_mb, retries, self.stop_agreed, telemetry = self.reduce(
-            loss, memory["peak_memory_mb"], memory["alloc_retries"], stop, reading.vector())
+        loss_value, peak_mb, retries, self.stop_agreed, data_s, telemetry = self.reduce(
+            loss, memory["peak_memory_mb"], memory["alloc_retries"], stop, data_s, reading.vector())
         return {
             "step": step,
             "warmup": warmup,
@@ -156,16 +159,18 @@ class Trainer:
             **built.throughput.rates(iter_time_s),
             "peak_memory_mb": peak_mb,
             "alloc_retries": retries,
+            "data_time_ms": data_s * 1e3,
             **built.backend.step_notes(),
             **step_fields(telemetry, iter_time_s),
         }
 
-    def reduce(self, loss: torch.Tensor, peak_mb: float, retries: Optional[int], stop: bool,
-               telemetry: list[float]) -> tuple[float, float, Optional[int], bool, list[list[float]]]:
+    def reduce(self, loss: torch.Tensor, peak_mb: float, retries: Optional[int], stop: bool, data_s: float,
+               telemetry: list[float]) -> tuple[float, float, Optional[int], bool, float, list[list[float]]]:
         """In one collective: the mean loss over ranks (tensor-parallel peers hold the same loss), the largest
         peak memory and allocator retries of any rank (the one nearest its memory limit), rank 0's decision
-        to stop (so that every rank leaves the loop after the same step), and every rank's telemetry row."""
-        mine = torch.tensor([float(loss.detach()), peak_mb, float(retries or 0), float(stop), *telemetry],
+        to stop (so that every rank leaves the loop after the same step), the longest wait for data (the rank
+        every other one waits for), and every rank's telemetry row."""
+        mine = torch.tensor([float(loss.detach()), peak_mb, float(retries or 0), float(stop), data_s, *telemetry],
                             dtype=torch.float64, device=loss.device)
         if self.info.world_size == 1:
             table = mine.reshape(1, -1)
@@ -174,7 +179,8 @@ class Trainer:
             dist.all_gather(gathered, mine)
             table = torch.stack(gathered)
         return (float(table[:, 0].mean()), float(table[:, 1].max()),
-                None if retries is None else int(table[:, 2].max()), bool(table[0, 3]), table[:, 4:].tolist())
+                None if retries is None else int(table[:, 2].max()), bool(table[0, 3]), float(table[:, 4].max()),
+                table[:, 5:].tolist())
 
     def stalled(self, error: Exception) -> None:
         """The watchdog's last act on this rank: the summary says the run stopped making progress."""
