@@ -74,6 +74,10 @@ def _check_overrides(overrides: list[str], site: str, world_size: int) -> None:
     from harness.config.checks import validate
     from harness.config.compose import compose
 
+    options = [o for o in overrides if o.startswith("-")]
+    if options:
+        raise ConfigError(f"submit: {options[0]}: a job runs one point; give only overrides after -- (for a "
+                          "sweep, submit one job per point, or run `harness run -m ...` inside an allocation)")
     validate(compose([f"system={site}", *overrides]), world_size)
 
 

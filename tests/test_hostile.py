@@ -45,6 +45,7 @@ ONE_LINE_ERRORS = [  # (command line, text the one line must contain)
     (["calibrate", "--name=cpu"], "--name=cpu: a profile shipped with harness"),
     (["calibrate", "model=nope"], "model=nope: unknown model"),
     (["submit", "nowhere"], "unknown system 'nowhere'"),
+    (["submit", "cpu", "--dry-run", "--", "-m", "train.micro_batch_size=1,2"], "submit: -m: a job runs one point"),
     (["nosuchcommand"], "unknown command 'nosuchcommand'"),
 ]
 
