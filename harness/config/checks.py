@@ -298,18 +298,23 @@ def _check_data(d: DataConfig, seq_len: int, vocab_size: int) -> None:
         fix = f"use data.dtype={other[0]}" if other else "the file is truncated or not a token file"
         raise ConfigError(f"data.path={d.path} is {size} bytes, not a whole number of {d.dtype} tokens "
                           f"({item} bytes each); {fix}")
-    n_tokens = size // item
+    check_token_ids(f"data.path={d.path}", path, d.dtype, size // item, seq_len, vocab_size)
+
+
+def check_token_ids(label: str, path: Path, dtype: str, n_tokens: int, seq_len: int, vocab_size: int) -> None:
+    """A file of token ids (data=tokens, or a Megatron .bin) holds at least one sample (seq_len+1 tokens) and
+    only ids the model's vocabulary covers (one pass over the file through a memory map)."""
     if n_tokens < seq_len + 1:
         raise ConfigError(
-            f"data.path={d.path} holds {n_tokens} {d.dtype} tokens, fewer than model.seq_len+1={seq_len + 1}; "
+            f"{label} holds {n_tokens} {dtype} tokens, fewer than model.seq_len+1={seq_len + 1}; "
             "use a larger file or a shorter model.seq_len"
         )
     import numpy as np  # only for token files; keeps the common path light
 
-    largest = int(np.memmap(path, dtype=np.dtype(d.dtype), mode="r").max())
+    largest = int(np.memmap(path, dtype=np.dtype(dtype), mode="r").max())
     if largest >= vocab_size:
         raise ConfigError(
-            f"data.path={d.path} holds token id {largest}, outside model.vocab_size={vocab_size}; "
+            f"{label} holds token id {largest}, outside model.vocab_size={vocab_size}; "
             "use a model whose vocab_size exceeds the tokenizer's ids"
         )
 

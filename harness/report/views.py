@@ -293,12 +293,11 @@ def scaling_view(frame: pd.DataFrame, options: Options) -> View:
         # curve's smallest count that communicates, g_c, and is chained to g by the measured speed-up g→g_c.
         comm_base = next((points.loc[i] for i, (_, comm, _) in splits.items() if comm), None)
         mode = _mode(points)
+        predicted = pd.to_numeric(column(points, "prediction.tokens_per_s"), errors="coerce")  # None → NaN
         for i, run in points.iterrows():
             n, g = run["layout.world_size"], base["layout.world_size"]
             speedup = run["metrics.tokens_per_s"] / base["metrics.tokens_per_s"]
-            predicted = column(points, "prediction.tokens_per_s")
-            pred_speedup = (run.get("prediction.tokens_per_s") / base.get("prediction.tokens_per_s")
-                            if pd.notna(predicted[run.name]) and pd.notna(predicted[base.name]) else np.nan)
+            pred_speedup = predicted[i] / predicted[base.name]  # NaN where either run has no prediction
             comp_n, comm_n, source = splits[i]
             comm_eff = implied = r_comm = np.nan
             if comm_base is not None and comm_n and n >= comm_base["layout.world_size"]:

@@ -122,8 +122,11 @@ def _list_points(args: list[str]) -> int:
     options, overrides = _split_hydra_args(args)
     points = sweep_points(overrides)
     cfg_part = next((options[i + 1] for i, o in enumerate(options[:-1]) if o in ("-c", "--cfg")), None)
-    varying = {o.split("=", 1)[0] for o in {o for p in points for o in p}
-               if len({q for p in points for q in p if q.split("=", 1)[0] == o.split("=", 1)[0]}) > 1}
+    values: dict[str, set[str]] = {}
+    for override in (o for p in points for o in p):
+        key, _, value = override.partition("=")
+        values.setdefault(key, set()).add(value)
+    varying = {key for key, seen in values.items() if len(seen) > 1}
     bad = 0
     if cfg_part is None:
         print(f"harness: {len(points)} point(s); nothing run (drop --dry-run to run them)")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from harness import quiet_library_warnings
-from harness.config.checks import Layout, megatron_blend
+from harness.config.checks import Layout, check_token_ids, megatron_blend
 from harness.config.errors import ConfigError
 from harness.config.schema import DataConfig
 
@@ -82,30 +82,26 @@ def cache_dir(configured: Optional[str]) -> str:
     return str(Path(root) / "megatron-indices")
 
 
-def check_indexed(prefixes: list[str], vocab_size: int, seq_len: int) -> None:
-    """Before launch: each .bin holds exactly what its .idx says, in ids the model's vocabulary covers."""
+def check_indexed(d: DataConfig, vocab_size: int, seq_len: int) -> None:
+    """Before launch: each .bin of data=megatron holds exactly what its .idx says, at least one sample, in
+    ids the model's vocabulary covers."""
     quiet_library_warnings()
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    for prefix in prefixes:
+    for prefix in megatron_blend(d)[0]:
         try:
             index = IndexedDataset(prefix, mmap=True)
         except Exception as exc:  # megatron-core raises AssertionError/ValueError/OSError on a bad index
             raise ConfigError(f"data: {prefix}.idx is not a Megatron index ({type(exc).__name__}: {exc}); "
                               "rebuild it with harness data prepare") from None
         dtype = np.dtype(index.index.dtype)
-        expected = int(index.sequence_lengths.sum()) * dtype.itemsize
-        size = Path(prefix + ".bin").stat().st_size
-        if size != expected:
-            raise ConfigError(f"data: {prefix}.bin is {size} bytes but its .idx describes {expected} "
+        n_tokens = int(index.sequence_lengths.sum())
+        bin_path = Path(prefix + ".bin")
+        size = bin_path.stat().st_size
+        if size != n_tokens * dtype.itemsize:
+            raise ConfigError(f"data: {bin_path} is {size} bytes but its .idx describes {n_tokens * dtype.itemsize} "
                               f"({dtype.name} tokens); the pair is truncated or mismatched, rebuild it")
-        if int(index.sequence_lengths.sum()) < seq_len + 1:
-            raise ConfigError(f"data: {prefix} holds fewer than model.seq_len+1={seq_len + 1} tokens; "
-                              "use more data or a shorter model.seq_len")
-        largest = int(np.memmap(prefix + ".bin", dtype=dtype, mode="r").max())
-        if largest >= vocab_size:
-            raise ConfigError(f"data: {prefix} holds token id {largest}, outside model.vocab_size={vocab_size}; "
-                              "use a model whose vocab_size covers the tokenizer's ids")
+        check_token_ids(f"data: {bin_path}", bin_path, dtype.name, n_tokens, seq_len, vocab_size)
 
 
 class MegatronTokens:

@@ -17,10 +17,9 @@ def preflight(cfg: Any, world_size: int, local_ranks: int) -> Layout:
     layout = validate(cfg, world_size)
     device = check_device(cfg.system.device)
     if cfg.data.kind == "megatron":
-        from harness.config.checks import megatron_blend
         from harness.run.data import check_indexed
 
-        check_indexed(megatron_blend(cfg.data)[0], cfg.model.vocab_size, cfg.model.seq_len)
+        check_indexed(cfg.data, cfg.model.vocab_size, cfg.model.seq_len)
     if not cfg.launcher.skip_memory_check:
         check_memory_fit(cfg, layout, device, local_ranks)
     return layout
