@@ -1,8 +1,9 @@
 """Communication bytes per rank: the cost model against what a real 2-rank gloo step issues.
 
-The measurement is the torch profiler's record of each gloo collective (harness/commcount.py): one
-warm-up step, then one profiled optimizer step of the real backend. The prediction is the cost
-model's payload bytes × calls per collective kind (harness/costmodel/comm.py). Tolerance 5%.
+The measurement is the torch profiler's trace of each gloo collective (harness/predict/commcount.py, read by
+harness/trace/comm.py, as a profiled run's breakdown is): one warm-up step, then one profiled optimizer step
+of the real backend. The prediction is the cost model's payload bytes × calls per collective kind
+(harness/costmodel/comm.py), in the trace's convention (what each rank puts in). Tolerance 5%.
 Adding a layout is one line in LAYOUTS.
 """
 
@@ -15,8 +16,7 @@ import pytest
 
 from harness.config.checks import validate
 from harness.config.compose import compose, to_container
-from harness.costmodel.comm import collectives
-from harness.costmodel.layout import job_from_config
+from harness.trace.comm import predicted_bytes
 
 ZERO3_KEEP_NOTHING = ("param_persistence_threshold", "max_reuse_distance", "prefetch_bucket_size")
 LAYOUTS = {  # name: overrides (gpt-tiny, 2 ranks, 2 micro-batches per step; 4 with TP or PP, where dp = 1)
@@ -36,19 +36,6 @@ LAYOUTS = {  # name: overrides (gpt-tiny, 2 ranks, 2 micro-batches per step; 4 w
 COMMON = ["model=gpt-tiny", "launcher.nproc=2", "train.global_batch_size=4", "train.precision=fp32"]
 
 
-GLOO_KIND = {"reduce_scatter": "all_reduce"}
-"""ProcessGroupGloo has no reduce_scatter_tensor, so FSDP2 on gloo reduces the gradients with an
-all-reduce of the same full tensor (what the profiler records); NCCL runs the reduce-scatter."""
-
-
-def predicted_by_kind(cfg, world: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
-    out: dict[str, float] = {}
-    for c in collectives(job_from_config(cfg, validate(cfg, world))):
-        kind = GLOO_KIND.get(c.kind, c.kind)
-        out[kind] = out.get(kind, 0.0) + c.payload_bytes * c.calls
-    return out
-
-
 @pytest.mark.multirank
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_predicted_comm_bytes_match_profiled_step(name: str, tmp_path: Path) -> None:
@@ -59,7 +46,7 @@ def test_predicted_comm_bytes_match_profiled_step(name: str, tmp_path: Path) -> 
     out = tmp_path / "counts.json"
     launch_local(2, measure_step, to_container(cfg), str(out))
     measured = json.loads(out.read_text())
-    predicted = predicted_by_kind(cfg, 2)
+    predicted = predicted_bytes(cfg, validate(cfg, 2), gloo=True)
     # What the model leaves out must be negligible (DDP's bookkeeping broadcasts, scalar norms, the
     # pipeline's loss broadcast).
     for kind in set(measured) - set(predicted):

@@ -13,8 +13,10 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from harness.config.checks import Layout
+from harness.trace.events import PHASES
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor]
 
@@ -171,12 +173,15 @@ class FabricBackend(Backend):
         n = len(micro_batches)
         for i, (inputs, targets) in enumerate(micro_batches):
             with self.fabric.no_backward_sync(self.model, enabled=i < n - 1):
-                loss = self.model(inputs, targets)
-                self.fabric.backward(loss / n)
+                with record_function(PHASES.forward):
+                    loss = self.model(inputs, targets)
+                with record_function(PHASES.backward):
+                    self.fabric.backward(loss / n)
             total += loss.detach()
-        if self.cfg.train.grad_clip > 0:
-            self.clip_gradients(self.cfg.train.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with record_function(PHASES.optimizer):
+            if self.cfg.train.grad_clip > 0:
+                self.clip_gradients(self.cfg.train.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         return total / n
 

@@ -16,10 +16,12 @@ from typing import Any, Sequence
 import torch
 from omegaconf import OmegaConf
 from torch import nn
+from torch.profiler import record_function
 
 from harness import quiet_library_warnings
 from harness.backends.base import Backend, MicroBatch, checkpoint_and_compile, materialize
 from harness.config.checks import Layout
+from harness.trace.events import PHASES
 
 
 def import_deepspeed(device: torch.device) -> Any:
@@ -118,8 +120,11 @@ class DeepSpeedBackend(DeepSpeedEngineBackend):
         """DeepSpeed divides each micro-batch's loss by the accumulation steps and steps on the last one."""
         total = torch.zeros((), device=self.device)
         for inputs, targets in micro_batches:
-            loss = self.engine(inputs, targets)
-            self.engine.backward(loss)
-            self.engine.step()
+            with record_function(PHASES.forward):
+                loss = self.engine(inputs, targets)
+            with record_function(PHASES.backward):
+                self.engine.backward(loss)
+            with record_function(PHASES.optimizer):  # a no-op but on the last micro-batch (the boundary)
+                self.engine.step()
             total += loss.detach().float()
         return total / len(micro_batches)

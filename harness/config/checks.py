@@ -217,6 +217,57 @@ def _check_train(t: TrainConfig, n_layers: int, backend: str) -> None:
         raise ConfigError(f"train.fault_inject_oom_step={t.fault_inject_oom_step}: choose a step in 0..{total - 1}")
 
 
+@dataclass(frozen=True)
+class ProfileWindow:
+    """The steps a profiled run traces: `warmup` steps run under the profiler and discarded, then `recorded`."""
+
+    warmup: range
+    recorded: range
+
+    @property
+    def touched(self) -> range:
+        """Every step whose time the profiler changes: its warm-up and recorded steps, and the step after them,
+        which pays for stopping the trace (torch.profiler collects its events at that transition)."""
+        return range(self.warmup.start, self.recorded.stop + 1)
+
+    def phase(self, step: int) -> Optional[str]:
+        """What the profiler did in `step` (steps.jsonl's `profiler` field): warmup | record | stop, or None."""
+        if step in self.warmup:
+            return "warmup"
+        if step in self.recorded:
+            return "record"
+        return "stop" if step == self.recorded.stop else None
+
+
+def profile_window(p: Any, warmup_steps: int, total_steps: int) -> Optional[ProfileWindow]:
+    """The window of `profile.*` (None when profiling is off); ConfigError when it does not fit the run or
+    leaves no unprofiled timed step to measure the profiler's overhead against."""
+    if not p.enabled:
+        if p.memory:
+            raise ConfigError("profile.memory=true records the profiled window's memory; add profile.enabled=true")
+        return None
+    if p.steps:
+        steps = sorted(int(s) for s in p.steps)
+        if steps != list(range(steps[0], steps[0] + len(steps))) or steps[0] < 0:
+            raise ConfigError(f"profile.steps={list(p.steps)}: give consecutive steps (one trace window), "
+                              "e.g. profile.steps=[4,5]")
+        first, active = steps[0], len(steps)
+        warmup = min(p.warmup, first)
+    else:
+        _at_least(p, "profile", ("warmup",), 0, "0 or more")
+        _at_least(p, "profile", ("active",), 1, "at least 1 recorded step")
+        _at_least(p, "profile", ("wait",), 0, "0 or more")
+        warmup, active = p.warmup, p.active
+        first = (warmup_steps if p.wait is None else p.wait) + warmup
+    window = ProfileWindow(range(first - warmup, first), range(first, first + active))
+    if not any(s not in window.touched for s in range(warmup_steps, total_steps)) or window.recorded.stop > total_steps:
+        need = window.touched.stop + 1 - warmup_steps
+        raise ConfigError(f"profile: steps {window.touched.start}..{window.touched.stop - 1} run under the profiler "
+                          f"(recorded {first}..{first + active - 1}); set train.steps={need} or more so that the "
+                          "window fits and an unprofiled timed step remains to compare with")
+    return window
+
+
 def _check_launcher(launcher: LauncherConfig) -> None:
     _choice(launcher.gpu_order, GPU_ORDERS, "launcher.gpu_order")
     _at_least(launcher, "launcher", ("nproc",), 1, "at least 1 (ranks to start)")
@@ -387,6 +438,7 @@ def validate(cfg: AnyConfig, world_size: int) -> Layout:
     global_batch = _batch(t, dp)
     _check_data(cfg.data, model.seq_len, model.vocab_size)
     _check_telemetry(cfg.telemetry)
+    profile_window(cfg.profile, t.warmup_steps, t.warmup_steps + t.steps)
     _check_report(cfg.report)
     return Layout(world_size=world_size, tp=p.tp, pp=p.pp, dp=dp, zero_stage=p.zero_stage,
                   micro_batch_size=t.micro_batch_size, global_batch_size=global_batch,

@@ -232,6 +232,31 @@ class TelemetryConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """A torch.profiler trace of a window of steps on every rank, and where each step's time goes
+    (harness/trace/). The window follows torch.profiler.schedule: `wait` steps untouched, `warmup` steps
+    profiled and discarded (the profiler's own start-up cost), `active` steps recorded."""
+
+    enabled: bool = False
+    """Record `profile/rank<k>.json.gz` in the run directory (Perfetto, chrome://tracing, HTA) and write
+    summary.json's `breakdown`. Profiled steps are marked in steps.jsonl and left out of the medians."""
+    wait: Optional[int] = None
+    """Steps before the profiler starts; None: train.warmup_steps (the window starts after warm-up)."""
+    warmup: int = 1
+    """Steps the profiler runs and discards before recording (torch.profiler's warm-up)."""
+    active: int = 2
+    """Steps recorded in the trace and analysed."""
+    steps: list[int] = field(default_factory=list)
+    """Instead of wait/active: the consecutive steps to record (0-based, warm-up steps counted)."""
+    record_shapes: bool = True
+    """Operator input shapes; the communication bytes per collective kind are computed from them."""
+    with_stack: bool = False
+    """Python stacks per operator (larger traces, more overhead)."""
+    memory: bool = False
+    """CUDA only: a memory snapshot of the window, `profile/memory_rank<k>.pickle` (pytorch.org/memory_viz)."""
+
+
+@dataclass
 class SweepConfig:
     """Hydra multirun (`harness run -m ...`) behaviour."""
 
@@ -248,7 +273,8 @@ class ReportConfig:
     reproduces its study's table or figure. Command-line options of `harness report` win."""
 
     views: list[str] = field(default_factory=list)
-    """sweep | compare | scaling | prediction | power | projection; empty: chosen from what varies across runs."""
+    """sweep | compare | scaling | prediction | power | projection | breakdown | comm; empty: chosen from what
+    varies across runs (breakdown and comm where runs were profiled)."""
     vs: Optional[str] = None
     """x axis / swept key (a flattened config key such as train.micro_batch_size); None: the key that varies."""
     by: list[str] = field(default_factory=list)
@@ -271,6 +297,7 @@ class Config:
     system: SystemConfig = field(default_factory=SystemConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 

@@ -1,35 +1,17 @@
 """Count the collectives one training step really issues, from the torch profiler's record of them.
 
-Each gloo collective appears in the profiler as a `gloo:<kind>` event whose recorded input shape and
-dtype give its size; an all-gather records this rank's shard, so its full tensor is that times the
-group size. `measure_step` runs on every rank of a real process group (launched with
-`launchers.local.launch_local`) and rank 0 writes bytes per collective kind, the same quantity as
-the cost model's `payload_bytes × calls` (harness/costmodel/comm.py).
+`measure_step` runs on every rank of a real process group (launched with `launchers.local.launch_local`):
+one warm-up step, then one profiled step of the configured backend, read through the same trace parser
+as a profiled run's breakdown (harness.trace.comm); rank 0 writes bytes per collective kind, the
+quantity the cost model predicts (`harness.trace.comm.predicted_bytes`).
 """
 
 from __future__ import annotations
 
 import json
-import math
+import tempfile
 from pathlib import Path
 from typing import Any
-
-ITEM_BYTES = {"float": 4, "double": 8, "c10::BFloat16": 2, "c10::Half": 2, "long int": 8, "long": 8, "int": 4}
-KINDS = {"gloo:all_reduce": "all_reduce", "gloo:all_gather": "all_gather", "gloo:reduce_scatter": "reduce_scatter",
-         "gloo:send": "send_recv", "gloo:recv": None, "gloo:broadcast": "broadcast"}
-
-
-def payload_by_kind(events: Any, world: int) -> dict[str, float]:
-    """Bytes per collective kind from the profiler's events (receives are counted at their sender)."""
-    out: dict[str, float] = {}
-    for event in events:
-        kind = KINDS.get(event.name)
-        if kind is None or not event.input_shapes:
-            continue
-        nbytes = sum(math.prod(shape) * ITEM_BYTES[dtype]
-                     for shape, dtype in zip(event.input_shapes, event.input_dtypes) if shape)
-        out[kind] = out.get(kind, 0.0) + nbytes * (world if kind == "all_gather" else 1)
-    return out
 
 
 def measure_step(config: dict[str, Any], out_path: str) -> None:
@@ -43,6 +25,8 @@ def measure_step(config: dict[str, Any], out_path: str) -> None:
     from harness.config.checks import validate
     from harness.run.data import SyntheticTokens, rank_micro_batches
     from harness.run.rank import rank_process
+    from harness.trace.comm import by_kind
+    from harness.trace.events import load
     from models.config import GPTConfig
     from models.gpt import GPT
 
@@ -63,5 +47,9 @@ def measure_step(config: dict[str, Any], out_path: str) -> None:
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             step(1)
         if ctx.info.rank == 0:
-            Path(out_path).write_text(json.dumps(payload_by_kind(prof.events(), ctx.info.world_size)))
+            with tempfile.TemporaryDirectory() as scratch:
+                path = Path(scratch) / "trace.json"
+                prof.export_chrome_trace(str(path))
+                counts = by_kind(load(path), (float("-inf"), float("inf")))
+            Path(out_path).write_text(json.dumps({kind: entry["bytes"] for kind, entry in counts.items()}))
 

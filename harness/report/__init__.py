@@ -3,5 +3,5 @@
 Importing this package is cheap (no pandas); the views live in `harness.report.views`.
 """
 
-VIEWS = ("sweep", "compare", "scaling", "prediction", "power", "projection")
+VIEWS = ("sweep", "compare", "scaling", "prediction", "power", "projection", "breakdown", "comm")
 """The views `harness report --view` and an experiment's `report.views` may name, in report order."""

@@ -73,7 +73,7 @@ def _row(run_dir: Path) -> dict[str, Any]:
     for key in ("status", "error", "stop_reason"):
         row[key] = summary.get(key)
     row["model.params"] = (summary.get("model") or {}).get("params")
-    for section in ("layout", "metrics", "prediction", "telemetry", "env", "breakdown"):
+    for section in ("layout", "metrics", "prediction", "telemetry", "env", "profile", "breakdown"):
         if summary.get(section) is not None:
             row[section] = summary[section]
     return row

@@ -155,9 +155,45 @@ def _projection(view: View, plt: Any) -> Any:
     return fig
 
 
+def _breakdown(view: View, plt: Any) -> Any:
+    from harness.report.views import SPLIT_PARTS
+
+    data = view.data
+    fig, ax = plt.subplots(figsize=(7.0, 0.5 * len(data) + 2.0))
+    left = np.zeros(len(data))
+    colours = {"compute": "tab:blue", "overlap": "tab:purple", "exposed_comm": "tab:red", "memcpy": "tab:olive",
+               "idle": "lightgrey"}
+    for key, heading in SPLIT_PARTS.items():
+        values = data[heading].fillna(0.0).to_numpy(dtype=float)
+        if not values.any():
+            continue
+        ax.barh(range(len(data)), values, left=left, color=colours[key], label=heading)
+        left += values
+    ax.set_yticks(range(len(data)), data["run"], fontsize=8)
+    ax.set_xlabel("ms per step (profiled steps)")
+    ax.invert_yaxis()
+    ax.legend(fontsize=7, ncols=5, loc="upper center", bbox_to_anchor=(0.5, -0.18 - 0.6 / (len(data) + 2)),
+              frameon=False)
+    return fig
+
+
+def _comm(view: View, plt: Any) -> Any:
+    data = view.data[view.data["collective"] != "harness_metrics"]
+    labels = [f"{r} · {c}" for r, c in zip(data["run"], data["collective"])]
+    fig, ax = plt.subplots(figsize=(7.0, 0.45 * len(data) + 1.6))
+    y = np.arange(len(data))
+    ax.barh(y - 0.2, data["MB/step"], height=0.4, label="measured", color="tab:blue")
+    ax.barh(y + 0.2, data["predicted MB"], height=0.4, label="predicted", color="tab:orange")
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.set_xlabel("MB per rank per step")
+    ax.invert_yaxis()
+    ax.legend(fontsize=7)
+    return fig
+
+
 PLOTTERS: dict[str, Callable[[View, Any], Any]] = {
     "sweep": _sweep, "compare": _compare, "scaling": _scaling, "prediction": _prediction, "power": _power,
-    "projection": _projection}
+    "projection": _projection, "breakdown": _breakdown, "comm": _comm}
 
 
 def plot(view: View, out_dir: Path) -> Optional[Path]:

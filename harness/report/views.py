@@ -31,9 +31,9 @@ from harness.costmodel.timing import alcf_fom
 from harness.report import VIEWS
 
 RESULT_PREFIXES = ("run", "path", "status", "error", "stop_reason", "model.params", "layout.", "metrics.",
-                   "prediction.", "telemetry.", "env.", "breakdown.")
+                   "prediction.", "telemetry.", "env.", "profile.", "breakdown.")
 IGNORED_KEYS = ("name", "sweep.", "report.", "launcher.watchdog_s", "launcher.monitor_interval_s",
-                "telemetry.")
+                "telemetry.", "profile.")
 """Config keys that never define a point of a study (labels, bookkeeping, sampling settings)."""
 WORLD_KEYS = ("launcher.nproc", "parallel.world_size", "train.global_batch_size")
 """Keys that change with the device count along a scaling curve."""
@@ -146,6 +146,8 @@ def default_views(frame: pd.DataFrame) -> list[str]:
         views.append("prediction")
     if column(frame, "telemetry.power_csv").notna().any():
         views.append("power")
+    if column(frame, "breakdown.step_ms").notna().any():
+        views += ["breakdown", "comm"]
     return views
 
 
@@ -161,8 +163,11 @@ def short_labels(frame: pd.DataFrame, keys: list[str]) -> pd.Series:
     """`zero_stage=1 micro_batch_size=2`: the last part of each key, for plot labels."""
     if not keys:
         return frame["run"]
-    return frame[keys].astype(str).apply(lambda row: " ".join(f"{k.split('.')[-1]}={v}" for k, v in row.items()),
-                                         axis=1)
+    def short(key: str) -> str:
+        parts = key.split(".")
+        return parts[-2] if parts[-1] == "name" and len(parts) > 1 else parts[-1]  # backend.name → backend
+
+    return frame[keys].astype(str).apply(lambda row: " ".join(f"{short(k)}={v}" for k, v in row.items()), axis=1)
 
 
 def context_notes(frame: pd.DataFrame, keys: list[str]) -> list[str]:
@@ -255,8 +260,9 @@ def compare_view(frame: pd.DataFrame, options: Options) -> View:
 def _split(run: pd.Series) -> tuple[Optional[float], Optional[float], str]:
     """(compute s, communication s, source) of one step: a profiler trace's breakdown where the run has
     one, else the cost model's (all communication counted, overlapped or not, as Cheng et al. do)."""
-    if pd.notna(run.get("breakdown.compute_ms")) and pd.notna(run.get("breakdown.comm_ms")):
-        return run["breakdown.compute_ms"] / 1e3, run["breakdown.comm_ms"] / 1e3, "trace"
+    if pd.notna(run.get("breakdown.step_ms")) and pd.notna(run.get("breakdown.comm_ms")):
+        step_ms, comm_ms = run["breakdown.step_ms"], min(run["breakdown.comm_ms"], run["breakdown.step_ms"])
+        return (step_ms - comm_ms) / 1e3, comm_ms / 1e3, "trace"
     comm = [run.get(f"prediction.estimate.breakdown_s.comm.{d}") for d in ("dp", "tp", "pp")]
     step = run.get("prediction.estimate.step_time_s")
     if step is None or pd.isna(step) or any(c is None or pd.isna(c) for c in comm):
@@ -405,8 +411,75 @@ def projection_view(frame: pd.DataFrame, options: Options) -> View:
     return View("projection", "Projection to a full training run", table, notes, table)
 
 
+SPLIT_PARTS = {"compute": "compute (alone)", "overlap": "comm overlapped", "exposed_comm": "comm exposed",
+               "memcpy": "memcpy", "idle": "idle"}
+"""The stacked parts of a traced step, each ms per step; together they make the step's time."""
+
+
+def _profiled(frame: pd.DataFrame, view: str) -> pd.DataFrame:
+    runs = frame[(frame["status"] == "ok") & column(frame, "breakdown.step_ms").notna()]
+    if runs.empty:
+        raise ConfigError(f"report: the {view} view needs profiled runs (harness run profile.enabled=true ...)")
+    return runs
+
+
+def breakdown_view(frame: pd.DataFrame, options: Options) -> View:
+    """Where a profiled step's time goes, per run: compute alone, communication overlapped with compute and
+    exposed, memory copies and idle (the characterization study's stacked bars), and the phases marked."""
+    runs = _profiled(frame, "breakdown")
+    labels = short_labels(runs, [k for k in varying(frame) if k in runs.columns])
+    step = column(runs, "breakdown.step_ms")
+    overlap = column(runs, "breakdown.overlap_ms").fillna(0.0)
+    table = pd.DataFrame({"run": labels, "ms/step traced": step, "ms/step unprofiled":
+                          column(runs, "profile.unprofiled_iter_time_ms")}, index=runs.index)
+    parts = {"compute": column(runs, "breakdown.compute_ms") - overlap, "overlap": overlap,
+             "exposed_comm": column(runs, "breakdown.exposed_comm_ms"),
+             "memcpy": column(runs, "breakdown.memcpy_ms").fillna(0.0), "idle": column(runs, "breakdown.idle_ms")}
+    for key, heading in SPLIT_PARTS.items():
+        table[heading] = parts[key]
+    table["comm %"] = 100 * column(runs, "breakdown.comm_ms") / step
+    for phase in ("forward", "backward", "optimizer", "pipeline", "data", "metrics"):
+        values = column(runs, f"breakdown.phases_ms.{phase}")
+        if values.notna().any():
+            table[f"{phase} ms"] = values
+    table["profiler overhead %"] = column(runs, "profile.overhead_pct")
+    sources = sorted(set(column(runs, "breakdown.source").dropna()))
+    notes = [f"from: {', '.join(sources)}; ms per step, mean over the recorded steps and ranks",
+             "compute (alone) + comm overlapped + comm exposed (+ memcpy) + idle = the traced step; idle: no "
+             "operator or collective (CPU) / no kernel (GPU) running",
+             "profiler overhead: median recorded step against the median unprofiled timed step"]
+    return View("breakdown", "Where the step time goes", table.reset_index(drop=True), notes,
+                table.reset_index(drop=True))
+
+
+def comm_view(frame: pd.DataFrame, options: Options) -> View:
+    """Communication by collective kind per profiled run: calls, MB and ms per step, measured beside the
+    cost model's bytes."""
+    runs = _profiled(frame, "comm")
+    labels = short_labels(runs, [k for k in varying(frame) if k in runs.columns])
+    rows = []
+    for i, run in runs.iterrows():
+        kinds = sorted({c.split(".")[2] for c in run.index if c.startswith("breakdown.comm.") and c.count(".") == 3
+                        and pd.notna(run[c])})
+        for kind in kinds:
+            get = lambda key: run.get(f"breakdown.comm.{kind}.{key}")  # noqa: E731
+            predicted, measured = get("predicted_bytes"), get("bytes")
+            rows.append({"run": labels[i], "collective": kind, "calls/step": get("calls"),
+                         "MB/step": measured / 1e6 if pd.notna(measured) else np.nan, "ms/step": get("time_ms"),
+                         "predicted MB": predicted / 1e6 if pd.notna(predicted) else np.nan,
+                         "error": get("bytes_error")})
+    table = pd.DataFrame(rows, columns=["run", "collective", "calls/step", "MB/step", "ms/step", "predicted MB",
+                                        "error"])
+    notes = ["bytes each rank puts in per step (an all-gather's shard, a reduce-scatter's whole tensor), mean over "
+             "ranks; error = (predicted − measured) / measured",
+             "harness_metrics: the trainer's own per-step reduction of loss, memory and telemetry (not predicted); "
+             "on gloo FSDP's reduce-scatter runs as an all-reduce"]
+    return View("comm", "Communication by collective kind", table, notes, table)
+
+
 BUILDERS = {"sweep": sweep_view, "compare": compare_view, "scaling": scaling_view,
-            "prediction": prediction_view, "power": power_view, "projection": projection_view}
+            "prediction": prediction_view, "power": power_view, "projection": projection_view,
+            "breakdown": breakdown_view, "comm": comm_view}
 
 
 def build_views(frame: pd.DataFrame, options: Options) -> list[View]:

@@ -98,7 +98,27 @@ def summary_table(summary: dict[str, Any]) -> tuple[Table, list[str]]:
             note = f"see ({footnotes.index(note) + 1})"
         table.add_row(label, _fmt(measured, spec) + unit, _fmt(guess, spec, "") + (unit if guess is not None else ""),
                       error, note)
+    _breakdown_rows(table, summary)
     return table, footnotes
+
+
+def _breakdown_rows(table: Table, summary: dict[str, Any]) -> None:
+    """Where a profiled run's traced step went (summary's `breakdown`, harness/trace/)."""
+    b, profile = summary.get("breakdown"), summary.get("profile") or {}
+    if not b:
+        return
+    steps = f"steps {b['steps'][0]}-{b['steps'][-1]}" if len(b["steps"]) > 1 else f"step {b['steps'][0]}"
+    table.add_section()
+    for label, key, note in (("traced step", "step_ms", f"profiled {steps}, mean over ranks"),
+                             ("  compute", "compute_ms", ""),
+                             ("  communication", "comm_ms", f"{_fmt(b.get('overlap_ms'), '.2f')} ms overlapped"),
+                             ("  exposed communication", "exposed_comm_ms", ""),
+                             ("  memory copies", "memcpy_ms", ""),
+                             ("  idle", "idle_ms", "no operator, collective or kernel running")):
+        if b.get(key) is not None:
+            table.add_row(label, _fmt(b[key], ".2f") + " ms", "", "", note)
+    table.add_row("profiler overhead", _fmt(profile.get("overhead_pct"), "+.0f") + " %", "", "",
+                  "recorded steps vs unprofiled")
 
 
 def print_summary(summary: dict[str, Any], run_dir: Path) -> None:

@@ -16,6 +16,9 @@ def preflight(cfg: Any, world_size: int, local_ranks: int) -> Layout:
     """The layout of a valid config that can run here; ConfigError (one line) otherwise."""
     layout = validate(cfg, world_size)
     device = check_device(cfg.system.device)
+    if cfg.profile.memory and device != "cuda":
+        raise ConfigError(f"profile.memory=true: memory snapshots are a CUDA allocator feature "
+                          f"(torch.cuda.memory._dump_snapshot) and this run uses the {device}; drop profile.memory")
     if cfg.data.kind == "megatron":
         from harness.run.data import check_indexed
 

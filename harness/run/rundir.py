@@ -29,7 +29,7 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 
 from harness.config.errors import ConfigError
-from harness.telemetry.summary import NO_REPORT, energy_metrics, telemetry_block, write_power_csv
+from harness.telemetry.summary import NO_REPORT, energy_metrics, telemetry_block, timed_steps, write_power_csv
 
 SCHEMA = "harness.run/1"
 ENERGY_KEYS = ("power_w", "idle_power_w", "energy_j_per_step", "tokens_per_joule", "tflops_per_watt")
@@ -44,11 +44,13 @@ LOW_DISK_BYTES = 256 * 2**20
 
 @dataclass(frozen=True)
 class RankReport:
-    """What each rank tells rank 0 at the end: where it ran and its telemetry report (None: none)."""
+    """What each rank tells rank 0 at the end: where it ran, its telemetry report and its profiler trace's
+    analysis (harness.trace; None: none)."""
 
     host: str
     device: str
     telemetry: Optional[dict[str, Any]]
+    trace: Optional[dict[str, Any]] = None
 
 
 def check_unclaimed(run_dir: Path) -> None:
@@ -197,9 +199,9 @@ SUMMARY_KEYS = ("loss", "iter_time_ms", "tokens_per_s", "model_tflops_per_device
 
 
 def summarize_steps(steps: list[dict[str, Any]]) -> dict[str, Optional[float]]:
-    """Medians over the timed (non-warm-up) steps; peak memory is the maximum. Power and energy are
-    summarised by harness.telemetry.summary.energy_metrics."""
-    timed = [s for s in steps if not s.get("warmup")]
+    """Medians over the timed steps (neither warm-up nor profiled); peak memory is the maximum. Power and
+    energy are summarised by harness.telemetry.summary.energy_metrics."""
+    timed = timed_steps(steps)
     out: dict[str, Optional[float]] = {}
     for key in SUMMARY_KEYS:
         values = [s[key] for s in timed if s.get(key) is not None]
@@ -366,6 +368,7 @@ def write_run_summary(run_dir: Path, *, cfg: Any, layout: Any, info: Any, device
     """Rank 0's summary of a run it took part in: measured metrics, the prediction, telemetry, the table."""
     from harness.config.compose import to_container
     from harness.run.live import print_summary
+    from harness.trace.analyse import summary_blocks
     from models.config import GPTConfig
 
     reports = [r.telemetry for r in ranks if r.telemetry is not None]
@@ -395,6 +398,8 @@ def write_run_summary(run_dir: Path, *, cfg: Any, layout: Any, info: Any, device
     )
     if note:
         summary["steps_note"] = note
+    if status == "ok":
+        summary.update(summary_blocks(cfg, layout, device.type, [r.trace for r in ranks], steps, run_dir))
     write_summary(run_dir, summary)
     if status == "ok":
         print_summary(summary, run_dir)

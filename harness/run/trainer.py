@@ -12,6 +12,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
+from torch.profiler import record_function
 
 from harness.backends import make_backend
 from harness.backends.base import Backend
@@ -25,6 +26,9 @@ from harness.run.rundir import RankReport, StepLog, hostname, write_run_files, w
 from harness.run.stopping import Watchdog, job_end_time, out_of_time
 from harness.telemetry import Sampler, StepReading, make_sampler
 from harness.telemetry.summary import step_fields
+from harness.trace.analyse import analyse_rank
+from harness.trace.capture import TraceCapture
+from harness.trace.events import PHASES
 from launchers.env import RankInfo
 from models.gpt import GPT, GPTConfig
 
@@ -39,6 +43,7 @@ class Built:
     data: TokenSource
     memory: MemoryMeter
     sampler: Sampler
+    capture: TraceCapture
 
 
 class Trainer:
@@ -52,6 +57,7 @@ class Trainer:
         self.stop_reason = "completed"
         self.stop_agreed = False
         self.built: Optional[Built] = None
+        self.trace: Optional[dict[str, Any]] = None
         self.step_log: Optional[StepLog] = None
         self.watchdog = Watchdog(cfg.launcher.watchdog_s, self.stalled)
 
@@ -83,7 +89,8 @@ class Trainer:
             self.cfg.telemetry, device_type=self.device.type, device_index=self.device.index,
             local_rank=self.info.local_rank, rank=self.info.rank, host=hostname(),
             warmup_steps=train.warmup_steps, rocm=torch.version.hip is not None)
-        return Built(backend, n_params, throughput, data, MemoryMeter(self.device), sampler)
+        capture = TraceCapture(self.cfg, self.info.rank, self.run_dir, self.device)
+        return Built(backend, n_params, throughput, data, MemoryMeter(self.device), sampler, capture)
 
     def run(self) -> None:
         status, error = "ok", None
@@ -93,6 +100,7 @@ class Trainer:
             self.built = self.build()
             with self.watchdog:
                 self.loop(self.built)
+            self.trace = analyse_rank(self.built.capture, self.cfg, self.layout, self.info)
         except torch.OutOfMemoryError as exc:
             status, error, self.stop_reason = "oom", f"OutOfMemoryError: {exc}", "failed"
             raise
@@ -107,7 +115,7 @@ class Trainer:
         total = train.warmup_steps + train.steps
         progress = Progress(total, train.warmup_steps) if self.is_writer else None
         built.sampler.start()  # idle power first, with the model built and the device quiet
-        with frozen_gc():
+        with frozen_gc(), built.capture:
             synchronize(self.device)
             last = time.perf_counter()
             built.sampler.mark_step(last)
@@ -117,7 +125,8 @@ class Trainer:
                 built.memory.start_step()
                 self.inject_fault(step)
                 waited = time.perf_counter()
-                batches = micro_batches(next(loader), layout=self.layout, device=self.device)
+                with record_function(PHASES.data):
+                    batches = micro_batches(next(loader), layout=self.layout, device=self.device)
                 data_s = time.perf_counter() - waited
                 loss = built.backend.train_step(batches)
                 synchronize(self.device)
@@ -129,6 +138,7 @@ class Trainer:
                 if self.step_log is not None and progress is not None:
                     self.step_log.write(record)
                     progress.update(record)
+                built.capture.step(step)
                 self.watchdog.beat()
                 if self.stop_agreed:
                     self.stop_reason = "walltime"
@@ -149,8 +159,9 @@ class Trainer:
         memory = built.memory.read()
         end_unix_s = time.time()  # places the step on power.csv's clock (the power view marks step windows)
         stop = out_of_time(self.end_time_s, end_unix_s, iter_time_s, self.cfg.launcher.walltime_margin_s)
-        loss_value, peak_mb, retries, self.stop_agreed, data_s, telemetry = self.reduce(
-            loss, memory["peak_memory_mb"], memory["alloc_retries"], stop, data_s, reading.vector())
+        with record_function(PHASES.metrics):
+            loss_value, peak_mb, retries, self.stop_agreed, data_s, telemetry = self.reduce(
+                loss, memory["peak_memory_mb"], memory["alloc_retries"], stop, data_s, reading.vector())
         return {
             "step": step,
             "warmup": warmup,
@@ -160,6 +171,7 @@ class Trainer:
             "peak_memory_mb": peak_mb,
             "alloc_retries": retries,
             "data_time_ms": data_s * 1e3,
+            **({"profiler": phase} if (phase := built.capture.phase(step)) else {}),
             **built.backend.step_notes(),
             **step_fields(telemetry, iter_time_s),
         }
@@ -190,7 +202,7 @@ class Trainer:
     def finish(self, status: str, error: Optional[str]) -> None:
         """Every rank reports its host, device and telemetry; rank 0 closes the step log and writes the summary."""
         built = self.built
-        mine = RankReport(hostname(), device_name(self.device), built.sampler.stop() if built else None)
+        mine = RankReport(hostname(), device_name(self.device), built.sampler.stop() if built else None, self.trace)
         if status == "ok" and self.info.world_size > 1:  # peers of a failed rank may be gone
             ranks: list[Any] = [None] * self.info.world_size
             dist.all_gather_object(ranks, mine)

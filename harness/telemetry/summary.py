@@ -40,6 +40,12 @@ def _process_fields(table: Sequence[Sequence[float]]) -> dict[str, Optional[floa
     return {"process_cpu_pct": statistics.fmean(cpu) if cpu else None, "process_rss_mb": max(rss) if rss else None}
 
 
+def timed_steps(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The steps a summary describes: not warm-up, and not run under the profiler (`profile.*`), whose
+    start, recording and export change a step's time."""
+    return [s for s in steps if not s.get("warmup") and not s.get("profiler")]
+
+
 def energy_metrics(steps: list[dict[str, Any]], world_size: int) -> dict[str, Optional[float]]:
     """Summary metrics over the timed steps.
 
@@ -48,7 +54,7 @@ def energy_metrics(steps: list[dict[str, Any]], world_size: int) -> dict[str, Op
     time-weighted for the same reason, and TFLOP/s per watt is the job's model FLOPs over its
     energy (so it does not depend on how many devices a source counts: GPUs, GCDs or sockets).
     """
-    timed = [s for s in steps if not s.get("warmup")]
+    timed = timed_steps(steps)
     measured = [s for s in timed if s.get("energy_j") is not None and s.get("power_w") is not None]
     out: dict[str, Optional[float]] = dict.fromkeys(
         ("power_w", "energy_j_per_step", "tokens_per_joule", "tflops_per_watt", "gpu_util_pct_mean",

@@ -1,0 +1,161 @@
+"""One rank's trace into its breakdown (on that rank, after the loop), and every rank's into summary.json.
+
+Each rank analyses its own trace, so the breakdown needs no shared filesystem and costs one rank's
+time, in parallel; rank 0 gathers the results with the other end-of-run reports and writes:
+- `breakdown`: per step, the mean over ranks of compute, communication, overlap, exposed communication
+  and idle time (memory copies on a GPU), the phases the backends mark, communication by collective
+  kind with the cost model's bytes beside the measured ones, HTA's top kernels, and every rank's row;
+- `profile`: the window, the trace files, the memory snapshots, and what profiling cost: the recorded
+  steps' median time against the unprofiled timed steps', and the slowest rank's seconds to write and
+  to analyse its trace after the loop (outside every step).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from harness.trace import comm, cpu, gpu
+from harness.trace.capture import TraceCapture
+from harness.trace.events import load, phases_ms
+
+SPLIT = ("step_ms", "compute_ms", "comm_ms", "overlap_ms", "exposed_comm_ms", "memcpy_ms", "idle_ms")
+CPU_SOURCE = "cpu operators (harness.trace.cpu: no accelerator kernels in the trace)"
+HTA_SOURCE = "Holistic Trace Analysis (GPU kernels)"
+
+
+def _mean(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Key-wise mean of numeric values (nested dicts too), over the rows that have the key."""
+    out: dict[str, Any] = {}
+    for key in dict.fromkeys(k for row in rows for k in row):
+        values = [row[key] for row in rows if key in row and row[key] is not None]
+        if values and all(isinstance(v, dict) for v in values):
+            out[key] = _mean(values)
+        elif values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            out[key] = statistics.fmean(values)
+    return out
+
+
+def analyse_trace(path: Path, rank: int, steps: Optional[range] = None) -> dict[str, Any]:
+    """The breakdown of one rank's trace, per step (mean over its recorded steps)."""
+    trace = load(path)
+    numbers = sorted(s for s in trace.steps if steps is None or s in steps)
+    if not numbers:
+        raise ValueError(f"{path}: no ProfilerStep#<k> of the recorded window in the trace")
+    windows = [trace.steps[s] for s in numbers]
+    span = (windows[0][0], windows[-1][1])
+    on_gpu = any(e.cat == "kernel" for e in trace.events)
+    row: dict[str, Any] = {"rank": rank, "steps": numbers}
+    if on_gpu:
+        step_ms = statistics.fmean(end - start for start, end in windows) / 1e3
+        hta = gpu.run_hta(path, rank) if gpu.hta_available() else None
+        if hta is None:
+            row["reason"] = ("GPU trace not analysed: Holistic Trace Analysis is not installed "
+                             "(pip install 'harness[gpu]')")
+            row.update(step_ms=step_ms)
+        else:
+            row.update(step_ms=step_ms, **gpu.hta_step_split(hta, len(numbers), step_ms),
+                       comm_comp_overlap_pct=hta["comm_comp_overlap_pct"], top_kernels=hta["top_kernels"])
+        row["source"] = HTA_SOURCE
+    else:
+        row.update(_mean([cpu.step_breakdown(trace, w) for w in windows]), source=CPU_SOURCE)
+    row["phases_ms"] = _mean([phases_ms(trace, w) for w in windows])
+    row["comm"] = {kind: {k: v / len(numbers) for k, v in entry.items()}
+                   for kind, entry in comm.by_kind(trace, span).items()}
+    return row
+
+
+def analyse_rank(capture: TraceCapture, cfg: Any, layout: Any, info: Any) -> Optional[dict[str, Any]]:
+    """This rank's trace written and analysed; a failure is reported in the summary, never fails the run."""
+    if capture.window is None:
+        return None
+    started = time.perf_counter()
+    try:
+        path = capture.export()
+    except Exception as exc:  # noqa: BLE001 - the run's measurements stand without the trace
+        return {"rank": info.rank, "error": f"writing the trace failed: {type(exc).__name__}: {exc}"}
+    if path is None:
+        return {"rank": info.rank, "error": "the run ended before the profiler's window closed"}
+    exported = time.perf_counter()
+    out: dict[str, Any] = {"rank": info.rank, "trace": str(path), "export_s": exported - started}
+    if capture.memory_snapshot is not None:
+        out["memory_snapshot"] = str(capture.memory_snapshot)
+    try:
+        out.update(analyse_trace(path, info.rank, capture.window.recorded))
+    except Exception as exc:  # noqa: BLE001
+        out["error"] = f"analysing {path} failed: {type(exc).__name__}: {exc}"
+    out["analyse_s"] = time.perf_counter() - exported
+    return out
+
+
+def _relative(path: str, run_dir: Path) -> str:
+    try:
+        return str(Path(path).relative_to(run_dir.absolute()))
+    except ValueError:
+        return path
+
+
+def summary_blocks(cfg: Any, layout: Any, device_type: str, ranks: list[Optional[dict[str, Any]]],
+                   steps: list[dict[str, Any]], run_dir: Path) -> dict[str, Any]:
+    """summary.json's `profile` and `breakdown` blocks from every rank's analysis and the steps on disk."""
+    from harness.config.checks import profile_window
+
+    train = cfg.train
+    window = profile_window(cfg.profile, train.warmup_steps, train.warmup_steps + train.steps)
+    if window is None:
+        return {}
+    rows = [r for r in ranks if r]
+    recorded = [s["iter_time_ms"] for s in steps if s.get("profiler") == "record"]
+    unprofiled = [s["iter_time_ms"] for s in steps if not s.get("warmup") and not s.get("profiler")]
+    profiled_ms = statistics.median(recorded) if recorded else None
+    plain_ms = statistics.median(unprofiled) if unprofiled else None
+    profile = {
+        "window": {"warmup": list(window.warmup), "recorded": list(window.recorded), "stop": window.recorded.stop},
+        "traces": [_relative(r["trace"], run_dir) for r in rows if r.get("trace")],
+        "memory_snapshots": [_relative(r["memory_snapshot"], run_dir) for r in rows if r.get("memory_snapshot")],
+        "recorded_iter_time_ms": profiled_ms,
+        "unprofiled_iter_time_ms": plain_ms,
+        "overhead_pct": 100 * (profiled_ms / plain_ms - 1) if profiled_ms and plain_ms else None,
+        "export_s": max((r["export_s"] for r in rows if "export_s" in r), default=None),
+        "analyse_s": max((r["analyse_s"] for r in rows if "analyse_s" in r), default=None),
+        "errors": [f"rank {r['rank']}: {r['error']}" for r in rows if r.get("error")],
+    }
+    analysed = [r for r in rows if "step_ms" in r]
+    if not analysed:
+        reason = "; ".join(profile["errors"]) or "no rank reported a trace"
+        return {"profile": profile, "breakdown": None, "breakdown_reason": f"not measured: {reason}"}
+    breakdown: dict[str, Any] = {"source": analysed[0]["source"], "steps": analysed[0]["steps"],
+                                 "ranks_analysed": len(analysed)}
+    means = _mean([{k: r[k] for k in (*SPLIT, "comm_comp_overlap_pct", "phases_ms", "comm") if k in r}
+                   for r in analysed])
+    breakdown.update(means)
+    breakdown["max_rank_step_ms"] = max(r["step_ms"] for r in analysed)
+    breakdown["comm"] = _with_prediction(breakdown.get("comm", {}), cfg, layout, gloo=device_type == "cpu")
+    if "top_kernels" in analysed[0]:
+        breakdown["top_kernels_rank0"] = analysed[0]["top_kernels"]
+    if any("reason" in r for r in analysed):
+        breakdown["reason"] = next(r["reason"] for r in analysed if "reason" in r)
+    breakdown["ranks"] = [{k: v for k, v in r.items() if k not in ("top_kernels", "source", "steps", "export_s",
+                                                                   "analyse_s")} for r in analysed]
+    return {"profile": profile, "breakdown": breakdown}
+
+
+def _with_prediction(measured: dict[str, Any], cfg: Any, layout: Any, gloo: bool) -> dict[str, Any]:
+    """Each collective kind's measured calls, bytes and time beside the cost model's bytes (mean over ranks)."""
+    try:
+        predicted = comm.predicted_bytes(cfg, layout, gloo)
+    except Exception as exc:  # noqa: BLE001 - a cost-model gap leaves the measurement standing
+        return {**measured, "predicted_reason": f"cost model failed: {type(exc).__name__}: {exc}"}
+    out = {}
+    for kind in dict.fromkeys([*measured, *predicted]):
+        entry = dict(measured.get(kind, {"calls": 0, "bytes": 0.0, "time_ms": 0.0}))
+        if kind == comm.BOOKKEEPING:  # the trainer's own reduction: no prediction to compare with
+            out[kind] = entry
+            continue
+        entry["predicted_bytes"] = predicted.get(kind, 0.0)
+        entry["bytes_error"] = ((entry["predicted_bytes"] - entry["bytes"]) / entry["bytes"]
+                                if entry["bytes"] else None)
+        out[kind] = entry
+    return out

@@ -1,0 +1,111 @@
+"""torch.profiler around the step loop: one window of steps per run, one Chrome trace per rank.
+
+The window is `profile.*` (harness.config.checks.profile_window), given to torch.profiler as a schedule
+function of the step index, so the trace's `ProfilerStep#<k>` is the run's step k. The trace is written
+after the loop ends, not at the window's end, so that exporting it (seconds for a large GPU trace)
+falls into no step's time. Every rank writes into rank 0's run directory (ranks that srun or mpiexec
+started elsewhere learn it by broadcast), as torchtitan's `profile_traces/` does: on a cluster that
+directory must be on a shared filesystem.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from harness.config.checks import ProfileWindow, profile_window
+
+MEMORY_HISTORY_ENTRIES = 100_000
+"""Allocator events kept by the CUDA memory snapshot (torchtitan's default)."""
+
+
+def trace_path(profile_dir: Path, rank: int) -> Path:
+    return profile_dir / f"rank{rank}.json.gz"
+
+
+class TraceCapture:
+    """The profiler of one rank over `profile.*`'s window; a no-op when profiling is off."""
+
+    def __init__(self, cfg: Any, rank: int, run_dir: Path, device: torch.device) -> None:
+        train = cfg.train
+        self.window: Optional[ProfileWindow] = profile_window(cfg.profile, train.warmup_steps,
+                                                              train.warmup_steps + train.steps)
+        self.cfg, self.rank, self.device = cfg.profile, rank, device
+        self.profiler: Optional[torch.profiler.profile] = None
+        self.saved = False
+        self.memory_snapshot: Optional[Path] = None
+        self.dir = self._shared_dir(run_dir) if self.window else run_dir / "profile"
+
+    def _shared_dir(self, run_dir: Path) -> Path:
+        """Rank 0's `<run dir>/profile`; other ranks of a cluster launch only know a scratch directory."""
+        where = [str((run_dir / "profile").absolute())]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(where, src=0)
+        path = Path(where[0])
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def phase(self, step: int) -> Optional[str]:
+        return self.window.phase(step) if self.window else None
+
+    def _schedule(self, step: int) -> torch.profiler.ProfilerAction:
+        actions = torch.profiler.ProfilerAction
+        assert self.window is not None
+        if step in self.window.warmup:
+            return actions.WARMUP
+        if step in self.window.recorded:
+            return actions.RECORD_AND_SAVE if step == self.window.recorded.stop - 1 else actions.RECORD
+        return actions.NONE
+
+    def __enter__(self) -> "TraceCapture":
+        if self.window is None:
+            return self
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        elif self.device.type == "xpu":
+            activities.append(torch.profiler.ProfilerActivity.XPU)
+        self.profiler = torch.profiler.profile(
+            activities=activities, schedule=self._schedule, on_trace_ready=self._ready,
+            record_shapes=self.cfg.record_shapes, with_stack=self.cfg.with_stack)
+        self.profiler.__enter__()
+        self._memory(0)
+        return self
+
+    def _ready(self, profiler: torch.profiler.profile) -> None:
+        """The window closed; its events stay in the profiler until `export` (after the loop)."""
+        self.saved = True
+
+    def step(self, step: int) -> None:
+        """Step `step` has ended (call after its time was taken): move the profiler to the next step."""
+        if self.profiler is not None:
+            self.profiler.step()
+            self._memory(step + 1)
+
+    def _memory(self, step: int) -> None:
+        """CUDA memory history over the recorded steps, dumped as the window closes."""
+        if not self.cfg.memory or self.window is None or self.device.type != "cuda":
+            return
+        if step == self.window.recorded.start:
+            torch.cuda.memory._record_memory_history(max_entries=MEMORY_HISTORY_ENTRIES)
+        elif step == self.window.recorded.stop:
+            self.memory_snapshot = self.dir / f"memory_rank{self.rank}.pickle"
+            torch.cuda.memory._dump_snapshot(str(self.memory_snapshot))
+            torch.cuda.memory._record_memory_history(enabled=None)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.profiler is not None:
+            with contextlib.suppress(Exception):  # an earlier error is the one to report
+                self.profiler.__exit__(None, None, None)
+
+    def export(self) -> Optional[Path]:
+        """Write this rank's trace (gzipped Chrome trace JSON) if the window was recorded; its path."""
+        if self.profiler is None or not self.saved:
+            return None
+        path = trace_path(self.dir, self.rank)
+        self.profiler.export_chrome_trace(str(path))
+        return path
