@@ -182,7 +182,7 @@ def test_default_window_starts_after_warmup() -> None:
     cfg = compose(["profile.enabled=true"])
     window = profile_window(cfg.profile, cfg.train.warmup_steps, cfg.train.warmup_steps + cfg.train.steps)
     assert window is not None and list(window.warmup) == [2] and list(window.recorded) == [3, 4]
-    assert [window.phase(s) for s in range(7)] == [None, None, "warmup", "record", "record", "stop", None]
+    assert [window.label(s) for s in range(7)] == [None, None, "warmup", "record", "record", "stop", None]
 
 
 def test_memory_snapshot_on_cpu_is_refused_before_launch(tmp_path: Path) -> None:
@@ -190,3 +190,13 @@ def test_memory_snapshot_on_cpu_is_refused_before_launch(tmp_path: Path) -> None
                    cwd=tmp_path)
     assert proc.returncode == 2 and not (tmp_path / "run").exists()
     assert proc.stderr.strip().count("\n") == 0 and "profile.memory=true" in proc.stderr
+
+
+def test_scaling_view_takes_the_split_from_a_trace_where_a_run_has_one() -> None:
+    import pandas as pd
+
+    from harness.report.views import _split
+
+    traced = pd.Series({"breakdown.step_ms": 100.0, "breakdown.comm_ms": 30.0, "breakdown.compute_ms": 80.0,
+                        "prediction.estimate.step_time_s": 1.0})
+    assert _split(traced) == pytest.approx((0.07, 0.03, "trace"))  # all communication counted, as Cheng et al.

@@ -13,9 +13,9 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
-from torch.profiler import record_function
 
 from harness.config.checks import Layout
+from harness.trace.capture import phase
 from harness.trace.events import PHASES
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor]
@@ -173,12 +173,12 @@ class FabricBackend(Backend):
         n = len(micro_batches)
         for i, (inputs, targets) in enumerate(micro_batches):
             with self.fabric.no_backward_sync(self.model, enabled=i < n - 1):
-                with record_function(PHASES.forward):
+                with phase(PHASES.forward):
                     loss = self.model(inputs, targets)
-                with record_function(PHASES.backward):
+                with phase(PHASES.backward):
                     self.fabric.backward(loss / n)
             total += loss.detach()
-        with record_function(PHASES.optimizer):
+        with phase(PHASES.optimizer):
             if self.cfg.train.grad_clip > 0:
                 self.clip_gradients(self.cfg.train.grad_clip)
             self.optimizer.step()

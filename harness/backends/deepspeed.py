@@ -16,11 +16,11 @@ from typing import Any, Sequence
 import torch
 from omegaconf import OmegaConf
 from torch import nn
-from torch.profiler import record_function
 
 from harness import quiet_library_warnings
 from harness.backends.base import Backend, MicroBatch, checkpoint_and_compile, materialize
 from harness.config.checks import Layout
+from harness.trace.capture import phase
 from harness.trace.events import PHASES
 
 
@@ -120,11 +120,11 @@ class DeepSpeedBackend(DeepSpeedEngineBackend):
         """DeepSpeed divides each micro-batch's loss by the accumulation steps and steps on the last one."""
         total = torch.zeros((), device=self.device)
         for inputs, targets in micro_batches:
-            with record_function(PHASES.forward):
+            with phase(PHASES.forward):
                 loss = self.engine(inputs, targets)
-            with record_function(PHASES.backward):
+            with phase(PHASES.backward):
                 self.engine.backward(loss)
-            with record_function(PHASES.optimizer):  # a no-op but on the last micro-batch (the boundary)
+            with phase(PHASES.optimizer):  # a no-op but on the last micro-batch (the boundary)
                 self.engine.step()
             total += loss.detach().float()
         return total / len(micro_batches)

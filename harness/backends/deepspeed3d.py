@@ -31,11 +31,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.profiler import record_function
 
 from harness import quiet_library_warnings
 from harness.backends.base import MicroBatch
 from harness.backends.deepspeed import DeepSpeedEngineBackend
+from harness.trace.capture import phase
 from harness.trace.events import PHASES
 from models.gpt import GPT, Block, GPTConfig, make_norm, rope_cache
 
@@ -376,7 +376,7 @@ class DeepSpeed3DBackend(DeepSpeedEngineBackend):
 
     def train_step(self, micro_batches: Sequence[MicroBatch]) -> torch.Tensor:
         """1F1B over the micro-batches; DeepSpeed returns the DP-averaged mean loss on every stage."""
-        with self._megatron_buffers_on_cpu(), record_function(PHASES.pipeline):
+        with self._megatron_buffers_on_cpu(), phase(PHASES.pipeline):
             return self.engine.train_batch(data_iter=iter(micro_batches)).detach().float()
 
     def summary_notes(self) -> dict[str, dict[str, Any]]:

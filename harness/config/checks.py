@@ -230,7 +230,7 @@ class ProfileWindow:
         which pays for stopping the trace (torch.profiler collects its events at that transition)."""
         return range(self.warmup.start, self.recorded.stop + 1)
 
-    def phase(self, step: int) -> Optional[str]:
+    def label(self, step: int) -> Optional[str]:
         """What the profiler did in `step` (steps.jsonl's `profiler` field): warmup | record | stop, or None."""
         if step in self.warmup:
             return "warmup"

@@ -12,7 +12,6 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
-from torch.profiler import record_function
 
 from harness.backends import make_backend
 from harness.backends.base import Backend
@@ -27,7 +26,7 @@ from harness.run.stopping import Watchdog, job_end_time, out_of_time
 from harness.telemetry import Sampler, StepReading, make_sampler
 from harness.telemetry.summary import step_fields
 from harness.trace.analyse import analyse_rank
-from harness.trace.capture import TraceCapture
+from harness.trace.capture import TraceCapture, phase
 from harness.trace.events import PHASES
 from launchers.env import RankInfo
 from models.gpt import GPT, GPTConfig
@@ -125,7 +124,7 @@ class Trainer:
                 built.memory.start_step()
                 self.inject_fault(step)
                 waited = time.perf_counter()
-                with record_function(PHASES.data):
+                with phase(PHASES.data):
                     batches = micro_batches(next(loader), layout=self.layout, device=self.device)
                 data_s = time.perf_counter() - waited
                 loss = built.backend.train_step(batches)
@@ -159,7 +158,7 @@ class Trainer:
         memory = built.memory.read()
         end_unix_s = time.time()  # places the step on power.csv's clock (the power view marks step windows)
         stop = out_of_time(self.end_time_s, end_unix_s, iter_time_s, self.cfg.launcher.walltime_margin_s)
-        with record_function(PHASES.metrics):
+        with phase(PHASES.metrics):
             loss_value, peak_mb, retries, self.stop_agreed, data_s, telemetry = self.reduce(
                 loss, memory["peak_memory_mb"], memory["alloc_retries"], stop, data_s, reading.vector())
         return {
@@ -171,7 +170,7 @@ class Trainer:
             "peak_memory_mb": peak_mb,
             "alloc_retries": retries,
             "data_time_ms": data_s * 1e3,
-            **({"profiler": phase} if (phase := built.capture.phase(step)) else {}),
+            **({"profiler": what} if (what := built.capture.label(step)) else {}),
             **built.backend.step_notes(),
             **step_fields(telemetry, iter_time_s),
         }

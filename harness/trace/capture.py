@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ContextManager, Optional
 
 import torch
 import torch.distributed as dist
@@ -21,6 +21,13 @@ from harness.config.checks import ProfileWindow, profile_window
 
 MEMORY_HISTORY_ENTRIES = 100_000
 """Allocator events kept by the CUDA memory snapshot (torchtitan's default)."""
+
+
+def phase(name: str) -> ContextManager[Any]:
+    """A `record_function` range named `name` (one of `events.PHASES`) while a profiler records, else nothing:
+    an idle marker still costs ~14 µs of CPU per use on this repository's CI host, ~1 µs to skip
+    (benchmarks/profile_overhead.py)."""
+    return torch.profiler.record_function(name) if torch.autograd._profiler_enabled() else contextlib.nullcontext()
 
 
 def trace_path(profile_dir: Path, rank: int) -> Path:
@@ -49,8 +56,8 @@ class TraceCapture:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def phase(self, step: int) -> Optional[str]:
-        return self.window.phase(step) if self.window else None
+    def label(self, step: int) -> Optional[str]:
+        return self.window.label(step) if self.window else None
 
     def _schedule(self, step: int) -> torch.profiler.ProfilerAction:
         actions = torch.profiler.ProfilerAction
