@@ -20,7 +20,7 @@ from harness.config.errors import ConfigError
 from harness.run.rundir import RUN_FILES, read_steps_checked
 
 SUMMARY = "summary.json"
-DROPPED = ("prediction.estimate.collectives", "env.argv")
+DROPPED = ("prediction.estimate.collectives", "env.argv", "breakdown.ranks", "breakdown.top_kernels_rank0")
 """Long lists that make runs.csv unreadable and no view needs."""
 
 
@@ -74,8 +74,8 @@ def _row(run_dir: Path) -> dict[str, Any]:
         row[key] = summary.get(key)
     row["model.params"] = (summary.get("model") or {}).get("params")
     for section in ("layout", "metrics", "prediction", "telemetry", "env", "profile", "breakdown"):
-        if summary.get(section) is not None:
-            row[section] = summary[section]
+        if summary.get(section) is not None:  # `telemetry` and `profile` are config sections too: merged,
+            row[section] = {**(row.get(section) or {}), **summary[section]}  # the measured value wins
     return row
 
 

@@ -120,6 +120,8 @@ def _consensus(frame: pd.DataFrame, key: str) -> Any:
 def resolve(frame: pd.DataFrame, options: Options) -> Options:
     """Fill what the user left open from the runs' report config, then from which keys vary."""
     views = options.views or list(_consensus(frame, "report.views") or []) or default_views(frame)
+    if not options.views and column(frame, "breakdown.step_ms").isna().all():  # an experiment's views,
+        views = [v for v in views if v not in PROFILED_VIEWS] or ["sweep"]  # its runs not profiled after all
     for view in views:
         if view not in VIEWS:
             raise ConfigError(f"report: --view={view}: unknown view; choose from {', '.join(VIEWS)}")
@@ -411,6 +413,7 @@ def projection_view(frame: pd.DataFrame, options: Options) -> View:
     return View("projection", "Projection to a full training run", table, notes, table)
 
 
+PROFILED_VIEWS = ("breakdown", "comm")
 SPLIT_PARTS = {"compute": "compute (alone)", "overlap": "comm overlapped", "exposed_comm": "comm exposed",
                "memcpy": "memcpy", "idle": "idle"}
 """The stacked parts of a traced step, each ms per step; together they make the step's time."""

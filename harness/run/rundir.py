@@ -399,7 +399,10 @@ def write_run_summary(run_dir: Path, *, cfg: Any, layout: Any, info: Any, device
     if note:
         summary["steps_note"] = note
     if status == "ok":
-        summary.update(summary_blocks(cfg, layout, device.type, [r.trace for r in ranks], steps, run_dir))
+        try:
+            summary.update(summary_blocks(cfg, layout, device.type, [r.trace for r in ranks], steps, run_dir))
+        except Exception as exc:  # noqa: BLE001 - the run's own measurements must reach summary.json
+            summary["breakdown_reason"] = f"not measured: summarising the traces failed: {type(exc).__name__}: {exc}"
     write_summary(run_dir, summary)
     if status == "ok":
         print_summary(summary, run_dir)

@@ -99,7 +99,9 @@ class Trainer:
             self.built = self.build()
             with self.watchdog:
                 self.loop(self.built)
-            self.trace = analyse_rank(self.built.capture, self.cfg, self.layout, self.info)
+            self.trace = analyse_rank(self.built.capture, self.info.rank, self.cfg.launcher.pg_timeout_s,
+                                      skip="the run stopped for its wall-time" if self.stop_reason == "walltime"
+                                      else None)
         except torch.OutOfMemoryError as exc:
             status, error, self.stop_reason = "oom", f"OutOfMemoryError: {exc}", "failed"
             raise

@@ -38,52 +38,64 @@ def _mean(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def analyse_trace(path: Path, rank: int, steps: Optional[range] = None) -> dict[str, Any]:
-    """The breakdown of one rank's trace, per step (mean over its recorded steps)."""
+ANALYSIS_SHARE = 0.5
+"""Of `launcher.pg_timeout_s`, the time one rank may spend analysing its trace: every rank then meets in the
+end-of-run gather, which waits for the slowest one no longer than that timeout."""
+
+
+def analyse_trace(path: Path, rank: int, steps: Optional[range] = None, timeout_s: float = 600.0) -> dict[str, Any]:
+    """The breakdown of one rank's trace, per step (mean over `steps`, default every step in the trace)."""
     trace = load(path)
     numbers = sorted(s for s in trace.steps if steps is None or s in steps)
     if not numbers:
-        raise ValueError(f"{path}: no ProfilerStep#<k> of the recorded window in the trace")
+        raise ValueError(f"{path}: no complete recorded step (ProfilerStep#<k>) in the trace")
     windows = [trace.steps[s] for s in numbers]
     span = (windows[0][0], windows[-1][1])
     on_gpu = any(e.cat == "kernel" for e in trace.events)
     row: dict[str, Any] = {"rank": rank, "steps": numbers}
     if on_gpu:
         step_ms = statistics.fmean(end - start for start, end in windows) / 1e3
-        hta = gpu.run_hta(path, rank) if gpu.hta_available() else None
-        if hta is None:
+        row.update(step_ms=step_ms, source=HTA_SOURCE)
+        if not gpu.hta_available():
             row["reason"] = ("GPU trace not analysed: Holistic Trace Analysis is not installed "
                              "(pip install 'harness[gpu]')")
-            row.update(step_ms=step_ms)
         else:
-            row.update(step_ms=step_ms, **gpu.hta_step_split(hta, len(numbers), step_ms),
+            hta = gpu.run_hta(path, rank, timeout_s)
+            row.update(**gpu.hta_step_split(hta, len(numbers), step_ms),
                        comm_comp_overlap_pct=hta["comm_comp_overlap_pct"], top_kernels=hta["top_kernels"])
-        row["source"] = HTA_SOURCE
     else:
-        row.update(_mean([cpu.step_breakdown(trace, w) for w in windows]), source=CPU_SOURCE)
+        row.update(_mean(cpu.step_breakdowns(trace, windows)), source=CPU_SOURCE)
     row["phases_ms"] = _mean([phases_ms(trace, w) for w in windows])
-    row["comm"] = {kind: {k: v / len(numbers) for k, v in entry.items()}
+    row["comm"] = {kind: {k: v / len(numbers) if k != "unsized_types" else v for k, v in entry.items()}
                    for kind, entry in comm.by_kind(trace, span).items()}
     return row
 
 
-def analyse_rank(capture: TraceCapture, cfg: Any, layout: Any, info: Any) -> Optional[dict[str, Any]]:
-    """This rank's trace written and analysed; a failure is reported in the summary, never fails the run."""
+def analyse_rank(capture: TraceCapture, rank: int, pg_timeout_s: float, skip: Optional[str] = None
+                 ) -> Optional[dict[str, Any]]:
+    """This rank's trace written and analysed, within a share of the collective timeout (`ANALYSIS_SHARE`);
+    `skip` names why not to (a wall-time stop: the job must end). A failure is reported in the summary,
+    never fails the run."""
     if capture.window is None:
         return None
+    if skip:
+        return {"rank": rank, "error": f"trace not written: {skip}"}
     started = time.perf_counter()
     try:
         path = capture.export()
     except Exception as exc:  # noqa: BLE001 - the run's measurements stand without the trace
-        return {"rank": info.rank, "error": f"writing the trace failed: {type(exc).__name__}: {exc}"}
-    if path is None:
-        return {"rank": info.rank, "error": "the run ended before the profiler's window closed"}
+        return {"rank": rank, "error": f"writing the trace failed: {type(exc).__name__}: {exc}"}
+    if path is None or not capture.completed:
+        return {"rank": rank, "error": "the run ended before the profiler recorded a whole step"}
     exported = time.perf_counter()
-    out: dict[str, Any] = {"rank": info.rank, "trace": str(path), "export_s": exported - started}
+    out: dict[str, Any] = {"rank": rank, "trace": str(path), "export_s": exported - started}
+    if capture.dir_note:
+        out["note"] = capture.dir_note
     if capture.memory_snapshot is not None:
         out["memory_snapshot"] = str(capture.memory_snapshot)
     try:
-        out.update(analyse_trace(path, info.rank, capture.window.recorded))
+        budget = max(10.0, ANALYSIS_SHARE * pg_timeout_s - (exported - started))
+        out.update(analyse_trace(path, rank, capture.completed, timeout_s=budget))
     except Exception as exc:  # noqa: BLE001
         out["error"] = f"analysing {path} failed: {type(exc).__name__}: {exc}"
     out["analyse_s"] = time.perf_counter() - exported
@@ -120,7 +132,8 @@ def summary_blocks(cfg: Any, layout: Any, device_type: str, ranks: list[Optional
         "overhead_pct": 100 * (profiled_ms / plain_ms - 1) if profiled_ms and plain_ms else None,
         "export_s": max((r["export_s"] for r in rows if "export_s" in r), default=None),
         "analyse_s": max((r["analyse_s"] for r in rows if "analyse_s" in r), default=None),
-        "errors": [f"rank {r['rank']}: {r['error']}" for r in rows if r.get("error")],
+        "errors": _grouped([(r["rank"], r["error"]) for r in rows if r.get("error")]),
+        "notes": _grouped([(r["rank"], r["note"]) for r in rows if r.get("note")]),
     }
     analysed = [r for r in rows if "step_ms" in r]
     if not analysed:
@@ -128,9 +141,15 @@ def summary_blocks(cfg: Any, layout: Any, device_type: str, ranks: list[Optional
         return {"profile": profile, "breakdown": None, "breakdown_reason": f"not measured: {reason}"}
     breakdown: dict[str, Any] = {"source": analysed[0]["source"], "steps": analysed[0]["steps"],
                                  "ranks_analysed": len(analysed)}
-    means = _mean([{k: r[k] for k in (*SPLIT, "comm_comp_overlap_pct", "phases_ms", "comm") if k in r}
-                   for r in analysed])
+    kinds = {kind for r in analysed for kind in r.get("comm", {})}
+    zero = {"calls": 0, "bytes": 0.0, "time_ms": 0.0}  # a rank that issued none of a kind counts as 0 in the mean
+    means = _mean([{**{k: r[k] for k in (*SPLIT, "comm_comp_overlap_pct", "phases_ms") if k in r},
+                    "comm": {kind: r.get("comm", {}).get(kind, zero) for kind in kinds}} for r in analysed])
     breakdown.update(means)
+    for kind, entry in breakdown.get("comm", {}).items():
+        types = sorted({t for r in analysed for t in r.get("comm", {}).get(kind, {}).get("unsized_types", [])})
+        if types:
+            entry["unsized_types"] = types  # element types of unknown size: their bytes are missing
     breakdown["max_rank_step_ms"] = max(r["step_ms"] for r in analysed)
     breakdown["comm"] = _with_prediction(breakdown.get("comm", {}), cfg, layout, gloo=device_type == "cpu")
     if "top_kernels" in analysed[0]:
@@ -140,6 +159,14 @@ def summary_blocks(cfg: Any, layout: Any, device_type: str, ranks: list[Optional
     breakdown["ranks"] = [{k: v for k, v in r.items() if k not in ("top_kernels", "source", "steps", "export_s",
                                                                    "analyse_s")} for r in analysed]
     return {"profile": profile, "breakdown": breakdown}
+
+
+def _grouped(items: list[tuple[int, str]]) -> list[str]:
+    """`ranks 0, 1, 2: <message>`: one line per distinct message, not one per rank."""
+    ranks: dict[str, list[int]] = {}
+    for rank, message in items:
+        ranks.setdefault(message, []).append(rank)
+    return [f"rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}: {m}" for m, r in ranks.items()]
 
 
 def _with_prediction(measured: dict[str, Any], cfg: Any, layout: Any, gloo: bool) -> dict[str, Any]:

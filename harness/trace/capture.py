@@ -11,6 +11,7 @@ directory must be on a shared filesystem.
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 from typing import Any, ContextManager, Optional
 
@@ -25,7 +26,7 @@ MEMORY_HISTORY_ENTRIES = 100_000
 
 def phase(name: str) -> ContextManager[Any]:
     """A `record_function` range named `name` (one of `events.PHASES`) while a profiler records, else nothing:
-    an idle marker still costs ~14 µs of CPU per use on this repository's CI host, ~1 µs to skip
+    an idle `record_function` still costs ~8 µs of CPU per use on this repository's CI host, the check 0.5 µs
     (benchmarks/profile_overhead.py)."""
     return torch.profiler.record_function(name) if torch.autograd._profiler_enabled() else contextlib.nullcontext()
 
@@ -44,17 +45,27 @@ class TraceCapture:
         self.cfg, self.rank, self.device = cfg.profile, rank, device
         self.profiler: Optional[torch.profiler.profile] = None
         self.saved = False
+        self.done = -1  # the last step that ended
+        self.memory_recording = False
         self.memory_snapshot: Optional[Path] = None
+        self.dir_note: Optional[str] = None
         self.dir = self._shared_dir(run_dir) if self.window else run_dir / "profile"
 
     def _shared_dir(self, run_dir: Path) -> Path:
-        """Rank 0's `<run dir>/profile`; other ranks of a cluster launch only know a scratch directory."""
-        where = [str((run_dir / "profile").absolute())]
+        """Rank 0's `<run dir>/profile`; other ranks of a cluster launch only know a scratch directory. A rank
+        that cannot create it (rank 0's filesystem not mounted on its node) writes beside its own run files
+        and says so: the breakdown does not need the file to be shared."""
+        local = run_dir / "profile"
+        where = [str(local.absolute())]
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.broadcast_object_list(where, src=0)
-        path = Path(where[0])
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+        try:
+            Path(where[0]).mkdir(parents=True, exist_ok=True)
+            return Path(where[0])
+        except OSError as exc:
+            self.dir_note = f"trace written to {local.absolute()} on {os.uname().nodename}: {where[0]}: {exc}"
+            local.mkdir(parents=True, exist_ok=True)
+            return local
 
     def label(self, step: int) -> Optional[str]:
         return self.window.label(step) if self.window else None
@@ -89,9 +100,16 @@ class TraceCapture:
 
     def step(self, step: int) -> None:
         """Step `step` has ended (call after its time was taken): move the profiler to the next step."""
+        self.done = step
         if self.profiler is not None:
             self.profiler.step()
             self._memory(step + 1)
+
+    @property
+    def completed(self) -> range:
+        """The recorded steps that ended (fewer than the window when the run stopped inside it)."""
+        assert self.window is not None
+        return range(self.window.recorded.start, min(self.window.recorded.stop, self.done + 1))
 
     def _memory(self, step: int) -> None:
         """CUDA memory history over the recorded steps, dumped as the window closes."""
@@ -99,14 +117,21 @@ class TraceCapture:
             return
         if step == self.window.recorded.start:
             torch.cuda.memory._record_memory_history(max_entries=MEMORY_HISTORY_ENTRIES)
+            self.memory_recording = True
         elif step == self.window.recorded.stop:
             self.memory_snapshot = self.dir / f"memory_rank{self.rank}.pickle"
             torch.cuda.memory._dump_snapshot(str(self.memory_snapshot))
+            self._stop_memory()
+
+    def _stop_memory(self) -> None:
+        if self.memory_recording:
             torch.cuda.memory._record_memory_history(enabled=None)
+            self.memory_recording = False
 
     def __exit__(self, *exc: object) -> None:
-        if self.profiler is not None:
-            with contextlib.suppress(Exception):  # an earlier error is the one to report
+        with contextlib.suppress(Exception):  # an earlier error is the one to report
+            self._stop_memory()  # the run ended inside the window: no snapshot, history off
+            if self.profiler is not None:
                 self.profiler.__exit__(None, None, None)
 
     def export(self) -> Optional[Path]:

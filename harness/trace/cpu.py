@@ -19,24 +19,30 @@ from __future__ import annotations
 
 from typing import Any
 
-from harness.trace.events import Trace, clip, intersect, length, subtract, union
+from harness.trace.events import HOST_RANGE, Trace, clip, intersect, length, subtract, union
 
 COMM_CALL = ("c10d::", "record_param_comms")
 
 
-def step_breakdown(trace: Trace, window: tuple[float, float]) -> dict[str, Any]:
-    """ms of compute, communication, their overlap, exposed communication and idle time in one step."""
-    main = {e.tid for e in trace.events if e.name.startswith("ProfilerStep#")}
-    workers = {e.tid for e in trace.events if e.name.startswith("gloo:")} - main
-    inline = union((e.ts, e.end) for e in trace.events  # collectives the training thread itself waits in
-                   if e.name.startswith(COMM_CALL) or (e.tid in main and e.name.startswith("gloo:")))
+def step_breakdowns(trace: Trace, windows: list[tuple[float, float]]) -> list[dict[str, Any]]:
+    """ms of compute, communication, their overlap, exposed communication and idle time in each step window
+    (the unions are built once for the whole trace, then clipped to each step)."""
+    main = {e.tid for e in trace.events if e.cat == HOST_RANGE and e.name.startswith("ProfilerStep#")}
+    collectives = [e for e in trace.events if e.cat == HOST_RANGE and e.name.startswith("gloo:")]
+    workers = {e.tid for e in collectives} - main
+    inline = union([*((e.ts, e.end) for e in trace.events if e.name.startswith(COMM_CALL)),  # the training
+                    *((e.ts, e.end) for e in collectives if e.tid in main)])  # thread itself waits in these
     ops = union((e.ts, e.end) for e in trace.events
                 if e.cat == "cpu_op" and e.tid not in workers and not e.name.startswith(COMM_CALL))
-    compute = clip(subtract(ops, inline), window)
-    comm = clip(union([*inline, *((e.ts, e.end) for e in trace.events if e.name.startswith("gloo:"))]), window)
-    busy = union([*compute, *comm])
-    step = window[1] - window[0]
-    overlap = length(intersect(compute, comm))
-    return {"step_ms": step / 1e3, "compute_ms": length(compute) / 1e3, "comm_ms": length(comm) / 1e3,
-            "overlap_ms": overlap / 1e3, "exposed_comm_ms": (length(comm) - overlap) / 1e3,
-            "idle_ms": (step - length(busy)) / 1e3}
+    compute_all = subtract(ops, inline)
+    comm_all = union([*inline, *((e.ts, e.end) for e in collectives)])
+    out = []
+    for window in windows:
+        compute, comm = clip(compute_all, window), clip(comm_all, window)
+        busy = union([*compute, *comm])
+        step = window[1] - window[0]
+        overlap = length(intersect(compute, comm))
+        out.append({"step_ms": step / 1e3, "compute_ms": length(compute) / 1e3, "comm_ms": length(comm) / 1e3,
+                    "overlap_ms": overlap / 1e3, "exposed_comm_ms": (length(comm) - overlap) / 1e3,
+                    "idle_ms": (step - length(busy)) / 1e3})
+    return out

@@ -23,6 +23,9 @@ trace). `pipeline` is DeepSpeed's whole pipeline schedule (forward and backward 
 `metrics` is the trainer's one collective per step that reduces loss, memory and telemetry."""
 
 STEP = re.compile(r"ProfilerStep#(\d+)$")
+HOST_RANGE = "user_annotation"
+"""The category of `record_function` ranges on the host. Kineto also mirrors them onto the GPU timeline
+(`gpu_user_annotation`, which HTA drops too): steps, phases and collective markers are read from the host's."""
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,7 @@ def load(path: Path) -> Trace:
     raw = data["traceEvents"] if isinstance(data, dict) else data
     events = [Event(e["name"], e.get("cat", ""), float(e["ts"]), float(e.get("dur", 0.0)), e.get("tid"),
                     e.get("args") or {}) for e in raw if e.get("ph") == "X" and "ts" in e]
-    steps = {int(m.group(1)): (e.ts, e.end) for e in events if (m := STEP.match(e.name))}
+    steps = {int(m.group(1)): (e.ts, e.end) for e in events if e.cat == HOST_RANGE and (m := STEP.match(e.name))}
     distributed = data.get("distributedInfo", {}) if isinstance(data, dict) else {}
     return Trace(events, distributed, steps)
 
@@ -94,16 +97,17 @@ def intersect(a: Intervals, b: Intervals) -> Intervals:
 
 
 def subtract(a: Intervals, b: Intervals) -> Intervals:
-    """`a` without `b` (both unions)."""
-    out = []
+    """`a` without `b` (both unions), in one pass over each."""
+    out, j = [], 0
     for start, end in a:
-        cut = start
-        for b_start, b_end in b:
-            if b_end <= cut or b_start >= end:
-                continue
-            if b_start > cut:
-                out.append((cut, b_start))
-            cut = max(cut, b_end)
+        while j < len(b) and b[j][1] <= start:
+            j += 1
+        cut, k = start, j
+        while k < len(b) and b[k][0] < end:
+            if b[k][0] > cut:
+                out.append((cut, b[k][0]))
+            cut = max(cut, b[k][1])
+            k += 1
         if cut < end:
             out.append((cut, end))
     return out
@@ -121,7 +125,7 @@ def phases_ms(trace: Trace, window: tuple[float, float]) -> dict[str, float]:
     """Time in each marked phase of the step in `window` (ms; nested markers of one phase counted once)."""
     out = {}
     for key, name in vars(PHASES).items():
-        spans = union((e.ts, e.end) for e in trace.events if e.name == name)
+        spans = union((e.ts, e.end) for e in trace.events if e.name == name and e.cat == HOST_RANGE)
         if spans:
             out[key] = length(clip(spans, window)) / 1e3
     return out

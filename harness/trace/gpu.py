@@ -13,11 +13,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 TOP_KERNELS = 10
-HTA_TIMEOUT_S = 900
 
 
 def hta_available() -> bool:
@@ -55,8 +55,9 @@ def short_name(kernel: str, width: int = 120) -> str:
 
 def hta_step_split(hta: dict[str, Any], steps: int, step_ms: float) -> dict[str, float]:
     """Per-step ms from HTA's kernel-type partition (its rows are disjoint: "COMPUTATION overlapping
-    COMMUNICATION" is counted in both compute and communication, once in the overlap); idle is the step's
-    time with no kernel running."""
+    COMMUNICATION" is counted in both compute and communication, once in the overlap; memcpy is memory
+    alone); idle is the step's time with no kernel running. So compute − overlap + comm + memcpy + idle
+    is the step."""
     parts = hta["kernel_types_us"]
 
     def total(*words: str) -> float:
@@ -64,25 +65,29 @@ def hta_step_split(hta: dict[str, Any], steps: int, step_ms: float) -> dict[str,
 
     busy = sum(parts.values()) / steps / 1e3
     compute, comm, overlap = total("COMPUTATION"), total("COMMUNICATION"), total("COMPUTATION", "COMMUNICATION")
+    memory_only = parts.get("MEMORY", 0.0) / steps / 1e3  # memory overlapping the others is inside them
     return {"compute_ms": compute, "comm_ms": comm, "overlap_ms": overlap, "exposed_comm_ms": comm - overlap,
-            "memcpy_ms": total("MEMORY"), "idle_ms": max(0.0, step_ms - busy)}
+            "memcpy_ms": memory_only, "idle_ms": max(0.0, step_ms - busy)}
 
 
-def run_hta(path: Path, rank: int) -> dict[str, Any]:
-    """`hta_breakdown` in a child process; RuntimeError with HTA's last line when it fails."""
-    done = subprocess.run([sys.executable, "-m", "harness.trace.gpu", str(path), str(rank)], capture_output=True,
-                          text=True, timeout=HTA_TIMEOUT_S)
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"Holistic Trace Analysis failed on {path}: {last}")
-    return json.loads(done.stdout)
+def run_hta(path: Path, rank: int, timeout_s: float) -> dict[str, Any]:
+    """`hta_breakdown` in a child process, its result through a file (HTA and pandas may print to stdout);
+    RuntimeError with HTA's last line when it fails, TimeoutExpired past `timeout_s`."""
+    with tempfile.TemporaryDirectory(prefix="harness-hta-") as scratch:
+        out = Path(scratch) / "hta.json"
+        done = subprocess.run([sys.executable, "-m", "harness.trace.gpu", str(path), str(rank), str(out)],
+                              capture_output=True, text=True, timeout=timeout_s)
+        if done.returncode != 0 or not out.exists():
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"Holistic Trace Analysis failed on {path}: {last}")
+        return json.loads(out.read_text())
 
 
 def main(argv: list[str]) -> None:
     import logging
 
     logging.disable(logging.INFO)  # HTA logs every parsed file
-    print(json.dumps(hta_breakdown(Path(argv[0]), int(argv[1]))))
+    Path(argv[2]).write_text(json.dumps(hta_breakdown(Path(argv[0]), int(argv[1]))))
 
 
 if __name__ == "__main__":
