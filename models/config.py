@@ -14,6 +14,8 @@ from typing import Any, Optional
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
+ATTENTIONS = ("sdpa", "flash_attn", "math")
+NORM_IMPLS = ("torch", "apex")
 POSITIONS = ("learned", "rope")
 
 
@@ -59,6 +61,13 @@ class GPTConfig:
     """Std of the normal initialisation of weights and embeddings."""
     rope_theta: float = 10000.0
     """RoPE base frequency."""
+    attention: str = "sdpa"
+    """Attention kernel: sdpa (PyTorch's scaled_dot_product_attention, which picks flash, memory-efficient or
+    math itself), flash_attn (the flash-attn package's flash_attn_func; CUDA, fp16/bf16), math (softmax(QKᵀ)V
+    written out: the reference)."""
+    norm_impl: str = "torch"
+    """Normalisation kernels: torch (nn.LayerNorm / nn.RMSNorm) or apex (NVIDIA apex's FusedLayerNorm /
+    FusedRMSNorm; CUDA)."""
 
     @property
     def head_dim(self) -> int:
@@ -96,7 +105,8 @@ class GPTConfig:
             raise ModelConfigError("n_kv_heads", (
                 f"{prefix}n_kv_heads={self.kv_heads} does not divide {prefix}n_heads={self.n_heads}; "
                 f"choose a divisor (e.g. {nearest_divisor(self.n_heads, self.kv_heads)})"))
-        for name, choices in (("activation", ACTIVATIONS), ("norm", NORMS), ("position", POSITIONS)):
+        for name, choices in (("activation", ACTIVATIONS), ("norm", NORMS), ("position", POSITIONS),
+                              ("attention", ATTENTIONS), ("norm_impl", NORM_IMPLS)):
             if getattr(self, name) not in choices:
                 raise ModelConfigError(name, f"{prefix}{name}={getattr(self, name)}: unknown value; "
                                              f"choose one of: {', '.join(choices)}")

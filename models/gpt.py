@@ -23,11 +23,44 @@ from models.config import GPTConfig
 
 __all__ = ["GPT", "GPTConfig"]
 
+APEX_NORMS = ("FusedLayerNorm", "FusedRMSNorm")
+"""apex's norms (model.norm_impl=apex), re-initialised like torch's; matched by name so apex is never imported
+unless chosen."""
+
 
 def make_norm(config: GPTConfig) -> nn.Module:
+    if config.norm_impl == "apex":  # NVIDIA apex's fused CUDA kernels (the run's preflight checked it is there)
+        from apex.normalization import FusedLayerNorm, FusedRMSNorm
+
+        if config.norm == "rmsnorm":
+            return FusedRMSNorm(config.d_model, eps=config.norm_eps)
+        if not config.bias:
+            raise ValueError("model.norm_impl=apex: apex's FusedLayerNorm always has a bias; use model.bias=true "
+                             "or model.norm_impl=torch")
+        return FusedLayerNorm(config.d_model, eps=config.norm_eps)
     if config.norm == "rmsnorm":
         return nn.RMSNorm(config.d_model, eps=config.norm_eps)
     return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+
+
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal softmax(QKᵀ/√d)V written out, (B, heads, T, head_dim); K and V repeated for grouped queries."""
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    T = q.shape[2]
+    mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """flash-attn's kernel, which takes (B, T, heads, head_dim) and handles grouped queries itself."""
+    from flash_attn import flash_attn_func
+
+    y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+    return y.transpose(1, 2)
 
 
 def rope_cache(config: GPTConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,6 +96,7 @@ class CausalSelfAttention(nn.Module):
         qkv_out = (config.n_heads + 2 * config.kv_heads) * config.head_dim
         self.qkv = nn.Linear(config.d_model, qkv_out, bias=config.bias)
         self.proj = nn.Linear(config.n_heads * config.head_dim, config.d_model, bias=config.bias)
+        self.kernel = config.attention
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         qkv = self.qkv(x)
@@ -75,7 +109,12 @@ class CausalSelfAttention(nn.Module):
         v = v.squeeze(3).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.q_per_group > 1)
+        if self.kernel == "math":
+            y = math_attention(q, k, v)
+        elif self.kernel == "flash_attn":
+            y = flash_attention(q, k, v)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.q_per_group > 1)
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -169,7 +208,7 @@ class GPT(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=resid_std if is_residual_out else std)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or module.__class__.__name__ in APEX_NORMS:
                 module.reset_parameters()
         if self.config.position == "rope":
             cos, sin = rope_cache(self.config, self.rope_cos.device)

@@ -107,6 +107,9 @@ LAYOUTS = {
                         "train.activation_checkpointing=selective"],
     "fsdp-2-checkpointed": ["launcher.nproc=2", "backend=fsdp", "train.micro_batch_size=1",
                             "train.activation_checkpointing=full"],
+    # torch's fused AdamW kernel over FSDP2's DTensor shards (train.optimizer).
+    "fsdp-2-fused-adamw": ["launcher.nproc=2", "backend=fsdp", "train.micro_batch_size=2",
+                           "train.optimizer=adamw_fused"],
 }
 
 

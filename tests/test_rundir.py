@@ -60,4 +60,14 @@ def test_summary(layout_runs: dict[str, Run]) -> None:
     assert summary["model"]["params"] == param_count(cfg)
     env = summary["env"]
     assert env["world_size"] == 2 and env["torch"] and env["lightning"] and env["hostnames"]
+    # What produced the number: the harness commit, the accelerator stack, the packages, the job.
+    for key in ("commit", "dirty", "python", "deepspeed", "megatron-core", "hydra-core", "flash-attn", "apex",
+                "HolisticTraceAnalysis", "torch_cuda", "torch_hip", "collectives", "device_name", "devices_per_node",
+                "device_memory_gb", "driver", "job"):
+        assert key in env, key
+    assert env["collectives"] == "gloo" and env["driver"] is None and env["driver_reason"]
+    assert (env["commit"] is None) == ("commit_reason" in env)
+    kernels = summary["kernels"]
+    assert kernels["optimizer"] == "adamw" and kernels["norm_impl"] == "torch"
+    assert kernels["attention"]["sdpa_kernel"].startswith("_scaled_dot_product")
     assert env["launcher"] == "torchrun"  # the elastic agent's variables

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from harness.backends.registry import resolve_optimizer
 from harness.config.checks import Layout
 from harness.trace.capture import phase
 from harness.trace.events import PHASES
@@ -112,9 +113,18 @@ def checkpoint_and_compile(model: nn.Module, train: Any) -> None:
             block.compile(backend=train.compile_backend)
 
 
-def make_optimizer(params: Any, train: Any) -> torch.optim.Optimizer:
-    """AdamW with GPT-3's betas; the same for every backend so their losses compare."""
-    return torch.optim.AdamW(params, lr=train.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=train.weight_decay)
+def make_optimizer(params: Any, train: Any, kind: str = "adamw") -> torch.optim.Optimizer:
+    """AdamW with GPT-3's betas, the same update for every backend so their losses compare; `kind`
+    (train.optimizer, resolved) picks the implementation."""
+    hyper = {"lr": train.lr, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": train.weight_decay}
+    if kind == "apex_fused_adam":
+        from apex.optimizers import FusedAdam
+
+        return FusedAdam(params, adam_w_mode=True, **hyper)
+    if kind not in ("adamw", "adamw_foreach", "adamw_fused"):
+        raise ValueError(f"train.optimizer={kind}: not an optimizer this backend builds")
+    return torch.optim.AdamW(params, foreach=True if kind == "adamw_foreach" else None,
+                             fused=True if kind == "adamw_fused" else None, **hyper)
 
 
 class FabricBackend(Backend):
@@ -157,7 +167,8 @@ class FabricBackend(Backend):
         )
         self.fabric.launch()
         self.model = self.fabric.setup_module(model, move_to_device=self.move_to_device)
-        self.optimizer = self.fabric.setup_optimizers(make_optimizer(self.model.parameters(), self.cfg.train))
+        kind = resolve_optimizer(self.cfg.train.optimizer, self.cfg.backend.name, self.device.type)
+        self.optimizer = self.fabric.setup_optimizers(make_optimizer(self.model.parameters(), self.cfg.train, kind))
 
     def local_params(self) -> int | None:
         from torch.distributed.tensor import DTensor

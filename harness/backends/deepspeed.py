@@ -2,9 +2,9 @@
 
 The DeepSpeed JSON is generated from the harness config (`ds_config`), so batch sizes, optimizer,
 clipping and precision stay the harness's own fields and every backend trains the same way;
-`backend.ds_config` merges extra keys over it. The optimizer is DeepSpeed's config-built
-`torch.optim.AdamW` (`"torch_adam": true`): the same update as the other backends, and no compiled
-extension needed on CPU.
+`backend.ds_config` merges extra keys over it. The optimizer is DeepSpeed's config-built AdamW: on a GPU
+by default its FusedAdam (what DeepSpeed users benchmark), on a CPU `torch.optim.AdamW` (`"torch_adam":
+true`, no compiled extension needed), or whichever `train.optimizer` names; the same update either way.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from torch import nn
 
 from harness import quiet_library_warnings
 from harness.backends.base import Backend, MicroBatch, checkpoint_and_compile, materialize
+from harness.backends.registry import resolve_optimizer
 from harness.config.checks import Layout
 from harness.trace.capture import phase
 from harness.trace.events import PHASES
@@ -42,7 +43,13 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def ds_config(cfg: Any, layout: Layout) -> dict[str, Any]:
+DS_OPTIMIZER = {"adamw": {"torch_adam": True}, "adamw_foreach": {"torch_adam": True, "foreach": True},
+                "adamw_fused": {"torch_adam": True, "fused": True}, "deepspeed_fused_adam": {"torch_adam": False}}
+"""train.optimizer as DeepSpeed's optimizer params: `torch_adam` builds torch.optim.AdamW with the remaining
+params (foreach, fused); without it DeepSpeed builds its FusedAdam (CPUAdam when the optimizer is offloaded)."""
+
+
+def ds_config(cfg: Any, layout: Layout, device_type: str = "cpu") -> dict[str, Any]:
     """The DeepSpeed JSON for this run: generated fields, then `backend.ds_config` merged over them."""
     train, b = cfg.train, cfg.backend
     zero: dict[str, Any] = {"stage": layout.zero_stage}
@@ -56,7 +63,9 @@ def ds_config(cfg: Any, layout: Layout) -> dict[str, Any]:
         "gradient_accumulation_steps": layout.grad_accum,
         "gradient_clipping": train.grad_clip,
         "optimizer": {"type": "AdamW", "params": {"lr": train.lr, "betas": [0.9, 0.95], "eps": 1e-8,
-                                                  "weight_decay": train.weight_decay, "torch_adam": True}},
+                                                  "weight_decay": train.weight_decay,
+                                                  **DS_OPTIMIZER[resolve_optimizer(train.optimizer, cfg.backend.name,
+                                                                                   device_type)]}},
         "zero_optimization": zero,
         "steps_per_print": 1 << 30,  # the harness reports every step itself
         "wall_clock_breakdown": False,
@@ -80,7 +89,7 @@ class DeepSpeedEngineBackend(Backend):
 
     def __init__(self, cfg: Any, layout: Layout, device: torch.device) -> None:
         super().__init__(cfg, layout, device)
-        self.config = ds_config(cfg, layout)
+        self.config = ds_config(cfg, layout, device.type)
         self.deepspeed = import_deepspeed(device)
         # Wrap the process group the runner started (DeepSpeed would otherwise try MPI discovery).
         self.deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)

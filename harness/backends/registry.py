@@ -13,6 +13,8 @@ from typing import Optional
 PRECISIONS = ("fp32", "fp16", "bf16")
 FSDP_SHARDINGS = ("full_shard", "shard_grad_op", "hybrid_shard", "no_shard")
 """FSDP1's strategy names, mapped onto FSDP2 (harness/backends/fsdp.py)."""
+OPTIMIZERS = ("auto", "adamw", "adamw_foreach", "adamw_fused", "apex_fused_adam", "deepspeed_fused_adam")
+"""train.optimizer: implementations of the same AdamW update (GPT-3's betas), chosen for speed."""
 FP16_SCALER_OPTIONS = ("initial_scale_power", "loss_scale_window", "hysteresis", "min_loss_scale")
 
 
@@ -96,3 +98,11 @@ def fsdp_replica_group(sharding: str, hybrid_shard_group: Optional[int], devices
     if sharding == "hybrid_shard":
         return hybrid_shard_group if hybrid_shard_group is not None else devices_per_node
     return dp
+
+
+def resolve_optimizer(choice: str, backend: str, device_type: str) -> str:
+    """The AdamW implementation `train.optimizer` means for this backend on this device: `auto` is DeepSpeed's
+    fused Adam on a GPU (what DeepSpeed users benchmark), torch's AdamW otherwise."""
+    if choice != "auto":
+        return choice
+    return "deepspeed_fused_adam" if backend_spec(backend).deepspeed_engine and device_type == "cuda" else "adamw"

@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 
 from omegaconf import DictConfig
 
-from harness.backends.registry import BACKENDS, PRECISIONS, backend_spec, fsdp_replica_group
+from harness.backends.registry import BACKENDS, OPTIMIZERS, PRECISIONS, backend_spec, fsdp_replica_group
 from harness.config.errors import ConfigError
 from harness.config.schema import (
     BackendConfig,
@@ -212,6 +212,14 @@ def _check_train(t: TrainConfig, n_layers: int, backend: str) -> None:
             raise ConfigError(f"train.checkpoint_every_n={t.checkpoint_every_n}: "
                               f"choose 1..model.n_layers={n_layers}")
     _choice(t.compile_backend, COMPILE_BACKENDS, "train.compile_backend")
+    _choice(t.optimizer, OPTIMIZERS, "train.optimizer")
+    deepspeed = backend_spec(backend).deepspeed_engine
+    if t.optimizer == "deepspeed_fused_adam" and not deepspeed:
+        raise ConfigError(f"train.optimizer=deepspeed_fused_adam is built by DeepSpeed's engine; backend={backend} "
+                          "builds torch's: use adamw_fused (or apex_fused_adam), or backend=deepspeed")
+    if t.optimizer == "apex_fused_adam" and deepspeed:
+        raise ConfigError(f"train.optimizer=apex_fused_adam: backend={backend} builds its optimizer from the DeepSpeed "
+                          "config; use deepspeed_fused_adam (its own fused Adam) or adamw_fused")
     total = t.warmup_steps + t.steps
     if t.fault_inject_oom_step is not None and not 0 <= t.fault_inject_oom_step < total:
         raise ConfigError(f"train.fault_inject_oom_step={t.fault_inject_oom_step}: choose a step in 0..{total - 1}")

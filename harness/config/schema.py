@@ -101,6 +101,10 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     """Global gradient-norm clip; 0 disables."""
+    optimizer: str = "auto"
+    """AdamW's implementation: adamw (torch, its default loop), adamw_foreach, adamw_fused (torch's fused kernel),
+    apex_fused_adam (NVIDIA apex, CUDA; ddp and fsdp), deepspeed_fused_adam (DeepSpeed's FusedAdam, CUDA;
+    deepspeed backends); auto: deepspeed_fused_adam for a DeepSpeed backend on a GPU, else adamw."""
 
 
 @dataclass

@@ -16,6 +16,7 @@ def preflight(cfg: Any, world_size: int, local_ranks: int) -> Layout:
     """The layout of a valid config that can run here; ConfigError (one line) otherwise."""
     layout = validate(cfg, world_size)
     device = check_device(cfg.system.device)
+    check_kernels(cfg, device)
     if cfg.profile.memory and device != "cuda":
         raise ConfigError(f"profile.memory=true: memory snapshots are a CUDA allocator feature "
                           f"(torch.cuda.memory._dump_snapshot) and this run uses the {device}; drop profile.memory")
@@ -26,6 +27,41 @@ def preflight(cfg: Any, world_size: int, local_ranks: int) -> Layout:
     if not cfg.launcher.skip_memory_check:
         check_memory_fit(cfg, layout, device, local_ranks)
     return layout
+
+
+APEX_HOW = ("NVIDIA apex built from source with its CUDA extensions (https://github.com/NVIDIA/apex#from-source; "
+            "`pip install apex` installs an unrelated web toolkit)")
+
+
+def check_kernels(cfg: Any, device: str) -> None:
+    """The optional fast kernels a config names are installed and can run on this device, or one line says
+    how to get them (they are never import-time requirements)."""
+    from harness.backends.registry import resolve_optimizer
+    from harness.run.environment import nvidia_apex_version
+
+    def need(field: str, what: str, instead: str, installed: bool) -> None:
+        if device != "cuda":
+            raise ConfigError(f"{field}: runs on CUDA GPUs only and this run uses the {device}; use {instead}")
+        if not installed:
+            raise ConfigError(f"{field} needs {what}; install it, or use {instead}")
+
+    import importlib.util
+
+    if cfg.model.attention == "flash_attn":
+        need("model.attention=flash_attn", "the flash-attn package (pip install flash-attn --no-build-isolation, "
+             "https://github.com/Dao-AILab/flash-attention)", "model.attention=sdpa",
+             importlib.util.find_spec("flash_attn") is not None)
+        if cfg.train.precision == "fp32" and cfg.backend.get("param_dtype") in (None, "fp32"):
+            raise ConfigError("model.attention=flash_attn computes in fp16/bf16 only; use train.precision=bf16 (or "
+                              "model.attention=sdpa)")
+    if cfg.model.norm_impl == "apex":
+        need("model.norm_impl=apex", APEX_HOW, "model.norm_impl=torch", nvidia_apex_version() is not None)
+    optimizer = resolve_optimizer(cfg.train.optimizer, cfg.backend.name, device)
+    if optimizer == "apex_fused_adam":
+        need("train.optimizer=apex_fused_adam", APEX_HOW, "train.optimizer=adamw_fused",
+             nvidia_apex_version() is not None)
+    if optimizer == "deepspeed_fused_adam":
+        need("train.optimizer=deepspeed_fused_adam", "", "train.optimizer=adamw_fused", True)
 
 
 def check_device(choice: str) -> str:

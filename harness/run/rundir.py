@@ -16,19 +16,18 @@ import errno
 import fcntl
 import json
 import os
-import platform
 import shutil
 import socket
 import statistics
 import sys
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
 from harness.config.errors import ConfigError
+from harness.run.environment import environment
 from harness.telemetry.summary import NO_REPORT, energy_metrics, telemetry_block, timed_steps, write_power_csv
 
 SCHEMA = "harness.run/1"
@@ -237,29 +236,6 @@ def read_steps_checked(run_dir: Path) -> tuple[list[dict[str, Any]], Optional[st
     return steps, note
 
 
-def versions() -> dict[str, Optional[str]]:
-    out: dict[str, Optional[str]] = {"python": platform.python_version()}
-    for package in ("torch", "lightning", "deepspeed", "megatron-core", "hydra-core", "harness"):
-        try:
-            out[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            out[package] = None
-    return out
-
-
-def environment(*, world_size: int, hostnames: list[str], devices: list[str], launcher: str) -> dict[str, Any]:
-    return {
-        **versions(),
-        "platform": platform.platform(),
-        "argv": sys.argv,
-        "launcher": launcher,
-        "world_size": world_size,
-        "hostnames": sorted(set(hostnames)),
-        "devices": devices,
-        "job_id": os.environ.get("SLURM_JOB_ID") or os.environ.get("PBS_JOBID") or os.environ.get("LSB_JOBID"),
-    }
-
-
 def build_summary(
     *,
     status: str,
@@ -318,7 +294,7 @@ def failed_summary(run_dir: Path, *, config: dict[str, Any], error: str, status:
     summary = build_summary(
         status=status, error=error, config=config, layout=layout, model={}, steps=steps,
         env=environment(world_size=layout.get("world_size", 0), hostnames=[hostname()], devices=[],
-                        launcher=launcher),
+                        launcher=launcher, accelerator=False),
         stop_reason=stop_reason)
     if note:
         summary["steps_note"] = note
@@ -364,7 +340,8 @@ def hostname() -> str:
 
 def write_run_summary(run_dir: Path, *, cfg: Any, layout: Any, info: Any, device: Any, status: str,
                       error: Optional[str], stop_reason: str, ranks: list[RankReport], backend: Any,
-                      n_params: Optional[int], throughput: Any, memory_kind: Optional[str]) -> None:
+                      n_params: Optional[int], throughput: Any, memory_kind: Optional[str],
+                      kernels: Optional[dict[str, Any]] = None) -> None:
     """Rank 0's summary of a run it took part in: measured metrics, the prediction, telemetry, the table."""
     from harness.config.compose import to_container
     from harness.run.live import print_summary
@@ -396,6 +373,7 @@ def write_run_summary(run_dir: Path, *, cfg: Any, layout: Any, info: Any, device
         **_prediction(cfg, layout, device),
         telemetry=telemetry_block(reports, power_csv) if reports else None,
     )
+    summary["kernels"] = kernels
     if note:
         summary["steps_note"] = note
     if status == "ok":

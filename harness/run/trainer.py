@@ -14,10 +14,11 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from harness.backends import make_backend
-from harness.backends.base import Backend
+from harness.backends.base import DTYPES, Backend
 from harness.config.checks import compute_precision, validate
 from harness.costmodel.flops import step_flops
 from harness.run.data import TokenSource, micro_batches, step_batches, token_source
+from harness.run.environment import kernels
 from harness.run.live import Progress
 from harness.run.metrics import MemoryMeter, Throughput, device_name, resolve_peak
 from harness.run.rank import frozen_gc, synchronize
@@ -57,6 +58,7 @@ class Trainer:
         self.stop_agreed = False
         self.built: Optional[Built] = None
         self.trace: Optional[dict[str, Any]] = None
+        self.kernels: Optional[dict[str, Any]] = None
         self.step_log: Optional[StepLog] = None
         self.watchdog = Watchdog(cfg.launcher.watchdog_s, self.stalled)
 
@@ -88,6 +90,8 @@ class Trainer:
             self.cfg.telemetry, device_type=self.device.type, device_index=self.device.index,
             local_rank=self.info.local_rank, rank=self.info.rank, host=hostname(),
             warmup_steps=train.warmup_steps, rocm=torch.version.hip is not None)
+        if self.is_writer:
+            self.kernels = kernels(self.cfg, self.device, DTYPES[compute_precision(self.cfg)])
         capture = TraceCapture(self.cfg, self.info.rank, self.run_dir, self.device)
         return Built(backend, n_params, throughput, data, MemoryMeter(self.device), sampler, capture)
 
@@ -218,4 +222,4 @@ class Trainer:
                           status=status, error=error, stop_reason=self.stop_reason, ranks=ranks,
                           backend=built.backend if built else None, n_params=built.n_params if built else None,
                           throughput=built.throughput if built else None,
-                          memory_kind=built.memory.kind if built else None)
+                          memory_kind=built.memory.kind if built else None, kernels=self.kernels)
