@@ -128,12 +128,16 @@ def check_backends(scratch: Path) -> dict[str, Any]:
 
 def check_meta_init() -> dict[str, Any]:
     import torch
+    import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
     from harness.backends.base import materialize
     from models.gpt import GPT, GPTConfig
 
     cfg = GPTConfig(n_layers=4, d_model=256, n_heads=8, seq_len=256, vocab_size=4096)
+    if not dist.is_initialized():  # fully_shard needs a process group: this process as a 1-rank NCCL group
+        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1,
+                                device_id=torch.device("cuda", 0))
     torch.manual_seed(0)
     with torch.device("cuda"):
         direct = GPT(cfg)
@@ -153,6 +157,7 @@ def check_meta_init() -> dict[str, Any]:
         equal &= torch.equal(a.detach(), full.detach())
         if c.numel() > 1 and c.std() > 0:
             stats.append(abs(float(full.float().std()) / float(c.std()) - 1))
+    dist.destroy_process_group()
     return {"ok": bool(equal) and max(stats) < 0.05, "sharded_equals_direct_gpu_init": bool(equal),
             "max_std_rel_diff_vs_cpu_init": max(stats), "params": sum(p.numel() for p in cpu.parameters())}
 
