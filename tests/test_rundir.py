@@ -69,5 +69,5 @@ def test_summary(layout_runs: dict[str, Run]) -> None:
     assert (env["commit"] is None) == ("commit_reason" in env)
     kernels = summary["kernels"]
     assert kernels["optimizer"] == "adamw" and kernels["norm_impl"] == "torch"
-    assert kernels["attention"]["sdpa_kernel"].startswith("_scaled_dot_product")
+    assert kernels["attention"]["sdpa_kernel"] in ("FLASH_ATTENTION", "MATH")  # what PyTorch offers a CPU
     assert env["launcher"] == "torchrun"  # the elastic agent's variables

@@ -167,18 +167,16 @@ def environment(*, world_size: int, hostnames: list[str], devices: list[str], la
 
 
 def sdpa_kernel(device: Any, dtype: Any, model: Any) -> str:
-    """Which kernel `scaled_dot_product_attention` picks for this model's shapes on this device and dtype (flash,
-    memory-efficient, cuDNN or math), read from the profiler's record of one probe call."""
+    """Which backend `scaled_dot_product_attention` picks for this model's shapes on this device and dtype
+    (FLASH_ATTENTION, EFFICIENT_ATTENTION, CUDNN_ATTENTION or MATH): PyTorch's own dispatcher choice
+    (`torch._fused_sdp_choice`, what sdpa calls), asked with empty tensors of the run's shapes."""
     import torch
-    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend
 
-    q = torch.zeros(1, model.n_heads, model.seq_len, model.head_dim, device=device, dtype=dtype)
-    kv = torch.zeros(1, model.kv_heads, model.seq_len, model.head_dim, device=device, dtype=dtype)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        F.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=model.kv_heads != model.n_heads)
-    names = [e.name for e in prof.events() if e.name.startswith("aten::_scaled_dot_product")
-             or e.name.startswith("aten::_efficient_attention") or e.name.startswith("aten::_flash_attention")]
-    return names[0].removeprefix("aten::") if names else "math (aten ops, no fused kernel)"
+    q = torch.empty(1, model.n_heads, model.seq_len, model.head_dim, device=device, dtype=dtype)
+    kv = torch.empty(1, model.kv_heads, model.seq_len, model.head_dim, device=device, dtype=dtype)
+    choice = torch._fused_sdp_choice(q, kv, kv, is_causal=True, enable_gqa=model.kv_heads != model.n_heads)
+    return SDPBackend(choice).name
 
 
 def kernels(cfg: Any, device: Any, compute_dtype: Any) -> dict[str, Any]:
