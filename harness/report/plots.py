@@ -178,7 +178,9 @@ def _breakdown(view: View, plt: Any) -> Any:
 
 
 def _comm(view: View, plt: Any) -> Any:
-    data = view.data[view.data["collective"] != "harness_metrics"]
+    from harness.trace.comm import BOOKKEEPING
+
+    data = view.data[view.data["collective"] != BOOKKEEPING]
     labels = [f"{r} · {c}" for r, c in zip(data["run"], data["collective"])]
     fig, ax = plt.subplots(figsize=(7.0, 0.45 * len(data) + 1.6))
     y = np.arange(len(data))

@@ -26,9 +26,9 @@ def resolve_peak(system: Any, precision: str, device: torch.device) -> PeakLooku
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    import platform
+    from harness.run.environment import cpu_model
 
-    return platform.processor() or platform.machine()
+    return cpu_model()
 
 
 @dataclass(frozen=True)

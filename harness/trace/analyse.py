@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from harness.telemetry.summary import timed_steps
 from harness.trace import comm, cpu, gpu
 from harness.trace.capture import TraceCapture
 from harness.trace.events import load, phases_ms
@@ -51,9 +52,8 @@ def analyse_trace(path: Path, rank: int, steps: Optional[range] = None, timeout_
         raise ValueError(f"{path}: no complete recorded step (ProfilerStep#<k>) in the trace")
     windows = [trace.steps[s] for s in numbers]
     span = (windows[0][0], windows[-1][1])
-    on_gpu = any(e.cat == "kernel" for e in trace.events)
     row: dict[str, Any] = {"rank": rank, "steps": numbers}
-    if on_gpu:
+    if trace.has_kernels:
         step_ms = statistics.fmean(end - start for start, end in windows) / 1e3
         row.update(step_ms=step_ms, source=HTA_SOURCE)
         if not gpu.hta_available():
@@ -65,7 +65,7 @@ def analyse_trace(path: Path, rank: int, steps: Optional[range] = None, timeout_
                        comm_comp_overlap_pct=hta["comm_comp_overlap_pct"], top_kernels=hta["top_kernels"])
     else:
         row.update(_mean(cpu.step_breakdowns(trace, windows)), source=CPU_SOURCE)
-    row["phases_ms"] = _mean([phases_ms(trace, w) for w in windows])
+    row["phases_ms"] = _mean(phases_ms(trace, windows))
     row["comm"] = {kind: {k: v / len(numbers) if k != "unsized_types" else v for k, v in entry.items()}
                    for kind, entry in comm.by_kind(trace, span).items()}
     return row
@@ -120,7 +120,7 @@ def summary_blocks(cfg: Any, layout: Any, device_type: str, ranks: list[Optional
         return {}
     rows = [r for r in ranks if r]
     recorded = [s["iter_time_ms"] for s in steps if s.get("profiler") == "record"]
-    unprofiled = [s["iter_time_ms"] for s in steps if not s.get("warmup") and not s.get("profiler")]
+    unprofiled = [s["iter_time_ms"] for s in timed_steps(steps)]
     profiled_ms = statistics.median(recorded) if recorded else None
     plain_ms = statistics.median(unprofiled) if unprofiled else None
     profile = {

@@ -121,9 +121,8 @@ def by_kind(trace: Trace, window: tuple[float, float]) -> dict[str, dict[str, An
             entry = out.setdefault(kind, {"calls": 0, "bytes": 0.0, "time_ms": 0.0})
             entry["calls"] += 1
             entry["bytes"] += input_bytes(event.args, unsized.setdefault(kind, set()))
-    on_gpu = any(e.cat == "kernel" for e in trace.events)
-    spans = _kernel_kinds(trace, issued) if on_gpu else {}
-    if not on_gpu:
+    spans = _kernel_kinds(trace, issued) if trace.has_kernels else {}
+    if not trace.has_kernels:
         for kind, event in issued:
             spans.setdefault(kind, []).append((event.ts, event.end))
     for kind, intervals in spans.items():

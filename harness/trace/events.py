@@ -8,6 +8,7 @@ the job's `distributedInfo` (rank, world size, backend). Both analyses (`cpu`, `
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import re
@@ -53,6 +54,11 @@ class Trace:
     @property
     def rank(self) -> int:
         return int(self.distributed.get("rank", 0))
+
+    @functools.cached_property
+    def has_kernels(self) -> bool:
+        """An accelerator trace (its kernels are what the GPU analyses read), not a CPU-only one."""
+        return any(e.cat == "kernel" for e in self.events)
 
 
 def load(path: Path) -> Trace:
@@ -121,11 +127,9 @@ def clip(intervals: Intervals, window: tuple[float, float]) -> Intervals:
     return intersect(intervals, [window])
 
 
-def phases_ms(trace: Trace, window: tuple[float, float]) -> dict[str, float]:
-    """Time in each marked phase of the step in `window` (ms; nested markers of one phase counted once)."""
-    out = {}
-    for key, name in vars(PHASES).items():
-        spans = union((e.ts, e.end) for e in trace.events if e.name == name and e.cat == HOST_RANGE)
-        if spans:
-            out[key] = length(clip(spans, window)) / 1e3
-    return out
+def phases_ms(trace: Trace, windows: list[tuple[float, float]]) -> list[dict[str, float]]:
+    """Time in each marked phase of each step window (ms; nested markers of one phase counted once); each
+    phase's union is built once for the whole trace, then clipped to every window."""
+    spans = {key: union((e.ts, e.end) for e in trace.events if e.name == name and e.cat == HOST_RANGE)
+             for key, name in vars(PHASES).items()}
+    return [{key: length(clip(s, window)) / 1e3 for key, s in spans.items() if s} for window in windows]
