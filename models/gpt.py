@@ -184,6 +184,8 @@ class GPT(nn.Module):
 
     def _tie_weights(self) -> None:
         # Module.to_empty() replaces plain Parameters one module at a time and so unties them.
+        if self.tok_emb is None or self.lm_head is None:
+            return  # a pipeline stage holding one end only (see forward)
         if self.config.tie_embeddings and self.lm_head.weight is not self.tok_emb.weight:
             self.lm_head.weight = self.tok_emb.weight
 
@@ -216,21 +218,31 @@ class GPT(nn.Module):
             self.rope_sin.copy_(sin)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab) or, given targets, the mean cross-entropy over all B*T positions."""
-        _, T = tokens.shape
+        """Logits (B, T, vocab) or, given targets, the mean cross-entropy over all B*T positions.
+
+        A pipeline stage is this model with the parts other stages hold set to None (torchtitan's way):
+        without `tok_emb` it takes the previous stage's hidden states (B, T, d_model) instead of tokens,
+        and without `lm_head` it returns its hidden states.
+        """
+        T = tokens.shape[1]
         if T > self.config.seq_len:
             raise ValueError(f"sequence length {T} exceeds config.seq_len {self.config.seq_len}")
-        x = self.tok_emb(tokens)
+        x = tokens if self.tok_emb is None else self.tok_emb(tokens)
         rope = None
-        if self.config.position == "learned":
-            x = x + self.pos_emb(torch.arange(T, device=tokens.device))
-        else:
+        if self.config.position == "rope":
             rope = (self.rope_cos[:T], self.rope_sin[:T])
+        elif self.tok_emb is not None:
+            x = x + self.pos_emb(torch.arange(T, device=tokens.device))
         for block in self.blocks:
             x = block(x, rope)
+        if self.lm_head is None:
+            return x
         logits = self.lm_head(self.norm_f(x))
-        if targets is None:
-            return logits
+        return logits if targets is None else self.loss(logits, targets)
+
+    @staticmethod
+    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over all positions, in fp32 whatever the logits' dtype."""
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
     def num_params(self, exclude_embeddings: bool = False) -> int:

@@ -11,6 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from omegaconf import OmegaConf
+
+from harness.config.compose import CONF_DIR
+from harness.config.schema import Config
 
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
                "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
@@ -35,6 +39,13 @@ class Run:
     @property
     def losses(self) -> list[float]:
         return [s["loss"] for s in self.steps]
+
+
+def fsdp_config(*dotlist: str) -> Config:
+    """gpt-tiny with backend=fsdp and `dotlist` overrides, as Hydra would compose it (for `validate`)."""
+    groups = {"model": OmegaConf.load(CONF_DIR / "model/gpt-tiny.yaml"),
+              "backend": OmegaConf.load(CONF_DIR / "backend/fsdp.yaml")}
+    return OmegaConf.merge(OmegaConf.structured(Config), groups, OmegaConf.from_dotlist(list(dotlist)))  # type: ignore
 
 
 def clean_env() -> dict[str, str]:

@@ -14,14 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import GLOBAL_BATCH, TINY, Run, assert_losses_match, harness, harness_run, run_layouts
-from omegaconf import OmegaConf
+from conftest import GLOBAL_BATCH, TINY, Run, assert_losses_match, fsdp_config, harness, harness_run, run_layouts
 
 from harness.backends.base import apply_activation_checkpointing
 from harness.config.checks import compute_precision, validate
-from harness.config.compose import CONF_DIR
 from harness.config.errors import ConfigError
-from harness.config.schema import Config
 from models.gpt import GPT, GPTConfig
 
 TOLERANCE = 1e-5
@@ -167,13 +164,6 @@ def test_gpu_study_experiments_expand_to_the_published_points(tmp_path: Path, ex
                for c in configs)
 
 
-def _config(*dotlist: str) -> Config:
-    """gpt-tiny with backend=fsdp and `dotlist` overrides, as Hydra would compose it."""
-    groups = {"model": OmegaConf.load(CONF_DIR / "model/gpt-tiny.yaml"),
-              "backend": OmegaConf.load(CONF_DIR / "backend/fsdp.yaml")}
-    return OmegaConf.merge(OmegaConf.structured(Config), groups, OmegaConf.from_dotlist(list(dotlist)))  # type: ignore
-
-
 BAD_FSDP = [
     (["backend.sharding=zero3"], 2, "backend.sharding=zero3", "full_shard, shard_grad_op, hybrid_shard, no_shard"),
     (["backend.sharding=hybrid_shard", "backend.hybrid_shard_group=3"], 4, "backend.hybrid_shard_group=3",
@@ -181,7 +171,6 @@ BAD_FSDP = [
     (["parallel.tp=3"], 3, "parallel.tp=3", "model.n_heads=4"),
     (["backend.offload=true", "parallel.tp=2", "system.device=cuda"], 2, "backend.offload=true",
      "CPUOffloadPolicy refuses"),
-    (["backend.param_dtype=fp16"], 2, "backend.param_dtype=fp16", "use bf16"),
     (["backend.prefetch_depth=-1"], 2, "backend.prefetch_depth=-1", "0"),
     (["train.checkpoint_every_n=2"], 2, "train.checkpoint_every_n=2", "activation_checkpointing=selective"),
     (["train.compile_backend=nope"], 2, "train.compile_backend=nope", "aot_eager"),
@@ -191,7 +180,7 @@ BAD_FSDP = [
 @pytest.mark.parametrize("overrides,world,field,fix", BAD_FSDP, ids=[b[2] for b in BAD_FSDP])
 def test_bad_fsdp_options_are_rejected_in_one_line(overrides: list[str], world: int, field: str, fix: str) -> None:
     with pytest.raises(ConfigError) as info:
-        validate(_config(*overrides), world)
+        validate(fsdp_config(*overrides), world)
     message = str(info.value)
     assert "\n" not in message and field in message and fix in message, message
 
@@ -205,9 +194,9 @@ def test_bad_fsdp_option_fails_on_the_command_line_before_launch(tmp_path: Path)
 
 
 def test_mfu_peak_follows_the_dtype_blocks_compute_in() -> None:
-    assert compute_precision(_config("backend.param_dtype=bf16")) == "bf16"
-    assert compute_precision(_config()) == "fp32"
-    assert compute_precision(_config("backend.name=ddp", "backend.param_dtype=bf16")) == "fp32"  # ddp ignores it
+    assert compute_precision(fsdp_config("backend.param_dtype=bf16")) == "bf16"
+    assert compute_precision(fsdp_config()) == "fp32"
+    assert compute_precision(fsdp_config("backend.name=ddp", "backend.param_dtype=bf16")) == "fp32"  # ddp ignores it
 
 
 @pytest.mark.multirank

@@ -16,5 +16,8 @@ if TYPE_CHECKING:
 
 def make_backend(cfg: Any, layout: Layout, device: torch.device) -> Backend:
     """The backend named by `cfg.backend.name` (validated before launch), imported on use."""
-    module, _, cls = backend_spec(cfg.backend.name).implementation.partition(":")
+    spec = backend_spec(cfg.backend.name)
+    implementation = spec.pipeline_implementation if layout.pp > 1 and spec.pipeline_implementation \
+        else spec.implementation
+    module, _, cls = implementation.partition(":")
     return getattr(importlib.import_module(module), cls)(cfg, layout, device)

@@ -170,14 +170,21 @@ class FabricBackend(Backend):
         kind = resolve_optimizer(self.cfg.train.optimizer, self.cfg.backend.name, self.device.type)
         self.optimizer = self.fabric.setup_optimizers(make_optimizer(self.model.parameters(), self.cfg.train, kind))
 
+    def parameters(self) -> list[nn.Parameter]:
+        """The parameters this rank trains."""
+        return list(self.model.parameters())
+
     def local_params(self) -> int | None:
         from torch.distributed.tensor import DTensor
 
-        return sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel()
-                   for p in self.model.parameters())
+        return sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in self.parameters())
 
     def clip_gradients(self, max_norm: float) -> None:
         self.fabric.clip_gradients(self.model, self.optimizer, max_norm=max_norm)
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss backward starts from (fp16's loss scaling multiplies it)."""
+        return loss
 
     def train_step(self, micro_batches: Sequence[MicroBatch]) -> torch.Tensor:
         total = torch.zeros((), device=self.device)
@@ -187,12 +194,16 @@ class FabricBackend(Backend):
                 with phase(PHASES.forward):
                     loss = self.model(inputs, targets)
                 with phase(PHASES.backward):
-                    self.fabric.backward(loss / n)
+                    self.fabric.backward(self.scale_loss(loss / n))
             total += loss.detach()
         with phase(PHASES.optimizer):
-            if self.cfg.train.grad_clip > 0:
-                self.clip_gradients(self.cfg.train.grad_clip)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer_step()
         return total / n
+
+    def optimizer_step(self) -> None:
+        """Clip by the global gradient norm (train.grad_clip), step, and drop the gradients."""
+        if self.cfg.train.grad_clip > 0:
+            self.clip_gradients(self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 

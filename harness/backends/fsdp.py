@@ -75,6 +75,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any, *, sequence_parallel: 
 
 class FSDPBackend(FabricBackend):
     name = "fsdp"
+    pp_group: Any = None
+    """The pipeline-parallel process group (harness.backends.pipeline); None without pipeline stages."""
 
     @property
     def dp_rank(self) -> int:
@@ -96,6 +98,10 @@ class FSDPBackend(FabricBackend):
     def prepare(self, model: nn.Module) -> None:
         """Nothing before Fabric: checkpointing and compile come after tensor parallelism, in `parallelize`."""
 
+    def setup(self, model: nn.Module) -> None:
+        self.scaler = LossScaler(self.cfg, self.device) if self.cfg.train.precision == "fp16" else None
+        super().setup(model)
+
     def strategy(self) -> Any:
         from lightning.fabric.strategies import ModelParallelStrategy
 
@@ -113,6 +119,13 @@ class FSDPBackend(FabricBackend):
             return None
         return fsdp_replica_group(b.sharding, b.hybrid_shard_group, self.cfg.system.devices_per_node, self.layout.dp)
 
+    def data_parallel_dims(self) -> tuple[tuple[int, ...], tuple[str, ...]]:
+        """Sizes and names of the data-parallel mesh dimensions: one, or (replicate, shard) for HSDP."""
+        group = self.replica_group()
+        if group is None:
+            return (self.layout.dp,), ("data_parallel",)
+        return (self.layout.dp // group, group), REPLICA_DIMS
+
     def full_mesh(self, fabric_mesh: Any) -> Any:
         """Fabric's (data_parallel, tensor_parallel) mesh, or for HSDP one that splits data_parallel in two.
 
@@ -120,28 +133,33 @@ class FSDPBackend(FabricBackend):
         mesh, so the split mesh also supplies the tensor-parallel dimension. Ranks are laid out
         row-major in both, so a rank's data-parallel index (which data it reads) is unchanged.
         """
-        group = self.replica_group()
-        if group is None:
+        if self.replica_group() is None:
             return fabric_mesh
         from torch.distributed.device_mesh import init_device_mesh
 
-        return init_device_mesh(self.device.type, (self.layout.dp // group, group, self.layout.tp),
-                                mesh_dim_names=(*REPLICA_DIMS, "tensor_parallel"))
+        sizes, names = self.data_parallel_dims()
+        return init_device_mesh(self.device.type, (*sizes, self.layout.tp), mesh_dim_names=(*names, "tensor_parallel"))
 
     def parallelize(self, model: nn.Module, fabric_mesh: Any) -> nn.Module:
-        """Tensor parallelism, checkpointing, compile, then `fully_shard` every block and the root."""
+        return self.shard(model, self.full_mesh(fabric_mesh))
+
+    def shard(self, model: nn.Module, mesh: Any, reshard_after_forward: bool = True) -> nn.Module:
+        """Tensor parallelism, checkpointing, compile, then `fully_shard` every block and the root.
+
+        `mesh` has a `tensor_parallel` dimension and the data-parallel ones of `data_parallel_dims`.
+        `reshard_after_forward=False` keeps every sharding strategy's parameters gathered until the backward.
+        """
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
         b, train = self.cfg.backend, self.cfg.train
-        mesh = self.full_mesh(fabric_mesh)
         if self.layout.tp > 1:
             apply_tensor_parallel(model, mesh["tensor_parallel"],
                                   sequence_parallel=self.cfg.parallel.sequence_parallel)
         checkpoint_and_compile(model, train)
-        dp_mesh = mesh[REPLICA_DIMS] if self.replica_group() is not None else mesh["data_parallel"]
+        names = self.data_parallel_dims()[1]
         options = dict(
-            mesh=dp_mesh,
-            reshard_after_forward=b.sharding in ("full_shard", "hybrid_shard"),
+            mesh=mesh[names] if len(names) > 1 else mesh[names[0]],
+            reshard_after_forward=reshard_after_forward and b.sharding in ("full_shard", "hybrid_shard"),
             mp_policy=MixedPrecisionPolicy(param_dtype=DTYPES[b.param_dtype or train.precision],
                                            reduce_dtype=DTYPES[b.reduce_dtype or "fp32"]),
             offload_policy=(CPUOffloadPolicy(pin_memory=self.device.type == "cuda") if b.offload
@@ -156,26 +174,98 @@ class FSDPBackend(FabricBackend):
             set_prefetch(blocks, b.prefetch_depth)
         return model
 
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss if self.scaler is None else self.scaler.scale(loss)
+
+    def optimizer_step(self) -> None:
+        """With fp16: unscale before clipping, and skip the update on ranks' agreed overflow (the scaler)."""
+        if self.scaler is None:
+            return super().optimizer_step()
+        self.scaler.step(self.optimizer, self.clip_gradients if self.cfg.train.grad_clip > 0 else None,
+                         self.cfg.train.grad_clip)
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step_notes(self) -> dict[str, Any]:
+        return {} if self.scaler is None else self.scaler.step_notes()
+
+    def summary_notes(self) -> dict[str, dict[str, Any]]:
+        if self.scaler is None:
+            return {}
+        return {"metrics": {"skipped_steps": self.scaler.skipped, "loss_scale": self.scaler.scale_now}}
+
+    def counted_once(self, params: list[nn.Parameter]) -> list[nn.Parameter]:
+        """The parameters whose gradients the global norm counts: a copy held for another stage is left out."""
+        return params
+
     def clip_gradients(self, max_norm: float) -> None:
-        """Clip by the global gradient norm when parameters live on different meshes.
+        """Clip by the global gradient norm when parameters live on different meshes (and stages).
 
         With tensor parallelism the blocks' parameters are DTensors on the 2-D (data, tensor) mesh
         and the embeddings on the data-parallel mesh alone; `clip_grad_norm_` cannot stack norms
         from two meshes, so each mesh's norm is reduced to a plain tensor first (torchtitan does the same).
+        Pipeline stages add their squared norms over the pipeline group, as torchtitan's `clip_grad_norm_`.
         """
         from torch.distributed.tensor import DTensor
 
         by_mesh: dict[Any, list[nn.Parameter]] = {}
-        for p in self.model.parameters():
+        for p in self.parameters():
             if p.grad is not None:
                 by_mesh.setdefault(p.device_mesh if isinstance(p, DTensor) else None, []).append(p)
-        norms = []
+        squares = torch.zeros((), device=self.device)
         for params in by_mesh.values():
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-            norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-        total_norm = torch.linalg.vector_norm(torch.stack(norms))
+            counted = self.counted_once(params)
+            if not counted:
+                continue
+            norm = torch.nn.utils.get_total_norm([p.grad for p in counted])
+            squares = squares + (norm.full_tensor() if isinstance(norm, DTensor) else norm).float().square()
+        if self.pp_group is not None:
+            torch.distributed.all_reduce(squares, group=self.pp_group)
+        total_norm = squares.sqrt()
         for params in by_mesh.values():
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, total_norm)
+
+
+class LossScaler:
+    """fp16's dynamic loss scaling for sharded gradients: torch's `ShardedGradScaler`.
+
+    `torch.amp.GradScaler` checks only this rank's gradient shards for overflow, so ranks could disagree on
+    skipping a step; `ShardedGradScaler` (torch.distributed.fsdp) all-reduces the overflow flag over every
+    rank first, and unscales FSDP2's DTensor shards in place. The scale starts at
+    2**backend.initial_scale_power, halves on an overflow (the step is skipped) and doubles after
+    backend.loss_scale_window clean steps, DeepSpeed's rule without its hysteresis and floor.
+    """
+
+    def __init__(self, cfg: Any, device: torch.device) -> None:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        b = cfg.backend
+        self.scaler = ShardedGradScaler(device=device.type, init_scale=2.0 ** b.initial_scale_power,
+                                        growth_interval=b.loss_scale_window)
+        self.scaler.scale(torch.zeros((), device=device))  # creates the scale on ranks that never see a loss
+        self.skipped, self.last_skipped = 0, False
+
+    @property
+    def scale_now(self) -> float:
+        return float(self.scaler.get_scale())
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return self.scaler.scale(loss)
+
+    def step(self, optimizer: Any, clip: Any, max_norm: float) -> None:
+        """Unscale, clip, then step unless some rank overflowed (the scale drops exactly then)."""
+        self.scaler.unscale_(optimizer)
+        if clip is not None:
+            clip(max_norm)
+        before = self.scale_now
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        self.last_skipped = self.scale_now < before
+        self.skipped += self.last_skipped
+
+    def step_notes(self) -> dict[str, Any]:
+        """As DeepSpeed's: steps skipped in this step (0 or 1), and the scale the next step uses."""
+        return {"skipped_steps": int(self.last_skipped), "loss_scale": self.scale_now}
+
 
 def set_prefetch(blocks: list[Any], depth: int) -> None:
     """Each block all-gathers the next `depth` blocks in forward and the previous `depth` in backward.

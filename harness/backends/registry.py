@@ -16,6 +16,43 @@ FSDP_SHARDINGS = ("full_shard", "shard_grad_op", "hybrid_shard", "no_shard")
 OPTIMIZERS = ("auto", "adamw", "adamw_foreach", "adamw_fused", "apex_fused_adam", "deepspeed_fused_adam")
 """train.optimizer: implementations of the same AdamW update (GPT-3's betas), chosen for speed."""
 FP16_SCALER_OPTIONS = ("initial_scale_power", "loss_scale_window", "hysteresis", "min_loss_scale")
+"""DeepSpeed's dynamic loss scaler; torch's GradScaler (fsdp) has the first two (no hysteresis, no floor)."""
+
+
+@dataclass(frozen=True)
+class PipelineSchedule:
+    """A `torch.distributed.pipelining` schedule (backend.pp_schedule) and what it asks of the layout.
+
+    `placement` is how its virtual stages sit on the pipeline ranks: one per rank (`single`), looped
+    (rank r holds r, r+pp, ...: Megatron's interleaving) or `v` (rank r holds r and 2pp-1-r).
+    The micro-batch rules are torch's own (`torch/distributed/pipelining/schedules.py`), checked before launch.
+    """
+
+    name: str
+    placement: str
+    at_least_pp_micro_batches: bool = False
+    """Needs at least as many micro-batches as pipeline stages (1F1B's warm-up)."""
+    rounds: bool = False
+    """Needs micro-batches divisible by max(1, micro-batches // pp) (torch's interleaved rounds)."""
+    split_backward: bool = False
+    """Runs each backward as an input-gradient pass and a later weight-gradient pass (zero bubble)."""
+
+
+PP_SCHEDULES: dict[str, PipelineSchedule] = {s.name: s for s in (
+    PipelineSchedule("GPipe", "single"),
+    PipelineSchedule("1F1B", "single", at_least_pp_micro_batches=True),
+    PipelineSchedule("Interleaved1F1B", "looped", rounds=True),
+    PipelineSchedule("LoopedBFS", "looped"),
+    PipelineSchedule("InterleavedZeroBubble", "looped", rounds=True, split_backward=True),
+    PipelineSchedule("ZBVZeroBubble", "v", split_backward=True),
+)}
+"""The schedules `backend=fsdp parallel.pp>1` runs (parity-tested on gloo). torch's DualPipeV is left out: it
+is built for overlapping a MoE model's all-to-all with its own forward/backward callbacks."""
+
+
+def default_pp_schedule(vpp: int) -> str:
+    """1F1B, or Megatron's interleaved 1F1B when each rank holds more than one stage."""
+    return "1F1B" if vpp == 1 else "Interleaved1F1B"
 
 
 @dataclass(frozen=True)
@@ -49,6 +86,8 @@ class BackendSpec:
     """Builds its layers itself (pipeline stages), so train.compile and train.checkpoint_every_n do not apply."""
     sequence_parallel_equal_shards: bool = False
     """Sequence parallelism needs seq_len divisible by tp (megatron-core splits the sequence in equal shards)."""
+    pipeline_implementation: str = ""
+    """`module:Class` that runs it when parallel.pp > 1, if not `implementation` itself."""
 
     @property
     def implementation_module(self) -> str:
@@ -62,12 +101,13 @@ BACKENDS: dict[str, BackendSpec] = {spec.name: spec for spec in (
         overlap_dp_zero_stages=(0,), gradient_buckets=True),
     BackendSpec(
         name="fsdp", implementation="harness.backends.fsdp:FSDPBackend",
-        summary="FSDP2 fully_shard (and DTensor TP) through Fabric's ModelParallelStrategy",
-        tensor_parallel=True,
-        precisions=("fp32", "bf16"),  # fp16 would need a sharded gradient scaler
+        summary="FSDP2 fully_shard and DTensor TP through Fabric's ModelParallelStrategy; with parallel.pp > 1 "
+                "torch.distributed.pipelining schedules over the same stages",
+        tensor_parallel=True, pipeline_parallel=True, interleaved_pipeline=True,
         shardings=FSDP_SHARDINGS,
-        options=("sharding", "hybrid_shard_group", "prefetch_depth", "offload", "param_dtype", "reduce_dtype"),
-        overlap_dp_zero_stages=(0,)),
+        options=("sharding", "hybrid_shard_group", "prefetch_depth", "offload", "param_dtype", "reduce_dtype",
+                 "pp_schedule", *FP16_SCALER_OPTIONS[:2]),
+        overlap_dp_zero_stages=(0,), pipeline_implementation="harness.backends.pipeline:FSDPPipelineBackend"),
     BackendSpec(
         name="deepspeed", implementation="harness.backends.deepspeed:DeepSpeedBackend",
         summary="DeepSpeed ZeRO 0-3 (with ZeRO-Offload)",

@@ -15,7 +15,15 @@ from typing import Any, Optional, Union
 
 from omegaconf import DictConfig
 
-from harness.backends.registry import BACKENDS, OPTIMIZERS, PRECISIONS, backend_spec, fsdp_replica_group
+from harness.backends.registry import (
+    BACKENDS,
+    OPTIMIZERS,
+    PP_SCHEDULES,
+    PRECISIONS,
+    backend_spec,
+    default_pp_schedule,
+    fsdp_replica_group,
+)
 from harness.config.errors import ConfigError
 from harness.config.schema import (
     BackendConfig,
@@ -109,6 +117,9 @@ def _check_parallel(backend: str, model: GPTConfig, p: ParallelConfig, precision
         fix = f"use backend={' or backend='.join(interleaving)}" if interleaving else "leave parallel.vpp=1"
         raise ConfigError(f"parallel.vpp={p.vpp}: backend={backend} has no interleaved pipeline schedule "
                           f"(virtual stages); {fix}")
+    if p.vpp > 1 and p.pp == 1:
+        raise ConfigError(f"parallel.vpp={p.vpp} interleaves pipeline stages and needs parallel.pp > 1; "
+                          "set parallel.pp or leave parallel.vpp=1")
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1 "
                           "(it splits the sequence over TP ranks)")
@@ -119,6 +130,35 @@ def _check_parallel(backend: str, model: GPTConfig, p: ParallelConfig, precision
     if p.pp > model.n_layers:
         raise ConfigError(f"parallel.pp={p.pp} is larger than model.n_layers={model.n_layers}; "
                           "every pipeline stage needs at least one block")
+    stages = p.pp * p.vpp
+    if can.pipeline_implementation and p.pp > 1 and model.n_layers % stages:
+        raise ConfigError(f"model.n_layers={model.n_layers} does not split evenly into parallel.pp*parallel.vpp="
+                          f"{stages} pipeline stages; choose pp and vpp whose product divides {model.n_layers}")
+
+
+def _check_pipeline_schedule(b: BackendConfig, p: ParallelConfig, micro_batches: int) -> None:
+    """backend.pp_schedule against the stages per rank and the micro-batches per step (torch's own rules)."""
+    name = b.pp_schedule or default_pp_schedule(p.vpp)
+    _choice(name, PP_SCHEDULES, "backend.pp_schedule")
+    if p.pp == 1:
+        if b.pp_schedule:
+            raise ConfigError(f"backend.pp_schedule={name} needs parallel.pp > 1; set parallel.pp or drop it")
+        return
+    schedule = PP_SCHEDULES[name]
+    wanted = {"single": "parallel.vpp=1", "looped": "parallel.vpp >= 2", "v": "parallel.vpp=2"}[schedule.placement]
+    if (schedule.placement == "single") != (p.vpp == 1) or (schedule.placement == "v" and p.vpp != 2):
+        raise ConfigError(f"backend.pp_schedule={name} with parallel.vpp={p.vpp}: the schedule runs {wanted} "
+                          f"stage(s) per rank; set {wanted}")
+    stages = p.pp * p.vpp
+    fix = "raise train.global_batch_size or lower train.micro_batch_size"
+    if schedule.at_least_pp_micro_batches and micro_batches < stages:
+        raise ConfigError(f"backend.pp_schedule={name} needs at least {stages} micro-batches per step (one per "
+                          f"stage), got {micro_batches}; {fix}")
+    rounds = max(1, micro_batches // p.pp)
+    if schedule.rounds and micro_batches % rounds:
+        raise ConfigError(f"backend.pp_schedule={name}: {micro_batches} micro-batches per step are not a multiple "
+                          f"of its {rounds} rounds (micro-batches // parallel.pp); {fix} to a multiple of "
+                          f"parallel.pp={p.pp}")
 
 
 def _check_tensor_parallel(model: GPTConfig, tp: int) -> None:
@@ -184,8 +224,13 @@ def _check_fsdp(b: BackendConfig, devices_per_node: int, dp: int, precision: str
     for key in ("param_dtype", "reduce_dtype"):
         if getattr(b, key) is not None:
             _choice(getattr(b, key), PRECISIONS, f"backend.{key}")
-    if (b.param_dtype or precision) == "fp16":
-        raise ConfigError("backend.param_dtype=fp16: FSDP2 would need a sharded gradient scaler; use bf16")
+    if b.param_dtype == "fp16" and precision != "fp16":
+        raise ConfigError(f"backend.param_dtype=fp16 with train.precision={precision}: fp16 needs the loss scaler "
+                          "that train.precision=fp16 turns on; set train.precision=fp16")
+    if precision == "fp16" and b.param_dtype not in (None, "fp16"):
+        raise ConfigError(f"train.precision=fp16 with backend.param_dtype={b.param_dtype}: the loss scaler is for "
+                          "fp16 compute; drop backend.param_dtype")
+    _at_least(b, "backend", ("loss_scale_window",), 1, "at least 1")
     if b.offload and tp > 1 and device != "cpu":
         raise ConfigError(f"backend.offload=true with parallel.tp={tp}: torch's parallelize_module moves "
                           "tensor-parallel shards to the GPU and FSDP2's CPUOffloadPolicy refuses parameters not "
@@ -444,6 +489,8 @@ def validate(cfg: AnyConfig, world_size: int) -> Layout:
     if backend_spec(backend).shardings:
         _check_fsdp(cfg.backend, cfg.system.devices_per_node, dp, t.precision, p.tp, cfg.system.device)
     global_batch = _batch(t, dp)
+    if "pp_schedule" in backend_spec(backend).options:
+        _check_pipeline_schedule(cfg.backend, p, global_batch // (t.micro_batch_size * dp))
     _check_data(cfg.data, model.seq_len, model.vocab_size)
     _check_telemetry(cfg.telemetry)
     profile_window(cfg.profile, t.warmup_steps, t.warmup_steps + t.steps)

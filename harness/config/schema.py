@@ -41,14 +41,17 @@ class BackendConfig:
     """fsdp: dtype blocks compute in (fp32 | bf16 | fp16); None follows train.precision."""
     reduce_dtype: Optional[str] = None
     """fsdp: dtype gradients are reduced in; None means fp32."""
+    pp_schedule: Optional[str] = None
+    """fsdp with parallel.pp > 1: a torch.distributed.pipelining schedule (registry.PP_SCHEDULES); None means
+    1F1B, or Interleaved1F1B with parallel.vpp > 1."""
     offload_optimizer: bool = False
     """deepspeed: keep optimizer states on the CPU and step there (ZeRO-Offload; ZeRO stage 1 or more)."""
     offload_param: bool = False
     """deepspeed: keep parameters on the CPU between uses (ZeRO-Infinity; ZeRO stage 3 only)."""
     initial_scale_power: int = 16
-    """deepspeed fp16: the dynamic loss scale starts at 2**initial_scale_power."""
+    """fp16 (deepspeed, fsdp): the dynamic loss scale starts at 2**initial_scale_power."""
     loss_scale_window: int = 1000
-    """deepspeed fp16: overflow-free steps before the loss scale doubles."""
+    """fp16 (deepspeed, fsdp): overflow-free steps before the loss scale doubles."""
     hysteresis: int = 2
     """deepspeed fp16: overflows tolerated before the loss scale halves."""
     min_loss_scale: float = 1.0

@@ -14,7 +14,7 @@ from harness.costmodel.flops import param_count, step_flops
 from harness.costmodel.layout import HARNESS, Software, job_from_config, stage_params
 from harness.costmodel.memory import GB, memory_per_device
 from harness.costmodel.peaks import PeakLookup, lookup_peak
-from harness.costmodel.timing import alcf_fom, hardware, power_w, step_time
+from harness.costmodel.timing import alcf_fom, hardware, pipeline_bubble, power_w, step_time
 
 SECONDS_PER_DAY = 86400.0
 
@@ -47,7 +47,8 @@ def estimate(cfg: Any, layout: Layout, *, software: Software = HARNESS,
         "comm_bytes_per_device": bytes_by_dim(colls),
         "collectives": [dict(dim=c.dim, kind=c.kind, payload_bytes=c.payload_bytes, calls=c.calls, group=c.group,
                              intra_node=c.intra_node, wire_bytes=c.wire_bytes) for c in colls],
-        "bubble_fraction": (layout.pp - 1) / (job.vpp * job.micro_batches),
+        "pp_schedule": job.pp_schedule if layout.pp > 1 else None,
+        "bubble_fraction": pipeline_bubble(job.pp_schedule, layout.pp, job.vpp, job.micro_batches),
     }
     out["fits"] = None if out["device_memory_bytes"] is None else memory["total"] <= out["device_memory_bytes"]
     if out["fits"] is None:

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from harness.backends.registry import BackendSpec, backend_spec, fsdp_replica_group
+from harness.backends.registry import BackendSpec, backend_spec, default_pp_schedule, fsdp_replica_group
 from harness.config.checks import Layout
 from harness.costmodel.flops import param_count, param_tensors
 from models.config import GPTConfig
@@ -77,6 +77,8 @@ class Job:
     """With selective checkpointing: every n-th whole block is checkpointed instead of attention."""
     hybrid_shard_group: Optional[int] = None
     """backend.hybrid_shard_group (fsdp hybrid_shard); None: one node's devices."""
+    pp_schedule: str = "1F1B"
+    """The pipeline schedule (backend.pp_schedule for fsdp; DeepSpeed's pipeline engine runs 1F1B)."""
 
     @property
     def spec(self) -> BackendSpec:
@@ -122,6 +124,7 @@ def job_from_config(cfg: Any, layout: Layout, software: Software = HARNESS) -> J
         software=software,
         zero3=Zero3.from_ds_config(getattr(backend, "ds_config", None)),
         hybrid_shard_group=backend.hybrid_shard_group,
+        pp_schedule=getattr(backend, "pp_schedule", None) or default_pp_schedule(cfg.parallel.vpp),
     )
 
 

@@ -10,7 +10,8 @@ Step time = compute + exposed communication, stretched by the pipeline bubble:
 - communication: per collective, latency + wire bytes / (link bandwidth · efficiency) (comm.py);
   TP and PP transfers sit on the critical path; DP traffic overlaps the backward pass where the
   backend does so (PyTorch DDP buckets, FSDP prefetch, ZeRO-3) and the system allows it.
-- pipeline: 1F1B runs m micro-batches in (m + (p−1)/v) micro-batch times, a bubble of (p−1)/(v·m)
+- pipeline: 1F1B runs m micro-batches in (m + (p−1)/v) micro-batch times, a bubble of (p−1)/(v·m);
+  other schedules by `pipeline_bubble`
   (Narayanan et al. 2021, section 2.2).
 Energy is device power × time, the power rising linearly from idle to peak with the busy fraction.
 The ALCF-4 figure of merit is (6·s·d² + s²·d)·b·L / T_step. A full training run needs model FLOPs
@@ -125,6 +126,24 @@ class StepTime:
     """All communication time, overlapped or not, by dimension."""
 
 
+def pipeline_bubble(schedule: str, pp: int, vpp: int, micro_batches: int) -> float:
+    """Idle time of a pipeline schedule relative to its work, with forward, input-gradient and weight-gradient
+    passes of equal cost (the zero-bubble papers' assumption; a full backward is the latter two):
+
+    - GPipe and 1F1B (Narayanan et al. 2021, sec. 2.2): (p-1)/m.
+    - Interleaved 1F1B and looped breadth-first (Lamy-Poirier 2023): (p-1)/(v m).
+    - Interleaved zero bubble, ZB-H1 (Qi et al. 2023, "Zero Bubble Pipeline Parallelism"): weight-gradient
+      passes fill the cool-down, leaving (p-1)(F+B-W) of idle per rank: a third of 1F1B's, (p-1)/(3 v m).
+    - ZB-V (Qi et al. 2024, "Pipeline Parallelism with Controllable Memory"): (p-1)(F+B-2W) = 0.
+    """
+    if pp == 1:
+        return 0.0
+    if schedule == "ZBVZeroBubble":
+        return 0.0
+    third = 3 if schedule == "InterleavedZeroBubble" else 1
+    return (pp - 1) / (third * vpp * micro_batches)
+
+
 def step_time(job: Job, colls: list[Collective], hw: Hardware) -> StepTime | str:
     """The modelled step, or the reason it cannot be modelled (a link bandwidth the profile lacks)."""
     comm = {"dp": 0.0, "tp": 0.0, "pp": 0.0}
@@ -136,7 +155,7 @@ def step_time(job: Job, colls: list[Collective], hw: Hardware) -> StepTime | str
         comm[c.dim] += t
     m = job.micro_batches
     per_mb = micro_batch_compute_s(job, hw)
-    bubble = (job.layout.pp - 1) / (job.vpp * m)
+    bubble = pipeline_bubble(job.pp_schedule, job.layout.pp, job.vpp, m)
     pipeline = (per_mb + (comm["tp"] + comm["pp"]) / m) * m * (1 + bubble)
     overlaps = hw.overlap_comm and job.layout.zero_stage in job.spec.overlap_dp_zero_stages
     window = per_mb * m * 2 / 3 if overlaps else 0.0  # the backward passes

@@ -63,7 +63,9 @@ def print_estimate(cfg: Any, layout: Layout, est: dict[str, Any]) -> None:
                   f"pp {_fmt_bytes(comm['pp'])}")
     table.add_row("model / hardware FLOPs per step",
                   f"{est['flops_per_step']['model']:.4g} / {est['flops_per_step']['hardware']:.4g}", "all devices")
-    table.add_row("pipeline bubble", f"{est['bubble_fraction']:.1%}", "(pp-1)/(vpp*micro-batches)")
+    table.add_row("pipeline bubble", f"{est['bubble_fraction']:.1%}",
+                  f"{est['pp_schedule']} schedule (harness/costmodel/timing.py pipeline_bubble)" if est["pp_schedule"]
+                  else "no pipeline")
     reason = est.get("step_time_s_reason", "")
     tf = est["tflops_per_device"] or {}
     rows = [
