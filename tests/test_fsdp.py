@@ -149,19 +149,23 @@ def test_cpu_study_sweeps_by_itself_one_directory_per_point(fsdp_study: Path) ->
     assert by_point[(2, "full")]["model_flops_per_step"] == by_point[(2, "none")]["model_flops_per_step"]
 
 
-@pytest.mark.parametrize("experiment,points", [("fsdp-study-xl", 6), ("fsdp-study-xl-ckpt", 8),
-                                               ("fsdp-study-3b-ckpt", 3)])
-def test_gpu_study_experiments_expand_to_the_published_points(tmp_path: Path, experiment: str, points: int) -> None:
+@pytest.mark.parametrize("experiment,points,extra", [
+    ("fsdp-study-xl", 6, []), ("fsdp-study-xl-ckpt", 8, []), ("fsdp-study-3b-ckpt", 3, []),
+    ("fsdp-study-xl", 6, ["system=p3.8xlarge", "train.precision=fp16"]),  # as published: fp16 on V100s
+], ids=["xl", "xl-ckpt", "3b-ckpt", "xl-v100-fp16"])
+def test_gpu_study_experiments_expand_to_the_published_points(tmp_path: Path, experiment: str, points: int,
+                                                              extra: list[str]) -> None:
     """Each point is composed and validated; train.steps=0 stops every point before launch (no GPU here), so the
     sweep reports every point failed."""
     sweep = tmp_path / "sweep"
-    proc = harness(["run", "-m", f"+experiment={experiment}", "train.steps=0", f"hydra.sweep.dir={sweep}"],
+    proc = harness(["run", "-m", f"+experiment={experiment}", "train.steps=0", *extra, f"hydra.sweep.dir={sweep}"],
                    cwd=tmp_path, timeout=120)
     assert proc.returncode == 1 and f"{points} of {points} sweep points did not finish ok" in proc.stderr, proc.stderr
     configs = [json.loads(p.read_text())["config"] for p in sweep.glob("*/summary.json")]
     assert len(configs) == points
     assert all(c["backend"]["name"] == "fsdp" and c["model"]["seq_len"] == 128 and c["launcher"]["nproc"] == 4
                for c in configs)
+    assert {c["train"]["precision"] for c in configs} == ({"fp16"} if extra else {"bf16"})
 
 
 BAD_FSDP = [

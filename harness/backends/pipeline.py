@@ -30,7 +30,7 @@ from torch import nn
 
 from harness.backends.base import MicroBatch, make_optimizer
 from harness.backends.fsdp import FSDPBackend, LossScaler
-from harness.backends.registry import PP_SCHEDULES, default_pp_schedule, resolve_optimizer
+from harness.backends.registry import PP_SCHEDULES, default_pp_schedule, pipeline_split, resolve_optimizer
 from harness.costmodel.timing import pipeline_bubble
 from harness.trace.capture import phase
 from harness.trace.events import PHASES
@@ -46,20 +46,19 @@ def stage_ids(pp_rank: int, pp: int, vpp: int, placement: str) -> list[int]:
     return [pp_rank + k * pp for k in range(vpp)]
 
 
-def stage_module(model: GPT, stage: int, n_stages: int) -> GPT:
-    """A copy of `model` with only stage `stage`'s blocks, the embedding only on the first stage and the
-    final norm and output projection only on the last (there, a tied output weight is the stage's own copy).
+def stage_module(model: GPT, blocks: range, first: bool, last: bool) -> GPT:
+    """A copy of `model` with only `blocks`, the embeddings only on the first stage and the final norm and
+    output projection only on the last (there, a tied output weight becomes the stage's own copy).
 
     A deep copy, as torchtitan's: on a GPU the model is still on the meta device, so nothing is allocated.
     """
-    per = len(model.blocks) // n_stages
     part = copy.deepcopy(model)
-    part.blocks = nn.ModuleList(part.blocks[stage * per:(stage + 1) * per])
-    if stage > 0:
+    part.blocks = nn.ModuleList(part.blocks[blocks.start:blocks.stop])
+    if not first:
         part.tok_emb = None
         if "pos_emb" in part._modules:
             part.pos_emb = None
-    if stage < n_stages - 1:
+    if not last:
         part.norm_f = None
         part.lm_head = None
     return part
@@ -90,7 +89,10 @@ class FSDPPipelineBackend(FSDPBackend):
         # are gathered again for the input-gradient pass and freed after it, and the later weight gradients
         # never reach the shards (measured with torch 2.13: those stages got no or wrong gradients), so
         # there the parameters stay gathered from the forward to the end of the backward (shard_grad_op).
-        self.modules = [self.shard(stage_module(model, s, self.n_stages), stage_mesh,
+        split = pipeline_split(len(model.blocks), self.n_stages)
+        assert split is not None  # validated before launch
+        self.blocks_by_stage = [len(blocks) for blocks in split]
+        self.modules = [self.shard(stage_module(model, split[s], s == 0, s == self.n_stages - 1), stage_mesh,
                                    reshard_after_forward=not schedule.split_backward) for s in self.stage_ids]
         self.stages = [PipelineStage(m, s, self.n_stages, self.device, group=self.pp_group)
                        for m, s in zip(self.modules, self.stage_ids)]
@@ -192,7 +194,7 @@ class FSDPPipelineBackend(FSDPBackend):
             "pp_schedule": self.schedule_name,
             "stages_per_rank": len(self.stage_ids),
             "stages_on_rank0": self.stage_ids,
-            "blocks_per_stage": self.cfg.model.n_layers // self.n_stages,
+            "blocks_by_stage": self.blocks_by_stage,
             "micro_batches_per_step": self.layout.grad_accum,
             "bubble_fraction": pipeline_bubble(self.schedule_name, self.layout.pp, p.vpp, self.layout.grad_accum),
             "mesh": dict(zip(self.mesh.mesh_dim_names, self.mesh.mesh.shape)),

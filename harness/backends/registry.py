@@ -50,6 +50,22 @@ PP_SCHEDULES: dict[str, PipelineSchedule] = {s.name: s for s in (
 is built for overlapping a MoE model's all-to-all with its own forward/backward callbacks."""
 
 
+def pipeline_split(n_layers: int, stages: int) -> Optional[list[range]]:
+    """The blocks of each pipeline stage, or None if `n_layers` blocks cannot be split over `stages` evenly.
+
+    Blocks split evenly when they divide; otherwise, if n_layers + 2 divides, the embedding and the output
+    layer each take one block's place (megatron-core's `account_for_embedding_in_pipeline_split` and
+    `account_for_loss_in_pipeline_split`): 2 blocks on 4 stages are [embedding], [block 0], [block 1], [head].
+    """
+    if n_layers % stages == 0:
+        per = n_layers // stages
+        return [range(s * per, (s + 1) * per) for s in range(stages)]
+    if (n_layers + 2) % stages == 0:
+        per = (n_layers + 2) // stages  # slot 0 is the embedding, slot n_layers + 1 the output layer
+        return [range(max(0, s * per - 1), min(n_layers, (s + 1) * per - 1)) for s in range(stages)]
+    return None
+
+
 def default_pp_schedule(vpp: int) -> str:
     """1F1B, or Megatron's interleaved 1F1B when each rank holds more than one stage."""
     return "1F1B" if vpp == 1 else "Interleaved1F1B"

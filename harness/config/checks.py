@@ -23,6 +23,7 @@ from harness.backends.registry import (
     backend_spec,
     default_pp_schedule,
     fsdp_replica_group,
+    pipeline_split,
 )
 from harness.config.errors import ConfigError
 from harness.config.schema import (
@@ -131,9 +132,10 @@ def _check_parallel(backend: str, model: GPTConfig, p: ParallelConfig, precision
         raise ConfigError(f"parallel.pp={p.pp} is larger than model.n_layers={model.n_layers}; "
                           "every pipeline stage needs at least one block")
     stages = p.pp * p.vpp
-    if can.pipeline_implementation and p.pp > 1 and model.n_layers % stages:
+    if can.pipeline_implementation and p.pp > 1 and pipeline_split(model.n_layers, stages) is None:
         raise ConfigError(f"model.n_layers={model.n_layers} does not split evenly into parallel.pp*parallel.vpp="
-                          f"{stages} pipeline stages; choose pp and vpp whose product divides {model.n_layers}")
+                          f"{stages} pipeline stages; choose pp and vpp whose product divides {model.n_layers} "
+                          f"(or {model.n_layers + 2}: the embedding and the output layer then take a block's place)")
 
 
 def _check_pipeline_schedule(b: BackendConfig, p: ParallelConfig, micro_batches: int) -> None:
