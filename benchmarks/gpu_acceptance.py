@@ -12,7 +12,7 @@ In order, each within its own time limit (about ten minutes in all on one H100/H
    the GPU (same seed: equal), and against a CPU-built reference (different generators: same statistics);
 5. NVML: the energy counter against integrated power over >= 5 s of load (within 5%), idle power, the
    device found by UUID with the PCI bus id torch reports (CUDA_VISIBLE_DEVICES ordering);
-6. fp16 with dynamic loss scaling on DeepSpeed: overflowing steps skipped and counted;
+6. fp16 with dynamic loss scaling on DeepSpeed and on FSDP2: overflowing steps skipped and counted;
 7. a batch sweep whose second point cannot fit: that point ends `status: oom`, the sweep goes on.
 Writes one JSON under benchmarks/results/ (`--out`): every check's figures, pass/fail, command and seconds,
 and the device, driver and versions. Refuses in one line, writing nothing, where torch sees no GPU.
@@ -213,15 +213,21 @@ def check_nvml() -> dict[str, Any]:
 
 
 def check_fp16(scratch: Path) -> dict[str, Any]:
-    run = harness_run(scratch / "fp16", "model=gpt-125m", "system=cuda", "backend=deepspeed",
-                      "parallel.zero_stage=1", "train.precision=fp16", "backend.initial_scale_power=32",
-                      "train.optimizer=adamw",
-                      "train.warmup_steps=0", "train.steps=8", "telemetry.idle_s=0")
-    if run["returncode"] or not run["summaries"]:
-        return {"ok": False, **run}
-    skipped = run["summaries"][0]["metrics"].get("skipped_steps")
-    return {"ok": bool(skipped), "command": run["command"], "skipped_steps": skipped,
-            "fsdp": "backend=fsdp train.precision=fp16 is refused by the harness (issue 15: no sharded scaler yet)"}
+    """DeepSpeed's loss scaler and FSDP2's (ShardedGradScaler): a scale of 2**32 overflows fp16 gradients, so the
+    first steps are skipped and counted, and the run goes on with a finite loss."""
+    common = ["model=gpt-125m", "system=cuda", "train.precision=fp16", "backend.initial_scale_power=32",
+              "train.optimizer=adamw", "train.warmup_steps=0", "train.steps=8", "telemetry.idle_s=0"]
+    out: dict[str, Any] = {}
+    for name, backend in {"deepspeed": ["backend=deepspeed", "parallel.zero_stage=1"],
+                          "fsdp": ["backend=fsdp"]}.items():
+        run = harness_run(scratch / f"fp16-{name}", *common, *backend)
+        if run["returncode"] or not run["summaries"]:
+            out[name] = {"ok": False, **run}
+            continue
+        skipped = run["summaries"][0]["metrics"].get("skipped_steps")
+        out[name] = {"ok": bool(skipped), "command": run["command"], "skipped_steps": skipped,
+                     "loss_per_step": losses(scratch / f"fp16-{name}")}
+    return {"ok": all(entry["ok"] for entry in out.values()), **out}
 
 
 def check_oom(scratch: Path) -> dict[str, Any]:

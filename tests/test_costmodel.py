@@ -176,8 +176,8 @@ def test_checkpointing_and_sequence_parallel_change_the_answer() -> None:
         cfg = make_cfg(system="frontier", **{**base, "parallel": parallel,
                                              "train": {"precision": "bf16", "global_batch_size": 1536,
                                                        **extra.get("train", {})}})
-        # The cost model times an interleaved schedule (Megatron-LM's) although no backend here runs one,
-        # so `run` and `estimate` refuse vpp > 1: the layout is derived without it.
+        # deepspeed3d has no interleaved schedule (backend=fsdp has), so `validate` refuses vpp > 1 for it;
+        # the cost model still times Megatron-LM's interleaving: the layout is derived without it.
         layout = validate(OmegaConf.merge(cfg, {"parallel": {"vpp": 1}}), 3072)
         answers[key] = estimate(cfg, layout)
     activations = {key: answer["memory_per_device_bytes"]["activations"] for key, answer in answers.items()}
@@ -254,3 +254,24 @@ def test_plan_ranks_only_legal_fitting_layouts() -> None:
     assert [r["tokens_per_s"] for r in ranked] == sorted((r["tokens_per_s"] for r in ranked), reverse=True)
     assert all(r["backend"] == "deepspeed3d" for r in ranked)  # 13B does not fit one A100 as a DDP replica
     assert all(r["tp"] * r["pp"] * r["dp"] == 8 and 40 % r["pp"] == 0 for r in ranked)
+
+
+def test_each_pipeline_schedule_has_its_own_bubble_and_zero_bubble_keeps_parameters_gathered() -> None:
+    """backend=fsdp pp 8 x vpp 2 on 64 A100s: 1F1B-interleaved's bubble (p-1)/(v m), a third of it for the
+    interleaved zero-bubble schedule, none for ZB-V; the step time follows, and the zero-bubble schedules hold
+    FSDP's parameters gathered through the backward (harness/backends/pipeline.py), so they need more memory."""
+    answers = {}
+    for schedule in ("Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble"):
+        cfg = make_cfg(model={"name": "gpt-13b", "n_layers": 32, "d_model": 5120, "n_heads": 40, "seq_len": 2048,
+                              "vocab_size": 51200},
+                       backend={"name": "fsdp", "pp_schedule": schedule},
+                       parallel={"pp": 8, "vpp": 2}, train={"precision": "bf16", "global_batch_size": 256})
+        answers[schedule] = estimate(cfg, validate(cfg, 64))
+    m = 256 // 8  # micro-batches per replica per step: global 256 over 8 data-parallel replicas, micro-batch 1
+    bubble = {k: a["bubble_fraction"] for k, a in answers.items()}
+    assert bubble == pytest.approx({"Interleaved1F1B": 7 / (2 * m), "InterleavedZeroBubble": 7 / (3 * 2 * m),
+                                    "ZBVZeroBubble": 0.0})
+    times = [answers[k]["step_time_s"] for k in ("Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble")]
+    assert times == sorted(times, reverse=True) and times[0] > times[2]
+    assert (answers["ZBVZeroBubble"]["memory_per_device_bytes"]["total"]
+            > answers["Interleaved1F1B"]["memory_per_device_bytes"]["total"])

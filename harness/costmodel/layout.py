@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from harness.backends.registry import BackendSpec, backend_spec, default_pp_schedule, fsdp_replica_group
+from harness.backends.registry import PP_SCHEDULES, BackendSpec, backend_spec, default_pp_schedule, fsdp_replica_group
 from harness.config.checks import Layout
 from harness.costmodel.flops import param_count, param_tensors
 from models.config import GPTConfig
@@ -109,11 +109,15 @@ class Job:
 
 def job_from_config(cfg: Any, layout: Layout, software: Software = HARNESS) -> Job:
     backend = cfg.backend
+    schedule = getattr(backend, "pp_schedule", None) or default_pp_schedule(cfg.parallel.vpp)
+    sharding = backend.sharding
+    if layout.pp > 1 and sharding == "full_shard" and PP_SCHEDULES[schedule].split_backward:
+        sharding = "shard_grad_op"  # zero-bubble stages keep parameters gathered (harness/backends/pipeline.py)
     return Job(
         model=GPTConfig.from_section(cfg.model),
         layout=layout,
         backend=backend.name,
-        sharding=backend.sharding,
+        sharding=sharding,
         offload=backend.offload,
         precision=cfg.train.precision,
         checkpointing=cfg.train.activation_checkpointing,
@@ -124,7 +128,7 @@ def job_from_config(cfg: Any, layout: Layout, software: Software = HARNESS) -> J
         software=software,
         zero3=Zero3.from_ds_config(getattr(backend, "ds_config", None)),
         hybrid_shard_group=backend.hybrid_shard_group,
-        pp_schedule=getattr(backend, "pp_schedule", None) or default_pp_schedule(cfg.parallel.vpp),
+        pp_schedule=schedule,
     )
 
 
