@@ -69,6 +69,11 @@ class Backend(ABC):
         """Parameter elements this rank stores after `setup` (what the layout shards); None if unknown."""
         return None
 
+    def build_optimizer(self, params: Any) -> torch.optim.Optimizer:
+        """The AdamW implementation train.optimizer resolves to for this backend and device."""
+        kind = resolve_optimizer(self.cfg.train.optimizer, self.cfg.backend.name, self.device.type)
+        return make_optimizer(params, self.cfg.train, kind)
+
 
 def materialize(model: nn.Module, device: torch.device) -> None:
     """Allocate a model built on the meta device and give it the model's own init (`GPT.init_weights`).
@@ -83,9 +88,18 @@ def materialize(model: nn.Module, device: torch.device) -> None:
         model.init_weights()
 
 
-def apply_activation_checkpointing(model: nn.Module, mode: str, every_n: int | None = None) -> None:
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view: collectives on it update the DTensor), or the tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str, every_n: int | None = None,
+                                   first_block: int = 0) -> None:
     """Recompute activations in the backward pass: every block (full), or (selective) every attention
-    sub-layer, or with `every_n` every n-th whole block (blocks n-1, 2n-1, ...: torchtitan's count).
+    sub-layer, or with `every_n` every n-th whole block (blocks n-1, 2n-1, ...: torchtitan's count, over
+    the whole model: a pipeline stage's blocks start at `first_block`).
 
     Uses PyTorch's non-reentrant checkpoint wrapper, as torchtitan does; it must be applied before
     FSDP wraps the blocks.
@@ -95,19 +109,19 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every_n: int | N
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     for i, block in enumerate(model.blocks):
-        if mode == "full" or (every_n is not None and (i + 1) % every_n == 0):
+        if mode == "full" or (every_n is not None and (first_block + i + 1) % every_n == 0):
             model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
         elif every_n is None:
             block.attn = checkpoint_wrapper(block.attn, preserve_rng_state=False)
 
 
-def checkpoint_and_compile(model: nn.Module, train: Any) -> None:
+def checkpoint_and_compile(model: nn.Module, train: Any, first_block: int = 0) -> None:
     """Activation checkpointing, then `torch.compile` of each block in place (torchtitan's order).
 
     Compiling block by block keeps the module names (so sharding wraps the same blocks) and lets
     each repeated block reuse one compiled graph.
     """
-    apply_activation_checkpointing(model, train.activation_checkpointing, train.checkpoint_every_n)
+    apply_activation_checkpointing(model, train.activation_checkpointing, train.checkpoint_every_n, first_block)
     if train.compile:
         for block in model.blocks:
             block.compile(backend=train.compile_backend)
@@ -167,20 +181,18 @@ class FabricBackend(Backend):
         )
         self.fabric.launch()
         self.model = self.fabric.setup_module(model, move_to_device=self.move_to_device)
-        kind = resolve_optimizer(self.cfg.train.optimizer, self.cfg.backend.name, self.device.type)
-        self.optimizer = self.fabric.setup_optimizers(make_optimizer(self.model.parameters(), self.cfg.train, kind))
+        self.optimizer = self.fabric.setup_optimizers(self.build_optimizer(self.model.parameters()))
 
     def parameters(self) -> list[nn.Parameter]:
         """The parameters this rank trains."""
         return list(self.model.parameters())
 
     def local_params(self) -> int | None:
-        from torch.distributed.tensor import DTensor
+        return sum(local(p).numel() for p in self.parameters())
 
-        return sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in self.parameters())
-
-    def clip_gradients(self, max_norm: float) -> None:
-        self.fabric.clip_gradients(self.model, self.optimizer, max_norm=max_norm)
+    def clip_gradients(self, max_norm: float) -> torch.Tensor:
+        """Clip by the global gradient norm; returns that norm (before clipping)."""
+        return self.fabric.clip_gradients(self.model, self.optimizer, max_norm=max_norm)
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """The loss backward starts from (fp16's loss scaling multiplies it)."""
@@ -200,10 +212,17 @@ class FabricBackend(Backend):
             self.optimizer_step()
         return total / n
 
+    grad_norm: torch.Tensor | None = None
+    """The step's global gradient norm, measured where train.grad_clip clips by it."""
+
+    def step_notes(self) -> dict[str, Any]:
+        """`grad_norm` (read after the step, so it does not wait for the device mid-step), as Megatron logs it."""
+        return {} if self.grad_norm is None else {"grad_norm": float(self.grad_norm)}
+
     def optimizer_step(self) -> None:
         """Clip by the global gradient norm (train.grad_clip), step, and drop the gradients."""
         if self.cfg.train.grad_clip > 0:
-            self.clip_gradients(self.cfg.train.grad_clip)
+            self.grad_norm = self.clip_gradients(self.cfg.train.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 

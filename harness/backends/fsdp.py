@@ -65,8 +65,10 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any, *, sequence_parallel: 
                 "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
             })
         parallelize_module(block, tp_mesh, plan)
-    if sequence_parallel:  # the residual stream enters the sequence-split region at the first block
-        parallelize_module(model.blocks[0], tp_mesh,  # and leaves it for the replicated final norm and head
+    # The residual stream enters the sequence-split region at the first block and leaves it for the replicated
+    # final norm and head (a pipeline stage's own first and last block; a stage may hold none).
+    if sequence_parallel and len(model.blocks):
+        parallelize_module(model.blocks[0], tp_mesh,
                            PrepareModuleInput(input_layouts=(Replicate(), None),
                                               desired_input_layouts=(Shard(1), None)))
         parallelize_module(model.blocks[-1], tp_mesh,
@@ -99,8 +101,11 @@ class FSDPBackend(FabricBackend):
         """Nothing before Fabric: checkpointing and compile come after tensor parallelism, in `parallelize`."""
 
     def setup(self, model: nn.Module) -> None:
-        self.scaler = LossScaler(self.cfg, self.device) if self.cfg.train.precision == "fp16" else None
+        self.scaler = self.loss_scaler()
         super().setup(model)
+
+    def loss_scaler(self) -> LossScaler | None:
+        return LossScaler(self.cfg, self.device) if self.cfg.train.precision == "fp16" else None
 
     def strategy(self) -> Any:
         from lightning.fabric.strategies import ModelParallelStrategy
@@ -143,11 +148,13 @@ class FSDPBackend(FabricBackend):
     def parallelize(self, model: nn.Module, fabric_mesh: Any) -> nn.Module:
         return self.shard(model, self.full_mesh(fabric_mesh))
 
-    def shard(self, model: nn.Module, mesh: Any, reshard_after_forward: bool = True) -> nn.Module:
+    def shard(self, model: nn.Module, mesh: Any, reshard_after_forward: bool = True,
+              first_block: int = 0) -> nn.Module:
         """Tensor parallelism, checkpointing, compile, then `fully_shard` every block and the root.
 
         `mesh` has a `tensor_parallel` dimension and the data-parallel ones of `data_parallel_dims`.
-        `reshard_after_forward=False` keeps every sharding strategy's parameters gathered until the backward.
+        `reshard_after_forward=False` keeps every sharding strategy's parameters gathered until the backward;
+        `first_block` is the model's index of a pipeline stage's first block.
         """
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
@@ -155,7 +162,7 @@ class FSDPBackend(FabricBackend):
         if self.layout.tp > 1:
             apply_tensor_parallel(model, mesh["tensor_parallel"],
                                   sequence_parallel=self.cfg.parallel.sequence_parallel)
-        checkpoint_and_compile(model, train)
+        checkpoint_and_compile(model, train, first_block)
         names = self.data_parallel_dims()[1]
         options = dict(
             mesh=mesh[names] if len(names) > 1 else mesh[names[0]],
@@ -181,12 +188,12 @@ class FSDPBackend(FabricBackend):
         """With fp16: unscale before clipping, and skip the update on ranks' agreed overflow (the scaler)."""
         if self.scaler is None:
             return super().optimizer_step()
-        self.scaler.step(self.optimizer, self.clip_gradients if self.cfg.train.grad_clip > 0 else None,
-                         self.cfg.train.grad_clip)
+        self.grad_norm = self.scaler.step(self.optimizer, self.clip_gradients if self.cfg.train.grad_clip > 0
+                                          else None, self.cfg.train.grad_clip)
         self.optimizer.zero_grad(set_to_none=True)
 
     def step_notes(self) -> dict[str, Any]:
-        return {} if self.scaler is None else self.scaler.step_notes()
+        return {**super().step_notes(), **({} if self.scaler is None else self.scaler.step_notes())}
 
     def summary_notes(self) -> dict[str, dict[str, Any]]:
         if self.scaler is None:
@@ -197,8 +204,8 @@ class FSDPBackend(FabricBackend):
         """The parameters whose gradients the global norm counts: a copy held for another stage is left out."""
         return params
 
-    def clip_gradients(self, max_norm: float) -> None:
-        """Clip by the global gradient norm when parameters live on different meshes (and stages).
+    def clip_gradients(self, max_norm: float) -> torch.Tensor:
+        """Clip by the global gradient norm when parameters live on different meshes (and stages); returns it.
 
         With tensor parallelism the blocks' parameters are DTensors on the 2-D (data, tensor) mesh
         and the embeddings on the data-parallel mesh alone; `clip_grad_norm_` cannot stack norms
@@ -223,6 +230,7 @@ class FSDPBackend(FabricBackend):
         total_norm = squares.sqrt()
         for params in by_mesh.values():
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, total_norm)
+        return total_norm
 
 
 class LossScaler:
@@ -251,16 +259,17 @@ class LossScaler:
     def scale(self, loss: torch.Tensor) -> torch.Tensor:
         return self.scaler.scale(loss)
 
-    def step(self, optimizer: Any, clip: Any, max_norm: float) -> None:
-        """Unscale, clip, then step unless some rank overflowed (the scale drops exactly then)."""
+    def step(self, optimizer: Any, clip: Any, max_norm: float) -> torch.Tensor | None:
+        """Unscale, clip, then step unless some rank overflowed (the scale drops exactly then); returns the
+        gradient norm `clip` measured."""
         self.scaler.unscale_(optimizer)
-        if clip is not None:
-            clip(max_norm)
+        norm = clip(max_norm) if clip is not None else None
         before = self.scale_now
         self.scaler.step(optimizer)
         self.scaler.update()
         self.last_skipped = self.scale_now < before
         self.skipped += self.last_skipped
+        return norm
 
     def step_notes(self) -> dict[str, Any]:
         """As DeepSpeed's: steps skipped in this step (0 or 1), and the scale the next step uses."""

@@ -28,9 +28,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from harness.backends.base import MicroBatch, make_optimizer
-from harness.backends.fsdp import FSDPBackend, LossScaler
-from harness.backends.registry import PP_SCHEDULES, default_pp_schedule, pipeline_split, resolve_optimizer
+from harness.backends.base import MicroBatch, local
+from harness.backends.fsdp import FSDPBackend
+from harness.backends.registry import PP_SCHEDULES, default_pp_schedule, pipeline_split
 from harness.costmodel.timing import pipeline_bubble
 from harness.trace.capture import phase
 from harness.trace.events import PHASES
@@ -39,11 +39,20 @@ from models.gpt import GPT
 PP_DIM = "pp"
 
 
-def stage_ids(pp_rank: int, pp: int, vpp: int, placement: str) -> list[int]:
-    """The pipeline stages rank `pp_rank` holds, in order (torch's `generate_stage_to_rank_mapping`)."""
-    if placement == "v":
-        return [pp_rank, 2 * pp - 1 - pp_rank]
-    return [pp_rank + k * pp for k in range(vpp)]
+def stage_owners(pp: int, vpp: int, placement: str) -> dict[int, int]:
+    """The pipeline rank holding each stage: torch's own mapping for the schedule's placement."""
+    from torch.distributed.pipelining.schedules import generate_stage_to_rank_mapping
+
+    return generate_stage_to_rank_mapping(pp, pp * vpp, style="v" if placement == "v" else "loop")
+
+
+def seed_stage(seed: int, stage: int) -> None:
+    """Seed a stage's own initialisation (on a GPU each stage initialises only itself, on the meta-built copy).
+
+    One seed per stage, as torchtitan seeds each pipeline rank: with the run's seed everywhere, every stage
+    would draw the same numbers and blocks of equal shape on different stages would start equal.
+    """
+    torch.manual_seed(seed + stage)
 
 
 def stage_module(model: GPT, blocks: range, first: bool, last: bool) -> GPT:
@@ -73,7 +82,7 @@ class FSDPPipelineBackend(FSDPBackend):
         from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 
         p, pp = self.cfg.parallel, self.layout.pp
-        self.scaler = LossScaler(self.cfg, self.device) if self.cfg.train.precision == "fp16" else None
+        self.scaler = self.loss_scaler()
         sizes, names = self.data_parallel_dims()
         self.mesh = init_device_mesh(self.device.type, (pp, *sizes, self.layout.tp),
                                      mesh_dim_names=(PP_DIM, *names, "tensor_parallel"))
@@ -83,7 +92,9 @@ class FSDPPipelineBackend(FSDPBackend):
         schedule = PP_SCHEDULES[self.schedule_name]
         placement = schedule.placement
         self.n_stages = pp * p.vpp
-        self.stage_ids = stage_ids(self.pp_rank, pp, p.vpp, placement)
+        owners = stage_owners(pp, p.vpp, placement)
+        self.stage_ids = sorted(s for s, rank in owners.items() if rank == self.pp_rank)
+        self.last_rank = owners[self.n_stages - 1]
         stage_mesh = self.mesh[(*names, "tensor_parallel")]
         # Zero-bubble schedules defer each weight-gradient pass. Parameters FSDP2 resharded after the forward
         # are gathered again for the input-gradient pass and freed after it, and the later weight gradients
@@ -92,18 +103,21 @@ class FSDPPipelineBackend(FSDPBackend):
         split = pipeline_split(len(model.blocks), self.n_stages)
         assert split is not None  # validated before launch
         self.blocks_by_stage = [len(blocks) for blocks in split]
-        self.modules = [self.shard(stage_module(model, split[s], s == 0, s == self.n_stages - 1), stage_mesh,
-                                   reshard_after_forward=not schedule.split_backward) for s in self.stage_ids]
+        self.modules = []
+        for s in self.stage_ids:
+            if not self.materialize_before_setup:
+                seed_stage(self.cfg.train.seed, s)
+            self.modules.append(self.shard(stage_module(model, split[s], s == 0, s == self.n_stages - 1), stage_mesh,
+                                           reshard_after_forward=not schedule.split_backward,
+                                           first_block=split[s].start))
         self.stages = [PipelineStage(m, s, self.n_stages, self.device, group=self.pp_group)
                        for m, s in zip(self.modules, self.stage_ids)]
         schedule_cls = get_schedule_class(self.schedule_name)
         single = issubclass(schedule_cls, PipelineScheduleSingle)
         self.schedule = schedule_cls(self.stages[0] if single else self.stages, n_microbatches=self.layout.grad_accum,
                                      loss_fn=self.pipeline_loss, scale_grads=True)
-        self.last_rank = stage_ids_owner(self.n_stages - 1, pp, p.vpp, placement)
         self.tied = self.tie_embeddings(placement)
-        kind = resolve_optimizer(self.cfg.train.optimizer, self.cfg.backend.name, self.device.type)
-        self.optimizer = make_optimizer(self.parameters(), self.cfg.train, kind)
+        self.optimizer = self.build_optimizer(self.parameters())
         self.params_per_rank = self.gather_local_params()
 
     @property
@@ -169,7 +183,8 @@ class FSDPPipelineBackend(FSDPBackend):
         losses: list[torch.Tensor] = []
         first = any(s.is_first for s in self.stages)
         last = any(s.is_last for s in self.stages)
-        scale = self.scaler.scale_now if self.scaler is not None else 1.0
+        # The scale the losses were multiplied by, as a tensor (reading it as a number would wait for the device).
+        scale = self.scale_loss(torch.ones((), device=self.device))
         with phase(PHASES.pipeline):
             self.schedule.step(*((inputs,) if first else ()),
                                **(dict(target=targets, losses=losses) if last else {}))
@@ -201,15 +216,3 @@ class FSDPPipelineBackend(FSDPBackend):
             "params_per_rank": self.params_per_rank,
         }
         return notes
-
-
-def stage_ids_owner(stage: int, pp: int, vpp: int, placement: str) -> int:
-    """The pipeline rank that holds `stage`."""
-    return next(r for r in range(pp) if stage in stage_ids(r, pp, vpp, placement))
-
-
-def local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor (a view: collectives on it update the DTensor), or the tensor itself."""
-    from torch.distributed.tensor import DTensor
-
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor

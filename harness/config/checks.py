@@ -128,7 +128,7 @@ def _check_parallel(backend: str, model: GPTConfig, p: ParallelConfig, precision
         raise ConfigError(f"parallel.sequence_parallel=true splits model.seq_len={model.seq_len} over parallel.tp="
                           f"{p.tp} ranks (megatron-core: equal shards); choose a seq_len divisible by tp")
     _check_tensor_parallel(model, p.tp)
-    if p.pp > model.n_layers:
+    if p.pp > model.n_layers and not can.pipeline_implementation:
         raise ConfigError(f"parallel.pp={p.pp} is larger than model.n_layers={model.n_layers}; "
                           "every pipeline stage needs at least one block")
     stages = p.pp * p.vpp
@@ -138,7 +138,8 @@ def _check_parallel(backend: str, model: GPTConfig, p: ParallelConfig, precision
                           f"(or {model.n_layers + 2}: the embedding and the output layer then take a block's place)")
 
 
-def _check_pipeline_schedule(b: BackendConfig, p: ParallelConfig, micro_batches: int) -> None:
+def _check_pipeline_schedule(b: BackendConfig, p: ParallelConfig, micro_batches: int, compile_blocks: bool,
+                             device: str) -> None:
     """backend.pp_schedule against the stages per rank and the micro-batches per step (torch's own rules)."""
     name = b.pp_schedule or default_pp_schedule(p.vpp)
     _choice(name, PP_SCHEDULES, "backend.pp_schedule")
@@ -151,6 +152,14 @@ def _check_pipeline_schedule(b: BackendConfig, p: ParallelConfig, micro_batches:
     if (schedule.placement == "single") != (p.vpp == 1) or (schedule.placement == "v" and p.vpp != 2):
         raise ConfigError(f"backend.pp_schedule={name} with parallel.vpp={p.vpp}: the schedule runs {wanted} "
                           f"stage(s) per rank; set {wanted}")
+    if schedule.split_backward and compile_blocks:
+        raise ConfigError(f"train.compile=true with backend.pp_schedule={name}: torch's zero-bubble schedules do "
+                          "not support compiled stages (they split each backward in two); use another schedule "
+                          "or train.compile=false")
+    if b.offload and device != "cpu":
+        raise ConfigError(f"backend.offload=true with parallel.pp={p.pp}: the pipeline's tied-embedding "
+                          "collectives would run on host-offloaded shards, which NCCL cannot reduce; use "
+                          "parallel.pp=1 with offload")
     stages = p.pp * p.vpp
     fix = "raise train.global_batch_size or lower train.micro_batch_size"
     if schedule.at_least_pp_micro_batches and micro_batches < stages:
@@ -492,7 +501,8 @@ def validate(cfg: AnyConfig, world_size: int) -> Layout:
         _check_fsdp(cfg.backend, cfg.system.devices_per_node, dp, t.precision, p.tp, cfg.system.device)
     global_batch = _batch(t, dp)
     if "pp_schedule" in backend_spec(backend).options:
-        _check_pipeline_schedule(cfg.backend, p, global_batch // (t.micro_batch_size * dp))
+        _check_pipeline_schedule(cfg.backend, p, global_batch // (t.micro_batch_size * dp), t.compile,
+                                 cfg.system.device)
     _check_data(cfg.data, model.seq_len, model.vocab_size)
     _check_telemetry(cfg.telemetry)
     profile_window(cfg.profile, t.warmup_steps, t.warmup_steps + t.steps)

@@ -112,7 +112,9 @@ def job_from_config(cfg: Any, layout: Layout, software: Software = HARNESS) -> J
     schedule = getattr(backend, "pp_schedule", None) or default_pp_schedule(cfg.parallel.vpp)
     sharding = backend.sharding
     if layout.pp > 1 and sharding == "full_shard" and PP_SCHEDULES[schedule].split_backward:
-        sharding = "shard_grad_op"  # zero-bubble stages keep parameters gathered (harness/backends/pipeline.py)
+        # Zero-bubble stages keep parameters gathered (harness/backends/pipeline.py); under hybrid_shard too,
+        # which the memory model does not distinguish from its resharding form.
+        sharding = "shard_grad_op"
     return Job(
         model=GPTConfig.from_section(cfg.model),
         layout=layout,

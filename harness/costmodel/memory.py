@@ -14,7 +14,7 @@ Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation i
 Models", section 4): per layer s·b·h·(34 + 5·a·s/h) bytes in 16 bits with dropout, of which
 10·s·b·h is replicated over TP ranks unless sequence parallelism splits it; full recompute keeps
 only each layer's 2·s·b·h input; with 1F1B the first pipeline stage holds min(micro-batches, PP)
-micro-batches, times (1 + (PP−1)/(PP·v)) with v interleaved stages.
+micro-batches, times (1 + (PP−1)/(PP·v)) with v interleaved stages; GPipe and looped BFS hold all of them.
 """
 
 from __future__ import annotations
@@ -96,10 +96,14 @@ def layer_activation_bytes(job: Job, checkpointing: str) -> float:
 
 
 def in_flight_micro_batches(job: Job) -> float:
-    """Micro-batches whose activations the first pipeline stage holds at once under 1F1B."""
+    """Micro-batches whose activations the first pipeline stage holds at once: under 1F1B (and the zero-bubble
+    schedules, whose peak Qi et al. keep at 1F1B's) at most pp; GPipe and looped breadth-first run every
+    micro-batch's forward before the backwards, so they hold all of them."""
     pp = job.layout.pp
     if pp == 1:
         return 1.0
+    if job.pp_schedule in ("GPipe", "LoopedBFS"):
+        return float(job.micro_batches)
     held = min(job.micro_batches, pp)
     return held * (1 + (pp - 1) / (pp * job.vpp)) if job.vpp > 1 else held
 

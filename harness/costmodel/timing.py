@@ -10,9 +10,8 @@ Step time = compute + exposed communication, stretched by the pipeline bubble:
 - communication: per collective, latency + wire bytes / (link bandwidth · efficiency) (comm.py);
   TP and PP transfers sit on the critical path; DP traffic overlaps the backward pass where the
   backend does so (PyTorch DDP buckets, FSDP prefetch, ZeRO-3) and the system allows it.
-- pipeline: 1F1B runs m micro-batches in (m + (p−1)/v) micro-batch times, a bubble of (p−1)/(v·m);
-  other schedules by `pipeline_bubble`
-  (Narayanan et al. 2021, section 2.2).
+- pipeline: 1F1B runs m micro-batches in (m + (p−1)/v) micro-batch times, a bubble of (p−1)/(v·m)
+  (Narayanan et al. 2021, section 2.2); other schedules by `pipeline_bubble`.
 Energy is device power × time, the power rising linearly from idle to peak with the busy fraction.
 The ALCF-4 figure of merit is (6·s·d² + s²·d)·b·L / T_step. A full training run needs model FLOPs
 per token × D tokens, by default D = 20·P (Hoffmann et al. 2022), t ≈ T_FLOPs / R_FLOPs.
@@ -134,7 +133,8 @@ def pipeline_bubble(schedule: str, pp: int, vpp: int, micro_batches: int) -> flo
     - Interleaved 1F1B and looped breadth-first (Lamy-Poirier 2023): (p-1)/(v m).
     - Interleaved zero bubble, ZB-H1 (Qi et al. 2023, "Zero Bubble Pipeline Parallelism"): weight-gradient
       passes fill the cool-down, leaving (p-1)(F+B-W) of idle per rank: a third of 1F1B's, (p-1)/(3 v m).
-    - ZB-V (Qi et al. 2024, "Pipeline Parallelism with Controllable Memory"): (p-1)(F+B-2W) = 0.
+    - ZB-V (Qi et al. 2024, "Pipeline Parallelism with Controllable Memory"): (p-1)(F+B-2W) = 0, given at least
+      2p-1 micro-batches to fill its V (fewer leave idle slots this does not count).
     """
     if pp == 1:
         return 0.0

@@ -20,7 +20,8 @@ from typing import Any, Iterable
 PHASES = SimpleNamespace(forward="harness.forward", backward="harness.backward", optimizer="harness.optimizer",
                          pipeline="harness.pipeline", data="harness.data", metrics="harness.metrics")
 """`record_function` names the trainer and the backends mark a step's phases with (user annotations in the
-trace). `pipeline` is DeepSpeed's whole pipeline schedule (forward and backward interleave inside it);
+trace). `pipeline` is a whole pipeline schedule, DeepSpeed's or torch.distributed.pipelining's (forward and backward
+interleave inside it);
 `metrics` is the trainer's one collective per step that reduces loss, memory and telemetry."""
 
 STEP = re.compile(r"ProfilerStep#(\d+)$")
