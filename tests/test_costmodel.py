@@ -275,3 +275,25 @@ def test_each_pipeline_schedule_has_its_own_bubble_and_zero_bubble_keeps_paramet
     assert times == sorted(times, reverse=True) and times[0] > times[2]
     assert (answers["ZBVZeroBubble"]["memory_per_device_bytes"]["total"]
             > answers["Interleaved1F1B"]["memory_per_device_bytes"]["total"])
+
+
+def test_a_plan_rows_printed_command_reproduces_its_prediction(capsys: pytest.CaptureFixture[str]) -> None:
+    """Each row carries whole, pasteable commands (`backend=<name>` selects the backend's own defaults); pasting
+    its `harness estimate` line predicts exactly that row, and its `harness run` overrides validate as that layout."""
+    from harness.config.compose import compose
+    from harness.predict.estimate import predict
+    from harness.predict.plan import plan_command
+
+    assert plan_command(["model=gpt-1.3b", "system=dgx-a100-80gb", "parallel.world_size=8",
+                         "train.global_batch_size=64", "train.precision=bf16", "--json", "--top=4"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 4 and len({r["backend"] for r in rows}) > 1
+    for row in rows:
+        words = row["estimate_command"].split()
+        assert words[:2] == ["harness", "estimate"] and f"backend={row['backend']}" in words
+        _, est = predict(compose(words[2:]), 8)
+        assert est["tokens_per_s"] == pytest.approx(row["tokens_per_s"], rel=1e-12)
+        assert row["submit_command"].startswith("harness submit dgx-a100-80gb tasks=8 -- model=gpt-1.3b ")
+        layout = validate(compose(row["run_overrides"].split()), 8)
+        assert (layout.tp, layout.pp, layout.dp, layout.grad_accum) == (row["tp"], row["pp"], row["dp"],
+                                                                         row["grad_accum"])

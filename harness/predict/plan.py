@@ -64,7 +64,19 @@ def plan(cfg: Any, world: int, backends: list[str]) -> list[dict[str, Any]]:
 
 
 def _overrides(change: dict[str, Any]) -> str:
-    return " ".join(f"{section}.{key}={value}" for section, values in change.items() for key, value in values.items())
+    """The layout as command-line overrides: `backend=<name>` selects the backend's whole config group (its
+    defaults), as a user would type it; `backend.name=` would keep the other backend's options."""
+    return " ".join(f"backend={values['name']}" if section == "backend" else f"{section}.{key}={value}"
+                    for section, values in change.items() for key, value in values.items()
+                    if section != "backend" or key == "name")
+
+
+def _job_overrides(overrides: list[str]) -> list[str]:
+    """The user's overrides a row's command repeats: the job (model, system, batch...), not the layout the
+    row replaces, nor the world size (`run` counts its ranks; `estimate` needs it, so it stays for that)."""
+    layout = ("backend", "backend.name", "parallel.tp", "parallel.pp", "parallel.zero_stage",
+              "train.micro_batch_size", "train.activation_checkpointing")
+    return [o for o in overrides if o.split("=", 1)[0].lstrip("+") not in layout]
 
 
 USAGE = """usage: harness plan [overrides ...] [--json] [--top=N]
@@ -91,6 +103,12 @@ def plan_command(args: list[str]) -> int:
     backends = [cfg.backend.name] if chose_backend else list(BACKENDS)
     world = planned_world_size(cfg)
     ranked = plan(cfg, world, backends)
+    job = _job_overrides(overrides)
+    for r in ranked:
+        r["estimate_command"] = " ".join(["harness estimate", *job, r["overrides"]])
+        r["run_overrides"] = " ".join([*(o for o in job if not o.startswith("parallel.world_size=")), r["overrides"]])
+        r["submit_command"] = " ".join([f"harness submit {cfg.system.name} tasks={world} --",
+                                        *(o for o in r["run_overrides"].split() if not o.startswith("system="))])
     if "--json" in flags:
         print(json.dumps(ranked[:top], indent=2))
     else:
@@ -108,10 +126,18 @@ def _print(ranked: list[dict[str, Any]], cfg: Any, world: int) -> None:
 
     table = Table(title=f"{cfg.model.name} on {world} × {cfg.system.name}: best layouts by predicted tokens/s",
                   title_justify="left")
-    for column in ("#", "tokens/s", "step s", "MFU", "GB/dev", "layout (overrides)"):
-        table.add_column(column, justify="left" if column.startswith("layout") else "right")
+    for column in ("#", "tokens/s", "step s", "MFU", "GB/dev", "layout"):
+        table.add_column(column, justify="left" if column == "layout" else "right", overflow="fold")
     for i, r in enumerate(ranked, 1):
         mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}"
+        layout = (f"{r['backend']} tp{r['tp']} pp{r['pp']} dp{r['dp']} ZeRO-{r['zero_stage']} "
+                  f"micro {r['micro_batch_size']}×{r['grad_accum']} recompute {r['activation_checkpointing']}")
         table.add_row(str(i), f"{r['tokens_per_s']:,.0f}", f"{r['step_time_s']:.4g}", mfu, f"{r['memory_gb']:.1f}",
-                      r["overrides"])
-    Console().print(table)
+                      layout)
+    console = Console()
+    console.print(table)
+    # Whole lines, never cut to the terminal: pasted, each reproduces its row.
+    print(f"\nEach row's commands (`harness run` needs {world} ranks: launcher.nproc, or a scheduler's tasks; "
+          "`harness submit` needs the system's job: block):")
+    for i, r in enumerate(ranked, 1):
+        print(f"  #{i}: {r['estimate_command']}\n       harness run {r['run_overrides']}\n       {r['submit_command']}")
