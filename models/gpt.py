@@ -79,6 +79,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
+class CoreAttention(nn.Module):
+    """softmax(QKᵀ/√d)·V of (B, heads, T, head_dim) tensors, by the kernel `model.attention` names.
+
+    A module of its own (no parameters), as Megatron's `CoreAttention`: it is what selective activation
+    recomputation (Korthikanti et al. 2022, section 5) re-runs in the backward pass instead of storing its
+    large intermediates, while the projections around it keep their activations.
+    """
+
+    def __init__(self, kernel: str, grouped: bool) -> None:
+        super().__init__()
+        self.kernel, self.grouped = kernel, grouped
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "math":
+            return math_attention(q, k, v)
+        if self.kernel == "flash_attn":
+            return flash_attention(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.grouped)
+
+
 class CausalSelfAttention(nn.Module):
     """Causal (grouped-query) self-attention with one fused QKV projection.
 
@@ -96,7 +116,7 @@ class CausalSelfAttention(nn.Module):
         qkv_out = (config.n_heads + 2 * config.kv_heads) * config.head_dim
         self.qkv = nn.Linear(config.d_model, qkv_out, bias=config.bias)
         self.proj = nn.Linear(config.n_heads * config.head_dim, config.d_model, bias=config.bias)
-        self.kernel = config.attention
+        self.core = CoreAttention(config.attention, grouped=self.q_per_group > 1)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         qkv = self.qkv(x)
@@ -109,12 +129,7 @@ class CausalSelfAttention(nn.Module):
         v = v.squeeze(3).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if self.kernel == "math":
-            y = math_attention(q, k, v)
-        elif self.kernel == "flash_attn":
-            y = flash_attention(q, k, v)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.q_per_group > 1)
+        y = self.core(q, k, v)
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -116,8 +116,8 @@ LAYOUTS = {
                           "train.micro_batch_size=2"],
     "ddp-2-selective": ["launcher.nproc=2", "backend=ddp", "train.micro_batch_size=2",
                         "train.activation_checkpointing=selective"],
-    "fsdp-2-checkpointed": ["launcher.nproc=2", "backend=fsdp", "train.micro_batch_size=1",
-                            "train.activation_checkpointing=full"],
+    "fsdp-2-attention-checkpointed": ["launcher.nproc=2", "backend=fsdp", "train.micro_batch_size=1",
+                                      "train.activation_checkpointing=attention"],
     # torch's fused AdamW kernel over FSDP2's DTensor shards (train.optimizer).
     "fsdp-2-fused-adamw": ["launcher.nproc=2", "backend=fsdp", "train.micro_batch_size=2",
                            "train.optimizer=adamw_fused"],

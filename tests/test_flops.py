@@ -17,8 +17,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from harness.backends.base import apply_activation_checkpointing
 from harness.config.schema import ModelConfig
-from harness.costmodel.flops import forward_flops_per_token, param_count, step_flops
+from harness.costmodel.flops import forward_flops_per_token, param_count, recomputed_forward_per_token, step_flops
 from harness.costmodel.peaks import lookup_peak
 from models.gpt import GPT, GPTConfig
 
@@ -30,9 +31,10 @@ CONFIGS = {
 }
 
 
-def counted_training_flops(cfg: GPTConfig, batch: int) -> int:
+def counted_training_flops(cfg: GPTConfig, batch: int, checkpointing: str = "none") -> int:
     torch.manual_seed(0)
     model = GPT(cfg)
+    apply_activation_checkpointing(model, checkpointing)
     tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len))
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(tokens, tokens).backward()
@@ -52,13 +54,35 @@ def test_model_flops_match_flop_counter(name: str) -> None:
 
 def test_hardware_flops_add_recompute() -> None:
     cfg = CONFIGS["gpt-tiny"]
-    none, selective, full = (step_flops(cfg, 8, mode) for mode in ("none", "selective", "full"))
+    none, selective, attention, full = (step_flops(cfg, 8, mode) for mode in ("none", "selective", "attention", "full"))
     assert none.hardware == none.model
-    assert none.model == selective.model == full.model
+    assert none.model == selective.model == attention.model == full.model
     fwd = forward_flops_per_token(cfg)
     tokens = 8 * cfg.seq_len
-    assert full.hardware - full.model == pytest.approx(cfg.n_layers * fwd.layer * tokens)
-    assert none.hardware < selective.hardware < full.hardware
+    # PyTorch's checkpoint stops before each region's last GEMM (early stop): MLP down projection, ·V
+    assert full.hardware - full.model == pytest.approx(cfg.n_layers * (fwd.layer - fwd.mlp_proj) * tokens)
+    assert selective.hardware - selective.model == pytest.approx(cfg.n_layers * fwd.attn_core / 2 * tokens)
+    megatron = step_flops(cfg, 8, "full", early_stop=False)  # Megatron's checkpoint re-runs whole blocks
+    assert megatron.hardware - megatron.model == pytest.approx(cfg.n_layers * fwd.layer * tokens)
+    assert none.hardware < selective.hardware < attention.hardware < full.hardware
+
+
+@pytest.mark.parametrize("early_stop", [True, False], ids=["early-stop", "whole-region"])
+@pytest.mark.parametrize("mode", ["selective", "attention", "full"])
+def test_recomputed_flops_are_what_the_checkpointed_model_runs_again(mode: str, early_stop: bool) -> None:
+    """FlopCounterMode over forward + backward with each granularity applied to the model: what it counts beyond
+    the uncheckpointed model is the formula's recompute (selective: Korthikanti et al.'s core attention, a few
+    percent; attention: the projections too), with PyTorch's early stop (the default: each region's last GEMM
+    is not re-run) and without it (whole regions, as Megatron's checkpoint), counted without the causal
+    halving because the math kernel multiplies the masked half as well."""
+    cfg, batch = dataclasses.replace(CONFIGS["gpt-tiny"], attention="math"), 2  # plain matmuls, as counted
+    with torch.utils.checkpoint.set_checkpoint_early_stop(early_stop):
+        extra = counted_training_flops(cfg, batch, mode) - counted_training_flops(cfg, batch)
+    fwd = forward_flops_per_token(cfg, causal_halved=False)
+    expected = recomputed_forward_per_token(fwd, mode, early_stop=early_stop)
+    assert extra == pytest.approx(expected * batch * cfg.seq_len, rel=1e-9)
+    if mode == "selective":  # the point of selective recompute: a small share of the step
+        assert extra / counted_training_flops(cfg, batch) < 0.1
 
 
 def test_megatron_formula_for_a_published_shape() -> None:

@@ -84,8 +84,8 @@ def _saved_activation_bytes(mode: str, every_n: int | None = None) -> int:
     """Bytes autograd keeps for backward after one forward: unique storages seen by saved_tensors_hooks,
     parameters excluded. Non-reentrant checkpointing replaces the hooks inside its regions, so what it
     recomputes never reaches these hooks."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layers=4, d_model=64, n_heads=4, seq_len=64, vocab_size=128))
+    torch.manual_seed(0)  # the math kernel stores the s x s scores, which selective recompute exists to drop
+    model = GPT(GPTConfig(n_layers=4, d_model=64, n_heads=4, seq_len=64, vocab_size=128, attention="math"))
     apply_activation_checkpointing(model, mode, every_n)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages: dict[int, int] = {}
@@ -104,11 +104,18 @@ def _saved_activation_bytes(mode: str, every_n: int | None = None) -> int:
 
 
 def test_checkpointing_reduces_saved_activation_bytes() -> None:
+    """full < attention sub-layer < core attention (selective) < none, and every 2nd block between full and none;
+    selective drops exactly the core attention's own intermediates: each layer's s x s softmax output and its
+    causal mask (the math kernel; q, k and v stay, as the projections need them anyway)."""
     none = _saved_activation_bytes("none")
-    attention = _saved_activation_bytes("selective")
+    selective = _saved_activation_bytes("selective")
+    attention = _saved_activation_bytes("attention")
     every_2nd = _saved_activation_bytes("selective", every_n=2)
     full = _saved_activation_bytes("full")
-    assert full < every_2nd < none and full < attention < none, (full, every_2nd, attention, none)
+    assert full < attention < selective < none and full < every_2nd < none, (full, attention, selective, none)
+    layers, batch, heads, seq, fp32 = 4, 2, 4, 64, 4
+    softmax, mask = batch * heads * seq * seq * fp32, seq * seq  # saved by softmax and ·V / by masked_fill (bool)
+    assert none - selective == layers * (softmax + mask)
 
 
 @pytest.mark.multirank

@@ -95,11 +95,23 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
+def checkpoint_inside_block(block: nn.Module, mode: str) -> None:
+    """Wrap the part of one block that `mode` recomputes: `selective` the core attention (QKᵀ, softmax, ·V:
+    Korthikanti et al. 2022's selective recomputation), `attention` the whole attention sub-layer (its
+    projections too)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    if mode == "selective":
+        block.attn.core = checkpoint_wrapper(block.attn.core, preserve_rng_state=False)
+    elif mode == "attention":
+        block.attn = checkpoint_wrapper(block.attn, preserve_rng_state=False)
+
+
 def apply_activation_checkpointing(model: nn.Module, mode: str, every_n: int | None = None,
                                    first_block: int = 0) -> None:
-    """Recompute activations in the backward pass: every block (full), or (selective) every attention
-    sub-layer, or with `every_n` every n-th whole block (blocks n-1, 2n-1, ...: torchtitan's count, over
-    the whole model: a pipeline stage's blocks start at `first_block`).
+    """Recompute activations in the backward pass: every block (full), in every block its core attention
+    (selective) or its attention sub-layer (attention), or with `every_n` every n-th whole block (blocks n-1,
+    2n-1, ...: torchtitan's count, over the whole model: a pipeline stage's blocks start at `first_block`).
 
     Uses PyTorch's non-reentrant checkpoint wrapper, as torchtitan does; it must be applied before
     FSDP wraps the blocks.
@@ -112,7 +124,7 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every_n: int | N
         if mode == "full" or (every_n is not None and (first_block + i + 1) % every_n == 0):
             model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
         elif every_n is None:
-            block.attn = checkpoint_wrapper(block.attn, preserve_rng_state=False)
+            checkpoint_inside_block(block, mode)
 
 
 def checkpoint_and_compile(model: nn.Module, train: Any, first_block: int = 0) -> None:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness import quiet_library_warnings
-from harness.backends.base import MicroBatch
+from harness.backends.base import MicroBatch, checkpoint_inside_block
 from harness.backends.deepspeed import DeepSpeedEngineBackend
 from harness.trace.capture import phase
 from harness.trace.events import PHASES
@@ -158,7 +158,7 @@ def tied_logits(embedding: EmbeddingPipe, x: torch.Tensor) -> torch.Tensor:
 class BlockPipe(Block, Stage):
     """`models.gpt.Block` with its linears column/row-parallel; its forward is the model file's own."""
 
-    def __init__(self, config: GPTConfig, mp: Any, index: int, checkpoint_attention: bool) -> None:
+    def __init__(self, config: GPTConfig, mp: Any, index: int, checkpointing: str) -> None:
         with torch.device("meta"):  # the structure is the model file's; every parameter is replaced below
             super().__init__(config)
         self.prefix = f"blocks.{index}."
@@ -173,10 +173,7 @@ class BlockPipe(Block, Stage):
         if config.activation == "swiglu":
             self.mlp.gate = _column(config.d_model, ffn, bias=config.bias, mp=mp, init=_normal(std))
         self.mlp.proj = _row(ffn, config.d_model, bias=config.bias, mp=mp, init=_normal(resid_std))
-        if checkpoint_attention:
-            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-            self.attn = checkpoint_wrapper(self.attn, preserve_rng_state=False)
+        checkpoint_inside_block(self, checkpointing)  # `full`: DeepSpeed's activation_checkpoint_interval
         self.rope = config.position == "rope"
         self.sequence_shards = mp.tensor_model_parallel_size if mp.sequence_parallel else 1
         if self.rope:
@@ -215,7 +212,7 @@ def vocab_parallel_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), targets).mean()
 
 
-def layer_specs(config: GPTConfig, mp: Any, *, checkpoint_attention: bool = False) -> list[Any]:
+def layer_specs(config: GPTConfig, mp: Any, *, checkpointing: str = "none") -> list[Any]:
     """The whole model as DeepSpeed layer specs, in `models.gpt.GPT.forward` order; each rank builds its stage's."""
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
@@ -224,7 +221,7 @@ def layer_specs(config: GPTConfig, mp: Any, *, checkpoint_attention: bool = Fals
         head = TiedLayerSpec("embedding", EmbeddingPipe, config, mp, forward_fn=tied_logits, tied_weight_attr="weight")
     else:
         embedding, head = LayerSpec(EmbeddingPipe, config, mp), LayerSpec(LMHeadPipe, config, mp)
-    blocks = [LayerSpec(BlockPipe, config, mp, i, checkpoint_attention) for i in range(config.n_layers)]
+    blocks = [LayerSpec(BlockPipe, config, mp, i, checkpointing) for i in range(config.n_layers)]
     return [embedding, *blocks, LayerSpec(FinalNormPipe, config, mp), head]
 
 
@@ -311,7 +308,7 @@ class DeepSpeed3DBackend(DeepSpeedEngineBackend):
         pipe = PipelineModule(
             layers=layer_specs(config, model_parallel_config(layout.tp, layout.pp, on_gpu=on_gpu,
                                                              sequence_parallel=self.cfg.parallel.sequence_parallel),
-                               checkpoint_attention=mode == "selective"),
+                               checkpointing=mode),
             topology=PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp),
             loss_fn=vocab_parallel_loss,
             partition_method=BLOCK_PARTITION,

@@ -39,7 +39,9 @@ from harness.report import VIEWS
 from launchers.env import GPU_ORDERS
 from models.config import GPTConfig, ModelConfigError, nearest_divisor
 
-CHECKPOINTING = ("none", "selective", "full")
+CHECKPOINTING = ("none", "selective", "attention", "full")
+"""train.activation_checkpointing: what a block recomputes in the backward: nothing, its core attention
+(Korthikanti et al. 2022's selective recomputation), its attention sub-layer, or everything."""
 DATA_KINDS = ("synthetic", "tokens", "megatron")
 TOKEN_DTYPES = {"uint16": 2, "uint32": 4}
 DEVICES = ("auto", "cpu", "cuda", "xpu")

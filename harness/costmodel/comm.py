@@ -158,7 +158,7 @@ def tp_collectives(job: Job) -> list[Collective]:
         return []
     tokens = layout.micro_batch_size * job.model.seq_len
     payload = tokens * job.model.d_model * job.act_bytes
-    per_layer = 4 + {"full": 2, "selective": 1}.get(job.checkpointing, 0)
+    per_layer = 4 + {"full": 2, "attention": 1}.get(job.checkpointing, 0)  # core attention has no TP traffic
     calls = (per_layer * layers_per_stage(job) + 2) * job.micro_batches  # + embedding forward, head backward
     intra = _intra(t, job)
     loss = Collective("tp", "all_reduce", tokens * 4, 3 * job.micro_batches, t, intra)

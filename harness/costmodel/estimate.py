@@ -34,7 +34,8 @@ def estimate(cfg: Any, layout: Layout, *, software: Software = HARNESS,
     """The cost model's answer for `cfg` on `layout` (already validated)."""
     job = job_from_config(cfg, layout, software)
     system, m = cfg.system, cfg.model
-    flops = step_flops(m, layout.global_batch_size, job.checkpointing, job.checkpoint_every_n)
+    flops = step_flops(m, layout.global_batch_size, job.checkpointing, job.checkpoint_every_n,
+                       early_stop=software.recompute_early_stop)
     memory = memory_per_device(job, system.framework_overhead_gb * GB)
     colls = collectives(job)
     out: dict[str, Any] = {

@@ -92,6 +92,10 @@ class ForwardFlops:
     logits: float
     """The output projection onto the vocabulary."""
     n_layers: int
+    attn_proj: float = 0.0
+    """The attention output projection (part of attn_gemms): the last GEMM of the attention sub-layer."""
+    mlp_proj: float = 0.0
+    """The MLP's down projection (part of mlp): the last GEMM of a block."""
 
     @property
     def layer(self) -> float:
@@ -110,23 +114,34 @@ def forward_flops_per_token(m: ModelDims, *, causal_halved: bool = True) -> Forw
         mlp=2 * h * f * (3 if m.activation == "swiglu" else 2),
         logits=2 * h * vocab,
         n_layers=layers,
+        attn_proj=2 * q * h,
+        mlp_proj=2 * h * f,
     )
 
 
 def recomputed_forward_per_token(fwd: ForwardFlops, activation_checkpointing: str,
-                                 every_n: int | None = None) -> float:
+                                 every_n: int | None = None, *, early_stop: bool = True) -> float:
     """Forward FLOPs per token that checkpointing runs a second time in the backward pass.
 
-    full: every block's forward; selective: the attention sub-layer of every block (what this
-    harness checkpoints), or with `every_n` every n-th whole block; none: nothing. The logits are
-    never recomputed.
+    full: every block's forward; selective: every block's core attention (QKᵀ and ·V; Korthikanti et al.
+    2022, sec. 5), or with `every_n` every n-th whole block; attention: every block's attention sub-layer
+    (its projections too); none: nothing. The logits are never recomputed.
+
+    `early_stop`: PyTorch's non-reentrant checkpoint (what every backend here uses) stops re-running a
+    region once the tensors its backward needs exist again (`torch.utils.checkpoint.set_checkpoint_early_stop`,
+    on by default), so the region's last GEMM, whose output nothing saves, is not recomputed: ·V of core
+    attention, the output projection of the attention sub-layer, the MLP's down projection of a block
+    (counted exactly by tests/test_flops.py). Megatron's own checkpoint re-runs the whole region.
     """
+    block = fwd.layer - (fwd.mlp_proj if early_stop else 0.0)
     if activation_checkpointing == "full":
-        return fwd.n_layers * fwd.layer
+        return fwd.n_layers * block
     if activation_checkpointing == "selective" and every_n is not None:
-        return fwd.n_layers // every_n * fwd.layer
+        return fwd.n_layers // every_n * block
     if activation_checkpointing == "selective":
-        return fwd.n_layers * (fwd.attn_gemms + fwd.attn_core)
+        return fwd.n_layers * fwd.attn_core / (2 if early_stop else 1)
+    if activation_checkpointing == "attention":
+        return fwd.n_layers * (fwd.attn_gemms + fwd.attn_core - (fwd.attn_proj if early_stop else 0.0))
     return 0.0
 
 
@@ -139,10 +154,11 @@ class StepFlops:
 
 
 def step_flops(m: ModelDims, global_batch_size: int, activation_checkpointing: str = "none",
-               checkpoint_every_n: int | None = None) -> StepFlops:
+               checkpoint_every_n: int | None = None, *, early_stop: bool = True) -> StepFlops:
     """Training FLOPs of one optimizer step over the whole global batch (all ranks together)."""
     fwd = forward_flops_per_token(m)
     tokens = global_batch_size * m.seq_len
     model = 3 * (fwd.n_layers * fwd.layer + fwd.logits) * tokens
-    recomputed = recomputed_forward_per_token(fwd, activation_checkpointing, checkpoint_every_n)
+    recomputed = recomputed_forward_per_token(fwd, activation_checkpointing, checkpoint_every_n,
+                                              early_stop=early_stop)
     return StepFlops(model=model, hardware=model + recomputed * tokens)

@@ -32,6 +32,9 @@ class Software:
     pp_scatter_gather: bool = False
     """Each TP rank sends 1/TP of a stage boundary's activations and the next stage all-gathers them
     over the fast intra-node links (Narayanan et al. 2021, section 4.1)."""
+    recompute_early_stop: bool = True
+    """Recomputation stops at the last tensor the backward needs (PyTorch's non-reentrant checkpoint);
+    Megatron's checkpoint re-runs the whole region (costmodel/flops.py recomputed_forward_per_token)."""
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,7 @@ class Zero3:
 
 
 HARNESS = Software()
-MEGATRON_2021 = Software(fused_attention=False, dropout=True, pp_scatter_gather=True)
+MEGATRON_2021 = Software(fused_attention=False, dropout=True, pp_scatter_gather=True, recompute_early_stop=False)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,9 @@ over DP (the issue's M_p/(PP·TP) + M_o/DP + M_g/(PP·TP)).
 Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
 Models", section 4): per layer s·b·h·(34 + 5·a·s/h) bytes in 16 bits with dropout, of which
 10·s·b·h is replicated over TP ranks unless sequence parallelism splits it; full recompute keeps
-only each layer's 2·s·b·h input; with 1F1B the first pipeline stage holds min(micro-batches, PP)
+only each layer's 2·s·b·h input; selective recompute (section 5) drops the core attention's 5·a·s²·b
+(scores, softmax, dropout mask) and keeps the rest; the attention sub-layer variant keeps none of the
+attention's activations; with 1F1B the first pipeline stage holds min(micro-batches, PP)
 micro-batches, times (1 + (PP−1)/(PP·v)) with v interleaved stages; GPipe and looped BFS hold all of them.
 """
 
@@ -90,8 +92,10 @@ def layer_activation_bytes(job: Job, checkpointing: str) -> float:
     mlp = B * s * b * f * (2 if m.activation == "swiglu" else 1) + B * s * b * f  # activation input, proj input
     attn_core = (B + mask * (1 + B)) * a * s * s * b if not job.software.fused_attention else 4 * a * s * b
     attention = B * s * b * (a + 2 * g) * dh + B * sbh + attn_core  # q, k, v; proj input; scores or logsumexp
-    if checkpointing == "selective":  # the attention sub-layer is recomputed from its input
+    if checkpointing == "attention":  # the attention sub-layer is recomputed from its input
         attention = 0.0
+    elif checkpointing == "selective":  # core attention is recomputed from q, k, v (Korthikanti et al. sec. 5)
+        attention -= attn_core
     return replicated / split_over_tp + (attention + mlp) / t
 
 

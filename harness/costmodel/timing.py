@@ -78,20 +78,25 @@ def micro_batch_compute_s(job: Job, hw: Hardware) -> float:
     tokens = layout.micro_batch_size * m.seq_len
     fwd = forward_flops_per_token(m)
     layers = layers_per_stage(job)
-    recompute = recomputed_forward_per_token(fwd, job.checkpointing, job.checkpoint_every_n) / fwd.n_layers
+    recompute = recomputed_forward_per_token(fwd, job.checkpointing, job.checkpoint_every_n,
+                                             early_stop=job.software.recompute_early_stop) / fwd.n_layers
     per_layer_flops = (3 * fwd.layer + recompute) * tokens / layout.tp
     linears = 5 if m.activation == "swiglu" else 4  # qkv, proj, fc (, gate), fc2
     fwd_calls = linears + 2  # + QK^T and AV
     modes = job.checkpoint_modes
-    recompute_calls = sum(share * {"full": fwd_calls, "selective": 4}.get(mode, 0) for mode, share in modes.items())
+    recompute_calls = sum(share * {"full": fwd_calls, "attention": 4, "selective": 2}.get(mode, 0)
+                          for mode, share in modes.items())
     calls_per_layer = 3 * fwd_calls + recompute_calls
     logits_flops = 3 * fwd.logits * tokens / layout.tp
     gemm = layers * gemm_time(per_layer_flops, calls_per_layer, hw) + gemm_time(logits_flops, 3, hw)
     gemm += layers * hw.layer_overhead_s + hw.step_overhead_s
     if hw.hbm_bw is None:
         return gemm
-    recompute_share = sum(share * {"full": 4 / 3, "selective": 1.1}.get(mode, 1.0) for mode, share in modes.items())
-    moved = hw.elementwise_passes * layer_activation_bytes(job, "none") * recompute_share
+    stored = layer_activation_bytes(job, "none")
+    # Selective recomputation re-runs the elementwise work on exactly the bytes it did not store.
+    again = {"full": 4 / 3, "attention": 1.1, "selective": 2 - layer_activation_bytes(job, "selective") / stored}
+    recompute_share = sum(share * again.get(mode, 1.0) for mode, share in modes.items())
+    moved = hw.elementwise_passes * stored * recompute_share
     return gemm + layers * moved / hw.hbm_bw
 
 
