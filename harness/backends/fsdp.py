@@ -165,7 +165,7 @@ class FSDPBackend(FabricBackend):
         checkpoint_and_compile(model, train, first_block)
         names = self.data_parallel_dims()[1]
         options = dict(
-            mesh=mesh[names] if len(names) > 1 else mesh[names[0]],
+            mesh=mesh[names],
             reshard_after_forward=reshard_after_forward and b.sharding in ("full_shard", "hybrid_shard"),
             mp_policy=MixedPrecisionPolicy(param_dtype=DTYPES[b.param_dtype or train.precision],
                                            reduce_dtype=DTYPES[b.reduce_dtype or "fp32"]),

@@ -30,7 +30,7 @@ from torch import nn
 
 from harness.backends.base import MicroBatch, local
 from harness.backends.fsdp import FSDPBackend
-from harness.backends.registry import PP_SCHEDULES, default_pp_schedule, pipeline_split
+from harness.backends.registry import PP_SCHEDULES, pipeline_split, resolve_pp_schedule
 from harness.costmodel.timing import pipeline_bubble
 from harness.trace.capture import phase
 from harness.trace.events import PHASES
@@ -88,7 +88,7 @@ class FSDPPipelineBackend(FSDPBackend):
                                      mesh_dim_names=(PP_DIM, *names, "tensor_parallel"))
         self.pp_group = self.mesh[PP_DIM].get_group()
         self.pp_rank = self.mesh[PP_DIM].get_local_rank()
-        self.schedule_name = self.cfg.backend.pp_schedule or default_pp_schedule(p.vpp)
+        self.schedule_name = resolve_pp_schedule(self.cfg.backend.pp_schedule, p.vpp)
         schedule = PP_SCHEDULES[self.schedule_name]
         placement = schedule.placement
         self.n_stages = pp * p.vpp
@@ -112,6 +112,7 @@ class FSDPPipelineBackend(FSDPBackend):
                                            first_block=split[s].start))
         self.stages = [PipelineStage(m, s, self.n_stages, self.device, group=self.pp_group)
                        for m, s in zip(self.modules, self.stage_ids)]
+        self.holds_first, self.holds_last = 0 in self.stage_ids, self.n_stages - 1 in self.stage_ids
         schedule_cls = get_schedule_class(self.schedule_name)
         single = issubclass(schedule_cls, PipelineScheduleSingle)
         self.schedule = schedule_cls(self.stages[0] if single else self.stages, n_microbatches=self.layout.grad_accum,
@@ -145,8 +146,9 @@ class FSDPPipelineBackend(FSDPBackend):
         """
         if not self.cfg.model.tie_embeddings:
             return []
-        mine = [m.tok_emb.weight for m in self.modules if m.tok_emb is not None]
-        mine += [m.lm_head.weight for m in self.modules if m.lm_head is not None and m.tok_emb is None]
+        copies = [m.lm_head.weight for m in self.modules if m.lm_head is not None and m.tok_emb is None]
+        self.output_copies = {id(p) for p in copies}  # counted once in the global norm: as the first stage's
+        mine = [m.tok_emb.weight for m in self.modules if m.tok_emb is not None] + copies
         self.tie_group = None
         if placement == "v":  # one rank holds the first and the last stage
             return mine
@@ -172,17 +174,18 @@ class FSDPPipelineBackend(FSDPBackend):
         elif grads and self.tie_group is not None:
             dist.all_reduce(grads[0], group=self.tie_group)
 
+    output_copies: set[int] = set()
+    """ids of the last stage's copies of a tied embedding on this rank (set by `tie_embeddings`)."""
+
     def counted_once(self, params: list[nn.Parameter]) -> list[nn.Parameter]:
-        output_copies = {id(m.lm_head.weight) for m in self.modules if m.lm_head is not None and m.tok_emb is None}
-        return [p for p in params if id(p) not in output_copies] if self.tied else params
+        return [p for p in params if id(p) not in self.output_copies]
 
     def train_step(self, micro_batches: Sequence[MicroBatch]) -> torch.Tensor:
         """One schedule over the step's micro-batches; every rank returns the last stage's mean loss."""
         inputs = torch.cat([mb[0] for mb in micro_batches])
         targets = torch.cat([mb[1] for mb in micro_batches])
         losses: list[torch.Tensor] = []
-        first = any(s.is_first for s in self.stages)
-        last = any(s.is_last for s in self.stages)
+        first, last = self.holds_first, self.holds_last
         # The scale the losses were multiplied by, as a tensor (reading it as a number would wait for the device).
         scale = self.scale_loss(torch.ones((), device=self.device))
         with phase(PHASES.pipeline):

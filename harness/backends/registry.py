@@ -66,9 +66,10 @@ def pipeline_split(n_layers: int, stages: int) -> Optional[list[range]]:
     return None
 
 
-def default_pp_schedule(vpp: int) -> str:
-    """1F1B, or Megatron's interleaved 1F1B when each rank holds more than one stage."""
-    return "1F1B" if vpp == 1 else "Interleaved1F1B"
+def resolve_pp_schedule(choice: Optional[str], vpp: int) -> str:
+    """The schedule backend.pp_schedule means: the one named, else 1F1B, or Megatron's interleaved 1F1B when
+    each rank holds more than one stage."""
+    return choice or ("1F1B" if vpp == 1 else "Interleaved1F1B")
 
 
 @dataclass(frozen=True)

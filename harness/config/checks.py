@@ -21,9 +21,9 @@ from harness.backends.registry import (
     PP_SCHEDULES,
     PRECISIONS,
     backend_spec,
-    default_pp_schedule,
     fsdp_replica_group,
     pipeline_split,
+    resolve_pp_schedule,
 )
 from harness.config.errors import ConfigError
 from harness.config.schema import (
@@ -143,7 +143,7 @@ def _check_parallel(backend: str, model: GPTConfig, p: ParallelConfig, precision
 def _check_pipeline_schedule(b: BackendConfig, p: ParallelConfig, micro_batches: int, compile_blocks: bool,
                              device: str) -> None:
     """backend.pp_schedule against the stages per rank and the micro-batches per step (torch's own rules)."""
-    name = b.pp_schedule or default_pp_schedule(p.vpp)
+    name = resolve_pp_schedule(b.pp_schedule, p.vpp)
     _choice(name, PP_SCHEDULES, "backend.pp_schedule")
     if p.pp == 1:
         if b.pp_schedule:

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from harness.backends.registry import PP_SCHEDULES, BackendSpec, backend_spec, default_pp_schedule, fsdp_replica_group
+from harness.backends.registry import PP_SCHEDULES, BackendSpec, backend_spec, fsdp_replica_group, resolve_pp_schedule
 from harness.config.checks import Layout
 from harness.costmodel.flops import param_count, param_tensors
 from models.config import GPTConfig
@@ -112,7 +112,7 @@ class Job:
 
 def job_from_config(cfg: Any, layout: Layout, software: Software = HARNESS) -> Job:
     backend = cfg.backend
-    schedule = getattr(backend, "pp_schedule", None) or default_pp_schedule(cfg.parallel.vpp)
+    schedule = resolve_pp_schedule(getattr(backend, "pp_schedule", None), cfg.parallel.vpp)
     sharding = backend.sharding
     if layout.pp > 1 and sharding == "full_shard" and PP_SCHEDULES[schedule].split_backward:
         # Zero-bubble stages keep parameters gathered (harness/backends/pipeline.py); under hybrid_shard too,
