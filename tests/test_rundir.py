@@ -59,7 +59,7 @@ def test_summary(layout_runs: dict[str, Run]) -> None:
     assert metrics["peak_memory_kind"] == "cpu_peak_rss" and metrics["peak_memory_mb"] > 0
     assert summary["model"]["params"] == param_count(cfg)
     env = summary["env"]
-    assert env["world_size"] == 2 and env["torch"] and env["lightning"] and env["hostnames"]
+    assert env["world_size"] == 2 and env["torch"] and env["lightning-fabric"] and env["hostnames"]
     # What produced the number: the harness commit, the accelerator stack, the packages, the job.
     for key in ("commit", "dirty", "python", "deepspeed", "megatron-core", "hydra-core", "flash-attn", "apex",
                 "HolisticTraceAnalysis", "torch_cuda", "torch_hip", "collectives", "device_name", "devices_per_node",

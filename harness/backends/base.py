@@ -177,8 +177,8 @@ class FabricBackend(Backend):
         checkpoint_and_compile(model, self.cfg.train)
 
     def setup(self, model: nn.Module) -> None:
-        from lightning.fabric import Fabric
-        from lightning.fabric.plugins.environments import TorchElasticEnvironment
+        from lightning_fabric import Fabric
+        from lightning_fabric.plugins.environments import TorchElasticEnvironment
 
         self.prepare(model)
         # The runner already exported torchrun-style variables for every launcher (srun, mpiexec

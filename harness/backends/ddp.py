@@ -20,7 +20,7 @@ class DDPBackend(FabricBackend):
         return self.fabric.global_rank
 
     def strategy(self) -> Any:
-        from lightning.fabric.strategies import DDPStrategy, SingleDeviceStrategy
+        from lightning_fabric.strategies import DDPStrategy, SingleDeviceStrategy
 
         if self.layout.world_size == 1:
             return SingleDeviceStrategy(device=self.device)

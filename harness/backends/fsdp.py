@@ -108,7 +108,7 @@ class FSDPBackend(FabricBackend):
         return LossScaler(self.cfg, self.device) if self.cfg.train.precision == "fp16" else None
 
     def strategy(self) -> Any:
-        from lightning.fabric.strategies import ModelParallelStrategy
+        from lightning_fabric.strategies import ModelParallelStrategy
 
         return ModelParallelStrategy(
             parallelize_fn=self.parallelize,

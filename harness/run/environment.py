@@ -17,7 +17,7 @@ from importlib import metadata, util
 from pathlib import Path
 from typing import Any, Optional
 
-PACKAGES = ("torch", "lightning", "deepspeed", "megatron-core", "hydra-core", "omegaconf", "numpy",
+PACKAGES = ("torch", "lightning-fabric", "deepspeed", "megatron-core", "hydra-core", "omegaconf", "numpy",
             "nvidia-ml-py", "amdsmi", "flash-attn", "HolisticTraceAnalysis", "harness")
 
 
