@@ -93,8 +93,6 @@ class BackendSpec:
     deepspeed_engine: bool = False
     """Trains through `deepspeed.initialize`: 16-bit weights with fp32 master copies in the optimizer, and
     ZeRO's gradient reduction even over a one-rank data-parallel group."""
-    overlap_dp_zero_stages: tuple[int, ...] = ()
-    """ZeRO stages (0 for the non-ZeRO backends) at which data-parallel traffic runs during the backward."""
     gradient_buckets: bool = False
     """Keeps a flat gradient copy for its all-reduce buckets (PyTorch DDP's reducer)."""
     zero_stage_note: str = ""
@@ -114,8 +112,7 @@ class BackendSpec:
 BACKENDS: dict[str, BackendSpec] = {spec.name: spec for spec in (
     BackendSpec(
         name="ddp", implementation="harness.backends.ddp:DDPBackend",
-        summary="PyTorch DDP through Lightning Fabric",
-        overlap_dp_zero_stages=(0,), gradient_buckets=True),
+        summary="PyTorch DDP through Lightning Fabric", gradient_buckets=True),
     BackendSpec(
         name="fsdp", implementation="harness.backends.fsdp:FSDPBackend",
         summary="FSDP2 fully_shard and DTensor TP through Fabric's ModelParallelStrategy; with parallel.pp > 1 "
@@ -124,13 +121,13 @@ BACKENDS: dict[str, BackendSpec] = {spec.name: spec for spec in (
         shardings=FSDP_SHARDINGS,
         options=("sharding", "hybrid_shard_group", "prefetch_depth", "offload", "param_dtype", "reduce_dtype",
                  "pp_schedule", *FP16_SCALER_OPTIONS[:2]),
-        overlap_dp_zero_stages=(0,), pipeline_implementation="harness.backends.pipeline:FSDPPipelineBackend"),
+        pipeline_implementation="harness.backends.pipeline:FSDPPipelineBackend"),
     BackendSpec(
         name="deepspeed", implementation="harness.backends.deepspeed:DeepSpeedBackend",
         summary="DeepSpeed ZeRO 0-3 (with ZeRO-Offload)",
         zero_stages=(0, 1, 2, 3),
         options=("offload_optimizer", "offload_param", *FP16_SCALER_OPTIONS, "ds_config"),
-        deepspeed_engine=True, overlap_dp_zero_stages=(3,)),
+        deepspeed_engine=True),
     BackendSpec(
         name="deepspeed3d", implementation="harness.backends.deepspeed3d:DeepSpeed3DBackend",
         summary="DeepSpeed pipeline engine with megatron-core tensor parallelism (3D, ZeRO-1)",

@@ -179,8 +179,9 @@ class SystemConfig:
     """Power of one device while idle."""
     peak_power_w: Optional[float] = None
     """Power of one device at full load (its TDP/TBP)."""
-    gemm_efficiency: float = 0.7
-    """Fraction of the peak a large GEMM reaches."""
+    gemm_efficiency: Optional[float] = None
+    """Fraction of the peak a large GEMM reaches; None: the accelerator's published measurement
+    (harness/costmodel/peaks.py), else a generic 0.7."""
     gemm_half_gflop: float = 1.0
     """GEMM size (GFLOP) at which it reaches half of gemm_efficiency: small GEMMs do not fill the device."""
     elementwise_passes: float = 6.0
@@ -293,6 +294,18 @@ class ReportConfig:
 
 
 @dataclass
+class CostModelConfig:
+    """Which software the cost model predicts (harness/costmodel/software.py)."""
+
+    software: Optional[str] = None
+    """harness-<backend> | megatron-lm | megatron-lm-2021 | megatron-deepspeed; None: the run's own backend."""
+    flash_attention: Optional[bool] = None
+    """The run's attention kernel when it differs from the profile's (true: fused, no s×s scores stored)."""
+    tp_comm_overlap: Optional[bool] = None
+    """Megatron-LM's --tp-comm-overlap (Transformer Engine userbuffers); None: the profile's."""
+
+
+@dataclass
 class Config:
     name: str = "${model.name}-${backend.name}"
     """Run name, part of the run directory."""
@@ -307,6 +320,7 @@ class Config:
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    costmodel: CostModelConfig = field(default_factory=CostModelConfig)
 
 
 def register_schema() -> None:

@@ -9,7 +9,9 @@ Tensor parallelism all-reduces the b·s·h activations twice per layer in the fo
 the backward, once more per recomputed sub-layer (Narayanan et al. 2021, section 2.3;
 Korthikanti et al. 2022: sequence parallelism turns each all-reduce into an all-gather and a
 reduce-scatter of the same volume). Pipeline stages send b·s·h activations forward and their
-gradients backward once per micro-batch and virtual stage (each rank receives as much as it sends).
+gradients backward once per micro-batch and virtual stage (each rank receives as much as it sends);
+1/TP of it where the software keeps a boundary split over TP ranks (sequence parallelism) or scatters
+it and gathers it again on the next stage (software.py).
 
 `payload_bytes × calls` is what the torch profiler records on a real gloo run (tests/
 test_comm_volume.py), including collectives DeepSpeed issues over a one-rank group: those have
@@ -23,9 +25,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness.costmodel.flops import param_modules, param_tensors
-from harness.costmodel.layout import Job, layers_per_stage, stage_params
+from harness.costmodel.flops import param_modules, param_tensors, shape_cached
+from harness.costmodel.layout import Job, Zero3, layers_per_stage, stage_params
 from harness.costmodel.memory import shard_degrees, state_bytes_per_param
+from models.config import GPTConfig
 
 RING_FACTOR = {"all_reduce": lambda p: 2 * (p - 1) / p, "all_gather": lambda p: (p - 1) / p,
                "reduce_scatter": lambda p: (p - 1) / p, "send_recv": lambda p: 1.0}
@@ -44,6 +47,15 @@ class Collective:
     group: int
     """Ranks in the group."""
     intra_node: bool
+
+    @property
+    def role(self) -> str:
+        """What it carries, which decides what it can overlap with (timing.py): grads | params | activations | p2p."""
+        if self.dim == "dp":
+            return "params" if self.kind == "all_gather" else "grads"
+        if self.dim == "pp":
+            return "grads" if self.kind == "all_reduce" else "p2p"
+        return "activations"
 
     @property
     def wire_bytes(self) -> float:
@@ -103,14 +115,18 @@ def zero3_gathered_numel(job: Job) -> tuple[float, float]:
     block whose later layers hold fewer than ~5e8 parameters is gathered once per micro-batch, not
     twice as in the ZeRO paper's 3Ψ.
     """
-    z = job.zero3
+    return _zero3_gathered_numel(job.model, job.zero3)
+
+
+@shape_cached
+def _zero3_gathered_numel(model: GPTConfig, z: Zero3) -> tuple[float, float]:
     persistent: set[str] = set()
     kept = 0
-    for t in param_tensors(job.model):
+    for t in param_tensors(model):
         if t.numel <= z.param_persistence_threshold and kept + t.numel <= z.model_persistence_threshold:
             persistent.add(t.name)
             kept += t.numel
-    forward = param_modules(job.model)
+    forward = param_modules(model)
     trace = forward + forward[::-1]
     before = [0]  # parameters of trace[:i]
     uses: dict[str, list[int]] = {}
@@ -118,7 +134,7 @@ def zero3_gathered_numel(job: Job) -> tuple[float, float]:
         before.append(before[-1] + sum(t.numel for t in tensors))
         for t in tensors:
             uses.setdefault(t.name, []).append(i)
-    numel = {t.name: t.numel for t in param_tensors(job.model)}
+    numel = {t.name: t.numel for t in param_tensors(model)}
     reuse = max(z.max_reuse_distance, z.prefetch_bucket_size)
     per_micro_batch = 0
     for name, steps in uses.items():
@@ -180,9 +196,11 @@ def pp_collectives(job: Job) -> list[Collective]:
     m, v = job.micro_batches, job.vpp
     calls = 2 * m * v if layout.pp > 2 else m * (2 * v - 1)
     intra = _intra(layout.world_size, job)
-    if job.software.pp_scatter_gather and layout.tp > 1:
-        out = [Collective("pp", "send_recv", payload / layout.tp, calls, 2, intra),
-               Collective("pp", "all_gather", payload, calls, layout.tp, _intra(layout.tp, job))]
+    split = job.sequence_parallel and job.software.pp_sends_sequence_split
+    if layout.tp > 1 and (split or job.software.pp_scatter_gather):
+        out = [Collective("pp", "send_recv", payload / layout.tp, calls, 2, intra)]
+        if not split:  # scatter/gather: the receiving stage rebuilds the whole boundary over the node's links
+            out.append(Collective("pp", "all_gather", payload, calls, layout.tp, _intra(layout.tp, job)))
     else:
         out = [Collective("pp", "send_recv", payload, calls, 2, intra)]
     if job.model.tie_embeddings:

@@ -11,9 +11,10 @@ from typing import Any, Optional
 from harness.config.checks import Layout
 from harness.costmodel.comm import bytes_by_dim, collectives
 from harness.costmodel.flops import param_count, step_flops
-from harness.costmodel.layout import HARNESS, Software, job_from_config, stage_params
+from harness.costmodel.layout import job_from_config, stage_params
 from harness.costmodel.memory import GB, memory_per_device
 from harness.costmodel.peaks import PeakLookup, lookup_peak
+from harness.costmodel.software import Software
 from harness.costmodel.timing import alcf_fom, hardware, pipeline_bubble, power_w, step_time
 
 SECONDS_PER_DAY = 86400.0
@@ -29,17 +30,19 @@ def system_peak(system: Any, precision: str) -> PeakLookup:
                       "run `harness calibrate` or give system.peak_tflops and system.peak_tflops_source")
 
 
-def estimate(cfg: Any, layout: Layout, *, software: Software = HARNESS,
+def estimate(cfg: Any, layout: Layout, *, software: Optional[Software] = None,
              train_tokens: Optional[float] = None) -> dict[str, Any]:
-    """The cost model's answer for `cfg` on `layout` (already validated)."""
+    """The cost model's answer for `cfg` on `layout` (already validated), under `software` (default: the profile
+    `cfg` selects, costmodel.software)."""
     job = job_from_config(cfg, layout, software)
     system, m = cfg.system, cfg.model
     flops = step_flops(m, layout.global_batch_size, job.checkpointing, job.checkpoint_every_n,
-                       early_stop=software.recompute_early_stop)
+                       early_stop=job.software.recompute_early_stop)
     memory = memory_per_device(job, system.framework_overhead_gb * GB)
     colls = collectives(job)
     out: dict[str, Any] = {
         "system": system.name,
+        "software": job.software.describe(),
         "params": param_count(m),
         "params_per_device": stage_params(job),
         "flops_per_step": {"model": flops.model, "hardware": flops.hardware},

@@ -9,7 +9,10 @@ recomputes. MFU uses model FLOPs, HFU hardware FLOPs (Chowdhery et al. 2022, PaL
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from models.config import GPTConfig
@@ -36,7 +39,27 @@ class Tensor:
     vocab-parallel embedding); norms, row-parallel biases and learned positions are replicated."""
 
 
-def param_modules(m: ModelDims) -> list[tuple[str, tuple[Tensor, ...]]]:
+def model_key(m: ModelDims) -> tuple[Any, ...]:
+    """The model's fields as a hashable key, so that what depends only on the shape is computed once per shape
+    (the planner asks for the same model's tensors hundreds of thousands of times)."""
+    if type(m) is GPTConfig:  # noqa: E721 (a subclass carries more fields)
+        return tuple(vars(m).values())
+    g = GPTConfig.from_section(m)
+    return tuple(getattr(g, f.name) for f in dataclasses.fields(GPTConfig))
+
+
+def shape_cached(fn: Any) -> Any:
+    """`fn(model, *args)` memoised on the model's fields and the (hashable) other arguments."""
+    cached = lru_cache(maxsize=256)(lambda key, *args: fn(GPTConfig(*key), *args))
+
+    @functools.wraps(fn)
+    def wrapper(m: ModelDims, *args: Any) -> Any:
+        return cached(model_key(m), *args)
+    return wrapper
+
+
+@shape_cached
+def param_modules(m: ModelDims) -> tuple[tuple[str, tuple[Tensor, ...]], ...]:
     """`models.gpt.GPT`'s parameter-holding modules in forward order (also their registration order).
 
     A tied output projection lists the embedding's tensor again: the same Parameter used twice,
@@ -66,12 +89,13 @@ def param_modules(m: ModelDims) -> list[tuple[str, tuple[Tensor, ...]]]:
         out.append(linear(p + "mlp.proj", f, h, column=False))
     out.append(norm("norm_f"))
     out.append(("lm_head", out[0][1] if m.tie_embeddings else (Tensor("lm_head.weight", vocab * h, True),)))
-    return out
+    return tuple(out)
 
 
-def param_tensors(m: ModelDims) -> list[Tensor]:
+@shape_cached
+def param_tensors(m: ModelDims) -> tuple[Tensor, ...]:
     """Each parameter tensor once (a tied projection is the embedding's), in registration order."""
-    return list({t.name: t for _, tensors in param_modules(m) for t in tensors}.values())
+    return tuple({t.name: t for _, tensors in param_modules(m) for t in tensors}.values())
 
 
 def param_count(m: ModelDims) -> int:

@@ -7,34 +7,17 @@ backend options other branches add: `backend.sharding`, `backend.offload`) lives
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from harness.backends.registry import PP_SCHEDULES, BackendSpec, backend_spec, fsdp_replica_group, resolve_pp_schedule
 from harness.config.checks import Layout
-from harness.costmodel.flops import param_count, param_tensors
+from harness.costmodel.flops import param_count, param_tensors, shape_cached
+from harness.costmodel.software import Software, software_for
 from models.config import GPTConfig
 
 ACT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-
-
-@dataclass(frozen=True)
-class Software:
-    """How the training code computes attention, which changes activation memory and memory traffic.
-
-    The harness's model uses `scaled_dot_product_attention` (a fused kernel: no s×s score matrix is
-    stored) and no dropout. Megatron-LM as of Narayanan et al. 2021 stored the scores, their
-    softmax and dropout masks (Korthikanti et al. 2022, section 4.1).
-    """
-
-    fused_attention: bool = True
-    dropout: bool = False
-    pp_scatter_gather: bool = False
-    """Each TP rank sends 1/TP of a stage boundary's activations and the next stage all-gathers them
-    over the fast intra-node links (Narayanan et al. 2021, section 4.1)."""
-    recompute_early_stop: bool = True
-    """Recomputation stops at the last tensor the backward needs (PyTorch's non-reentrant checkpoint);
-    Megatron's checkpoint re-runs the whole region (costmodel/flops.py recomputed_forward_per_token)."""
 
 
 @dataclass(frozen=True)
@@ -51,10 +34,6 @@ class Zero3:
     def from_ds_config(cls, ds_config: Any) -> "Zero3":
         zero = dict((ds_config or {}).get("zero_optimization", {}) or {})
         return cls(**{f: int(zero[f"stage3_{f}"]) for f in cls.__dataclass_fields__ if f"stage3_{f}" in zero})
-
-
-HARNESS = Software()
-MEGATRON_2021 = Software(fused_attention=False, dropout=True, pp_scatter_gather=True, recompute_early_stop=False)
 
 
 @dataclass(frozen=True)
@@ -74,8 +53,10 @@ class Job:
     sequence_parallel: bool
     vpp: int
     devices_per_node: int
-    software: Software = HARNESS
+    software: Software = Software()
     zero3: Zero3 = Zero3()
+    ds_overlap_comm: Optional[bool] = None
+    """DeepSpeed's zero_optimization.overlap_comm as configured (None: DeepSpeed's default)."""
     checkpoint_every_n: Optional[int] = None
     """With selective checkpointing: every n-th whole block is checkpointed instead of attention."""
     hybrid_shard_group: Optional[int] = None
@@ -83,7 +64,7 @@ class Job:
     pp_schedule: str = "1F1B"
     """The pipeline schedule (backend.pp_schedule for fsdp; DeepSpeed's pipeline engine runs 1F1B)."""
 
-    @property
+    @functools.cached_property
     def spec(self) -> BackendSpec:
         return backend_spec(self.backend)
 
@@ -101,6 +82,14 @@ class Job:
         return {self.checkpointing: 1.0}
 
     @property
+    def grad_reduce_overlap(self) -> bool:
+        """Whether gradient reduction runs during the backward: the profile's mechanism, or for DeepSpeed's ZeRO
+        its `overlap_comm` (default on for stage 3 only, deepspeed/runtime/zero/config.py)."""
+        if self.software.grad_reduce_overlap is not None:
+            return self.software.grad_reduce_overlap
+        return self.ds_overlap_comm if self.ds_overlap_comm is not None else self.layout.zero_stage == 3
+
+    @property
     def micro_batches(self) -> int:
         """Micro-batches each data-parallel replica runs per optimizer step."""
         return self.layout.global_batch_size // (self.layout.micro_batch_size * self.layout.dp)
@@ -110,8 +99,10 @@ class Job:
         return ACT_BYTES[self.precision]
 
 
-def job_from_config(cfg: Any, layout: Layout, software: Software = HARNESS) -> Job:
+def job_from_config(cfg: Any, layout: Layout, software: Optional[Software] = None) -> Job:
+    """The job `cfg` describes on `layout`, predicted under `software` (default: the profile `cfg` selects)."""
     backend = cfg.backend
+    ds_config = getattr(backend, "ds_config", None)
     schedule = resolve_pp_schedule(getattr(backend, "pp_schedule", None), cfg.parallel.vpp)
     sharding = backend.sharding
     if layout.pp > 1 and sharding == "full_shard" and PP_SCHEDULES[schedule].split_backward:
@@ -130,8 +121,9 @@ def job_from_config(cfg: Any, layout: Layout, software: Software = HARNESS) -> J
         sequence_parallel=bool(cfg.parallel.sequence_parallel),
         vpp=cfg.parallel.vpp,
         devices_per_node=cfg.system.devices_per_node,
-        software=software,
-        zero3=Zero3.from_ds_config(getattr(backend, "ds_config", None)),
+        software=software or software_for(cfg),
+        zero3=Zero3.from_ds_config(ds_config),
+        ds_overlap_comm=((ds_config or {}).get("zero_optimization") or {}).get("overlap_comm"),
         hybrid_shard_group=backend.hybrid_shard_group,
         pp_schedule=schedule,
     )
@@ -150,6 +142,7 @@ class ParamSplit:
     total: int
 
 
+@shape_cached
 def param_split(m: Any) -> ParamSplit:
     total = param_count(m)
     no_layers = param_count(dataclasses.replace(GPTConfig.from_section(m), n_layers=0))
@@ -167,17 +160,20 @@ def stage_params(job: Job) -> float:
     stage; with PP > 1 a tied output projection is a second copy on the last stage (Narayanan et
     al. 2021, section 3).
     """
-    tp, pp = job.layout.tp, job.layout.pp
+    return _stage_params(job.model, job.layout.tp, job.layout.pp)
 
+
+@shape_cached
+def _stage_params(model: GPTConfig, tp: int, pp: int) -> float:
     def per_rank(prefixes: tuple[str, ...]) -> float:
         return sum(t.numel / tp if t.tp_split else t.numel
-                   for t in param_tensors(job.model) if t.name.startswith(prefixes))
+                   for t in param_tensors(model) if t.name.startswith(prefixes))
 
     layer, embedding = per_rank(("blocks.0.",)), per_rank(("tok_emb.", "pos_emb."))
     head = per_rank(("norm_f.", "lm_head."))
-    layers = layers_per_stage(job)
+    layers = -(-model.n_layers // pp)
     first = layers * layer + embedding + (head if pp == 1 else 0)
-    tied_copy = job.model.vocab_size * job.model.d_model / tp if pp > 1 and job.model.tie_embeddings else 0
+    tied_copy = model.vocab_size * model.d_model / tp if pp > 1 and model.tie_embeddings else 0
     return max(first, layers * layer + head + tied_copy)
 
 

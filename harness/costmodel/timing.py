@@ -8,8 +8,10 @@ Step time = compute + exposed communication, stretched by the pipeline bubble:
   activation bytes at the device memory bandwidth; the optimizer streams its states once; a host
   overhead per block and per micro-batch (operator dispatch, autograd) that only a CPU exposes.
 - communication: per collective, latency + wire bytes / (link bandwidth · efficiency) (comm.py);
-  TP and PP transfers sit on the critical path; DP traffic overlaps the backward pass where the
-  backend does so (PyTorch DDP buckets, FSDP prefetch, ZeRO-3) and the system allows it.
+  what of it overlaps compute is the software's mechanism (software.py) and needs a system that
+  computes while it communicates (`overlap_comm`; not a CPU): DP gathers and reductions under the
+  compute windows they are issued in, TP only with TP/GEMM pipelining, pipeline sends only where the
+  schedule overlaps them.
 - pipeline: 1F1B runs m micro-batches in (m + (p−1)/v) micro-batch times, a bubble of (p−1)/(v·m)
   (Narayanan et al. 2021, section 2.2); other schedules by `pipeline_bubble`.
 Energy is device power × time, the power rising linearly from idle to peak with the busy fraction.
@@ -20,12 +22,14 @@ per token × D tokens, by default D = 20·P (Hoffmann et al. 2022), t ≈ T_FLOP
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Optional
 
 from harness.costmodel.comm import Collective
-from harness.costmodel.flops import forward_flops_per_token, recomputed_forward_per_token
+from harness.costmodel.flops import forward_flops_per_token, model_key, recomputed_forward_per_token
 from harness.costmodel.layout import Job, layers_per_stage, stage_params
 from harness.costmodel.memory import layer_activation_bytes, shard_degrees, state_bytes_per_param
+from harness.costmodel.peaks import device_entry, gemm_efficiency
 
 
 @dataclass(frozen=True)
@@ -46,13 +50,15 @@ class Hardware:
     step_overhead_s: float
     idle_power_w: Optional[float]
     peak_power_w: Optional[float]
+    compute_units: Optional[int] = None
+    """SMs/CUs a GEMM's output tiles fill in waves (peaks.py); None: no wave quantization (a CPU)."""
 
 
 def hardware(system: Any, peak_tflops: float) -> Hardware:
     gbps = lambda v: None if v is None else v * 1e9  # noqa: E731
     return Hardware(
         peak_flops=peak_tflops * 1e12,
-        gemm_efficiency=system.gemm_efficiency,
+        gemm_efficiency=gemm_efficiency(system)[0],
         gemm_half_flops=system.gemm_half_gflop * 1e9,
         hbm_bw=gbps(system.hbm_bw_gb_per_s),
         elementwise_passes=system.elementwise_passes,
@@ -65,6 +71,7 @@ def hardware(system: Any, peak_tflops: float) -> Hardware:
         step_overhead_s=system.step_overhead_us * 1e-6,
         idle_power_w=system.idle_power_w,
         peak_power_w=system.peak_power_w,
+        compute_units=getattr(device_entry(system), "compute_units", None),
     )
 
 
@@ -72,8 +79,58 @@ def gemm_time(flops: float, calls: float, hw: Hardware) -> float:
     return (flops + calls * hw.gemm_half_flops) / (hw.peak_flops * hw.gemm_efficiency)
 
 
+GEMM_TILE = (256, 128)
+"""Output tile of the large 16-bit GEMM kernels (NVIDIA, 'Matrix Multiplication Background User's Guide':
+tile and wave quantization, with the A100's 256×128 example)."""
+
+
+def wave_efficiency(rows: int, cols: int, units: Optional[int]) -> float:
+    """Share of the launched tile work that is useful: the output is cut into tiles, which run in waves of
+    one tile per SM/CU; partial tiles and a partial last wave compute for nothing."""
+    if units is None:
+        return 1.0
+    tiles = -(-rows // GEMM_TILE[0]) * -(-cols // GEMM_TILE[1])
+    waves = -(-tiles // units)
+    return rows * cols / (waves * units * GEMM_TILE[0] * GEMM_TILE[1])
+
+
+@lru_cache(maxsize=4096)
+def linear_wave_efficiency(tokens: int, shapes: tuple[tuple[int, int], ...], units: Optional[int]) -> float:
+    """FLOP-weighted wave efficiency of linears (in, out) over their forward (tokens × out), input-gradient
+    (tokens × in) and weight-gradient (in × out) GEMMs, all of equal FLOPs."""
+    work = sum(3 * k * n for k, n in shapes)
+    time = sum(k * n * (1 / wave_efficiency(tokens, n, units) + 1 / wave_efficiency(tokens, k, units)
+                        + 1 / wave_efficiency(k, n, units)) for k, n in shapes)
+    return work / time
+
+
+def layer_linears(job: Job) -> tuple[tuple[int, int], ...]:
+    """(in, out) of one block's linears on one TP rank."""
+    m, t = job.model, job.layout.tp
+    q = m.n_heads * m.head_dim
+    mlp = ((m.d_model, m.ffn_width // t),) * (2 if m.activation == "swiglu" else 1)
+    return ((m.d_model, (m.n_heads + 2 * m.kv_heads) * m.head_dim // t), (q // t, m.d_model), *mlp,
+            (m.ffn_width // t, m.d_model))
+
+
 def micro_batch_compute_s(job: Job, hw: Hardware) -> float:
     """Forward + backward (+ recompute) of one micro-batch on one rank of the busiest stage."""
+    layout = job.layout
+    # What it depends on, as a key: the planner asks for the same compute under many DP layouts.
+    key = (model_key(job.model), layout.tp, layout.pp, layout.micro_batch_size, job.checkpointing,
+           job.checkpoint_every_n, job.sequence_parallel, job.software, job.precision, hw)
+    value = _COMPUTE.get(key)
+    if value is None:
+        if len(_COMPUTE) >= 100_000:
+            _COMPUTE.clear()
+        value = _COMPUTE[key] = _compute_s(job, hw)
+    return value
+
+
+_COMPUTE: dict[tuple[Any, ...], float] = {}
+
+
+def _compute_s(job: Job, hw: Hardware) -> float:
     m, layout = job.model, job.layout
     tokens = layout.micro_batch_size * m.seq_len
     fwd = forward_flops_per_token(m)
@@ -88,7 +145,12 @@ def micro_batch_compute_s(job: Job, hw: Hardware) -> float:
                           for mode, share in modes.items())
     calls_per_layer = 3 * fwd_calls + recompute_calls
     logits_flops = 3 * fwd.logits * tokens / layout.tp
-    gemm = layers * gemm_time(per_layer_flops, calls_per_layer, hw) + gemm_time(logits_flops, 3, hw)
+    # Wave quantization slows the linears (the rest of a block's GEMM work, core attention, is left at e).
+    wave = linear_wave_efficiency(tokens, layer_linears(job), hw.compute_units)
+    linear_share = (fwd.attn_gemms + fwd.mlp) / fwd.layer
+    stretch = linear_share / wave + 1 - linear_share
+    head = linear_wave_efficiency(tokens, ((m.d_model, m.vocab_size // layout.tp),), hw.compute_units)
+    gemm = layers * gemm_time(per_layer_flops, calls_per_layer, hw) * stretch + gemm_time(logits_flops, 3, hw) / head
     gemm += layers * hw.layer_overhead_s + hw.step_overhead_s
     if hw.hbm_bw is None:
         return gemm
@@ -149,25 +211,77 @@ def pipeline_bubble(schedule: str, pp: int, vpp: int, micro_batches: int) -> flo
     return (pp - 1) / (third * vpp * micro_batches)
 
 
+def _dp_window(c: Collective, job: Job, per_mb: float) -> tuple[str, float]:
+    """The compute a data-parallel collective can run under, named, and its length (0: none).
+
+    Per-micro-batch parameter gathers (FSDP, ZeRO-3) are prefetched during every forward and backward;
+    gradient reductions run during the backward of the micro-batches that issue them, if the software
+    reduces in buckets as gradients become ready; a distributed optimizer's once-per-step parameter
+    gather runs during the next step's first forward only where the software says so.
+    """
+    m = job.micro_batches
+    every = c.calls >= m and c.calls % m == 0
+    if c.role == "params":
+        if every:
+            return "all compute", per_mb * m
+        return ("first forward", per_mb / 3) if job.software.param_gather_overlap else ("none", 0.0)
+    if not job.grad_reduce_overlap:
+        return "none", 0.0
+    return ("all backward", per_mb * m * 2 / 3) if every else ("last backward", per_mb * 2 / 3)
+
+
+def exposed_dp_s(timed: list[tuple[Collective, float]], job: Job, per_mb: float, hw: Hardware) -> float:
+    """Data-parallel time on the critical path: each collective hides at most its own window, and all of them
+    together at most the union of their windows (one link carries them one after another)."""
+    if not hw.overlap_comm:
+        return sum(t for _, t in timed)
+    windows = [(t, *_dp_window(c, job, per_mb)) for c, t in timed]
+    own = sum(max(0.0, t - w) for t, _, w in windows)
+    names = {name: w for _, name, w in windows if w > 0}
+    union = names.get("all compute") or (max(names.get("all backward", 0.0), names.get("last backward", 0.0))
+                                         + names.get("first forward", 0.0))
+    return max(own, sum(t for t, _, _ in windows) - union)
+
+
 def step_time(job: Job, colls: list[Collective], hw: Hardware) -> StepTime | str:
-    """The modelled step, or the reason it cannot be modelled (a link bandwidth the profile lacks)."""
+    """The modelled step, or the reason it cannot be modelled (a link bandwidth the profile lacks).
+
+    TP traffic is on the critical path unless the software pipelines it with its GEMMs (then one of TP chunks
+    stays exposed, or what the compute cannot cover). Pipeline sends are blocking unless the software overlaps
+    them; then only the fill and drain transfers, 2(p·v − 1) of them, are on the critical path.
+    """
     comm = {"dp": 0.0, "tp": 0.0, "pp": 0.0}
+    dp: list[tuple[Collective, float]] = []
+    p2p = tied = 0.0
     for c in colls:
         t = collective_s(c, hw)
         if t is None:
             link = "intra_node_bw_gb_per_s" if c.intra_node else "inter_node_bw_gb_per_s"
             return f"the system profile has no {link} for the {c.dim} {c.kind}"
         comm[c.dim] += t
-    m = job.micro_batches
+        if c.dim == "dp":
+            dp.append((c, t))
+        elif c.role == "p2p":
+            p2p += t
+        elif c.dim == "pp":
+            tied += t
+    m, layout = job.micro_batches, job.layout
     per_mb = micro_batch_compute_s(job, hw)
-    bubble = pipeline_bubble(job.pp_schedule, job.layout.pp, job.vpp, m)
-    pipeline = (per_mb + (comm["tp"] + comm["pp"]) / m) * m * (1 + bubble)
-    overlaps = hw.overlap_comm and job.layout.zero_stage in job.spec.overlap_dp_zero_stages
-    window = per_mb * m * 2 / 3 if overlaps else 0.0  # the backward passes
-    exposed_dp = max(0.0, comm["dp"] - window)
-    step = pipeline + exposed_dp + optimizer_s(job, hw)
-    return StepTime(step_s=step, compute_s=per_mb * m, bubble_fraction=bubble,
-                    exposed_comm_s={"dp": exposed_dp, "tp": comm["tp"], "pp": comm["pp"]}, comm_s=comm)
+    bubble = pipeline_bubble(job.pp_schedule, layout.pp, job.vpp, m)
+    overlap = hw.overlap_comm
+    tp = comm["tp"]
+    if overlap and job.software.tp_comm_overlap and layout.tp > 1:
+        tp = max(tp / layout.tp, tp - per_mb * m)
+    sends = [c.calls for c in colls if c.kind == "send_recv"]
+    if overlap and job.software.p2p_overlap and sends:
+        fill_drain = min(sends[0], 2 * (layout.pp * job.vpp - 1))
+        steady, edges = 0.0, p2p * fill_drain / sends[0]
+    else:
+        steady, edges = p2p, 0.0
+    pipeline = (per_mb + (tp + steady) / m) * m * (1 + bubble) + edges
+    exposed = {"dp": exposed_dp_s(dp, job, per_mb, hw), "tp": tp, "pp": steady + edges + tied}
+    step = pipeline + exposed["dp"] + tied + optimizer_s(job, hw)
+    return StepTime(step_s=step, compute_s=per_mb * m, bubble_fraction=bubble, exposed_comm_s=exposed, comm_s=comm)
 
 
 def power_w(busy_fraction: float, hw: Hardware) -> Optional[float]:

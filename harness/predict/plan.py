@@ -1,97 +1,290 @@
-"""`harness plan`: run the cost model over the layouts a job could use and rank those that fit by throughput.
+"""`harness plan`: search every layout a job could use with the cost model, fast, and rank those that fit.
 
-The search space is every backend (or the one named with `backend=`/`backend.name=`), every TP
-size that fits in a node and divides the ranks, every PP size that divides the
-remaining ranks, ZeRO stages the backend supports, micro-batch sizes 1..8 and the three
-checkpointing policies. Layouts `validate` refuses are skipped, exactly as `run` would refuse them.
+Axes: backend (or the one named), number of devices (whole nodes up to the budget `parallel.world_size`,
+or exactly it with --exact), TP (dividing a node), PP (splitting the blocks), interleaved stages (backends
+with an interleaved schedule), DP (dividing the global batch), micro-batch size (every divisor of the
+per-replica batch), so gradient accumulation, ZeRO stage or FSDP sharding, sequence parallelism, activation
+recomputation, FSDP CPU offload.
+
+It stays fast by pruning what cannot win, and counts what it pruned and why:
+- model states alone exceed the device (every micro-batch size and recompute of that layout);
+- activations only grow with the micro-batch size, so the first size that fits no recompute ends the sizes;
+- recompute only adds time, so per micro-batch size the least recompute that fits is kept, the rest are
+  dominated; offload only adds time, so it is tried where nothing without it fits.
+The cost model is the same one `harness estimate` runs (one Job per candidate, no config composition), and
+every printed row is checked by `validate` exactly as `harness run` would check it; rows it refuses are dropped
+and counted.
 """
 
 from __future__ import annotations
 
-import itertools
+import csv
+import dataclasses
+import functools
+import heapq
+import io
 import json
 import sys
-from typing import Any
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
 
 from omegaconf import OmegaConf
 
-from harness.backends.registry import BACKENDS
-from harness.config.checks import CHECKPOINTING, validate
+from harness.backends.registry import BACKENDS, pipeline_split, resolve_pp_schedule
+from harness.config.checks import CHECKPOINTING, Layout, validate
 from harness.config.compose import HelpRequested, compose, split_command_args
 from harness.config.errors import ConfigError
-from harness.costmodel.estimate import estimate
+from harness.costmodel.comm import collectives
+from harness.costmodel.estimate import estimate, system_peak
+from harness.costmodel.layout import Job, job_from_config
+from harness.costmodel.memory import GB, memory_per_device
+from harness.costmodel.timing import hardware, micro_batch_compute_s, pipeline_bubble, step_time
 from harness.predict.estimate import planned_world_size
 
-MICRO_BATCHES = (1, 2, 4, 8)
+VPP_CHOICES = (1, 2, 3, 4, 6, 8)
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+@functools.lru_cache(maxsize=None)
+def _divisors(n: int) -> tuple[int, ...]:
+    return tuple(d for d in range(1, n + 1) if n % d == 0)
 
 
-def candidates(cfg: Any, world: int, backends: list[str]) -> list[dict[str, Any]]:
-    """Override sets (as nested dicts) to try; `validate` decides which are legal."""
+@dataclass(frozen=True)
+class Candidate:
+    backend: str
+    world: int
+    tp: int
+    pp: int
+    vpp: int
+    dp: int
+    zero_stage: int
+    sharding: Optional[str]
+    sequence_parallel: bool
+    offload: bool
+    micro_batch_size: int
+    activation_checkpointing: str
+
+    def change(self) -> dict[str, Any]:
+        """The candidate as nested config overrides (what `_overrides` prints)."""
+        backend: dict[str, Any] = {"name": self.backend}
+        if self.sharding is not None:
+            backend["sharding"] = self.sharding
+        if self.offload:
+            backend["offload"] = True
+        parallel: dict[str, Any] = {"tp": self.tp, "pp": self.pp, "zero_stage": self.zero_stage}
+        if self.vpp > 1:
+            parallel["vpp"] = self.vpp
+        if self.sequence_parallel:
+            parallel["sequence_parallel"] = True
+        return {"backend": backend, "parallel": parallel,
+                "train": {"micro_batch_size": self.micro_batch_size,
+                          "activation_checkpointing": self.activation_checkpointing}}
+
+
+def _structures(cfg: Any, budget: int, backends: list[str], exact: bool) -> Iterator[dict[str, Any]]:
+    """(backend, world, tp, pp, vpp, dp, zero/sharding, sp, offload) without the micro-batch and recompute."""
+    dpn, gbs, layers = cfg.system.devices_per_node, cfg.train.global_batch_size, cfg.model.n_layers
+    device = cfg.system.device
+    for name in backends:
+        can = BACKENDS[name]
+        tps = [t for t in _divisors(dpn) if t <= budget] if can.tensor_parallel else [1]
+        pps = [p for p in range(1, min(budget, layers + 2) + 1) if pipeline_split(layers, p)] \
+            if can.pipeline_parallel else [1]
+        for tp in tps:
+            for pp in pps:
+                for dp in _divisors(gbs):
+                    world = tp * pp * dp
+                    if world > budget:
+                        break
+                    if exact and world != budget:
+                        continue
+                    if not exact and world % dpn and world != budget:
+                        continue  # whole nodes, or the whole budget
+                    vpps = [v for v in VPP_CHOICES if v == 1 or (can.interleaved_pipeline and pp > 1
+                                                                   and pipeline_split(layers, pp * v))]
+                    stages = can.zero_stages if not can.shardings else (0,)
+                    shardings = can.shardings or (None,)
+                    sps = (False, True) if tp > 1 else (False,)
+                    offloads = (False, True) if can.shardings and tp == 1 and (pp == 1 or device == "cpu") \
+                        else (False,)  # validate refuses offload with TP, and with PP on a GPU
+                    for vpp in vpps:
+                        for zero in stages:
+                            for sharding in shardings:
+                                for sp in sps:
+                                    for offload in offloads:
+                                        yield dict(backend=name, world=world, tp=tp, pp=pp, vpp=vpp, dp=dp,
+                                                   zero_stage=zero, sharding=sharding, sequence_parallel=sp,
+                                                   offload=offload)
+
+
+@dataclass
+class Search:
+    rows: list[dict[str, Any]]
+    counts: Counter
+    seconds: float
+
+
+def search(cfg: Any, budget: int, backends: list[str], *, exact: bool = False, keep: int = 50) -> Search:
+    """The candidates that fit and could be among the `keep` fastest or the fastest on their number of devices,
+    each with its prediction; `counts` says what was evaluated and what was pruned why."""
+    started = time.perf_counter()
+    counts: Counter = Counter()
+    gbs = cfg.train.global_batch_size
+    memory = None if cfg.system.memory_gb is None else cfg.system.memory_gb * GB
+    overhead = cfg.system.framework_overhead_gb * GB
+    peak = system_peak(cfg.system, cfg.train.precision)
+    if peak.tflops is None:
+        raise ConfigError(f"harness plan ranks layouts by predicted time and {peak.reason}")
+    hw = hardware(cfg.system, peak.tflops)
+    base_layout = Layout(world_size=1, tp=1, pp=1, dp=1, zero_stage=0, micro_batch_size=1, global_batch_size=gbs,
+                         grad_accum=gbs)
+    bases = {}
+    for name in backends:
+        trial = OmegaConf.merge(cfg, {"backend": {"name": name}})
+        bases[name] = job_from_config(trial, base_layout)
+    tokens = gbs * cfg.model.seq_len
+    fields = {name: dict(vars(job)) for name, job in bases.items()}
+    rows: list[dict[str, Any]] = []
+    best_at: dict[int, float] = {}  # fastest step found per number of devices
+    fastest: list[float] = []  # the `keep` fastest steps, negated (a max-heap)
+    fits_without_offload: set[tuple[Any, ...]] = set()
+    for st in _structures(cfg, budget, backends, exact):
+        counts["structures"] += 1
+        twin = tuple(v for k, v in st.items() if k != "offload")
+        if st["offload"] and twin in fits_without_offload:
+            counts["dominated: offload where the layout fits without it"] += 1
+            continue
+        base = fields[st["backend"]]
+        base.pop("spec", None)  # a cached property, not a field
+        micro_sizes = _divisors(gbs // st["dp"])
+        modes = len(CHECKPOINTING)
+        common = dict(base, sharding=st["sharding"] or base["sharding"], offload=st["offload"], checkpoint_every_n=None,
+                      sequence_parallel=st["sequence_parallel"], vpp=st["vpp"],
+                      pp_schedule=resolve_pp_schedule(None, st["vpp"]))
+
+        def job_for(micro: int, ckpt: str) -> Any:
+            layout = Layout(st["world"], st["tp"], st["pp"], st["dp"], st["zero_stage"], micro, gbs,
+                            gbs // (micro * st["dp"]))
+            return Job(**{**common, "layout": layout, "checkpointing": ckpt})
+
+        if memory is not None:
+            states = memory_per_device(job_for(1, "full"), overhead)
+            counts["evaluated"] += 1
+            if states["total"] > memory:
+                counts["pruned: does not fit at micro-batch 1 with full recompute"] += len(micro_sizes) * modes
+                continue
+        least = 0  # activations grow with the micro-batch: less recompute than fitted a smaller one cannot fit
+        for i, micro in enumerate(micro_sizes):
+            kept = None
+            counts["pruned: does not fit (less recompute than fitted a smaller micro-batch)"] += least
+            for k in range(least, modes):
+                ckpt = CHECKPOINTING[k]
+                job = job_for(micro, ckpt)
+                mem = memory_per_device(job, overhead)
+                counts["evaluated"] += 1
+                if memory is None or mem["total"] <= memory:
+                    kept, least = (job, mem), k
+                    counts["dominated: more recompute than fits"] += modes - k - 1
+                    break
+                counts["pruned: does not fit"] += 1
+            if kept is None:
+                counts["pruned: a larger micro-batch than fits"] += (len(micro_sizes) - i - 1) * modes
+                break
+            job, mem = kept
+            fits_without_offload.add(twin)
+            counts["fit"] += 1
+            # No communication, no optimizer: a lower bound that skips what cannot be kept.
+            bound = micro_batch_compute_s(job, hw) * job.micro_batches * (
+                1 + pipeline_bubble(job.pp_schedule, st["pp"], st["vpp"], job.micro_batches))
+            if bound >= best_at.get(st["world"], float("inf")) and len(fastest) == keep and bound >= -fastest[0]:
+                counts["pruned: slower than kept layouts (compute alone)"] += 1
+                continue
+            timed = step_time(job, collectives(job), hw)
+            if isinstance(timed, str):
+                counts[f"untimed: {timed}"] += 1
+                continue
+            best_at[st["world"]] = min(best_at.get(st["world"], float("inf")), timed.step_s)
+            heapq.heappush(fastest, -timed.step_s)
+            if len(fastest) > keep:
+                heapq.heappop(fastest)
+            rows.append({**st, "micro_batch_size": micro, "activation_checkpointing": job.checkpointing,
+                         "grad_accum": job.layout.grad_accum, "step_time_s": timed.step_s,
+                         "tokens_per_s": tokens / timed.step_s, "memory_gb": mem["total"] / GB,
+                         "devices": st["world"], "pp_schedule": job.pp_schedule if st["pp"] > 1 else None})
+    rows.sort(key=lambda r: -r["tokens_per_s"])
+    return Search(rows, counts, time.perf_counter() - started)
+
+
+def pareto(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows no other row beats on both devices and step time (fewest devices first)."""
+    front: list[dict[str, Any]] = []
+    for r in sorted(rows, key=lambda r: (r["devices"], r["step_time_s"])):
+        if not front or r["step_time_s"] < front[-1]["step_time_s"]:
+            if front and front[-1]["devices"] == r["devices"]:
+                continue
+            front.append(r)
+    return front
+
+
+def checked(cfg: Any, rows: list[dict[str, Any]], want: int, counts: Counter) -> list[dict[str, Any]]:
+    """The first `want` rows `validate` accepts, each with the estimate `harness estimate` gives for it."""
     out = []
-    tps = [t for t in _divisors(world) if t <= cfg.system.devices_per_node]
-    for backend in backends:
-        can = BACKENDS[backend]
-        for tp, pp, zero, micro, ckpt in itertools.product(
-                tps if can.tensor_parallel else [1], _divisors(world) if can.pipeline_parallel else [1],
-                can.zero_stages, MICRO_BATCHES, CHECKPOINTING):
-            out.append({"backend": {"name": backend}, "parallel": {"tp": tp, "pp": pp, "zero_stage": zero},
-                        "train": {"micro_batch_size": micro, "activation_checkpointing": ckpt}})
-    return out
-
-
-def plan(cfg: Any, world: int, backends: list[str]) -> list[dict[str, Any]]:
-    """Every legal candidate that fits, best tokens/s first."""
-    ranked = []
-    for change in candidates(cfg, world, backends):
-        trial = OmegaConf.merge(cfg, change)
+    for r in rows:
+        cand = Candidate(**{f.name: r[f.name] for f in dataclasses.fields(Candidate)})
+        trial = OmegaConf.merge(cfg, cand.change(), {"parallel": {"world_size": r["world"]}})
         try:
-            layout = validate(trial, world)
-        except ConfigError:
+            layout = validate(trial, r["world"])
+        except ConfigError as error:
+            counts[f"refused by validate: {str(error).split(':', 1)[0]}"] += 1
             continue
         est = estimate(trial, layout)
-        if est["fits"] is False or est["tokens_per_s"] is None:
-            continue
-        ranked.append({"backend": change["backend"]["name"], **change["parallel"], "dp": layout.dp,
-                       **change["train"], "grad_accum": layout.grad_accum, "tokens_per_s": est["tokens_per_s"],
-                       "step_time_s": est["step_time_s"], "mfu": est["mfu"],
-                       "memory_gb": est["memory_per_device_bytes"]["total"] / 1e9,
-                       "overrides": _overrides(change)})
-    return sorted(ranked, key=lambda r: -r["tokens_per_s"])
+        out.append({**r, "change": cand.change(), "overrides": _overrides(cand.change()), "dp": layout.dp,
+                    "mfu": est["mfu"], "tokens_per_s": est["tokens_per_s"], "step_time_s": est["step_time_s"],
+                    "memory_gb": est["memory_per_device_bytes"]["total"] / GB})
+        if len(out) == want:
+            break
+    return out
 
 
 def _overrides(change: dict[str, Any]) -> str:
     """The layout as command-line overrides: `backend=<name>` selects the backend's whole config group (its
-    defaults), as a user would type it; `backend.name=` would keep the other backend's options."""
-    return " ".join(f"backend={values['name']}" if section == "backend" else f"{section}.{key}={value}"
-                    for section, values in change.items() for key, value in values.items()
-                    if section != "backend" or key == "name")
+    defaults), as a user would type it, then the backend options the layout changes."""
+    words = []
+    for section, values in change.items():
+        for key, value in values.items():
+            if section == "backend" and key == "name":
+                words.insert(0, f"backend={value}")
+            else:
+                words.append(f"{section}.{key}={str(value).lower() if isinstance(value, bool) else value}")
+    return " ".join(words)
 
 
 def _job_overrides(overrides: list[str]) -> list[str]:
     """The user's overrides a row's command repeats: the job (model, system, batch...), not the layout the
-    row replaces, nor the world size (`run` counts its ranks; `estimate` needs it, so it stays for that)."""
-    layout = ("backend", "backend.name", "parallel.tp", "parallel.pp", "parallel.zero_stage",
+    row replaces, nor the world size (each row states its own)."""
+    layout = ("backend", "backend.name", "backend.sharding", "backend.offload", "parallel.tp", "parallel.pp",
+              "parallel.vpp", "parallel.zero_stage", "parallel.sequence_parallel", "parallel.world_size",
               "train.micro_batch_size", "train.activation_checkpointing")
     return [o for o in overrides if o.split("=", 1)[0].lstrip("+") not in layout]
 
 
-USAGE = """usage: harness plan [overrides ...] [--json] [--top=N]
+USAGE = """usage: harness plan [overrides ...] [--json | --csv] [--top=N] [--exact]
 
-Run the cost model over every layout the job could use (backends, TP, PP, ZeRO stage, micro-batch,
-checkpointing) and list those that fit, best predicted tokens/s first. Exit status 1 when none fits.
+Search every layout the job could use with the cost model (backend, devices in whole nodes up to
+parallel.world_size, TP, PP, interleaving, DP, micro-batch, ZeRO stage or FSDP sharding, sequence
+parallelism, recompute, offload), list the best that fit by predicted tokens/s, and the Pareto front of
+step time against devices. --exact: only parallel.world_size devices. Exit status 1 when none fits.
 
-  harness plan model=gpt-13b system=dgx-a100-80gb parallel.world_size=64 train.global_batch_size=512
-  harness plan model=gpt-1.3b backend=fsdp parallel.world_size=8 system=dgx-a100-80gb --top=5"""
+  harness plan model=gpt-175b system=frontier parallel.world_size=3072 train.global_batch_size=1536
+  harness plan model=gpt-1.3b backend=fsdp parallel.world_size=8 system=dgx-a100-80gb --top=5 --csv"""
 
 
 def plan_command(args: list[str]) -> int:
-    """`harness plan <overrides> [--json] [--top=N]`; exit 1 when no layout fits."""
+    """`harness plan <overrides> [--json|--csv] [--top=N] [--exact]`; exit 1 when no layout fits."""
     try:
-        overrides, flags = split_command_args(args, {"--json": bool, "--top": int})
+        overrides, flags = split_command_args(args, {"--json": bool, "--csv": bool, "--top": int, "--exact": bool})
     except HelpRequested:
         print(USAGE)
         return 0
@@ -101,43 +294,82 @@ def plan_command(args: list[str]) -> int:
     cfg = compose(overrides)
     chose_backend = any(o.split("=", 1)[0] in ("backend", "backend.name") for o in overrides)
     backends = [cfg.backend.name] if chose_backend else list(BACKENDS)
-    world = planned_world_size(cfg)
-    ranked = plan(cfg, world, backends)
+    budget = planned_world_size(cfg)
+    found = search(cfg, budget, backends, exact="--exact" in flags, keep=max(top, 50))
+    best = checked(cfg, found.rows, top, found.counts)
+    front = checked(cfg, pareto(found.rows), len(found.rows), found.counts)
+    front = pareto(front)
     job = _job_overrides(overrides)
-    for r in ranked:
-        r["estimate_command"] = " ".join(["harness estimate", *job, r["overrides"]])
-        r["run_overrides"] = " ".join([*(o for o in job if not o.startswith("parallel.world_size=")), r["overrides"]])
-        r["submit_command"] = " ".join([f"harness submit {cfg.system.name} tasks={world} --",
+    for r in best + front:
+        r["estimate_command"] = " ".join(["harness estimate", *job, f"parallel.world_size={r['devices']}",
+                                          r["overrides"]])
+        r["run_overrides"] = " ".join([*job, r["overrides"]])
+        r["submit_command"] = " ".join([f"harness submit {cfg.system.name} tasks={r['devices']} --",
                                         *(o for o in r["run_overrides"].split() if not o.startswith("system="))])
+    summary = {"budget_devices": budget, "layouts_fitting": found.counts["fit"], "search_seconds": found.seconds,
+               "counts": dict(found.counts)}
     if "--json" in flags:
-        print(json.dumps(ranked[:top], indent=2))
+        print(json.dumps({"search": summary, "best": best, "pareto": front}, indent=2, default=str))
+    elif "--csv" in flags:
+        print(_csv(best, front), end="")
     else:
-        _print(ranked[:top], cfg, world)
-    if not ranked:
-        print(f"harness: error: no layout of {cfg.model.name} on {world} devices of system={cfg.system.name} "
+        _print(best, front, cfg, budget, summary)
+    if not best:
+        print(f"harness: error: no layout of {cfg.model.name} on up to {budget} devices of system={cfg.system.name} "
               "fits in device memory (or the profile cannot time it)", file=sys.stderr)
         return 1
     return 0
 
 
-def _print(ranked: list[dict[str, Any]], cfg: Any, world: int) -> None:
+CSV_COLUMNS = ("set", "rank", "devices", "backend", "tp", "pp", "vpp", "dp", "zero_stage", "sharding",
+               "sequence_parallel", "offload", "micro_batch_size", "grad_accum", "activation_checkpointing",
+               "step_time_s", "tokens_per_s", "mfu", "memory_gb", "estimate_command", "submit_command")
+
+
+def _csv(best: list[dict[str, Any]], front: list[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for name, rows in (("best", best), ("pareto", front)):
+        for i, r in enumerate(rows, 1):
+            writer.writerow({**r, "set": name, "rank": i})
+    return out.getvalue()
+
+
+def _layout_text(r: dict[str, Any]) -> str:
+    parts = [r["backend"], f"tp{r['tp']}", f"pp{r['pp']}" + (f"×v{r['vpp']}" if r["vpp"] > 1 else ""), f"dp{r['dp']}"]
+    parts.append(r["sharding"] if r["sharding"] else f"ZeRO-{r['zero_stage']}")
+    if r["sequence_parallel"]:
+        parts.append("SP")
+    if r["offload"]:
+        parts.append("offload")
+    parts.append(f"micro {r['micro_batch_size']}×{r['grad_accum']} recompute {r['activation_checkpointing']}")
+    return " ".join(parts)
+
+
+def _print(best: list[dict[str, Any]], front: list[dict[str, Any]], cfg: Any, budget: int,
+           summary: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{cfg.model.name} on {world} × {cfg.system.name}: best layouts by predicted tokens/s",
-                  title_justify="left")
-    for column in ("#", "tokens/s", "step s", "MFU", "GB/dev", "layout"):
-        table.add_column(column, justify="left" if column == "layout" else "right", overflow="fold")
-    for i, r in enumerate(ranked, 1):
-        mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}"
-        layout = (f"{r['backend']} tp{r['tp']} pp{r['pp']} dp{r['dp']} ZeRO-{r['zero_stage']} "
-                  f"micro {r['micro_batch_size']}×{r['grad_accum']} recompute {r['activation_checkpointing']}")
-        table.add_row(str(i), f"{r['tokens_per_s']:,.0f}", f"{r['step_time_s']:.4g}", mfu, f"{r['memory_gb']:.1f}",
-                      layout)
     console = Console()
-    console.print(table)
+    for title, rows in ((f"{cfg.model.name} on up to {budget} × {cfg.system.name}: best layouts by predicted "
+                         "tokens/s", best),
+                        ("Pareto front: no other layout is faster on as few devices", front)):
+        table = Table(title=title, title_justify="left")
+        for column in ("#", "devices", "tokens/s", "step s", "MFU", "GB/dev", "layout"):
+            table.add_column(column, justify="left" if column == "layout" else "right", overflow="fold")
+        for i, r in enumerate(rows, 1):
+            mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}"
+            table.add_row(str(i), str(r["devices"]), f"{r['tokens_per_s']:,.0f}", f"{r['step_time_s']:.4g}", mfu,
+                          f"{r['memory_gb']:.1f}", _layout_text(r))
+        console.print(table)
+    counts = summary["counts"]
+    print(f"searched {counts.get('structures', 0):,} layouts × micro-batch × recompute in "
+          f"{summary['search_seconds']:.2f} s: {summary['layouts_fitting']:,} fit; "
+          + "; ".join(f"{k}: {v:,}" for k, v in sorted(counts.items()) if k not in ("structures", "evaluated", "fit")))
     # Whole lines, never cut to the terminal: pasted, each reproduces its row.
-    print(f"\nEach row's commands (`harness run` needs {world} ranks: launcher.nproc, or a scheduler's tasks; "
-          "`harness submit` needs the system's job: block):")
-    for i, r in enumerate(ranked, 1):
+    print("\nEach row's commands (`harness run` needs the row's devices as ranks: launcher.nproc, or a scheduler's "
+          "tasks; `harness submit` needs the system's job: block):")
+    for i, r in enumerate(best, 1):
         print(f"  #{i}: {r['estimate_command']}\n       harness run {r['run_overrides']}\n       {r['submit_command']}")

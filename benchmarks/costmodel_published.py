@@ -1,0 +1,44 @@
+"""Score the cost model on published runs (harness/costmodel/published_runs.yaml) and write JSON:
+every row's predicted, published and error, each table's mean and max |error|, the software profile and
+system it was predicted with, what was assumed and which constants the table scores in-sample.
+
+    python benchmarks/costmodel_published.py [--out benchmarks/results/costmodel_published.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from harness.costmodel.published import score_all  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "costmodel_published.json"))
+    args = parser.parse_args()
+    tables = score_all()
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "target": {"mean_abs_error": 0.05, "max_abs_error": 0.10},
+        "tables": tables,
+        "met": {t["id"]: t["mean_abs_error"] <= 0.05 and t["max_abs_error"] <= 0.10 for t in tables},
+    }
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    for t in tables:
+        print(f"{t['id']:24} {t['software']:20} {t['metric']:24} mean {t['mean_abs_error']:6.1%}  "
+              f"max {t['max_abs_error']:6.1%}")
+        for r in t["rows"]:
+            print(f"    {r['name']:12} predicted {r['predicted']:10.4g} published {r['published']:10.4g} "
+                  f"error {r['error']:+6.1%}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Score the cost model on published runs (published_runs.yaml): predicted next to published, error per row,
+mean and max |error| per table, and the software profile and in-sample constants each table was scored with.
+
+`benchmarks/costmodel_published.py` writes the result as JSON; the tests hold the tables to their bounds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from harness.config.compose import compose
+from harness.costmodel.estimate import estimate
+from harness.costmodel.memory import GB
+
+RUNS = Path(__file__).with_name("published_runs.yaml")
+
+
+def narayanan_flops(m: Any, global_batch_size: int) -> float:
+    """Narayanan et al. 2021 eq. 3: 96·B·s·l·h²·(1 + s/(6h) + V/(16·l·h)), recompute counted."""
+    s, h, layers, v = m.seq_len, m.d_model, m.n_layers, m.vocab_size
+    return 96 * global_batch_size * s * layers * h * h * (1 + s / (6 * h) + v / (16 * layers * h))
+
+
+def predicted_value(metric: str, cfg: Any, est: dict[str, Any], world: int) -> float:
+    if metric == "model_states_gb":
+        mem = est["memory_per_device_bytes"]
+        return (mem["weights"] + mem["grads"] + mem["optimizer"]) / GB
+    step = est["step_time_s"]
+    if metric == "step_time_s":
+        return step
+    tflops = narayanan_flops(cfg.model, cfg.train.global_batch_size) / step / world / 1e12
+    if metric == "tflops_narayanan":
+        return tflops
+    if metric == "peak_fraction_narayanan":
+        return tflops / est["peak_tflops"]
+    raise ValueError(f"unknown metric {metric}")
+
+
+def table_rows(table: dict[str, Any]) -> list[tuple[str, list[str], int, float]]:
+    """(name, overrides, world, published) for each row of a table."""
+    out = []
+    for row in table["rows"]:
+        values = dict(zip(table["columns"], row))
+        overrides = [f"system={table['system']}", f"costmodel.software={table['software']}", *table["common"]]
+        overrides += [f"{k}={v}" for k, v in values.items() if k not in ("name", "world", "published")]
+        out.append((str(values["name"]), overrides, int(values["world"]), float(values["published"])))
+    return out
+
+
+def score_table(table: dict[str, Any]) -> dict[str, Any]:
+    from harness.config.checks import validate
+
+    rows = []
+    for name, overrides, world, published in table_rows(table):
+        cfg = compose(overrides)
+        est = estimate(cfg, validate(cfg, world))
+        predicted = predicted_value(table["metric"], cfg, est, world)
+        rows.append({"name": name, "predicted": predicted, "published": published,
+                     "error": predicted / published - 1, "world": world,
+                     "breakdown_s": est.get("breakdown_s"), "command": "harness estimate " + " ".join(
+                         [*overrides, f"parallel.world_size={world}"])})
+    errors = [abs(r["error"]) for r in rows]
+    return {"id": table["id"], "source": table["source"], "software": table["software"], "system": table["system"],
+            "metric": table["metric"], "assumed": table.get("assumed"), "in_sample": table.get("in_sample", []),
+            "rows": rows, "mean_abs_error": sum(errors) / len(errors), "max_abs_error": max(errors)}
+
+
+def score_all(path: Path = RUNS) -> list[dict[str, Any]]:
+    return [score_table(t) for t in yaml.safe_load(path.read_text())["tables"]]

@@ -1,0 +1,105 @@
+"""Software profiles: what the training code does that the cost model must know, one profile per framework.
+
+The same layout on the same machine runs at different speeds under different frameworks because they
+store different activations, overlap different collectives and send different bytes between pipeline
+stages. Each profile states those mechanisms, with the source of each. A run predicts with its own
+backend's profile (`harness-<backend>`); `harness estimate`/`plan` take `costmodel.software=` to predict
+any of them, and `costmodel.flash_attention=` to say which attention kernel that run used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+
+@dataclass(frozen=True)
+class Software:
+    """The mechanisms of one training framework the cost model distinguishes."""
+
+    name: str = "harness"
+    fused_attention: bool = True
+    """Attention in one kernel (FlashAttention, SDPA): no s×s scores are stored, only a log-sum-exp per row."""
+    dropout: bool = False
+    """Hidden/attention dropout: its masks are stored (Korthikanti et al. 2022, section 4.1)."""
+    pp_scatter_gather: bool = False
+    """Each TP rank sends 1/TP of a stage boundary's activations and the next stage all-gathers them over
+    the node's links (Narayanan et al. 2021, section 4.1; DeepSpeed's pipeline `pipe_partitioned`)."""
+    pp_sends_sequence_split: bool = False
+    """With sequence parallelism a stage boundary stays split over the TP ranks, so each sends 1/TP of it and
+    nothing is gathered (Megatron: the p2p tensor shape is seq/TP × micro-batch × hidden). The harness's
+    stages hand over the replicated residual stream (harness/backends/fsdp.py apply_tensor_parallel)."""
+    recompute_early_stop: bool = True
+    """Recomputation stops at the last tensor the backward needs (PyTorch's non-reentrant checkpoint);
+    Megatron's checkpoint re-runs the whole region (costmodel/flops.py recomputed_forward_per_token)."""
+    grad_reduce_overlap: Optional[bool] = True
+    """Data-parallel gradient reduction runs in buckets during the backward of the micro-batch that issues it;
+    None: DeepSpeed's `zero_optimization.overlap_comm` decides (its default: on for ZeRO-3 only)."""
+    param_gather_overlap: bool = False
+    """A distributed optimizer's once-per-step parameter all-gather runs during the next forward
+    (Megatron-LM `--overlap-param-gather`); FSDP's and ZeRO-3's per-layer gathers are prefetched anyway."""
+    tp_comm_overlap: bool = False
+    """TP all-gathers/reduce-scatters are split into TP chunks pipelined with their GEMMs (Megatron-LM
+    `--tp-comm-overlap`, Transformer Engine userbuffers)."""
+    p2p_overlap: bool = False
+    """Pipeline sends overlap the next micro-batch's compute, so only the fill and drain transfers are on the
+    critical path (Megatron-LM's interleaved schedule, `overlap_p2p_comm`)."""
+    source: str = ""
+
+    def describe(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_PYTORCH = dict(fused_attention=True, dropout=False, recompute_early_stop=True)
+PROFILES: dict[str, Software] = {s.name: s for s in (
+    Software(name="harness-ddp", **_PYTORCH, grad_reduce_overlap=True,
+             source="models/gpt.py (SDPA, no dropout); PyTorch DDP's reducer all-reduces gradient buckets as "
+                    "they become ready, in the last micro-batch's backward (no_sync before it)"),
+    Software(name="harness-fsdp", **_PYTORCH, grad_reduce_overlap=True,
+             source="FSDP2 prefetches each block's all-gather and reduce-scatters each block's gradients during "
+                    "the backward (torch.distributed.fsdp.fully_shard); torch.distributed.pipelining waits on each "
+                    "receive before the compute that needs it, so its sends are not overlapped here"),
+    Software(name="harness-deepspeed", **_PYTORCH, grad_reduce_overlap=None,
+             source="DeepSpeed ZeRO reduces gradients in hooks during the backward only with "
+                    "zero_optimization.overlap_comm (deepspeed/runtime/zero/config.py: default on for stage 3)"),
+    Software(name="harness-deepspeed3d", **_PYTORCH, grad_reduce_overlap=False,
+             source="DeepSpeed's pipeline engine reduces gradients and tied weights after the last micro-batch "
+                    "(deepspeed/runtime/pipe/engine.py _exec_reduce_grads, _exec_reduce_tied_grads)"),
+    Software(name="megatron-lm-2021", fused_attention=False, dropout=True, pp_scatter_gather=True,
+             recompute_early_stop=False, grad_reduce_overlap=False,
+             source="Megatron-LM as measured in Narayanan et al. 2021: unfused attention storing scores, softmax "
+                    "and dropout masks (Korthikanti et al. 2022, 4.1); scatter/gather of pipeline sends (sec. 4.1); "
+                    "gradients all-reduced after the pipeline flush; blocking point-to-point sends"),
+    Software(name="megatron-lm", pp_sends_sequence_split=True,
+             fused_attention=True, dropout=True, pp_scatter_gather=True,
+             recompute_early_stop=False, grad_reduce_overlap=True, param_gather_overlap=True, p2p_overlap=True,
+             source="megatron-core with the flags its performance recipes set: --use-distributed-optimizer "
+                    "--overlap-grad-reduce --overlap-param-gather (megatron/core/distributed/"
+                    "distributed_data_parallel_config.py), overlap_p2p_comm for the interleaved schedule (on by "
+                    "default), flash attention; --tp-comm-overlap is opt-in (needs Transformer Engine userbuffers): "
+                    "select it with costmodel.tp_comm_overlap=true"),
+    Software(name="megatron-deepspeed", pp_sends_sequence_split=True,
+             fused_attention=False, dropout=True, pp_scatter_gather=True,
+             recompute_early_stop=False, grad_reduce_overlap=False,
+             source="Megatron-DeepSpeed (BigScience, Frontier ports): Megatron's layers and fused softmax on "
+                    "DeepSpeed's pipeline engine, which partitions sends over TP ranks (pipeline.pipe_partitioned, "
+                    "default on), reduces gradients after the last micro-batch and sends blocking"),
+)}
+
+
+def software_for(cfg: Any) -> Software:
+    """The profile a config names (`costmodel.software`, default: the run's backend's own), with the
+    run-specific switches (`costmodel.flash_attention`, `costmodel.tp_comm_overlap`) applied."""
+    section = getattr(cfg, "costmodel", None)
+    name = getattr(section, "software", None) or f"harness-{cfg.backend.name}"
+    if name not in PROFILES:
+        from harness.config.errors import ConfigError
+
+        raise ConfigError(f"costmodel.software={name}: unknown; choose one of {', '.join(PROFILES)}")
+    profile = PROFILES[name]
+    changes = {key: getattr(section, key) for key in ("flash_attention", "tp_comm_overlap")
+               if section is not None and getattr(section, key, None) is not None}
+    if "flash_attention" in changes:
+        changes["fused_attention"] = changes.pop("flash_attention")
+    return dataclasses.replace(profile, **changes) if changes else profile
