@@ -57,8 +57,8 @@ def test_zero_paper_example(stage: int, expected_gb: float) -> None:
 
 # Today's max |error| per published table (harness/costmodel/published_runs.yaml), held so that a change that
 # makes any table worse fails; they are not the goal (mean <= 5%, max <= 10%), which only the ZeRO example meets.
-PUBLISHED_BOUNDS = {"narayanan2021-table1": 0.22, "narayanan2021-table2": 0.19, "bloom-176b": 0.13,
-                    "dash2023-frontier": 0.60, "zero2020-memory": 0.02}
+PUBLISHED_BOUNDS = {"narayanan2021-table1": 0.16, "narayanan2021-table2": 0.12, "bloom-176b": 0.10,
+                    "dash2023-frontier": 0.53, "zero2020-memory": 0.02}
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +260,7 @@ def test_plan_ranks_only_legal_fitting_layouts() -> None:
     assert [r["tokens_per_s"] for r in ranked] == sorted((r["tokens_per_s"] for r in ranked), reverse=True)
     assert all(r["backend"] == "deepspeed3d" for r in ranked)  # 13B does not fit one A100 as a DDP replica
     assert all(r["tp"] * r["pp"] * r["dp"] == 8 and 40 % r["pp"] == 0 for r in ranked)
-    assert found.counts["pruned: does not fit at micro-batch 1 with full recompute"] > 0  # the DDP layouts
+    assert found.counts["pruned: model states alone do not fit"] > 0  # the DDP layouts
     # Whole nodes up to the budget: one node here, so the front is that node's fastest layout.
     assert [r["devices"] for r in pareto(found.rows)] == [8]
 

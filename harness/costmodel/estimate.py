@@ -84,7 +84,7 @@ def _add_rates(out: dict[str, Any], cfg: Any, layout: Layout, flops: Any, timed:
         step_time_s=step_s,
         iter_time_ms=step_s * 1e3,
         breakdown_s={"compute": timed.compute_s, "bubble": timed.compute_s * timed.bubble_fraction,
-                     "exposed_comm": timed.exposed_comm_s, "comm": timed.comm_s},
+                     "exposed_comm": timed.exposed_comm_s, "comm": timed.comm_s, **timed.memory_bound_s},
         tokens_per_s=tokens / step_s,
         tflops_per_device={"model": model_tflops, "hardware": flops.hardware / step_s / world / 1e12},
         mfu=model_tflops / peak.tflops,  # type: ignore[operator]

@@ -42,6 +42,13 @@ class Software:
     tp_comm_overlap: bool = False
     """TP all-gathers/reduce-scatters are split into TP chunks pipelined with their GEMMs (Megatron-LM
     `--tp-comm-overlap`, Transformer Engine userbuffers)."""
+    grad_accumulation_fusion: bool = False
+    """The weight-gradient GEMM adds into the step's gradient in place (Megatron-LM's
+    gradient_accumulation_fusion); otherwise each micro-batch's gradients are added by a separate,
+    memory-bound pass (timing.py grad_accumulation_s)."""
+    main_grad_bytes: Optional[int] = None
+    """Gradients are accumulated into a separate buffer of this many bytes per parameter (Megatron's fp32
+    `main_grad`, DeepSpeed's BF16 optimizer), every micro-batch; None: into `.grad` itself, after the first."""
     p2p_overlap: bool = False
     """Pipeline sends overlap the next micro-batch's compute, so only the fill and drain transfers are on the
     critical path (Megatron-LM's interleaved schedule, `overlap_p2p_comm`)."""
@@ -67,24 +74,29 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
              source="DeepSpeed's pipeline engine reduces gradients and tied weights after the last micro-batch "
                     "(deepspeed/runtime/pipe/engine.py _exec_reduce_grads, _exec_reduce_tied_grads)"),
     Software(name="megatron-lm-2021", fused_attention=False, dropout=True, pp_scatter_gather=True,
-             recompute_early_stop=False, grad_reduce_overlap=False,
+             recompute_early_stop=False, grad_reduce_overlap=False, main_grad_bytes=4,
              source="Megatron-LM as measured in Narayanan et al. 2021: unfused attention storing scores, softmax "
                     "and dropout masks (Korthikanti et al. 2022, 4.1); scatter/gather of pipeline sends (sec. 4.1); "
-                    "gradients all-reduced after the pipeline flush; blocking point-to-point sends"),
+                    "gradients all-reduced after the pipeline flush; blocking point-to-point sends; fp32 main_grad "
+                    "accumulation by a separate add (gradient_accumulation_fusion came later)"),
     Software(name="megatron-lm", pp_sends_sequence_split=True,
              fused_attention=True, dropout=True, pp_scatter_gather=True,
              recompute_early_stop=False, grad_reduce_overlap=True, param_gather_overlap=True, p2p_overlap=True,
+             grad_accumulation_fusion=True,
              source="megatron-core with the flags its performance recipes set: --use-distributed-optimizer "
                     "--overlap-grad-reduce --overlap-param-gather (megatron/core/distributed/"
                     "distributed_data_parallel_config.py), overlap_p2p_comm for the interleaved schedule (on by "
-                    "default), flash attention; --tp-comm-overlap is opt-in (needs Transformer Engine userbuffers): "
+                    "default), gradient_accumulation_fusion (on by default), flash attention; "
+                    "--tp-comm-overlap is opt-in (needs Transformer Engine userbuffers): "
                     "select it with costmodel.tp_comm_overlap=true"),
     Software(name="megatron-deepspeed", pp_sends_sequence_split=True,
              fused_attention=False, dropout=True, pp_scatter_gather=True,
-             recompute_early_stop=False, grad_reduce_overlap=False,
+             recompute_early_stop=False, grad_reduce_overlap=False, main_grad_bytes=4,
              source="Megatron-DeepSpeed (BigScience, Frontier ports): Megatron's layers and fused softmax on "
                     "DeepSpeed's pipeline engine, which partitions sends over TP ranks (pipeline.pipe_partitioned, "
-                    "default on), reduces gradients after the last micro-batch and sends blocking"),
+                    "default on), reduces gradients after the last micro-batch and sends blocking; gradients "
+                    "accumulate into fp32 buffers by hooks (deepspeed/runtime/bf16_optimizer.py; the Frontier port "
+                    "turned gradient_accumulation_fusion off)"),
 )}
 
 

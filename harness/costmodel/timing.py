@@ -171,6 +171,21 @@ def optimizer_s(job: Job, hw: Hardware) -> float:
     return params * (2 * (per.weights + per.optimizer) + per.grads) / hw.hbm_bw
 
 
+def grad_accumulation_s(job: Job, hw: Hardware) -> float:
+    """Adding each micro-batch's weight gradients into the step's: per addition a memory-bound pass that reads
+    the sum and the new gradient and writes the sum, over the gradients this rank accumulates (its partition
+    under ZeRO-2/3, which reduce every micro-batch), unless the software fuses it into the GEMM."""
+    software, m = job.software, job.micro_batches
+    if hw.hbm_bw is None or software.grad_accumulation_fusion:
+        return 0.0
+    grads = state_bytes_per_param(job.backend, job.precision).grads
+    partitioned = job.spec.deepspeed_engine and job.layout.zero_stage >= 2
+    params = stage_params(job) / (shard_degrees(job).grads if partitioned else 1)
+    if software.main_grad_bytes:
+        return m * params * (2 * software.main_grad_bytes + grads) / hw.hbm_bw
+    return (m - 1) * params * 3 * grads / hw.hbm_bw
+
+
 def collective_s(c: Collective, hw: Hardware) -> Optional[float]:
     if c.group == 1:  # a one-rank group (DeepSpeed's dp=1 reduction) moves nothing
         return 0.0
@@ -190,6 +205,8 @@ class StepTime:
     """Communication on the critical path, by dimension."""
     comm_s: dict[str, float]
     """All communication time, overlapped or not, by dimension."""
+    memory_bound_s: dict[str, float]
+    """Outside the micro-batches: the optimizer step and the gradient accumulation passes."""
 
 
 def pipeline_bubble(schedule: str, pp: int, vpp: int, micro_batches: int) -> float:
@@ -280,8 +297,10 @@ def step_time(job: Job, colls: list[Collective], hw: Hardware) -> StepTime | str
         steady, edges = p2p, 0.0
     pipeline = (per_mb + (tp + steady) / m) * m * (1 + bubble) + edges
     exposed = {"dp": exposed_dp_s(dp, job, per_mb, hw), "tp": tp, "pp": steady + edges + tied}
-    step = pipeline + exposed["dp"] + tied + optimizer_s(job, hw)
-    return StepTime(step_s=step, compute_s=per_mb * m, bubble_fraction=bubble, exposed_comm_s=exposed, comm_s=comm)
+    memory_bound = {"optimizer": optimizer_s(job, hw), "grad_accumulation": grad_accumulation_s(job, hw)}
+    step = pipeline + exposed["dp"] + tied + sum(memory_bound.values())
+    return StepTime(step_s=step, compute_s=per_mb * m, bubble_fraction=bubble, exposed_comm_s=exposed, comm_s=comm,
+                    memory_bound_s=memory_bound)
 
 
 def power_w(busy_fraction: float, hw: Hardware) -> Optional[float]:

@@ -38,8 +38,8 @@ from harness.config.compose import HelpRequested, compose, split_command_args
 from harness.config.errors import ConfigError
 from harness.costmodel.comm import collectives
 from harness.costmodel.estimate import estimate, system_peak
-from harness.costmodel.layout import Job, job_from_config
-from harness.costmodel.memory import GB, memory_per_device
+from harness.costmodel.layout import Job, job_from_config, stage_params
+from harness.costmodel.memory import GB, memory_per_device, model_state_bytes
 from harness.costmodel.timing import hardware, micro_batch_compute_s, pipeline_bubble, step_time
 from harness.predict.estimate import planned_world_size
 
@@ -150,6 +150,7 @@ def search(cfg: Any, budget: int, backends: list[str], *, exact: bool = False, k
     best_at: dict[int, float] = {}  # fastest step found per number of devices
     fastest: list[float] = []  # the `keep` fastest steps, negated (a max-heap)
     fits_without_offload: set[tuple[Any, ...]] = set()
+    states_fit: dict[tuple[Any, ...], bool] = {}
     for st in _structures(cfg, budget, backends, exact):
         counts["structures"] += 1
         twin = tuple(v for k, v in st.items() if k != "offload")
@@ -170,9 +171,16 @@ def search(cfg: Any, budget: int, backends: list[str], *, exact: bool = False, k
             return Job(**{**common, "layout": layout, "checkpointing": ckpt})
 
         if memory is not None:
-            states = memory_per_device(job_for(1, "full"), overhead)
+            # Model states do not depend on interleaving or sequence parallelism: one check for all of them.
+            key = tuple(st[k] for k in ("backend", "world", "tp", "pp", "dp", "zero_stage", "sharding", "offload"))
+            if key not in states_fit:
+                job = job_for(1, "full")
+                states_fit[key] = sum(model_state_bytes(stage_params(job), job).values()) + overhead <= memory
+            if not states_fit[key]:
+                counts["pruned: model states alone do not fit"] += len(micro_sizes) * modes
+                continue
             counts["evaluated"] += 1
-            if states["total"] > memory:
+            if memory_per_device(job_for(1, "full"), overhead)["total"] > memory:
                 counts["pruned: does not fit at micro-batch 1 with full recompute"] += len(micro_sizes) * modes
                 continue
         least = 0  # activations grow with the micro-batch: less recompute than fitted a smaller one cannot fit
@@ -230,8 +238,13 @@ def pareto(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def checked(cfg: Any, rows: list[dict[str, Any]], want: int, counts: Counter) -> list[dict[str, Any]]:
     """The first `want` rows `validate` accepts, each with the estimate `harness estimate` gives for it."""
-    out = []
+    out: list[dict[str, Any]] = []
+    seen: set[tuple[Any, ...]] = set()
     for r in rows:
+        same = (r["devices"], round(r["step_time_s"], 9), round(r["memory_gb"], 6))
+        if same in seen:  # differs only in what the cost model does not distinguish
+            counts["not listed: same prediction as a listed layout"] += 1
+            continue
         cand = Candidate(**{f.name: r[f.name] for f in dataclasses.fields(Candidate)})
         trial = OmegaConf.merge(cfg, cand.change(), {"parallel": {"world_size": r["world"]}})
         try:
@@ -240,9 +253,11 @@ def checked(cfg: Any, rows: list[dict[str, Any]], want: int, counts: Counter) ->
             counts[f"refused by validate: {str(error).split(':', 1)[0]}"] += 1
             continue
         est = estimate(trial, layout)
+        seen.add(same)
         out.append({**r, "change": cand.change(), "overrides": _overrides(cand.change()), "dp": layout.dp,
                     "mfu": est["mfu"], "tokens_per_s": est["tokens_per_s"], "step_time_s": est["step_time_s"],
-                    "memory_gb": est["memory_per_device_bytes"]["total"] / GB})
+                    "memory_gb": est["memory_per_device_bytes"]["total"] / GB,
+                    "energy_j_per_step": est["energy_j_per_step"]})
         if len(out) == want:
             break
     return out
@@ -323,7 +338,8 @@ def plan_command(args: list[str]) -> int:
 
 CSV_COLUMNS = ("set", "rank", "devices", "backend", "tp", "pp", "vpp", "dp", "zero_stage", "sharding",
                "sequence_parallel", "offload", "micro_batch_size", "grad_accum", "activation_checkpointing",
-               "step_time_s", "tokens_per_s", "mfu", "memory_gb", "estimate_command", "submit_command")
+               "step_time_s", "tokens_per_s", "mfu", "memory_gb", "energy_j_per_step", "estimate_command",
+               "submit_command")
 
 
 def _csv(best: list[dict[str, Any]], front: list[dict[str, Any]]) -> str:
@@ -357,12 +373,14 @@ def _print(best: list[dict[str, Any]], front: list[dict[str, Any]], cfg: Any, bu
                          "tokens/s", best),
                         ("Pareto front: no other layout is faster on as few devices", front)):
         table = Table(title=title, title_justify="left")
-        for column in ("#", "devices", "tokens/s", "step s", "MFU", "GB/dev", "layout"):
+        for column in ("#", "devices", "tokens/s", "step s", "MFU", "GB/dev", "MJ/step", "layout"):
             table.add_column(column, justify="left" if column == "layout" else "right", overflow="fold")
         for i, r in enumerate(rows, 1):
             mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}"
             table.add_row(str(i), str(r["devices"]), f"{r['tokens_per_s']:,.0f}", f"{r['step_time_s']:.4g}", mfu,
-                          f"{r['memory_gb']:.1f}", _layout_text(r))
+                          f"{r['memory_gb']:.1f}",
+                          "n/a" if r["energy_j_per_step"] is None else f"{r['energy_j_per_step'] / 1e6:.3g}",
+                          _layout_text(r))
         console.print(table)
     counts = summary["counts"]
     print(f"searched {counts.get('structures', 0):,} layouts × micro-batch × recompute in "
