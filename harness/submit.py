@@ -28,7 +28,7 @@ def submit_command(args: list[str]) -> int:
         return 0
     try:
         request, dry_run = _job_request(args)
-        _check_overrides(request.overrides, request.site, request.total_tasks)
+        _check_overrides(request.overrides, request.site, request.total_tasks, request.scheduler)
         return _render_and_submit(request, dry_run)
     except (SubmitError, ConfigError) as exc:
         # Whatever a message quotes of the user's input, it is printed as one line (`harness: error: ...`).
@@ -69,16 +69,30 @@ def _job_request(args: list[str]) -> tuple[JobRequest, bool]:
     return request, dry_run
 
 
-def _check_overrides(overrides: list[str], site: str, world_size: int) -> None:
-    """Compose and validate the run's config for the job's rank count now, not after hours in the queue."""
+def _check_overrides(overrides: list[str], site: str, world_size: int, scheduler: str) -> None:
+    """Compose and validate the run's config for the job's rank count now, not after hours in the queue: every
+    point of a sweep (`-- -m ...`, run point after point inside the one allocation: Slurm sites)."""
     from harness.config.checks import validate
-    from harness.config.compose import compose
+    from harness.config.compose import compose, sweep_points
 
     options = [o for o in overrides if o.startswith("-")]
-    if options:
-        raise ConfigError(f"submit: {options[0]}: a job runs one point; give only overrides after -- (for a "
-                          "sweep, submit one job per point, or run `harness run -m ...` inside an allocation)")
-    validate(compose([f"system={site}", *overrides]), world_size)
+    sweep = [o for o in options if o in ("-m", "--multirun")]
+    if len(options) > len(sweep):
+        bad = next(o for o in options if o not in sweep)
+        raise ConfigError(f"submit: {bad}: give only overrides after -- (and -m for a sweep run point after point "
+                          "inside the job)")
+    if sweep and scheduler != "slurm":
+        raise ConfigError(f"submit: -m: a sweep inside one job runs its points as srun steps, and {site} uses "
+                          f"{scheduler}; submit one job per point, or sweep with `harness run -m` inside an allocation")
+    rest = [o for o in overrides if not o.startswith("-")]
+    points = sweep_points([f"system={site}", *rest]) if sweep else [[f"system={site}", *rest]]
+    for i, point in enumerate(points):
+        try:
+            validate(compose([o for o in point if not o.startswith("hydra.")]), world_size)
+        except ConfigError as exc:
+            varying = " ".join(o for o in point if o not in rest and not o.startswith("system="))
+            where = f"sweep point {i} ({varying}): " if sweep else ""
+            raise ConfigError(f"{where}{exc}") from exc
 
 
 def _render_and_submit(request: JobRequest, dry_run: bool) -> int:

@@ -123,6 +123,16 @@ def _from_slurm(env: Mapping[str, str]) -> Optional[_Found]:
             _slurm_tasks_on_node(spec, node), node, nodes, "slurm")
 
 
+def _from_submitit_local(env: Mapping[str, str]) -> Optional[_Found]:
+    """submitit's local executor (hydra/launcher=local) starts each task with its own variables and no Slurm
+    ones (submitit/local/local.py)."""
+    if "SUBMITIT_LOCAL_GLOBALID" not in env or "SUBMITIT_LOCAL_NTASKS" not in env:
+        return None
+    world = int(env["SUBMITIT_LOCAL_NTASKS"])
+    return int(env["SUBMITIT_LOCAL_GLOBALID"]), int(env.get("SUBMITIT_LOCAL_LOCALID", 0)), world, world, 0, 1, \
+        "submitit-local"
+
+
 # Per MPI launcher: the variable that marks it, then rank, local rank, size, local size ("A|B": A, else B).
 _MPI_VARIABLES = {
     "jsrun": ("JSM_NAMESPACE_RANK", "JSM_NAMESPACE_LOCAL_RANK", "JSM_NAMESPACE_SIZE", "JSM_NAMESPACE_LOCAL_SIZE"),
@@ -186,7 +196,7 @@ def _master_addr(env: Mapping[str, str], world: int, local_world: int, launcher:
 
 def discover(env: Mapping[str, str], read: ReadLines = read_lines) -> Optional[RankInfo]:
     """This process's place in the job, or None when no launcher started it."""
-    found = _from_torchrun(env) or _from_slurm(env) or _from_mpi(env)
+    found = _from_torchrun(env) or _from_slurm(env) or _from_submitit_local(env) or _from_mpi(env)
     if found is None:
         return None
     rank, local_rank, world, local_world, node_rank, nodes, launcher = found
@@ -195,6 +205,8 @@ def discover(env: Mapping[str, str], read: ReadLines = read_lines) -> Optional[R
     if not 0 <= local_rank < local_world:
         raise LaunchEnvError(f"{launcher}: local rank {local_rank} is outside the {local_world} ranks of its node")
     port = _int(env, "MASTER_PORT") or DEFAULT_MASTER_PORT
+    if launcher == "submitit-local" and "MASTER_PORT" not in env:  # local jobs of one sweep run side by side
+        port = 20000 + int(env.get("SUBMITIT_LOCAL_JOB_ID", 0)) % 20000
     return RankInfo(rank, local_rank, world, local_world, node_rank,
                     _master_addr(env, world, local_world, launcher, read), port, launcher, nodes)
 

@@ -17,7 +17,8 @@ from harness.config.compose import CONF_DIR
 from harness.config.schema import Config
 
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
-               "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+               "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_RANK", "PMI_RANK",
+               "SUBMITIT_LOCAL_GLOBALID")
 
 # Tiny and fast: 2 layers, width 64, 1 thread per rank (see the README's test notes).
 TINY = ["model=gpt-tiny", "launcher.omp_num_threads=1", "train.warmup_steps=1", "train.steps=3"]

@@ -167,3 +167,50 @@ def test_harness_submit_then_a_killed_rank_ends_the_slurm_job(slurm: None, tmp_p
     finished = [json.loads(line)["step"] for line in steps.read_text().splitlines()]
     assert len(finished) >= 3 and finished == list(range(len(finished)))
     assert summary["metrics"]["timed_steps"] == len(finished) - 1
+
+
+@pytest.mark.multirank
+def test_harness_submit_runs_a_sweep_point_after_point_in_one_job(slurm: None, tmp_path: Path) -> None:
+    """`harness submit cpu tasks=2 -- -m ...`: one Slurm job; its batch shell runs each point as an srun step of
+    both tasks, each point in its own directory under the job's."""
+    results = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "submit", "cpu", "tasks=2", "walltime=00:10:00", f"results={results}",
+         "--", "-m", *TINY, "train.micro_batch_size=1,2"],
+        cwd=tmp_path, env=_job_env(tmp_path), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    job_id = re.search(r"Submitted batch job (\d+)", proc.stdout).group(1)  # type: ignore[union-attr]
+    try:
+        deadline = time.monotonic() + 300
+        while _job_running(job_id) and time.monotonic() < deadline:
+            time.sleep(1)
+    finally:
+        subprocess.run(["scancel", job_id], capture_output=True)
+    points = sorted((results / job_id).glob("*/summary.json"))
+    log = "".join(p.read_text() for p in tmp_path.glob("harness-*.out"))
+    assert [p.parent.name for p in points] == ["0-gpt-tiny-ddp", "1-gpt-tiny-ddp"], log
+    for point, micro_batch in zip(points, (1, 2)):
+        summary = _run_dir_is_complete(point.parent, job_id, "slurm")
+        assert summary["config"]["train"]["micro_batch_size"] == micro_batch
+
+
+@pytest.mark.multirank
+def test_a_sweep_through_the_launcher_plugin_runs_each_point_as_a_slurm_job(slurm: None, tmp_path: Path) -> None:
+    """`harness run -m hydra/launcher=slurm system=cpu ...`: two points, two Slurm jobs sized from the points
+    (2 tasks each), two completed run directories; the same command again submits nothing; `harness report`
+    reads the sweep."""
+    sweep = tmp_path / "sweep"
+    args = [sys.executable, "-m", "harness.cli", "run", "-m", "hydra/launcher=slurm", "system=cpu", *TINY,
+            "launcher.nproc=2", "train.micro_batch_size=1,2", f"hydra.sweep.dir={sweep}"]
+    env = {k: v for k, v in _job_env(tmp_path).items() if k != "MASTER_PORT"}
+    first = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert first.returncode == 0, first.stdout + first.stderr
+    jobs = [json.loads((sweep / f"{i}-gpt-tiny-ddp" / "summary.json").read_text())["env"]["job_id"] for i in (0, 1)]
+    summaries = [_run_dir_is_complete(sweep / f"{i}-gpt-tiny-ddp", job, "slurm") for i, job in enumerate(jobs)]
+    assert [s["config"]["train"]["micro_batch_size"] for s in summaries] == [1, 2]
+    assert len({s["env"]["job_id"] for s in summaries}) == 2  # one job per point
+    again = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and (again.stdout + again.stderr).count("finished earlier, not submitted") == 2
+    report = subprocess.run([sys.executable, "-m", "harness.cli", "report", str(sweep)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0 and "Sweep over train.micro_batch_size" in report.stdout, report.stderr

@@ -482,3 +482,17 @@ def test_zero_local_size_is_a_launch_error() -> None:
            "OMPI_COMM_WORLD_LOCAL_SIZE": "0"}
     with pytest.raises(LaunchEnvError, match="local size 0"):
         discover(env)
+
+
+def test_submitit_local_tasks_are_ranks_with_a_port_of_their_job() -> None:
+    """submitit's local executor (hydra/launcher=local) sets its own variables and no Slurm ones
+    (submitit/local/local.py start_tasks); jobs of one sweep running side by side get different ports."""
+    env = {"SUBMITIT_LOCAL_NTASKS": "2", "SUBMITIT_LOCAL_GLOBALID": "1", "SUBMITIT_LOCAL_LOCALID": "1",
+           "SUBMITIT_LOCAL_NODEID": "0", "SUBMITIT_LOCAL_JOB_NUM_NODES": "1", "SUBMITIT_LOCAL_JOB_ID": "4242",
+           "SUBMITIT_EXECUTOR": "local", "CUDA_VISIBLE_DEVICES": ""}
+    info = discover(env)
+    assert info == RankInfo(1, 1, 2, 2, 0, "127.0.0.1", 20000 + 4242, "submitit-local", 1)
+    other = discover({**env, "SUBMITIT_LOCAL_JOB_ID": "4243"})
+    assert other is not None and other.master_port != info.master_port
+    assert discover({**env, "MASTER_PORT": "29555"}).master_port == 29555  # type: ignore[union-attr]
+    assert discover({k: v for k, v in env.items() if k != "SUBMITIT_LOCAL_GLOBALID"}) is None

@@ -70,3 +70,30 @@ def test_dry_run_lists_and_checks_every_point_without_running_any(tmp_path: Path
     assert configs.returncode == 0 and configs.stdout.count("# point ") == 2, configs.stderr
     assert "micro_batch_size: 2" in configs.stdout.split("# point 1 of 2")[1]
     assert not any(tmp_path.iterdir()), "a dry run made files"
+
+
+def test_a_sweep_point_as_a_submitit_local_job_runs_its_ranks_as_tasks(tmp_path: Path) -> None:
+    """hydra/launcher=local: the point is a job of submitit's local executor, sized from the point (2 tasks for
+    launcher.nproc=2), whose tasks join as the run's ranks; the cluster path of hydra/launcher=slurm."""
+    sweep = tmp_path / "sweep"
+    proc = harness(["run", "-m", "hydra/launcher=local", *TINY, "launcher.nproc=2", f"hydra.sweep.dir={sweep}"],
+                   cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "'tasks_per_node': 2" in proc.stderr + proc.stdout
+    summary = json.loads((sweep / "0-gpt-tiny-ddp" / "summary.json").read_text())
+    assert (summary["status"], summary["env"]["launcher"], summary["env"]["world_size"]) == ("ok", "submitit-local", 2)
+    assert [json.loads(line)["step"] for line in (sweep / "0-gpt-tiny-ddp" / "steps.jsonl").read_text().splitlines()] \
+        == [0, 1, 2, 3]
+
+
+def test_each_cluster_job_is_sized_from_its_own_point() -> None:
+    """The settings `harness submit` uses, from the system profile: ranks over nodes of job.ranks_per_node (else
+    devices_per_node), one GPU per rank on GPU systems, the profile's partition and wall-time."""
+    from harness.config.compose import compose
+    from hydra_plugins.harness_sweep.slurm_launcher import job_resources
+
+    frontier = job_resources(compose(["system=frontier", "parallel.world_size=16"]))
+    assert frontier == {"nodes": 2, "tasks_per_node": 8, "gpus_per_node": 8, "partition": "batch", "timeout_min": 30}
+    assert job_resources(compose(["system=cpu", "launcher.nproc=2"])) == {"nodes": 1, "tasks_per_node": 2,
+                                                                          "timeout_min": 30}
+    assert job_resources(compose(["system=cpu", "launcher.nproc=20"]))["nodes"] == 3  # 8 ranks per CPU node

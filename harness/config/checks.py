@@ -336,6 +336,7 @@ def profile_window(p: Any, warmup_steps: int, total_steps: int) -> Optional[Prof
 
 def _check_launcher(launcher: LauncherConfig) -> None:
     _choice(launcher.gpu_order, GPU_ORDERS, "launcher.gpu_order")
+    _choice(launcher.spawn, ("local", "srun"), "launcher.spawn")
     _at_least(launcher, "launcher", ("nproc",), 1, "at least 1 (ranks to start)")
     _at_least(launcher, "launcher", ("omp_num_threads",), 1, "at least 1 thread per rank (or unset: cores / ranks)")
     _at_least(launcher, "launcher", ("pg_timeout_s",), 1, "at least 1 second (a collective's timeout)")

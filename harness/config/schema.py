@@ -209,6 +209,10 @@ class SystemConfig:
 class LauncherConfig:
     nproc: int = 1
     """Local ranks to start when not already inside torchrun/srun/mpiexec."""
+    spawn: str = "local"
+    """How `harness run` starts ranks it was not started inside of: local (launcher.nproc on this host) | srun
+    (one srun step over the Slurm job's tasks per run: a sweep driven from the batch shell, point after point;
+    the job script sets HARNESS_SPAWN_COMMAND to its site's srun line)."""
     omp_num_threads: Optional[int] = None
     """Threads per rank; None means the host's cores divided by the local ranks (at least 1)."""
     pg_timeout_s: int = 300

@@ -206,21 +206,26 @@ def _sweep_result() -> int:
     return 0
 
 
-def _task(cfg: Any) -> None:
+def _task(cfg: Any) -> Optional[str]:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     from harness.config.compose import to_container
-    from harness.run.launch import run
+    from harness.run.launch import run, run_srun_step
     from harness.run.rundir import failed_summary
+    from launchers.env import discover
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     sweeping = hydra_cfg.mode == RunMode.MULTIRUN
-    if sweeping and cfg.sweep.resume and _resume_point(run_dir, to_container(cfg)):
-        return
+    joined = discover(os.environ)
+    if sweeping and cfg.sweep.resume and _resume_point(run_dir, to_container(cfg), joined is None or joined.rank == 0):
+        return "skipped"
     try:
-        status = run(cfg, run_dir)
+        if cfg.launcher.spawn == "srun" and joined is None:
+            status = run_srun_step(cfg, run_dir, [o for o in hydra_cfg.overrides.task if not o.startswith("hydra.")])
+        else:
+            status = run(cfg, run_dir)
     except ConfigError as exc:
         if not sweeping:
             _fail(str(exc))
@@ -228,21 +233,22 @@ def _task(cfg: Any) -> None:
         if not (run_dir / "summary.json").exists():
             failed_summary(run_dir, config=to_container(cfg), error=f"ConfigError: {exc}")
         _sweep_points.append((str(run_dir), "failed"))
-        return
+        return "failed"
     if sweeping:
         _sweep_points.append((str(run_dir), status))
     elif status != "ok":
         _fail(f"run {status}; see {run_dir / 'summary.json'}", code=1)
+    return status
 
 
 RESUME_IGNORED = ("sweep", "report")
 """Config sections that do not change what a point measures: a point finished under other values still counts."""
 
 
-def _resume_point(run_dir: Path, config: dict[str, Any]) -> bool:
+def _resume_point(run_dir: Path, config: dict[str, Any], writer: bool = True) -> bool:
     """sweep.resume: True (skip) for a point that already finished ok with the same config; any other earlier
     run in the directory (unfinished, failed, or of another config) is moved aside into previous-<n>/ (never
-    deleted) and the point runs again."""
+    deleted) by the writing rank, and the point runs again."""
     summary = run_dir / "summary.json"
     if summary.exists():
         try:
@@ -254,6 +260,8 @@ def _resume_point(run_dir: Path, config: dict[str, Any]) -> bool:
                   file=sys.stderr)
             _sweep_points.append((str(run_dir), "skipped"))
             return True
+    if not writer:
+        return False
     files = [p for p in run_dir.iterdir() if p.is_file() and p.name != "harness.log"] if run_dir.exists() else []
     if any(p.name in ("steps.jsonl", "summary.json") for p in files):
         n = 1

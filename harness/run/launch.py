@@ -68,6 +68,40 @@ def run(cfg: DictConfig, run_dir: Path) -> str:
     return _read_status(summary) if summary.exists() else "ok"
 
 
+def run_srun_step(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> str:
+    """launcher.spawn=srun: run this point's ranks as one srun step over the Slurm job's tasks and return its
+    status. The batch shell drives a sweep point after point (`harness submit <site> ... -- -m ...`); the job
+    script's own srun line (HARNESS_SPAWN_COMMAND) starts the ranks, which write the run directory as any srun
+    launch does. A point is not started when the allocation ends within launcher.walltime_margin_s."""
+    import shlex
+    import subprocess
+    import time
+
+    from torch.distributed.elastic.utils.distributed import get_free_port
+
+    from harness.config.errors import ConfigError
+
+    if "SLURM_JOB_ID" not in os.environ:
+        raise ConfigError("launcher.spawn=srun: not inside a Slurm job (no SLURM_JOB_ID); run the sweep with "
+                          "`harness submit <site> ... -- -m ...`, or leave launcher.spawn=local")
+    end = os.environ.get("HARNESS_JOB_END_TIME", "")
+    if end.isdigit() and int(end) - time.time() < cfg.launcher.walltime_margin_s:
+        print(f"harness: {run_dir}: not started, the allocation ends in {int(end) - time.time():.0f} s "
+              f"(launcher.walltime_margin_s={cfg.launcher.walltime_margin_s:g})", file=sys.stderr)
+        return "not started"
+    command = shlex.split(os.environ.get("HARNESS_SPAWN_COMMAND")
+                          or f"srun --kill-on-bad-exit=1 {shlex.quote(sys.executable)} -m harness.cli run")
+    # A fresh port per point: the previous step's store may still hold the last one.
+    env = dict(os.environ, MASTER_PORT=str(get_free_port()))
+    done = subprocess.run([*command, f"hydra.run.dir={run_dir}", *overrides], env=env)
+    summary = run_dir / "summary.json"
+    if summary.exists():
+        return _read_status(summary)
+    failed_summary(run_dir, config=to_container(cfg), error=f"srun step exited {done.returncode} before any rank "
+                   "wrote a summary", stop_reason="failed", launcher="slurm")
+    return "failed"
+
+
 @contextlib.contextmanager
 def _single_rank_env() -> Iterator[None]:
     """torchrun-style variables for a 1-rank job run in this process; removed afterwards."""

@@ -13,6 +13,7 @@ import datetime
 import gc
 import math
 import os
+import sys
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -67,6 +68,15 @@ def rank_process(*, device: str = "auto", gpu_order: str = "local_rank",
 def select_device(choice: str, local_rank: int, order: str) -> torch.device:
     """One device per rank (ROCm builds of torch drive AMD GPUs as 'cuda'; Intel GPUs are 'xpu')."""
     kind = choice
+    # submitit's local executor sets CUDA_VISIBLE_DEVICES="" for a job that asks for no GPUs.
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES") == "" and os.environ.get("SUBMITIT_EXECUTOR") == "local"
+    if hidden and choice in ("cuda", "xpu"):
+        raise RuntimeError(f"system.device={choice}, but submitit's local executor hid every GPU "
+                           "(CUDA_VISIBLE_DEVICES is empty): use hydra/launcher=local, which asks for one per rank, "
+                           "or give hydra.launcher.gpus_per_node=<ranks>")
+    if hidden and choice == "auto" and local_rank == 0:
+        print("harness: warning: CUDA_VISIBLE_DEVICES is empty (submitit's local executor, no gpus_per_node): "
+              "system.device=auto runs on the CPU", file=sys.stderr)
     if choice == "auto":
         xpu = hasattr(torch, "xpu") and torch.xpu.is_available()
         kind = "cuda" if torch.cuda.is_available() else "xpu" if xpu else "cpu"
