@@ -15,6 +15,8 @@ COMMANDS = {  # name: (module:function, one-line summary)
     "run": ("harness.run.command:run_command", "train a GPT for a bounded number of steps and measure it"),
     "estimate": ("harness.predict.estimate:estimate_command", "predict memory, time and energy of one layout"),
     "plan": ("harness.predict.plan:plan_command", "rank the layouts that fit by predicted throughput"),
+    "search": ("harness.predict.search:search_command",
+               "run the layouts the cost model ranks best, then search on (Optuna), measured"),
     "calibrate": ("harness.predict.calibrate:calibrate_command",
                   "measure this host and write a system profile (system=<name>)"),
     "submit": ("harness.submit:submit_command", "render a site's batch job script and submit it"),

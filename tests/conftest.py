@@ -93,6 +93,19 @@ def user_config_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+CALIBRATED = "cpu-test-calibrated"
+
+
+@pytest.fixture(scope="session")
+def calibrated_cpu(user_config_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`harness calibrate` on 2 gloo ranks, once per session: the profile `system=cpu-test-calibrated`
+    (what the calibrate test checks and the search test predicts with)."""
+    proc = harness(["calibrate", "launcher.nproc=2", "launcher.omp_num_threads=1", f"--name={CALIBRATED}"],
+                   cwd=tmp_path_factory.mktemp("calibrate"), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return user_config_dir / "system" / f"{CALIBRATED}.yaml"
+
+
 @pytest.fixture(scope="session")
 def runs_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("runs")

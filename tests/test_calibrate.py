@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import clean_env, harness
+from conftest import CALIBRATED
 from omegaconf import OmegaConf
 
 from harness.config.compose import CONF_DIR, compose
@@ -71,15 +71,11 @@ def test_written_profile_is_a_system_choice() -> None:
 
 
 @pytest.mark.multirank
-def test_calibrate_two_ranks_writes_a_profile_a_run_can_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_calibrate_two_ranks_writes_a_profile_a_run_can_use(calibrated_cpu: Path, user_config_dir: Path) -> None:
     """The real command on 2 gloo ranks: the measured rates are positive, the profile lands in the user's config
     directory (never the package), and `system=<name>` finds it there."""
-    name = "cpu-test-calibrated"
-    monkeypatch.setenv("HARNESS_CONFIG_DIR", str(tmp_path / "config"))
-    proc = harness(["calibrate", "launcher.nproc=2", "launcher.omp_num_threads=1", f"--name={name}"],
-                   cwd=tmp_path, timeout=300, env={**clean_env(), "HARNESS_CONFIG_DIR": str(tmp_path / "config")})
-    assert proc.returncode == 0, proc.stderr
-    path = tmp_path / "config" / "system" / f"{name}.yaml"
+    name, path = CALIBRATED, calibrated_cpu
+    assert path.parent == user_config_dir / "system" and path.is_file()
     assert not (CONF_DIR / "system" / f"{name}.yaml").exists()
     profile = OmegaConf.to_container(OmegaConf.load(path))
     for key in ("peak_tflops", "hbm_bw_gb_per_s", "intra_node_bw_gb_per_s", "layer_overhead_us"):

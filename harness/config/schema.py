@@ -280,6 +280,24 @@ class SweepConfig:
 
 
 @dataclass
+class SearchConfig:
+    """`harness search`: the cost model ranks the layouts, then the best are measured (harness/predict/search.py)."""
+
+    trials: int = 6
+    """Layouts to measure."""
+    seeds: int = 3
+    """The first trials run the cost model's best-ranked layouts; the sampler proposes the rest."""
+    method: str = "optuna"
+    """The sampler: optuna (TPE)."""
+    launcher: Optional[str] = None
+    """None: each trial's ranks on this host | a hydra/launcher option (slurm, local): each trial as a job."""
+    dir: Optional[str] = None
+    """Where the trials' run directories and search.json go; None: results/searches/<date>/<time>-<name>."""
+    seed: int = 0
+    """The sampler's seed."""
+
+
+@dataclass
 class ReportConfig:
     """What `harness report` shows by default for runs of this config; an experiment names the view that
     reproduces its study's table or figure. Command-line options of `harness report` win."""
@@ -325,6 +343,7 @@ class Config:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     costmodel: CostModelConfig = field(default_factory=CostModelConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
 
 
 def register_schema() -> None:

@@ -100,8 +100,8 @@ def _structures(cfg: Any, budget: int, backends: list[str], exact: bool) -> Iter
                         break
                     if exact and world != budget:
                         continue
-                    if not exact and world % dpn and world != budget:
-                        continue  # whole nodes, or the whole budget
+                    if not exact and world % dpn and world > dpn and world != budget:
+                        continue  # whole nodes, part of one node, or the whole budget
                     vpps = [v for v in VPP_CHOICES if v == 1 or (can.interleaved_pipeline and pp > 1
                                                                    and pipeline_split(layers, pp * v))]
                     stages = can.zero_stages if not can.shardings else (0,)
@@ -132,11 +132,14 @@ def search(cfg: Any, budget: int, backends: list[str], *, exact: bool = False, k
     started = time.perf_counter()
     counts: Counter = Counter()
     gbs = cfg.train.global_batch_size
+    if gbs is None:
+        raise ConfigError("train.global_batch_size is unset: layouts are compared at one global batch; give it, "
+                          "e.g. train.global_batch_size=16")
     memory = None if cfg.system.memory_gb is None else cfg.system.memory_gb * GB
     overhead = cfg.system.framework_overhead_gb * GB
     peak = system_peak(cfg.system, cfg.train.precision)
     if peak.tflops is None:
-        raise ConfigError(f"harness plan ranks layouts by predicted time and {peak.reason}")
+        raise ConfigError(f"layouts are ranked by predicted time, and {peak.reason}")
     hw = hardware(cfg.system, peak.tflops)
     base_layout = Layout(world_size=1, tp=1, pp=1, dp=1, zero_stage=0, micro_batch_size=1, global_batch_size=gbs,
                          grad_accum=gbs)

@@ -241,7 +241,7 @@ def _task(cfg: Any) -> Optional[str]:
     return status
 
 
-RESUME_IGNORED = ("sweep", "report")
+RESUME_IGNORED = ("sweep", "report", "search", "costmodel")
 """Config sections that do not change what a point measures: a point finished under other values still counts."""
 
 
