@@ -277,8 +277,10 @@ def test_plan_searches_the_whole_space_and_its_front_trades_devices_for_time() -
     assert [r["step_time_s"] for r in bounded.rows[:5]] == [r["step_time_s"] for r in full.rows[:5]]
     assert pareto(bounded.rows) == pareto(full.rows)
     front = pareto(full.rows)
-    assert {r["devices"] for r in full.rows} == {8, 16} and len(front) == 2
-    assert front[0]["devices"] < front[1]["devices"] and front[0]["step_time_s"] > front[1]["step_time_s"]
+    devices = {r["devices"] for r in full.rows}
+    assert {8, 16} <= devices and all(d < 8 or d % 8 == 0 for d in devices)  # part of one node, or whole nodes
+    assert len(front) > 2 and front[-1]["devices"] == 16
+    assert all(a["devices"] < b["devices"] and a["step_time_s"] > b["step_time_s"] for a, b in zip(front, front[1:]))
     axes = {(r["vpp"] > 1, r["sequence_parallel"], r["activation_checkpointing"]) for r in full.rows}
     assert (True, True, "none") in axes and any(r["sharding"] == "hybrid_shard" for r in full.rows)
 

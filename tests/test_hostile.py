@@ -45,7 +45,10 @@ ONE_LINE_ERRORS = [  # (command line, text the one line must contain)
     (["calibrate", "--name=cpu"], "--name=cpu: a profile shipped with harness"),
     (["calibrate", "model=nope"], "model=nope: unknown model"),
     (["submit", "nowhere"], "unknown system 'nowhere'"),
-    (["submit", "cpu", "--dry-run", "--", "-m", "train.micro_batch_size=1,2"], "submit: -m: a job runs one point"),
+    (["submit", "polaris", "--dry-run", "account=x", "--", "-m", "train.micro_batch_size=1,2"],
+     "submit: -m: a sweep inside one job runs its points as srun steps"),
+    (["submit", "cpu", "--dry-run", "tasks=2", "--", "-m", "train.global_batch_size=4", "train.micro_batch_size=1,3"],
+     "sweep point 1 (train.micro_batch_size=3): train.global_batch_size=4"),
     (["nosuchcommand"], "unknown command 'nosuchcommand'"),
 ]
 
