@@ -29,7 +29,7 @@ from harness.run.rundir import RunDirLock, disk_warning, failed_summary, write_c
 from harness.run.stopping import Terminated
 from harness.run.trainer import Trainer
 from launchers.env import RankInfo, discover, export
-from launchers.local import launch_local, start_method
+from launchers.local import launch_local
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,7 @@ def run(cfg: DictConfig, run_dir: Path) -> str:
                     rank_main(config, str(run_dir))  # raises SystemExit when a signal stopped it
             else:
                 launch_local(cfg.launcher.nproc, rank_main, config, str(run_dir),
-                             monitor_interval_s=cfg.launcher.monitor_interval_s,
-                             start_method=start_method(cfg.system.device))
+                             monitor_interval_s=cfg.launcher.monitor_interval_s)
         except ChildFailedError as exc:
             return _ensure_failed_summary(run_dir, config, layout, _child_error(exc))
         except Exception as exc:  # the in-process rank already wrote its summary
