@@ -77,14 +77,19 @@ class PeakLookup:
     """Why `tflops` is None."""
 
 
+def match_device(device_name: str) -> Optional[DevicePeak]:
+    """The table's entry for a device name (as torch reports it, or a system profile's `accelerator`)."""
+    return next((p for p in PEAKS if device_name and re.search(p.pattern, device_name, flags=re.IGNORECASE)), None)
+
+
 def lookup_peak(device_name: str, precision: str) -> PeakLookup:
     """The dense peak of `device_name` for `precision` (fp32 | fp16 | bf16)."""
-    for peak in PEAKS:
-        if re.search(peak.pattern, device_name, flags=re.IGNORECASE):
-            value = peak.tflops.get(precision)
-            if value is None:
-                return PeakLookup(None, None, f"{peak.name} has no dense {precision} peak in the table ({peak.source})")
-            return PeakLookup(value, peak.source, None)
+    peak = match_device(device_name)
+    if peak is not None:
+        value = peak.tflops.get(precision)
+        if value is None:
+            return PeakLookup(None, None, f"{peak.name} has no dense {precision} peak in the table ({peak.source})")
+        return PeakLookup(value, peak.source, None)
     return PeakLookup(
         None,
         None,
@@ -97,20 +102,16 @@ GENERIC_GEMM_EFFICIENCY = 0.7
 """For a device with no measured large-GEMM efficiency: run `harness calibrate` on it instead."""
 
 
-def gemm_efficiency(system: object) -> tuple[float, str]:
-    """The large-GEMM efficiency a system profile gets, and where it comes from: the profile's own figure
-    (`harness calibrate`, or a measurement its author cites), else the device's published measurement."""
+def gemm_efficiency(system: object) -> float:
+    """The large-GEMM efficiency a system profile gets: the profile's own figure (`harness calibrate`, or a
+    measurement its author cites), else the device's published measurement (its `gemm_source`), else a generic
+    figure."""
     value = getattr(system, "gemm_efficiency", None)
     if value is not None:
-        return float(value), str(getattr(system, "calibration", None) or "system.gemm_efficiency")
-    name = getattr(system, "accelerator", None) or ""
+        return float(value)
     peak = device_entry(system)
-    if peak is not None and peak.gemm_efficiency is not None:
-        return peak.gemm_efficiency, str(peak.gemm_source)
-    return GENERIC_GEMM_EFFICIENCY, (f"generic {GENERIC_GEMM_EFFICIENCY}: no measured GEMM efficiency for "
-                                     f"'{name or 'this system'}'; run `harness calibrate` on it")
+    return peak.gemm_efficiency if peak is not None and peak.gemm_efficiency is not None else GENERIC_GEMM_EFFICIENCY
 
 
 def device_entry(system: object) -> Optional[DevicePeak]:
-    name = getattr(system, "accelerator", None) or ""
-    return next((p for p in PEAKS if name and re.search(p.pattern, name, flags=re.IGNORECASE)), None)
+    return match_device(getattr(system, "accelerator", None) or "")

@@ -58,7 +58,7 @@ def hardware(system: Any, peak_tflops: float) -> Hardware:
     gbps = lambda v: None if v is None else v * 1e9  # noqa: E731
     return Hardware(
         peak_flops=peak_tflops * 1e12,
-        gemm_efficiency=gemm_efficiency(system)[0],
+        gemm_efficiency=gemm_efficiency(system),
         gemm_half_flops=system.gemm_half_gflop * 1e9,
         hbm_bw=gbps(system.hbm_bw_gb_per_s),
         elementwise_passes=system.elementwise_passes,

@@ -143,12 +143,11 @@ def search(cfg: Any, budget: int, backends: list[str], *, exact: bool = False, k
     hw = hardware(cfg.system, peak.tflops)
     base_layout = Layout(world_size=1, tp=1, pp=1, dp=1, zero_stage=0, micro_batch_size=1, global_batch_size=gbs,
                          grad_accum=gbs)
-    bases = {}
+    fields = {}  # each backend's Job as constructor arguments, varied per candidate below
     for name in backends:
-        trial = OmegaConf.merge(cfg, {"backend": {"name": name}})
-        bases[name] = job_from_config(trial, base_layout)
+        job = job_from_config(OmegaConf.merge(cfg, {"backend": {"name": name}}), base_layout)
+        fields[name] = {f.name: getattr(job, f.name) for f in dataclasses.fields(Job)}
     tokens = gbs * cfg.model.seq_len
-    fields = {name: dict(vars(job)) for name, job in bases.items()}
     rows: list[dict[str, Any]] = []
     best_at: dict[int, float] = {}  # fastest step found per number of devices
     fastest: list[float] = []  # the `keep` fastest steps, negated (a max-heap)
@@ -161,7 +160,6 @@ def search(cfg: Any, budget: int, backends: list[str], *, exact: bool = False, k
             counts["dominated: offload where the layout fits without it"] += 1
             continue
         base = fields[st["backend"]]
-        base.pop("spec", None)  # a cached property, not a field
         micro_sizes = _divisors(gbs // st["dp"])
         modes = len(CHECKPOINTING)
         common = dict(base, sharding=st["sharding"] or base["sharding"], offload=st["offload"], checkpoint_every_n=None,
@@ -248,8 +246,8 @@ def checked(cfg: Any, rows: list[dict[str, Any]], want: int, counts: Counter) ->
         if same in seen:  # differs only in what the cost model does not distinguish
             counts["not listed: same prediction as a listed layout"] += 1
             continue
-        cand = Candidate(**{f.name: r[f.name] for f in dataclasses.fields(Candidate)})
-        trial = OmegaConf.merge(cfg, cand.change(), {"parallel": {"world_size": r["world"]}})
+        change = Candidate(**{f.name: r[f.name] for f in dataclasses.fields(Candidate)}).change()
+        trial = OmegaConf.merge(cfg, change, {"parallel": {"world_size": r["world"]}})
         try:
             layout = validate(trial, r["world"])
         except ConfigError as error:
@@ -257,7 +255,7 @@ def checked(cfg: Any, rows: list[dict[str, Any]], want: int, counts: Counter) ->
             continue
         est = estimate(trial, layout)
         seen.add(same)
-        out.append({**r, "change": cand.change(), "overrides": _overrides(cand.change()), "dp": layout.dp,
+        out.append({**r, "change": change, "overrides": _overrides(change), "dp": layout.dp,
                     "mfu": est["mfu"], "tokens_per_s": est["tokens_per_s"], "step_time_s": est["step_time_s"],
                     "memory_gb": est["memory_per_device_bytes"]["total"] / GB,
                     "energy_j_per_step": est["energy_j_per_step"]})

@@ -76,11 +76,9 @@ def nearest(proposal: dict[str, Any], rows: list[dict[str, Any]], done: set[tupl
 
 
 def run_trial(cfg: Any, job: list[str], row: dict[str, Any], trial_dir: Path) -> dict[str, Any]:
-    """`harness run` of one layout into `trial_dir`; its summary's status, measured and predicted tokens/s."""
-    from harness.predict.plan import Candidate, _overrides
-
-    cand = Candidate(**{f: row[f] for f in Candidate.__dataclass_fields__})
-    layout = _overrides(cand.change()).split()
+    """`harness run` of one layout (a row `checked` accepted, with its overrides) into `trial_dir`; its summary's
+    status, measured and predicted tokens/s."""
+    layout = row["overrides"].split()
     launcher = cfg.search.launcher
     if launcher:
         args = ["run", "-m", f"hydra/launcher={launcher}", *job, *layout, f"launcher.nproc={row['devices']}",
@@ -125,25 +123,25 @@ def search(cfg: Any, overrides: list[str], budget: int, backends: list[str]) -> 
     done: set[tuple[Any, ...]] = set()
     refused: Counter = Counter()
 
-    def legal(row: Optional[dict[str, Any]]) -> bool:
-        """Mark `row` as tried; True when `validate` accepts it as `harness run` would (the planner does not
-        check every rule, e.g. a pipeline schedule's micro-batch count)."""
-        if row is None:
-            return True
+    def legal(row: dict[str, Any]) -> Optional[dict[str, Any]]:
+        """Mark `row` as tried; the row with its overrides when `validate` accepts it as `harness run` would (the
+        planner does not check every rule, e.g. a pipeline schedule's micro-batch count), else None."""
         done.add(_key(row))
-        return bool(checked(cfg, [row], 1, refused))
+        accepted = checked(cfg, [row], 1, refused)
+        return accepted[0] if accepted else None
 
     for n in range(cfg.search.trials):
+        row: Optional[dict[str, Any]] = None
         if n < cfg.search.seeds:
-            row = next((r for r in rows if _key(r) not in done and legal(r)), None)
+            row = next((ok for r in rows if _key(r) not in done and (ok := legal(r))), None)
             source = "cost model"
         else:
-            row, source = None, "sampler"
+            source = "sampler"
             while True:
                 asked = study.ask(space)
-                row = nearest(asked.params, rows, done)
+                proposal = nearest(asked.params, rows, done)
                 study.tell(asked, state=TrialState.PRUNED)  # the proposal itself; the layout run is its own trial
-                if legal(row):
+                if proposal is None or (row := legal(proposal)) is not None:
                     break
         if row is None:
             break

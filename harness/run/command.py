@@ -249,17 +249,11 @@ def _resume_point(run_dir: Path, config: dict[str, Any], writer: bool = True) ->
     """sweep.resume: True (skip) for a point that already finished ok with the same config; any other earlier
     run in the directory (unfinished, failed, or of another config) is moved aside into previous-<n>/ (never
     deleted) by the writing rank, and the point runs again."""
-    summary = run_dir / "summary.json"
-    if summary.exists():
-        try:
-            earlier = json.loads(summary.read_text())
-        except (OSError, ValueError):
-            earlier = {}
-        if earlier.get("status") == "ok" and _measured(earlier.get("config") or {}) == _measured(config):
-            print(f"harness: {run_dir}: finished earlier with the same config, skipped (sweep.resume=true)",
-                  file=sys.stderr)
-            _sweep_points.append((str(run_dir), "skipped"))
-            return True
+    if finished_earlier(run_dir, config):
+        print(f"harness: {run_dir}: finished earlier with the same config, skipped (sweep.resume=true)",
+              file=sys.stderr)
+        _sweep_points.append((str(run_dir), "skipped"))
+        return True
     if not writer:
         return False
     files = [p for p in run_dir.iterdir() if p.is_file() and p.name != "harness.log"] if run_dir.exists() else []
@@ -273,6 +267,16 @@ def _resume_point(run_dir: Path, config: dict[str, Any], writer: bool = True) ->
             path.rename(aside / path.name)
         print(f"harness: {run_dir}: an earlier unfinished or different run moved to {aside.name}/", file=sys.stderr)
     return False
+
+
+def finished_earlier(run_dir: Path, config: dict[str, Any]) -> bool:
+    """A point whose directory holds an ok summary of the same measured config (sweep.resume's rule, also for
+    points the cluster launcher does not submit again)."""
+    try:
+        earlier = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return earlier.get("status") == "ok" and _measured(earlier.get("config") or {}) == _measured(config)
 
 
 def _measured(config: dict[str, Any]) -> dict[str, Any]:

@@ -46,17 +46,6 @@ def job_resources(cfg: Any) -> dict[str, Any]:
     return out
 
 
-def finished_earlier(run_dir: Path, config: dict[str, Any]) -> bool:
-    """A point whose directory holds an ok summary of the same measured config (command.py's resume rule)."""
-    from harness.run.command import _measured
-
-    try:
-        earlier = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return earlier.get("status") == "ok" and _measured(earlier.get("config") or {}) == _measured(config)
-
-
 class _SizedSweep:
     """Submits one job array per distinct point size, all before waiting on any (both executors)."""
 
@@ -68,6 +57,7 @@ class _SizedSweep:
 
         from harness.config.compose import to_container
         from harness.run import command
+        from harness.run.command import finished_earlier
 
         assert self.config is not None and self.hydra_context is not None
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
