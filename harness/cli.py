@@ -1,7 +1,7 @@
 """The `harness` command: the table of subcommands, each in the module named after it, imported on use.
 
 Every subcommand takes Hydra overrides; a config error anywhere prints one line (`harness: error: ...`)
-and exits 2.
+and exits 2, a runtime failure (a full disk, an unreadable input) one line and exit 1.
 """
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-from harness.config.errors import ConfigError
+from harness.config.errors import ConfigError, RunError
+from harness.console import guard_stdout, stdout_error
 
 COMMANDS = {  # name: (module:function, one-line summary)
     "run": ("harness.run.command:run_command", "train a GPT for a bounded number of steps and measure it"),
@@ -44,16 +45,23 @@ def _fail(message: str, code: int = 2) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] in ("-h", "--help", "help"):
+        guard_stdout()
         print(USAGE)
         return
     command, rest = args[0], args[1:]
     if command not in COMMANDS:
         _fail(f"unknown command '{command}'; choose one of: {', '.join(COMMANDS)} (harness --help)")
     module, _, name = COMMANDS[command][0].partition(":")
+    guard_stdout()
     try:
         code = getattr(importlib.import_module(module), name)(rest)
     except ConfigError as exc:
         _fail(str(exc))
+    except RunError as exc:
+        _fail(str(exc), code=1)
+    lost = stdout_error()
+    if lost and not code:
+        _fail(lost, code=1)
     if code:
         raise SystemExit(code)
 

@@ -93,7 +93,12 @@ def load_tokenizer(path: Path) -> Any:
     if path.is_file():
         from tokenizers import Tokenizer
 
-        return Tokenizer.from_file(str(path))
+        try:
+            return Tokenizer.from_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - the Rust library raises a bare Exception for any bad file
+            raise ConfigError(f"data prepare: --tokenizer={path}: not a Hugging Face tokenizer.json "
+                              f"({str(exc).splitlines()[0][:200]}); give the tokenizer.json of a tokenizer, or "
+                              "its directory") from None
     try:
         from transformers import AutoTokenizer
     except ImportError:
@@ -127,24 +132,33 @@ def eod_id(tokenizer: Any, token: Optional[str]) -> int:
 
 
 def documents(paths: list[Path], text_key: str) -> Iterator[str]:
-    """Each document's text in input order; a JSON line that does not parse is one error line naming it."""
+    """Each document's text in input order; a JSON line that does not parse, or a file that is not UTF-8 text,
+    is one error line naming it."""
     for path in paths:
-        if path.suffix in (".jsonl", ".json"):
-            with open(path, encoding="utf-8") as f:
-                for number, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        text = json.loads(line)[text_key]
-                    except (ValueError, KeyError, TypeError):
-                        raise ConfigError(f"data prepare: {path}:{number}: not a JSON object with a "
-                                          f"'{text_key}' field (--text-key names another)") from None
-                    if text:
-                        yield str(text)
-        else:
-            for paragraph in path.read_text(encoding="utf-8").split("\n\n"):
-                if paragraph.strip():
-                    yield paragraph.strip()
+        try:
+            yield from _documents(path, text_key)
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"data prepare: {path}: not UTF-8 text (byte {exc.start} of a line or paragraph); "
+                              "give text or JSON-lines files") from None
+
+
+def _documents(path: Path, text_key: str) -> Iterator[str]:
+    if path.suffix in (".jsonl", ".json"):
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)[text_key]
+                except (ValueError, KeyError, TypeError):
+                    raise ConfigError(f"data prepare: {path}:{number}: not a JSON object with a "
+                                      f"'{text_key}' field (--text-key names another)") from None
+                if text:
+                    yield str(text)
+    else:
+        for paragraph in path.read_text(encoding="utf-8").split("\n\n"):
+            if paragraph.strip():
+                yield paragraph.strip()
 
 
 def _load(path: str) -> None:

@@ -39,7 +39,7 @@ def _job_request(args: list[str]) -> tuple[JobRequest, bool]:
     """Parse `<system> [--dry-run] key=value ... -- overrides` against the system's `job:` block."""
     from omegaconf import OmegaConf
 
-    from harness.config.compose import group_choices, search_dirs
+    from harness.config.compose import group_choices, load_yaml, search_dirs
     from harness.config.schema import JobConfig
     from launchers.jobscript import PARAMS, JobRequest, SubmitError, check, find_template, parse_count
 
@@ -58,7 +58,7 @@ def _job_request(args: list[str]) -> tuple[JobRequest, bool]:
         values[key] = parse_count(key, value) if key in ("nodes", "tasks") else value
     # The package's profile, else the user's (`harness calibrate` writes those): Hydra's search order.
     profiles = (root / "system" / f"{site}.yaml" for root in search_dirs())
-    system = OmegaConf.load(next(path for path in profiles if path.is_file()))
+    system = load_yaml(next(path for path in profiles if path.is_file()))
     job = OmegaConf.merge(OmegaConf.structured(JobConfig), system.get("job", {}))
     defaults = {"walltime": job.walltime, "queue": job.queue}
     request = JobRequest(

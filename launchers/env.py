@@ -97,29 +97,40 @@ _Found = tuple[int, int, int, int, int, int, str]
 
 
 def _int(env: Mapping[str, str], *names: str) -> Optional[int]:
+    """The first of `names` that is set, as a whole number; LaunchEnvError (naming it) when it is not one."""
     for name in names:
-        if env.get(name, "") != "":
-            return int(env[name])
+        value = env.get(name, "")
+        if value != "":
+            if not re.fullmatch(r"\s*-?[0-9]+\s*", value):
+                raise LaunchEnvError(f"{name}={value!r} is not a whole number: the launcher's environment is "
+                                     f"broken; unset {name}")
+            return int(value)
     return None
+
+
+def _req(env: Mapping[str, str], name: str) -> int:
+    value = _int(env, name)
+    assert value is not None  # the caller checked that `name` is set
+    return value
 
 
 def _from_torchrun(env: Mapping[str, str]) -> Optional[_Found]:
     if not {"RANK", "WORLD_SIZE", "LOCAL_RANK"} <= env.keys():
         return None
-    world = int(env["WORLD_SIZE"])
+    world = _req(env, "WORLD_SIZE")
     local_world = _int(env, "LOCAL_WORLD_SIZE") or world
     # torchrun starts the same number of ranks on every node; `export` passes on a node count it knows.
-    return (int(env["RANK"]), int(env["LOCAL_RANK"]), world, local_world, _int(env, "GROUP_RANK") or 0,
+    return (_req(env, "RANK"), _req(env, "LOCAL_RANK"), world, local_world, _int(env, "GROUP_RANK") or 0,
             _int(env, "NNODES") or max(1, world // local_world), "torchrun")
 
 
 def _from_slurm(env: Mapping[str, str]) -> Optional[_Found]:
     if "SLURM_PROCID" not in env or "SLURM_STEP_NUM_TASKS" not in env:
         return None
-    node = int(env.get("SLURM_NODEID", 0))
+    node = _int(env, "SLURM_NODEID") or 0
     spec = env.get("SLURM_STEP_TASKS_PER_NODE", env["SLURM_STEP_NUM_TASKS"])
     nodes = _int(env, "SLURM_STEP_NUM_NODES") or sum(int(r or 1) for _, r in re.findall(r"(\d+)(?:\(x(\d+)\))?", spec))
-    return (int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_STEP_NUM_TASKS"]),
+    return (_req(env, "SLURM_PROCID"), _int(env, "SLURM_LOCALID") or 0, _req(env, "SLURM_STEP_NUM_TASKS"),
             _slurm_tasks_on_node(spec, node), node, nodes, "slurm")
 
 
@@ -128,8 +139,8 @@ def _from_submitit_local(env: Mapping[str, str]) -> Optional[_Found]:
     ones (submitit/local/local.py)."""
     if "SUBMITIT_LOCAL_GLOBALID" not in env or "SUBMITIT_LOCAL_NTASKS" not in env:
         return None
-    world = int(env["SUBMITIT_LOCAL_NTASKS"])
-    return int(env["SUBMITIT_LOCAL_GLOBALID"]), int(env.get("SUBMITIT_LOCAL_LOCALID", 0)), world, world, 0, 1, \
+    world = _req(env, "SUBMITIT_LOCAL_NTASKS")
+    return _req(env, "SUBMITIT_LOCAL_GLOBALID"), _int(env, "SUBMITIT_LOCAL_LOCALID") or 0, world, world, 0, 1, \
         "submitit-local"
 
 
@@ -159,6 +170,16 @@ def _from_mpi(env: Mapping[str, str]) -> Optional[_Found]:
     node = _int(env, "PALS_NODEID")
     nodes = max(1, -(-world // local_world))
     return rank, local_rank, world, local_world, rank // local_world if node is None else node, nodes, launcher
+
+
+_PLACING = {"torchrun": ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"), "slurm": ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS"),
+            "submitit-local": ("SUBMITIT_LOCAL_GLOBALID", "SUBMITIT_LOCAL_NTASKS"),
+            **{name: (names[0], names[2]) for name, names in _MPI_VARIABLES.items()}}
+
+
+def launcher_variables(launcher: str, env: Mapping[str, str] = os.environ) -> str:
+    """The variables that placed this rank, as `NAME=value` (for a message that says where a world came from)."""
+    return ", ".join(f"{name}={env.get(name, '')}" for name in _PLACING.get(launcher, ()) if name in env)
 
 
 def _allocation_first_host(env: Mapping[str, str], read: ReadLines) -> Optional[str]:
@@ -206,7 +227,7 @@ def discover(env: Mapping[str, str], read: ReadLines = read_lines) -> Optional[R
         raise LaunchEnvError(f"{launcher}: local rank {local_rank} is outside the {local_world} ranks of its node")
     port = _int(env, "MASTER_PORT") or DEFAULT_MASTER_PORT
     if launcher == "submitit-local" and "MASTER_PORT" not in env:  # local jobs of one sweep run side by side
-        port = 20000 + int(env.get("SUBMITIT_LOCAL_JOB_ID", 0)) % 20000
+        port = 20000 + (_int(env, "SUBMITIT_LOCAL_JOB_ID") or 0) % 20000
     return RankInfo(rank, local_rank, world, local_world, node_rank,
                     _master_addr(env, world, local_world, launcher, read), port, launcher, nodes)
 

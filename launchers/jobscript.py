@@ -154,17 +154,45 @@ def check_values(request: JobRequest) -> None:
         raise SubmitError(f"results={_show(request.results)}: use a path of letters, digits, spaces and . _ + - / "
                           "(the job expands no ~ or $VARIABLE), e.g. results=/scratch/harness")
     for override in request.overrides:
-        if not override.isprintable():
-            fix = " ".join("".join(ch if ch.isprintable() else " " for ch in override).split())
-            raise SubmitError(f"{_show(override)}: a harness override must be one line of printable characters "
-                              f"(no newline, tab or control character), e.g. {shlex.quote(fix)}")
+        check_script_value("", override, shell=True)
     for key, value in request.env.items():
         if not _ENV_NAME.fullmatch(key):
             raise SubmitError(f"{site}: job.env key {_show(key)} is not a shell variable name; use letters, digits "
                               "and _, not starting with a digit, e.g. NCCL_DEBUG")
-        if not value.isprintable():
-            raise SubmitError(f"{site}: job.env.{key}={_show(value)}: must be one line of printable characters, "
-                              f"e.g. job.env.{key}=INFO")
+        check_script_value(f"job.env.{key}", value, shell=True, prefix=f"{site}: ")
+
+
+SHELL_KEYS = ("setup", "srun_args")
+"""hydra-submitit-launcher's keys that land in a job script as shell lines (or shell-quoted words): each one
+printable line. Every other key lands in a directive line (#SBATCH --key=value), which no quoting protects."""
+_DIRECTIVE_BAD = re.compile(r"[\s'\"\\#`$;]")
+
+
+def check_script_value(key: str, value: object, *, shell: bool, prefix: str = "") -> None:
+    """The one rule for anything rendered into a job script, by `harness submit` and the Slurm sweep launcher
+    alike: no newline or control character anywhere (it would start a line of its own: an extra directive or
+    command); a directive value is one word besides (no space, quote, backslash, #, `, $ or ;: each would end the
+    value or start another option). Lists and mappings are checked item by item. `key` names the value in the
+    message (empty: the value is itself a `key=value` override)."""
+    if isinstance(value, dict):
+        for inner, item in value.items():
+            check_script_value(f"{key}.{inner}", str(inner), shell=shell, prefix=prefix)
+            check_script_value(f"{key}.{inner}", item, shell=shell, prefix=prefix)
+        return
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            check_script_value(f"{key}[{i}]", item, shell=shell, prefix=prefix)
+        return
+    if not isinstance(value, str):
+        return  # numbers, booleans and None render as themselves
+    shown = f"{prefix}{key}={_show(value)}" if key else f"{prefix}{_show(value)}"
+    if not value.isprintable():
+        fix = shlex.quote(" ".join("".join(ch if ch.isprintable() else " " for ch in value).split()) or "value")
+        raise SubmitError(f"{shown}: must be one line of printable characters (no newline, tab or control "
+                          f"character), e.g. {f'{key}={fix}' if key else fix}")
+    if not shell and _DIRECTIVE_BAD.search(value):
+        raise SubmitError(f"{shown}: lands in a #SBATCH line as one word; use no spaces, quotes, backslashes, #, `, "
+                          "$ or ;")
 
 
 def _check_word(key: str, value: str, limit: int) -> None:

@@ -146,14 +146,21 @@ def test_a_bad_dataset_fails_before_launch_in_one_line(corpus: dict, tmp_path: P
     (["prepare", "bad.jsonl", "--out", "z", "--tokenizer", "tokenizer.json"], "bad.jsonl:2: not a JSON object"),
     (["prepare", "corpus.jsonl", "--tokenizer", "tokenizer.json"], "--out"),
     (["convert"], "unknown subcommand 'convert'"),
+    (["prepare", "binary.txt", "--out", "b", "--tokenizer", "tokenizer.json"], "binary.txt: not UTF-8 text"),
+    (["prepare", "binary.jsonl", "--out", "b", "--tokenizer", "tokenizer.json"], "binary.jsonl: not UTF-8 text"),
+    (["prepare", "corpus.jsonl", "--out", "g", "--tokenizer", "garbage.json"],
+     "--tokenizer=garbage.json: not a Hugging Face tokenizer.json"),
 ])
 def test_data_prepare_answers_bad_input_in_one_line(corpus: dict, args: list[str], needle: str) -> None:
     root = corpus["root"]
     (root / "bad.jsonl").write_text('{"text": "the model"}\nnot json\n')
+    for name in ("binary.txt", "binary.jsonl"):
+        (root / name).write_bytes(b"\x00\x01\xff\xfe binary\n\x89PNG\r\n")
+    (root / "garbage.json").write_text("{garbage")
     proc = harness(["data", *args], cwd=root, timeout=120)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr[-2000:]
-    assert not any((root / f"{p}.bin").exists() for p in ("x", "y", "z"))
+    assert not any((root / f"{p}.{suffix}").exists() for p in ("x", "y", "z", "b", "g") for suffix in ("bin", "idx"))
 
 
 def test_megatron_blend_needs_exactly_one_source() -> None:

@@ -203,8 +203,9 @@ class FabricBackend(Backend):
         return sum(local(p).numel() for p in self.parameters())
 
     def clip_gradients(self, max_norm: float) -> torch.Tensor:
-        """Clip by the global gradient norm; returns that norm (before clipping)."""
-        return self.fabric.clip_gradients(self.model, self.optimizer, max_norm=max_norm)
+        """Clip by the global gradient norm; returns that norm (before clipping). A non-finite norm is returned,
+        not raised: the trainer ends the run `diverged` at that step, on every rank alike."""
+        return self.fabric.clip_gradients(self.model, self.optimizer, max_norm=max_norm, error_if_nonfinite=False)
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """The loss backward starts from (fp16's loss scaling multiplies it)."""

@@ -9,11 +9,12 @@ before any heavy import.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from harness.backends.registry import (
     BACKENDS,
@@ -487,8 +488,20 @@ def _check_world(world_size: int, p: ParallelConfig) -> int:
     return world_size // (p.tp * p.pp)
 
 
+def check_finite(node: Any, prefix: str = "") -> None:
+    """No field holds nan or inf: a learning rate of nan trains nothing and a bandwidth of inf predicts nothing."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        name = f"{prefix}.{key}" if prefix and isinstance(key, str) else f"{prefix}[{key}]" if prefix else str(key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{name}={value}: must be a finite number")
+        check_finite(value, name)
+
+
 def validate(cfg: AnyConfig, world_size: int) -> Layout:
     """Check the whole config for a job of `world_size` ranks and derive its layout."""
+    node = cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg)
+    check_finite(OmegaConf.to_container(node, resolve=True))
     p, t, backend = cfg.parallel, cfg.train, cfg.backend.name
     _choice(backend, BACKENDS, "backend")
     model = check_model(cfg.model)

@@ -66,6 +66,7 @@ def check_group_overrides(overrides: list[str]) -> None:
 def compose(overrides: list[str], *, hydra_node: bool = False) -> DictConfig:
     """The config `harness run <overrides>` would see (same defaults list, same schema, same search path);
     hydra_node: with Hydra's own section (its sweeper params, run and sweep directories)."""
+    import yaml
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
@@ -82,6 +83,29 @@ def compose(overrides: list[str], *, hydra_node: bool = False) -> DictConfig:
                                  return_hydra_config=hydra_node)
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(hydra_error_line(exc)) from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(yaml_error_line(exc)) from exc
+
+
+def yaml_error_line(exc: Exception) -> str:
+    """A YAML file that does not parse (a profile in the user's config directory, say), named with the place."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{mark.name}, line {mark.line + 1}" if mark is not None else "a config file"
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"{where}: not valid YAML ({problem}); fix or remove that file"
+
+
+def load_yaml(path: Path) -> DictConfig:
+    """A config file read on its own (a system profile), a parse error as one line."""
+    import yaml
+
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as exc:
+        raise ConfigError(yaml_error_line(exc)) from exc
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: holds a list, not a mapping of keys; fix or remove that file")
+    return loaded
 
 
 def sweep_points(overrides: list[str]) -> list[list[str]]:

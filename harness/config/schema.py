@@ -227,6 +227,14 @@ class LauncherConfig:
     """local_rank: local rank i drives device i | reversed: device n-1-i (Polaris, where GPU 3 is nearest cores 0-7)."""
     skip_memory_check: bool = False
     """Start even when the cost model predicts more memory per device than a rank has (you know better)."""
+    join: Optional[bool] = None
+    """Whether this process joins the ranks a launcher started (torchrun, srun, mpiexec, submitit variables in the
+    environment): None: when such variables are present; false: ignore them and start launcher.nproc local ranks
+    (inside `srun --pty bash`, say); true: require them. launcher.nproc other than 1 must match the ranks per node
+    the launcher started."""
+    allow_nonempty_dir: bool = False
+    """Write a run into a non-empty directory that harness did not make (its files are never overwritten: a run's
+    own file names must be free). Off: such a directory is refused."""
 
 
 @dataclass

@@ -33,7 +33,7 @@ from typing import Any, Iterator, Optional
 from omegaconf import OmegaConf
 
 from harness.backends.registry import BACKENDS, pipeline_split, resolve_pp_schedule
-from harness.config.checks import CHECKPOINTING, Layout, validate
+from harness.config.checks import CHECKPOINTING, Layout, check_model, validate
 from harness.config.compose import HelpRequested, compose, split_command_args
 from harness.config.errors import ConfigError
 from harness.costmodel.comm import collectives
@@ -251,7 +251,7 @@ def checked(cfg: Any, rows: list[dict[str, Any]], want: int, counts: Counter) ->
         try:
             layout = validate(trial, r["world"])
         except ConfigError as error:
-            counts[f"refused by validate: {str(error).split(':', 1)[0]}"] += 1
+            counts[f"refused by validate: {error}"] += 1
             continue
         est = estimate(trial, layout)
         seen.add(same)
@@ -308,6 +308,7 @@ def plan_command(args: list[str]) -> int:
     if top < 1:
         raise ConfigError(f"--top={top}: must be at least 1 (layouts to list)")
     cfg = compose(overrides)
+    check_model(cfg.model)  # no layout mends the model's own shapes: say so, not "nothing fits"
     chose_backend = any(o.split("=", 1)[0] in ("backend", "backend.name") for o in overrides)
     backends = [cfg.backend.name] if chose_backend else list(BACKENDS)
     budget = planned_world_size(cfg)
@@ -331,10 +332,29 @@ def plan_command(args: list[str]) -> int:
     else:
         _print(best, front, cfg, budget, summary)
     if not best:
-        print(f"harness: error: no layout of {cfg.model.name} on up to {budget} devices of system={cfg.system.name} "
-              "fits in device memory (or the profile cannot time it)", file=sys.stderr)
+        print(f"harness: error: no layout of {cfg.model.name} on {'' if '--exact' in flags else 'up to '}{budget} "
+              f"devices of system={cfg.system.name}: {why_none(found.counts, cfg)}", file=sys.stderr)
         return 1
     return 0
+
+
+def why_none(counts: Counter, cfg: Any) -> str:
+    """Why a search ranked nothing, from what it counted: nothing to search, the checks refused every layout
+    that fits, the profile could time none, or none fits in memory."""
+    gbs = cfg.train.global_batch_size
+    if not counts["structures"]:
+        return (f"no arrangement tp x pp x dp of these devices suits the job (dp must divide train.global_batch_size="
+                f"{gbs}, tp the {cfg.system.devices_per_node} devices per node, pp the model's layers); give a global "
+                "batch with more divisors, or other devices (parallel.world_size, without --exact)")
+    refused = [k.split(": ", 1)[1] for k in counts if k.startswith("refused by validate: ")]
+    untimed = [k.split(": ", 1)[1] for k in counts if k.startswith("untimed: ")]
+    if counts["fit"] and refused and not untimed:
+        return f"the {counts['fit']} layout(s) that fit were refused by the config checks (first: {refused[0]})"
+    if counts["fit"] and untimed:
+        return f"the profile cannot time the layouts that fit ({untimed[0]})"
+    memory = cfg.system.memory_gb
+    return (f"none fits in {memory:g} GB per device (model states, activations and buffers); give more devices "
+            "(parallel.world_size), a smaller model or train.global_batch_size")
 
 
 CSV_COLUMNS = ("set", "rank", "devices", "backend", "tp", "pp", "vpp", "dp", "zero_stage", "sharding",

@@ -183,14 +183,23 @@ def _best(best: Optional[dict[str, Any]], cfg: Any, job: list[str]) -> Optional[
                                     "predicted_tokens_per_s")}, "run_command": run, "submit_command": submit}
 
 
+MIN_IMPORTANCE_TRIALS = 4
+"""Fewer finished trials than this make fANOVA's importance noise: none is reported, with the reason."""
+
+
 def _importance(study: Any) -> dict[str, Any]:
     """Optuna's fANOVA importance of each axis for the measured throughput, or why there is none."""
     import optuna
 
+    finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if len(finished) < MIN_IMPORTANCE_TRIALS:
+        return {"values": None, "reason": f"{len(finished)} finished trial(s); fANOVA's importance needs "
+                                          f"{MIN_IMPORTANCE_TRIALS} or more"}
     try:
-        return {"values": optuna.importance.get_param_importances(study)}
+        values = optuna.importance.get_param_importances(study)
     except (RuntimeError, ValueError) as exc:
         return {"values": None, "reason": f"{type(exc).__name__}: {exc}"}
+    return {"values": values} if values else {"values": None, "reason": "no axis varied among the finished trials"}
 
 
 def _plot(trajectory: list[dict[str, Any]], trials: list[dict[str, Any]], path: Path) -> None:

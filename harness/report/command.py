@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from harness.config.errors import ConfigError
+from harness.config.errors import ConfigError, RunError
 from harness.report import VIEWS
 
 USAGE = f"""usage: harness report PATH [PATH ...] [--view V[,V]] [--vs KEY] [--by KEY[,KEY]] [--baseline KEY=VALUE]
@@ -79,10 +79,15 @@ def report_command(args: list[str]) -> int:
     print(render(views, ns.format, header))
     if ns.out is not None:
         from harness.report.plots import plot
+        from harness.run.rundir import os_error
 
         _mkdir(ns.out)
-        plots = {view.name: plot(view, ns.out) for view in views}
-        path = write_report(ns.out, frame, views, header, plots)
+        try:
+            plots = {view.name: plot(view, ns.out) for view in views}
+            path = write_report(ns.out, frame, views, header, plots)
+        except OSError as exc:
+            raise RunError(f"report: writing {getattr(exc, 'filename', None) or ns.out} failed ({os_error(exc)}); "
+                           "free some space or give another --out") from None
         print(f"harness: wrote {path}, {ns.out / 'runs.csv'} and {sum(p is not None for p in plots.values())} "
               "plot(s)", file=sys.stderr)
     return 0

@@ -11,13 +11,15 @@ from __future__ import annotations
 import glob
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import pandas as pd
 
 from harness.config.errors import ConfigError
-from harness.run.rundir import RUN_FILES, read_steps_checked
+from harness.run.claim import RUN_FILES
+from harness.run.rundir import read_steps_checked
 
 SUMMARY = "summary.json"
 DROPPED = ("prediction.estimate.collectives", "env.argv", "breakdown.ranks", "breakdown.top_kernels_rank0")
@@ -62,21 +64,32 @@ def load_runs(paths: list[str]) -> pd.DataFrame:
 
 
 def _row(run_dir: Path) -> dict[str, Any]:
-    """The summary's sections as nested dicts; config keys at the top level (they are what users sweep)."""
-    summary = _read_summary(run_dir)
+    """The summary's sections as nested dicts; config keys at the top level (they are what users sweep). A summary
+    that cannot be read is a row saying so (and a warning), never the end of the report."""
+    try:
+        summary = _read_summary(run_dir)
+    except ValueError as exc:
+        print(f"harness: warning: {exc}; its row says `unreadable`", file=sys.stderr)
+        return {**_read_config(run_dir), "status": "unreadable", "error": str(exc)}
     if summary is None:
         steps, _ = read_steps_checked(run_dir)
         config = _read_config(run_dir)
         return {**config, "status": "incomplete",
                 "error": f"no {SUMMARY} (the run was killed); {len(steps)} step line(s) on disk"}
-    row: dict[str, Any] = dict(summary.get("config") or {})
+    row: dict[str, Any] = dict(_section(summary, "config"))
     for key in ("status", "error", "stop_reason"):
         row[key] = summary.get(key)
-    row["model.params"] = (summary.get("model") or {}).get("params")
+    row["model.params"] = _section(summary, "model").get("params")
     for section in ("layout", "metrics", "prediction", "telemetry", "env", "profile", "breakdown"):
-        if summary.get(section) is not None:  # `telemetry` and `profile` are config sections too: merged,
-            row[section] = {**(row.get(section) or {}), **summary[section]}  # the measured value wins
+        if _section(summary, section):  # `telemetry` and `profile` are config sections too: merged,
+            row[section] = {**_section(row, section), **_section(summary, section)}  # the measured value wins
     return row
+
+
+def _section(mapping: dict[str, Any], key: str) -> dict[str, Any]:
+    """A section of a summary, or {} where it is missing or not a mapping (a hand-edited or foreign file)."""
+    value = mapping.get(key)
+    return value if isinstance(value, dict) else {}
 
 
 def _read_summary(run_dir: Path) -> Optional[dict[str, Any]]:
@@ -84,9 +97,13 @@ def _read_summary(run_dir: Path) -> Optional[dict[str, Any]]:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
+        summary = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"report: {path} is not readable JSON ({exc}); move it aside or fix it") from exc
+        raise ValueError(f"report: {path} is not readable JSON ({exc})") from exc
+    if not isinstance(summary, dict) or not isinstance(summary.get("status"), str):
+        what = f"a JSON {type(summary).__name__}" if not isinstance(summary, dict) else "an object without a status"
+        raise ValueError(f"report: {path} holds {what}, not a run's summary")
+    return summary
 
 
 def _read_config(run_dir: Path) -> dict[str, Any]:
@@ -94,9 +111,11 @@ def _read_config(run_dir: Path) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
     path = run_dir / "config.yaml"
-    if not path.exists():
+    try:
+        loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=False) if path.exists() else {}
+    except Exception:  # noqa: BLE001 - any unreadable config (YAML, encoding) leaves the row without config keys
         return {}
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=False)  # type: ignore[return-value]
+    return loaded if isinstance(loaded, dict) else {}  # type: ignore[return-value]
 
 
 def read_steps(path: str) -> pd.DataFrame:

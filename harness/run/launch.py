@@ -16,56 +16,94 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 
 from harness.config.checks import Layout
 from harness.config.compose import to_container
+from harness.config.errors import ConfigError
+from harness.console import guard_stdout
 from harness.run.preflight import preflight
 from harness.run.rank import rank_process, threads_per_rank
-from harness.run.rundir import RunDirLock, disk_warning, failed_summary, write_config, write_summary
-from harness.run.stopping import Terminated
+from harness.run.rundir import disk_warning, failed_summary, write_config, write_summary
+from harness.run.stopping import Interrupted, Terminated, stop_on_signals
 from harness.run.trainer import Trainer
-from launchers.env import RankInfo, discover, export
+from launchers.env import LaunchEnvError, RankInfo, discover, export, launcher_variables
 from launchers.local import launch_local
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: DictConfig, run_dir: Path) -> str:
-    """Run one benchmark and return its status (`ok | failed | oom`). Raises ConfigError before launch."""
-    joined = discover(os.environ)
-    world_size = joined.world_size if joined else cfg.launcher.nproc
-    layout = preflight(cfg, world_size, joined.local_world_size if joined else cfg.launcher.nproc)
+def joined_ranks(cfg: Any) -> Optional[RankInfo]:
+    """The ranks a launcher started that this process is one of (launcher.join), or None: start them here.
+
+    Launcher variables and the config must agree: launcher.nproc (other than its default 1) is the ranks per node,
+    or in all, that the launcher started; else the run is refused in one line naming both."""
+    join = cfg.launcher.join
+    if join is False:
+        return None
+    try:
+        info = discover(os.environ)
+    except LaunchEnvError as exc:
+        raise ConfigError(f"{exc}, or give launcher.join=false to start launcher.nproc local ranks instead") from None
+    if info is None:
+        if join:
+            raise ConfigError("launcher.join=true but no launcher started this process (no torchrun, srun, mpiexec "
+                              "or submitit variables); start it under one, or drop launcher.join")
+        return None
+    nproc = cfg.launcher.nproc
+    if nproc not in (1, info.local_world_size, info.world_size):
+        raise ConfigError(
+            f"launcher.nproc={nproc} but {info.launcher} started this process as rank {info.rank} of "
+            f"{info.world_size} ({info.local_world_size} on this node, from {launcher_variables(info.launcher)}); "
+            f"drop launcher.nproc to run as those ranks, or give launcher.join=false to start {nproc} local ranks")
+    return info
+
+
+def run(cfg: DictConfig, run_dir: Path, layout: Optional[Layout] = None) -> str:
+    """Run one benchmark and return its status (`ok | failed | oom | diverged`); raises Interrupted (the summary
+    written) when Ctrl-C or SIGTERM stopped it. The caller holds the run directory (claim.RunDirLock) and gives
+    the layout its checks derived (None: checked here; ConfigError before launch)."""
+    joined = joined_ranks(cfg)
+    local = joined.local_world_size if joined else cfg.launcher.nproc
+    layout = layout or preflight(cfg, joined.world_size if joined else cfg.launcher.nproc, local)
     config = to_container(cfg)
-    writer = joined is None or joined.rank == 0
-    with RunDirLock(run_dir) if writer else contextlib.nullcontext():
-        if writer:
-            warning = disk_warning(run_dir)
-            if warning:
-                print(f"harness: warning: {warning}", file=sys.stderr)
-            write_config(run_dir, config)
-        os.environ["OMP_NUM_THREADS"] = str(threads_per_rank(
-            cfg.launcher.omp_num_threads, joined.local_world_size if joined else cfg.launcher.nproc))
-        try:
-            if joined is not None:
-                rank_main(config, str(run_dir))
-            elif cfg.launcher.nproc == 1:
-                with _single_rank_env():
-                    rank_main(config, str(run_dir))  # raises SystemExit when a signal stopped it
-            else:
-                launch_local(cfg.launcher.nproc, rank_main, config, str(run_dir),
-                             monitor_interval_s=cfg.launcher.monitor_interval_s)
-        except ChildFailedError as exc:
-            return _ensure_failed_summary(run_dir, config, layout, _child_error(exc))
-        except Exception as exc:  # the in-process rank already wrote its summary
-            return _ensure_failed_summary(run_dir, config, layout, f"{type(exc).__name__}: {exc}")
-        except SystemExit as exc:  # the in-process rank stopped by a signal, its summary written
-            return _ensure_failed_summary(run_dir, config, layout, f"Terminated: stopped by a signal (exit {exc.code})")
+    if joined is None or joined.rank == 0:
+        warning = disk_warning(run_dir)
+        if warning:
+            print(f"harness: warning: {warning}", file=sys.stderr)
+        write_config(run_dir, config)
+    os.environ["OMP_NUM_THREADS"] = str(threads_per_rank(cfg.launcher.omp_num_threads, local))
+    try:
+        if joined is not None:
+            rank_main(config, str(run_dir))
+        elif cfg.launcher.nproc == 1:
+            with _single_rank_env():
+                rank_main(config, str(run_dir))  # raises SystemExit when a signal stopped it
+        else:
+            launch_local(cfg.launcher.nproc, rank_main, config, str(run_dir),
+                         monitor_interval_s=cfg.launcher.monitor_interval_s)
+    except ChildFailedError as exc:
+        return _ensure_failed_summary(run_dir, config, layout, _child_error(exc))
+    except SignalException as exc:  # the local agent stopped by Ctrl-C or SIGTERM; it ended the ranks
+        _stopped(run_dir, config, layout, exc.sigval)
+    except Exception as exc:  # the in-process rank already wrote its summary
+        return _ensure_failed_summary(run_dir, config, layout, f"{type(exc).__name__}: {exc}")
+    except SystemExit as exc:  # the in-process rank stopped by a signal, its summary written
+        _stopped(run_dir, config, layout, int(exc.code or 0) - 128 if isinstance(exc.code, int) else signal.SIGTERM)
+    finally:
+        stop_on_signals()  # torch's agent put in its own handlers
     summary = run_dir / "summary.json"
     return _read_status(summary) if summary.exists() else "ok"
+
+
+def _stopped(run_dir: Path, config: dict[str, Any], layout: Layout, signum: int) -> None:
+    name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else f"signal {signum}"
+    _ensure_failed_summary(run_dir, config, layout, f"Interrupted: stopped by {name}", interrupted=True)
+    raise Interrupted(signum if signum in signal.Signals._value2member_map_ else signal.SIGTERM)
 
 
 def run_srun_step(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> str:
@@ -78,8 +116,6 @@ def run_srun_step(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> str:
     import time
 
     from torch.distributed.elastic.utils.distributed import get_free_port
-
-    from harness.config.errors import ConfigError
 
     if "SLURM_JOB_ID" not in os.environ:
         raise ConfigError("launcher.spawn=srun: not inside a Slurm job (no SLURM_JOB_ID); run the sweep with "
@@ -133,33 +169,39 @@ def _read_status(summary: Path) -> str:
         return "failed"
 
 
-def _ensure_failed_summary(run_dir: Path, config: dict[str, Any], layout: Layout, error: str) -> str:
-    """Make `summary.json` say why the job failed, from the launching process's view of all ranks.
+def _ensure_failed_summary(run_dir: Path, config: dict[str, Any], layout: Layout, error: str,
+                           interrupted: bool = False) -> str:
+    """Make `summary.json` say why the job ended, from the launching process's view of all ranks.
 
-    A rank may have written its own failed summary first (a peer's death shows up there as a
-    collective error); its status and steps are kept, and the error names every failed rank.
-    """
+    A rank may have written its own summary first (a peer's death shows up there as a collective error, the
+    launcher's SIGTERM to the survivors as `interrupted`); its steps are kept, the error names every failed
+    rank, and the status is the launching process's: interrupted only when it was itself stopped by a signal."""
     path = run_dir / "summary.json"
     stalled = "StalledRun:" in error  # some rank's watchdog ended the job
     oom = "OutOfMemoryError" in error or "out of memory" in error.lower()
+    status = "interrupted" if interrupted else "oom" if oom else "failed"
+    stop_reason = "interrupted" if interrupted else "watchdog" if stalled else "failed"
     if path.exists() and _read_status(path) != "ok":
         summary = json.loads(path.read_text())
-        summary["error"] = error  # includes what rank 0 reported, through its @record error file
-        summary["stop_reason"] = "watchdog" if stalled else summary.get("stop_reason", "failed")
-        if oom:  # a peer's OOM reaches rank 0 only as the agent's SIGTERM or a broken collective
-            summary["status"] = "oom"
+        if not interrupted:
+            summary["error"] = error  # includes what rank 0 reported, through its @record error file
+        if summary["status"] in ("failed", "interrupted") or oom or interrupted:
+            summary["status"] = status  # a peer's OOM reaches rank 0 only as the agent's SIGTERM
+            if interrupted or stalled or summary.get("stop_reason") == "interrupted":
+                summary["stop_reason"] = stop_reason
         write_summary(run_dir, summary)
         return summary["status"]
-    status = "oom" if oom else "failed"
     failed_summary(run_dir, config=config, error=error, status=status, layout=layout.as_dict(),
-                   stop_reason="watchdog" if stalled else "failed", launcher="unknown")
-    log.error("run failed: %s", error)
+                   stop_reason=stop_reason, launcher="unknown")
+    if not interrupted:
+        log.error("run failed: %s", error)
     return status
 
 
 @record
 def rank_main(config: dict[str, Any], run_dir: str) -> None:
     """What every rank runs: join the process group, train, leave."""
+    guard_stdout(warn=True)  # a closed or full console must not end a run
     cfg = OmegaConf.create(config)
     launcher = cfg.launcher
     try:

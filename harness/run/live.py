@@ -18,7 +18,8 @@ def _fmt(value: Optional[float], spec: str, missing: str = "n/a") -> str:
 
 
 def _step_text(record: dict[str, Any]) -> str:
-    return (f"loss {record['loss']:.4f}  {record['iter_time_ms']:.1f} ms/step  "
+    loss = _fmt(record["loss"], ".4f", (record.get("nonfinite") or {}).get("loss", "n/a"))
+    return (f"loss {loss}  {record['iter_time_ms']:.1f} ms/step  "
             f"{record['tokens_per_s']:,.0f} tok/s  {record['model_tflops_per_device']:.3g} TFLOP/s/dev")
 
 

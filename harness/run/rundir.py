@@ -1,8 +1,7 @@
 """The run directory: `config.yaml`, `steps.jsonl` (one line per finished step), `summary.json`.
 
-A run directory belongs to one run. `RunDirLock` takes an exclusive lock on it for the run's lifetime and
-refuses a directory that already holds a run's steps or summary, so nothing a user had is mixed
-into or overwritten; nothing here ever deletes a file it did not write. Rank 0 writes each step line
+A run directory belongs to one run (`harness.run.claim` decides which directories a run may take, and locks
+them); nothing here ever deletes a file it did not write. Rank 0 writes each step line
 with one `write` call and flushes it as the step ends, so a crash keeps every finished step; a
 reader skips a torn last line (a kill or a full disk mid-write) and says so. A write error ends the
 run `failed` with the OS error, and the summary is still written (smaller, or to stderr).
@@ -13,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import fcntl
 import json
 import os
 import shutil
@@ -26,17 +24,18 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
-from harness.config.errors import ConfigError
+from harness.config.errors import RunError
 from harness.run.environment import environment
 from harness.telemetry.summary import NO_REPORT, energy_metrics, telemetry_block, timed_steps, write_power_csv
 
 SCHEMA = "harness.run/1"
 ENERGY_KEYS = ("power_w", "idle_power_w", "energy_j_per_step", "tokens_per_joule", "tflops_per_watt")
 NOT_PREDICTED = "not predicted: the job ended before a rank ran the cost model (invalid config or failed launch)"
-RUN_FILES = ("steps.jsonl", "summary.json")
 SUMMARY_RESERVE = ".summary-reserve"
 SUMMARY_RESERVE_BYTES = 256 * 2**10
 """Room kept for summary.json (and power.csv) while steps are written; a summary is a few KiB."""
+MIN_FREE_BYTES = 320 * 2**10
+"""Free space a run needs to start: the summary's reserve (SUMMARY_RESERVE_BYTES), its config and Hydra's record."""
 LOW_DISK_BYTES = 256 * 2**20
 """Free space below which a run warns before it starts: steps.jsonl and the traces need a few MB."""
 
@@ -52,64 +51,25 @@ class RankReport:
     trace: Optional[dict[str, Any]] = None
 
 
-def check_unclaimed(run_dir: Path) -> None:
-    """Refuse a directory that already holds a run, before anything is written into it."""
-    held = [name for name in RUN_FILES if (run_dir / name).exists()]
-    if held:
-        raise ConfigError(f"run directory {run_dir} already holds a run ({', '.join(held)}); give a new "
-                          "hydra.run.dir (or hydra.sweep.dir), or sweep.resume=true to skip finished sweep points")
-
-
-def check_writable(run_dir: Path) -> None:
-    """Refuse a run directory that cannot be written (permissions, a read-only filesystem) before Hydra
-    tries to create it."""
-    probe = run_dir.absolute()
+def _free_bytes(run_dir: Path) -> tuple[int, Path]:
+    probe = run_dir
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise ConfigError(f"run directory {run_dir} is not writable ({probe}: read-only filesystem or no "
-                          "permission); give a writable hydra.run.dir")
+    return shutil.disk_usage(probe).free, probe
 
 
-class RunDirLock:
-    """An exclusive lock on the run directory for the run's lifetime (flock on the directory itself, so no
-    file is left behind): a second run pointed at the same directory is refused, not interleaved. The
-    directory is checked for an earlier run after the lock is taken, so two racing runs cannot both pass."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir = run_dir
-        self._fd: Optional[int] = None
-
-    def __enter__(self) -> "RunDirLock":
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.run_dir, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise ConfigError(f"run directory {self.run_dir} is in use by another run; give a new hydra.run.dir")
-        self._fd = fd
-        try:
-            check_unclaimed(self.run_dir)
-            if not os.access(self.run_dir, os.W_OK):
-                raise ConfigError(f"run directory {self.run_dir} is not writable; give a writable hydra.run.dir")
-        except ConfigError:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor releases the lock
-            self._fd = None
+def check_space(run_dir: Path) -> None:
+    """Refuse, before anything is written, a directory whose filesystem has no room for a run's first files
+    (config, Hydra's record, the summary's reserve): they would be left empty or torn."""
+    free, probe = _free_bytes(run_dir)
+    if free < MIN_FREE_BYTES:
+        raise RunError(f"no room for a run under {probe} ({free // 1024} KiB free, {MIN_FREE_BYTES // 1024} KiB "
+                       "needed to start); free some space or give another directory")
 
 
 def disk_warning(run_dir: Path) -> Optional[str]:
     """A one-line warning when the run directory's filesystem is nearly full."""
-    probe = run_dir
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    free, probe = _free_bytes(run_dir)
     if free < LOW_DISK_BYTES:
         return (f"only {free / 2**20:.0f} MiB free under {probe}; steps.jsonl and summary.json may not fit "
                 "(a full disk ends the run `failed`)")
@@ -117,8 +77,13 @@ def disk_warning(run_dir: Path) -> Optional[str]:
 
 
 def write_config(run_dir: Path, config: dict[str, Any]) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.create(config), run_dir / "config.yaml")
+    """config.yaml, whole or not at all (a full disk leaves no empty file behind); RunError in one line."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
+    except OSError as exc:
+        raise RunError(f"writing {run_dir / 'config.yaml'} failed ({os_error(exc)}); free some space or give "
+                       "another hydra.run.dir") from None
 
 
 def write_run_files(run_dir: Path, files: dict[str, Any]) -> None:
@@ -307,7 +272,7 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     with only the status and the error, then give up to stderr: the summary is never silently lost."""
     text = json.dumps(summary, indent=2) + "\n"
     try:
-        _replace(run_dir / "summary.json", text)
+        write_atomic(run_dir / "summary.json", text)
         return
     except OSError as exc:
         small = {key: summary.get(key) for key in ("schema", "status", "stop_reason", "error", "layout")}
@@ -315,13 +280,14 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
         small["error"] = f"{summary.get('error') or ''}{'; ' if summary.get('error') else ''}writing summary.json " \
                          f"failed: {os_error(exc)}"
         try:
-            _replace(run_dir / "summary.json", json.dumps(small) + "\n")
+            write_atomic(run_dir / "summary.json", json.dumps(small) + "\n")
         except OSError:
             print(f"harness: error: could not write {run_dir / 'summary.json'} ({os_error(exc)}); "
                   f"the summary follows\n{text}", file=sys.stderr)
 
 
-def _replace(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """`text` into `path` whole or not at all (a temporary file beside it, fsync'd, then renamed)."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "w") as handle:

@@ -10,8 +10,11 @@ Three ways, each recorded as `stop_reason` in summary.json (`completed` when non
 - `watchdog`: no step finished within `launcher.watchdog_s` (a hang that no collective timeout sees).
   The watchdog thread writes a failed summary (rank 0), leaves the reason for the launcher and ends the
   process, so the launcher (`srun --kill-on-bad-exit`, the elastic agent, mpiexec) ends the job.
-- `failed`: an exception, a dead peer, or a SIGTERM from the launcher (turned into an exception so the
-  summary is still written).
+- `interrupted`: Ctrl-C or SIGTERM (turned into an exception so the summary is still written; status
+  `interrupted`, exit 128 + the signal's number). A sweep stops with the point it was running.
+- `diverged`: the loss (or, outside fp16's loss scaling, the gradient norm) was not finite; every rank sees the
+  same all-gathered values and stops after the same step (status `diverged`, exit 1).
+- `failed`: an exception or a dead peer.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Callable, Mapping, Optional
 
 from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 
-STOP_REASONS = ("completed", "walltime", "watchdog", "failed")
+STOP_REASONS = ("completed", "walltime", "watchdog", "interrupted", "diverged", "failed")
 
 
 def job_end_time(env: Mapping[str, str]) -> Optional[float]:
@@ -50,11 +53,32 @@ class Terminated(BaseException):
     """The launcher asked this rank to stop (SIGTERM): raised so the summary is still written."""
 
 
+class Interrupted(BaseException):
+    """A run stopped by Ctrl-C or SIGTERM, its summary written (status interrupted): raised past Hydra's
+    sweep, so that no further point runs. A BaseException, as KeyboardInterrupt is: Hydra's job runner catches
+    an Exception and goes on to the next point."""
+
+    def __init__(self, signum: int, run_dir: Optional[str] = None) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum, self.run_dir, self.sweeping = signum, run_dir, False
+
+
+INTERRUPTING = {"Terminated": signal.SIGTERM, "KeyboardInterrupt": signal.SIGINT}
+"""The exceptions a stopping signal becomes in a rank, and which signal each stands for."""
+
+
 def raise_on_sigterm() -> None:
     def handler(signum: int, frame: object) -> None:
         raise Terminated(f"received {signal.Signals(signum).name} from the launcher")
 
     signal.signal(signal.SIGTERM, handler)
+
+
+def stop_on_signals() -> None:
+    """The launching process's own handlers (again after each run: torch's elastic agent installs its own):
+    SIGTERM and Ctrl-C raise, so whatever is running ends cleanly and the command says so."""
+    raise_on_sigterm()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class Watchdog:

@@ -3,6 +3,7 @@ each step's measurements to the run directory (rank 0) as it ends."""
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from harness.run.live import Progress
 from harness.run.metrics import MemoryMeter, Throughput, device_name, resolve_peak
 from harness.run.rank import frozen_gc, synchronize
 from harness.run.rundir import RankReport, StepLog, hostname, write_run_files, write_run_summary
-from harness.run.stopping import Watchdog, job_end_time, out_of_time
+from harness.run.stopping import Terminated, Watchdog, job_end_time, out_of_time
 from harness.telemetry import Sampler, StepReading, make_sampler
 from harness.telemetry.summary import step_fields
 from harness.trace.analyse import analyse_rank
@@ -56,6 +57,8 @@ class Trainer:
         self.end_time_s = job_end_time(os.environ)
         self.stop_reason = "completed"
         self.stop_agreed = False
+        self.diverged: Optional[str] = None
+        """Why the run stopped early on a non-finite loss or gradient norm (the same on every rank)."""
         self.built: Optional[Built] = None
         self.trace: Optional[dict[str, Any]] = None
         self.kernels: Optional[dict[str, Any]] = None
@@ -109,9 +112,16 @@ class Trainer:
         except torch.OutOfMemoryError as exc:
             status, error, self.stop_reason = "oom", f"OutOfMemoryError: {exc}", "failed"
             raise
+        except (Terminated, KeyboardInterrupt) as exc:
+            status, self.stop_reason = "interrupted", "interrupted"
+            error = f"Interrupted: {str(exc) or 'Ctrl-C (SIGINT)'}"
+            raise
         except BaseException as exc:
             status, error, self.stop_reason = "failed", f"{type(exc).__name__}: {exc}", "failed"
             raise
+        else:
+            if self.diverged is not None:
+                status, error = "diverged", self.diverged
         finally:
             self.finish(status, error)
 
@@ -145,6 +155,9 @@ class Trainer:
                     progress.update(record)
                 built.capture.step(step)
                 self.watchdog.beat()
+                if self.diverged is not None:
+                    self.stop_reason = "diverged"
+                    break
                 if self.stop_agreed:
                     self.stop_reason = "walltime"
                     break
@@ -164,31 +177,44 @@ class Trainer:
         memory = built.memory.read()
         end_unix_s = time.time()  # places the step on power.csv's clock (the power view marks step windows)
         stop = out_of_time(self.end_time_s, end_unix_s, iter_time_s, self.cfg.launcher.walltime_margin_s)
+        notes = built.backend.step_notes()
+        grad_norm = notes.get("grad_norm")
+        # fp16's loss scaler skips a step whose gradients overflowed: a non-finite norm there is not divergence.
+        bad_grads = grad_norm is not None and not math.isfinite(grad_norm) and compute_precision(self.cfg) != "fp16"
         with phase(PHASES.metrics):
-            loss_value, peak_mb, retries, self.stop_agreed, data_s, telemetry = self.reduce(
-                loss, memory["peak_memory_mb"], memory["alloc_retries"], stop, data_s, reading.vector())
+            loss_value, peak_mb, retries, self.stop_agreed, data_s, bad_grads, telemetry = self.reduce(
+                loss, memory["peak_memory_mb"], memory["alloc_retries"], stop, data_s, bad_grads, reading.vector())
+        nonfinite = {key: str(value) for key, value in (("loss", loss_value), ("grad_norm", grad_norm))
+                     if isinstance(value, float) and not math.isfinite(value)}
+        if not math.isfinite(loss_value) or bad_grads:
+            what = " and ".join(f"{key} {value}" for key, value in nonfinite.items()) or "a rank's gradient norm"
+            self.diverged = f"{what} at step {step}: not finite; lower train.lr (or look at the data)"
         return {
             "step": step,
             "warmup": warmup,
             "end_unix_s": end_unix_s,
-            "loss": loss_value,
+            "loss": None if "loss" in nonfinite else loss_value,
             **built.throughput.rates(iter_time_s),
             "peak_memory_mb": peak_mb,
             "alloc_retries": retries,
             "data_time_ms": data_s * 1e3,
             **({"profiler": what} if (what := built.capture.label(step)) else {}),
-            **built.backend.step_notes(),
+            **notes,
+            **({"grad_norm": None} if "grad_norm" in nonfinite else {}),
+            **({"nonfinite": nonfinite} if nonfinite else {}),
             **step_fields(telemetry, iter_time_s),
         }
 
     def reduce(self, loss: torch.Tensor, peak_mb: float, retries: Optional[int], stop: bool, data_s: float,
-               telemetry: list[float]) -> tuple[float, float, Optional[int], bool, float, list[list[float]]]:
-        """In one collective: the mean loss over ranks (tensor-parallel peers hold the same loss), the largest
-        peak memory and allocator retries of any rank (the one nearest its memory limit), rank 0's decision
-        to stop (so that every rank leaves the loop after the same step), the longest wait for data (the rank
-        every other one waits for), and every rank's telemetry row."""
-        mine = torch.tensor([float(loss.detach()), peak_mb, float(retries or 0), float(stop), data_s, *telemetry],
-                            dtype=torch.float64, device=loss.device)
+               bad_grads: bool, telemetry: list[float]
+               ) -> tuple[float, float, Optional[int], bool, float, bool, list[list[float]]]:
+        """In one collective: the mean loss over ranks (tensor-parallel peers hold the same loss; nan if any rank's
+        is), the largest peak memory and allocator retries of any rank (the one nearest its memory limit), rank
+        0's decision to stop (so that every rank leaves the loop after the same step), the longest wait for data
+        (the rank every other one waits for), whether any rank's gradients were not finite, and every rank's
+        telemetry row. Every rank gets the same table, so all decide alike."""
+        mine = torch.tensor([float(loss.detach()), peak_mb, float(retries or 0), float(stop), data_s, float(bad_grads),
+                             *telemetry], dtype=torch.float64, device=loss.device)
         if self.info.world_size == 1:
             table = mine.reshape(1, -1)
         else:
@@ -197,7 +223,7 @@ class Trainer:
             table = torch.stack(gathered)
         return (float(table[:, 0].mean()), float(table[:, 1].max()),
                 None if retries is None else int(table[:, 2].max()), bool(table[0, 3]), float(table[:, 4].max()),
-                table[:, 5:].tolist())
+                bool(table[:, 5].max()), table[:, 6:].tolist())
 
     def stalled(self, error: Exception) -> None:
         """The watchdog's last act on this rank: the summary says the run stopped making progress."""
@@ -208,7 +234,7 @@ class Trainer:
         """Every rank reports its host, device and telemetry; rank 0 closes the step log and writes the summary."""
         built = self.built
         mine = RankReport(hostname(), device_name(self.device), built.sampler.stop() if built else None, self.trace)
-        if status == "ok" and self.info.world_size > 1:  # peers of a failed rank may be gone
+        if status in ("ok", "diverged") and self.info.world_size > 1:  # peers of a failed rank may be gone
             ranks: list[Any] = [None] * self.info.world_size
             dist.all_gather_object(ranks, mine)
         else:

@@ -57,9 +57,10 @@ class _SizedSweep:
 
         from harness.config.compose import to_container
         from harness.run import command
-        from harness.run.command import finished_earlier
+        from harness.run.sweep import check_launcher_strings, finished_earlier
 
         assert self.config is not None and self.hydra_context is not None
+        check_launcher_strings(self.params)  # `harness run` checked them first; a job script is never written unchecked
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         results: dict[int, JobReturn] = {}
