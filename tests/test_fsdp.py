@@ -10,10 +10,12 @@ for 1e-4): tensor parallelism splits matmul reductions, so losses agree to float
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import GLOBAL_BATCH, TINY, Run, assert_losses_match, fsdp_config, harness, harness_run, run_layouts
 
 from harness.backends.base import apply_activation_checkpointing
@@ -162,17 +164,18 @@ def test_cpu_study_sweeps_by_itself_one_directory_per_point(fsdp_study: Path) ->
 ], ids=["xl", "xl-ckpt", "3b-ckpt", "xl-v100-fp16"])
 def test_gpu_study_experiments_expand_to_the_published_points(tmp_path: Path, experiment: str, points: int,
                                                               extra: list[str]) -> None:
-    """Each point is composed and validated; train.steps=0 stops every point before launch (no GPU here), so the
-    sweep reports every point failed."""
-    sweep = tmp_path / "sweep"
-    proc = harness(["run", "-m", f"+experiment={experiment}", "train.steps=0", *extra, f"hydra.sweep.dir={sweep}"],
-                   cwd=tmp_path, timeout=120)
-    assert proc.returncode == 1 and f"{points} of {points} sweep points did not finish ok" in proc.stderr, proc.stderr
-    configs = [json.loads(p.read_text())["config"] for p in sweep.glob("*/summary.json")]
+    """Each point is composed and validated for its 4 ranks (--dry-run: no GPU here), and its config is the
+    study's."""
+    sweep = ["run", "-m", f"+experiment={experiment}", *extra]
+    proc = harness([*sweep, "--dry-run"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.count("[ok: 4 rank(s)") == points, proc.stdout + proc.stderr
+    shown = harness([*sweep, "--cfg", "job"], cwd=tmp_path, timeout=120)
+    configs = [yaml.safe_load(part) for part in re.split(r"^# point .*$", shown.stdout, flags=re.M)[1:]]
     assert len(configs) == points
     assert all(c["backend"]["name"] == "fsdp" and c["model"]["seq_len"] == 128 and c["launcher"]["nproc"] == 4
                for c in configs)
     assert {c["train"]["precision"] for c in configs} == ({"fp16"} if extra else {"bf16"})
+    assert not any(tmp_path.iterdir())
 
 
 BAD_FSDP = [

@@ -188,7 +188,7 @@ def _list_points(args: list[str]) -> int:
 
     options, overrides = _split_hydra_args(args)
     cfg_part = next((options[i + 1] for i, o in enumerate(options[:-1]) if o in ("-c", "--cfg")), None)
-    _, points = check_points(overrides, directories=cfg_part is None)
+    _, points = check_points(overrides, directories=cfg_part is None, host=False)
     if cfg_part is None:
         print(f"harness: {len(points)} point(s); nothing run (drop --dry-run to run them)")
     for point in points:

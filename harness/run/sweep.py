@@ -71,10 +71,12 @@ def check_override_syntax(overrides: list[str]) -> None:
                               f"unbalanced quotes or brackets); quote the value: {fix}") from None
 
 
-def check_points(overrides: list[str], *, directories: bool = True, writer: bool = True,
+def check_points(overrides: list[str], *, directories: bool = True, writer: bool = True, host: bool = True,
                  sweep_dir: Optional[Path] = None) -> tuple[Optional[Path], list[Point]]:
     """(the sweep directory, every point checked): nothing is created. `directories`: also look at each point's
-    directory (in use, not the harness's, a run refused by sweep.resume=false)."""
+    directory (in use, not the harness's, a run refused by sweep.resume=false); `host`: also what this host must
+    have where the points' ranks run on it (device, kernels, memory; off for --dry-run, which checks a cluster
+    sweep on a login node)."""
     from harness.config.compose import compose, sweep_points
 
     expanded = sweep_points(overrides)
@@ -99,14 +101,14 @@ def check_points(overrides: list[str], *, directories: bool = True, writer: bool
             entry.cfg = OmegaConf.masked_copy(full, [key for key in full if key != "hydra"])
             entry.hydra = full.hydra
             entry.run_dir = sweep_dir / str(full.hydra.sweep.subdir)
-            _check_point(entry, directories and writer)
+            _check_point(entry, directories and writer, host)
         except ConfigError as exc:
             entry.error = str(exc)
         points.append(entry)
     return sweep_dir, points
 
 
-def _check_point(point: Point, directories: bool) -> None:
+def _check_point(point: Point, directories: bool, host: bool) -> None:
     from harness.config.checks import validate
     from harness.run.launch import joined_ranks
     from harness.run.preflight import preflight
@@ -126,7 +128,7 @@ def _check_point(point: Point, directories: bool) -> None:
                               "`harness submit <site> ... -- -m ...`, or leave launcher.spawn=local")
         point.world = int(os.environ.get("SLURM_NTASKS", "") or 0) or cfg.parallel.world_size or cfg.launcher.nproc
         point.layout = validate(cfg, point.world)
-    elif launcher in LOCAL_LAUNCHERS:
+    elif launcher in LOCAL_LAUNCHERS and host:
         point.world = joined.world_size if joined else cfg.launcher.nproc
         point.layout = preflight(cfg, point.world, joined.local_world_size if joined else cfg.launcher.nproc)
     else:  # a job on other hosts: what this host has does not matter
