@@ -5,7 +5,7 @@ describes a rank sharing this host's cores with N−1 others) into a profile cpu
 temporary HARNESS_CONFIG_DIR, so the user's own profiles are untouched), then
 `harness run` gpt-tiny and a ~20M model (DDP) on that profile and compare the run's predicted
 iteration time with its measured median. Target: |error| <= 25%. Writes JSON
-(default benchmarks/results/costmodel_cpu.json). On a shared host timings are noisy: rerun.
+(default results/costmodel_cpu.json). On a shared host timings are noisy: rerun.
 
     python benchmarks/costmodel_cpu.py [--ranks 1 2 4] [--steps 5] [--rounds 2]
 """
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="calibrate-then-run rounds; the row reports the medians over rounds")
     parser.add_argument("--note", default="", help="how quiet the host was, for the record")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "costmodel_cpu.json"))
+    parser.add_argument("--out", default=str(ROOT / "results" / "costmodel_cpu.json"))
     args = parser.parse_args()
     os.environ["HARNESS_CONFIG_DIR"] = tempfile.mkdtemp(prefix="harness-costmodel-cpu-")
     points: dict[tuple[str, int], dict[str, list[float]]] = {}

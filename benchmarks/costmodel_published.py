@@ -2,7 +2,7 @@
 every row's predicted, published and error, each table's mean and max |error|, the software profile and
 system it was predicted with, what was assumed and which constants the table scores in-sample.
 
-    python benchmarks/costmodel_published.py [--out benchmarks/results/costmodel_published.json]
+    python benchmarks/costmodel_published.py [--out results/costmodel_published.json]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from harness.costmodel.published import score_all  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "costmodel_published.json"))
+    parser.add_argument("--out", default=str(ROOT / "results" / "costmodel_published.json"))
     args = parser.parse_args()
     tables = score_all()
     result = {

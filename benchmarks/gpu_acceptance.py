@@ -14,7 +14,7 @@ In order, each within its own time limit (about ten minutes in all on one H100/H
    device found by UUID with the PCI bus id torch reports (CUDA_VISIBLE_DEVICES ordering);
 6. fp16 with dynamic loss scaling on DeepSpeed and on FSDP2: overflowing steps skipped and counted;
 7. a batch sweep whose second point cannot fit: that point ends `status: oom`, the sweep goes on.
-Writes one JSON under benchmarks/results/ (`--out`): every check's figures, pass/fail, command and seconds,
+Writes one JSON under results/ (`--out`): every check's figures, pass/fail, command and seconds,
 and the device, driver and versions. Refuses in one line, writing nothing, where torch sees no GPU.
 
     scripts/gpu_acceptance.sh [--out DIR] [--only 1,2,...]
@@ -132,7 +132,7 @@ def check_meta_init() -> dict[str, Any]:
     from torch.distributed.fsdp import fully_shard
 
     from harness.backends.base import materialize
-    from models.gpt import GPT, GPTConfig
+    from harness.models.gpt import GPT, GPTConfig
 
     cfg = GPTConfig(n_layers=4, d_model=256, n_heads=8, seq_len=256, vocab_size=4096)
     if not dist.is_initialized():  # fully_shard needs a process group: this process as a 1-rank NCCL group
@@ -240,7 +240,7 @@ def check_oom(scratch: Path) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--out", default=str(ROOT / "results"))
     parser.add_argument("--only", default="1,2,3,4,5,6,7", help="comma-separated check numbers")
     args = parser.parse_args()
     import torch

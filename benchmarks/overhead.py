@@ -1,12 +1,12 @@
 """What the harness costs: median step time of `harness run` (1 rank) over a bare PyTorch loop.
 
-Both train the same `models.gpt.GPT` with the same batch, AdamW settings and gradient clipping on
+Both train the same `harness.models.gpt.GPT` with the same batch, AdamW settings and gradient clipping on
 the same number of threads; the bare loop draws its tokens with one `torch.randint` per step. The
 harness's iteration time is measured end to end (step boundary to step boundary, so its data,
 logging and reductions count). Both run in fresh subprocesses with the same thread count, in
 ABBA order over the rounds, because on a shared host the same code drifts by tens of percent
 from one process to the next.
-Target: ratio <= 1.03. Writes JSON (default benchmarks/results/overhead.json).
+Target: ratio <= 1.03. Writes JSON (default results/overhead.json).
 
     python benchmarks/overhead.py [--rounds 2] [--steps 20]
 """
@@ -31,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.gpt import GPT, GPTConfig  # noqa: E402
+from harness.models.gpt import GPT, GPTConfig  # noqa: E402
 
 MODELS = {
     "gpt-tiny": {"n_layers": 2, "d_model": 64, "n_heads": 4, "seq_len": 128, "vocab_size": 512, "batch": 8},
@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--bare-worker", choices=list(MODELS), help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "overhead.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "overhead.json")
     args = parser.parse_args()
     if args.bare_worker:
         print(json.dumps(bare_step_ms(MODELS[args.bare_worker], args.steps, args.warmup, args.threads)))

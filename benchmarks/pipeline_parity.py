@@ -7,7 +7,7 @@ Every run trains gpt-tiny in fp32 with the parity tests' global batch (4 samples
 tests/test_pipeline.py does; each passes when every step's loss is within the tests' 1e-5 of the reference
 and its global gradient norm within 1e-5 relative.
 
-    python benchmarks/pipeline_parity.py [--out benchmarks/results/pipeline_parity.json]
+    python benchmarks/pipeline_parity.py [--out results/pipeline_parity.json]
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def compare(entry: dict[str, Any], reference: dict[str, Any]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pipeline_parity.json"))
+    parser.add_argument("--out", default=str(ROOT / "results" / "pipeline_parity.json"))
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="harness-pipeline-parity-"))
     runs = {name: run(scratch / name, overrides) for name, overrides in LAYOUTS.items()}

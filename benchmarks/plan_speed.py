@@ -1,6 +1,6 @@
 """How long `harness plan` takes to search the whole space, on one core: the issue's case (GPT-175B on up to
 3072 Frontier GCDs, global batch 1536, every backend) and a 1T case. Target: under 5 s for the first.
-Writes JSON (default benchmarks/results/plan_speed.json): seconds for the whole command (composition,
+Writes JSON (default results/plan_speed.json): seconds for the whole command (composition,
 search, validation and estimates of the printed rows) and for the search alone, with the search's counts.
 
     python benchmarks/plan_speed.py [--rounds 3]
@@ -31,7 +31,7 @@ CASES = {
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "plan_speed.json"))
+    parser.add_argument("--out", default=str(ROOT / "results" / "plan_speed.json"))
     args = parser.parse_args()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     pin = ["taskset", "-c", "0"] if sys.platform == "linux" else []

@@ -14,7 +14,7 @@ measured where that drift cannot reach them: the in-run ratio summary.json repor
 the same run's unprofiled steps, seconds apart), and the one cost profiling leaves in every step of every
 run, the phase markers (`record_function` with no profiler active), timed in-process and divided by the
 step time as a bound on the rest-of-run overhead. Writes JSON
-(default benchmarks/results/profile_overhead.json).
+(default results/profile_overhead.json).
 
     python benchmarks/profile_overhead.py [--rounds 2] [--steps 16] [--models gpt-tiny gpt-20m]
 """
@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--note", default="", help="how quiet the host was, for the record")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "profile_overhead.json"))
+    parser.add_argument("--out", default=str(ROOT / "results" / "profile_overhead.json"))
     args = parser.parse_args()
     results: dict[str, Any] = {}
     from torch.profiler import record_function

@@ -17,7 +17,7 @@ On a host this small even that resolves only a few percent (the JSON gives a boo
 the step-time ratio is also bounded from CPU times: the sampler thread can delay the training loop by
 no more than its own CPU time, plus the synchronous boundary cost per step.
 Targets: step-time ratio <= 1.01; sampler CPU <= 1% of one core at 10 Hz.
-Writes JSON (default benchmarks/results/telemetry_overhead.json).
+Writes JSON (default results/telemetry_overhead.json).
 
     python benchmarks/telemetry_overhead.py [--rounds 2] [--steps 15] [--blocks 8] [--block-steps 8]
 """
@@ -130,7 +130,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=8, help="in-process comparison: ABBA blocks per arm")
     parser.add_argument("--block-steps", type=int, default=8, help="in-process comparison: timed steps per block")
     parser.add_argument("--note", default="", help="how quiet the host was, for the record")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "telemetry_overhead.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "telemetry_overhead.json")
     args = parser.parse_args()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -8,7 +8,7 @@ AdamW with the same settings. Steps of the two models alternate, and the order
 flips every step, so that thermal or frequency drift hits both equally; the
 figure reported is the median step time.
 
-    python benchmarks/vs_hf.py --out benchmarks/results/vs_hf.json
+    python benchmarks/vs_hf.py --out results/vs_hf.json
 
 ratio = ours / hf; <= 1.0 means our model is no slower than the reference.
 """
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a plain s
 
 import transformers  # noqa: E402
 
-from models.gpt import GPT, GPTConfig  # noqa: E402
+from harness.models.gpt import GPT, GPTConfig  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="timed steps per model")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per model")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/vs_hf.json"))
+    p.add_argument("--out", type=Path, default=Path("results/vs_hf.json"))
     return p.parse_args(argv)
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-from harness.config.errors import ConfigError, RunError
-from harness.console import guard_stdout, stdout_error
+from harness.core.console import guard_stdout, stdout_error
+from harness.core.errors import ConfigError, RunError
 
 COMMANDS = {  # name: (module:function, one-line summary)
     "run": ("harness.run.command:run_command", "train a GPT for a bounded number of steps and measure it"),

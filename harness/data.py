@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
-from harness import quiet_library_warnings
-from harness.config.errors import ConfigError
+from harness.core.console import quiet_library_warnings
+from harness.core.errors import ConfigError
 
 USAGE = """usage: harness data prepare INPUT [INPUT ...] --out PREFIX --tokenizer PATH [--workers N]
                             [--text-key KEY] [--eod-token TOKEN]

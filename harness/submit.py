@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness.config.errors import ConfigError
+from harness.core.errors import ConfigError
 
 if TYPE_CHECKING:
-    from launchers.jobscript import JobRequest
+    from harness.launchers.jobscript import JobRequest
 
 SUBMIT_USAGE = """usage: harness submit <system> [--dry-run] [key=value ...] [-- harness run overrides ...]
 
@@ -21,7 +21,7 @@ SUBMIT_USAGE = """usage: harness submit <system> [--dry-run] [key=value ...] [--
 
 def submit_command(args: list[str]) -> int:
     """Render system/<system>.yaml's job script and print it (--dry-run) or hand it to the scheduler."""
-    from launchers.jobscript import SubmitError, printable
+    from harness.launchers.jobscript import SubmitError, printable
 
     if not args or args[0] in ("-h", "--help"):
         print(SUBMIT_USAGE)
@@ -41,7 +41,7 @@ def _job_request(args: list[str]) -> tuple[JobRequest, bool]:
 
     from harness.config.compose import group_choices, load_yaml, search_dirs
     from harness.config.schema import JobConfig
-    from launchers.jobscript import PARAMS, JobRequest, SubmitError, check, find_template, parse_count
+    from harness.launchers.jobscript import PARAMS, JobRequest, SubmitError, check, find_template, parse_count
 
     site, rest = args[0], args[1:]
     if site not in group_choices("system"):
@@ -99,7 +99,7 @@ def _render_and_submit(request: JobRequest, dry_run: bool) -> int:
     import datetime
     import subprocess
 
-    from launchers.jobscript import SUBMIT, SubmitError, printable, render, submit_command
+    from harness.launchers.jobscript import SUBMIT, SubmitError, printable, render, submit_command
 
     script = render(request)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")

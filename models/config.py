@@ -115,6 +115,38 @@ class GPTConfig:
                                                f"{self.head_dim}; change d_model or n_heads")
 
 
+@dataclass(frozen=True)
+class Linear:
+    """One linear layer of a block, as the model file names it, and how tensor parallelism splits it (Megatron's
+    ColumnParallelLinear / RowParallelLinear, torch's ColwiseParallel / RowwiseParallel).
+
+    `column` splits the output features: each rank computes whole heads (qkv is laid out per KV group) or whole
+    FFN columns. `row` splits the input features: the layer's partial sums end in an all-reduce into the residual
+    stream, and its weights start at the residual branches' scaled init (GPT-2, Megatron)."""
+
+    name: str
+    """Module path inside a block (`blocks[i].<name>`)."""
+    n_in: int
+    n_out: int
+    split: str
+    """column | row."""
+
+    @property
+    def residual(self) -> bool:
+        """Writes into the residual stream (the row-parallel projections): scaled init, TP all-reduce."""
+        return self.split == "row"
+
+
+def block_linears(config: GPTConfig) -> tuple[Linear, ...]:
+    """A block's linears in forward order: the one description the model, the backends' tensor-parallel plans and
+    the cost model's shapes all read."""
+    h, q = config.d_model, config.n_heads * config.head_dim
+    qkv = (config.n_heads + 2 * config.kv_heads) * config.head_dim
+    gate = (Linear("mlp.gate", h, config.ffn_width, "column"),) if config.activation == "swiglu" else ()
+    return (Linear("attn.qkv", h, qkv, "column"), Linear("attn.proj", q, h, "row"),
+            Linear("mlp.fc", h, config.ffn_width, "column"), *gate, Linear("mlp.proj", config.ffn_width, h, "row"))
+
+
 def nearest_divisor(n: int, near: int) -> int:
     """The divisor of n closest to `near` (the smaller on a tie): the fix an error message suggests."""
     return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - near), d))

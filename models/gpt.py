@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.config import GPTConfig
+from .config import GPTConfig, block_linears
 
 __all__ = ["GPT", "GPTConfig"]
 
@@ -41,6 +41,12 @@ def make_norm(config: GPTConfig) -> nn.Module:
     if config.norm == "rmsnorm":
         return nn.RMSNorm(config.d_model, eps=config.norm_eps)
     return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+
+
+def linear(config: GPTConfig, name: str) -> nn.Linear:
+    """The block linear `name` with the shape the model description (config.block_linears) gives it."""
+    spec = next(layer for layer in block_linears(config) if layer.name == name)
+    return nn.Linear(spec.n_in, spec.n_out, bias=config.bias)
 
 
 def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -113,9 +119,8 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.head_dim = config.head_dim
         self.q_per_group = config.n_heads // config.kv_heads
-        qkv_out = (config.n_heads + 2 * config.kv_heads) * config.head_dim
-        self.qkv = nn.Linear(config.d_model, qkv_out, bias=config.bias)
-        self.proj = nn.Linear(config.n_heads * config.head_dim, config.d_model, bias=config.bias)
+        self.qkv = linear(config, "attn.qkv")
+        self.proj = linear(config, "attn.proj")
         self.core = CoreAttention(config.attention, grouped=self.q_per_group > 1)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -139,10 +144,10 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.activation = config.activation
-        self.fc = nn.Linear(config.d_model, config.ffn_width, bias=config.bias)
+        self.fc = linear(config, "mlp.fc")
         if config.activation == "swiglu":
-            self.gate = nn.Linear(config.d_model, config.ffn_width, bias=config.bias)
-        self.proj = nn.Linear(config.ffn_width, config.d_model, bias=config.bias)
+            self.gate = linear(config, "mlp.gate")
+        self.proj = linear(config, "mlp.proj")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)
@@ -215,14 +220,14 @@ class GPT(nn.Module):
         self._tie_weights()
         std = self.config.init_std
         resid_std = std / math.sqrt(2 * self.config.n_layers)
+        residual = tuple(layer.name for layer in block_linears(self.config) if layer.residual)
         for name, module in self.named_modules():
             if isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             elif isinstance(module, nn.Linear):
                 if module is self.lm_head and self.config.tie_embeddings:
                     continue  # same Parameter as tok_emb.weight, already initialised
-                is_residual_out = name.endswith(("attn.proj", "mlp.proj"))
-                nn.init.normal_(module.weight, mean=0.0, std=resid_std if is_residual_out else std)
+                nn.init.normal_(module.weight, mean=0.0, std=resid_std if name.endswith(residual) else std)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or module.__class__.__name__ in APEX_NORMS:

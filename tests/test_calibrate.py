@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from harness.config.compose import CONF_DIR, compose
 from harness.costmodel.comm import RING_FACTOR
+from harness.models.gpt import GPT
 from harness.predict.calibrate import (
     GEMM_SIZES,
     PROBE_LAYERS,
@@ -20,8 +21,7 @@ from harness.predict.calibrate import (
     modelled_probe_block_s,
     profile_from,
 )
-from harness.predict.estimate import predict
-from models.gpt import GPT
+from harness.run.preflight import check_config
 
 
 def synthetic_measurements() -> dict:  # type: ignore[type-arg]
@@ -64,7 +64,7 @@ def test_written_profile_is_a_system_choice() -> None:
     path.write_text(OmegaConf.to_yaml(OmegaConf.create(profile)))
     try:
         cfg = compose(["system=cpu-calibrated-test", "launcher.nproc=2"])
-        _, est = predict(cfg, 2)
+        est = check_config(cfg, 2).estimate
     finally:
         path.unlink()
     assert est["step_time_s"] > 0 and est["peak_tflops"] == profile["peak_tflops"]
@@ -82,5 +82,5 @@ def test_calibrate_two_ranks_writes_a_profile_a_run_can_use(calibrated_cpu: Path
         assert profile[key] > 0, key  # type: ignore[index]
     assert profile["comm_latency_us"] >= 0  # type: ignore[index]  # the fit keeps its intercept non-negative
     assert profile["devices_per_node"] == 2 and profile["overlap_comm"] is False  # type: ignore[index]
-    _, est = predict(compose([f"system={name}", "launcher.nproc=2", "model=gpt-tiny"]), 2)
+    est = check_config(compose([f"system={name}", "launcher.nproc=2", "model=gpt-tiny"]), 2).estimate
     assert est["step_time_s"] > 0 and est["comm_bytes_per_device"]["dp"] > 0

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY, clean_env
 
-from launchers.jobscript import JobRequest, render
+from harness.launchers.jobscript import JobRequest, render
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted(p for p in (ROOT / "scripts").rglob("*") if p.is_file()) + sorted((ROOT / ".ci").iterdir())

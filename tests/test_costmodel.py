@@ -21,12 +21,12 @@ from omegaconf import OmegaConf
 
 from harness.config.checks import validate
 from harness.config.compose import CONF_DIR, compose
-from harness.config.errors import ConfigError
 from harness.config.schema import Config
+from harness.core.errors import ConfigError
 from harness.costmodel.comm import Collective, collectives, zero3_gathered_numel
 from harness.costmodel.estimate import estimate
 from harness.costmodel.flops import param_count
-from harness.costmodel.layout import job_from_config, param_split, stage_params
+from harness.costmodel.layout import job_from_config, param_split
 from harness.costmodel.memory import GB, layer_activation_bytes, model_state_bytes
 from harness.costmodel.software import PROFILES
 
@@ -78,11 +78,11 @@ def test_published_tables_stay_within_todays_error(published: dict) -> None:  # 
 
 def test_a_published_rows_command_reproduces_its_prediction(published: dict) -> None:  # type: ignore[type-arg]
     from harness.costmodel.published import predicted_value
-    from harness.predict.estimate import predict
+    from harness.run.preflight import check_config
 
     row = published["bloom-176b"]["rows"][0]
     cfg = compose(row["command"].split()[2:])
-    _, est = predict(cfg, cfg.parallel.world_size)
+    est = check_config(cfg, cfg.parallel.world_size).estimate
     assert predicted_value("step_time_s", cfg, est, 384) == pytest.approx(row["predicted"], rel=1e-12)
     assert est["software"]["name"] == "megatron-deepspeed"
 
@@ -121,7 +121,7 @@ def test_dp_volumes_follow_zero_paper() -> None:
         j = job(4, backend={"name": "deepspeed", "ds_config": KEEP_NOTHING if stage == 3 else {}},
                 parallel={"zero_stage": stage}, **common)
         wire[stage] = sum(c.wire_bytes for c in collectives(j))
-    psi_bytes = 2 * stage_params(j) * 3 / 4  # 16-bit bytes × (p−1)/p
+    psi_bytes = 2 * j.params_per_rank * 3 / 4  # 16-bit bytes × (p−1)/p
     tied_head = 2 * j.model.vocab_size * j.model.d_model * 3 / 4  # the tied weight is used twice
     assert wire[0] == pytest.approx(2 * psi_bytes)
     assert wire[1] == pytest.approx(2 * psi_bytes)
@@ -151,13 +151,13 @@ def test_tp_and_pp_volumes() -> None:
             train={"precision": "bf16"})
     payload = 1 * 128 * 64 * 2
     assert by_kind(collectives(j)) == {("tp", "all_reduce"): payload * (4 * 2 + 2) + 3 * 128 * 4,
-                                       ("dp", "reduce_scatter"): stage_params(j) * 2}
+                                       ("dp", "reduce_scatter"): j.params_per_rank * 2}
     assert sum(c.wire_bytes for c in collectives(j) if c.dim == "dp") == 0
     j = job(2, backend={"name": "deepspeed3d"}, parallel={"pp": 2, "zero_stage": 1},
             train={"precision": "bf16", "global_batch_size": 4})
     assert by_kind(collectives(j)) == {("pp", "send_recv"): payload * 4,
                                        ("pp", "all_reduce"): 512 * 64 * 2,
-                                       ("dp", "reduce_scatter"): stage_params(j) * 2}
+                                       ("dp", "reduce_scatter"): j.params_per_rank * 2}
 
 
 def test_fsdp_volumes() -> None:
@@ -337,8 +337,8 @@ def test_a_plan_rows_printed_command_reproduces_its_prediction(capsys: pytest.Ca
     """Each row carries whole, pasteable commands (`backend=<name>` selects the backend's own defaults); pasting
     its `harness estimate` line predicts exactly that row, and its `harness run` overrides validate as that layout."""
     from harness.config.compose import compose
-    from harness.predict.estimate import predict
     from harness.predict.plan import plan_command
+    from harness.run.preflight import check_config
 
     assert plan_command(["model=gpt-1.3b", "system=dgx-a100-80gb", "parallel.world_size=8",
                          "train.global_batch_size=64", "train.precision=bf16", "--json", "--top=4"]) == 0
@@ -348,7 +348,7 @@ def test_a_plan_rows_printed_command_reproduces_its_prediction(capsys: pytest.Ca
     for row in rows:
         words = row["estimate_command"].split()
         assert words[:2] == ["harness", "estimate"] and f"backend={row['backend']}" in words
-        _, est = predict(compose(words[2:]), row["devices"])
+        est = check_config(compose(words[2:]), row["devices"]).estimate
         assert est["tokens_per_s"] == pytest.approx(row["tokens_per_s"], rel=1e-12)
         submit = f"harness submit dgx-a100-80gb tasks={row['devices']} -- model=gpt-1.3b "
         assert row["submit_command"].startswith(submit)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from harness.config.checks import Layout
+from harness.core.layout import Layout
 from harness.run.data import SyntheticTokens, TokenFile, rank_micro_batches
 
 CPU = torch.device("cpu")

@@ -15,7 +15,7 @@ from conftest import Run, assert_losses_match, harness, run_layouts
 
 from harness.config.checks import validate
 from harness.config.compose import compose
-from harness.config.errors import ConfigError
+from harness.core.errors import ConfigError
 
 TOLERANCE = 1e-4
 

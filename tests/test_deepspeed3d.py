@@ -18,7 +18,7 @@ from test_deepspeed import TOLERANCE
 
 from harness.config.checks import validate
 from harness.config.compose import compose
-from harness.config.errors import ConfigError
+from harness.core.errors import ConfigError
 
 LAYOUTS_3D = {
     "tp2-selective": ["launcher.nproc=2", "parallel.tp=2", "train.micro_batch_size=2",
@@ -118,7 +118,7 @@ def test_gpt_175b_stage_built_on_meta_holds_only_its_slice() -> None:
     from megatron.core import parallel_state
 
     from harness.backends.deepspeed3d import BLOCK_PARTITION, BlockPipe, layer_specs, model_parallel_config
-    from models.config import GPTConfig
+    from harness.models.config import GPTConfig
 
     cfg = compose(["model=gpt-175b", "backend=deepspeed3d", "parallel.tp=8", "parallel.pp=16"])
     layout = validate(cfg, 128)

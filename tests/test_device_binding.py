@@ -13,9 +13,9 @@ import pytest
 import torch
 from conftest import harness
 
-from harness.config.errors import ConfigError
+from harness.core.errors import ConfigError
+from harness.launchers.env import LaunchEnvError, device_index
 from harness.run import preflight, rank
-from launchers.env import LaunchEnvError, device_index
 
 
 @pytest.mark.parametrize(("local_rank", "visible", "order", "index"), [

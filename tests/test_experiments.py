@@ -1,4 +1,4 @@
-"""Every experiment in `harness/conf/experiment/` composes, validates at every sweep point, cites the study
+"""Every experiment in `conf/experiment/` composes, validates at every sweep point, cites the study
 it reproduces and names the `harness report` views that reproduce it; every published study has a CPU
 miniature small enough to run here. No training here: tests/test_report.py runs two of the miniatures, and
 each runs by hand with `harness run -m +experiment=<name>`.

@@ -21,7 +21,7 @@ from harness.backends.base import apply_activation_checkpointing
 from harness.config.schema import ModelConfig
 from harness.costmodel.flops import forward_flops_per_token, param_count, recomputed_forward_per_token, step_flops
 from harness.costmodel.peaks import lookup_peak
-from models.gpt import GPT, GPTConfig
+from harness.models.gpt import GPT, GPTConfig
 
 CONFIGS = {
     "gpt-tiny": GPTConfig(),

@@ -20,8 +20,8 @@ from conftest import GLOBAL_BATCH, TINY, Run, assert_losses_match, fsdp_config, 
 
 from harness.backends.base import apply_activation_checkpointing
 from harness.config.checks import compute_precision, validate
-from harness.config.errors import ConfigError
-from models.gpt import GPT, GPTConfig
+from harness.core.errors import ConfigError
+from harness.models.gpt import GPT, GPTConfig
 
 TOLERANCE = 1e-5
 

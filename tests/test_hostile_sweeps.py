@@ -161,7 +161,7 @@ def test_a_run_directory_that_is_a_file_or_a_broken_link_is_one_line(tmp_path: P
 
 @pytest.mark.parametrize("value", ["abc\n#SBATCH --uid=0", "abc --uid=0", "abc;id", "x\x1b[2J"])
 def test_the_slurm_sweep_launcher_refuses_a_value_that_would_add_to_its_job_script(value: str) -> None:
-    from harness.config.errors import ConfigError
+    from harness.core.errors import ConfigError
     from harness.run.sweep import check_launcher_strings
     from hydra_plugins.harness_sweep.slurm_launcher import SlurmSweepLauncher
 

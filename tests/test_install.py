@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -49,12 +50,16 @@ def run_installed(venv: Path, cwd: Path, *args: str, config_dir: Path | None = N
                           timeout=timeout)
 
 
-def test_the_installed_package_is_not_the_checkout(venv: Path, tmp_path: Path) -> None:
-    found = subprocess.run([str(venv / "bin" / "python"), "-c", "import harness, launchers, models; print("
-                            "harness.__file__, launchers.__file__, models.__file__)"], cwd=tmp_path,
-                           capture_output=True, text=True, env=clean_env())
+def test_the_installed_package_is_not_the_checkout_and_has_one_import_root(venv: Path, tmp_path: Path) -> None:
+    found = subprocess.run([str(venv / "bin" / "python"), "-c", "import harness, harness.launchers, harness.models; "
+                            "print(harness.__file__, harness.launchers.__file__, harness.models.__file__)"],
+                           cwd=tmp_path, capture_output=True, text=True, env=clean_env())
     assert found.returncode == 0, found.stderr
     assert all(Path(p).is_relative_to(venv) for p in found.stdout.split()), found.stdout
+    wheel = next(venv.parent.glob("dist/harness-*.whl"))
+    tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()
+            if not name.split("/")[0].endswith((".dist-info", ".data"))}
+    assert tops == {"harness", "hydra_plugins"}, tops  # no generic top-level `models` or `launchers`
 
 
 def test_run_and_estimate_from_an_empty_directory(venv: Path, tmp_path: Path) -> None:

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from harness.config.compose import compose
-from harness.config.errors import ConfigError
-from models.gpt import GPT, GPTConfig, math_attention
+from harness.core.errors import ConfigError
+from harness.models.gpt import GPT, GPTConfig, math_attention
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
@@ -89,8 +89,8 @@ def test_kernels_that_cannot_run_here_are_refused_in_one_line(overrides: list[st
     ("deepspeed", "cpu", "adamw"), ("fsdp", "cuda", "adamw"), ("ddp", "cpu", "adamw")])
 def test_auto_optimizer_is_deepspeeds_fused_adam_on_a_gpu(backend: str, device: str, expected: str) -> None:
     from harness.backends.deepspeed import ds_config
-    from harness.backends.registry import resolve_optimizer
     from harness.config.checks import validate
+    from harness.core.registry import resolve_optimizer
 
     assert resolve_optimizer("auto", backend, device) == expected
     if backend == "deepspeed":

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from launchers.env import DEFAULT_MASTER_PORT, LaunchEnvError, RankInfo, discover, read_lines
+from harness.launchers.env import DEFAULT_MASTER_PORT, LaunchEnvError, RankInfo, discover, read_lines
 
 SHELL = {"PATH": "/usr/bin:/bin", "HOME": "/home/alice", "USER": "alice", "SHELL": "/bin/bash"}
 

@@ -1,4 +1,4 @@
-"""`launchers.env`: rank discovery from environments written the way each launcher documents them.
+"""`harness.launchers.env`: rank discovery from environments written the way each launcher documents them.
 
 Pure functions only: no processes, no network. Every environment below carries the launcher's full
 variable set plus ordinary shell noise, so a test also catches discovery that keys on the wrong variable.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from launchers.env import DEFAULT_MASTER_PORT, LaunchEnvError, RankInfo, discover, expand_nodelist, export
+from harness.launchers.env import DEFAULT_MASTER_PORT, LaunchEnvError, RankInfo, discover, expand_nodelist, export
 
 SHELL = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/home/alice", "USER": "alice", "LANG": "C.UTF-8",
          "SHELL": "/bin/bash", "HOSTNAME": "nid001", "PWD": "/home/alice/bench"}

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from harness.config.errors import ConfigError
+from harness.core.errors import ConfigError
 from tests.conftest import GLOBAL_BATCH, TINY, assert_losses_match, harness, harness_run
 from tests.test_parity import TOLERANCE
 
@@ -166,7 +166,7 @@ def test_data_prepare_answers_bad_input_in_one_line(corpus: dict, args: list[str
 def test_megatron_blend_needs_exactly_one_source() -> None:
     from omegaconf import OmegaConf
 
-    from harness.config.checks import megatron_blend
+    from harness.config.checks.data import megatron_blend
     from harness.config.schema import DataConfig
 
     d = OmegaConf.merge(OmegaConf.structured(DataConfig), {"kind": "megatron", "prefix": "/a", "blend": [1, "/b"]})

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from conftest import GLOBAL_BATCH, TINY, Run, clean_env
 
 from harness.backends.base import materialize
-from models.gpt import GPT, GPTConfig
+from harness.models.gpt import GPT, GPTConfig
 
 CONFIG = GPTConfig(n_layers=2, d_model=64, n_heads=4, seq_len=32, vocab_size=128)
 

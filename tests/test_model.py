@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from models.config import ModelConfigError
-from models.gpt import GPT, GPTConfig
+from harness.models.config import ModelConfigError
+from harness.models.gpt import GPT, GPTConfig
 
 transformers = pytest.importorskip("transformers")
 

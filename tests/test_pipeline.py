@@ -21,11 +21,11 @@ from omegaconf import OmegaConf
 
 from harness.backends.base import materialize
 from harness.backends.pipeline import seed_stage, stage_module
-from harness.backends.registry import pipeline_split
 from harness.config.checks import validate
 from harness.config.compose import CONF_DIR
-from harness.config.errors import ConfigError
-from models.gpt import GPT, GPTConfig
+from harness.core.errors import ConfigError
+from harness.core.registry import pipeline_split
+from harness.models.gpt import GPT, GPTConfig
 
 TOLERANCE = 1e-5
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
-from launchers.jobscript import JobRequest, render
+from harness.launchers.jobscript import JobRequest, render
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -20,10 +20,10 @@ from conftest import clean_env, harness
 from omegaconf import OmegaConf
 
 from harness.cli import main
-from launchers.jobscript import JobRequest, SubmitError, find_template, render
+from harness.launchers.jobscript import JobRequest, SubmitError, find_template, render
 
 ROOT = Path(__file__).resolve().parent.parent
-PROFILES = {p.stem: OmegaConf.load(p) for p in sorted((ROOT / "harness/conf/system").glob("*.yaml"))}
+PROFILES = {p.stem: OmegaConf.load(p) for p in sorted((ROOT / "conf/system").glob("*.yaml"))}
 SITES = [site for site, profile in PROFILES.items() if "job" in profile]
 CANARY = Path("/tmp/harness-hostile-canary")
 """The file every hostile value tries to create; a test fails if it exists afterwards."""

@@ -21,8 +21,8 @@ import pynvml
 import pytest
 from conftest import TINY, harness_run
 
-from harness.config.errors import ConfigError
 from harness.config.schema import TelemetryConfig
+from harness.core.errors import ConfigError
 from harness.telemetry import open_source
 from harness.telemetry.amd import AmdSmiSource
 from harness.telemetry.base import DeviceId, SourceUnavailable

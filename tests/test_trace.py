@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from harness.config.checks import profile_window, validate
+from harness.config.checks import validate
 from harness.config.compose import compose
-from harness.config.errors import ConfigError
+from harness.core.errors import ConfigError
+from harness.core.layout import profile_window
 from harness.trace import comm, cpu
 from harness.trace.events import Event, Trace, intersect, length, subtract, union
 from tests.conftest import GLOBAL_BATCH, Run, harness, harness_run

@@ -1,17 +1,17 @@
-"""Parallel backends, one module each, behind `harness.backends.base.Backend`; `registry` names them."""
+"""Parallel backends, one module each, behind `harness.backends.base.Backend`; `harness.core.registry` names them."""
 
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from harness.backends.registry import backend_spec
+from harness.core.registry import backend_spec
 
 if TYPE_CHECKING:
     import torch
 
     from harness.backends.base import Backend
-    from harness.config.checks import Layout
+    from harness.core.layout import Layout
 
 
 def make_backend(cfg: Any, layout: Layout, device: torch.device) -> Backend:

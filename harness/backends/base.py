@@ -1,12 +1,13 @@
 """The one interface every parallel backend implements, and the pieces the Fabric backends share.
 
-A backend receives a model built from `models.gpt` (no parallelism inside it), parallelizes it,
+A backend receives a model built from `harness.models.gpt` (no parallelism inside it), parallelizes it,
 owns the optimizer, and runs one optimizer step over this rank's micro-batches. The runner owns
 everything else: process groups, data, timing, metrics and the run directory.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from abc import ABC, abstractmethod
 from typing import Any, Sequence
@@ -14,8 +15,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from harness.backends.registry import resolve_optimizer
-from harness.config.checks import Layout
+from harness.core.layout import Layout
+from harness.core.registry import CHECKPOINTING, resolve_optimizer
 from harness.trace.capture import phase
 from harness.trace.events import PHASES
 
@@ -96,15 +97,16 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def checkpoint_inside_block(block: nn.Module, mode: str) -> None:
-    """Wrap the part of one block that `mode` recomputes: `selective` the core attention (QKᵀ, softmax, ·V:
-    Korthikanti et al. 2022's selective recomputation), `attention` the whole attention sub-layer (its
-    projections too)."""
+    """Wrap the part of one block that `mode` recomputes (its region in core.registry.CHECKPOINTING: the core
+    attention, or the attention sub-layer), found by the model's module names."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    if mode == "selective":
-        block.attn.core = checkpoint_wrapper(block.attn.core, preserve_rng_state=False)
-    elif mode == "attention":
-        block.attn = checkpoint_wrapper(block.attn, preserve_rng_state=False)
+    region = CHECKPOINTING[mode].region
+    if region in ("", "block"):
+        return
+    *path, name = region.split(".")
+    parent = functools.reduce(getattr, path, block)
+    setattr(parent, name, checkpoint_wrapper(getattr(parent, name), preserve_rng_state=False))
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str, every_n: int | None = None,
@@ -121,7 +123,7 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every_n: int | N
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     for i, block in enumerate(model.blocks):
-        if mode == "full" or (every_n is not None and (first_block + i + 1) % every_n == 0):
+        if CHECKPOINTING[mode].region == "block" or (every_n is not None and (first_block + i + 1) % every_n == 0):
             model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
         elif every_n is None:
             checkpoint_inside_block(block, mode)

@@ -17,10 +17,10 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from harness import quiet_library_warnings
 from harness.backends.base import Backend, MicroBatch, checkpoint_and_compile, materialize
-from harness.backends.registry import resolve_optimizer
-from harness.config.checks import Layout
+from harness.core.console import quiet_library_warnings
+from harness.core.layout import Layout
+from harness.core.registry import resolve_optimizer
 from harness.trace.capture import phase
 from harness.trace.events import PHASES
 

@@ -6,9 +6,9 @@ fastest, then DP, then PP), builds only this rank's stage from one `LayerSpec` p
 embedding and the tied output projection share weights through `TiedLayerSpec`), and
 `PipelineEngine.train_batch` runs its 1F1B schedule over the step's micro-batches.
 
-The stages follow `models.gpt` exactly: each block *is* a `models.gpt.Block` whose linears are
+The stages follow `harness.models.gpt` exactly: each block *is* a `harness.models.gpt.Block` whose linears are
 swapped for column/row-parallel ones, so the block's forward is the model file's own. Weights:
-on CPU the full `models.gpt.GPT` is initialised with the seed and every rank copies its slice
+on CPU the full `harness.models.gpt.GPT` is initialised with the seed and every rank copies its slice
 (parity with one rank); on GPU each rank initialises only its own shard with megatron-core's
 model-parallel RNG (`model_parallel_cuda_manual_seed`), so a 175B model never exists whole.
 
@@ -32,12 +32,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from harness import quiet_library_warnings
 from harness.backends.base import MicroBatch, checkpoint_inside_block
 from harness.backends.deepspeed import DeepSpeedEngineBackend
+from harness.core.console import quiet_library_warnings
+from harness.core.registry import CHECKPOINTING
+from harness.models.config import block_linears
+from harness.models.gpt import GPT, Block, GPTConfig, make_norm, rope_cache
 from harness.trace.capture import phase
 from harness.trace.events import PHASES
-from models.gpt import GPT, Block, GPTConfig, make_norm, rope_cache
 
 quiet_library_warnings()
 from megatron.core import parallel_state, tensor_parallel  # noqa: E402  (after the filters: it warns on import)
@@ -115,7 +117,8 @@ def _normal(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 class Stage(nn.Module):
-    """A pipeline layer whose parameter names are `models.gpt.GPT`'s after `prefix` (to copy slices of a full model)."""
+    """A pipeline layer whose parameter names are `harness.models.gpt.GPT`'s after `prefix` (to copy a full model's
+    slices)."""
 
     prefix = ""
 
@@ -156,23 +159,19 @@ def tied_logits(embedding: EmbeddingPipe, x: torch.Tensor) -> torch.Tensor:
 
 
 class BlockPipe(Block, Stage):
-    """`models.gpt.Block` with its linears column/row-parallel; its forward is the model file's own."""
+    """`harness.models.gpt.Block` with its linears column/row-parallel; its forward is the model file's own."""
 
     def __init__(self, config: GPTConfig, mp: Any, index: int, checkpointing: str) -> None:
         with torch.device("meta"):  # the structure is the model file's; every parameter is replaced below
             super().__init__(config)
         self.prefix = f"blocks.{index}."
         std, resid_std = config.init_std, config.init_std / (2 * config.n_layers) ** 0.5
-        qkv_out = (config.n_heads + 2 * config.kv_heads) * config.head_dim
         self.norm1, self.norm2 = (_mark_sequence_parallel(make_norm(config), mp) for _ in range(2))
-        self.attn.qkv = _column(config.d_model, qkv_out, bias=config.bias, mp=mp, init=_normal(std))
-        self.attn.proj = _row(config.n_heads * config.head_dim, config.d_model, bias=config.bias, mp=mp,
-                              init=_normal(resid_std))
-        ffn = config.ffn_width
-        self.mlp.fc = _column(config.d_model, ffn, bias=config.bias, mp=mp, init=_normal(std))
-        if config.activation == "swiglu":
-            self.mlp.gate = _column(config.d_model, ffn, bias=config.bias, mp=mp, init=_normal(std))
-        self.mlp.proj = _row(ffn, config.d_model, bias=config.bias, mp=mp, init=_normal(resid_std))
+        for spec in block_linears(config):  # the model's description: which linears split by column, which by row
+            parent, _, name = spec.name.rpartition(".")
+            make = _row if spec.split == "row" else _column
+            setattr(getattr(self, parent), name, make(spec.n_in, spec.n_out, bias=config.bias, mp=mp,
+                                                      init=_normal(resid_std if spec.residual else std)))
         checkpoint_inside_block(self, checkpointing)  # `full`: DeepSpeed's activation_checkpoint_interval
         self.rope = config.position == "rope"
         self.sequence_shards = mp.tensor_model_parallel_size if mp.sequence_parallel else 1
@@ -213,7 +212,8 @@ def vocab_parallel_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
 
 
 def layer_specs(config: GPTConfig, mp: Any, *, checkpointing: str = "none") -> list[Any]:
-    """The whole model as DeepSpeed layer specs, in `models.gpt.GPT.forward` order; each rank builds its stage's."""
+    """The whole model as DeepSpeed layer specs, in `harness.models.gpt.GPT.forward` order; each rank builds its
+    stage's."""
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
     if config.tie_embeddings:
@@ -282,7 +282,7 @@ def copy_slices(stage: nn.Module, full: GPT, tp_rank: int) -> None:
 
 
 def _gpt_name(layer: Stage, name: str) -> str:
-    """`models.gpt.GPT`'s name for a stage parameter (a checkpoint wrapper adds a component to strip)."""
+    """`harness.models.gpt.GPT`'s name for a stage parameter (a checkpoint wrapper adds a component to strip)."""
     return layer.prefix + name.replace("_checkpoint_wrapped_module.", "")
 
 
@@ -312,7 +312,7 @@ class DeepSpeed3DBackend(DeepSpeedEngineBackend):
             topology=PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp),
             loss_fn=vocab_parallel_loss,
             partition_method=BLOCK_PARTITION,
-            activation_checkpoint_interval=1 if mode == "full" else 0,
+            activation_checkpoint_interval=1 if CHECKPOINTING[mode].region == "block" else 0,
             activation_checkpoint_func=functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False),
         )
         if model.tok_emb.weight.is_meta:

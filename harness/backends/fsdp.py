@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from harness.backends.base import DTYPES, FabricBackend, checkpoint_and_compile, materialize
-from harness.backends.registry import fsdp_replica_group
+from harness.core.registry import fsdp_replica_group
+from harness.models.config import block_linears
 
 REPLICA_DIMS = ("dp_replicate", "dp_shard")
 
@@ -30,8 +31,9 @@ REPLICA_DIMS = ("dp_replicate", "dp_shard")
 def apply_tensor_parallel(model: nn.Module, tp_mesh: Any, *, sequence_parallel: bool) -> None:
     """Megatron's split of every block by submodule name (torchtitan's plan).
 
-    qkv, fc and gate are split by output columns and the projections by input rows, so each block
-    needs one all-reduce in forward per sub-layer. The model infers its local head count from qkv's
+    The model's description (harness.models.config.block_linears) says which linears split by output columns
+    (qkv, fc, gate) and which by input rows (the projections), so each block needs one all-reduce in forward per
+    sub-layer. The model infers its local head count from qkv's
     width. With sequence parallelism the norms and residual stream are split along the sequence
     instead of replicated, and the all-reduces become reduce-scatter / all-gather pairs.
     """
@@ -47,15 +49,10 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any, *, sequence_parallel: 
 
     # With sequence parallelism the residual stream stays a DTensor split along the sequence.
     residual = dict(output_layouts=Shard(1), use_local_output=False) if sequence_parallel else {}
+    linears = block_linears(model.config)
     for block in model.blocks:
-        plan: dict[str, Any] = {
-            "attn.qkv": ColwiseParallel(),
-            "attn.proj": RowwiseParallel(**residual),
-            "mlp.fc": ColwiseParallel(),
-            "mlp.proj": RowwiseParallel(**residual),
-        }
-        if hasattr(block.mlp, "gate"):
-            plan["mlp.gate"] = ColwiseParallel()
+        plan: dict[str, Any] = {spec.name: ColwiseParallel() if spec.split == "column" else RowwiseParallel(**residual)
+                                for spec in linears}
         if sequence_parallel:
             plan.update({
                 "norm1": SequenceParallel(),

@@ -4,7 +4,7 @@
 (data, tensor) mesh only, so this backend builds one `DeviceMesh` of (pp, data-parallel dims, tp) itself,
 row-major like every other layout here (TP fastest, then DP, then PP; deepspeed3d's order), over the
 process group the runner already started. Each pipeline stage is the model with the parts other stages
-hold set to None (`models.gpt.GPT.forward`), split at block boundaries: the embedding on the first stage,
+hold set to None (`harness.models.gpt.GPT.forward`), split at block boundaries: the embedding on the first stage,
 the final norm and output projection on the last. Each stage is parallelised exactly as the FSDP backend
 parallelises a whole model (`FSDPBackend.shard`: TP -> AC -> compile -> FSDP2 on the data-parallel dims).
 
@@ -30,11 +30,10 @@ from torch import nn
 
 from harness.backends.base import MicroBatch, local
 from harness.backends.fsdp import FSDPBackend
-from harness.backends.registry import PP_SCHEDULES, pipeline_split, resolve_pp_schedule
-from harness.costmodel.timing import pipeline_bubble
+from harness.core.registry import PP_SCHEDULES, pipeline_bubble, pipeline_split, resolve_pp_schedule
+from harness.models.gpt import GPT
 from harness.trace.capture import phase
 from harness.trace.events import PHASES
-from models.gpt import GPT
 
 PP_DIM = "pp"
 

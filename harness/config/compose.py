@@ -2,7 +2,7 @@
 composing them for the commands that are not a Hydra application (`estimate`, `plan`, `calibrate`,
 `submit`).
 
-The groups are package data (`harness/conf/`), so an installed wheel works from any directory.
+The groups are package data (`conf/`), so an installed wheel works from any directory.
 Profiles written by `harness calibrate` live in the user's config directory, never in the package:
 `$HARNESS_CONFIG_DIR`, else `$XDG_CONFIG_HOME/harness`, else `~/.config/harness`; its `system/`
 folder is searched after the package's, so `system=<name>` finds them.
@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from harness.config.errors import ConfigError
+from harness.core.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 """The config groups shipped with the package."""

@@ -6,16 +6,6 @@ import difflib
 import re
 from typing import Optional
 
-
-class ConfigError(ValueError):
-    """An invalid configuration: the message is one line naming the field and the fix."""
-
-
-class RunError(RuntimeError):
-    """A failure at run time that is no fault of the config (a full disk, an unreadable input file): one line
-    naming the file and what to do, exit 1."""
-
-
 _CONVERT = re.compile(r"Value '(?P<value>.*)' of type '\w+' could not be converted to (?P<type>\w+)")
 _UNKNOWN = re.compile(r"Key '(?P<key>[^']+)' not in '(?P<section>\w+)'")
 _TYPES = {"Integer": "a whole number", "Float": "a number", "Boolean": "true or false", "String": "a string"}

@@ -2,7 +2,7 @@
 
 A misspelt key or a wrong type is rejected by OmegaConf against these dataclasses; everything types
 cannot express is checked in `harness.config.checks`. The model section is the model's own dataclass
-(`models.config.GPTConfig`) plus a name. Nothing here imports torch.
+(`harness.models.config.GPTConfig`) plus a name. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from typing import Any, Optional
 
 from omegaconf import MISSING
 
-from models.config import GPTConfig
+from harness.models.config import GPTConfig
 
 
 @dataclass
 class ModelConfig(GPTConfig):
-    """GPT dimensions (`models.config.GPTConfig`'s fields) and the size's name."""
+    """GPT dimensions (`harness.models.config.GPTConfig`'s fields) and the size's name."""
 
     name: str = MISSING
     """Name of the size, for run names and reports."""
@@ -88,10 +88,11 @@ class TrainConfig:
     precision: str = "fp32"
     """fp32 | fp16 | bf16 (mixed precision: fp32 master weights)."""
     activation_checkpointing: str = "none"
-    """none | selective (attention sub-layer) | full (every block)."""
+    """What each block recomputes in the backward: a name in harness.core.registry.CHECKPOINTING, which says what
+    each means (none | selective | attention | full)."""
     checkpoint_every_n: Optional[int] = None
-    """selective: None checkpoints every block's attention; n checkpoints every n-th whole block (torchtitan's
-    selective_ac_option=n), trading memory against recompute between none and full."""
+    """selective: None recomputes every block's core attention; n recomputes every n-th whole block instead
+    (torchtitan's selective_ac_option=n), trading memory against recompute between none and full."""
     compile: bool = False
     """torch.compile every block (after checkpointing, before sharding: torchtitan's order)."""
     compile_backend: str = "inductor"

@@ -25,10 +25,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from harness.core.registry import CHECKPOINTING
 from harness.costmodel.flops import param_modules, param_tensors, shape_cached
-from harness.costmodel.layout import Job, Zero3, layers_per_stage, stage_params
-from harness.costmodel.memory import shard_degrees, state_bytes_per_param
-from models.config import GPTConfig
+from harness.costmodel.layout import Job, Zero3, layers_per_stage
+from harness.models.config import GPTConfig
 
 RING_FACTOR = {"all_reduce": lambda p: 2 * (p - 1) / p, "all_gather": lambda p: (p - 1) / p,
                "reduce_scatter": lambda p: (p - 1) / p, "send_recv": lambda p: 1.0}
@@ -71,8 +71,8 @@ def dp_collectives(job: Job) -> list[Collective]:
     """Gradient reduction and parameter gathering over the data-parallel group, per backend and stage."""
     layout = job.layout
     dp, m = layout.dp, job.micro_batches
-    params = stage_params(job)
-    per = state_bytes_per_param(job.backend, job.precision)
+    params = job.params_per_rank
+    per = job.state_bytes
     intra = _intra(layout.tp * dp, job)
 
     def c(kind: str, payload: float, calls: float, group: int = dp, inside: bool = intra) -> Collective:
@@ -155,7 +155,7 @@ def _fsdp_collectives(job: Job, params: float, c) -> list[Collective]:  # type: 
     m, dp = job.micro_batches, job.layout.dp
     if job.sharding == "no_shard":
         return [c("all_reduce", params * 4, 1)]
-    n = shard_degrees(job).weights
+    n = job.shards.weights
     inside = _intra(job.layout.tp * n, job)
     gathers = 2 if job.sharding in ("full_shard", "hybrid_shard") else 1
     out = [c("all_gather", params * job.act_bytes, gathers * m, n, inside)]
@@ -174,7 +174,7 @@ def tp_collectives(job: Job) -> list[Collective]:
         return []
     tokens = layout.micro_batch_size * job.model.seq_len
     payload = tokens * job.model.d_model * job.act_bytes
-    per_layer = 4 + {"full": 2, "attention": 1}.get(job.checkpointing, 0)  # core attention has no TP traffic
+    per_layer = 4 + CHECKPOINTING[job.checkpointing].tp_collectives  # 2 forward + 2 backward, + recompute
     calls = (per_layer * layers_per_stage(job) + 2) * job.micro_batches  # + embedding forward, head backward
     intra = _intra(t, job)
     loss = Collective("tp", "all_reduce", tokens * 4, 3 * job.micro_batches, t, intra)
@@ -204,7 +204,7 @@ def pp_collectives(job: Job) -> list[Collective]:
     else:
         out = [Collective("pp", "send_recv", payload, calls, 2, intra)]
     if job.model.tie_embeddings:
-        grads = state_bytes_per_param(job.backend, job.precision).grads
+        grads = job.state_bytes.grads
         tied = job.model.vocab_size * job.model.d_model / layout.tp * grads
         out.append(Collective("pp", "all_reduce", tied, 1, 2, intra))
     return out

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from harness.config.checks import Layout
+from harness.core.layout import Layout
+from harness.core.registry import pipeline_bubble
 from harness.costmodel.comm import bytes_by_dim, collectives
 from harness.costmodel.flops import param_count, step_flops
-from harness.costmodel.layout import job_from_config, stage_params
+from harness.costmodel.layout import job_from_config
 from harness.costmodel.memory import GB, memory_per_device
 from harness.costmodel.peaks import PeakLookup, lookup_peak
 from harness.costmodel.software import Software
-from harness.costmodel.timing import alcf_fom, hardware, pipeline_bubble, power_w, step_time
+from harness.costmodel.timing import alcf_fom, hardware, power_w, step_time
 
 SECONDS_PER_DAY = 86400.0
 
@@ -44,7 +45,7 @@ def estimate(cfg: Any, layout: Layout, *, software: Optional[Software] = None,
         "system": system.name,
         "software": job.software.describe(),
         "params": param_count(m),
-        "params_per_device": stage_params(job),
+        "params_per_device": job.params_per_rank,
         "flops_per_step": {"model": flops.model, "hardware": flops.hardware},
         "memory_per_device_bytes": memory,
         "device_memory_bytes": system.memory_gb * GB if system.memory_gb is not None else None,

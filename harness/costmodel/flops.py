@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from models.config import GPTConfig
+from harness.core.registry import CHECKPOINTING
+from harness.models.config import GPTConfig, block_linears
 
 ModelDims = Any
-"""Anything with the model fields (`models.config.GPTConfig`, the schema's ModelConfig, a DictConfig section);
+"""Anything with the model fields (`harness.models.config.GPTConfig`, the schema's ModelConfig, a DictConfig section);
 read through `GPTConfig.from_section`."""
 
 
@@ -30,7 +31,7 @@ def _dims(m: Any) -> tuple[int, int, int, int, int, int, int]:
 
 @dataclass(frozen=True)
 class Tensor:
-    """One parameter tensor of `models.gpt.GPT`, named as there."""
+    """One parameter tensor of `harness.models.gpt.GPT`, named as there."""
 
     name: str
     numel: int
@@ -60,7 +61,7 @@ def shape_cached(fn: Any) -> Any:
 
 @shape_cached
 def param_modules(m: ModelDims) -> tuple[tuple[str, tuple[Tensor, ...]], ...]:
-    """`models.gpt.GPT`'s parameter-holding modules in forward order (also their registration order).
+    """`harness.models.gpt.GPT`'s parameter-holding modules in forward order (also their registration order).
 
     A tied output projection lists the embedding's tensor again: the same Parameter used twice,
     which matters to ZeRO-3's gathering (harness/costmodel/comm.py).
@@ -79,14 +80,15 @@ def param_modules(m: ModelDims) -> tuple[tuple[str, tuple[Tensor, ...]], ...]:
     out = [("tok_emb", (Tensor("tok_emb.weight", vocab * h, True),))]
     if m.position == "learned":
         out.append(("pos_emb", (Tensor("pos_emb.weight", m.seq_len * h, False),)))
+    linears = block_linears(GPTConfig.from_section(m))
     for i in range(layers):
         p = f"blocks.{i}."
-        out += [norm(p + "norm1"), linear(p + "attn.qkv", h, (a + 2 * g) * dh, column=True),
-                linear(p + "attn.proj", a * dh, h, column=False), norm(p + "norm2"),
-                linear(p + "mlp.fc", h, f, column=True)]
-        if m.activation == "swiglu":
-            out.append(linear(p + "mlp.gate", h, f, column=True))
-        out.append(linear(p + "mlp.proj", f, h, column=False))
+        for spec in linears:
+            if spec.name == "attn.qkv":
+                out.append(norm(p + "norm1"))
+            elif spec.name == "mlp.fc":
+                out.append(norm(p + "norm2"))
+            out.append(linear(p + spec.name, spec.n_in, spec.n_out, column=spec.split == "column"))
     out.append(norm("norm_f"))
     out.append(("lm_head", out[0][1] if m.tie_embeddings else (Tensor("lm_head.weight", vocab * h, True),)))
     return tuple(out)
@@ -99,7 +101,7 @@ def param_tensors(m: ModelDims) -> tuple[Tensor, ...]:
 
 
 def param_count(m: ModelDims) -> int:
-    """Exact trainable parameters of `models.gpt.GPT` (tied embeddings counted once)."""
+    """Exact trainable parameters of `harness.models.gpt.GPT` (tied embeddings counted once)."""
     return sum(t.numel for t in param_tensors(m))
 
 
@@ -158,15 +160,12 @@ def recomputed_forward_per_token(fwd: ForwardFlops, activation_checkpointing: st
     (counted exactly by tests/test_flops.py). Megatron's own checkpoint re-runs the whole region.
     """
     block = fwd.layer - (fwd.mlp_proj if early_stop else 0.0)
-    if activation_checkpointing == "full":
-        return fwd.n_layers * block
-    if activation_checkpointing == "selective" and every_n is not None:
+    region = CHECKPOINTING[activation_checkpointing].region
+    if every_n is not None and region:  # every n-th whole block instead
         return fwd.n_layers // every_n * block
-    if activation_checkpointing == "selective":
-        return fwd.n_layers * fwd.attn_core / (2 if early_stop else 1)
-    if activation_checkpointing == "attention":
-        return fwd.n_layers * (fwd.attn_gemms + fwd.attn_core - (fwd.attn_proj if early_stop else 0.0))
-    return 0.0
+    recomputed = {"block": block, "attn.core": fwd.attn_core / (2 if early_stop else 1),
+                  "attn": fwd.attn_gemms + fwd.attn_core - (fwd.attn_proj if early_stop else 0.0), "": 0.0}
+    return fwd.n_layers * recomputed[region]
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,11 @@ import functools
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from harness.backends.registry import PP_SCHEDULES, BackendSpec, backend_spec, fsdp_replica_group, resolve_pp_schedule
-from harness.config.checks import Layout
+from harness.core.layout import Layout
+from harness.core.registry import PP_SCHEDULES, BackendSpec, backend_spec, fsdp_replica_group, resolve_pp_schedule
 from harness.costmodel.flops import param_count, param_tensors, shape_cached
 from harness.costmodel.software import Software, software_for
-from models.config import GPTConfig
+from harness.models.config import GPTConfig
 
 ACT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -37,13 +37,50 @@ class Zero3:
 
 
 @dataclass(frozen=True)
+class StateBytes:
+    """Bytes per parameter of each model state before sharding."""
+
+    weights: float
+    grads: float
+    optimizer: float
+
+
+def state_bytes_per_param(backend: str, precision: str) -> StateBytes:
+    """DeepSpeed keeps 16-bit weights and fp32 master copies; PyTorch autocast keeps fp32 weights."""
+    if precision == "fp32" or not backend_spec(backend).deepspeed_engine:
+        return StateBytes(weights=4, grads=4, optimizer=8)  # Adam momentum + variance
+    return StateBytes(weights=2, grads=2, optimizer=12)  # fp32 master + momentum + variance (K = 12)
+
+
+@dataclass(frozen=True)
+class Shards:
+    """How many ranks share each model state (1: every rank holds all of it; 0 divisor means offloaded)."""
+
+    weights: int
+    grads: int
+    optimizer: int
+
+
+def shard_degrees(job: "Job") -> Shards:
+    """How many ranks share each model state: FSDP's replica group, or ZeRO's data-parallel ranks by stage."""
+    dp = job.layout.dp
+    if job.spec.shardings:
+        if job.sharding not in job.spec.shardings:
+            raise ValueError(f"backend.sharding={job.sharding}: choose one of {', '.join(job.spec.shardings)}")
+        n = job.fsdp_group
+        return Shards(n, n, n)
+    stage = job.layout.zero_stage
+    return Shards(weights=dp if stage >= 3 else 1, grads=dp if stage >= 2 else 1, optimizer=dp if stage >= 1 else 1)
+
+
+@dataclass(frozen=True)
 class Job:
     """One training job as the cost model sees it."""
 
     model: GPTConfig
     layout: Layout
     backend: str
-    """A name in `harness.backends.registry.BACKENDS`; what it can do is `spec`."""
+    """A name in `harness.core.registry.BACKENDS`; what it can do is `spec`."""
     sharding: str
     """FSDP strategy (fsdp only): full_shard | shard_grad_op | hybrid_shard | no_shard."""
     offload: bool
@@ -67,6 +104,20 @@ class Job:
     @functools.cached_property
     def spec(self) -> BackendSpec:
         return backend_spec(self.backend)
+
+    # Placement: derived once per Job, read by memory, communication and timing alike.
+    @functools.cached_property
+    def params_per_rank(self) -> float:
+        """Parameters one rank of the busiest pipeline stage holds, before data-parallel sharding."""
+        return _stage_params(self.model, self.layout.tp, self.layout.pp)
+
+    @functools.cached_property
+    def state_bytes(self) -> StateBytes:
+        return state_bytes_per_param(self.backend, self.precision)
+
+    @functools.cached_property
+    def shards(self) -> Shards:
+        return shard_degrees(self)
 
     @property
     def fsdp_group(self) -> int:
@@ -151,7 +202,8 @@ def param_split(m: Any) -> ParamSplit:
                       head=no_layers - embedding, total=total)
 
 
-def stage_params(job: Job) -> float:
+@shape_cached
+def _stage_params(model: GPTConfig, tp: int, pp: int) -> float:
     """Parameters held by one rank of the busiest pipeline stage, before any data-parallel sharding.
 
     Megatron splits the block weights, column-parallel biases and the vocab-parallel embedding over
@@ -160,11 +212,6 @@ def stage_params(job: Job) -> float:
     stage; with PP > 1 a tied output projection is a second copy on the last stage (Narayanan et
     al. 2021, section 3).
     """
-    return _stage_params(job.model, job.layout.tp, job.layout.pp)
-
-
-@shape_cached
-def _stage_params(model: GPTConfig, tp: int, pp: int) -> float:
     def per_rank(prefixes: tuple[str, ...]) -> float:
         return sum(t.numel / tp if t.tp_split else t.numel
                    for t in param_tensors(model) if t.name.startswith(prefixes))

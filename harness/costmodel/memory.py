@@ -21,54 +21,16 @@ micro-batches, times (1 + (PP−1)/(PP·v)) with v interleaved stages; GPipe and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from harness.backends.registry import backend_spec
-from harness.costmodel.layout import Job, layers_per_stage, param_split, stage_params
+from harness.core.registry import PP_SCHEDULES
+from harness.costmodel.layout import Job, layers_per_stage, param_split
 
 GB = 1e9
 
 
-@dataclass(frozen=True)
-class StateBytes:
-    """Bytes per parameter of each model state before sharding."""
-
-    weights: float
-    grads: float
-    optimizer: float
-
-
-def state_bytes_per_param(backend: str, precision: str) -> StateBytes:
-    """DeepSpeed keeps 16-bit weights and fp32 master copies; PyTorch autocast keeps fp32 weights."""
-    if precision == "fp32" or not backend_spec(backend).deepspeed_engine:
-        return StateBytes(weights=4, grads=4, optimizer=8)  # Adam momentum + variance
-    return StateBytes(weights=2, grads=2, optimizer=12)  # fp32 master + momentum + variance (K = 12)
-
-
-@dataclass(frozen=True)
-class Shards:
-    """How many ranks share each model state (1: every rank holds all of it; 0 divisor means offloaded)."""
-
-    weights: int
-    grads: int
-    optimizer: int
-
-
-def shard_degrees(job: Job) -> Shards:
-    dp = job.layout.dp
-    if job.spec.shardings:
-        if job.sharding not in job.spec.shardings:
-            raise ValueError(f"backend.sharding={job.sharding}: choose one of {', '.join(job.spec.shardings)}")
-        n = job.fsdp_group
-        return Shards(n, n, n)
-    stage = job.layout.zero_stage
-    return Shards(weights=dp if stage >= 3 else 1, grads=dp if stage >= 2 else 1, optimizer=dp if stage >= 1 else 1)
-
-
 def model_state_bytes(params: float, job: Job) -> dict[str, float]:
     """Weights, gradients and optimizer state per device for `params` parameters on this rank."""
-    per = state_bytes_per_param(job.backend, job.precision)
-    shards = shard_degrees(job)
+    per = job.state_bytes
+    shards = job.shards
     if job.offload:
         return {"weights": 0.0, "grads": 0.0, "optimizer": 0.0}
     return {
@@ -106,7 +68,7 @@ def in_flight_micro_batches(job: Job) -> float:
     pp = job.layout.pp
     if pp == 1:
         return 1.0
-    if job.pp_schedule in ("GPipe", "LoopedBFS"):
+    if PP_SCHEDULES[job.pp_schedule].holds_all_micro_batches:
         return float(job.micro_batches)
     held = min(job.micro_batches, pp)
     return held * (1 + (pp - 1) / (pp * job.vpp)) if job.vpp > 1 else held
@@ -136,7 +98,7 @@ def buffer_bytes(job: Job) -> float:
     split = param_split(m)
     block = split.per_layer / layout.tp
     gathered = 0.0
-    shards = shard_degrees(job)
+    shards = job.shards
     if shards.weights > 1:
         compute_bytes = job.act_bytes
         if job.spec.shardings and job.sharding == "shard_grad_op":
@@ -148,13 +110,13 @@ def buffer_bytes(job: Job) -> float:
         gathered = (2 * block + split.embedding + split.head) * job.act_bytes + block * 4
     buckets = 0.0
     if job.spec.gradient_buckets and layout.dp > 1:
-        buckets = stage_params(job) * state_bytes_per_param(job.backend, job.precision).grads
+        buckets = job.params_per_rank * job.state_bytes.grads
     return logits + gathered + buckets
 
 
 def memory_per_device(job: Job, framework_overhead_bytes: float = 0.0) -> dict[str, float]:
     """Bytes per device of the busiest rank by category, and their total."""
-    out = model_state_bytes(stage_params(job), job)
+    out = model_state_bytes(job.params_per_rank, job)
     out["activations"] = activation_bytes(job)
     out["buffers"] = buffer_bytes(job)
     out["overhead"] = framework_overhead_bytes

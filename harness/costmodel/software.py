@@ -13,6 +13,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from harness.core.errors import ConfigError
+from harness.core.registry import backend_spec
+
 
 @dataclass(frozen=True)
 class Software:
@@ -104,10 +107,8 @@ def software_for(cfg: Any) -> Software:
     """The profile a config names (`costmodel.software`, default: the run's backend's own), with the
     run-specific switches (`costmodel.flash_attention`, `costmodel.tp_comm_overlap`) applied."""
     section = getattr(cfg, "costmodel", None)
-    name = getattr(section, "software", None) or f"harness-{cfg.backend.name}"
+    name = getattr(section, "software", None) or backend_spec(cfg.backend.name).software
     if name not in PROFILES:
-        from harness.config.errors import ConfigError
-
         raise ConfigError(f"costmodel.software={name}: unknown; choose one of {', '.join(PROFILES)}")
     profile = PROFILES[name]
     changes = {key: getattr(section, key) for key in ("flash_attention", "tp_comm_overlap")

@@ -13,7 +13,7 @@ Step time = compute + exposed communication, stretched by the pipeline bubble:
   compute windows they are issued in, TP only with TP/GEMM pipelining, pipeline sends only where the
   schedule overlaps them.
 - pipeline: 1F1B runs m micro-batches in (m + (p−1)/v) micro-batch times, a bubble of (p−1)/(v·m)
-  (Narayanan et al. 2021, section 2.2); other schedules by `pipeline_bubble`.
+  (Narayanan et al. 2021, section 2.2); every schedule's by its registry entry (core.registry).
 Energy is device power × time, the power rising linearly from idle to peak with the busy fraction.
 The ALCF-4 figure of merit is (6·s·d² + s²·d)·b·L / T_step. A full training run needs model FLOPs
 per token × D tokens, by default D = 20·P (Hoffmann et al. 2022), t ≈ T_FLOPs / R_FLOPs.
@@ -25,11 +25,13 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Optional
 
+from harness.core.registry import CHECKPOINTING, pipeline_bubble
 from harness.costmodel.comm import Collective
 from harness.costmodel.flops import forward_flops_per_token, model_key, recomputed_forward_per_token
-from harness.costmodel.layout import Job, layers_per_stage, stage_params
-from harness.costmodel.memory import layer_activation_bytes, shard_degrees, state_bytes_per_param
+from harness.costmodel.layout import Job, layers_per_stage
+from harness.costmodel.memory import layer_activation_bytes
 from harness.costmodel.peaks import device_entry, gemm_efficiency
+from harness.models.config import block_linears
 
 
 @dataclass(frozen=True)
@@ -105,12 +107,11 @@ def linear_wave_efficiency(tokens: int, shapes: tuple[tuple[int, int], ...], uni
 
 
 def layer_linears(job: Job) -> tuple[tuple[int, int], ...]:
-    """(in, out) of one block's linears on one TP rank."""
-    m, t = job.model, job.layout.tp
-    q = m.n_heads * m.head_dim
-    mlp = ((m.d_model, m.ffn_width // t),) * (2 if m.activation == "swiglu" else 1)
-    return ((m.d_model, (m.n_heads + 2 * m.kv_heads) * m.head_dim // t), (q // t, m.d_model), *mlp,
-            (m.ffn_width // t, m.d_model))
+    """(in, out) of one block's linears on one TP rank (the model's description: column splits the outputs, row
+    the inputs)."""
+    t = job.layout.tp
+    return tuple((spec.n_in, spec.n_out // t) if spec.split == "column" else (spec.n_in // t, spec.n_out)
+                 for spec in block_linears(job.model))
 
 
 def micro_batch_compute_s(job: Job, hw: Hardware) -> float:
@@ -141,8 +142,8 @@ def _compute_s(job: Job, hw: Hardware) -> float:
     linears = 5 if m.activation == "swiglu" else 4  # qkv, proj, fc (, gate), fc2
     fwd_calls = linears + 2  # + QK^T and AV
     modes = job.checkpoint_modes
-    recompute_calls = sum(share * {"full": fwd_calls, "attention": 4, "selective": 2}.get(mode, 0)
-                          for mode, share in modes.items())
+    recompute_calls = sum(share * (CHECKPOINTING[mode].gemm_calls if CHECKPOINTING[mode].gemm_calls is not None
+                                   else fwd_calls) for mode, share in modes.items())
     calls_per_layer = 3 * fwd_calls + recompute_calls
     logits_flops = 3 * fwd.logits * tokens / layout.tp
     # Wave quantization slows the linears (the rest of a block's GEMM work, core attention, is left at e).
@@ -166,8 +167,8 @@ def optimizer_s(job: Job, hw: Hardware) -> float:
     """Adam reads weights, gradients and both moments and writes weights and moments: memory-bound."""
     if hw.hbm_bw is None:
         return 0.0
-    per = state_bytes_per_param(job.backend, job.precision)
-    params = stage_params(job) / shard_degrees(job).optimizer
+    per = job.state_bytes
+    params = job.params_per_rank / job.shards.optimizer
     return params * (2 * (per.weights + per.optimizer) + per.grads) / hw.hbm_bw
 
 
@@ -178,9 +179,9 @@ def grad_accumulation_s(job: Job, hw: Hardware) -> float:
     software, m = job.software, job.micro_batches
     if hw.hbm_bw is None or software.grad_accumulation_fusion:
         return 0.0
-    grads = state_bytes_per_param(job.backend, job.precision).grads
+    grads = job.state_bytes.grads
     partitioned = job.spec.deepspeed_engine and job.layout.zero_stage >= 2
-    params = stage_params(job) / (shard_degrees(job).grads if partitioned else 1)
+    params = job.params_per_rank / (job.shards.grads if partitioned else 1)
     if software.main_grad_bytes:
         return m * params * (2 * software.main_grad_bytes + grads) / hw.hbm_bw
     return (m - 1) * params * 3 * grads / hw.hbm_bw
@@ -207,25 +208,6 @@ class StepTime:
     """All communication time, overlapped or not, by dimension."""
     memory_bound_s: dict[str, float]
     """Outside the micro-batches: the optimizer step and the gradient accumulation passes."""
-
-
-def pipeline_bubble(schedule: str, pp: int, vpp: int, micro_batches: int) -> float:
-    """Idle time of a pipeline schedule relative to its work, with forward, input-gradient and weight-gradient
-    passes of equal cost (the zero-bubble papers' assumption; a full backward is the latter two):
-
-    - GPipe and 1F1B (Narayanan et al. 2021, sec. 2.2): (p-1)/m.
-    - Interleaved 1F1B and looped breadth-first (Lamy-Poirier 2023): (p-1)/(v m).
-    - Interleaved zero bubble, ZB-H1 (Qi et al. 2023, "Zero Bubble Pipeline Parallelism"): weight-gradient
-      passes fill the cool-down, leaving (p-1)(F+B-W) of idle per rank: a third of 1F1B's, (p-1)/(3 v m).
-    - ZB-V (Qi et al. 2024, "Pipeline Parallelism with Controllable Memory"): (p-1)(F+B-2W) = 0, given at least
-      2p-1 micro-batches to fill its V (fewer leave idle slots this does not count).
-    """
-    if pp == 1:
-        return 0.0
-    if schedule == "ZBVZeroBubble":
-        return 0.0
-    third = 3 if schedule == "InterleavedZeroBubble" else 1
-    return (pp - 1) / (third * vpp * micro_batches)
 
 
 def _dp_window(c: Collective, job: Job, per_mb: float) -> tuple[str, float]:

@@ -34,7 +34,7 @@ from typing import Any, Callable
 from omegaconf import OmegaConf
 
 from harness.config.compose import CONF_DIR, HelpRequested, compose, split_command_args, user_config_dir
-from harness.config.errors import ConfigError
+from harness.core.errors import ConfigError
 from harness.costmodel.comm import RING_FACTOR
 
 GEMM_SIZES = (64, 128, 256, 512, 768, 1024)
@@ -144,7 +144,7 @@ def _timed_collective(fn: Callable[[], Any], sync: Callable[[], None], calls: in
 
 
 def _probe_config(width: int, layers: int) -> Any:
-    from models.gpt import GPTConfig
+    from harness.models.gpt import GPTConfig
 
     return GPTConfig(n_layers=layers, d_model=width, n_heads=PROBE_HEADS, seq_len=PROBE_SEQ, vocab_size=PROBE_VOCAB)
 
@@ -159,7 +159,7 @@ def _gpt_step(width: int, layers: int, device: Any, data_parallel: bool = False)
     import torch.distributed as dist
 
     from harness.backends.base import make_optimizer
-    from models.gpt import GPT
+    from harness.models.gpt import GPT
 
     torch.manual_seed(0)
     with torch.device(device):
@@ -212,7 +212,7 @@ def _per_layer(result: dict[str, Any], width: int, profile: dict[str, Any]) -> t
 
 def _probe_job(width: int, layers: int, world: int = 1) -> Any:
     """The probe GPT as the cost model sees it: one micro-batch of one sample per rank, fp32, DDP."""
-    from harness.config.checks import Layout
+    from harness.core.layout import Layout
     from harness.costmodel.layout import Job
 
     layout = Layout(world_size=world, tp=1, pp=1, dp=world, zero_stage=0, micro_batch_size=1,
@@ -297,7 +297,7 @@ NAME_CHARS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 def profile_name(name: str | None, system: str) -> str:
     """`--name=NAME` (a file name: letters, digits, '.', '_', '-'), else `<system>-calibrated`; a packaged
     profile's name is refused, so `system=<name>` cannot mean two files."""
-    from harness.config.errors import ConfigError
+    from harness.core.errors import ConfigError
 
     name = name or f"{system}-calibrated"
     if not NAME_CHARS.match(name):
@@ -311,8 +311,8 @@ def profile_name(name: str | None, system: str) -> str:
 
 def calibrate_command(args: list[str]) -> int:
     """`harness calibrate [system=cpu] [launcher.nproc=N] [train.precision=...] [--name=NAME]`."""
+    from harness.launchers.local import launch_local
     from harness.run.rank import threads_per_rank
-    from launchers.local import launch_local
 
     try:
         overrides, flags = split_command_args(args, {"--name": str})

@@ -1,6 +1,6 @@
 """Count the collectives one training step really issues, from the torch profiler's record of them.
 
-`measure_step` runs on every rank of a real process group (launched with `launchers.local.launch_local`):
+`measure_step` runs on every rank of a real process group (launched with `harness.launchers.local.launch_local`):
 one warm-up step, then one profiled step of the configured backend, read through the same trace parser
 as a profiled run's breakdown (harness.trace.comm); rank 0 writes bytes per collective kind, the
 quantity the cost model predicts (`harness.trace.comm.predicted_bytes`).
@@ -23,12 +23,12 @@ def measure_step(config: dict[str, Any], out_path: str) -> None:
 
     from harness.backends import make_backend
     from harness.config.checks import validate
+    from harness.models.config import GPTConfig
+    from harness.models.gpt import GPT
     from harness.run.data import SyntheticTokens, rank_micro_batches
     from harness.run.rank import rank_process
     from harness.trace.comm import by_kind
     from harness.trace.events import load
-    from models.config import GPTConfig
-    from models.gpt import GPT
 
     cfg = OmegaConf.create(config)
     with rank_process(device="cpu") as ctx:

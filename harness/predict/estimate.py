@@ -9,11 +9,11 @@ import json
 import sys
 from typing import Any
 
-from harness.config.checks import Layout, validate
 from harness.config.compose import HelpRequested, compose, split_command_args
-from harness.config.errors import ConfigError
-from harness.costmodel.estimate import estimate
+from harness.core.errors import ConfigError
+from harness.core.layout import Layout
 from harness.costmodel.memory import GB
+from harness.run.preflight import check_config
 
 MEMORY_KEYS = ("weights", "grads", "optimizer", "activations", "buffers", "overhead", "total")
 
@@ -27,11 +27,6 @@ def planned_world_size(cfg: Any) -> int:
     if cfg.launcher.nproc < 1:
         raise ConfigError(f"launcher.nproc={cfg.launcher.nproc}: must be at least 1; or give parallel.world_size")
     return cfg.launcher.nproc
-
-
-def predict(cfg: Any, world_size: int) -> tuple[Layout, dict[str, Any]]:
-    layout = validate(cfg, world_size)
-    return layout, estimate(cfg, layout)
 
 
 def _fmt_bytes(value: float | None) -> str:
@@ -64,7 +59,7 @@ def print_estimate(cfg: Any, layout: Layout, est: dict[str, Any]) -> None:
     table.add_row("model / hardware FLOPs per step",
                   f"{est['flops_per_step']['model']:.4g} / {est['flops_per_step']['hardware']:.4g}", "all devices")
     table.add_row("pipeline bubble", f"{est['bubble_fraction']:.1%}",
-                  f"{est['pp_schedule']} schedule (harness/costmodel/timing.py pipeline_bubble)" if est["pp_schedule"]
+                  f"{est['pp_schedule']} schedule (core/registry.py PipelineSchedule.bubble)" if est["pp_schedule"]
                   else "no pipeline")
     reason = est.get("step_time_s_reason", "")
     tf = est["tflops_per_device"] or {}
@@ -104,7 +99,8 @@ def estimate_command(args: list[str]) -> int:
         print(USAGE)
         return 0
     cfg = compose(overrides)
-    layout, est = predict(cfg, planned_world_size(cfg))
+    checked = check_config(cfg, planned_world_size(cfg))  # what `harness run` checks, bar this host
+    layout, est = checked.layout, checked.estimate
     if "--json" in flags:
         print(json.dumps(est, indent=2))
     else:

@@ -32,15 +32,16 @@ from typing import Any, Iterator, Optional
 
 from omegaconf import OmegaConf
 
-from harness.backends.registry import BACKENDS, pipeline_split, resolve_pp_schedule
-from harness.config.checks import CHECKPOINTING, Layout, check_model, validate
+from harness.config.checks import check_model, validate
 from harness.config.compose import HelpRequested, compose, split_command_args
-from harness.config.errors import ConfigError
+from harness.core.errors import ConfigError
+from harness.core.layout import Layout
+from harness.core.registry import BACKENDS, CHECKPOINTING, pipeline_bubble, pipeline_split, resolve_pp_schedule
 from harness.costmodel.comm import collectives
 from harness.costmodel.estimate import estimate, system_peak
-from harness.costmodel.layout import Job, job_from_config, stage_params
+from harness.costmodel.layout import Job, job_from_config
 from harness.costmodel.memory import GB, memory_per_device, model_state_bytes
-from harness.costmodel.timing import hardware, micro_batch_compute_s, pipeline_bubble, step_time
+from harness.costmodel.timing import hardware, micro_batch_compute_s, step_time
 from harness.predict.estimate import planned_world_size
 
 VPP_CHOICES = (1, 2, 3, 4, 6, 8)
@@ -119,6 +120,10 @@ def _structures(cfg: Any, budget: int, backends: list[str], exact: bool) -> Iter
                                                    offload=offload)
 
 
+MODES = tuple(CHECKPOINTING)
+"""Recompute from least to most: the first that fits a micro-batch is kept."""
+
+
 @dataclass
 class Search:
     rows: list[dict[str, Any]]
@@ -161,7 +166,7 @@ def search(cfg: Any, budget: int, backends: list[str], *, exact: bool = False, k
             continue
         base = fields[st["backend"]]
         micro_sizes = _divisors(gbs // st["dp"])
-        modes = len(CHECKPOINTING)
+        modes = len(MODES)
         common = dict(base, sharding=st["sharding"] or base["sharding"], offload=st["offload"], checkpoint_every_n=None,
                       sequence_parallel=st["sequence_parallel"], vpp=st["vpp"],
                       pp_schedule=resolve_pp_schedule(None, st["vpp"]))
@@ -176,7 +181,7 @@ def search(cfg: Any, budget: int, backends: list[str], *, exact: bool = False, k
             key = tuple(st[k] for k in ("backend", "world", "tp", "pp", "dp", "zero_stage", "sharding", "offload"))
             if key not in states_fit:
                 job = job_for(1, "full")
-                states_fit[key] = sum(model_state_bytes(stage_params(job), job).values()) + overhead <= memory
+                states_fit[key] = sum(model_state_bytes(job.params_per_rank, job).values()) + overhead <= memory
             if not states_fit[key]:
                 counts["pruned: model states alone do not fit"] += len(micro_sizes) * modes
                 continue
@@ -189,7 +194,7 @@ def search(cfg: Any, budget: int, backends: list[str], *, exact: bool = False, k
             kept = None
             counts["pruned: does not fit (less recompute than fitted a smaller micro-batch)"] += least
             for k in range(least, modes):
-                ckpt = CHECKPOINTING[k]
+                ckpt = MODES[k]
                 job = job_for(micro, ckpt)
                 mem = memory_per_device(job, overhead)
                 counts["evaluated"] += 1

@@ -24,7 +24,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
-from harness.config.errors import ConfigError
+from harness.core.errors import ConfigError
 
 AXES = ("devices", "backend", "tp", "pp", "vpp", "micro_batch_size", "zero_stage", "sharding", "sequence_parallel",
         "offload", "activation_checkpointing")
@@ -224,7 +224,7 @@ def _plot(trajectory: list[dict[str, Any]], trials: list[dict[str, Any]], path: 
 
 def search_command(args: list[str]) -> int:
     """`harness search <overrides>`: exit 1 when no trial finished."""
-    from harness.config.checks import _choice
+    from harness.config.checks.common import choice
     from harness.config.compose import HelpRequested, compose, split_command_args
     from harness.predict.estimate import planned_world_size
 
@@ -238,14 +238,14 @@ def search_command(args: list[str]) -> int:
     except ImportError:
         raise ConfigError("harness search needs Optuna: pip install 'harness[search]' (or optuna>=4)") from None
     cfg = compose(overrides)
-    _choice(cfg.search.method, ("optuna",), "search.method")
+    choice(cfg.search.method, ("optuna",), "search.method")
     if cfg.search.trials < 1 or cfg.search.seeds < 0:
         raise ConfigError(f"search.trials={cfg.search.trials} search.seeds={cfg.search.seeds}: give at least 1 trial "
                           "and 0 or more seeds")
     if cfg.search.launcher not in (None, "slurm", "local"):
         raise ConfigError(f"search.launcher={cfg.search.launcher}: unknown; leave it unset (this host's ranks), "
                           "or give slurm or local")
-    from harness.backends.registry import BACKENDS
+    from harness.core.registry import BACKENDS
 
     chose_backend = any(o.split("=", 1)[0] in ("backend", "backend.name") for o in overrides)
     result = search(cfg, overrides, planned_world_size(cfg), [cfg.backend.name] if chose_backend else list(BACKENDS))

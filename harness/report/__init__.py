@@ -1,7 +1,5 @@
 """`harness report`: run directories into one pandas DataFrame, then the studies' views (tables and plots).
 
-Importing this package is cheap (no pandas); the views live in `harness.report.views`.
+Importing this package is cheap (no pandas); the views are named in harness.core.registry.REPORT_VIEWS and built
+in `harness.report.views` and `harness.report.plots`.
 """
-
-VIEWS = ("sweep", "compare", "scaling", "prediction", "power", "projection", "breakdown", "comm")
-"""The views `harness report --view` and an experiment's `report.views` may name, in report order."""

@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from harness.config.errors import ConfigError, RunError
-from harness.report import VIEWS
+from harness.core.errors import ConfigError, RunError
+from harness.core.registry import REPORT_VIEWS
 
 USAGE = f"""usage: harness report PATH [PATH ...] [--view V[,V]] [--vs KEY] [--by KEY[,KEY]] [--baseline KEY=VALUE]
                       [--format table|md|csv|json] [--out DIR] [--tokens N] [--devices N]
@@ -15,7 +15,7 @@ USAGE = f"""usage: harness report PATH [PATH ...] [--view V[,V]] [--vs KEY] [--b
 Read every run directory at or below each PATH (a run, a sweep directory, results/runs/, or a glob) into
 one table, one row per run, and show the studies' views of it. Failed and OOM runs are rows with their status.
 
-  --view      {' | '.join(VIEWS)} (default: the runs' experiment's report.views,
+  --view      {' | '.join(REPORT_VIEWS)} (default: the runs' experiment's report.views,
               else chosen from what varies: device count → scaling, backend/layout → compare, else sweep;
               plus prediction and power where the runs have them)
   --vs KEY    the swept key on the x axis (a config key as typed in overrides, e.g. train.micro_batch_size)

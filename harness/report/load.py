@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import pandas as pd
 
-from harness.config.errors import ConfigError
+from harness.core.errors import ConfigError
 from harness.run.claim import RUN_FILES
 from harness.run.rundir import read_steps_checked
 

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import pandas as pd
 
-from harness.config.errors import ConfigError
+from harness.core.errors import ConfigError
 from harness.report.views import View
 
 FORMATS = ("table", "md", "csv", "json")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
 
+from harness.core.registry import REPORT_VIEWS, load
 from harness.report.load import read_power, read_steps
 from harness.report.views import View
 
@@ -32,7 +33,7 @@ def _curves(frame: pd.DataFrame, group: list[str]) -> list[tuple[str, pd.DataFra
             for key, members in frame.groupby(group, dropna=False, sort=False)]
 
 
-def _sweep(view: View, plt: Any) -> Any:
+def plot_sweep(view: View, plt: Any) -> Any:
     data, vs = view.data, view.meta["vs"]
     panels = [(k, h) for k, h in (("metrics.tokens_per_s", "tokens/s"), ("metrics.model_tflops_per_device",
               "TFLOP/s per device"), ("metrics.iter_time_ms", "ms per step"), ("metrics.peak_memory_mb",
@@ -61,7 +62,7 @@ def _sweep(view: View, plt: Any) -> Any:
     return fig
 
 
-def _compare(view: View, plt: Any) -> Any:
+def plot_compare(view: View, plt: Any) -> Any:
     data = view.data[view.data["status"] == "ok"]
     fig, ax = plt.subplots(figsize=(6.5, 0.45 * len(data) + 1.4))
     ax.barh(range(len(data)), data["_ratio"], color="tab:blue")
@@ -72,7 +73,7 @@ def _compare(view: View, plt: Any) -> Any:
     return fig
 
 
-def _scaling(view: View, plt: Any) -> Any:
+def plot_scaling(view: View, plt: Any) -> Any:
     fig, (speed, eff) = plt.subplots(1, 2, figsize=(9.5, 3.6))
     for name, members in _curves(view.data, view.meta["group"]):
         line, = speed.plot(members["devices"], members["speed-up"], marker="o", label=name or "measured")
@@ -92,7 +93,7 @@ def _scaling(view: View, plt: Any) -> Any:
     return fig
 
 
-def _prediction(view: View, plt: Any) -> Any:
+def plot_prediction(view: View, plt: Any) -> Any:
     data = view.data.dropna(subset=["measured", "predicted"])
     metrics = list(dict.fromkeys(data["metric"]))
     fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(3.6 * max(1, len(metrics)), 3.4), squeeze=False)
@@ -113,7 +114,7 @@ def _prediction(view: View, plt: Any) -> Any:
     return fig
 
 
-def _power(view: View, plt: Any) -> Any:
+def plot_power(view: View, plt: Any) -> Any:
     runs = view.data.head(MAX_POWER_RUNS)
     fig, axes = plt.subplots(2, max(1, len(runs)), figsize=(5.5 * max(1, len(runs)), 5.5), squeeze=False)
     for column, (_, run) in enumerate(runs.iterrows()):
@@ -140,7 +141,7 @@ def _power(view: View, plt: Any) -> Any:
     return fig
 
 
-def _projection(view: View, plt: Any) -> Any:
+def plot_projection(view: View, plt: Any) -> Any:
     data = view.data.dropna(subset=["days"])
     labels = list(dict.fromkeys(data["run"]))
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(labels) + 1.6))
@@ -155,7 +156,7 @@ def _projection(view: View, plt: Any) -> Any:
     return fig
 
 
-def _breakdown(view: View, plt: Any) -> Any:
+def plot_breakdown(view: View, plt: Any) -> Any:
     from harness.report.views import SPLIT_PARTS
 
     data = view.data
@@ -177,7 +178,7 @@ def _breakdown(view: View, plt: Any) -> Any:
     return fig
 
 
-def _comm(view: View, plt: Any) -> Any:
+def plot_comm(view: View, plt: Any) -> Any:
     from harness.trace.comm import BOOKKEEPING
 
     data = view.data[view.data["collective"] != BOOKKEEPING]
@@ -193,17 +194,12 @@ def _comm(view: View, plt: Any) -> Any:
     return fig
 
 
-PLOTTERS: dict[str, Callable[[View, Any], Any]] = {
-    "sweep": _sweep, "compare": _compare, "scaling": _scaling, "prediction": _prediction, "power": _power,
-    "projection": _projection, "breakdown": _breakdown, "comm": _comm}
-
-
 def plot(view: View, out_dir: Path) -> Optional[Path]:
     """Write `<view>.png`; None when the view has nothing to draw."""
     if view.data.empty:
         return None
     plt = _pyplot()
-    fig = PLOTTERS[view.name](view, plt)
+    fig = load(REPORT_VIEWS[view.name].plot)(view, plt)
     fig.suptitle(textwrap.fill(view.title, 90), fontsize=10)
     fig.tight_layout()
     path = out_dir / f"{view.name}.png"

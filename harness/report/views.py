@@ -26,9 +26,9 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
-from harness.config.errors import ConfigError
+from harness.core.errors import ConfigError
+from harness.core.registry import REPORT_VIEWS, load
 from harness.costmodel.timing import alcf_fom
-from harness.report import VIEWS
 
 RESULT_PREFIXES = ("run", "path", "status", "error", "stop_reason", "model.params", "layout.", "metrics.",
                    "prediction.", "telemetry.", "env.", "profile.", "breakdown.")
@@ -123,8 +123,8 @@ def resolve(frame: pd.DataFrame, options: Options) -> Options:
     if not options.views and column(frame, "breakdown.step_ms").isna().all():  # an experiment's views,
         views = [v for v in views if v not in PROFILED_VIEWS] or ["sweep"]  # its runs not profiled after all
     for view in views:
-        if view not in VIEWS:
-            raise ConfigError(f"report: --view={view}: unknown view; choose from {', '.join(VIEWS)}")
+        if view not in REPORT_VIEWS:
+            raise ConfigError(f"report: --view={view}: unknown view; choose from {', '.join(REPORT_VIEWS)}")
     by = options.by or list(_consensus(frame, "report.by") or [])
     vs = options.vs or _consensus(frame, "report.vs")
     baseline = options.baseline or _consensus(frame, "report.baseline")
@@ -413,7 +413,7 @@ def projection_view(frame: pd.DataFrame, options: Options) -> View:
     return View("projection", "Projection to a full training run", table, notes, table)
 
 
-PROFILED_VIEWS = ("breakdown", "comm")
+PROFILED_VIEWS = tuple(name for name, view in REPORT_VIEWS.items() if view.profiled)
 SPLIT_PARTS = {"compute": "compute (alone)", "overlap": "comm overlapped", "exposed_comm": "comm exposed",
                "memcpy": "memcpy", "idle": "idle"}
 """The stacked parts of a traced step, each ms per step; together they make the step's time."""
@@ -480,10 +480,5 @@ def comm_view(frame: pd.DataFrame, options: Options) -> View:
     return View("comm", "Communication by collective kind", table, notes, table)
 
 
-BUILDERS = {"sweep": sweep_view, "compare": compare_view, "scaling": scaling_view,
-            "prediction": prediction_view, "power": power_view, "projection": projection_view,
-            "breakdown": breakdown_view, "comm": comm_view}
-
-
 def build_views(frame: pd.DataFrame, options: Options) -> list[View]:
-    return [BUILDERS[name](frame, options) for name in options.views]
+    return [load(REPORT_VIEWS[name].build)(frame, options) for name in options.views]

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Iterable, Optional
 
-from harness.config.errors import ConfigError
+from harness.core.errors import ConfigError
 
 RUN_MARKER = ".harness-run"
 SWEEP_MARKER = ".harness-sweep"

@@ -15,12 +15,12 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from harness.config.errors import ConfigError, RunError
+from harness.core.errors import ConfigError, RunError
 from harness.run.stopping import Interrupted, Terminated, stop_on_signals
 from harness.run.sweep import hydra_quote
 
 if TYPE_CHECKING:
-    from launchers.env import RankInfo
+    from harness.launchers.env import RankInfo
 
 USAGE = """usage: harness run [overrides ...] [-m] [hydra options]
 
@@ -41,7 +41,8 @@ Hydra's own help: harness run --hydra-help"""
 _sweep_points: list[tuple[str, str]] = []
 """(run directory, status) of each sweep point this process ran."""
 _prechecked: dict[Any, Any] = {}
-"""The layout the command's checks derived, by sweep point number ("run" for a single run): not derived twice."""
+"""What the command's checks derived (run.preflight.Checked: layout, estimate), by sweep point number ("run" for a
+single run): not derived twice."""
 _output_subdir: Optional[str] = ".hydra"
 """Where Hydra's record of a run goes (the user's hydra.output_subdir; Hydra itself is told null)."""
 
@@ -200,7 +201,7 @@ def _list_points(args: list[str]) -> int:
         if point.error:
             check = f"error: {point.error}"
         else:
-            layout = point.layout
+            layout = point.checked.layout
             check = f"ok: {point.world} rank(s), tp {layout.tp} x pp {layout.pp} x dp {layout.dp}"
             check += {"skip": "; finished earlier, skipped", "move aside": "; an earlier run moved to previous-<n>/"
                       }.get(point.note, "")
@@ -229,7 +230,7 @@ def _check_sweep(overrides: list[str]) -> tuple[Optional[RankInfo], Path]:
         check_sweep_dir(sweep_dir)
         check_writable(sweep_dir, "hydra.sweep.dir")
         check_space(sweep_dir)
-    _prechecked.update({p.index: p.layout for p in points})
+    _prechecked.update({p.index: p.checked for p in points})
     return info, sweep_dir
 
 
@@ -347,13 +348,13 @@ def _summary_error(run_dir: Path) -> str:
     return f": {error.splitlines()[0][:300]}" if isinstance(error, str) and error.strip() else ""
 
 
-def _layout(cfg: Any, key: Any, joined: Any) -> Any:
-    """The layout the command's pre-check derived for this point (checked again only when it has none)."""
+def _checked(cfg: Any, key: Any, joined: Any) -> Any:
+    """What the command's checks derived for this point (checked again only when they have nothing for it)."""
     from harness.run.preflight import preflight
 
-    layout = _prechecked.pop(key, None)
-    if layout is not None:
-        return layout
+    checked = _prechecked.pop(key, None)
+    if checked is not None:
+        return checked
     world = joined.world_size if joined else cfg.launcher.nproc
     return preflight(cfg, world, joined.local_world_size if joined else cfg.launcher.nproc)
 
@@ -366,7 +367,7 @@ def _run_unwritten(cfg: Any, run_dir: Path, sweeping: bool, key: Any) -> str:
 
     if sweeping and cfg.sweep.resume and finished_earlier(run_dir, to_container(cfg)):
         return "skipped"
-    return run(cfg, run_dir, _layout(cfg, key, joined_ranks(cfg)))
+    return run(cfg, run_dir, _checked(cfg, key, joined_ranks(cfg)))
 
 
 def _run_written(cfg: Any, run_dir: Path, sweeping: bool, key: Any, spawning: bool) -> str:
@@ -379,7 +380,7 @@ def _run_written(cfg: Any, run_dir: Path, sweeping: bool, key: Any, spawning: bo
     from harness.run.sweep import finished_earlier
 
     joined = joined_ranks(cfg)
-    layout = _layout(cfg, key, joined)
+    checked = _checked(cfg, key, joined)
     with RunDirLock(run_dir, allow_nonempty=cfg.launcher.allow_nonempty_dir, sweep_point=sweeping) as lock:
         if sweeping and holds_run(run_dir):
             if cfg.sweep.resume and finished_earlier(run_dir, to_container(cfg)):
@@ -400,7 +401,7 @@ def _run_written(cfg: Any, run_dir: Path, sweeping: bool, key: Any, spawning: bo
         if cfg.launcher.spawn == "srun" and spawning:
             lock.release()  # the step's rank 0 takes the directory next
             return run_srun_step(cfg, run_dir, _task_overrides())
-        return run(cfg, run_dir, layout)
+        return run(cfg, run_dir, checked)
 
 
 def _task_overrides() -> list[str]:

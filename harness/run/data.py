@@ -18,10 +18,11 @@ from typing import Any, Optional, Protocol
 import numpy as np
 import torch
 
-from harness import quiet_library_warnings
-from harness.config.checks import Layout, check_token_ids, megatron_blend
-from harness.config.errors import ConfigError
+from harness.config.checks.data import check_token_ids, megatron_blend
 from harness.config.schema import DataConfig
+from harness.core.console import quiet_library_warnings
+from harness.core.errors import ConfigError
+from harness.core.layout import Layout
 
 _GOLDEN = 0x9E3779B97F4A7C15  # spreads consecutive indices over the seed space
 

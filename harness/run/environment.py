@@ -181,8 +181,8 @@ def sdpa_kernel(device: Any, dtype: Any, model: Any) -> str:
 
 def kernels(cfg: Any, device: Any, compute_dtype: Any) -> dict[str, Any]:
     """The kernels the run's step used: attention (with sdpa's own choice), norm, optimizer, compilation."""
-    from harness.backends.registry import resolve_optimizer
-    from models.config import GPTConfig
+    from harness.core.registry import resolve_optimizer
+    from harness.models.config import GPTConfig
 
     model = GPTConfig.from_section(cfg.model)
     attention: dict[str, Any] = {"choice": model.attention}

@@ -22,17 +22,18 @@ from omegaconf import DictConfig, OmegaConf
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 
-from harness.config.checks import Layout
 from harness.config.compose import to_container
-from harness.config.errors import ConfigError
-from harness.console import guard_stdout
-from harness.run.preflight import preflight
+from harness.core.console import guard_stdout
+from harness.core.errors import ConfigError
+from harness.core.layout import Layout
+from harness.costmodel.estimate import predicted_metrics
+from harness.launchers.env import LaunchEnvError, RankInfo, discover, export, launcher_variables
+from harness.launchers.local import launch_local
+from harness.run.preflight import Checked, preflight
 from harness.run.rank import rank_process, threads_per_rank
 from harness.run.rundir import disk_warning, failed_summary, write_config, write_summary
 from harness.run.stopping import Interrupted, Terminated, stop_on_signals
 from harness.run.trainer import Trainer
-from launchers.env import LaunchEnvError, RankInfo, discover, export, launcher_variables
-from launchers.local import launch_local
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +64,17 @@ def joined_ranks(cfg: Any) -> Optional[RankInfo]:
     return info
 
 
-def run(cfg: DictConfig, run_dir: Path, layout: Optional[Layout] = None) -> str:
+def run(cfg: DictConfig, run_dir: Path, checked: Optional[Checked] = None) -> str:
     """Run one benchmark and return its status (`ok | failed | oom | diverged`); raises Interrupted (the summary
     written) when Ctrl-C or SIGTERM stopped it. The caller holds the run directory (claim.RunDirLock) and gives
-    the layout its checks derived (None: checked here; ConfigError before launch)."""
+    what its checks derived (None: checked here; ConfigError before launch): the ranks get the layout and the
+    prediction as they are, not derived again."""
     joined = joined_ranks(cfg)
     local = joined.local_world_size if joined else cfg.launcher.nproc
-    layout = layout or preflight(cfg, joined.world_size if joined else cfg.launcher.nproc, local)
+    checked = checked or preflight(cfg, joined.world_size if joined else cfg.launcher.nproc, local)
+    layout = checked.layout
     config = to_container(cfg)
+    handed = (config, str(run_dir), layout.as_dict(), predicted_metrics(checked.estimate))
     if joined is None or joined.rank == 0:
         warning = disk_warning(run_dir)
         if warning:
@@ -79,13 +83,12 @@ def run(cfg: DictConfig, run_dir: Path, layout: Optional[Layout] = None) -> str:
     os.environ["OMP_NUM_THREADS"] = str(threads_per_rank(cfg.launcher.omp_num_threads, local))
     try:
         if joined is not None:
-            rank_main(config, str(run_dir))
+            rank_main(*handed)
         elif cfg.launcher.nproc == 1:
             with _single_rank_env():
-                rank_main(config, str(run_dir))  # raises SystemExit when a signal stopped it
+                rank_main(*handed)  # raises SystemExit when a signal stopped it
         else:
-            launch_local(cfg.launcher.nproc, rank_main, config, str(run_dir),
-                         monitor_interval_s=cfg.launcher.monitor_interval_s)
+            launch_local(cfg.launcher.nproc, rank_main, *handed, monitor_interval_s=cfg.launcher.monitor_interval_s)
     except ChildFailedError as exc:
         return _ensure_failed_summary(run_dir, config, layout, _child_error(exc))
     except SignalException as exc:  # the local agent stopped by Ctrl-C or SIGTERM; it ended the ranks
@@ -199,15 +202,16 @@ def _ensure_failed_summary(run_dir: Path, config: dict[str, Any], layout: Layout
 
 
 @record
-def rank_main(config: dict[str, Any], run_dir: str) -> None:
-    """What every rank runs: join the process group, train, leave."""
+def rank_main(config: dict[str, Any], run_dir: str, layout: dict[str, int], prediction: dict[str, Any]) -> None:
+    """What every rank runs: join the process group, train, leave (with the layout and the prediction the launching
+    process's checks derived)."""
     guard_stdout(warn=True)  # a closed or full console must not end a run
     cfg = OmegaConf.create(config)
     launcher = cfg.launcher
     try:
         with rank_process(device=cfg.system.device, gpu_order=launcher.gpu_order,
                           pg_timeout_s=launcher.pg_timeout_s) as ctx:
-            Trainer(cfg, ctx.info, ctx.device, Path(run_dir)).run()
+            Trainer(cfg, ctx.info, ctx.device, Path(run_dir), Layout(**layout), prediction).run()
     except (Terminated, KeyboardInterrupt) as exc:
         # Stopped by the launcher or the user: the summary is written; end without a traceback.
         raise SystemExit(128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)) from None

@@ -4,17 +4,38 @@ CPU against the host's available memory shared by its local ranks)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from harness.config.checks import Layout, validate
-from harness.config.errors import ConfigError
+from harness.config.checks import validate
+from harness.core.errors import ConfigError
+from harness.core.layout import Layout
 
 GB = 1e9
 
 
-def preflight(cfg: Any, world_size: int, local_ranks: int) -> Layout:
-    """The layout of a valid config that can run here; ConfigError (one line) otherwise."""
+@dataclass(frozen=True)
+class Checked:
+    """A config that passed every check, with what checking it derived: its layout and the cost model's
+    estimate (computed once per command and handed on: the memory check, the run's prediction)."""
+
+    layout: Layout
+    estimate: dict[str, Any]
+
+
+def check_config(cfg: Any, world_size: int) -> Checked:
+    """Every section of `cfg` for `world_size` ranks, the cost model's included, by the code `estimate`, `plan`,
+    `search` and `run` all call: ConfigError (one line) for any of them; nothing about this host."""
+    from harness.costmodel.estimate import estimate
+
     layout = validate(cfg, world_size)
+    return Checked(layout, estimate(cfg, layout))
+
+
+def preflight(cfg: Any, world_size: int, local_ranks: int) -> Checked:
+    """A valid config that can run here (check_config, then the device, kernels, data files and memory of this
+    host); ConfigError (one line) otherwise."""
+    checked = check_config(cfg, world_size)
     device = check_device(cfg.system.device)
     check_kernels(cfg, device)
     if cfg.profile.memory and device != "cuda":
@@ -25,8 +46,8 @@ def preflight(cfg: Any, world_size: int, local_ranks: int) -> Layout:
 
         check_indexed(cfg.data, cfg.model.vocab_size, cfg.model.seq_len)
     if not cfg.launcher.skip_memory_check:
-        check_memory_fit(cfg, layout, device, local_ranks)
-    return layout
+        check_memory_fit(cfg, checked.estimate, device, local_ranks)
+    return checked
 
 
 APEX_HOW = ("NVIDIA apex built from source with its CUDA extensions (https://github.com/NVIDIA/apex#from-source; "
@@ -36,7 +57,7 @@ APEX_HOW = ("NVIDIA apex built from source with its CUDA extensions (https://git
 def check_kernels(cfg: Any, device: str) -> None:
     """The optional fast kernels a config names are installed and can run on this device, or one line says
     how to get them (they are never import-time requirements)."""
-    from harness.backends.registry import resolve_optimizer
+    from harness.core.registry import resolve_optimizer
     from harness.run.environment import nvidia_apex_version
 
     def need(field: str, what: str, instead: str, installed: bool) -> None:
@@ -93,15 +114,10 @@ def available_bytes(device: str, local_ranks: int) -> tuple[float, str]:
     return total, f"{accelerator.get_device_name(0)} has {total / GB:.1f} GB"
 
 
-def check_memory_fit(cfg: Any, layout: Layout, device: str, local_ranks: int) -> None:
+def check_memory_fit(cfg: Any, est: dict[str, Any], device: str, local_ranks: int) -> None:
     """Refuse a layout whose predicted per-device memory exceeds what a rank has, before it allocates
     until the kernel's OOM killer ends it."""
-    from harness.costmodel.estimate import estimate
-
-    try:
-        predicted = estimate(cfg, layout)["memory_per_device_bytes"]
-    except Exception:  # noqa: BLE001 - a cost-model gap must not block a run; the summary reports it
-        return
+    predicted = est["memory_per_device_bytes"]
     have, where = available_bytes(device, local_ranks)
     need = predicted["total"]
     if have <= 0 or need <= have:

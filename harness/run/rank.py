@@ -20,8 +20,8 @@ from typing import Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from harness.launchers.env import RankInfo, device_index, discover, export
 from harness.run.stopping import raise_on_sigterm
-from launchers.env import RankInfo, device_index, discover, export
 
 
 def threads_per_rank(requested: Optional[int], local_ranks: int) -> int:

@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
-from harness.config.errors import RunError
+from harness.core.errors import RunError
 from harness.run.environment import environment
 from harness.telemetry.summary import NO_REPORT, energy_metrics, telemetry_block, timed_steps, write_power_csv
 
@@ -307,12 +307,12 @@ def hostname() -> str:
 def write_run_summary(run_dir: Path, *, cfg: Any, layout: Any, info: Any, device: Any, status: str,
                       error: Optional[str], stop_reason: str, ranks: list[RankReport], backend: Any,
                       n_params: Optional[int], throughput: Any, memory_kind: Optional[str],
-                      kernels: Optional[dict[str, Any]] = None) -> None:
+                      kernels: Optional[dict[str, Any]] = None, prediction: Optional[dict[str, Any]] = None) -> None:
     """Rank 0's summary of a run it took part in: measured metrics, the prediction, telemetry, the table."""
     from harness.config.compose import to_container
+    from harness.models.config import GPTConfig
     from harness.run.live import print_summary
     from harness.trace.analyse import summary_blocks
-    from models.config import GPTConfig
 
     reports = [r.telemetry for r in ranks if r.telemetry is not None]
     steps, note = read_steps_checked(run_dir)
@@ -336,15 +336,16 @@ def write_run_summary(run_dir: Path, *, cfg: Any, layout: Any, info: Any, device
                         devices=[r.device for r in ranks], launcher=info.launcher),
         extra_metrics={**_metric_notes(backend, throughput, memory_kind), **notes.get("metrics", {})},
         stop_reason=stop_reason,
-        **_prediction(cfg, layout, device),
+        prediction=_on_this_device(prediction, cfg, layout, device),
         telemetry=telemetry_block(reports, power_csv) if reports else None,
     )
+    predicted = (summary["prediction"] or {}).get("estimate", {}).get("collectives")
     summary["kernels"] = kernels
     if note:
         summary["steps_note"] = note
     if status == "ok":
         try:
-            summary.update(summary_blocks(cfg, layout, device.type, [r.trace for r in ranks], steps, run_dir))
+            summary.update(summary_blocks(cfg, device.type, [r.trace for r in ranks], steps, run_dir, predicted))
         except Exception as exc:  # noqa: BLE001 - the run's own measurements must reach summary.json
             summary["breakdown_reason"] = f"not measured: summarising the traces failed: {type(exc).__name__}: {exc}"
     write_summary(run_dir, summary)
@@ -352,20 +353,17 @@ def write_run_summary(run_dir: Path, *, cfg: Any, layout: Any, info: Any, device
         print_summary(summary, run_dir)
 
 
-def _prediction(cfg: Any, layout: Any, device: Any) -> dict[str, Any]:
-    """The cost model's values for this run's metric keys; its failure must never fail the run.
-
-    A profile that names no accelerator (system=cuda) gets the device torch reports, for its peak.
-    """
+def _on_this_device(prediction: Optional[dict[str, Any]], cfg: Any, layout: Any, device: Any
+                    ) -> Optional[dict[str, Any]]:
+    """The prediction the launching process's checks computed; for a profile that names no accelerator
+    (system=cuda) computed again with the GPU torch reports here, whose peak times it."""
     from harness.costmodel.estimate import estimate, predicted_metrics
     from harness.run.metrics import device_name
 
-    if cfg.system.accelerator is None and device.type == "cuda":
-        cfg = OmegaConf.merge(cfg, {"system": {"accelerator": device_name(device)}})
-    try:
-        return {"prediction": predicted_metrics(estimate(cfg, layout))}
-    except Exception as exc:  # noqa: BLE001 - reported in the summary instead
-        return {"prediction": None, "prediction_reason": f"cost model failed: {type(exc).__name__}: {exc}"}
+    if cfg.system.accelerator is not None or device.type != "cuda":
+        return prediction
+    return predicted_metrics(estimate(OmegaConf.merge(cfg, {"system": {"accelerator": device_name(device)}}),
+                                      layout))
 
 
 def _metric_notes(backend: Any, throughput: Any, memory_kind: Optional[str]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from harness.config.errors import ConfigError
+from harness.core.errors import ConfigError
 
 LOCAL_LAUNCHERS = ("basic", "local")
 """Hydra launchers whose points' ranks run on this host: the device and memory checks apply."""
@@ -38,7 +38,8 @@ class Point:
     hydra: Optional[DictConfig] = None
     """The point's Hydra section (sweep directory, launcher)."""
     run_dir: Optional[Path] = None
-    layout: Any = None
+    checked: Any = None
+    """run.preflight.Checked: the layout and the estimate its checks derived."""
     world: int = 0
     error: Optional[str] = None
     note: str = ""
@@ -54,7 +55,7 @@ def check_override_syntax(overrides: list[str]) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    from launchers.jobscript import printable
+    from harness.launchers.jobscript import printable
 
     parser = OverridesParser.create()
     for override in overrides:
@@ -109,9 +110,8 @@ def check_points(overrides: list[str], *, directories: bool = True, writer: bool
 
 
 def _check_point(point: Point, directories: bool, host: bool) -> None:
-    from harness.config.checks import validate
     from harness.run.launch import joined_ranks
-    from harness.run.preflight import preflight
+    from harness.run.preflight import check_config, preflight
 
     cfg, hydra = point.cfg, point.hydra
     assert cfg is not None and hydra is not None and point.run_dir is not None
@@ -127,13 +127,13 @@ def _check_point(point: Point, directories: bool, host: bool) -> None:
             raise ConfigError("launcher.spawn=srun: not inside a Slurm job (no SLURM_JOB_ID); run the sweep with "
                               "`harness submit <site> ... -- -m ...`, or leave launcher.spawn=local")
         point.world = int(os.environ.get("SLURM_NTASKS", "") or 0) or cfg.parallel.world_size or cfg.launcher.nproc
-        point.layout = validate(cfg, point.world)
+        point.checked = check_config(cfg, point.world)
     elif launcher in LOCAL_LAUNCHERS and host:
         point.world = joined.world_size if joined else cfg.launcher.nproc
-        point.layout = preflight(cfg, point.world, joined.local_world_size if joined else cfg.launcher.nproc)
-    else:  # a job on other hosts: what this host has does not matter
+        point.checked = preflight(cfg, point.world, joined.local_world_size if joined else cfg.launcher.nproc)
+    else:  # a job on other hosts, or --dry-run: what this host has does not matter
         point.world = cfg.parallel.world_size or cfg.launcher.nproc
-        point.layout = validate(cfg, point.world)
+        point.checked = check_config(cfg, point.world)
     if directories:
         point.note = check_point_dir(point.run_dir, cfg)
 
@@ -176,7 +176,7 @@ def in_use(path: Path) -> bool:
 def check_launcher_strings(launcher: Any) -> None:
     """Every string the sweep launcher writes into a job script (hydra.launcher.*), by the rule `harness submit`
     uses: shell lines are one printable line, directive values are words."""
-    from launchers.jobscript import SHELL_KEYS, SubmitError, check_script_value
+    from harness.launchers.jobscript import SHELL_KEYS, SubmitError, check_script_value
 
     params = OmegaConf.to_container(launcher, resolve=True) if isinstance(launcher, DictConfig) else dict(launcher)
     try:

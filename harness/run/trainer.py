@@ -16,8 +16,11 @@ from omegaconf import DictConfig
 
 from harness.backends import make_backend
 from harness.backends.base import DTYPES, Backend
-from harness.config.checks import compute_precision, validate
+from harness.config.checks import compute_precision
+from harness.core.layout import Layout
 from harness.costmodel.flops import step_flops
+from harness.launchers.env import RankInfo
+from harness.models.gpt import GPT, GPTConfig
 from harness.run.data import TokenSource, micro_batches, step_batches, token_source
 from harness.run.environment import kernels
 from harness.run.live import Progress
@@ -30,8 +33,6 @@ from harness.telemetry.summary import step_fields
 from harness.trace.analyse import analyse_rank
 from harness.trace.capture import TraceCapture, phase
 from harness.trace.events import PHASES
-from launchers.env import RankInfo
-from models.gpt import GPT, GPTConfig
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,10 @@ class Built:
 class Trainer:
     """The bounded step loop of one rank; rank 0 also records and reports."""
 
-    def __init__(self, cfg: DictConfig, info: RankInfo, device: torch.device, run_dir: Path) -> None:
+    def __init__(self, cfg: DictConfig, info: RankInfo, device: torch.device, run_dir: Path, layout: Layout,
+                 prediction: Optional[dict[str, Any]]) -> None:
         self.cfg, self.info, self.device, self.run_dir = cfg, info, device, run_dir
-        self.layout = validate(cfg, info.world_size)
+        self.layout, self.prediction = layout, prediction
         self.is_writer = info.rank == 0
         self.end_time_s = job_end_time(os.environ)
         self.stop_reason = "completed"
@@ -248,4 +250,5 @@ class Trainer:
                           status=status, error=error, stop_reason=self.stop_reason, ranks=ranks,
                           backend=built.backend if built else None, n_params=built.n_params if built else None,
                           throughput=built.throughput if built else None,
-                          memory_kind=built.memory.kind if built else None, kernels=self.kernels)
+                          memory_kind=built.memory.kind if built else None, kernels=self.kernels,
+                          prediction=self.prediction)

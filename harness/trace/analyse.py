@@ -109,10 +109,11 @@ def _relative(path: str, run_dir: Path) -> str:
         return path
 
 
-def summary_blocks(cfg: Any, layout: Any, device_type: str, ranks: list[Optional[dict[str, Any]]],
-                   steps: list[dict[str, Any]], run_dir: Path) -> dict[str, Any]:
-    """summary.json's `profile` and `breakdown` blocks from every rank's analysis and the steps on disk."""
-    from harness.config.checks import profile_window
+def summary_blocks(cfg: Any, device_type: str, ranks: list[Optional[dict[str, Any]]], steps: list[dict[str, Any]],
+                   run_dir: Path, predicted: Optional[list[dict[str, Any]]]) -> dict[str, Any]:
+    """summary.json's `profile` and `breakdown` blocks from every rank's analysis and the steps on disk;
+    `predicted`: the cost model's collectives for this run (None: it gave none), compared kind by kind."""
+    from harness.core.layout import profile_window
 
     train = cfg.train
     window = profile_window(cfg.profile, train.warmup_steps, train.warmup_steps + train.steps)
@@ -151,7 +152,7 @@ def summary_blocks(cfg: Any, layout: Any, device_type: str, ranks: list[Optional
         if types:
             entry["unsized_types"] = types  # element types of unknown size: their bytes are missing
     breakdown["max_rank_step_ms"] = max(r["step_ms"] for r in analysed)
-    breakdown["comm"] = _with_prediction(breakdown.get("comm", {}), cfg, layout, gloo=device_type == "cpu")
+    breakdown["comm"] = _with_prediction(breakdown.get("comm", {}), predicted, gloo=device_type == "cpu")
     if "top_kernels" in analysed[0]:
         breakdown["top_kernels_rank0"] = analysed[0]["top_kernels"]
     if any("reason" in r for r in analysed):
@@ -169,12 +170,12 @@ def _grouped(items: list[tuple[int, str]]) -> list[str]:
     return [f"rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}: {m}" for m, r in ranks.items()]
 
 
-def _with_prediction(measured: dict[str, Any], cfg: Any, layout: Any, gloo: bool) -> dict[str, Any]:
+def _with_prediction(measured: dict[str, Any], collectives: Optional[list[dict[str, Any]]],
+                     gloo: bool) -> dict[str, Any]:
     """Each collective kind's measured calls, bytes and time beside the cost model's bytes (mean over ranks)."""
-    try:
-        predicted = comm.predicted_bytes(cfg, layout, gloo)
-    except Exception as exc:  # noqa: BLE001 - a cost-model gap leaves the measurement standing
-        return {**measured, "predicted_reason": f"cost model failed: {type(exc).__name__}: {exc}"}
+    if collectives is None:
+        return {**measured, "predicted_reason": "the run has no prediction (see summary.json prediction_reason)"}
+    predicted = comm.predicted_bytes(collectives, gloo)
     out = {}
     for kind in dict.fromkeys([*measured, *predicted]):
         entry = dict(measured.get(kind, {"calls": 0, "bytes": 0.0, "time_ms": 0.0}))

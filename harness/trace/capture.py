@@ -18,7 +18,7 @@ from typing import Any, ContextManager, Optional
 import torch
 import torch.distributed as dist
 
-from harness.config.checks import ProfileWindow, profile_window
+from harness.core.layout import ProfileWindow, profile_window
 
 MEMORY_HISTORY_ENTRIES = 100_000
 """Allocator events kept by the CUDA memory snapshot (torchtitan's default)."""

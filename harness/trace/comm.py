@@ -135,15 +135,13 @@ def by_kind(trace: Trace, window: tuple[float, float]) -> dict[str, dict[str, An
     return out
 
 
-def predicted_bytes(cfg: Any, layout: Any, gloo: bool) -> dict[str, float]:
-    """The cost model's bytes per rank per step by collective kind, in the trace's convention (what a rank
-    puts in: an all-gather's payload over its group); on gloo, kinds as ProcessGroupGloo runs them."""
-    from harness.costmodel.comm import collectives
-    from harness.costmodel.layout import job_from_config
-
+def predicted_bytes(collectives: list[dict[str, Any]], gloo: bool) -> dict[str, float]:
+    """The cost model's collectives (its estimate's `collectives`) as bytes per rank per step by kind, in the
+    trace's convention (what a rank puts in: an all-gather's payload over its group); on gloo, kinds as
+    ProcessGroupGloo runs them."""
     out: dict[str, float] = {}
-    for c in collectives(job_from_config(cfg, layout)):
-        kind = GLOO_KIND.get(c.kind, c.kind) if gloo else c.kind
-        payload = c.payload_bytes / c.group if c.kind == "all_gather" else c.payload_bytes
-        out[kind] = out.get(kind, 0.0) + payload * c.calls
+    for c in collectives:
+        kind = GLOO_KIND.get(c["kind"], c["kind"]) if gloo else c["kind"]
+        payload = c["payload_bytes"] / c["group"] if c["kind"] == "all_gather" else c["payload_bytes"]
+        out[kind] = out.get(kind, 0.0) + payload * c["calls"]
     return out

@@ -70,3 +70,12 @@ def stdout_error() -> Optional[str]:
         if exc is not None and exc.errno != errno.EPIPE:
             return f"writing to stdout failed: {errno.errorcode.get(exc.errno or 0, 'OSError')}: {exc.strerror or exc}"
     return None
+
+
+def quiet_library_warnings() -> None:
+    """Not the user's to act on, and repeated every step or import: DeepSpeed still calls collectives torch
+    has renamed, and megatron-core notes that its optional fused kernels (TE, Apex) are not installed."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed", category=UserWarning)

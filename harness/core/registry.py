@@ -8,7 +8,7 @@ module beside this one and one YAML file in `conf/backend/`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 FSDP_SHARDINGS = ("full_shard", "shard_grad_op", "hybrid_shard", "no_shard")
@@ -17,6 +17,34 @@ OPTIMIZERS = ("auto", "adamw", "adamw_foreach", "adamw_fused", "apex_fused_adam"
 """train.optimizer: implementations of the same AdamW update (GPT-3's betas), chosen for speed."""
 FP16_SCALER_OPTIONS = ("initial_scale_power", "loss_scale_window", "hysteresis", "min_loss_scale")
 """DeepSpeed's dynamic loss scaler; torch's GradScaler (fsdp) has the first two (no hysteresis, no floor)."""
+
+
+@dataclass(frozen=True)
+class CheckpointMode:
+    """One `train.activation_checkpointing` mode: the part of every block whose activations the backward pass
+    recomputes from the part's input instead of storing them, named by the model's own modules."""
+
+    name: str
+    region: str
+    """What each block recomputes: "" nothing, "attn.core" its core attention (QKᵀ, softmax, ·V), "attn" its
+    attention sub-layer (the projections too), "block" the whole block."""
+    meaning: str
+    tp_collectives: int
+    """Tensor-parallel collectives its recomputed forward runs again per block (one per row-parallel linear)."""
+    gemm_calls: Optional[int]
+    """GEMM kernels its recomputed forward runs again per block; None: every one of the block's."""
+
+
+CHECKPOINTING: dict[str, CheckpointMode] = {mode.name: mode for mode in (
+    CheckpointMode("none", "", "nothing is recomputed: every activation the backward needs is stored", 0, 0),
+    CheckpointMode("selective", "attn.core", "core attention is recomputed from q, k and v: Korthikanti et al. "
+                   "2022's selective recomputation (section 5); with train.checkpoint_every_n=n, every n-th whole "
+                   "block instead", 0, 2),
+    CheckpointMode("attention", "attn", "the attention sub-layer is recomputed from its input, its "
+                   "projections too", 1, 4),
+    CheckpointMode("full", "block", "every block is recomputed from its input (Chen et al. 2016)", 2, None),
+)}
+"""train.activation_checkpointing, from least to most recomputation (the planner's order)."""
 
 
 @dataclass(frozen=True)
@@ -36,16 +64,39 @@ class PipelineSchedule:
     """Needs micro-batches divisible by max(1, micro-batches // pp) (torch's interleaved rounds)."""
     split_backward: bool = False
     """Runs each backward as an input-gradient pass and a later weight-gradient pass (zero bubble)."""
+    idle_share: float = 1.0
+    """Its idle time as a share of interleaved 1F1B's (p-1)/(v m): see `bubble`."""
+    holds_all_micro_batches: bool = False
+    """Runs every micro-batch's forward before the backwards, so the first stage holds all of their activations
+    (1F1B and the zero-bubble schedules hold at most pp)."""
+
+    def bubble(self, pp: int, vpp: int, micro_batches: int) -> float:
+        """Idle time of the schedule relative to its work, with forward, input-gradient and weight-gradient passes
+        of equal cost (the zero-bubble papers' assumption; a full backward is the latter two):
+
+        - GPipe and 1F1B (Narayanan et al. 2021, sec. 2.2): (p-1)/m.
+        - Interleaved 1F1B and looped breadth-first (Lamy-Poirier 2023): (p-1)/(v m).
+        - Interleaved zero bubble, ZB-H1 (Qi et al. 2023, "Zero Bubble Pipeline Parallelism"): weight-gradient
+          passes fill the cool-down, leaving (p-1)(F+B-W) of idle per rank: a third of 1F1B's, (p-1)/(3 v m).
+        - ZB-V (Qi et al. 2024, "Pipeline Parallelism with Controllable Memory"): (p-1)(F+B-2W) = 0, given at
+          least 2p-1 micro-batches to fill its V (fewer leave idle slots this does not count).
+        """
+        return 0.0 if pp == 1 else self.idle_share * (pp - 1) / (vpp * micro_batches)
 
 
 PP_SCHEDULES: dict[str, PipelineSchedule] = {s.name: s for s in (
-    PipelineSchedule("GPipe", "single"),
+    PipelineSchedule("GPipe", "single", holds_all_micro_batches=True),
     PipelineSchedule("1F1B", "single", at_least_pp_micro_batches=True),
     PipelineSchedule("Interleaved1F1B", "looped", rounds=True),
-    PipelineSchedule("LoopedBFS", "looped"),
-    PipelineSchedule("InterleavedZeroBubble", "looped", rounds=True, split_backward=True),
-    PipelineSchedule("ZBVZeroBubble", "v", split_backward=True),
+    PipelineSchedule("LoopedBFS", "looped", holds_all_micro_batches=True),
+    PipelineSchedule("InterleavedZeroBubble", "looped", rounds=True, split_backward=True, idle_share=1 / 3),
+    PipelineSchedule("ZBVZeroBubble", "v", split_backward=True, idle_share=0.0),
 )}
+
+
+def pipeline_bubble(schedule: str, pp: int, vpp: int, micro_batches: int) -> float:
+    """The bubble of the schedule named (PipelineSchedule.bubble)."""
+    return PP_SCHEDULES[schedule].bubble(pp, vpp, micro_batches)
 """The schedules `backend=fsdp parallel.pp>1` runs (parity-tested on gloo). torch's DualPipeV is left out: it
 is built for overlapping a MoE model's all-to-all with its own forward/backward callbacks."""
 
@@ -103,6 +154,9 @@ class BackendSpec:
     """Sequence parallelism needs seq_len divisible by tp (megatron-core splits the sequence in equal shards)."""
     pipeline_implementation: str = ""
     """`module:Class` that runs it when parallel.pp > 1, if not `implementation` itself."""
+    software: str = ""
+    """The cost model's software profile of this backend (harness/costmodel/software.py PROFILES): what it fuses
+    and overlaps, used when costmodel.software names no other."""
 
     @property
     def implementation_module(self) -> str:
@@ -111,10 +165,10 @@ class BackendSpec:
 
 BACKENDS: dict[str, BackendSpec] = {spec.name: spec for spec in (
     BackendSpec(
-        name="ddp", implementation="harness.backends.ddp:DDPBackend",
+        name="ddp", software="harness-ddp", implementation="harness.backends.ddp:DDPBackend",
         summary="PyTorch DDP through Lightning Fabric", gradient_buckets=True),
     BackendSpec(
-        name="fsdp", implementation="harness.backends.fsdp:FSDPBackend",
+        name="fsdp", software="harness-fsdp", implementation="harness.backends.fsdp:FSDPBackend",
         summary="FSDP2 fully_shard and DTensor TP through Fabric's ModelParallelStrategy; with parallel.pp > 1 "
                 "torch.distributed.pipelining schedules over the same stages",
         tensor_parallel=True, pipeline_parallel=True, interleaved_pipeline=True,
@@ -123,13 +177,14 @@ BACKENDS: dict[str, BackendSpec] = {spec.name: spec for spec in (
                  "pp_schedule", *FP16_SCALER_OPTIONS[:2]),
         pipeline_implementation="harness.backends.pipeline:FSDPPipelineBackend"),
     BackendSpec(
-        name="deepspeed", implementation="harness.backends.deepspeed:DeepSpeedBackend",
+        name="deepspeed", software="harness-deepspeed", implementation="harness.backends.deepspeed:DeepSpeedBackend",
         summary="DeepSpeed ZeRO 0-3 (with ZeRO-Offload)",
         zero_stages=(0, 1, 2, 3),
         options=("offload_optimizer", "offload_param", *FP16_SCALER_OPTIONS, "ds_config"),
         deepspeed_engine=True),
     BackendSpec(
-        name="deepspeed3d", implementation="harness.backends.deepspeed3d:DeepSpeed3DBackend",
+        name="deepspeed3d", software="harness-deepspeed3d",
+        implementation="harness.backends.deepspeed3d:DeepSpeed3DBackend",
         summary="DeepSpeed pipeline engine with megatron-core tensor parallelism (3D, ZeRO-1)",
         tensor_parallel=True, pipeline_parallel=True,
         zero_stages=(0, 1),
@@ -160,3 +215,45 @@ def resolve_optimizer(choice: str, backend: str, device_type: str) -> str:
     if choice != "auto":
         return choice
     return "deepspeed_fused_adam" if backend_spec(backend).deepspeed_engine and device_type == "cuda" else "adamw"
+
+
+@dataclass(frozen=True)
+class ReportView:
+    """One view of `harness report` (and of an experiment's report.views): its table's builder and its plot, as
+    `module:function`, imported when the report draws it (pandas and matplotlib only then)."""
+
+    name: str
+    summary: str
+    build: str
+    plot: str
+    profiled: bool = False
+    """Reads the breakdown of profiled runs (profile.enabled=true); left out where no run was profiled."""
+
+
+REPORT_VIEWS: dict[str, ReportView] = {v.name: v for v in (
+    ReportView("sweep", "metrics against the swept key", "harness.report.views:sweep_view",
+               "harness.report.plots:plot_sweep"),
+    ReportView("compare", "layouts or backends side by side, against a baseline", "harness.report.views:compare_view",
+               "harness.report.plots:plot_compare"),
+    ReportView("scaling", "throughput and efficiency against devices, with the ideal",
+               "harness.report.views:scaling_view", "harness.report.plots:plot_scaling"),
+    ReportView("prediction", "predicted next to measured, with the error", "harness.report.views:prediction_view",
+               "harness.report.plots:plot_prediction"),
+    ReportView("power", "power and energy per step", "harness.report.views:power_view",
+               "harness.report.plots:plot_power"),
+    ReportView("projection", "a full training run's time and energy from each run's rate",
+               "harness.report.views:projection_view", "harness.report.plots:plot_projection"),
+    ReportView("breakdown", "where the step's time goes: compute, communication, overlap, idle",
+               "harness.report.views:breakdown_view", "harness.report.plots:plot_breakdown", profiled=True),
+    ReportView("comm", "communication by collective kind, measured against predicted", "harness.report.views:comm_view",
+               "harness.report.plots:plot_comm", profiled=True),
+)}
+"""In report order."""
+
+
+def load(path: str) -> Any:
+    """The object a `module:name` entry of these tables names, imported on use."""
+    import importlib
+
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)

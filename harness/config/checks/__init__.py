@@ -1,0 +1,86 @@
+"""The checks that run before any process starts, and the layout they derive.
+
+`validate` checks what the schema's types cannot express (ranges, divisibility, files, what the
+chosen backend can do) and raises `ConfigError` with one line naming the field and the fix. The
+backends' abilities come from `harness.core.registry`, the model's own rules from
+`harness.models.config.GPTConfig.check`. Nothing here imports torch: the cost model and the CLI use it
+before any heavy import.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Union
+
+from omegaconf import DictConfig, OmegaConf
+
+from harness.config.checks.backends import check_backend_options, check_deepspeed, check_fsdp
+from harness.config.checks.common import choice
+from harness.config.checks.data import check_data
+from harness.config.checks.parallel import check_parallel, check_pipeline_schedule, check_world, checked_global_batch
+from harness.config.checks.sections import check_launcher, check_report, check_system, check_telemetry, check_train
+from harness.config.schema import Config
+from harness.core.errors import ConfigError
+from harness.core.layout import Layout, profile_window
+from harness.core.registry import BACKENDS, backend_spec
+from harness.models.config import GPTConfig, ModelConfigError
+
+AnyConfig = Union[DictConfig, Config]
+
+
+def check_model(m: Any) -> GPTConfig:
+    """The model section as the model's own config, held to the model's own rules."""
+    model = GPTConfig.from_section(m)
+    try:
+        model.check(prefix="model.")
+    except ModelConfigError as exc:
+        raise ConfigError(str(exc)) from exc
+    return model
+
+
+def check_finite(node: Any, prefix: str = "") -> None:
+    """No field holds nan or inf: a learning rate of nan trains nothing and a bandwidth of inf predicts nothing."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        name = f"{prefix}.{key}" if prefix and isinstance(key, str) else f"{prefix}[{key}]" if prefix else str(key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{name}={value}: must be a finite number")
+        check_finite(value, name)
+
+
+def validate(cfg: AnyConfig, world_size: int) -> Layout:
+    """Check the whole config for a job of `world_size` ranks and derive its layout."""
+    node = cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg)
+    check_finite(OmegaConf.to_container(node, resolve=True))
+    p, t, backend = cfg.parallel, cfg.train, cfg.backend.name
+    choice(backend, BACKENDS, "backend")
+    model = check_model(cfg.model)
+    check_launcher(cfg.launcher)
+    check_system(cfg.system)
+    check_train(t, model.n_layers, backend)
+    check_backend_options(cfg.backend)
+    check_parallel(backend, model, p, t.precision)
+    if backend_spec(backend).deepspeed_engine:
+        check_deepspeed(cfg.backend, p, t.precision, cfg.system.device)
+    dp = check_world(world_size, p)
+    if backend_spec(backend).shardings:
+        check_fsdp(cfg.backend, cfg.system.devices_per_node, dp, t.precision, p.tp, cfg.system.device)
+    global_batch = checked_global_batch(t, dp)
+    if "pp_schedule" in backend_spec(backend).options:
+        check_pipeline_schedule(cfg.backend, p, global_batch // (t.micro_batch_size * dp), t.compile,
+                                 cfg.system.device)
+    check_data(cfg.data, model.seq_len, model.vocab_size)
+    check_telemetry(cfg.telemetry)
+    profile_window(cfg.profile, t.warmup_steps, t.warmup_steps + t.steps)
+    check_report(cfg.report)
+    return Layout(world_size=world_size, tp=p.tp, pp=p.pp, dp=dp, zero_stage=p.zero_stage,
+                  micro_batch_size=t.micro_batch_size, global_batch_size=global_batch,
+                  grad_accum=global_batch // (t.micro_batch_size * dp))
+
+
+def compute_precision(cfg: Any) -> str:
+    """The dtype the blocks compute in, which picks the peak MFU divides by: FSDP's param_dtype may differ
+    from train.precision."""
+    if "param_dtype" in backend_spec(cfg.backend.name).options and cfg.backend.param_dtype is not None:
+        return cfg.backend.param_dtype
+    return cfg.train.precision

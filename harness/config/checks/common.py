@@ -1,0 +1,19 @@
+"""The two shapes of check every section uses: a value from a set of choices, and a lower bound."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from harness.core.errors import ConfigError
+
+
+def choice(value: str, choices: Any, key: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value}: unknown value; choose one of: {', '.join(choices)}")
+
+
+def at_least(section: Any, prefix: str, keys: tuple[str, ...], low: float, what: str) -> None:
+    for key in keys:
+        value = section[key]
+        if value is not None and value < low:
+            raise ConfigError(f"{prefix}.{key}={value}: must be {what}")
