@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine with Python 3.11 and pip:
 #   make demo   install, then train a tiny GPT on 2 CPU ranks and print the result table
-#   make test   install, then run the test suite
+#   make test   install, then run the test suite (make test-fast: the tier without multi-rank or DeepSpeed tests)
 # The CPU build of torch is pinned here on purpose: an unpinned torch pulls a multi-GB CUDA build.
 # On a cluster, install your site's torch first, then `pip install -e .[gpu]`.
 
@@ -22,6 +22,12 @@ install: $(BIN)/.installed
 
 demo: install
 	$(BIN)/harness run launcher.nproc=2 train.micro_batch_size=8 train.steps=10
+
+# Between edits: no multi-rank process group and no DeepSpeed build (README: its duration).
+test-fast: install
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+	$(BIN)/python -m pytest -m "not multirank and not deepspeed"
 
 test: install
 	$(BIN)/ruff check .

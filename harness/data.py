@@ -57,6 +57,14 @@ def data_command(args: list[str]) -> int:
     if any(a in ("-h", "--help") for a in args[1:]):
         print(USAGE)
         return 0
+    ns = prepare_parser().parse_args(args[1:])
+    _check(ns)
+    prepare(ns.inputs, ns.out, ns.tokenizer, workers=ns.workers, text_key=ns.text_key, eod_token=ns.eod_token)
+    return 0
+
+
+def prepare_parser() -> _Parser:
+    """`harness data prepare`'s options."""
     parser = _Parser(prog="harness data prepare", add_help=False)
     parser.add_argument("inputs", nargs="+", type=Path)
     parser.add_argument("--out", required=True)
@@ -64,10 +72,7 @@ def data_command(args: list[str]) -> int:
     parser.add_argument("--workers", type=int, default=min(8, len(os.sched_getaffinity(0))))
     parser.add_argument("--text-key", default="text")
     parser.add_argument("--eod-token")
-    ns = parser.parse_args(args[1:])
-    _check(ns)
-    prepare(ns.inputs, ns.out, ns.tokenizer, workers=ns.workers, text_key=ns.text_key, eod_token=ns.eod_token)
-    return 0
+    return parser
 
 
 def _check(ns: argparse.Namespace) -> None:

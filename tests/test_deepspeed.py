@@ -17,6 +17,8 @@ from harness.config.checks import validate
 from harness.config.compose import compose
 from harness.core.errors import ConfigError
 
+pytestmark = pytest.mark.deepspeed  # DeepSpeed's engine: left out of `make test-fast`
+
 TOLERANCE = 1e-4
 
 ZERO_LAYOUTS = {

@@ -20,6 +20,8 @@ from harness.config.checks import validate
 from harness.config.compose import compose
 from harness.core.errors import ConfigError
 
+pytestmark = pytest.mark.deepspeed  # DeepSpeed's engine: left out of `make test-fast`
+
 LAYOUTS_3D = {
     "tp2-selective": ["launcher.nproc=2", "parallel.tp=2", "train.micro_batch_size=2",
                       "train.activation_checkpointing=selective"],

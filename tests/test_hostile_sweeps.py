@@ -221,7 +221,7 @@ def test_launcher_join_false_starts_the_configured_ranks_and_records_them(tmp_pa
 
 # -- divergence and signals are statuses --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", ["ddp", "deepspeed"])
+@pytest.mark.parametrize("backend", ["ddp", pytest.param("deepspeed", marks=pytest.mark.deepspeed)])
 def test_a_diverging_run_ends_diverged_naming_the_step(tmp_path: Path, backend: str) -> None:
     run_dir = tmp_path / "run"
     proc = harness(["run", *TINY, f"backend={backend}", "train.lr=1e30", f"hydra.run.dir={run_dir}"], cwd=tmp_path)

@@ -89,7 +89,7 @@ sys.exit(run(compose(sys.argv[2:]), Path(sys.argv[1])) != "ok")
 """
 
 
-@pytest.mark.parametrize("backend", ["ddp", "fsdp", "deepspeed"])
+@pytest.mark.parametrize("backend", ["ddp", "fsdp", pytest.param("deepspeed", marks=pytest.mark.deepspeed)])
 def test_backends_train_a_meta_built_model_like_the_reference(backend: str, reference: Run, tmp_path: Path) -> None:
     """The 1-rank reference (built whole on the CPU) against the same run built on the meta device."""
     overrides = [*TINY, *GLOBAL_BATCH, "launcher.nproc=1", "train.micro_batch_size=2", f"backend={backend}"]
