@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -19,6 +21,23 @@ from harness.config.schema import Config
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
                "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_RANK", "PMI_RANK",
                "SUBMITIT_LOCAL_GLOBALID")
+
+MULTIRANK_FIXTURES = {"layout_runs", "fsdp_study", "calibrated_cpu"}
+"""Session fixtures that start process groups of 2 or more ranks."""
+MANY_RANKS = re.compile(r"(?:launcher\.nproc|tasks|--nproc-per-node|-n)[= ]([2-9])\b|launch_local\(\s*[2-9]")
+"""A test that starts 2 or more ranks says so in its source or parameters: `launcher.nproc=2`, `tasks=4`..."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `multirank` every test that starts a process group of 2 or more ranks, by its fixtures, source and
+    parameters, so that `make test-fast` leaves it out without anyone remembering to mark it."""
+    for item in items:
+        function = getattr(item, "function", None)
+        source = inspect.getsource(function) if function is not None else ""
+        params = str(getattr(getattr(item, "callspec", None), "params", ""))
+        if MULTIRANK_FIXTURES & set(getattr(item, "fixturenames", ())) or MANY_RANKS.search(source + params):
+            item.add_marker(pytest.mark.multirank)
+
 
 # Tiny and fast: 2 layers, width 64, 1 thread per rank (see the README's test notes).
 TINY = ["model=gpt-tiny", "launcher.omp_num_threads=1", "train.warmup_steps=1", "train.steps=3"]
