@@ -27,7 +27,7 @@ demo: install
 test-fast: install
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -m "not multirank and not deepspeed"
+	$(BIN)/python -m pytest -m "not multirank and not deepspeed" -n 2 --dist worksteal
 
 test: install
 	$(BIN)/ruff check .

@@ -91,6 +91,28 @@ def _check(ns: argparse.Namespace) -> None:
     parent = Path(ns.out).parent
     if not parent.is_dir():
         raise ConfigError(f"data prepare: --out={ns.out}: directory {parent} does not exist; create it first")
+    load_tokenizer(ns.tokenizer)  # a file that is not a tokenizer fails here, before the workers start
+    for path in ns.inputs:
+        _sniff(path, ns.text_key)
+
+
+SNIFF_BYTES = 64 * 2**10
+"""What of each input is read before tokenizing starts: binary or malformed input fails at once, not after the
+workers have started (the rest is checked as it is read)."""
+
+
+def _sniff(path: Path, text_key: str) -> None:
+    with open(path, "rb") as f:
+        head = f.read(SNIFF_BYTES)
+    whole = head if len(head) < SNIFF_BYTES else head[: head.rfind(b"\n") + 1]
+    try:
+        text = whole.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"data prepare: {path}: not UTF-8 text (byte {exc.start}); give text or JSON-lines "
+                          "files") from None
+    if path.suffix in (".jsonl", ".json"):
+        for number, line in enumerate(text.splitlines(), 1):
+            _json_text(line, path, number, text_key)
 
 
 def load_tokenizer(path: Path) -> Any:
@@ -147,19 +169,25 @@ def documents(paths: list[Path], text_key: str) -> Iterator[str]:
                               "give text or JSON-lines files") from None
 
 
+def _json_text(line: str, path: Path, number: int, text_key: str) -> Optional[str]:
+    """The text of one JSON line (None for a blank line); one error line naming a line that is not one."""
+    if not line.strip():
+        return None
+    try:
+        text = json.loads(line)[text_key]
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(f"data prepare: {path}:{number}: not a JSON object with a '{text_key}' field "
+                          "(--text-key names another)") from None
+    return str(text) if text else None
+
+
 def _documents(path: Path, text_key: str) -> Iterator[str]:
     if path.suffix in (".jsonl", ".json"):
         with open(path, encoding="utf-8") as f:
             for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    text = json.loads(line)[text_key]
-                except (ValueError, KeyError, TypeError):
-                    raise ConfigError(f"data prepare: {path}:{number}: not a JSON object with a "
-                                      f"'{text_key}' field (--text-key names another)") from None
+                text = _json_text(line, path, number, text_key)
                 if text:
-                    yield str(text)
+                    yield text
     else:
         for paragraph in path.read_text(encoding="utf-8").split("\n\n"):
             if paragraph.strip():

@@ -40,6 +40,8 @@ ONE_LINE_ERRORS = [  # (command line, text the one line must contain)
     (["run", "hydra.run.dir=/tmp/ünïcode"], "quote the value: \"hydra.run.dir='/tmp/ünïcode'\""),
     (["run", "-m", "train.seed=1,2", "hydra.sweep.dir=/tmp/ünïcode"], "hydra.sweep.dir='/tmp/ünïcode'"),
     (["run", "launcher.nproc=2", "launcher.join=true"], "launcher.join=true but no launcher started this process"),
+    (["run", "model=gpt-13b", "costmodel.software=megatorn-lm"],  # before the memory check: no rank starts
+     "costmodel.software=megatorn-lm: unknown; choose one of harness-ddp, harness-fsdp"),
     (["estimate", "parallel.world_size=0"], "parallel.world_size=0: must be at least 1"),
     (["estimate", "parallel.world_size=-4"], "parallel.world_size=-4: must be at least 1"),
     (["estimate", "model.n_layers=abc"], "model.n_layers=abc"),

@@ -311,9 +311,6 @@ def profile_name(name: str | None, system: str) -> str:
 
 def calibrate_command(args: list[str]) -> int:
     """`harness calibrate [system=cpu] [launcher.nproc=N] [train.precision=...] [--name=NAME]`."""
-    from harness.launchers.local import launch_local
-    from harness.run.rank import threads_per_rank
-
     try:
         overrides, flags = split_command_args(args, {"--name": str})
     except HelpRequested:
@@ -332,6 +329,9 @@ def calibrate_command(args: list[str]) -> int:
     except OSError as exc:
         raise ConfigError(f"cannot create {path.parent} ({exc.strerror}); set HARNESS_CONFIG_DIR to a "
                           "writable directory") from exc
+    from harness.launchers.local import launch_local  # torch: once the command is known to be valid
+    from harness.run.rank import threads_per_rank
+
     os.environ["OMP_NUM_THREADS"] = str(threads_per_rank(cfg.launcher.omp_num_threads, nproc))
     with tempfile.TemporaryDirectory() as tmp:
         launch_local(nproc, measure_rank, cfg.train.precision, tmp)

@@ -214,7 +214,7 @@ def _check_sweep(overrides: list[str]) -> tuple[Optional[RankInfo], Path]:
     directory to hand to Hydra)."""
     from harness.config.compose import compose
     from harness.run.claim import check_sweep_dir, check_writable
-    from harness.run.launch import joined_ranks
+    from harness.run.preflight import joined_ranks
     from harness.run.rundir import check_space
     from harness.run.sweep import check_points, first_error
 
@@ -239,8 +239,7 @@ def _preflight_single(overrides: list[str]) -> Optional[RankInfo]:
     is not the harness's; (this process's ranks)."""
     from harness.config.compose import compose
     from harness.run.claim import check_unclaimed, check_writable
-    from harness.run.launch import joined_ranks
-    from harness.run.preflight import preflight
+    from harness.run.preflight import joined_ranks, preflight
     from harness.run.rundir import check_space
 
     cfg = compose([a for a in overrides if not a.startswith("hydra.")])
@@ -301,7 +300,7 @@ def _task(cfg: Any) -> Optional[str]:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from harness.run.launch import joined_ranks
+    from harness.run.preflight import joined_ranks
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -362,7 +361,8 @@ def _checked(cfg: Any, key: Any, joined: Any) -> Any:
 def _run_unwritten(cfg: Any, run_dir: Path, sweeping: bool, key: Any) -> str:
     """A rank other than 0 of a cluster launch: it writes nothing; it skips what rank 0 skips."""
     from harness.config.compose import to_container
-    from harness.run.launch import joined_ranks, run
+    from harness.run.launch import run
+    from harness.run.preflight import joined_ranks
     from harness.run.sweep import finished_earlier
 
     if sweeping and cfg.sweep.resume and finished_earlier(run_dir, to_container(cfg)):
@@ -375,7 +375,8 @@ def _run_written(cfg: Any, run_dir: Path, sweeping: bool, key: Any, spawning: bo
     a finished point is skipped, an earlier attempt moved aside whole, then Hydra's record and the run."""
     from harness.config.compose import to_container
     from harness.run.claim import RunDirLock, holds_run, move_aside
-    from harness.run.launch import joined_ranks, run, run_srun_step
+    from harness.run.launch import run, run_srun_step
+    from harness.run.preflight import joined_ranks
     from harness.run.rundir import os_error
     from harness.run.sweep import finished_earlier
 

@@ -27,41 +27,15 @@ from harness.core.console import guard_stdout
 from harness.core.errors import ConfigError
 from harness.core.layout import Layout
 from harness.costmodel.estimate import predicted_metrics
-from harness.launchers.env import LaunchEnvError, RankInfo, discover, export, launcher_variables
+from harness.launchers.env import RankInfo, export
 from harness.launchers.local import launch_local
-from harness.run.preflight import Checked, preflight
+from harness.run.preflight import Checked, joined_ranks, preflight
 from harness.run.rank import rank_process, threads_per_rank
 from harness.run.rundir import disk_warning, failed_summary, write_config, write_summary
 from harness.run.stopping import Interrupted, Terminated, stop_on_signals
 from harness.run.trainer import Trainer
 
 log = logging.getLogger(__name__)
-
-
-def joined_ranks(cfg: Any) -> Optional[RankInfo]:
-    """The ranks a launcher started that this process is one of (launcher.join), or None: start them here.
-
-    Launcher variables and the config must agree: launcher.nproc (other than its default 1) is the ranks per node,
-    or in all, that the launcher started; else the run is refused in one line naming both."""
-    join = cfg.launcher.join
-    if join is False:
-        return None
-    try:
-        info = discover(os.environ)
-    except LaunchEnvError as exc:
-        raise ConfigError(f"{exc}, or give launcher.join=false to start launcher.nproc local ranks instead") from None
-    if info is None:
-        if join:
-            raise ConfigError("launcher.join=true but no launcher started this process (no torchrun, srun, mpiexec "
-                              "or submitit variables); start it under one, or drop launcher.join")
-        return None
-    nproc = cfg.launcher.nproc
-    if nproc not in (1, info.local_world_size, info.world_size):
-        raise ConfigError(
-            f"launcher.nproc={nproc} but {info.launcher} started this process as rank {info.rank} of "
-            f"{info.world_size} ({info.local_world_size} on this node, from {launcher_variables(info.launcher)}); "
-            f"drop launcher.nproc to run as those ranks, or give launcher.join=false to start {nproc} local ranks")
-    return info
 
 
 def run(cfg: DictConfig, run_dir: Path, checked: Optional[Checked] = None) -> str:

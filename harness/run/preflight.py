@@ -4,12 +4,14 @@ CPU against the host's available memory shared by its local ranks)."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from harness.config.checks import validate
 from harness.core.errors import ConfigError
 from harness.core.layout import Layout
+from harness.launchers.env import LaunchEnvError, RankInfo, discover, launcher_variables
 
 GB = 1e9
 
@@ -128,3 +130,29 @@ def check_memory_fit(cfg: Any, est: dict[str, Any], device: str, local_ranks: in
         f"more ranks with sharding (backend=fsdp, or backend=deepspeed parallel.zero_stage=3), "
         f"train.activation_checkpointing=full or a smaller train.micro_batch_size (`harness plan model="
         f"{cfg.model.name} parallel.world_size=N` lists layouts that fit), or launcher.skip_memory_check=true")
+
+
+def joined_ranks(cfg: Any) -> Optional[RankInfo]:
+    """The ranks a launcher started that this process is one of (launcher.join), or None: start them here.
+
+    Launcher variables and the config must agree: launcher.nproc (other than its default 1) is the ranks per node,
+    or in all, that the launcher started; else the run is refused in one line naming both."""
+    join = cfg.launcher.join
+    if join is False:
+        return None
+    try:
+        info = discover(os.environ)
+    except LaunchEnvError as exc:
+        raise ConfigError(f"{exc}, or give launcher.join=false to start launcher.nproc local ranks instead") from None
+    if info is None:
+        if join:
+            raise ConfigError("launcher.join=true but no launcher started this process (no torchrun, srun, mpiexec "
+                              "or submitit variables); start it under one, or drop launcher.join")
+        return None
+    nproc = cfg.launcher.nproc
+    if nproc not in (1, info.local_world_size, info.world_size):
+        raise ConfigError(
+            f"launcher.nproc={nproc} but {info.launcher} started this process as rank {info.rank} of "
+            f"{info.world_size} ({info.local_world_size} on this node, from {launcher_variables(info.launcher)}); "
+            f"drop launcher.nproc to run as those ranks, or give launcher.join=false to start {nproc} local ranks")
+    return info

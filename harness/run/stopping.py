@@ -26,8 +26,6 @@ import threading
 import time
 from typing import Callable, Mapping, Optional
 
-from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
-
 STOP_REASONS = ("completed", "walltime", "watchdog", "interrupted", "diverged", "failed")
 
 
@@ -106,6 +104,8 @@ class Watchdog:
             stalled_s = time.monotonic() - self._last
             if stalled_s > self.timeout_s:
                 error = StalledRun(f"no step finished in {stalled_s:.0f} s (launcher.watchdog_s={self.timeout_s:g})")
+                from torch.distributed.elastic.multiprocessing.errors import ErrorHandler  # torch: only here
+
                 try:
                     self.on_stall(error)
                     ErrorHandler().record_exception(error)  # the elastic agent reports it as this rank's error

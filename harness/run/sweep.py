@@ -110,8 +110,7 @@ def check_points(overrides: list[str], *, directories: bool = True, writer: bool
 
 
 def _check_point(point: Point, directories: bool, host: bool) -> None:
-    from harness.run.launch import joined_ranks
-    from harness.run.preflight import check_config, preflight
+    from harness.run.preflight import check_config, joined_ranks, preflight
 
     cfg, hydra = point.cfg, point.hydra
     assert cfg is not None and hydra is not None and point.run_dir is not None
