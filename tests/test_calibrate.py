@@ -53,7 +53,7 @@ def test_profile_fits_recover_rates() -> None:
     assert abs(profile["comm_latency_us"] - 100) < 1e-3
     assert abs(profile["layer_overhead_us"] - 1000) < 1e-6 and abs(profile["step_overhead_us"] - 2000) < 1e-6
     assert profile["devices_per_node"] == 2
-    # The fitted non-GEMM passes make the model reproduce the measured 20 ms per width-256 block.
+    # The fitted streaming efficiency makes the model's kernels reproduce the measured 20 ms per width-256 block.
     assert modelled_probe_block_s(profile, 256) == pytest.approx(0.02, rel=1e-6)
 
 

@@ -173,9 +173,25 @@ class SystemConfig:
     hbm_bw_gb_per_s: Optional[float] = None
     """Device memory bandwidth, for the memory-bound (non-GEMM) work of a step."""
     intra_node_bw_gb_per_s: Optional[float] = None
-    """Per-device, per-direction bandwidth between devices of one node (NVLink, Infinity Fabric, Xe Link)."""
-    inter_node_bw_gb_per_s: Optional[float] = None
-    """Per-device, per-direction network bandwidth between nodes (NICs per node / devices per node)."""
+    """Per device, per direction, into the node's fabric: an NVSwitch port's NVLink bandwidth; with
+    point-to-point links (intra_node_links) the sum of a device's links."""
+    intra_node_links: list[Any] = field(default_factory=list)
+    """Point-to-point fabrics (xGMI on MI250X, NVLink without a switch): per-direction GB/s between each pair of a
+    node's devices, 0 where no link joins them; empty: a switch gives every device intra_node_bw_gb_per_s to any
+    other (costmodel/network.py)."""
+    intra_node_efficiency: Optional[float] = None
+    """Fraction of the fabric's bandwidth a large ring collective reaches (a published nccl-tests/rccl-tests bus
+    bandwidth over the line rate); None: comm_efficiency."""
+    nvls_efficiency: Optional[float] = None
+    """Third-generation NVSwitch (H100/H200): fraction of the link bandwidth an all-reduce inside the node reaches with
+    NVLink SHARP (NCCL's NVLS algorithm: payload once each way); None: no in-switch reduction."""
+    nics_per_node: Optional[int] = None
+    """Network adapters per node that collectives spread their channels over."""
+    nic_bw_gb_per_s: Optional[float] = None
+    """Per NIC, per direction."""
+    nic_efficiency: Optional[float] = None
+    """Fraction of the NICs' bandwidth a large ring collective across nodes reaches (a published nccl-tests bus
+    bandwidth over the line rate); None: comm_efficiency."""
     idle_power_w: Optional[float] = None
     """Power of one device while idle."""
     peak_power_w: Optional[float] = None
@@ -185,12 +201,20 @@ class SystemConfig:
     (harness/costmodel/peaks.py), else a generic 0.7."""
     gemm_half_gflop: float = 1.0
     """GEMM size (GFLOP) at which it reaches half of gemm_efficiency: small GEMMs do not fill the device."""
-    elementwise_passes: float = 6.0
-    """Device-memory passes over each stored activation byte by the non-GEMM kernels (norms, softmax, GELU...)."""
+    memory_efficiency: Optional[float] = None
+    """Fraction of hbm_bw_gb_per_s a memory-bound kernel (norm, activation, residual add, optimizer) reaches; None:
+    the accelerator's published STREAM figure (harness/costmodel/peaks.py), else a generic 0.8."""
+    kernel_launch_us: Optional[float] = None
+    """Host time to issue one kernel in eager PyTorch (Python, dispatcher, autograd, the launch call), which a GPU
+    hides behind kernels that run longer; None: 0 on a CPU (layer_overhead_us holds its host time), else 5."""
     comm_efficiency: float = 0.8
-    """Fraction of the link bandwidth a large collective reaches."""
-    comm_latency_us: float = 10.0
-    """Fixed cost of one collective call."""
+    """Fraction of a link's bandwidth a large collective reaches where no measured figure is given."""
+    comm_latency_us: float = 8.4
+    """Fixed cost of one collective call (NCCL's base latency of a ring or tree, src/graph/tuning.cc)."""
+    intra_hop_latency_us: float = 3.4
+    """Latency of each step of a ring inside a node (NCCL's NVLink ring, Simple protocol)."""
+    inter_hop_latency_us: float = 14.0
+    """Latency of each step of a ring or tree across nodes (NCCL's network, Simple protocol)."""
     framework_overhead_gb: float = 0.0
     """Memory per device that no model tensor explains (CUDA/HIP context, allocator, communicator buffers)."""
     layer_overhead_us: float = 0.0

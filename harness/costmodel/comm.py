@@ -17,8 +17,9 @@ it and gathers it again on the next stage (software.py).
 test_comm_volume.py), including collectives DeepSpeed issues over a one-rank group: those have
 `group=1` and move no bytes (`wire_bytes` 0).
 
-Rank order is Megatron's and DeepSpeed's (TP fastest, then DP, then PP): a group stays inside a
-node when its span of consecutive ranks fits in `devices_per_node`.
+Rank order is Megatron's and DeepSpeed's (TP fastest, then DP, then PP): a group of ranks `stride` apart
+has `devices_per_node / stride` of its members in each node (all of them if they fit, one if the stride is a
+node or more); what a call costs over that placement is network.py's.
 """
 
 from __future__ import annotations
@@ -28,10 +29,8 @@ from dataclasses import dataclass
 from harness.core.registry import CHECKPOINTING
 from harness.costmodel.flops import param_modules, param_tensors, shape_cached
 from harness.costmodel.layout import Job, Zero3, layers_per_stage
+from harness.costmodel.network import RING_FACTOR
 from harness.models.config import GPTConfig
-
-RING_FACTOR = {"all_reduce": lambda p: 2 * (p - 1) / p, "all_gather": lambda p: (p - 1) / p,
-               "reduce_scatter": lambda p: (p - 1) / p, "send_recv": lambda p: 1.0}
 
 
 @dataclass(frozen=True)
@@ -46,7 +45,12 @@ class Collective:
     """Calls per optimizer step."""
     group: int
     """Ranks in the group."""
-    intra_node: bool
+    local: int
+    """Ranks of the group in one node (the group spans group // local nodes)."""
+
+    @property
+    def intra_node(self) -> bool:
+        return self.local >= self.group
 
     @property
     def role(self) -> str:
@@ -63,8 +67,9 @@ class Collective:
         return RING_FACTOR[self.kind](self.group) * self.payload_bytes * self.calls
 
 
-def _intra(span: int, job: Job) -> bool:
-    return span <= job.devices_per_node
+def per_node(stride: int, size: int, job: Job) -> int:
+    """Members per node of a group of `size` ranks `stride` apart (ranks fill nodes in order)."""
+    return max(1, min(size, job.devices_per_node // stride)) if stride < job.devices_per_node else 1
 
 
 def dp_collectives(job: Job) -> list[Collective]:
@@ -73,10 +78,10 @@ def dp_collectives(job: Job) -> list[Collective]:
     dp, m = layout.dp, job.micro_batches
     params = job.params_per_rank
     per = job.state_bytes
-    intra = _intra(layout.tp * dp, job)
+    local = per_node(layout.tp, dp, job)
 
-    def c(kind: str, payload: float, calls: float, group: int = dp, inside: bool = intra) -> Collective:
-        return Collective("dp", kind, payload, calls, group, inside)
+    def c(kind: str, payload: float, calls: float, group: int = dp, members: int = local) -> Collective:
+        return Collective("dp", kind, payload, calls, group, members)
 
     stage = layout.zero_stage
     if dp == 1:
@@ -155,13 +160,13 @@ def _fsdp_collectives(job: Job, params: float, c) -> list[Collective]:  # type: 
     m, dp = job.micro_batches, job.layout.dp
     if job.sharding == "no_shard":
         return [c("all_reduce", params * 4, 1)]
-    n = job.shards.weights
-    inside = _intra(job.layout.tp * n, job)
+    n, tp = job.shards.weights, job.layout.tp
+    local = per_node(tp, n, job)
     gathers = 2 if job.sharding in ("full_shard", "hybrid_shard") else 1
-    out = [c("all_gather", params * job.act_bytes, gathers * m, n, inside)]
-    out.append(c("reduce_scatter", params * 4, 1, n, inside))
+    out = [c("all_gather", params * job.act_bytes, gathers * m, n, local)]
+    out.append(c("reduce_scatter", params * 4, 1, n, local))
     if job.sharding == "hybrid_shard" and dp > n:
-        out.append(c("all_reduce", params * 4 / n, 1, dp // n, False))
+        out.append(c("all_reduce", params * 4 / n, 1, dp // n, per_node(tp * n, dp // n, job)))
     return out
 
 
@@ -176,12 +181,12 @@ def tp_collectives(job: Job) -> list[Collective]:
     payload = tokens * job.model.d_model * job.act_bytes
     per_layer = 4 + CHECKPOINTING[job.checkpointing].tp_collectives  # 2 forward + 2 backward, + recompute
     calls = (per_layer * layers_per_stage(job) + 2) * job.micro_batches  # + embedding forward, head backward
-    intra = _intra(t, job)
-    loss = Collective("tp", "all_reduce", tokens * 4, 3 * job.micro_batches, t, intra)
+    local = per_node(1, t, job)
+    loss = Collective("tp", "all_reduce", tokens * 4, 3 * job.micro_batches, t, local)
     if job.sequence_parallel:
-        return [Collective("tp", "all_gather", payload, calls, t, intra),
-                Collective("tp", "reduce_scatter", payload, calls, t, intra), loss]
-    return [Collective("tp", "all_reduce", payload, calls, t, intra), loss]
+        return [Collective("tp", "all_gather", payload, calls, t, local),
+                Collective("tp", "reduce_scatter", payload, calls, t, local), loss]
+    return [Collective("tp", "all_reduce", payload, calls, t, local), loss]
 
 
 def pp_collectives(job: Job) -> list[Collective]:
@@ -195,18 +200,20 @@ def pp_collectives(job: Job) -> list[Collective]:
     # gradients backward; an end stage only one of them, per model chunk it holds at an end.
     m, v = job.micro_batches, job.vpp
     calls = 2 * m * v if layout.pp > 2 else m * (2 * v - 1)
-    intra = _intra(layout.world_size, job)
+    stage = layout.tp * layout.dp  # ranks of one stage: the next stage's rank is this far away
+    neighbour = per_node(stage, 2, job)  # 2: both stages' ranks in one node
     split = job.sequence_parallel and job.software.pp_sends_sequence_split
     if layout.tp > 1 and (split or job.software.pp_scatter_gather):
-        out = [Collective("pp", "send_recv", payload / layout.tp, calls, 2, intra)]
+        out = [Collective("pp", "send_recv", payload / layout.tp, calls, 2, neighbour)]
         if not split:  # scatter/gather: the receiving stage rebuilds the whole boundary over the node's links
-            out.append(Collective("pp", "all_gather", payload, calls, layout.tp, _intra(layout.tp, job)))
+            out.append(Collective("pp", "all_gather", payload, calls, layout.tp, per_node(1, layout.tp, job)))
     else:
-        out = [Collective("pp", "send_recv", payload, calls, 2, intra)]
+        out = [Collective("pp", "send_recv", payload, calls, 2, neighbour)]
     if job.model.tie_embeddings:
         grads = job.state_bytes.grads
         tied = job.model.vocab_size * job.model.d_model / layout.tp * grads
-        out.append(Collective("pp", "all_reduce", tied, 1, 2, intra))
+        ends = 2 if layout.world_size <= job.devices_per_node else 1  # the first and last stage, a node apart
+        out.append(Collective("pp", "all_reduce", tied, 1, 2, ends))
     return out
 
 

@@ -13,7 +13,7 @@ from harness.core.registry import pipeline_bubble
 from harness.costmodel.comm import bytes_by_dim, collectives
 from harness.costmodel.flops import param_count, step_flops
 from harness.costmodel.layout import job_from_config
-from harness.costmodel.memory import GB, memory_per_device
+from harness.costmodel.memory import GB, memory_per_device, memory_verdict
 from harness.costmodel.peaks import PeakLookup, lookup_peak
 from harness.costmodel.software import Software
 from harness.costmodel.timing import alcf_fom, hardware, power_w, step_time
@@ -51,11 +51,12 @@ def estimate(cfg: Any, layout: Layout, *, software: Optional[Software] = None,
         "device_memory_bytes": system.memory_gb * GB if system.memory_gb is not None else None,
         "comm_bytes_per_device": bytes_by_dim(colls),
         "collectives": [dict(dim=c.dim, kind=c.kind, payload_bytes=c.payload_bytes, calls=c.calls, group=c.group,
-                             intra_node=c.intra_node, wire_bytes=c.wire_bytes) for c in colls],
+                             local=c.local, intra_node=c.intra_node, wire_bytes=c.wire_bytes) for c in colls],
         "pp_schedule": job.pp_schedule if layout.pp > 1 else None,
         "bubble_fraction": pipeline_bubble(job.pp_schedule, layout.pp, job.vpp, job.micro_batches),
     }
     out["fits"] = None if out["device_memory_bytes"] is None else memory["total"] <= out["device_memory_bytes"]
+    out["memory_verdict"] = memory_verdict(memory["total"], out["device_memory_bytes"])
     if out["fits"] is None:
         out["fits_reason"] = f"system={system.name} states no memory_gb"
     peak = system_peak(system, job.precision)

@@ -21,10 +21,24 @@ micro-batches, times (1 + (PP−1)/(PP·v)) with v interleaved stages; GPipe and
 
 from __future__ import annotations
 
+from typing import Optional
+
 from harness.core.registry import PP_SCHEDULES
 from harness.costmodel.layout import Job, layers_per_stage, param_split
 
 GB = 1e9
+REFUSE_ABOVE = 1.25
+"""A layout is refused when its predicted memory exceeds the device's by more than this factor, and warned about
+between 1 and this factor: what a rank really peaks at also depends on the caching allocator's fragmentation,
+the kernels' workspaces and the loss implementation, which differ from run to run by more than the model's
+accuracy (published FSDP runs measured 0.5–1.6× the prediction; docs/costmodel.md)."""
+
+
+def memory_verdict(need: float, have: Optional[float]) -> Optional[str]:
+    """fits | tight (above the device, within REFUSE_ABOVE: may fit) | too big (refused); None: no device size."""
+    if have is None or have <= 0:
+        return None
+    return "fits" if need <= have else "tight" if need <= REFUSE_ABOVE * have else "too big"
 
 
 def model_state_bytes(params: float, job: Job) -> dict[str, float]:

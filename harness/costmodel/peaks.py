@@ -9,6 +9,7 @@ MI300X 304).
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Optional
@@ -27,10 +28,31 @@ class DevicePeak:
     gemm_source: Optional[str] = None
     compute_units: Optional[int] = None
     """Streaming multiprocessors (NVIDIA) or compute units (AMD, per GCD) that a GEMM's tiles fill in waves."""
+    hbm_efficiency: Optional[float] = None
+    """Fraction of the datasheet memory bandwidth a streaming kernel reaches (STREAM triad), measured."""
+    hbm_source: Optional[str] = None
+    attention: "AttentionTable" = ()
+    """FlashAttention-2's forward + backward TFLOP/s, measured: (head dim, causal, ((sequence length, TFLOP/s),
+    ...)), FLOPs counted as FlashAttention's benchmark counts them (forward 4·b·s²·heads·d, halved when causal;
+    backward 2.5 times that)."""
+    attention_source: Optional[str] = None
 
 
 MAMF = ("Maximum Achievable Matmul FLOPS (mean of 100 runs after 50 warm-up, best shape), S. Bekman, "
         "github.com/stas00/ml-engineering compute/accelerator/README.md")
+STREAM = ("STREAM-style triad (2 loads, 1 store), best over occupancy, te42kyfo/gpu-benches gpu-stream/{file} at "
+          "1c36d50 (J. Hofmann et al.)")
+FA2 = ("FlashAttention-2 forward + backward, bf16, batch x heads fixed at 16k tokens, Dao-AILab/flash-attention "
+       "assets/flash2_{device}_fwd_bwd_benchmark.png at 0251105 (the README's 'Speedup' figures)")
+SEQ = (512, 1024, 2048, 4096, 8192, 16384)
+A100_FA2 = ((64, True, tuple(zip(SEQ, (88, 119, 140, 156, 165, 171)))),
+            (128, True, tuple(zip(SEQ, (99, 133, 155, 173, 182, 189)))),
+            (64, False, tuple(zip(SEQ, (132, 153, 162, 171, 175, 176)))),
+            (128, False, tuple(zip(SEQ, (151, 173, 187, 196, 201, 203)))))
+H100_FA2 = ((64, True, tuple(zip(SEQ, (141, 192, 232, 257, 273, 284)))),
+            (128, True, tuple(zip(SEQ, (163, 221, 265, 294, 308, 328)))),
+            (64, False, tuple(zip(SEQ, (215, 254, 274, 288, 294, 296)))),
+            (128, False, tuple(zip(SEQ, (248, 294, 320, 326, 335, 338)))))
 
 # Order matters: more specific names first (H100 PCIe before H100).
 PEAKS: tuple[DevicePeak, ...] = (
@@ -39,27 +61,36 @@ PEAKS: tuple[DevicePeak, ...] = (
                compute_units=80),
     DevicePeak("V100-SXM2", r"V100", {"fp16": 125.0, "bf16": None, "fp32": 15.7},
                "NVIDIA V100 datasheet (SXM2): 125 TFLOP/s fp16 tensor, 15.7 fp32; no bf16 tensor cores",
-               compute_units=80),
+               compute_units=80, hbm_efficiency=0.90, hbm_source=STREAM.format(file="v100.txt") + ": 814 of 900 GB/s"),
     DevicePeak("A100", r"A100", {"fp16": 312.0, "bf16": 312.0, "fp32": 19.5},
                "NVIDIA A100 datasheet: 312 TFLOP/s bf16/fp16 dense, 19.5 fp32",
                0.869, f"{MAMF} at 744d01e: A100 SXM 271.2 of 312 TFLOP/s",
-               compute_units=108),
+               compute_units=108, hbm_efficiency=0.87,
+               hbm_source=STREAM.format(file="a100_40.txt, a100_80.txt") + ": 1375 of 1555 and 1759 of 2039 GB/s",
+               attention=A100_FA2, attention_source=FA2.format(device="a100")),
     DevicePeak("H100-PCIe", r"H100.*PCIE", {"fp16": 756.0, "bf16": 756.0, "fp32": 51.0},
                "NVIDIA H100 datasheet (PCIe): 1513 with sparsity = 756 dense bf16/fp16, 51 fp32",
                compute_units=114),
     DevicePeak("H100-SXM", r"H100|GH200", {"fp16": 989.0, "bf16": 989.0, "fp32": 67.0},
                "NVIDIA H100 datasheet (SXM): 1979 with sparsity = 989 dense bf16/fp16, 67 fp32",
                0.803, f"{MAMF} at 744d01e: H100 SXM 794.5 of 989 TFLOP/s",
-               compute_units=132),
+               compute_units=132, hbm_efficiency=0.92,
+               hbm_source=STREAM.format(file="h100_pcie.txt") + ": 1832 of ~2000 GB/s on the PCIe H100 (no SXM "
+               "figure published there; the same HBM generation)",
+               attention=H100_FA2, attention_source=FA2.format(device="h100")),
     DevicePeak("H200", r"H200", {"fp16": 989.0, "bf16": 989.0, "fp32": 67.0},
                "NVIDIA H200 datasheet (SXM): 1979 with sparsity = 989 dense bf16/fp16, 67 fp32",
                0.803, f"{MAMF} at 744d01e: H100 SXM 794.5 of 989 TFLOP/s, 'H200 is the same'",
-               compute_units=132),
+               compute_units=132, hbm_efficiency=0.74,
+               hbm_source=STREAM.format(file="h200.txt") + ": 3534 of 4800 GB/s",
+               attention=H100_FA2, attention_source=FA2.format(device="h100") + " (the H100's: the same SMs)"),
     DevicePeak("MI250X-GCD", r"MI250X?", {"fp16": 191.5, "bf16": 191.5, "fp32": 23.95},
                "AMD Instinct MI250X datasheet: 383 TFLOP/s fp16/bf16 and 47.9 fp32 vector per OAM; "
                "torch sees each of its two GCDs as a device, so half per GCD",
                0.767, f"{MAMF} at 37d41a7 (row removed in 7376725): MI250X one GCD 147.0 of 191.5 TFLOP/s, ROCm 6.2",
-               compute_units=110),
+               compute_units=110, hbm_efficiency=0.80,
+               hbm_source=STREAM.format(file="mi210.txt") + ": 1305 of 1638 GB/s on the MI210, one CDNA2 die with "
+               "the same HBM2e as an MI250X GCD"),
     DevicePeak("MI300X", r"MI300X", {"fp16": 1307.4, "bf16": 1307.4, "fp32": 163.4},
                "AMD Instinct MI300X datasheet: 1307.4 TFLOP/s fp16/bf16 dense, 163.4 fp32 vector",
                compute_units=304),
@@ -115,3 +146,37 @@ def gemm_efficiency(system: object) -> float:
 
 def device_entry(system: object) -> Optional[DevicePeak]:
     return match_device(getattr(system, "accelerator", None) or "")
+
+
+GENERIC_MEMORY_EFFICIENCY = 0.8
+"""For a device with no measured streaming bandwidth: run `harness calibrate` on it instead."""
+
+
+def memory_efficiency(system: object) -> float:
+    """The fraction of the datasheet memory bandwidth a streaming kernel gets: the profile's own figure, else the
+    device's published measurement (its `hbm_source`), else a generic figure."""
+    value = getattr(system, "memory_efficiency", None)
+    if value is not None:
+        return float(value)
+    peak = device_entry(system)
+    return peak.hbm_efficiency if peak is not None and peak.hbm_efficiency is not None else GENERIC_MEMORY_EFFICIENCY
+
+
+AttentionTable = tuple[tuple[int, bool, tuple[tuple[int, float], ...]], ...]
+
+
+def attention_rate(table: AttentionTable, head_dim: int, causal: bool, seq_len: int) -> Optional[float]:
+    """FlashAttention-2's measured forward + backward TFLOP/s for this shape (the nearest head dimension measured,
+    interpolated in log(sequence length), held at the ends); None where the device has no measurement."""
+    dims = [(abs(d - head_dim), d) for d, c, _ in table if c == causal]
+    if not dims:
+        return None
+    nearest = min(dims)[1]
+    points = next(p for d, c, p in table if d == nearest and c == causal)
+    if seq_len <= points[0][0]:
+        return points[0][1]
+    for (s0, r0), (s1, r1) in zip(points, points[1:]):
+        if seq_len <= s1:
+            w = (math.log(seq_len) - math.log(s0)) / (math.log(s1) - math.log(s0))
+            return r0 + w * (r1 - r0)
+    return points[-1][1]

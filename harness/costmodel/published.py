@@ -31,6 +31,8 @@ def predicted_value(metric: str, cfg: Any, est: dict[str, Any], world: int) -> f
     step = est["step_time_s"]
     if metric == "step_time_s":
         return step
+    if metric == "tokens_per_s":
+        return cfg.train.global_batch_size * cfg.model.seq_len / step
     tflops = narayanan_flops(cfg.model, cfg.train.global_batch_size) / step / world / 1e12
     if metric == "tflops_narayanan":
         return tflops
@@ -50,9 +52,33 @@ def table_rows(table: dict[str, Any]) -> list[tuple[str, list[str], int, float]]
     return out
 
 
+def score_collectives(table: dict[str, Any]) -> list[dict[str, Any]]:
+    """A nccl-tests/rccl-tests table: each row's bus bandwidth as network.py costs the collective on the system."""
+    from harness.costmodel.network import RING_FACTOR, fabric
+
+    system = compose([f"system={table['system']}", *table.get("common", [])]).system
+    net = fabric(system)
+    rows = []
+    for row in table["rows"]:
+        values = dict(zip(table["columns"], row))
+        nodes, local, size = int(values["nodes"]), int(values["devices_per_node"]), float(values["bytes"])
+        ranks = nodes * local
+        kind = str(values["collective"])
+        seconds = net.call_s(kind, size, ranks, local)
+        busbw = RING_FACTOR[kind](ranks) * size / seconds / 1e9
+        published = float(values["published"])
+        rows.append({"name": str(values["name"]), "predicted": busbw, "published": published,
+                     "error": busbw / published - 1, "world": ranks, "breakdown_s": {"call": seconds},
+                     "command": f"harness estimate system={table['system']} (network.fabric(system).call_s("
+                                f"'{kind}', {size:.0f}, {ranks}, {local}))"})
+    return rows
+
+
 def score_table(table: dict[str, Any]) -> dict[str, Any]:
     from harness.config.checks import validate
 
+    if table.get("kind") == "collective":
+        return _summary(table, score_collectives(table))
     rows = []
     for name, overrides, world, published in table_rows(table):
         cfg = compose(overrides)
@@ -62,6 +88,10 @@ def score_table(table: dict[str, Any]) -> dict[str, Any]:
                      "error": predicted / published - 1, "world": world,
                      "breakdown_s": est.get("breakdown_s"), "command": "harness estimate " + " ".join(
                          [*overrides, f"parallel.world_size={world}"])})
+    return _summary(table, rows)
+
+
+def _summary(table: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
     errors = [abs(r["error"]) for r in rows]
     return {"id": table["id"], "source": table["source"], "software": table["software"], "system": table["system"],
             "metric": table["metric"], "assumed": table.get("assumed"), "in_sample": table.get("in_sample", []),

@@ -55,6 +55,26 @@ class Software:
     p2p_overlap: bool = False
     """Pipeline sends overlap the next micro-batch's compute, so only the fill and drain transfers are on the
     critical path (Megatron-LM's interleaved schedule, `overlap_p2p_comm`)."""
+    # Which memory-bound kernels are fused (kernels.py costs each kernel the software launches).
+    compiled: bool = False
+    """torch.compile (inductor) fuses each chain of elementwise kernels (norm with its residual add, RoPE, the
+    activation) into one: each chain reads its inputs and writes its outputs once."""
+    fused_bias_dropout_add: bool = False
+    """Bias, dropout and the residual add in one kernel (Megatron's bias_dropout_add_fusion)."""
+    fused_activation: bool = False
+    """The MLP's activation in one kernel (Megatron's bias_gelu_fusion, its fused SwiGLU)."""
+    fused_rope: bool = False
+    """Rotary embeddings applied by one kernel (Megatron with Transformer Engine or apex)."""
+    fused_softmax: bool = False
+    """Without a fused attention kernel: scale, mask and softmax in one kernel (Megatron's
+    FusedScaleMaskSoftmax); otherwise PyTorch's cast, mask, softmax and cast, in fp32."""
+    optimizer: str = "foreach"
+    """AdamW's implementation: fused (one kernel per group of tensors: apex/DeepSpeed/Transformer Engine
+    FusedAdam, torch's fused=True), foreach (torch's default on GPUs: several multi-tensor kernels, each a pass)
+    or loop (a pass per operation per tensor)."""
+    autocast_casts: bool = False
+    """Weights are cast from fp32 to the compute dtype at every use in a micro-batch's forward (PyTorch
+    autocast under DDP); FSDP2 casts once per all-gather, DeepSpeed and Megatron keep 16-bit weights."""
     source: str = ""
 
     def describe(self) -> dict[str, Any]:
@@ -62,27 +82,30 @@ class Software:
 
 
 _PYTORCH = dict(fused_attention=True, dropout=False, recompute_early_stop=True)
+_MEGATRON_KERNELS = dict(fused_bias_dropout_add=True, fused_activation=True, fused_rope=True, fused_softmax=True,
+                         optimizer="fused")
 PROFILES: dict[str, Software] = {s.name: s for s in (
-    Software(name="harness-ddp", **_PYTORCH, grad_reduce_overlap=True,
+    Software(name="harness-ddp", **_PYTORCH, grad_reduce_overlap=True, autocast_casts=True,
              source="models/gpt.py (SDPA, no dropout); PyTorch DDP's reducer all-reduces gradient buckets as "
                     "they become ready, in the last micro-batch's backward (no_sync before it)"),
     Software(name="harness-fsdp", **_PYTORCH, grad_reduce_overlap=True,
              source="FSDP2 prefetches each block's all-gather and reduce-scatters each block's gradients during "
                     "the backward (torch.distributed.fsdp.fully_shard); torch.distributed.pipelining waits on each "
                     "receive before the compute that needs it, so its sends are not overlapped here"),
-    Software(name="harness-deepspeed", **_PYTORCH, grad_reduce_overlap=None,
+    Software(name="harness-deepspeed", **_PYTORCH, grad_reduce_overlap=None, optimizer="fused",
              source="DeepSpeed ZeRO reduces gradients in hooks during the backward only with "
                     "zero_optimization.overlap_comm (deepspeed/runtime/zero/config.py: default on for stage 3)"),
-    Software(name="harness-deepspeed3d", **_PYTORCH, grad_reduce_overlap=False,
+    Software(name="harness-deepspeed3d", **_PYTORCH, grad_reduce_overlap=False, optimizer="fused",
              source="DeepSpeed's pipeline engine reduces gradients and tied weights after the last micro-batch "
                     "(deepspeed/runtime/pipe/engine.py _exec_reduce_grads, _exec_reduce_tied_grads)"),
-    Software(name="megatron-lm-2021", fused_attention=False, dropout=True, pp_scatter_gather=True,
+    Software(name="megatron-lm-2021", **_MEGATRON_KERNELS, fused_attention=False, dropout=True,
+             pp_scatter_gather=True,
              recompute_early_stop=False, grad_reduce_overlap=False, main_grad_bytes=4,
              source="Megatron-LM as measured in Narayanan et al. 2021: unfused attention storing scores, softmax "
                     "and dropout masks (Korthikanti et al. 2022, 4.1); scatter/gather of pipeline sends (sec. 4.1); "
                     "gradients all-reduced after the pipeline flush; blocking point-to-point sends; fp32 main_grad "
                     "accumulation by a separate add (gradient_accumulation_fusion came later)"),
-    Software(name="megatron-lm", pp_sends_sequence_split=True,
+    Software(name="megatron-lm", **_MEGATRON_KERNELS, pp_sends_sequence_split=True,
              fused_attention=True, dropout=True, pp_scatter_gather=True,
              recompute_early_stop=False, grad_reduce_overlap=True, param_gather_overlap=True, p2p_overlap=True,
              grad_accumulation_fusion=True,
@@ -92,7 +115,7 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
                     "default), gradient_accumulation_fusion (on by default), flash attention; "
                     "--tp-comm-overlap is opt-in (needs Transformer Engine userbuffers): "
                     "select it with costmodel.tp_comm_overlap=true"),
-    Software(name="megatron-deepspeed", pp_sends_sequence_split=True,
+    Software(name="megatron-deepspeed", **_MEGATRON_KERNELS, pp_sends_sequence_split=True,
              fused_attention=False, dropout=True, pp_scatter_gather=True,
              recompute_early_stop=False, grad_reduce_overlap=False, main_grad_bytes=4,
              source="Megatron-DeepSpeed (BigScience, Frontier ports): Megatron's layers and fused softmax on "
@@ -115,4 +138,16 @@ def software_for(cfg: Any) -> Software:
                if section is not None and getattr(section, key, None) is not None}
     if "flash_attention" in changes:
         changes["fused_attention"] = changes.pop("flash_attention")
+    train = getattr(cfg, "train", None)
+    if name.startswith("harness-") and train is not None:  # the harness's own backends run the run's kernels
+        if getattr(train, "compile", False):
+            changes["compiled"] = True
+        optimizer = OPTIMIZER_KERNELS.get(getattr(train, "optimizer", "auto"))
+        if optimizer is not None:
+            changes["optimizer"] = optimizer
     return dataclasses.replace(profile, **changes) if changes else profile
+
+
+OPTIMIZER_KERNELS = {"adamw": "foreach", "adamw_foreach": "foreach", "adamw_fused": "fused",
+                     "apex_fused_adam": "fused", "deepspeed_fused_adam": "fused"}
+"""train.optimizer as the kernels it launches (torch's AdamW defaults to foreach on GPUs); auto: the profile's."""

@@ -1,13 +1,12 @@
 """Step time, energy, figure of merit and projections.
 
 Step time = compute + exposed communication, stretched by the pipeline bubble:
-- compute: every GEMM takes (F + F½)/(peak · e) — e the large-GEMM efficiency, F½ the size at
-  which a GEMM reaches half of it (a fixed fill/tail cost per kernel, the effect Calculon and
-  Megatron's own sweeps tabulate as GEMM efficiency against size); the non-GEMM kernels (norms,
-  softmax, GELU, dropout, residuals) are memory-bound, so they take a few passes over the stored
-  activation bytes at the device memory bandwidth; the optimizer streams its states once; a host
-  overhead per block and per micro-batch (operator dispatch, autograd) that only a CPU exposes.
-- communication: per collective, latency + wire bytes / (link bandwidth · efficiency) (comm.py);
+- compute: one block's kernels as the software launches them (kernels.py), each a roofline of its FLOPs at
+  its class's measured rate (a large GEMM's, slowed by its size and by tile and wave quantization; the fused
+  attention kernel's) and its bytes at the measured streaming bandwidth, plus the host time that launching
+  them takes where it is longer than the kernels (a GPU) or on top of them (a CPU, whose calibrated overheads
+  per block and per step hold it); the output layer with its loss; the optimizer as its implementation runs;
+- communication: per collective, as NCCL/RCCL run it over the node's fabric and its NICs (network.py);
   what of it overlaps compute is the software's mechanism (software.py) and needs a system that
   computes while it communicates (`overlap_comm`; not a CPU): DP gathers and reductions under the
   compute windows they are issued in, TP only with TP/GEMM pipelining, pipeline sends only where the
@@ -22,16 +21,23 @@ per token × D tokens, by default D = 20·P (Hoffmann et al. 2022), t ≈ T_FLOP
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Optional
 
-from harness.core.registry import CHECKPOINTING, pipeline_bubble
+from harness.core.registry import pipeline_bubble
 from harness.costmodel.comm import Collective
-from harness.costmodel.flops import forward_flops_per_token, model_key, recomputed_forward_per_token
+from harness.costmodel.flops import model_key, param_tensors
+from harness.costmodel.kernels import (
+    Kernel,
+    Rates,
+    head_kernels,
+    kernels_s,
+    layer_kernels,
+    optimizer_kernel,
+    recompute_kernels,
+)
 from harness.costmodel.layout import Job, layers_per_stage
-from harness.costmodel.memory import layer_activation_bytes
-from harness.costmodel.peaks import device_entry, gemm_efficiency
-from harness.models.config import block_linears
+from harness.costmodel.network import Fabric, fabric
+from harness.costmodel.peaks import AttentionTable, attention_rate, device_entry, gemm_efficiency, memory_efficiency
 
 
 @dataclass(frozen=True)
@@ -41,12 +47,9 @@ class Hardware:
     peak_flops: float
     gemm_efficiency: float
     gemm_half_flops: float
-    hbm_bw: Optional[float]
-    elementwise_passes: float
-    intra_bw: Optional[float]
-    inter_bw: Optional[float]
-    comm_efficiency: float
-    comm_latency_s: float
+    memory_bw: Optional[float]
+    """What a memory-bound kernel moves per second: the datasheet bandwidth × its measured streaming efficiency."""
+    fabric: Fabric
     overlap_comm: bool
     layer_overhead_s: float
     step_overhead_s: float
@@ -54,64 +57,52 @@ class Hardware:
     peak_power_w: Optional[float]
     compute_units: Optional[int] = None
     """SMs/CUs a GEMM's output tiles fill in waves (peaks.py); None: no wave quantization (a CPU)."""
+    attention: AttentionTable = ()
+    """The device's measured fused-attention rates (peaks.py)."""
+    launch_s: float = 0.0
+    accelerator: bool = True
+    """Kernels run asynchronously to the host that launches them (a GPU), so host time hides behind them."""
+
+    def rates(self, job: Job) -> Rates:
+        """The achievable rate of each kernel class for this job's shapes (kernels.Rates)."""
+        m = job.model
+        attention = None
+        if job.precision in ("bf16", "fp16") and job.software.fused_attention:
+            tflops = attention_rate(self.attention, m.head_dim, True, m.seq_len)
+            attention = None if tflops is None else tflops * 1e12
+        return Rates(gemm_flops=self.peak_flops * self.gemm_efficiency, gemm_half_flops=self.gemm_half_flops,
+                     memory_bw=self.memory_bw, attention_flops=attention, launch_s=self.launch_s,
+                     units=self.compute_units)
+
+
+GPU_KERNEL_LAUNCH_US = 5.0
+"""Host time per kernel of eager PyTorch on a GPU host where no profile measured it: the Python call, the
+dispatcher, autograd's bookkeeping and cudaLaunchKernel, each a few microseconds (`harness calibrate` measures
+the host's own per block)."""
 
 
 def hardware(system: Any, peak_tflops: float) -> Hardware:
     gbps = lambda v: None if v is None else v * 1e9  # noqa: E731
+    entry = device_entry(system)
+    on_cpu = getattr(system, "device", "cuda") == "cpu"
+    launch = getattr(system, "kernel_launch_us", None)
+    hbm = gbps(system.hbm_bw_gb_per_s)
     return Hardware(
         peak_flops=peak_tflops * 1e12,
         gemm_efficiency=gemm_efficiency(system),
         gemm_half_flops=system.gemm_half_gflop * 1e9,
-        hbm_bw=gbps(system.hbm_bw_gb_per_s),
-        elementwise_passes=system.elementwise_passes,
-        intra_bw=gbps(system.intra_node_bw_gb_per_s),
-        inter_bw=gbps(system.inter_node_bw_gb_per_s),
-        comm_efficiency=system.comm_efficiency,
-        comm_latency_s=system.comm_latency_us * 1e-6,
+        memory_bw=None if hbm is None else hbm * memory_efficiency(system),
+        fabric=fabric(system),
         overlap_comm=getattr(system, "overlap_comm", True),
         layer_overhead_s=system.layer_overhead_us * 1e-6,
         step_overhead_s=system.step_overhead_us * 1e-6,
         idle_power_w=system.idle_power_w,
         peak_power_w=system.peak_power_w,
-        compute_units=getattr(device_entry(system), "compute_units", None),
+        compute_units=getattr(entry, "compute_units", None),
+        attention=getattr(entry, "attention", ()) or (),
+        launch_s=(launch if launch is not None else 0.0 if on_cpu else GPU_KERNEL_LAUNCH_US) * 1e-6,
+        accelerator=not on_cpu,
     )
-
-
-def gemm_time(flops: float, calls: float, hw: Hardware) -> float:
-    return (flops + calls * hw.gemm_half_flops) / (hw.peak_flops * hw.gemm_efficiency)
-
-
-GEMM_TILE = (256, 128)
-"""Output tile of the large 16-bit GEMM kernels (NVIDIA, 'Matrix Multiplication Background User's Guide':
-tile and wave quantization, with the A100's 256×128 example)."""
-
-
-def wave_efficiency(rows: int, cols: int, units: Optional[int]) -> float:
-    """Share of the launched tile work that is useful: the output is cut into tiles, which run in waves of
-    one tile per SM/CU; partial tiles and a partial last wave compute for nothing."""
-    if units is None:
-        return 1.0
-    tiles = -(-rows // GEMM_TILE[0]) * -(-cols // GEMM_TILE[1])
-    waves = -(-tiles // units)
-    return rows * cols / (waves * units * GEMM_TILE[0] * GEMM_TILE[1])
-
-
-@lru_cache(maxsize=4096)
-def linear_wave_efficiency(tokens: int, shapes: tuple[tuple[int, int], ...], units: Optional[int]) -> float:
-    """FLOP-weighted wave efficiency of linears (in, out) over their forward (tokens × out), input-gradient
-    (tokens × in) and weight-gradient (in × out) GEMMs, all of equal FLOPs."""
-    work = sum(3 * k * n for k, n in shapes)
-    time = sum(k * n * (1 / wave_efficiency(tokens, n, units) + 1 / wave_efficiency(tokens, k, units)
-                        + 1 / wave_efficiency(k, n, units)) for k, n in shapes)
-    return work / time
-
-
-def layer_linears(job: Job) -> tuple[tuple[int, int], ...]:
-    """(in, out) of one block's linears on one TP rank (the model's description: column splits the outputs, row
-    the inputs)."""
-    t = job.layout.tp
-    return tuple((spec.n_in, spec.n_out // t) if spec.split == "column" else (spec.n_in // t, spec.n_out)
-                 for spec in block_linears(job.model))
 
 
 def micro_batch_compute_s(job: Job, hw: Hardware) -> float:
@@ -131,45 +122,27 @@ def micro_batch_compute_s(job: Job, hw: Hardware) -> float:
 _COMPUTE: dict[tuple[Any, ...], float] = {}
 
 
+def compute_kernels(job: Job) -> tuple[list[Kernel], list[Kernel]]:
+    """One block's kernels (with what it recomputes) and the output layer's, for one micro-batch (kernels.py)."""
+    return layer_kernels(job) + recompute_kernels(job), head_kernels(job)
+
+
 def _compute_s(job: Job, hw: Hardware) -> float:
-    m, layout = job.model, job.layout
-    tokens = layout.micro_batch_size * m.seq_len
-    fwd = forward_flops_per_token(m)
-    layers = layers_per_stage(job)
-    recompute = recomputed_forward_per_token(fwd, job.checkpointing, job.checkpoint_every_n,
-                                             early_stop=job.software.recompute_early_stop) / fwd.n_layers
-    per_layer_flops = (3 * fwd.layer + recompute) * tokens / layout.tp
-    linears = 5 if m.activation == "swiglu" else 4  # qkv, proj, fc (, gate), fc2
-    fwd_calls = linears + 2  # + QK^T and AV
-    modes = job.checkpoint_modes
-    recompute_calls = sum(share * (CHECKPOINTING[mode].gemm_calls if CHECKPOINTING[mode].gemm_calls is not None
-                                   else fwd_calls) for mode, share in modes.items())
-    calls_per_layer = 3 * fwd_calls + recompute_calls
-    logits_flops = 3 * fwd.logits * tokens / layout.tp
-    # Wave quantization slows the linears (the rest of a block's GEMM work, core attention, is left at e).
-    wave = linear_wave_efficiency(tokens, layer_linears(job), hw.compute_units)
-    linear_share = (fwd.attn_gemms + fwd.mlp) / fwd.layer
-    stretch = linear_share / wave + 1 - linear_share
-    head = linear_wave_efficiency(tokens, ((m.d_model, m.vocab_size // layout.tp),), hw.compute_units)
-    gemm = layers * gemm_time(per_layer_flops, calls_per_layer, hw) * stretch + gemm_time(logits_flops, 3, hw) / head
-    gemm += layers * hw.layer_overhead_s + hw.step_overhead_s
-    if hw.hbm_bw is None:
-        return gemm
-    stored = layer_activation_bytes(job, "none")
-    # Selective recomputation re-runs the elementwise work on exactly the bytes it did not store.
-    again = {"full": 4 / 3, "attention": 1.1, "selective": 2 - layer_activation_bytes(job, "selective") / stored}
-    recompute_share = sum(share * again.get(mode, 1.0) for mode, share in modes.items())
-    moved = hw.elementwise_passes * stored * recompute_share
-    return gemm + layers * moved / hw.hbm_bw
+    rates = hw.rates(job)
+    block, head = compute_kernels(job)
+    per_layer = kernels_s(block, rates, overlap_host=hw.accelerator) + hw.layer_overhead_s
+    return (layers_per_stage(job) * per_layer + kernels_s(head, rates, overlap_host=hw.accelerator)
+            + hw.step_overhead_s)
 
 
 def optimizer_s(job: Job, hw: Hardware) -> float:
-    """Adam reads weights, gradients and both moments and writes weights and moments: memory-bound."""
-    if hw.hbm_bw is None:
+    """AdamW over this rank's share of the parameters, as the software's implementation runs it (kernels.py)."""
+    if hw.memory_bw is None:
         return 0.0
-    per = job.state_bytes
     params = job.params_per_rank / job.shards.optimizer
-    return params * (2 * (per.weights + per.optimizer) + per.grads) / hw.hbm_bw
+    tensors = -(-len(param_tensors(job.model)) // job.layout.pp)
+    kernel = optimizer_kernel(params, tensors, job.software.optimizer)
+    return kernels_s([kernel], hw.rates(job), overlap_host=hw.accelerator)
 
 
 def grad_accumulation_s(job: Job, hw: Hardware) -> float:
@@ -177,23 +150,21 @@ def grad_accumulation_s(job: Job, hw: Hardware) -> float:
     the sum and the new gradient and writes the sum, over the gradients this rank accumulates (its partition
     under ZeRO-2/3, which reduce every micro-batch), unless the software fuses it into the GEMM."""
     software, m = job.software, job.micro_batches
-    if hw.hbm_bw is None or software.grad_accumulation_fusion:
+    if hw.memory_bw is None or software.grad_accumulation_fusion:
         return 0.0
     grads = job.state_bytes.grads
     partitioned = job.spec.deepspeed_engine and job.layout.zero_stage >= 2
     params = job.params_per_rank / (job.shards.grads if partitioned else 1)
     if software.main_grad_bytes:
-        return m * params * (2 * software.main_grad_bytes + grads) / hw.hbm_bw
-    return (m - 1) * params * 3 * grads / hw.hbm_bw
+        return m * params * (2 * software.main_grad_bytes + grads) / hw.memory_bw
+    return (m - 1) * params * 3 * grads / hw.memory_bw
 
 
 def collective_s(c: Collective, hw: Hardware) -> Optional[float]:
-    if c.group == 1:  # a one-rank group (DeepSpeed's dp=1 reduction) moves nothing
-        return 0.0
-    bw = hw.intra_bw if c.intra_node else hw.inter_bw
-    if bw is None:
-        return None
-    return c.calls * hw.comm_latency_s + c.wire_bytes / (bw * hw.comm_efficiency)
+    """All calls of a collective over the system's fabric (network.py); a one-rank group (DeepSpeed's dp=1
+    reduction) moves nothing."""
+    one = hw.fabric.call_s(c.kind, c.payload_bytes, c.group, c.local)
+    return None if one is None else c.calls * one
 
 
 @dataclass(frozen=True)
@@ -255,7 +226,7 @@ def step_time(job: Job, colls: list[Collective], hw: Hardware) -> StepTime | str
     for c in colls:
         t = collective_s(c, hw)
         if t is None:
-            link = "intra_node_bw_gb_per_s" if c.intra_node else "inter_node_bw_gb_per_s"
+            link = "intra_node_bw_gb_per_s" if c.intra_node else "nics_per_node and nic_bw_gb_per_s"
             return f"the system profile has no {link} for the {c.dim} {c.kind}"
         comm[c.dim] += t
         if c.dim == "dp":

@@ -11,7 +11,7 @@ work too (on a CPU the ranks share cores; on a GPU node they share the links):
   and hooks, then the runner's per-step all_gather of metrics, which waits for the slowest rank),
   less the gradient all-reduce the cost model charges on its own;
 - non-GEMM work: the same at a moderate width (256): what a block costs beyond its GEMMs and its
-  overhead, in passes over its activation bytes at the measured bandwidth (`elementwise_passes`);
+  overhead, as the streaming efficiency its memory-bound kernels reach (`memory_efficiency`);
 - collectives: all-reduce, all-gather and reduce-scatter over the ranks at several sizes; a fit of
   t = latency + wire bytes / B (ring volumes, costmodel/comm.py) gives B and the latency.
 The profile lands in the user's config directory (`harness.config.compose.user_config_dir`), whose
@@ -240,12 +240,27 @@ def modelled_probe_block_s(profile: dict[str, Any], width: int) -> float:
     return (last - first) / (PROBE_LAYERS[1] - PROBE_LAYERS[0])
 
 
-def _elementwise_passes(profile: dict[str, Any], block_s: float, width: int) -> float:
-    """Passes over a block's activation bytes that explain what the probe block costs beyond GEMMs and overhead."""
-    from harness.costmodel.memory import layer_activation_bytes
+def _memory_efficiency(profile: dict[str, Any], block_s: float, width: int) -> float:
+    """The streaming efficiency (of the measured copy bandwidth) at which the model's kernels for the probe block
+    (costmodel/kernels.py) take what the block measured beyond its overhead: found by bisection, since a kernel's
+    time only falls as the bandwidth rises. Above 1 where a CPU's caches hold the probe's tensors; held within
+    [MIN_MEMORY_EFFICIENCY, MAX_MEMORY_EFFICIENCY]."""
+    def excess(efficiency: float) -> float:
+        return modelled_probe_block_s({**profile, "memory_efficiency": efficiency}, width) - block_s
 
-    left = block_s - modelled_probe_block_s({**profile, "elementwise_passes": 0.0}, width)
-    return max(0.0, left * profile["hbm_bw_gb_per_s"] * 1e9 / layer_activation_bytes(_probe_job(width, 1), "none"))
+    low, high = MIN_MEMORY_EFFICIENCY, MAX_MEMORY_EFFICIENCY
+    if excess(high) >= 0:
+        return high
+    if excess(low) <= 0:
+        return low
+    for _ in range(60):  # geometric bisection: the ratio high/low shrinks to ~1 + 1e-12
+        mid = (low * high) ** 0.5
+        low, high = (mid, high) if excess(mid) > 0 else (low, mid)
+    return (low * high) ** 0.5
+
+
+MIN_MEMORY_EFFICIENCY = 1e-3
+MAX_MEMORY_EFFICIENCY = 10.0
 
 
 def profile_from(result: dict[str, Any], base: dict[str, Any], name: str, precision: str) -> dict[str, Any]:
@@ -259,7 +274,8 @@ def profile_from(result: dict[str, Any], base: dict[str, Any], name: str, precis
         xs = [w for points in result["comm"].values() for w, _ in points]
         ys = [t for points in result["comm"].values() for _, t in points]
         inverse_bw, latency = _fit_line(xs, ys)
-        comm = dict(intra_node_bw_gb_per_s=1 / inverse_bw / 1e9, comm_efficiency=1.0, comm_latency_us=latency * 1e6)
+        comm = dict(intra_node_bw_gb_per_s=1 / inverse_bw / 1e9, comm_efficiency=1.0, comm_latency_us=latency * 1e6,
+                    intra_hop_latency_us=0.0, inter_hop_latency_us=0.0)  # the fitted latency holds the ring's hops
     layer_s, outside_s = _per_layer(result, PROBE_WIDTHS[0], {**base, **comm})
     profile = {
         **base,
@@ -275,8 +291,8 @@ def profile_from(result: dict[str, Any], base: dict[str, Any], name: str, precis
         "calibration": f"harness calibrate {today} on {result['device']}, {result['world']} ranks",
     }
     profile.update(comm)
-    profile["elementwise_passes"] = _elementwise_passes(profile, _per_layer(result, PROBE_WIDTHS[1], profile)[0],
-                                                        PROBE_WIDTHS[1])
+    profile["memory_efficiency"] = _memory_efficiency(profile, _per_layer(result, PROBE_WIDTHS[1], profile)[0],
+                                                      PROBE_WIDTHS[1])
     return profile
 
 

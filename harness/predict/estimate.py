@@ -12,7 +12,7 @@ from typing import Any
 from harness.config.compose import HelpRequested, compose, split_command_args
 from harness.core.errors import ConfigError
 from harness.core.layout import Layout
-from harness.costmodel.memory import GB
+from harness.costmodel.memory import GB, REFUSE_ABOVE
 from harness.run.preflight import check_config
 
 MEMORY_KEYS = ("weights", "grads", "optimizer", "activations", "buffers", "overhead", "total")
@@ -50,7 +50,9 @@ def print_estimate(cfg: Any, layout: Layout, est: dict[str, Any]) -> None:
     mem, device = est["memory_per_device_bytes"], est["device_memory_bytes"]
     for key in MEMORY_KEYS:
         table.add_row(f"memory: {key}", _fmt_bytes(mem[key]), "per device, busiest rank")
-    fits = {True: "fits", False: "DOES NOT FIT", None: est.get("fits_reason", "")}[est["fits"]]
+    verdict = est.get("memory_verdict")
+    fits = {"fits": "fits", "tight": f"MAY NOT FIT (within {REFUSE_ABOVE:g}× of the device: run warns)",
+            "too big": "DOES NOT FIT", None: est.get("fits_reason", "")}[verdict]
     table.add_row("device memory", _fmt_bytes(device), fits)
     comm = est["comm_bytes_per_device"]
     table.add_row("communication", _fmt_bytes(comm["total"]),
@@ -82,10 +84,11 @@ def print_estimate(cfg: Any, layout: Layout, est: dict[str, Any]) -> None:
     Console().print(table)
 
 
-USAGE = """usage: harness estimate [overrides ...] [--json]
+USAGE = f"""usage: harness estimate [overrides ...] [--json]
 
 Predict per-device memory, communication, step time, MFU and energy of one layout with the analytical
-cost model, checked as `harness run` would check it. Exit status 1 when it does not fit the device.
+cost model, checked as `harness run` would check it. Exit status 1 when it does not fit the device
+(more than {REFUSE_ABOVE:g}× its memory; `harness run` warns below that and refuses above).
 
   harness estimate model=gpt-1t system=frontier parallel.tp=8 parallel.pp=64 parallel.world_size=3072
   harness estimate model=gpt-1.3b backend=fsdp parallel.world_size=8 system=dgx-a100-80gb --json"""
@@ -105,7 +108,7 @@ def estimate_command(args: list[str]) -> int:
         print(json.dumps(est, indent=2))
     else:
         print_estimate(cfg, layout, est)
-    if est["fits"] is False:
+    if est["memory_verdict"] == "too big":
         print(f"harness: error: fits: false — {_fmt_bytes(est['memory_per_device_bytes']['total'])} per device "
               f"needed, {_fmt_bytes(est['device_memory_bytes'])} available ("
               + ", ".join(f"{k} {_fmt_bytes(est['memory_per_device_bytes'][k])}" for k in MEMORY_KEYS[:-1]) + ")",

@@ -5,6 +5,7 @@ CPU against the host's available memory shared by its local ranks)."""
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -117,14 +118,22 @@ def available_bytes(device: str, local_ranks: int) -> tuple[float, str]:
 
 
 def check_memory_fit(cfg: Any, est: dict[str, Any], device: str, local_ranks: int) -> None:
-    """Refuse a layout whose predicted per-device memory exceeds what a rank has, before it allocates
-    until the kernel's OOM killer ends it."""
+    """Refuse a layout whose predicted per-device memory clearly exceeds what a rank has (costmodel.memory
+    REFUSE_ABOVE), before it allocates until the kernel's OOM killer ends it; warn where it may just fit."""
+    from harness.costmodel.memory import REFUSE_ABOVE, memory_verdict
+
     predicted = est["memory_per_device_bytes"]
     have, where = available_bytes(device, local_ranks)
     need = predicted["total"]
-    if have <= 0 or need <= have:
+    verdict = memory_verdict(need, have)
+    if verdict in (None, "fits"):
         return
     parts = ", ".join(f"{key} {predicted[key] / GB:.1f}" for key in ("weights", "grads", "optimizer", "activations"))
+    if verdict == "tight":
+        print(f"harness: warning: model={cfg.model.name} is predicted to need {need / GB:.1f} GB per device ({parts}) "
+              f"and {where}: within the {REFUSE_ABOVE:g}x the prediction can be off by, so the run goes ahead; "
+              f"if it runs out of memory, `harness plan` lists layouts with room", file=sys.stderr)
+        return
     raise ConfigError(
         f"model={cfg.model.name} needs {need / GB:.1f} GB per device ({parts}) but {where}; use a smaller model, "
         f"more ranks with sharding (backend=fsdp, or backend=deepspeed parallel.zero_stage=3), "

@@ -1,0 +1,264 @@
+"""One micro-batch on one rank as the kernels the software launches, each costed as a roofline.
+
+A transformer layer (and the embedding, the output layer with its loss, and the optimizer step) is a list of
+kernels: the GEMMs of the model's linears (the model's description, harness.models.config.block_linears, split
+as tensor parallelism splits them), the attention kernel, and the memory-bound kernels around them (norms,
+rotary embeddings, the activation, dropout and residual adds, casts, the loss over the vocabulary). A kernel
+takes max(FLOPs / the achievable rate of its class, bytes / the achievable memory bandwidth). Which kernels are
+fused is the software profile's (software.py: torch.compile, Megatron's fused kernels, the attention kernel, the
+optimizer's implementation). The achievable rates are one named input, `Rates`: the device's published
+measurements (peaks.py: large-GEMM efficiency, FlashAttention-2, STREAM), a system profile's own figures, or
+`harness calibrate`'s.
+
+Bytes per element: a pass reads or writes the tensor once in the activation dtype (E bytes); PyTorch's
+unfused kernels read their inputs and write their outputs, so e.g. an eager residual add is 3 passes (read two,
+write one) and its backward, where autograd sums the two branches' gradients, 3 more. The counts below are per
+element of the tensor each kernel works on, forward and backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from harness.core.registry import CHECKPOINTING
+from harness.costmodel.layout import Job
+from harness.costmodel.software import Software
+
+ROPE_PASSES = 9.0
+"""Eager rotary embeddings on q and k (harness.models.gpt.apply_rope): neg of a half (1), cat (2), two muls
+(2 + 2) and an add (3): passes over q and k; 2 when fused."""
+NORM_PASSES = (2.0, 3.0)
+"""A norm kernel: forward reads its input and writes its output; backward reads input and output gradient and
+writes the input gradient."""
+SOFTMAX_PASSES_EAGER = 24.0
+"""PyTorch's math attention per score element, in bytes: cast to fp32 (E + 4), mask (8), softmax (8), cast back
+(4 + E) forward, as many backward: counted as 24 + 2E per direction (E added where used)."""
+LOSS_BYTES_EAGER = 24.0
+"""The loss over the logits per element, PyTorch's cross entropy on fp32 logits: cast (E + 4), log-softmax (8),
+its gradient (8), cast back (4 + E): 24 + 2E bytes; a fused cross entropy reads the logits and writes their
+gradient once (2E)."""
+OPTIMIZER_BYTES = {"fused": 28.0, "foreach": 64.0, "loop": 64.0}
+"""AdamW per parameter on its rank: fused reads the fp32 weight, gradient and both moments and writes the
+weight and moments once (7 × 4 bytes); torch's foreach and loop implementations run a kernel per operation
+(lerp, mul, addcmul, sqrt, div, add), each reading and writing whole tensors (about 16 passes of 4 bytes)."""
+OPTIMIZER_KERNELS_PER_TENSOR = {"fused": 0.0, "foreach": 0.0, "loop": 8.0}
+"""Kernels launched per parameter tensor: the loop implementation launches its operations tensor by tensor."""
+
+
+@dataclass(frozen=True)
+class Rates:
+    """The achievable rate of each kernel class on one device: the compute side's one hardware input."""
+
+    gemm_flops: float
+    """A large GEMM's FLOP/s (the dense peak × its measured efficiency)."""
+    gemm_half_flops: float
+    """The GEMM size at which a GEMM reaches half of it: a fixed cost per GEMM kernel."""
+    memory_bw: Optional[float]
+    """Bytes/s a memory-bound kernel moves (the memory bandwidth × its measured streaming efficiency)."""
+    attention_flops: Optional[float]
+    """A fused attention kernel's forward + backward FLOP/s for this model's shape (FlashAttention's count);
+    None: no measurement, so the large-GEMM rate."""
+    launch_s: float = 0.0
+    """Host time to launch one kernel (eager PyTorch: dispatch and launch); a GPU hides it behind kernels that take
+    longer, a CPU pays it on top."""
+    units: Optional[int] = None
+    """SMs/CUs a GEMM's output tiles fill in waves (None: no wave quantization)."""
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One kernel (or a kind of kernel repeated `count` times) of a micro-batch's forward and backward."""
+
+    name: str
+    kind: str
+    """gemm | attention | memory."""
+    flops: float = 0.0
+    bytes: float = 0.0
+    count: float = 1.0
+    shape: tuple[int, int] = (0, 0)
+    """A GEMM's output rows and columns (for its tile and wave quantization)."""
+
+
+GEMM_TILE = (256, 128)
+"""Output tile of the large 16-bit GEMM kernels (NVIDIA, 'Matrix Multiplication Background User's Guide':
+tile and wave quantization, with the A100's 256×128 example)."""
+
+
+def wave_efficiency(rows: int, cols: int, units: Optional[int]) -> float:
+    """Share of the launched tile work that is useful: the output is cut into tiles, which run in waves of
+    one tile per SM/CU; partial tiles and a partial last wave compute for nothing."""
+    if units is None or rows <= 0 or cols <= 0:
+        return 1.0
+    tiles = -(-rows // GEMM_TILE[0]) * -(-cols // GEMM_TILE[1])
+    waves = -(-tiles // units)
+    return rows * cols / (waves * units * GEMM_TILE[0] * GEMM_TILE[1])
+
+
+def kernel_s(k: Kernel, rates: Rates) -> float:
+    """The roofline of one kernel: its FLOPs at its class's rate or its bytes at the memory bandwidth."""
+    if k.kind == "gemm":
+        compute = (k.flops + k.count * rates.gemm_half_flops) / rates.gemm_flops
+        compute /= wave_efficiency(*k.shape, rates.units)
+    elif k.kind == "attention":
+        compute = k.flops / (rates.attention_flops or rates.gemm_flops)
+    else:
+        compute = 0.0
+    memory = k.bytes / rates.memory_bw if rates.memory_bw else 0.0
+    return max(compute, memory)
+
+
+def gemm(name: str, rows: int, inner: int, cols: int, E: float, count: float = 1.0) -> Kernel:
+    """A GEMM (rows × inner) · (inner × cols): its FLOPs, and the bytes it reads and writes once each, which bound
+    it where its inner dimension is short (attention's score GEMMs over a head's 64–128 dimensions)."""
+    moved = E * (rows * inner + inner * cols + rows * cols)
+    return Kernel(name, "gemm", 2.0 * rows * inner * cols * count, moved * count, count, (rows, cols))
+
+
+def linear_kernels(name: str, tokens: int, n_in: int, n_out: int, passes: float, E: float) -> list[Kernel]:
+    """A linear's forward GEMM (tokens × out) and, `passes` − 1 times, its backward pair: the input gradient
+    (tokens × in) and the weight gradient (in × out), each as many FLOPs as the forward."""
+    out = [gemm(f"{name}.fwd", tokens, n_in, n_out, E)]
+    if passes > 1:
+        out += [gemm(f"{name}.dgrad", tokens, n_out, n_in, E), gemm(f"{name}.wgrad", n_in, tokens, n_out, E)]
+    return out
+
+
+def layer_kernels(job: Job, *, backward: bool = True, region: str = "block") -> list[Kernel]:
+    """One transformer layer's kernels for one micro-batch on one TP rank: forward and (with `backward`) backward,
+    of the whole block or of a checkpointing region of it ("attn", "attn.core": its recompute)."""
+    from harness.models.config import block_linears
+
+    m, layout, sw = job.model, job.layout, job.software
+    tp = layout.tp
+    b, s = layout.micro_batch_size, m.seq_len
+    tokens = b * s
+    E = job.act_bytes
+    h = m.d_model
+    seq_split = tp if job.sequence_parallel else 1
+    heads = m.n_heads // tp
+    qk = tokens * (m.n_heads + m.kv_heads) * m.head_dim / tp  # q and k elements (RoPE)
+    ffn = m.ffn_width // tp
+    fwd_only = not backward
+    out: list[Kernel] = []
+
+    def memory(name: str, elements: float, fwd_passes: float, bwd_passes: float, kernels: float = 1.0) -> None:
+        passes = fwd_passes + (0.0 if fwd_only else bwd_passes)
+        out.append(Kernel(name, "memory", bytes=elements * passes * E, count=kernels * (1 if fwd_only else 2)))
+
+    residual = tokens * h / seq_split
+    in_attention = region in ("block", "attn")
+    if region == "block" and not sw.compiled:
+        memory("norm1", residual, *NORM_PASSES)
+    for spec in block_linears(m):
+        n_in, n_out = (spec.n_in, spec.n_out // tp) if spec.split == "column" else (spec.n_in // tp, spec.n_out)
+        attention_part = spec.name.startswith("attn.")
+        if (attention_part and in_attention) or (not attention_part and region == "block"):
+            out += linear_kernels(spec.name, tokens, n_in, n_out, 1 if fwd_only else 3, E)
+        if spec.name == "attn.qkv" and region in ("block", "attn", "attn.core"):
+            if in_attention and m.position == "rope":
+                rope = 2.0 if sw.fused_rope or sw.compiled else ROPE_PASSES
+                memory("rope", qk, rope, rope, kernels=1 if sw.fused_rope or sw.compiled else 5)
+            out += attention_kernels(job, heads, tokens, fwd_only)
+        if spec.name == "attn.proj" and region == "block":
+            out += residual_kernels("residual1", residual, E, sw, fwd_only)
+            if not sw.compiled:
+                memory("norm2", residual, *NORM_PASSES)
+        if spec.name == "mlp.fc" and region == "block":
+            swiglu = m.activation == "swiglu"
+            fused = sw.fused_activation or sw.compiled
+            fwd, bwd = ((3.0, 5.0) if fused else (5.0, 8.0)) if swiglu else (2.0, 3.0)
+            memory("activation", tokens * ffn, fwd, bwd, kernels=1 if fused or not swiglu else 2)
+    if region == "block":
+        out += residual_kernels("residual2", residual, E, sw, fwd_only)
+        if sw.autocast_casts and E < 4:  # fp32 weights cast to the compute dtype at each use (read 4, write E bytes)
+            weights = sum(spec.n_in * spec.n_out for spec in block_linears(m)) / tp
+            out.append(Kernel("weight casts", "memory", bytes=weights * (4 + E), count=len(block_linears(m))))
+    return out
+
+
+def attention_kernels(job: Job, heads: int, tokens: int, fwd_only: bool) -> list[Kernel]:
+    """Core attention of one micro-batch: one fused kernel at its measured rate (FlashAttention counts its
+    backward as 2.5 forwards), or the math path's two batched GEMMs and the softmax between them."""
+    m, sw = job.model, job.software
+    s, E = m.seq_len, job.act_bytes
+    d = m.head_dim
+    full = 4.0 * tokens * s * heads * d  # QKᵀ and ·V over the whole s × s matrix
+    if sw.fused_attention:  # a causal kernel skips the masked half (FlashAttention counts it so)
+        return [Kernel("attention", "attention", full / 2 * (1.0 if fwd_only else 3.5), count=1 if fwd_only else 2)]
+    scores = tokens * s * heads  # the math path computes, masks and normalises the whole matrix
+    per_element = (2 * E if sw.fused_softmax else SOFTMAX_PASSES_EAGER + 2 * E) + (2 * E + 1 if sw.dropout else 0)
+    batch = tokens // s * heads  # one (s × d)·(d × s) and one (s × s)·(s × d) per sample and head
+    directions = 1 if fwd_only else 2
+    out = [Kernel("softmax", "memory", bytes=scores * per_element * directions,
+                  count=(1 if sw.fused_softmax else 4) * directions)]
+    for name, inner, cols in (("attention.qk", d, s), ("attention.av", s, d)):
+        g = gemm(name, s, inner, cols, E, count=batch)
+        out.append(Kernel(name, "gemm", g.flops, g.bytes, 1))  # one batched kernel: no per-matrix fill cost
+        if not fwd_only:  # its two gradients, as many FLOPs and bytes each
+            out.append(Kernel(name + ".bwd", "gemm", 2 * g.flops, 2 * g.bytes, 2))
+    return out
+
+
+def residual_kernels(name: str, elements: float, E: float, sw: Software, fwd_only: bool) -> list[Kernel]:
+    """Dropout (where the software has it) and the residual add, and their backward: fused, read two and write one
+    (plus the mask); eager, dropout reads and writes (and writes its mask) and the add reads two and writes one;
+    backward, the add's gradient goes to both branches and autograd sums them (3 passes), dropout's through its
+    mask."""
+    mask = 1 if sw.dropout else 0
+    if sw.fused_bias_dropout_add or sw.compiled:
+        fwd, bwd, kernels = 3 * E + mask, 3 * E + 2 * mask * E, 1
+    else:
+        fwd, bwd, kernels = 3 * E + mask * (2 * E + 1), 3 * E + mask * (2 * E + 1), 1 + mask
+    passes = fwd + (0 if fwd_only else bwd)
+    return [Kernel(name, "memory", bytes=elements * passes, count=kernels * (1 if fwd_only else 2))]
+
+
+def head_kernels(job: Job) -> list[Kernel]:
+    """The output layer and the loss over the vocabulary (on the last stage), forward and backward."""
+    m, layout, sw = job.model, job.layout, job.software
+    tokens = layout.micro_batch_size * m.seq_len
+    E = job.act_bytes
+    vocab = m.vocab_size / layout.tp
+    out = linear_kernels("lm_head", tokens, m.d_model, int(vocab), 3, E)
+    if not sw.compiled:
+        out.append(Kernel("norm_f", "memory", bytes=tokens * m.d_model * E * sum(NORM_PASSES), count=2))
+    per_element = 2 * E if sw.compiled else LOSS_BYTES_EAGER + 2 * E
+    out.append(Kernel("cross entropy", "memory", bytes=tokens * vocab * per_element, count=2 if sw.compiled else 6))
+    out.append(Kernel("embedding", "memory", bytes=tokens * m.d_model * E * 3, count=2))
+    return out
+
+
+def recompute_kernels(job: Job) -> list[Kernel]:
+    """What activation checkpointing runs again in one layer's backward, weighted by the share of layers under
+    each mode (every n-th block, say): the region's forward, less its last GEMM where PyTorch's checkpoint stops
+    early (software.recompute_early_stop)."""
+    out: list[Kernel] = []
+    for mode, share in job.checkpoint_modes.items():
+        region = CHECKPOINTING[mode].region
+        if not region or share == 0:
+            continue
+        kernels = layer_kernels(job, backward=False, region=region)
+        if job.software.recompute_early_stop:
+            gemms = [k for k in kernels if k.kind == "gemm"]
+            if gemms:
+                kernels.remove(gemms[-1])
+        out += [Kernel(k.name + " (recompute)", k.kind, k.flops * share, k.bytes * share, k.count * share, k.shape)
+                for k in kernels]
+    return out
+
+
+def optimizer_kernel(params: float, tensors: int, implementation: str) -> Kernel:
+    """AdamW over `params` parameters (`tensors` tensors) on this rank: memory-bound."""
+    return Kernel("optimizer", "memory", bytes=params * OPTIMIZER_BYTES[implementation],
+                  count=tensors * OPTIMIZER_KERNELS_PER_TENSOR[implementation] + 6)
+
+
+def kernels_s(kernels: list[Kernel], rates: Rates, *, overlap_host: bool) -> float:
+    """Time of a list of kernels: on a GPU the device's time, unless launching them takes the host longer; on a
+    CPU the two add up."""
+    device = sum(kernel_s(k, rates) for k in kernels)
+    host = rates.launch_s * sum(k.count for k in kernels)
+    return max(device, host) if overlap_host else device + host
+
+

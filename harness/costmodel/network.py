@@ -1,0 +1,171 @@
+"""Collectives as NCCL and RCCL run them, over a node's fabric and its NICs.
+
+A collective over p ranks, g of them in each of n nodes, is a ring (or, for an all-reduce across nodes, a
+tree) over channels: each channel is a ring through the g local devices that enters and leaves the node on
+one NIC, and the channels are spread over the node's NICs (NCCL's `ncclTopoSearchRecNet` takes the next NIC
+for each channel, GPU-local first; RCCL's Frontier model prescribes 8 rings over its 4 NICs). So the bus
+bandwidth of a ring is the smaller of
+
+- the intra-node ring bandwidth of the g local devices: a switch (NVSwitch) gives each device its full link
+  bandwidth; point-to-point links (xGMI on MI250X, NVLink without a switch) give what the channels found over
+  the links carry at once (`ring_bandwidth`, a greedy channel search as NCCL's and RCCL's are);
+- the NICs' bandwidth that this group's share of the node's devices owns: all of a node's NICs when the group
+  holds all of its devices (a data-parallel all-reduce with TP 1), 1/8 of them when it holds one device of
+  eight (data parallelism beside TP 8: eight such groups share the node's NICs, one rail each),
+
+each times the efficiency a published nccl-tests/rccl-tests measurement of the fabric reached (the system
+profile's `intra_node_efficiency`, `nic_efficiency`, with their sources). Time = latency + the ring volume
+over the bus bandwidth; the latency follows NCCL's own model (src/graph/tuning.cc, `ncclTopoTuneModel`): a
+base per call plus a per-hop latency inside (`intra_hop_latency_us`) and between nodes
+(`inter_hop_latency_us`), 2(p−1) hops for a ring all-reduce, 2·((g−1) + log2 n) for a tree, which NCCL picks
+across nodes when it is faster (its bandwidth is 0.92 of the ring's: the same file's tree cap). On a
+third-generation NVSwitch (H100, H200) NCCL runs an all-reduce inside a node with NVLink SHARP (NVLS), which
+reduces in the switch: each device moves its payload once each way, at the measured `nvls_efficiency`.
+
+Scored against published nccl-tests bus bandwidths (published_runs.yaml, kind `collective`): large messages
+only; at 1–16 MiB nccl-tests measures up to 2× less than this model, whose latency terms are NCCL's low-latency
+protocol's and whose bandwidth is its large-message one (NCCL switches protocols in between).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Optional
+
+RING_FACTOR = {"all_reduce": lambda p: 2 * (p - 1) / p, "all_gather": lambda p: (p - 1) / p,
+               "reduce_scatter": lambda p: (p - 1) / p, "send_recv": lambda p: 1.0}
+"""Bytes each rank sends per byte of the full tensor, for a ring of p ranks (Patarasuk & Yuan 2009)."""
+TREE_BANDWIDTH = 0.92
+"""NCCL caps a tree all-reduce's bus bandwidth at 0.92 of the channels' (src/graph/tuning.cc)."""
+
+
+@dataclass(frozen=True)
+class Fabric:
+    """A system's node and network, in bytes per second and seconds."""
+
+    devices_per_node: int
+    link_bw: Optional[float]
+    """Per device, per direction, into the node's fabric (switch) or over all of its links (point-to-point)."""
+    links: tuple[tuple[float, ...], ...] = ()
+    """Point-to-point fabrics: per-direction bandwidth between each pair of a node's devices (0: no link)."""
+    intra_efficiency: float = 0.8
+    nics: Optional[int] = None
+    nic_bw: Optional[float] = None
+    nic_efficiency: float = 0.8
+    base_latency: float = 8.4e-6
+    intra_hop: float = 3.4e-6
+    inter_hop: float = 14e-6
+    nvls_efficiency: Optional[float] = None
+    """NVLink SHARP (third-generation NVSwitch): an all-reduce inside a node is reduced in the switch, so each device
+    sends its data once and receives the sum once, at this fraction of its link bandwidth (None: no such switch)."""
+
+    def intra_ring(self, local: int) -> Optional[float]:
+        """Bus bandwidth of a ring over `local` consecutive devices of one node (None: the profile lacks it)."""
+        if local <= 1:
+            return math.inf
+        if self.links:
+            found = ring_bandwidth(tuple(row[:local] for row in self.links[:local])) or ring_bandwidth(self.links)
+            return found * self.intra_efficiency
+        return None if self.link_bw is None else self.link_bw * self.intra_efficiency
+
+    def nic_share(self, local: int) -> Optional[float]:
+        """The NIC bandwidth a group holding `local` of a node's devices owns (rails split among the groups)."""
+        if self.nics is None or self.nic_bw is None:
+            return None
+        return self.nics * self.nic_bw * self.nic_efficiency * min(1.0, local / self.devices_per_node)
+
+    def bus_bandwidth(self, local: int, nodes: int) -> Optional[float]:
+        intra = self.intra_ring(local)
+        net = self.nic_share(local) if nodes > 1 else math.inf
+        if intra is None or net is None:
+            return None
+        return min(intra, net)
+
+    def call_s(self, kind: str, payload: float, group: int, local: int) -> Optional[float]:
+        """One call of a collective over `group` ranks, `local` of them per node; None where the profile lacks
+        a bandwidth it needs."""
+        if group <= 1:
+            return 0.0
+        local = max(1, min(local, group))
+        nodes = max(1, group // local)
+        if kind == "send_recv":
+            return self._send_s(payload, local, nodes)
+        bw = self.bus_bandwidth(local, nodes)
+        if bw is None:
+            return None
+        steps = 2 * (group - 1) if kind == "all_reduce" else group - 1
+        inter_steps = (2 if kind == "all_reduce" else 1) * (nodes - 1)
+        ring = (self.base_latency + (steps - inter_steps) * self.intra_hop + inter_steps * self.inter_hop
+                + RING_FACTOR[kind](group) * payload / bw)
+        if kind == "all_reduce" and nodes == 1 and self.nvls_efficiency and not self.links and self.link_bw:
+            return min(ring, self.base_latency + payload / (self.link_bw * self.nvls_efficiency))
+        if kind != "all_reduce" or nodes == 1:
+            return ring
+        tree = (self.base_latency + 2 * ((local - 1) * self.intra_hop + math.log2(nodes) * self.inter_hop)
+                + 2 * payload / (TREE_BANDWIDTH * bw))
+        return min(ring, tree)
+
+    def _send_s(self, payload: float, local: int, nodes: int) -> Optional[float]:
+        """A point-to-point transfer between two ranks: over the pair's link in a node, else over this device's
+        share of the node's NICs (each pipeline rank sends on its own rail)."""
+        if nodes > 1:
+            bw = self.nic_share(1)
+            hop = self.inter_hop
+        else:
+            bw = self.intra_ring(2)
+            hop = self.intra_hop
+        return None if bw is None else self.base_latency + hop + payload / bw
+
+
+def fabric(system: Any) -> Fabric:
+    """The Fabric of a system profile (bandwidths in GB/s, latencies in µs)."""
+    gb = lambda v: None if v is None else float(v) * 1e9  # noqa: E731
+    default = float(getattr(system, "comm_efficiency", 0.8))
+    links = tuple(tuple(float(x) * 1e9 for x in row) for row in (getattr(system, "intra_node_links", None) or ()))
+    return Fabric(
+        devices_per_node=int(system.devices_per_node),
+        link_bw=gb(system.intra_node_bw_gb_per_s),
+        links=links,
+        intra_efficiency=float(getattr(system, "intra_node_efficiency", None) or default),
+        nics=getattr(system, "nics_per_node", None),
+        nic_bw=gb(getattr(system, "nic_bw_gb_per_s", None)),
+        nic_efficiency=float(getattr(system, "nic_efficiency", None) or default),
+        base_latency=float(system.comm_latency_us) * 1e-6,
+        intra_hop=float(getattr(system, "intra_hop_latency_us", 3.4)) * 1e-6,
+        inter_hop=float(getattr(system, "inter_hop_latency_us", 14.0)) * 1e-6,
+        nvls_efficiency=getattr(system, "nvls_efficiency", None),
+    )
+
+
+@lru_cache(maxsize=256)
+def ring_bandwidth(links: tuple[tuple[float, ...], ...]) -> float:
+    """The bus bandwidth of ring channels over point-to-point links, found as NCCL's and RCCL's ring search
+    finds them: for each per-channel bandwidth of a ladder (each link's bandwidth over 1, 2, 3, 4), as many
+    directed rings through every device as the links' remaining bandwidth carries at that rate (one ring after
+    another, round robin); the ladder step
+    that carries the most wins. A ring's reverse uses the links' other direction, so it is a channel of its own.
+
+    A pair of devices is a ring of two (each sends to the other over their link). Devices of which no ring
+    passes through direct links (a subset split across Summit's sockets, say) get the whole node's rings."""
+    n = len(links)
+    if n == 2:
+        return min(links[0][1], links[1][0])
+    rings = [((0, *order)) for order in itertools.permutations(range(1, n))]
+    edges = [[(ring[k], ring[(k + 1) % n]) for k in range(n)] for ring in rings]
+    ladder = sorted({bw / k for row in links for bw in row if bw > 0 for k in (1, 2, 3, 4)}, reverse=True)
+    best = 0.0
+    for rate in ladder:
+        left = {(i, j): links[i][j] for i in range(n) for j in range(n) if i != j}
+        channels, added = 0, True
+        while added:  # round robin over the rings: one channel each per pass, while any still fits
+            added = False
+            for cycle in edges:
+                if all(left[e] >= rate - 1e-9 for e in cycle):
+                    for e in cycle:
+                        left[e] -= rate
+                    channels, added = channels + 1, True
+        best = max(best, channels * rate)
+    return best

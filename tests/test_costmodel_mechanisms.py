@@ -1,0 +1,168 @@
+"""Each mechanism of the cost model's third pass, checked by what it must change (not by a frozen number): a test
+here fails when its mechanism is removed.
+
+- network.py: collectives across nodes spread their channels over all of a node's NICs; point-to-point fabrics
+  (Frontier's xGMI) give a group the rings its links carry; NVLink SHARP all-reduces inside an NVSwitch node.
+- kernels.py: each kernel a roofline; unfused norms, activations and residual adds cost memory time that
+  fusion (torch.compile, Megatron's kernels) removes; attention at its measured rate; the optimizer as its
+  implementation streams; a GEMM with a short inner dimension bound by its bytes.
+- memory: the run's check refuses only clear cases and warns in between.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+
+from harness.config.checks import validate
+from harness.config.compose import compose
+from harness.costmodel import kernels
+from harness.costmodel.layout import Job, job_from_config
+from harness.costmodel.memory import REFUSE_ABOVE, memory_verdict
+from harness.costmodel.network import fabric
+from harness.costmodel.peaks import lookup_peak
+from harness.costmodel.timing import compute_kernels, hardware, micro_batch_compute_s, optimizer_s
+
+GiB = 2**30
+
+
+def job_and_hw(overrides: list[str], world: int = 1) -> tuple[Job, Any]:
+    cfg = compose(overrides)
+    peak = lookup_peak(cfg.system.accelerator, cfg.train.precision).tflops
+    return job_from_config(cfg, validate(cfg, world)), hardware(cfg.system, peak)
+
+
+# --- network ------------------------------------------------------------------------------------------------------
+
+
+def test_a_collective_across_nodes_uses_every_nic_of_the_node() -> None:
+    """Two nodes of four devices: with four NICs the ring leaves each node on four rails at once, so a large
+    all-reduce over all eight ranks is four times as fast as over one NIC (the intra-node links are faster)."""
+    system = compose(["system=perlmutter"]).system  # 4 A100 per node, 4 Slingshot NICs
+    four = fabric(system)
+    one = dataclasses.replace(four, nics=1)
+    payload = 4 * GiB
+    t4, t1 = four.call_s("all_reduce", payload, 8, 4), one.call_s("all_reduce", payload, 8, 4)
+    assert t1 / t4 == pytest.approx(4.0, rel=0.02)
+    # A group holding one device per node (data parallelism beside TP 4) owns only its rail: a quarter of them.
+    assert four.nic_share(1) == pytest.approx(four.nic_share(4) / 4)
+
+
+def test_point_to_point_links_give_each_group_the_rings_they_carry() -> None:
+    """Frontier: the two GCDs of one MI250X share four xGMI links (200 GB/s); GCDs 0 and 2 one link (50 GB/s); a
+    ring over all eight finds several channels over the single and double links."""
+    net = fabric(compose(["system=frontier"]).system)
+    same_package = net.intra_ring(2)
+    pair_0_2 = dataclasses.replace(net, links=tuple(tuple(row[i] for i in (0, 2)) for row in
+                                                    (net.links[0], net.links[2]))).intra_ring(2)
+    assert same_package == pytest.approx(4 * pair_0_2)
+    eight = net.intra_ring(8)
+    assert pair_0_2 < eight < sum(net.links[0])  # more than one link's worth, less than all of a GCD's links
+
+
+def test_nvlink_sharp_all_reduces_inside_the_node_faster_than_a_ring() -> None:
+    net = fabric(compose(["system=dgx-h100"]).system)
+    without = dataclasses.replace(net, nvls_efficiency=None)
+    payload = GiB
+    assert net.call_s("all_reduce", payload, 8, 8) < 0.8 * without.call_s("all_reduce", payload, 8, 8)
+    # Only the all-reduce, and only inside a node.
+    assert net.call_s("all_gather", payload, 8, 8) == without.call_s("all_gather", payload, 8, 8)
+    assert net.call_s("all_reduce", payload, 16, 8) == without.call_s("all_reduce", payload, 16, 8)
+
+
+def test_tree_all_reduce_wins_across_many_nodes_on_latency() -> None:
+    """At a small payload over 256 nodes the ring's 2(p-1) hops cost more than the tree's 2·log2(nodes)."""
+    net = fabric(compose(["system=polaris"]).system)
+    ring_latency = net.base_latency + 2 * (1024 - 1) * min(net.intra_hop, net.inter_hop)  # a lower bound
+    assert net.call_s("all_reduce", 1e5, 1024, 4) < ring_latency
+
+
+# --- kernels ------------------------------------------------------------------------------------------------------
+
+LLAMA = ["system=dgx-h100", "model.d_model=4096", "model.n_layers=4", "model.n_heads=32", "model.n_kv_heads=8",
+         "model.ffn_hidden=14336", "model.vocab_size=128256", "model.seq_len=4096", "model.activation=swiglu",
+         "model.norm=rmsnorm", "model.position=rope", "model.tie_embeddings=false", "model.bias=false",
+         "train.precision=bf16", "train.micro_batch_size=2", "backend=fsdp"]
+
+
+def memory_s(job: Job, hw: Any) -> float:
+    block, _ = compute_kernels(job)
+    rates = hw.rates(job)
+    return sum(kernels.kernel_s(k, rates) for k in block if k.kind == "memory")
+
+
+def test_unfused_norms_and_elementwise_kernels_cost_memory_time_and_fusion_removes_it() -> None:
+    eager, hw = job_and_hw(LLAMA)
+    compiled, _ = job_and_hw([*LLAMA, "train.compile=true"])
+    assert memory_s(eager, hw) > 1.5 * memory_s(compiled, hw) > 0
+    names = {k.name for k in compute_kernels(eager)[0]}
+    assert {"norm1", "norm2", "rope"} <= names
+    assert not {"norm1", "norm2"} & {k.name for k in compute_kernels(compiled)[0]}
+    # Memory time scales with the bandwidth: half of it costs the eager block more than the compiled one.
+    slow = dataclasses.replace(hw, memory_bw=hw.memory_bw / 2)
+    eager_cost = micro_batch_compute_s(eager, slow) - micro_batch_compute_s(eager, hw)
+    compiled_cost = micro_batch_compute_s(compiled, slow) - micro_batch_compute_s(compiled, hw)
+    assert eager_cost > compiled_cost > 0
+
+
+def test_attention_runs_at_the_devices_measured_flash_attention_rate() -> None:
+    job, hw = job_and_hw(LLAMA)
+    rates = hw.rates(job)
+    assert rates.attention_flops is not None and rates.attention_flops < rates.gemm_flops
+    attention = next(k for k in compute_kernels(job)[0] if k.kind == "attention")
+    assert kernels.kernel_s(attention, rates) == pytest.approx(attention.flops / rates.attention_flops)
+    unmeasured = dataclasses.replace(hw, attention=())
+    assert unmeasured.rates(job).attention_flops is None
+    assert micro_batch_compute_s(job, unmeasured) < micro_batch_compute_s(job, hw)
+
+
+def test_a_gemm_with_a_short_inner_dimension_is_bound_by_its_bytes() -> None:
+    rates = kernels.Rates(gemm_flops=800e12, gemm_half_flops=0.0, memory_bw=3e12, attention_flops=None)
+    scores = kernels.gemm("qk", 4096, 64, 4096, 2.0)  # one head's QKᵀ: 2·4096²·64 FLOPs over ~34 MB
+    assert kernels.kernel_s(scores, rates) == pytest.approx(scores.bytes / rates.memory_bw)
+    square = kernels.gemm("fc", 4096, 4096, 4096, 2.0)
+    assert kernels.kernel_s(square, rates) == pytest.approx(square.flops / rates.gemm_flops)
+
+
+def test_the_optimizer_streams_as_its_implementation_does() -> None:
+    fused, hw = job_and_hw([*LLAMA, "train.optimizer=adamw_fused"])
+    foreach, _ = job_and_hw([*LLAMA, "train.optimizer=adamw_foreach"])
+    assert optimizer_s(foreach, hw) > 2 * optimizer_s(fused, hw) > 0
+
+
+def test_host_launches_hide_behind_long_kernels_on_a_gpu_and_add_up_on_a_cpu() -> None:
+    many = [kernels.Kernel("k", "memory", bytes=1e3, count=1000)]
+    rates = kernels.Rates(gemm_flops=1e12, gemm_half_flops=0.0, memory_bw=1e12, attention_flops=None, launch_s=5e-6)
+    assert kernels.kernels_s(many, rates, overlap_host=True) == pytest.approx(1000 * 5e-6)
+    big = [kernels.Kernel("k", "memory", bytes=1e10, count=10)]
+    assert kernels.kernels_s(big, rates, overlap_host=True) == pytest.approx(1e10 / 1e12)
+    assert kernels.kernels_s(big, rates, overlap_host=False) == pytest.approx(1e10 / 1e12 + 10 * 5e-6)
+
+
+# --- memory -------------------------------------------------------------------------------------------------------
+
+
+def test_memory_check_refuses_only_clear_cases() -> None:
+    have = 80e9
+    assert memory_verdict(79e9, have) == "fits"
+    assert memory_verdict(have * (1 + REFUSE_ABOVE) / 2, have) == "tight"
+    assert memory_verdict(have * REFUSE_ABOVE * 1.01, have) == "too big"
+    assert memory_verdict(1e12, None) is None
+
+
+def test_run_warns_on_a_tight_layout_and_refuses_a_clear_one(monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from harness.core.errors import ConfigError
+    from harness.run import preflight
+
+    cfg = compose(["model=gpt-tiny"])
+    est = preflight.check_config(cfg, 1).estimate
+    need = est["memory_per_device_bytes"]["total"]
+    monkeypatch.setattr(preflight, "available_bytes", lambda device, ranks: (need / 1.1, "the test device"))
+    preflight.check_memory_fit(cfg, est, "cuda", 1)
+    assert "warning" in capsys.readouterr().err
+    monkeypatch.setattr(preflight, "available_bytes", lambda device, ranks: (need / 1.5, "the test device"))
+    with pytest.raises(ConfigError, match="needs"):
+        preflight.check_memory_fit(cfg, est, "cuda", 1)
