@@ -27,7 +27,7 @@ BOX = re.compile(r"[┃│┏┓┗┛┡┩┣┫━─┳┻╇╈╋┼┬┴
 
 RUN_ELSEWHERE = {
     "report": "tests/test_report.py runs `harness report` over the studies' CPU miniatures",
-    "calibrate": "tests/test_calibrate.py calibrates 1 and 2 ranks",
+    "calibrate": "tests/test_calibrate.py calibrates 1 and 2 ranks, tests/test_fromtrace.py from a profiled run",
     "search": "tests/test_search.py runs a search",
     "data": "tests/test_megatron_data.py prepares a dataset",
 }
@@ -205,6 +205,6 @@ def check_without_running(args: list[str]) -> None:
         return
     from harness.config.compose import compose, split_command_args
 
-    flags = {"calibrate": {"--name": str}, "search": {}}[name]
+    flags = {"calibrate": {"--name": str, "--from": str}, "search": {}}[name]
     overrides, _ = split_command_args(rest, flags)
     compose(overrides)

@@ -224,6 +224,17 @@ class SystemConfig:
     """The same outside the blocks (embeddings, head, loss, optimizer calls, the training loop)."""
     overlap_comm: bool = True
     """Communication runs concurrently with compute (false on a CPU, whose cores do both)."""
+    attention_tflops: Optional[float] = None
+    """The fused attention kernel's forward + backward rate, measured (`harness calibrate --from`); None: the
+    device's published FlashAttention measurement (harness/costmodel/peaks.py), else the GEMM rate."""
+    cores_per_node: Optional[int] = None
+    """CPU hosts: the cores a host's ranks share. With calibrated_ranks_per_node, a prediction for another number of
+    local ranks scales each rank's rates by the cores it gets (costmodel/timing.py cpu_share)."""
+    calibrated_ranks_per_node: Optional[int] = None
+    """CPU hosts: the local ranks that were busy while the rates were measured."""
+    calibrated_on: dict[str, Any] = field(default_factory=dict)
+    """What a calibrated profile was measured on (device, software, model width, layout, ranks): `estimate` warns
+    when asked far outside it."""
     calibration: Optional[str] = None
     """What set the efficiency figures: `harness calibrate` (with the date) or the fit they come from."""
     job: JobConfig = field(default_factory=JobConfig)

@@ -15,8 +15,10 @@ from harness.costmodel.flops import param_count, step_flops
 from harness.costmodel.layout import job_from_config
 from harness.costmodel.memory import GB, memory_per_device, memory_verdict
 from harness.costmodel.peaks import PeakLookup, lookup_peak
+from harness.costmodel.reach import reach_warnings
 from harness.costmodel.software import Software
-from harness.costmodel.timing import alcf_fom, hardware, power_w, step_time
+from harness.costmodel.timing import StepTime, alcf_fom, hardware, power_w, step_time
+from harness.costmodel.whatif import time_by_resource, what_if
 
 SECONDS_PER_DAY = 86400.0
 
@@ -61,8 +63,14 @@ def estimate(cfg: Any, layout: Layout, *, software: Optional[Software] = None,
         out["fits_reason"] = f"system={system.name} states no memory_gb"
     peak = system_peak(system, job.precision)
     out["peak_tflops"], out["peak_tflops_source"] = peak.tflops, peak.source
-    timed = step_time(job, colls, hardware(system, peak.tflops)) if peak.tflops else peak.reason
+    local = min(layout.world_size, int(system.devices_per_node))
+    hw = hardware(system, peak.tflops, local) if peak.tflops else None
+    timed = step_time(job, colls, hw) if hw is not None else peak.reason
     _add_rates(out, cfg, layout, flops, timed, peak, train_tokens)
+    if hw is not None and isinstance(timed, StepTime):
+        out["time_by_resource_s"] = time_by_resource(job, hw, timed)
+        out["what_if"] = what_if(job, colls, hw, timed.step_s)
+    out["reach_warnings"] = reach_warnings(cfg, layout.world_size)
     return out
 
 
@@ -79,7 +87,7 @@ def _add_rates(out: dict[str, Any], cfg: Any, layout: Layout, flops: Any, timed:
     step_s, world = timed.step_s, layout.world_size
     tokens = layout.global_batch_size * cfg.model.seq_len
     model_tflops = flops.model / step_s / world / 1e12
-    hw = hardware(cfg.system, peak.tflops)  # type: ignore[arg-type]
+    hw = hardware(cfg.system, peak.tflops, min(layout.world_size, int(cfg.system.devices_per_node)))  # type: ignore[arg-type]
     busy = timed.compute_s / step_s
     power = power_w(busy, hw)
     out.update(

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Optional
 
+from harness.trace.comm import GLOO_KIND
+
 RING_FACTOR = {"all_reduce": lambda p: 2 * (p - 1) / p, "all_gather": lambda p: (p - 1) / p,
                "reduce_scatter": lambda p: (p - 1) / p, "send_recv": lambda p: 1.0}
 """Bytes each rank sends per byte of the full tensor, for a ring of p ranks (Patarasuk & Yuan 2009)."""
@@ -58,6 +60,9 @@ class Fabric:
     base_latency: float = 8.4e-6
     intra_hop: float = 3.4e-6
     inter_hop: float = 14e-6
+    gloo: bool = False
+    """The ranks talk through gloo (CPU hosts), which runs some collectives as others (trace.comm.GLOO_KIND: a
+    reduce-scatter as an all-reduce of the whole tensor)."""
     nvls_efficiency: Optional[float] = None
     """NVLink SHARP (third-generation NVSwitch): an all-reduce inside a node is reduced in the switch, so each device
     sends its data once and receives the sum once, at this fraction of its link bandwidth (None: no such switch)."""
@@ -89,6 +94,8 @@ class Fabric:
         a bandwidth it needs."""
         if group <= 1:
             return 0.0
+        if self.gloo:
+            kind = GLOO_KIND.get(kind, kind)
         local = max(1, min(local, group))
         nodes = max(1, group // local)
         if kind == "send_recv":
@@ -137,6 +144,7 @@ def fabric(system: Any) -> Fabric:
         intra_hop=float(getattr(system, "intra_hop_latency_us", 3.4)) * 1e-6,
         inter_hop=float(getattr(system, "inter_hop_latency_us", 14.0)) * 1e-6,
         nvls_efficiency=getattr(system, "nvls_efficiency", None),
+        gloo=getattr(system, "device", None) == "cpu",
     )
 
 

@@ -62,17 +62,36 @@ class Hardware:
     launch_s: float = 0.0
     accelerator: bool = True
     """Kernels run asynchronously to the host that launches them (a GPU), so host time hides behind them."""
+    attention_flops: Optional[float] = None
+    """A measured fused-attention rate (`harness calibrate --from`), before the device's published table."""
 
     def rates(self, job: Job) -> Rates:
         """The achievable rate of each kernel class for this job's shapes (kernels.Rates)."""
         m = job.model
-        attention = None
-        if job.precision in ("bf16", "fp16") and job.software.fused_attention:
+        attention = self.attention_flops if job.software.fused_attention else None
+        if attention is None and job.precision in ("bf16", "fp16") and job.software.fused_attention:
             tflops = attention_rate(self.attention, m.head_dim, True, m.seq_len)
             attention = None if tflops is None else tflops * 1e12
         return Rates(gemm_flops=self.peak_flops * self.gemm_efficiency, gemm_half_flops=self.gemm_half_flops,
                      memory_bw=self.memory_bw, attention_flops=attention, launch_s=self.launch_s,
                      units=self.compute_units)
+
+
+def cpu_share(system: Any, local_ranks: Optional[int]) -> tuple[float, float]:
+    """(compute, host) speed of one rank on a CPU host running `local_ranks` ranks, relative to when the profile
+    was measured: each rank computes on the cores it gets (floor(cores/ranks) threads, less than one core when
+    the ranks outnumber the cores) and runs its Python on at most one; (1, 1) where the profile does not say."""
+    cores, measured = getattr(system, "cores_per_node", None), getattr(system, "calibrated_ranks_per_node", None)
+    if getattr(system, "device", None) != "cpu" or not cores or not measured or not local_ranks:
+        return 1.0, 1.0
+
+    def compute(ranks: int) -> float:
+        return min(max(1, cores // ranks), cores / ranks)
+
+    def host(ranks: int) -> float:
+        return min(1.0, cores / ranks)
+
+    return compute(local_ranks) / compute(measured), host(local_ranks) / host(measured)
 
 
 GPU_KERNEL_LAUNCH_US = 5.0
@@ -81,27 +100,31 @@ dispatcher, autograd's bookkeeping and cudaLaunchKernel, each a few microseconds
 the host's own per block)."""
 
 
-def hardware(system: Any, peak_tflops: float) -> Hardware:
+def hardware(system: Any, peak_tflops: float, local_ranks: Optional[int] = None) -> Hardware:
+    """The profile's numbers for a job with `local_ranks` ranks per node (a CPU host's ranks share its cores)."""
     gbps = lambda v: None if v is None else v * 1e9  # noqa: E731
     entry = device_entry(system)
     on_cpu = getattr(system, "device", "cuda") == "cpu"
     launch = getattr(system, "kernel_launch_us", None)
     hbm = gbps(system.hbm_bw_gb_per_s)
+    speed, host = cpu_share(system, local_ranks)
+    attention = getattr(system, "attention_tflops", None)
     return Hardware(
-        peak_flops=peak_tflops * 1e12,
+        peak_flops=peak_tflops * 1e12 * speed,
         gemm_efficiency=gemm_efficiency(system),
         gemm_half_flops=system.gemm_half_gflop * 1e9,
-        memory_bw=None if hbm is None else hbm * memory_efficiency(system),
+        memory_bw=None if hbm is None else hbm * memory_efficiency(system) * speed,
         fabric=fabric(system),
         overlap_comm=getattr(system, "overlap_comm", True),
-        layer_overhead_s=system.layer_overhead_us * 1e-6,
-        step_overhead_s=system.step_overhead_us * 1e-6,
+        layer_overhead_s=system.layer_overhead_us * 1e-6 / host,
+        step_overhead_s=system.step_overhead_us * 1e-6 / host,
         idle_power_w=system.idle_power_w,
         peak_power_w=system.peak_power_w,
         compute_units=getattr(entry, "compute_units", None),
         attention=getattr(entry, "attention", ()) or (),
-        launch_s=(launch if launch is not None else 0.0 if on_cpu else GPU_KERNEL_LAUNCH_US) * 1e-6,
+        launch_s=(launch if launch is not None else 0.0 if on_cpu else GPU_KERNEL_LAUNCH_US) * 1e-6 / host,
         accelerator=not on_cpu,
+        attention_flops=None if attention is None else attention * 1e12 * speed,
     )
 
 

@@ -107,7 +107,9 @@ def _measure(device: Any, dtype: Any, world: int, sync: Callable[[], None], out_
     import torch
     import torch.distributed as dist
 
-    result: dict[str, Any] = {"world": world, "device": name}
+    from harness.run.environment import cpu_cores
+
+    result: dict[str, Any] = {"world": world, "device": name, "cpu_cores": cpu_cores()}
     dist.barrier()
     gemm = []
     for n in GEMM_SIZES:
@@ -290,6 +292,8 @@ def profile_from(result: dict[str, Any], base: dict[str, Any], name: str, precis
         "step_overhead_us": outside_s * 1e6,
         "calibration": f"harness calibrate {today} on {result['device']}, {result['world']} ranks",
     }
+    if base.get("device") == "cpu" and result.get("cpu_cores"):  # each rank's share of the host (timing.cpu_share)
+        profile.update(cores_per_node=result["cpu_cores"], calibrated_ranks_per_node=result["world"])
     profile.update(comm)
     profile["memory_efficiency"] = _memory_efficiency(profile, _per_layer(result, PROBE_WIDTHS[1], profile)[0],
                                                       PROBE_WIDTHS[1])
@@ -297,15 +301,59 @@ def profile_from(result: dict[str, Any], base: dict[str, Any], name: str, precis
 
 
 USAGE = """usage: harness calibrate [overrides ...] [--name=NAME]
+       harness calibrate --from=RUN_DIR [--name=NAME]
 
 Measure this host's GEMM rate, memory bandwidth, per-step overheads and collectives with every local
 rank busy, and write a system profile that `system=NAME` then finds.
 
   harness calibrate launcher.nproc=2                 profile <system>-calibrated (default system=cpu)
   harness calibrate system=cuda --name=my-node       a named profile for this GPU host
+  harness calibrate --from=results/my-run            rates learned from a run made with profile.enabled=true
 
 Profiles are written to {dir}/system/ ($HARNESS_CONFIG_DIR or $XDG_CONFIG_HOME/harness), never into the
 installed package."""
+
+
+def calibrate_from_run(run_dir: Path, name: str | None, overrides: list[str]) -> int:
+    """`harness calibrate --from=RUN_DIR`: a profile learned from a profiled run's trace (predict/fromtrace.py)."""
+    from harness.predict.fromtrace import profile_from_run
+
+    if overrides:
+        raise ConfigError(f"--from: the run's own config is used; drop the overrides ({' '.join(overrides)})")
+    if not run_dir.is_dir():
+        raise ConfigError(f"--from={run_dir}: no such run directory")
+    name = profile_name(name, f"{run_dir.resolve().name}-trace")
+    _profile_path(name)
+    profile = profile_from_run(run_dir.resolve(), name)
+    path = _write_profile(profile, name)
+    learned = (f"GEMM {profile['peak_tflops']:.4g} TFLOP/s (half at {profile['gemm_half_gflop']:.3g} GFLOP), "
+               f"memory {profile['hbm_bw_gb_per_s']:.3g} GB/s")
+    if profile.get("attention_tflops"):
+        learned += f", attention {profile['attention_tflops']:.4g} TFLOP/s"
+    if "comm_latency_us" in profile and profile.get("calibrated_on", {}).get("world_size", 1) > 1:
+        learned += f", collectives {profile['intra_node_bw_gb_per_s']:.3g} GB/s + {profile['comm_latency_us']:.0f} us"
+    print(f"learned {learned}, {profile['layer_overhead_us']:.0f} us per block unexplained")
+    print(f"wrote {path}; use it with system={name}")
+    return 0
+
+
+def _profile_path(name: str) -> Path:
+    """Where profile `name` goes (the user's config directory, created), or a one-line error."""
+    path = user_config_dir() / "system" / f"{name}.yaml"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create {path.parent} ({exc.strerror}); set HARNESS_CONFIG_DIR to a "
+                          "writable directory") from exc
+    return path
+
+
+def _write_profile(profile: dict[str, Any], name: str) -> Path:
+    path = _profile_path(name)
+    header = f"# Written by `harness calibrate` ({profile['calibration']}). Use it as system={name}.\n"
+    path.write_text(header + OmegaConf.to_yaml(OmegaConf.create(profile)))
+    return path
+
 
 NAME_CHARS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -328,10 +376,12 @@ def profile_name(name: str | None, system: str) -> str:
 def calibrate_command(args: list[str]) -> int:
     """`harness calibrate [system=cpu] [launcher.nproc=N] [train.precision=...] [--name=NAME]`."""
     try:
-        overrides, flags = split_command_args(args, {"--name": str})
+        overrides, flags = split_command_args(args, {"--name": str, "--from": str})
     except HelpRequested:
         print(USAGE.format(dir=user_config_dir()))
         return 0
+    if "--from" in flags:
+        return calibrate_from_run(Path(flags["--from"]), flags.get("--name"), overrides)
     cfg = compose(overrides)
     name = profile_name(flags.get("--name"), cfg.system.name)
     nproc = cfg.launcher.nproc
@@ -339,12 +389,7 @@ def calibrate_command(args: list[str]) -> int:
         raise ConfigError(f"launcher.nproc={nproc}: must be at least 1 (ranks that measure at once)")
     if cfg.train.precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"train.precision={cfg.train.precision}: unknown value; choose one of: fp32, bf16, fp16")
-    path = user_config_dir() / "system" / f"{name}.yaml"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"cannot create {path.parent} ({exc.strerror}); set HARNESS_CONFIG_DIR to a "
-                          "writable directory") from exc
+    _profile_path(name)  # a directory that cannot be written fails before anything is measured
     from harness.launchers.local import launch_local  # torch: once the command is known to be valid
     from harness.run.rank import threads_per_rank
 
@@ -354,7 +399,5 @@ def calibrate_command(args: list[str]) -> int:
         result = json.loads(Path(tmp, "calibration.json").read_text())
     base = OmegaConf.to_container(cfg.system, resolve=True)
     profile = profile_from(result, base, name, cfg.train.precision)  # type: ignore[arg-type]
-    header = f"# Written by `harness calibrate` ({profile['calibration']}). Use it as system={name}.\n"
-    path.write_text(header + OmegaConf.to_yaml(OmegaConf.create(profile)))
-    print(f"wrote {path}; use it with system={name}")
+    print(f"wrote {_write_profile(profile, name)}; use it with system={name}")
     return 0

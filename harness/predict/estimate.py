@@ -84,20 +84,43 @@ def print_estimate(cfg: Any, layout: Layout, est: dict[str, Any]) -> None:
     Console().print(table)
 
 
-USAGE = f"""usage: harness estimate [overrides ...] [--json]
+def print_what_if(est: dict[str, Any]) -> None:
+    """The step by the resource it waits on, and the speed-up from doubling each resource."""
+    from rich.console import Console
+    from rich.table import Table
+
+    if "time_by_resource_s" not in est:
+        print(f"no breakdown: {est.get('step_time_s_reason')}")
+        return
+    step = est["step_time_s"]
+    table = Table(title="where the step goes, and what a 2x faster resource would buy (costmodel/whatif.py)",
+                  title_justify="left")
+    for column in ("part of the step", "seconds", "share"):
+        table.add_column(column, justify="left" if column == "part of the step" else "right")
+    for part, seconds in est["time_by_resource_s"].items():
+        if seconds > 0:
+            table.add_row(part, f"{seconds:.4g}", f"{seconds / step:.1%}")
+    for scenario, result in est["what_if"].items():
+        table.add_row(f"what if: {scenario}", f"{result['step_time_s']:.4g}", f"{result['speedup']:.2f}x faster")
+    Console().print(table)
+
+
+USAGE = f"""usage: harness estimate [overrides ...] [--json] [--what-if]
 
 Predict per-device memory, communication, step time, MFU and energy of one layout with the analytical
 cost model, checked as `harness run` would check it. Exit status 1 when it does not fit the device
 (more than {REFUSE_ABOVE:g}× its memory; `harness run` warns below that and refuses above).
 
   harness estimate model=gpt-1t system=frontier parallel.tp=8 parallel.pp=64 parallel.world_size=3072
-  harness estimate model=gpt-1.3b backend=fsdp parallel.world_size=8 system=dgx-a100-80gb --json"""
+  harness estimate model=gpt-1.3b backend=fsdp parallel.world_size=8 system=dgx-a100-80gb --json
+  harness estimate model=gpt-13b system=dgx-h100 backend=fsdp parallel.world_size=64 train.precision=bf16 --what-if
+        the step by resource, and its speed-up with 2x the GEMM rate, memory, intra- or inter-node bandwidth"""
 
 
 def estimate_command(args: list[str]) -> int:
     """Exit status: 0, or 1 when the layout does not fit the device memory (the numbers still print)."""
     try:
-        overrides, flags = split_command_args(args, {"--json": bool})
+        overrides, flags = split_command_args(args, {"--json": bool, "--what-if": bool})
     except HelpRequested:
         print(USAGE)
         return 0
@@ -108,6 +131,10 @@ def estimate_command(args: list[str]) -> int:
         print(json.dumps(est, indent=2))
     else:
         print_estimate(cfg, layout, est)
+        if "--what-if" in flags:
+            print_what_if(est)
+    for warning in est["reach_warnings"]:
+        print(f"harness: warning: {warning}", file=sys.stderr)
     if est["memory_verdict"] == "too big":
         print(f"harness: error: fits: false — {_fmt_bytes(est['memory_per_device_bytes']['total'])} per device "
               f"needed, {_fmt_bytes(est['device_memory_bytes'])} available ("

@@ -291,24 +291,30 @@ def _job_overrides(overrides: list[str]) -> list[str]:
     return [o for o in overrides if o.split("=", 1)[0].lstrip("+") not in layout]
 
 
-USAGE = """usage: harness plan [overrides ...] [--json | --csv] [--top=N] [--exact]
+USAGE = """usage: harness plan [overrides ...] [--json | --csv] [--top=N] [--exact] [--vary=system.KEY=V1,V2,...]
 
 Search every layout the job could use with the cost model (backend, devices in whole nodes up to
 parallel.world_size, TP, PP, interleaving, DP, micro-batch, ZeRO stage or FSDP sharding, sequence
 parallelism, recompute, offload), list the best that fit by predicted tokens/s, and the Pareto front of
 step time against devices. --exact: only parallel.world_size devices. Exit status 1 when none fits.
+--vary: the best layout for each value of one system parameter (what faster hardware would buy).
 
   harness plan model=gpt-175b system=frontier parallel.world_size=3072 train.global_batch_size=1536
-  harness plan model=gpt-1.3b backend=fsdp parallel.world_size=8 system=dgx-a100-80gb --top=5 --csv"""
+  harness plan model=gpt-1.3b backend=fsdp parallel.world_size=8 system=dgx-a100-80gb --top=5 --csv
+  harness plan model=gpt-13b system=dgx-h100 parallel.world_size=64 train.global_batch_size=512 \\
+      --vary=system.nic_bw_gb_per_s=12.5,25,50,100"""
 
 
 def plan_command(args: list[str]) -> int:
     """`harness plan <overrides> [--json|--csv] [--top=N] [--exact]`; exit 1 when no layout fits."""
     try:
-        overrides, flags = split_command_args(args, {"--json": bool, "--csv": bool, "--top": int, "--exact": bool})
+        overrides, flags = split_command_args(args, {"--json": bool, "--csv": bool, "--top": int, "--exact": bool,
+                                                     "--vary": str})
     except HelpRequested:
         print(USAGE)
         return 0
+    if "--vary" in flags:
+        return vary_command(overrides, flags["--vary"], "--exact" in flags, "--json" in flags)
     top = flags.get("--top", 10)
     if top < 1:
         raise ConfigError(f"--top={top}: must be at least 1 (layouts to list)")
@@ -340,6 +346,45 @@ def plan_command(args: list[str]) -> int:
         print(f"harness: error: no layout of {cfg.model.name} on {'' if '--exact' in flags else 'up to '}{budget} "
               f"devices of system={cfg.system.name}: {why_none(found.counts, cfg)}", file=sys.stderr)
         return 1
+    return 0
+
+
+def vary_command(overrides: list[str], vary: str, exact: bool, as_json: bool) -> int:
+    """`harness plan ... --vary=system.KEY=v1,v2,...`: the best layout and its time for each value of one
+    hardware parameter (what a faster network, more memory or a faster GPU would buy)."""
+    key, _, values = vary.partition("=")
+    if not key.startswith("system.") or not values:
+        raise ConfigError(f"--vary={vary}: give a system parameter and its values, e.g. "
+                          "--vary=system.nic_bw_gb_per_s=25,50,100")
+    rows = []
+    for value in values.split(","):
+        cfg = compose([*overrides, f"{key}={value}"])
+        check_model(cfg.model)
+        chose_backend = any(o.split("=", 1)[0] in ("backend", "backend.name") for o in overrides)
+        found = search(cfg, planned_world_size(cfg), [cfg.backend.name] if chose_backend else list(BACKENDS),
+                       exact=exact, keep=1)
+        best = checked(cfg, found.rows, 1, found.counts)
+        rows.append({"value": value, **(best[0] if best else {}), "why_none": None if best else
+                     why_none(found.counts, cfg)})
+    if as_json:
+        print(json.dumps({"vary": key, "rows": rows}, indent=2, default=str))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    first = next((r for r in rows if "step_time_s" in r), None)
+    table = Table(title=f"the best layout as {key} varies", title_justify="left")
+    for column in (key, "devices", "step s", "tokens/s", "MFU", "vs first", "layout"):
+        table.add_column(column, justify="left" if column == "layout" else "right", overflow="fold")
+    for r in rows:
+        if "step_time_s" not in r:
+            table.add_row(r["value"], "", "", "", "", "", f"none fits: {r['why_none']}")
+            continue
+        mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}"
+        speedup = f"{first['step_time_s'] / r['step_time_s']:.2f}x" if first else ""
+        table.add_row(r["value"], str(r["devices"]), f"{r['step_time_s']:.4g}", f"{r['tokens_per_s']:,.0f}", mfu,
+                      speedup, _layout_text(r))
+    Console().print(table)
     return 0
 
 

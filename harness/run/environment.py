@@ -70,7 +70,8 @@ def accelerator_stack() -> dict[str, Any]:
     import torch
 
     out: dict[str, Any] = {"torch_cuda": torch.version.cuda, "torch_hip": torch.version.hip,
-                           "torch_xpu": getattr(torch.version, "xpu", None)}
+                           "torch_xpu": getattr(torch.version, "xpu", None), "cpu_cores": cpu_cores(),
+                           "threads_per_rank": torch.get_num_threads()}
     if torch.cuda.is_available():
         out["collectives"] = "rccl" if torch.version.hip else "nccl"
         try:
@@ -85,6 +86,11 @@ def accelerator_stack() -> dict[str, Any]:
         out.update(collectives="gloo", devices_per_node=None, device_name=cpu_model(), device_memory_gb=None,
                    driver=None, driver_reason="no accelerator visible to torch")
     return out
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on (its affinity), which the host's ranks share."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def cpu_model() -> str:

@@ -29,8 +29,9 @@ def threads_per_rank(requested: Optional[int], local_ranks: int) -> int:
     so two ranks on two cores do not fight over four threads."""
     if requested:
         return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, math.floor(cores / max(1, local_ranks)))
+    from harness.run.environment import cpu_cores
+
+    return max(1, math.floor(cpu_cores() / max(1, local_ranks)))
 
 
 @dataclass(frozen=True)
