@@ -2,7 +2,7 @@
 #   make demo   install, then train a tiny GPT on 2 CPU ranks and print the result table
 #   make test   install, then run the test suite (make test-fast: the tier without multi-rank or DeepSpeed tests)
 # The CPU build of torch is pinned here on purpose: an unpinned torch pulls a multi-GB CUDA build.
-# On a cluster, install your site's torch first, then `pip install -e .[gpu]`.
+# On a cluster: the README's install paragraph.
 
 PYTHON ?= python3
 VENV ?= .venv

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from harness.core.console import guard_stdout, stdout_error
+from harness.core.console import guard_stdout, quiet_console, stdout_error
 from harness.core.errors import ConfigError, RunError
 
 COMMANDS = {  # name: (module:function, one-line summary)
@@ -30,11 +30,13 @@ USAGE = "usage: harness <command> [overrides ...] [--help]\n\ncommands:\n" + "\n
     f"  {name:<10} {summary}" for name, (_, summary) in COMMANDS.items()) + """
 
   harness run launcher.nproc=2 backend=fsdp
-  harness estimate model=gpt-1t system=frontier parallel.tp=8 parallel.pp=64 parallel.world_size=3072
+  harness estimate model=gpt-1t system=frontier backend=deepspeed3d parallel.tp=8 parallel.pp=64 \\
+      parallel.world_size=3072
   harness report results/runs --out report/
   harness plan model=gpt-13b system=dgx-a100-80gb parallel.world_size=64 train.global_batch_size=512
 
-`harness <command> --help` shows a command's own usage."""
+`harness <command> --help` shows a command's own usage; -v (anywhere) lets third-party log lines and
+warnings through to the terminal (they are always in the run's harness.log)."""
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -48,12 +50,23 @@ def main(argv: list[str] | None = None) -> None:
         guard_stdout()
         print(USAGE)
         return
+    chatty = any(a in ("-v", "--verbose") for a in args)
+    args = [a for a in args if a not in ("-v", "--verbose")]
+    quiet_console(chatty)  # before torch loads: its native loggers read their levels once
+    if not args:
+        guard_stdout()
+        print(USAGE)
+        return
     command, rest = args[0], args[1:]
     if command not in COMMANDS:
         _fail(f"unknown command '{command}'; choose one of: {', '.join(COMMANDS)} (harness --help)")
     module, _, name = COMMANDS[command][0].partition(":")
     guard_stdout()
     try:
+        if command == "run":  # a CPU host measured once, so the run's prediction is filled in (predict/auto.py)
+            from harness.predict.auto import auto_system
+
+            rest = auto_system(rest)
         code = getattr(importlib.import_module(module), name)(rest)
     except ConfigError as exc:
         _fail(str(exc))

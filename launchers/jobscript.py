@@ -18,6 +18,8 @@ from importlib import metadata
 from pathlib import Path, PurePosixPath
 from typing import Optional
 
+from harness import DISTRIBUTION
+
 SUBMIT = {"slurm": "sbatch", "pbs": "qsub", "lsf": "bsub"}
 DIRECTIVE = {"slurm": "#SBATCH", "pbs": "#PBS", "lsf": "#BSUB"}
 """How each scheduler takes a script: `sbatch FILE`, `qsub FILE`, `bsub < FILE`."""
@@ -298,7 +300,7 @@ def find_template(script: str) -> Path:
     candidates = [_CHECKOUT / script]
     wanted = _INSTALLED / script
     try:
-        dist = metadata.distribution("harness")
+        dist = metadata.distribution(DISTRIBUTION)
         candidates += [Path(file.locate()) for file in dist.files or []
                        if file.parts[-len(wanted.parts):] == wanted.parts]
         candidates.append(Path(dist.locate_file(wanted)))

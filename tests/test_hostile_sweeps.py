@@ -37,7 +37,10 @@ def snapshot(root: Path, growing: tuple[str, ...] = ()) -> dict[str, str]:
 
 
 def one_line(proc: subprocess.CompletedProcess[str], code: int = 2) -> str:
+    """The one error line; a config error (exit 2) is all there is, a failure later may follow progress lines."""
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    if code != 2:
+        lines = [line for line in lines if not line.startswith("harness: ") or line.startswith("harness: error: ")]
     assert proc.returncode == code, proc.stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith("harness: error: "), proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr + (proc.stdout or "")

@@ -34,7 +34,7 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     site = Path(subprocess.run([str(env_dir / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()"
                                 "['purelib'])"], capture_output=True, text=True, check=True).stdout.strip())
     (site / "zz-harness-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    wheel = next((tmp / "dist").glob("harness-*.whl"))
+    wheel = next((tmp / "dist").glob("gpt_train_harness-*.whl"))
     installed = subprocess.run([str(env_dir / "bin" / "pip"), "install", "--no-deps", "--ignore-installed",
                                 "--no-index", str(wheel)], capture_output=True, text=True, timeout=300)
     assert installed.returncode == 0, installed.stdout + installed.stderr
@@ -56,7 +56,7 @@ def test_the_installed_package_is_not_the_checkout_and_has_one_import_root(venv:
                            cwd=tmp_path, capture_output=True, text=True, env=clean_env())
     assert found.returncode == 0, found.stderr
     assert all(Path(p).is_relative_to(venv) for p in found.stdout.split()), found.stdout
-    wheel = next(venv.parent.glob("dist/harness-*.whl"))
+    wheel = next(venv.parent.glob("dist/gpt_train_harness-*.whl"))
     tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()
             if not name.split("/")[0].endswith((".dist-info", ".data"))}
     assert tops == {"harness", "hydra_plugins"}, tops  # no generic top-level `models` or `launchers`

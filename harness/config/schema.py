@@ -235,6 +235,9 @@ class SystemConfig:
     calibrated_on: dict[str, Any] = field(default_factory=dict)
     """What a calibrated profile was measured on (device, software, model width, layout, ranks): `estimate` warns
     when asked far outside it."""
+    auto_calibrate: bool = False
+    """CPU profiles with no peak: `harness run` measures this host once (harness calibrate) and predicts with that
+    profile, kept in the user's config directory (predict/auto.py)."""
     calibration: Optional[str] = None
     """What set the efficiency figures: `harness calibrate` (with the date) or the fit they come from."""
     job: JobConfig = field(default_factory=JobConfig)

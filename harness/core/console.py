@@ -79,3 +79,70 @@ def quiet_library_warnings() -> None:
 
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed", category=UserWarning)
+
+
+VERBOSE_ENV = "HARNESS_VERBOSE"
+"""Set (by `harness -v ...`) to let third-party log lines, warnings and C++ logs through to the terminal."""
+QUIET_NATIVE = {"KINETO_LOG_LEVEL": "6", "TORCH_CPP_LOG_LEVEL": "ERROR"}
+"""Native loggers that print to the terminal on their own: the profiler's USDT/STAGE lines (libkineto levels go
+up to 5) and c10's warnings (`[W ... CPUAllocator.cpp]`); set before torch loads, inherited by the ranks."""
+THIRD_PARTY = ("DeepSpeed", "megatron", "lightning", "torch", "py.warnings", "hydra")
+
+
+def quiet_console(verbose: bool) -> None:
+    """Keep the terminal for the harness's own lines, unless `verbose`: native loggers quieted (a variable the
+    user set is left alone) and Python warnings routed into logging, whose records run_logging files."""
+    import logging
+
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
+        return
+    for name, value in QUIET_NATIVE.items():
+        os.environ.setdefault(name, value)
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").propagate = True
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
+class _OwnOrSevere:
+    """The terminal's filter: the harness's own records, and anyone's errors."""
+
+    def filter(self, record: Any) -> bool:
+        import logging
+
+        return record.name.startswith("harness") or record.levelno >= logging.ERROR
+
+
+def run_logging(log_file: Any, rank: int) -> None:
+    """One rank's logging: every record (the harness's, third parties' INFO lines, Python warnings) into the run's
+    harness.log with the rank; the terminal gets the harness's own warnings and anyone's errors (all, verbose)."""
+    import logging
+
+    logging.captureWarnings(True)
+    fmt = logging.Formatter(f"[%(asctime)s][rank {rank}][%(name)s][%(levelname)s] - %(message)s")
+    to_file = logging.FileHandler(log_file, delay=True)
+    to_file.setFormatter(fmt)
+    to_terminal = logging.StreamHandler(sys.stderr)
+    to_terminal.setFormatter(logging.Formatter("harness: %(levelname)s: [rank " + str(rank) + "] %(message)s"))
+    if verbose():
+        to_terminal.setLevel(logging.INFO)
+    else:
+        to_terminal.setLevel(logging.WARNING)
+        to_terminal.addFilter(_OwnOrSevere())
+    root = logging.getLogger()
+    root.handlers = [to_file, to_terminal]
+    root.setLevel(logging.INFO)
+    for name in THIRD_PARTY:  # libraries that bring their own handlers (DeepSpeed prints to stdout)
+        logger = logging.getLogger(name)
+        logger.handlers, logger.propagate = [], True
+
+
+def say(message: str) -> None:
+    """A progress line on the terminal (stderr, so that piped stdout stays the product) and in the log."""
+    import logging
+
+    print(f"harness: {message}", file=sys.stderr, flush=True)
+    logging.getLogger("harness.progress").info(message)

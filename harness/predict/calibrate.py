@@ -34,6 +34,7 @@ from typing import Any, Callable
 from omegaconf import OmegaConf
 
 from harness.config.compose import CONF_DIR, HelpRequested, compose, split_command_args, user_config_dir
+from harness.core.console import say
 from harness.core.errors import ConfigError
 from harness.costmodel.comm import RING_FACTOR
 
@@ -109,20 +110,24 @@ def _measure(device: Any, dtype: Any, world: int, sync: Callable[[], None], out_
 
     from harness.run.environment import cpu_cores
 
-    result: dict[str, Any] = {"world": world, "device": name, "cpu_cores": cpu_cores()}
+    result: dict[str, Any] = {"world": world, "device": name, "cpu_cores": cpu_cores(), "torch": torch.__version__}
+    tell = say if dist.get_rank() == 0 else (lambda message: None)
     dist.barrier()
+    tell(f"calibrate: GEMM rate ({len(GEMM_SIZES)} sizes, {world} rank(s) at once)")
     gemm = []
     for n in GEMM_SIZES:
         a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
         gemm.append((2.0 * n**3, _timed(lambda: torch.matmul(a, b), sync)))
     result["gemm"] = gemm
     src, dst = torch.ones(2**24, device=device), torch.empty(2**24, device=device)  # 64 MiB each
+    tell("calibrate: memory bandwidth, then the host's overhead per block (4 probe models)")
     result["mem_bw"] = 2 * src.numel() * 4 / _timed(lambda: dst.copy_(src), sync)  # read + write
     for width, layers in itertools.product(PROBE_WIDTHS, PROBE_LAYERS):
         step = _gpt_step(width, layers, device, data_parallel=world > 1)
         # Multi-rank probes take a fixed number of steps: each step is a collective.
         result[f"gpt_{width}_{layers}"] = _timed_collective(step, sync) if world > 1 else _timed(step, sync, 0.3)
     if world > 1:
+        tell(f"calibrate: collectives (3 kinds x {len(COMM_BYTES)} sizes)")
         result["comm"] = _measure_collectives(world, device, sync)
     if dist.get_rank() == 0:
         Path(out_dir, "calibration.json").write_text(json.dumps(result))
@@ -187,14 +192,17 @@ def _measure_collectives(world: int, device: Any, sync: Callable[[], None]) -> d
     import torch.distributed as dist
 
     out: dict[str, list[tuple[float, float]]] = {}
+    # torch 2.13 renamed the single-tensor collectives (the old names warn); older releases have only those.
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
     for kind in ("all_reduce", "all_gather", "reduce_scatter"):
         points = []
         for size in COMM_BYTES:
             full = torch.ones(size // 4, device=device)
             part = torch.ones(size // 4 // world, device=device)
             calls = {"all_reduce": lambda: dist.all_reduce(full),
-                     "all_gather": lambda: dist.all_gather_into_tensor(full[: part.numel() * world], part),
-                     "reduce_scatter": lambda: dist.reduce_scatter_tensor(part, full[: part.numel() * world])}
+                     "all_gather": lambda: gather(full[: part.numel() * world], part),
+                     "reduce_scatter": lambda: scatter(part, full[: part.numel() * world])}
             points.append((RING_FACTOR[kind](world) * size, _timed_collective(calls[kind], sync)))
         out[kind] = points
     return out
@@ -265,6 +273,16 @@ MIN_MEMORY_EFFICIENCY = 1e-3
 MAX_MEMORY_EFFICIENCY = 10.0
 
 
+def host_identity() -> dict[str, Any]:
+    """What a profile measured here must match to be reused (predict/auto.py): this host, its cores, this torch."""
+    import socket
+    from importlib import metadata
+
+    from harness.run.environment import cpu_cores
+
+    return {"host": socket.gethostname(), "cpu_cores": cpu_cores(), "torch": metadata.version("torch")}
+
+
 def profile_from(result: dict[str, Any], base: dict[str, Any], name: str, precision: str) -> dict[str, Any]:
     flops, seconds = zip(*result["gemm"])
     slope, intercept = _fit_line(list(flops), list(seconds))
@@ -292,6 +310,9 @@ def profile_from(result: dict[str, Any], base: dict[str, Any], name: str, precis
         "step_overhead_us": outside_s * 1e6,
         "calibration": f"harness calibrate {today} on {result['device']}, {result['world']} ranks",
     }
+    profile["calibrated_on"] = {**host_identity(), "device": result["device"], "d_model": PROBE_WIDTHS[1],
+                                "seq_len": PROBE_SEQ, "world_size": result["world"], "probes": "square GEMMs "
+                                f"{GEMM_SIZES[0]}..{GEMM_SIZES[-1]}, a copy, GPT blocks of width {PROBE_WIDTHS}"}
     if base.get("device") == "cpu" and result.get("cpu_cores"):  # each rank's share of the host (timing.cpu_share)
         profile.update(cores_per_node=result["cpu_cores"], calibrated_ranks_per_node=result["world"])
     profile.update(comm)
@@ -394,6 +415,7 @@ def calibrate_command(args: list[str]) -> int:
     from harness.run.rank import threads_per_rank
 
     os.environ["OMP_NUM_THREADS"] = str(threads_per_rank(cfg.launcher.omp_num_threads, nproc))
+    say(f"calibrate: starting {nproc} rank(s) to measure this host (about 15 s)")
     with tempfile.TemporaryDirectory() as tmp:
         launch_local(nproc, measure_rank, cfg.train.precision, tmp)
         result = json.loads(Path(tmp, "calibration.json").read_text())

@@ -236,7 +236,8 @@ def search_command(args: list[str]) -> int:
     try:
         import optuna  # noqa: F401
     except ImportError:
-        raise ConfigError("harness search needs Optuna: pip install 'harness[search]' (or optuna>=4)") from None
+        raise ConfigError("harness search needs Optuna (optuna>=4): pip install -e '.[search]' in the harness "
+                          "checkout") from None
     cfg = compose(overrides)
     choice(cfg.search.method, ("optuna",), "search.method")
     if cfg.search.trials < 1 or cfg.search.seeds < 0:

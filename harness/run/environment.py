@@ -17,8 +17,10 @@ from importlib import metadata, util
 from pathlib import Path
 from typing import Any, Optional
 
+from harness import DISTRIBUTION
+
 PACKAGES = ("torch", "lightning-fabric", "deepspeed", "megatron-core", "hydra-core", "omegaconf", "numpy",
-            "nvidia-ml-py", "amdsmi", "flash-attn", "HolisticTraceAnalysis", "harness")
+            "nvidia-ml-py", "amdsmi", "flash-attn", "HolisticTraceAnalysis", DISTRIBUTION)
 
 
 def versions() -> dict[str, Optional[str]]:
@@ -26,10 +28,11 @@ def versions() -> dict[str, Optional[str]]:
     because the package index's `apex` is an unrelated web toolkit."""
     out: dict[str, Optional[str]] = {"python": platform.python_version()}
     for package in PACKAGES:
+        key = "harness" if package == DISTRIBUTION else package
         try:
-            out[package] = metadata.version(package)
+            out[key] = metadata.version(package)
         except metadata.PackageNotFoundError:
-            out[package] = None
+            out[key] = None
     out["apex"] = nvidia_apex_version()
     return out
 

@@ -23,7 +23,7 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 
 from harness.config.compose import to_container
-from harness.core.console import guard_stdout
+from harness.core.console import guard_stdout, run_logging, say
 from harness.core.errors import ConfigError
 from harness.core.layout import Layout
 from harness.costmodel.estimate import predicted_metrics
@@ -34,6 +34,7 @@ from harness.run.rank import rank_process, threads_per_rank
 from harness.run.rundir import disk_warning, failed_summary, write_config, write_summary
 from harness.run.stopping import Interrupted, Terminated, stop_on_signals
 from harness.run.trainer import Trainer
+from harness.telemetry.process import host_load_now
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,9 @@ def run(cfg: DictConfig, run_dir: Path, checked: Optional[Checked] = None) -> st
     checked = checked or preflight(cfg, joined.world_size if joined else cfg.launcher.nproc, local)
     layout = checked.layout
     config = to_container(cfg)
-    handed = (config, str(run_dir), layout.as_dict(), predicted_metrics(checked.estimate))
+    # The host before any rank starts; a launcher's ranks start together, so they have no "before".
+    before = host_load_now() if joined is None else None
+    handed = (config, str(run_dir), layout.as_dict(), predicted_metrics(checked.estimate), before)
     if joined is None or joined.rank == 0:
         warning = disk_warning(run_dir)
         if warning:
@@ -62,6 +65,7 @@ def run(cfg: DictConfig, run_dir: Path, checked: Optional[Checked] = None) -> st
             with _single_rank_env():
                 rank_main(*handed)  # raises SystemExit when a signal stopped it
         else:
+            say(f"starting {cfg.launcher.nproc} local ranks (torch.distributed.elastic) into {run_dir}")
             launch_local(cfg.launcher.nproc, rank_main, *handed, monitor_interval_s=cfg.launcher.monitor_interval_s)
     except ChildFailedError as exc:
         return _ensure_failed_summary(run_dir, config, layout, _child_error(exc))
@@ -176,16 +180,18 @@ def _ensure_failed_summary(run_dir: Path, config: dict[str, Any], layout: Layout
 
 
 @record
-def rank_main(config: dict[str, Any], run_dir: str, layout: dict[str, int], prediction: dict[str, Any]) -> None:
+def rank_main(config: dict[str, Any], run_dir: str, layout: dict[str, int], prediction: dict[str, Any],
+              host_before: Optional[dict[str, Any]] = None) -> None:
     """What every rank runs: join the process group, train, leave (with the layout and the prediction the launching
-    process's checks derived)."""
+    process's checks derived, and the host's load before the ranks started)."""
     guard_stdout(warn=True)  # a closed or full console must not end a run
     cfg = OmegaConf.create(config)
+    run_logging(Path(run_dir) / "harness.log", int(os.environ.get("RANK", 0)))
     launcher = cfg.launcher
     try:
         with rank_process(device=cfg.system.device, gpu_order=launcher.gpu_order,
                           pg_timeout_s=launcher.pg_timeout_s) as ctx:
-            Trainer(cfg, ctx.info, ctx.device, Path(run_dir), Layout(**layout), prediction).run()
+            Trainer(cfg, ctx.info, ctx.device, Path(run_dir), Layout(**layout), prediction, host_before).run()
     except (Terminated, KeyboardInterrupt) as exc:
         # Stopped by the launcher or the user: the summary is written; end without a traceback.
         raise SystemExit(128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)) from None

@@ -6,9 +6,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.progress import Progress as RichProgress
 from rich.table import Table
+
+from harness.core.stats import plus_minus
 
 console = Console()
 
@@ -31,7 +33,8 @@ class Progress:
         self.live = console.is_terminal
         if self.live:
             self.bar = RichProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                    TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), console=console)
+                                    TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                                    TimeRemainingColumn(), console=console)
             self.task = self.bar.add_task("warm-up" if warmup else "train", total=total, stats="")
             self.bar.start()
 
@@ -52,7 +55,7 @@ NOTE_WIDTH = 40
 not measured) is printed once, whole, instead of wrapped into every row it applies to."""
 
 RSS_NOTE = ("cpu_peak_rss: the process's resident memory (Python, torch, allocator caches included); "
-            "not comparable with the prediction, which counts model state, activations and buffers")
+            "the prediction, which counts model state, activations and buffers, is set beside the tensor peak")
 
 
 def summary_table(summary: dict[str, Any]) -> tuple[Table, list[str]]:
@@ -64,21 +67,26 @@ def summary_table(summary: dict[str, Any]) -> tuple[Table, list[str]]:
              f"= {layout['micro_batch_size']} x {layout['dp']} x {layout['grad_accum']} accum")
     table = Table(title=title, title_justify="left")
     table.add_column("metric")
-    table.add_column("measured (median)", justify="right")
+    table.add_column("measured (median ± half IQR)", justify="right")
     table.add_column("predicted", justify="right")
     table.add_column("error", justify="right")
     table.add_column("note")
     predicted = summary.get("prediction") or {}
+    spreads = summary.get("statistics") or {}
     util_std = _fmt(m.get("gpu_util_pct_std"), ".0f")
     rss = m.get("peak_memory_kind") == "cpu_peak_rss"
     rows = [  # label, metrics key, format, unit, note
-        ("iteration time", "iter_time_ms", ".2f", " ms", f"{m['timed_steps']} timed steps"),
+        ("iteration time", "iter_time_ms", ".2f", " ms", _interval_note(spreads.get("iter_time_ms"), m)),
         ("tokens/s", "tokens_per_s", ",.0f", "", ""),
         ("model TFLOP/s per device", "model_tflops_per_device", ".4g", "", ""),
         ("hardware TFLOP/s per device", "hardware_tflops_per_device", ".4g", "", "with recompute"),
         ("MFU", "mfu", ".1%", "", m.get("mfu_reason") or f"peak {m.get('peak_tflops')} TFLOP/s"),
         ("HFU", "hfu", ".1%", "", m.get("hfu_reason") or ""),
-        ("peak memory", "peak_memory_mb", ",.0f", " MB", RSS_NOTE if rss else m.get("peak_memory_kind") or ""),
+        *([("peak tensor memory", "tensor_peak_mb", ",.0f", " MB", m.get("tensor_peak_mb_reason")
+            or f"live tensors at their peak in step {m.get('tensor_peak_step')} (torch.profiler), max over ranks")]
+          if rss else []),
+        ("peak memory" if not rss else "peak RSS", "peak_memory_mb", ",.0f", " MB",
+         RSS_NOTE if rss else m.get("peak_memory_kind") or ""),
         ("power per device", "power_w", ".1f", " W", m.get("power_w_reason") or "time-weighted mean"),
         ("idle power per device", "idle_power_w", ".1f", " W", m.get("idle_power_w_reason") or ""),
         ("energy per step", "energy_j_per_step", ".4g", " J",
@@ -89,18 +97,29 @@ def summary_table(summary: dict[str, Any]) -> tuple[Table, list[str]]:
         ("loss", "loss", ".4f", "", "median over timed steps"),
     ]
     footnotes: list[str] = []
+    spreads = summary.get("statistics") or {}
     for label, key, spec, unit, note in rows:
-        measured, guess = m.get(key), predicted.get(key)
+        measured, guess = m.get(key), predicted.get("peak_memory_mb" if key == "tensor_peak_mb" else key)
+        spread = plus_minus(spreads.get(key))
+        spread_spec = ".2g" if spec.endswith("g") else spec
+        shown = _fmt(measured, spec) + (f" ± {format(spread, spread_spec)}" if spread and measured is not None else "")
         comparable = guess is not None and measured and not (rss and key == "peak_memory_mb")
         error = _fmt(guess / measured - 1 if comparable else None, "+.0%", "")
         if len(note) > NOTE_WIDTH:
             if note not in footnotes:
                 footnotes.append(note)
             note = f"see ({footnotes.index(note) + 1})"
-        table.add_row(label, _fmt(measured, spec) + unit, _fmt(guess, spec, "") + (unit if guess is not None else ""),
-                      error, note)
+        table.add_row(label, shown + unit, _fmt(guess, spec, "") + (unit if guess is not None else ""), error, note)
     _breakdown_rows(table, summary)
     return table, footnotes
+
+
+def _interval_note(stats: Optional[dict[str, Any]], m: dict[str, Any]) -> str:
+    """n timed steps, and the mean's 95% interval where there are enough of them."""
+    if not stats or not stats.get("ci95"):
+        return f"{m['timed_steps']} timed steps"
+    low, high = stats["ci95"]
+    return f"{stats['n']} timed steps; 95% CI of the mean {low:.2f}-{high:.2f} ms"
 
 
 def _breakdown_rows(table: Table, summary: dict[str, Any]) -> None:
@@ -127,6 +146,8 @@ def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     console.print(table)
     for number, note in enumerate(footnotes, 1):
         console.print(f"({number}) {note}", highlight=False, soft_wrap=True)
+    for warning in summary.get("warnings") or []:
+        console.print(f"harness: warning: {warning}", highlight=False, soft_wrap=True)
     if summary.get("stop_reason", "completed") != "completed":
         console.print(f"stopped early: {summary['stop_reason']}", highlight=False)
     console.print(f"run directory: {run_dir}", highlight=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import resource
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -78,3 +79,50 @@ class MemoryMeter:
             return {"peak_memory_mb": torch.cuda.max_memory_allocated(self.device) / 2**20, "alloc_retries": new}
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
         return {"peak_memory_mb": rss / (2**20 if sys.platform == "darwin" else 2**10), "alloc_retries": None}
+
+
+def live_tensor_bytes() -> int:
+    """Bytes of every CPU tensor storage alive in this process now, each storage once (views share one): the
+    model state, optimizer state and data a step starts with."""
+    import gc
+
+    sizes: dict[int, int] = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+            try:
+                storage = obj.untyped_storage()
+            except (RuntimeError, NotImplementedError, TypeError):  # tensor subclasses that hold no storage
+                continue
+            sizes[storage.data_ptr()] = storage.nbytes()
+    return sum(sizes.values())
+
+
+class TensorPeak:
+    """The peak bytes of CPU tensors during one step: the tensors alive when it starts, plus the most the CPU
+    allocator held beyond them at any point of the step (torch.profiler's memory events, `Total Allocated`, which
+    counts what is allocated while profiling). On a CPU this is what the cost model's memory prediction counts;
+    the process's RSS also holds Python, torch's code and freed pages the allocator kept."""
+
+    def __init__(self) -> None:
+        self.peak_bytes: Optional[int] = None
+
+    def __enter__(self) -> "TensorPeak":
+        from torch.profiler import ProfilerActivity, profile
+
+        self._base = live_tensor_bytes()
+        self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._profiler.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import json
+        import tempfile
+
+        self._profiler.__exit__(*exc)
+        if exc[0] is not None:
+            return
+        with tempfile.NamedTemporaryFile(suffix=".json") as handle:
+            self._profiler.export_chrome_trace(handle.name)
+            events = json.loads(Path(handle.name).read_text()).get("traceEvents", [])
+        held = [e["args"].get("Total Allocated", 0) for e in events if e.get("name") == "[memory]" and e.get("args")]
+        self.peak_bytes = self._base + max([0, *held])

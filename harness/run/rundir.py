@@ -25,6 +25,7 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 
 from harness.core.errors import RunError
+from harness.core.stats import HIGH_CV, MIN_INTERVAL, describe, inverted, noisy
 from harness.run.environment import environment
 from harness.telemetry.summary import NO_REPORT, energy_metrics, telemetry_block, timed_steps, write_power_csv
 
@@ -49,6 +50,8 @@ class RankReport:
     device: str
     telemetry: Optional[dict[str, Any]]
     trace: Optional[dict[str, Any]] = None
+    tensor_peak_mb: Optional[float] = None
+    """CPU: the peak of live tensor memory in the measured step (run.metrics.TensorPeak)."""
 
 
 def _free_bytes(run_dir: Path) -> tuple[int, Path]:
@@ -160,11 +163,16 @@ def read_steps(run_dir: Path) -> list[dict[str, Any]]:
 
 SUMMARY_KEYS = ("loss", "iter_time_ms", "tokens_per_s", "model_tflops_per_device", "hardware_tflops_per_device",
                 "mfu", "hfu", "peak_memory_mb", "data_time_ms")
+RATES = ("tokens_per_s", "model_tflops_per_device", "hardware_tflops_per_device", "mfu", "hfu")
+"""Per-step rates: a fixed amount of work per step (tokens, FLOPs) over the step's time."""
+TIMED_RULE = ("timed steps: every step after the train.warmup_steps warm-up steps that ran without the profiler "
+              "(profiled steps are listed in steps.jsonl, not in these figures)")
 
 
 def summarize_steps(steps: list[dict[str, Any]]) -> dict[str, Optional[float]]:
-    """Medians over the timed steps (neither warm-up nor profiled); peak memory is the maximum. Power and
-    energy are summarised by harness.telemetry.summary.energy_metrics."""
+    """Medians over the timed steps (neither warm-up nor profiled); peak memory is the maximum; each rate is the
+    step's work over the median step time, so tokens/s and ms/step agree. Power and energy are summarised by
+    harness.telemetry.summary.energy_metrics, the spreads by step_statistics."""
     timed = timed_steps(steps)
     out: dict[str, Optional[float]] = {}
     for key in SUMMARY_KEYS:
@@ -173,10 +181,52 @@ def summarize_steps(steps: list[dict[str, Any]]) -> dict[str, Optional[float]]:
             out[key] = None
         else:
             out[key] = max(values) if key == "peak_memory_mb" else statistics.median(values)
+    median_ms = out["iter_time_ms"]
+    for key in RATES:
+        work = _work_per_step(timed, key)
+        if work is not None and median_ms:
+            out[key] = work / (median_ms / 1e3)
     retries = [s["alloc_retries"] for s in timed if s.get("alloc_retries") is not None]
     # Total over the timed steps; each retry is a cache flush and a second cudaMalloc.
     out["alloc_retries"] = sum(retries) if retries else None
     out["timed_steps"] = len(timed)
+    return out
+
+
+def _work_per_step(timed: list[dict[str, Any]], key: str) -> Optional[float]:
+    """The work behind a rate (tokens, FLOPs, peak fractions of FLOPs) per step: the same every step."""
+    works = [s[key] * s["iter_time_ms"] / 1e3 for s in timed if s.get(key) is not None and s.get("iter_time_ms")]
+    return statistics.median(works) if works else None
+
+
+def step_statistics(steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """n, median, spread and 95% interval of each per-step figure over the timed steps (harness.core.stats); a
+    rate's figures are its step's work over the step time's (the fastest step the highest rate)."""
+    timed = timed_steps(steps)
+    out: dict[str, Any] = {"rule": TIMED_RULE, "timed_steps": len(timed)}
+    for key in ("iter_time_ms", "loss", "data_time_ms", "peak_memory_mb", "power_w", "energy_j"):
+        out[key] = describe([s[key] for s in timed if s.get(key) is not None])
+    time_stats = out["iter_time_ms"]
+    for key in RATES:
+        work = _work_per_step(timed, key)
+        out[key] = None if work is None or not time_stats else inverted(time_stats, work * 1e3)
+    return out
+
+
+def run_warnings(statistics_: dict[str, Any], host: dict[str, Any], warmup_steps: int) -> list[str]:
+    """What makes this run's figures less trustworthy: too few timed steps, a noisy step time, a busy host."""
+    from harness.telemetry.summary import busy_host_warnings
+
+    out = []
+    n = statistics_["timed_steps"]
+    if n < MIN_INTERVAL:
+        out.append(f"{n} timed step(s) after {warmup_steps} warm-up: too few for a 95% interval "
+                   f"({MIN_INTERVAL} needed); raise train.steps")
+    step = statistics_.get("iter_time_ms")
+    if noisy(step):
+        out.append(f"the step time varies: coefficient of variation {step['cv']:.0%} over {n} steps (above "
+                   f"{HIGH_CV:.0%}); rerun on a quiet host or with more steps")
+    out += busy_host_warnings(host.get("during") or {}, host.get("before"))
     return out
 
 
@@ -215,8 +265,10 @@ def build_summary(
     prediction: Optional[dict[str, Any]] = None,
     prediction_reason: str = NOT_PREDICTED,
     telemetry: Optional[dict[str, Any]] = None,
+    host_before: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
-    """`telemetry` is the block from harness.telemetry.summary.telemetry_block (None: no rank reported)."""
+    """`telemetry` is the block from harness.telemetry.summary.telemetry_block (None: no rank reported);
+    `host_before` the host's CPU just before the ranks started (telemetry.process.host_load_now)."""
     metrics: dict[str, Any] = summarize_steps(steps)
     metrics.update(energy_metrics(steps, layout.get("world_size", 1)))
     metrics.update(extra_metrics or {})
@@ -225,6 +277,9 @@ def build_summary(
     for key in ENERGY_KEYS:
         if metrics.get(key) is None:
             metrics[f"{key}_reason"] = _energy_reason(key, telemetry)
+    stats = step_statistics(steps)
+    host = {"before": host_before, "during": telemetry.get("host_load") or {}}
+    warmup = ((config.get("train") or {}).get("warmup_steps") or 0) if isinstance(config, dict) else 0
     return {
         "schema": SCHEMA,
         "status": status,
@@ -235,6 +290,9 @@ def build_summary(
         "layout": layout,
         "model": model,
         "metrics": metrics,
+        "statistics": stats,
+        "host_load": host,
+        "warnings": run_warnings(stats, host, warmup),
         "prediction": prediction,
         "prediction_reason": None if prediction is not None else prediction_reason,
         "telemetry": telemetry,
@@ -307,7 +365,8 @@ def hostname() -> str:
 def write_run_summary(run_dir: Path, *, cfg: Any, layout: Any, info: Any, device: Any, status: str,
                       error: Optional[str], stop_reason: str, ranks: list[RankReport], backend: Any,
                       n_params: Optional[int], throughput: Any, memory_kind: Optional[str],
-                      kernels: Optional[dict[str, Any]] = None, prediction: Optional[dict[str, Any]] = None) -> None:
+                      kernels: Optional[dict[str, Any]] = None, prediction: Optional[dict[str, Any]] = None,
+                      host_before: Optional[dict[str, Any]] = None) -> None:
     """Rank 0's summary of a run it took part in: measured metrics, the prediction, telemetry, the table."""
     from harness.config.compose import to_container
     from harness.models.config import GPTConfig
@@ -334,10 +393,12 @@ def write_run_summary(run_dir: Path, *, cfg: Any, layout: Any, info: Any, device
         steps=steps,
         env=environment(world_size=info.world_size, hostnames=[r.host for r in ranks],
                         devices=[r.device for r in ranks], launcher=info.launcher),
-        extra_metrics={**_metric_notes(backend, throughput, memory_kind), **notes.get("metrics", {})},
+        extra_metrics={**_metric_notes(backend, throughput, memory_kind), **_tensor_peak(ranks, cfg, memory_kind),
+                       **notes.get("metrics", {})},
         stop_reason=stop_reason,
         prediction=_on_this_device(prediction, cfg, layout, device),
         telemetry=telemetry_block(reports, power_csv) if reports else None,
+        host_before=host_before,
     )
     predicted = (summary["prediction"] or {}).get("estimate", {}).get("collectives")
     summary["kernels"] = kernels
@@ -364,6 +425,18 @@ def _on_this_device(prediction: Optional[dict[str, Any]], cfg: Any, layout: Any,
         return prediction
     return predicted_metrics(estimate(OmegaConf.merge(cfg, {"system": {"accelerator": device_name(device)}}),
                                       layout))
+
+
+def _tensor_peak(ranks: list[RankReport], cfg: Any, memory_kind: Optional[str]) -> dict[str, Any]:
+    """CPU runs: the largest peak of live tensor memory of any rank (the figure the prediction counts)."""
+    if memory_kind != "cpu_peak_rss":
+        return {}
+    peaks = [r.tensor_peak_mb for r in ranks if r.tensor_peak_mb is not None]
+    if peaks:
+        return {"tensor_peak_mb": max(peaks), "tensor_peak_step": int(cfg.train.warmup_steps) - 1}
+    reason = ("not measured: profile.enabled=true holds the profiler" if cfg.profile.enabled
+              else "not measured: it is taken in the last warm-up step and train.warmup_steps=0")
+    return {"tensor_peak_mb": None, "tensor_peak_mb_reason": reason}
 
 
 def _metric_notes(backend: Any, throughput: Any, memory_kind: Optional[str]) -> dict[str, Any]:

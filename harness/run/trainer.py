@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from harness.backends import make_backend
 from harness.backends.base import DTYPES, Backend
 from harness.config.checks import compute_precision
+from harness.core.console import say
 from harness.core.layout import Layout
 from harness.costmodel.flops import step_flops
 from harness.launchers.env import RankInfo
@@ -24,7 +25,7 @@ from harness.models.gpt import GPT, GPTConfig
 from harness.run.data import TokenSource, micro_batches, step_batches, token_source
 from harness.run.environment import kernels
 from harness.run.live import Progress
-from harness.run.metrics import MemoryMeter, Throughput, device_name, resolve_peak
+from harness.run.metrics import MemoryMeter, TensorPeak, Throughput, device_name, resolve_peak
 from harness.run.rank import frozen_gc, synchronize
 from harness.run.rundir import RankReport, StepLog, hostname, write_run_files, write_run_summary
 from harness.run.stopping import Terminated, Watchdog, job_end_time, out_of_time
@@ -48,13 +49,20 @@ class Built:
     capture: TraceCapture
 
 
+def builds_extension(cfg: DictConfig) -> bool:
+    """DeepSpeed compiles an optimizer extension at its first use (FusedAdam, or CPUAdam when offloading)."""
+    return cfg.backend.name.startswith("deepspeed") and (
+        bool(cfg.backend.get("offload_optimizer")) or cfg.train.optimizer == "deepspeed_fused_adam")
+
+
 class Trainer:
     """The bounded step loop of one rank; rank 0 also records and reports."""
 
     def __init__(self, cfg: DictConfig, info: RankInfo, device: torch.device, run_dir: Path, layout: Layout,
-                 prediction: Optional[dict[str, Any]]) -> None:
+                 prediction: Optional[dict[str, Any]], host_before: Optional[dict[str, Any]] = None) -> None:
         self.cfg, self.info, self.device, self.run_dir = cfg, info, device, run_dir
-        self.layout, self.prediction = layout, prediction
+        self.layout, self.prediction, self.host_before = layout, prediction, host_before
+        self.tensor_peak_mb: Optional[float] = None
         self.is_writer = info.rank == 0
         self.end_time_s = job_end_time(os.environ)
         self.stop_reason = "completed"
@@ -69,6 +77,13 @@ class Trainer:
 
     def build(self) -> Built:
         train, model_cfg = self.cfg.train, GPTConfig.from_section(self.cfg.model)
+        started = time.perf_counter()
+        if self.is_writer:
+            say(f"{self.info.world_size} rank(s) started ({self.info.launcher} launcher; rank 0 on {hostname()}, "
+                f"{self.device.type}); building {self.cfg.model.name} with {self.cfg.backend.name}")
+            if builds_extension(self.cfg):
+                say("DeepSpeed builds its Adam extension on first use (a minute or two; cached afterwards in "
+                    "~/.cache/torch_extensions)")
         backend = make_backend(self.cfg, self.layout, self.device)
         if self.is_writer:
             write_run_files(self.run_dir, backend.run_files())
@@ -98,6 +113,12 @@ class Trainer:
         if self.is_writer:
             self.kernels = kernels(self.cfg, self.device, DTYPES[compute_precision(self.cfg)])
         capture = TraceCapture(self.cfg, self.info.rank, self.run_dir, self.device)
+        if self.is_writer:
+            window = capture.window
+            profiled = f"; recording steps {window.recorded.start}-{window.recorded.stop - 1} in a trace" \
+                if window is not None else ""
+            say(f"built in {time.perf_counter() - started:.1f} s ({n_params:,} parameters); {train.warmup_steps} "
+                f"warm-up step(s), then {train.steps} measured{profiled}")
         return Built(backend, n_params, throughput, data, MemoryMeter(self.device), sampler, capture)
 
     def run(self) -> None:
@@ -145,7 +166,12 @@ class Trainer:
                 with phase(PHASES.data):
                     batches = micro_batches(next(loader), layout=self.layout, device=self.device)
                 data_s = time.perf_counter() - waited
-                loss = built.backend.train_step(batches)
+                if self.measures_tensor_peak(step):  # a warm-up step: its time is not a timed step's
+                    with TensorPeak() as peak:
+                        loss = built.backend.train_step(batches)
+                    self.tensor_peak_mb = None if peak.peak_bytes is None else peak.peak_bytes / 2**20
+                else:
+                    loss = built.backend.train_step(batches)
                 synchronize(self.device)
                 now = time.perf_counter()
                 iter_time_s, last = now - last, now
@@ -165,6 +191,11 @@ class Trainer:
                     break
         if progress is not None:
             progress.close()
+
+    def measures_tensor_peak(self, step: int) -> bool:
+        """On a CPU, where no allocator keeps a peak, the last warm-up step is measured tensor by tensor."""
+        train = self.cfg.train
+        return self.device.type == "cpu" and not self.cfg.profile.enabled and step == train.warmup_steps - 1
 
     def inject_fault(self, step: int) -> None:
         """`train.fault_inject_oom_step`: the last rank fails as a real out-of-memory step would, so the
@@ -235,7 +266,8 @@ class Trainer:
     def finish(self, status: str, error: Optional[str]) -> None:
         """Every rank reports its host, device and telemetry; rank 0 closes the step log and writes the summary."""
         built = self.built
-        mine = RankReport(hostname(), device_name(self.device), built.sampler.stop() if built else None, self.trace)
+        mine = RankReport(hostname(), device_name(self.device), built.sampler.stop() if built else None, self.trace,
+                          self.tensor_peak_mb)
         if status in ("ok", "diverged") and self.info.world_size > 1:  # peers of a failed rank may be gone
             ranks: list[Any] = [None] * self.info.world_size
             dist.all_gather_object(ranks, mine)
@@ -251,4 +283,4 @@ class Trainer:
                           backend=built.backend if built else None, n_params=built.n_params if built else None,
                           throughput=built.throughput if built else None,
                           memory_kind=built.memory.kind if built else None, kernels=self.kernels,
-                          prediction=self.prediction)
+                          prediction=self.prediction, host_before=self.host_before)

@@ -8,8 +8,9 @@ over the latest sampling interval: a rank running two busy threads shows 200.
 from __future__ import annotations
 
 import math
+import os
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import psutil
 
@@ -29,3 +30,44 @@ class ProcessMeter:
             self.cpu_pct = 100.0 * (cpu_s - self._last[1]) / (now - self._last[0])
         self._last = (now, cpu_s)
         self.rss_mb = self.process.memory_info().rss / 2**20
+
+
+class HostMeter:
+    """The whole host's CPU while a job runs: how many cores were busy (all processes), the share the
+    hypervisor took (steal), and the load average. Beside the job's own processes' CPU this says how much other
+    work shared the host: a benchmark on a busy host measures the neighbours too."""
+
+    def __init__(self) -> None:
+        self.cores = psutil.cpu_count() or 1
+        self._last = psutil.cpu_times()
+        self._busy: list[float] = []
+        self._steal: list[float] = []
+        self._load1 = 0.0
+        self.own_cpu: list[float] = []
+
+    def sample(self, own_cpu_pct: float = math.nan) -> None:
+        now = psutil.cpu_times()
+        total = sum(now) - sum(self._last)
+        if total > 0:
+            idle = (now.idle - self._last.idle) + (getattr(now, "iowait", 0.0) - getattr(self._last, "iowait", 0.0))
+            steal = getattr(now, "steal", 0.0) - getattr(self._last, "steal", 0.0)
+            self._busy.append(self.cores * (total - idle - steal) / total)
+            self._steal.append(100.0 * steal / total)
+        self._last = now
+        self._load1 = max(self._load1, os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0)
+        if not math.isnan(own_cpu_pct):
+            self.own_cpu.append(own_cpu_pct)
+
+    def report(self) -> dict[str, Any]:
+        """Means over the samples taken (None where none were)."""
+        mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+        return {"cores": self.cores, "busy_cores": mean(self._busy), "steal_pct": mean(self._steal),
+                "load1_max": self._load1, "samples": len(self._busy), "own_cpu_pct": mean(self.own_cpu)}
+
+
+def host_load_now(seconds: float = 0.3) -> dict[str, Any]:
+    """The host's CPU over `seconds` now (before a run starts its ranks)."""
+    meter = HostMeter()
+    time.sleep(seconds)
+    meter.sample()
+    return meter.report()

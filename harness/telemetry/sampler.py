@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from harness.telemetry.base import Source
-from harness.telemetry.process import ProcessMeter
+from harness.telemetry.process import HostMeter, ProcessMeter
 
 CHECK_LOW, CHECK_HIGH = 0.1, 10.0
 """Counter/integrated-power ratios outside these bounds mark the counter broken (Zeus's bounds)."""
@@ -54,6 +54,7 @@ class Sampler:
         self.interval_s = max(interval_s, source.min_interval_s if source else 0.0)
         self.idle_s, self.warmup_steps, self.host, self.rank = idle_s, warmup_steps, host, rank
         self.process = ProcessMeter()
+        self.host_meter = HostMeter()
         n = len(source.devices) if source else 0
         self._counter0: list[Optional[float]] = [None] * n
         self._counter: list[Optional[float]] = [None] * n
@@ -101,6 +102,7 @@ class Sampler:
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             self.process.sample()
+            self.host_meter.sample(self.process.cpu_pct)
             if self.source is not None:
                 self._sample()
         self._thread_cpu_s = time.thread_time()  # this thread's own CPU time, robust to busy neighbours
@@ -222,6 +224,7 @@ class Sampler:
             "reason": self.reason, "shared_with_local_rank_0": self.shared,
             "interval_ms": self.interval_s * 1e3, "idle_s": self.idle_s,
             "sampler_cpu_s": self._thread_cpu_s, "wall_s": wall_s, "devices": [], "samples": [],
+            "host_load": self.host_meter.report(),
         }
         if self.source is None:
             return report

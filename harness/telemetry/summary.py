@@ -98,7 +98,45 @@ def telemetry_block(reports: list[dict[str, Any]], power_csv: Optional[str]) -> 
         "process": "psutil: process_cpu_pct (of one core, mean over ranks) and process_rss_mb (max over ranks)",
         "sampler_cpu_fraction_of_core": busy,
         "power_csv": power_csv,
+        "host_load": host_load(reports),
     }
+
+
+BUSY_OTHER_CORES = 0.25
+"""Other processes using more than this share of a host's cores during a run make the host busy."""
+BUSY_STEAL_PCT = 5.0
+"""A hypervisor taking more than this share of the CPU (steal) makes the host busy."""
+
+
+def host_load(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per host: its cores, how many were busy during the run, how many of those the job's ranks used, and the
+    rest: other processes' share (what makes a benchmark on a shared host measure its neighbours)."""
+    hosts: dict[str, list[dict[str, Any]]] = {}
+    for r in reports:
+        if r.get("host_load") and r["host_load"].get("busy_cores") is not None:
+            hosts.setdefault(r["host"], []).append(r["host_load"])
+    out = {}
+    for host, loads in hosts.items():
+        busy = statistics.fmean(h["busy_cores"] for h in loads)
+        own = sum(h["own_cpu_pct"] or 0.0 for h in loads) / 100
+        steal = statistics.fmean(h["steal_pct"] or 0.0 for h in loads)
+        out[host] = {"cores": loads[0]["cores"], "busy_cores": busy, "job_cores": own,
+                     "other_cores": max(0.0, busy - own), "steal_pct": steal,
+                     "load1_max": max(h["load1_max"] for h in loads), "ranks": len(loads)}
+    return out
+
+
+def busy_host_warnings(during: dict[str, Any], before: Optional[dict[str, Any]]) -> list[str]:
+    """One line per host that other work shared during the run (or just before it)."""
+    out = []
+    for host, h in during.items():
+        if h["other_cores"] > BUSY_OTHER_CORES * h["cores"] or h["steal_pct"] > BUSY_STEAL_PCT:
+            out.append(f"host {host} was busy: other processes used {h['other_cores']:.1f} of its {h['cores']} cores "
+                       f"during the run (steal {h['steal_pct']:.0f}%, load average up to {h['load1_max']:.1f}): "
+                       "the timings include their interference")
+    if before and before.get("busy_cores") is not None and before["busy_cores"] > BUSY_OTHER_CORES * before["cores"]:
+        out.append(f"{before['busy_cores']:.1f} of {before['cores']} cores were busy just before the run started")
+    return out
 
 
 def write_power_csv(run_dir: Path, reports: list[dict[str, Any]]) -> Optional[str]:

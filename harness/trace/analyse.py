@@ -58,7 +58,7 @@ def analyse_trace(path: Path, rank: int, steps: Optional[range] = None, timeout_
         row.update(step_ms=step_ms, source=HTA_SOURCE)
         if not gpu.hta_available():
             row["reason"] = ("GPU trace not analysed: Holistic Trace Analysis is not installed "
-                             "(pip install 'harness[gpu]')")
+                             "(pip install -e '.[gpu]' in the harness checkout)")
         else:
             hta = gpu.run_hta(path, rank, timeout_s)
             row.update(**gpu.hta_step_split(hta, len(numbers), step_ms),
