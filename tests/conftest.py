@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
+import multiprocessing
 import os
 import re
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 from omegaconf import OmegaConf
@@ -170,3 +173,24 @@ def reference(runs_root: Path) -> Run:
 @pytest.fixture(scope="session")
 def layout_runs(runs_root: Path) -> dict[str, Run]:
     return run_layouts(runs_root, LAYOUTS)
+
+
+def _burn(seconds: float) -> None:
+    end = time.time() + seconds
+    while time.time() < end:
+        pass
+
+
+@contextlib.contextmanager
+def burning(per_core: int = 1) -> Iterator[None]:
+    """`per_core` busy loops per core of this process's CPU set for the duration: a deliberately loaded host."""
+    burners = [multiprocessing.Process(target=_burn, args=(600.0,))
+               for _ in range(per_core * len(os.sched_getaffinity(0)))]
+    for p in burners:
+        p.start()
+    try:
+        yield
+    finally:
+        for p in burners:
+            p.terminate()
+            p.join()

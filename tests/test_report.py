@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import harness
+from tests.conftest import burning, harness
 from tests.test_telemetry import set_energy, zone
 
 SYSTEM = ["system.peak_tflops=0.02", "system.peak_tflops_source=stated for this test",
@@ -116,6 +116,38 @@ def test_scaling_view_speedup_and_efficiency_recomputed_from_summaries(studies: 
             params = summary["model"]["params"]
             seconds = 6 * params * 20 * params / (summary["metrics"]["model_tflops_per_device"] * 1e12 * row["devices"])
             assert row["days"] == pytest.approx(seconds / 86400, rel=1e-9)
+
+
+def test_a_slow_baseline_gives_a_superlinear_point_that_report_flags(studies: dict[str, Path],
+                                                                     tmp_path: Path) -> None:
+    """The 1-rank point rerun 60 ms slower per step (train.fault_inject_slow_ms): the 2- and 4-rank points then
+    scale beyond the ideal, which the scaling view flags with its likely cause, beside 95% error bars."""
+    mixed = tmp_path / "slow-baseline"
+    shutil.copytree(studies["003"], mixed)
+    base = next(p.parent for p in mixed.rglob("summary.json") if json.loads(p.read_text())["layout"]["world_size"] == 1)
+    shutil.rmtree(base)
+    proc = harness(["run", f"hydra.run.dir={base}", "+experiment=characterize-cpu", "parallel.zero_stage=1",
+                    "train.fault_inject_slow_ms=60", *SYSTEM], cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "report"
+    proc = report(str(mixed), "--view", "scaling", "--out", str(out), "--format", "json", cwd=tmp_path)
+    rows = {r["devices"]: r for r in json.loads(proc.stdout)["scaling"]}
+    assert rows[2]["efficiency"] > 1.05 and isinstance(rows[2]["suspect"], str), rows
+    assert rows[1]["suspect"] is None and rows[1]["speed-up ±"] == 0.0
+    assert rows[2]["speed-up ±"] > 0 and rows[2]["n"] == rows[4]["n"] == 3, rows
+    text = (out / "report.md").read_text()
+    assert "(beyond the ideal speed-up), suspect:" in text and " ± " in text
+    assert (out / "scaling.png").stat().st_size > 1000
+
+
+def test_a_busy_host_is_named_in_the_report(tmp_path: Path) -> None:
+    with burning(2):
+        run = harness(["run", f"hydra.run.dir={tmp_path / 'busy'}", "model=gpt-tiny", "train.steps=4",
+                       "telemetry.idle_s=0"], cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "was busy" in run.stdout + run.stderr  # the run's own table says so, under it
+    text = report(str(tmp_path / "busy"), "--view", "sweep", "--format", "md", cwd=tmp_path).stdout
+    assert "busy: warning: host" in text and "was busy" in text
 
 
 def test_failed_and_killed_runs_are_rows_never_dropped(studies: dict[str, Path], tmp_path: Path) -> None:

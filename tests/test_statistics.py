@@ -8,14 +8,11 @@ The figures come from real runs on this machine; the loaded-host test burns both
 from __future__ import annotations
 
 import json
-import multiprocessing
-import os
 import statistics
-import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY, clean_env, harness, harness_run
+from conftest import TINY, burning, clean_env, harness, harness_run
 
 from harness.core.stats import describe, inverted, plus_minus, t975
 
@@ -76,23 +73,9 @@ def test_too_few_timed_steps_are_warned_about(tmp_path: Path) -> None:
     assert "harness: warning: 2 timed step(s)" in run.proc.stdout
 
 
-def _burn(seconds: float) -> None:
-    end = time.time() + seconds
-    while time.time() < end:
-        pass
-
-
 def test_a_run_on_a_loaded_host_is_flagged(tmp_path: Path) -> None:
-    cores = len(os.sched_getaffinity(0))
-    burners = [multiprocessing.Process(target=_burn, args=(60.0,)) for _ in range(cores)]
-    for p in burners:
-        p.start()
-    try:
+    with burning():
         run = harness_run(tmp_path / "busy", *TINY, "train.steps=6")
-    finally:
-        for p in burners:
-            p.terminate()
-            p.join()
     host = next(iter(run.summary["host_load"]["during"].values()))
     assert host["other_cores"] > 0.25 * host["cores"], host
     assert any("was busy" in w for w in run.summary["warnings"]), run.summary["warnings"]

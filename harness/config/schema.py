@@ -99,6 +99,9 @@ class TrainConfig:
     """torch.compile backend; aot_eager traces without generating code (fast, for tests)."""
     fault_inject_oom_step: Optional[int] = None
     """Testing the failure path: the last rank raises torch.OutOfMemoryError at this step."""
+    fault_inject_slow_ms: float = 0.0
+    """Testing slow ranks and baselines: rank `fault_inject_slow_rank` sleeps this long inside every step."""
+    fault_inject_slow_rank: int = 0
     seed: int = 1234
     lr: float = 3e-4
     """Constant learning rate (a benchmark has no use for a schedule)."""

@@ -83,7 +83,7 @@ def report_command(args: list[str]) -> int:
 
         _mkdir(ns.out)
         try:
-            plots = {view.name: plot(view, ns.out) for view in views}
+            plots = {view.name: plot(view, ns.out, frame) for view in views}
             path = write_report(ns.out, frame, views, header, plots)
         except OSError as exc:
             raise RunError(f"report: writing {getattr(exc, 'filename', None) or ns.out} failed ({os_error(exc)}); "

@@ -22,7 +22,8 @@ from harness.run.claim import RUN_FILES
 from harness.run.rundir import read_steps_checked
 
 SUMMARY = "summary.json"
-DROPPED = ("prediction.estimate.collectives", "env.argv", "breakdown.ranks", "breakdown.top_kernels_rank0")
+DROPPED = ("statistics.rule", "prediction.estimate.collectives", "env.argv", "breakdown.ranks",
+           "breakdown.top_kernels_rank0")
 """Long lists that make runs.csv unreadable and no view needs."""
 
 
@@ -77,8 +78,11 @@ def _row(run_dir: Path) -> dict[str, Any]:
         return {**config, "status": "incomplete",
                 "error": f"no {SUMMARY} (the run was killed); {len(steps)} step line(s) on disk"}
     row: dict[str, Any] = dict(_section(summary, "config"))
-    for key in ("status", "error", "stop_reason"):
+    for key in ("status", "error", "stop_reason", "finished_utc"):
         row[key] = summary.get(key)
+    row["warnings"] = [w for w in summary.get("warnings") or [] if isinstance(w, str)]
+    if isinstance(summary.get("statistics"), dict):
+        row["statistics"] = summary["statistics"]
     row["model.params"] = _section(summary, "model").get("params")
     for section in ("layout", "metrics", "prediction", "telemetry", "env", "profile", "breakdown"):
         if _section(summary, section):  # `telemetry` and `profile` are config sections too: merged,

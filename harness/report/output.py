@@ -13,7 +13,7 @@ from typing import Any, Optional
 import pandas as pd
 
 from harness.core.errors import ConfigError
-from harness.report.views import View
+from harness.report.views import SPREAD, View
 
 FORMATS = ("table", "md", "csv", "json")
 REPORT_FILES = ("report.md", "runs.csv")
@@ -26,8 +26,26 @@ def cell(value: Any) -> str:
     if isinstance(value, bool):
         return str(value)
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return f"{value:,.0f}" if 1e4 <= abs(value) < 1e15 else f"{value:.4g}"  # 14,650 tokens/s, not 1.465e+04
     return str(value)
+
+
+def spread_text(value: float) -> str:
+    """A spread to two significant digits, never in exponent form (1,200 not 1.2e+03)."""
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2g}"
+
+
+def displayed(table: pd.DataFrame) -> tuple[pd.DataFrame, set[str]]:
+    """The table as printed: each `X ±` column folded into X as `median ± spread` (two significant digits for
+    the spread); also the names of the columns that hold numbers, to right-align them."""
+    numeric = {str(c) for c in table.columns if pd.api.types.is_numeric_dtype(table[c])}
+    out = table.map(cell)
+    for name in [c for c in table.columns if str(c).endswith(SPREAD) and str(c)[:-len(SPREAD)] in table.columns]:
+        base = str(name)[:-len(SPREAD)]
+        out[base] = [v if s is None or pd.isna(s) or v == "—" else f"{v} ± {spread_text(s)}"
+                     for v, s in zip(out[base], table[name])]
+        out = out.drop(columns=[name])
+    return out, numeric
 
 
 def _notes(view: View) -> list[str]:
@@ -35,7 +53,7 @@ def _notes(view: View) -> list[str]:
 
 
 def markdown(view: View) -> str:
-    table = view.table.map(cell) if not view.table.empty else None
+    table = displayed(view.table)[0] if not view.table.empty else None
     body = table.to_markdown(index=False) if table is not None else "_no rows_"
     notes = "\n".join(f"{n}  " for n in _notes(view))
     return f"## {view.title}\n\n{body}\n\n{notes}\n".rstrip() + "\n"
@@ -46,11 +64,11 @@ def rich_table(view: View) -> str:
     from rich.table import Table
 
     table = Table(title=view.title, title_justify="left", show_lines=False)
-    for name in view.table.columns:
-        numeric = pd.api.types.is_numeric_dtype(view.table[name])
-        table.add_column(str(name), justify="right" if numeric else "left", overflow="fold")
-    for row in view.table.itertuples(index=False):
-        table.add_row(*map(cell, row))
+    shown, numeric = displayed(view.table)
+    for name in shown.columns:
+        table.add_column(str(name), justify="right" if str(name) in numeric else "left", overflow="fold")
+    for row in shown.itertuples(index=False):
+        table.add_row(*row)
     buffer = io.StringIO()
     width = shutil.get_terminal_size((200, 40)).columns if sys.stdout.isatty() else 200
     console = Console(file=buffer, width=width, force_terminal=False, color_system=None)

@@ -33,7 +33,25 @@ def _curves(frame: pd.DataFrame, group: list[str]) -> list[tuple[str, pd.DataFra
             for key, members in frame.groupby(group, dropna=False, sort=False)]
 
 
+def _integer_axis(axis: Any) -> None:
+    """Counts (devices, batch sizes, steps) get whole-number ticks, never 1.5."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _legend_outside(fig: Any, *axes: Any) -> None:
+    """One legend for the figure, below the panels, never over the data; `plot` leaves it its room."""
+    pairs = [pair for ax in axes for pair in zip(*ax.get_legend_handles_labels())]
+    if pairs:
+        rows = (len(pairs) + 3) // 4
+        fig.legend(*zip(*pairs), fontsize=7, loc="lower center", ncols=min(4, len(pairs)), frameon=False)
+        fig.harness_legend_room = 0.06 + 0.05 * rows
+
+
 def plot_sweep(view: View, plt: Any) -> Any:
+    from harness.report.views import SPREAD_STATS, half_spread
+
     data, vs = view.data, view.meta["vs"]
     panels = [(k, h) for k, h in (("metrics.tokens_per_s", "tokens/s"), ("metrics.model_tflops_per_device",
               "TFLOP/s per device"), ("metrics.iter_time_ms", "ms per step"), ("metrics.peak_memory_mb",
@@ -45,7 +63,10 @@ def plot_sweep(view: View, plt: Any) -> Any:
         for name, members in _curves(data, view.meta["group"]):
             x = members["_x"] if numeric else members["_x"].map(positions)
             ok = members["status"] == "ok"
-            line, = ax.plot(x[ok], members.loc[ok, key], marker="o", label=name or None)
+            spread = half_spread(members, SPREAD_STATS[key]) if key in SPREAD_STATS else None
+            bars = spread[ok] if spread is not None and spread[ok].notna().any() else None
+            line = ax.errorbar(x[ok], members.loc[ok, key], yerr=bars, marker="o", capsize=3,
+                               label=name or None).lines[0]
             for xi, status in zip(x[~ok], members.loc[~ok, "status"]):
                 ax.axvline(xi, color=line.get_color(), linestyle=":", alpha=0.6)
                 ax.annotate(status.upper(), (xi, 0.02), xycoords=("data", "axes fraction"), rotation=90,
@@ -54,18 +75,24 @@ def plot_sweep(view: View, plt: Any) -> Any:
             ax.set_xticks(list(positions.values()), [str(v) for v in positions], rotation=30)
         elif pd.api.types.is_integer_dtype(data["_x"]):
             ax.set_xticks(sorted(positions))  # batch sizes, device counts: no 1.2
+        if not vs:
+            _integer_axis(ax.xaxis)
         ax.set_xlabel(vs or "run")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     if view.meta["group"]:
-        axes[0][0].legend(fontsize=7)
+        _legend_outside(fig, axes[0][0])
     return fig
 
 
 def plot_compare(view: View, plt: Any) -> Any:
+    from harness.report.views import half_spread
+
     data = view.data[view.data["status"] == "ok"]
     fig, ax = plt.subplots(figsize=(6.5, 0.45 * len(data) + 1.4))
-    ax.barh(range(len(data)), data["_ratio"], color="tab:blue")
+    spread = half_spread(data, "tokens_per_s") * data["_ratio"] / data["metrics.tokens_per_s"]
+    ax.barh(range(len(data)), data["_ratio"], xerr=spread if spread.notna().any() else None, capsize=3,
+            color="tab:blue")
     ax.set_yticks(range(len(data)), data["_label"], fontsize=8)
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xlabel("tokens/s relative to the baseline")
@@ -74,22 +101,38 @@ def plot_compare(view: View, plt: Any) -> Any:
 
 
 def plot_scaling(view: View, plt: Any) -> Any:
-    fig, (speed, eff) = plt.subplots(1, 2, figsize=(9.5, 3.6))
+    """Speed-up on log-log axes with the ideal line, efficiency on a linear one; 95% error bars; suspect points
+    (efficiency above SUSPECT_EFFICIENCY) ringed in red."""
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    from harness.report.views import SPREAD
+
+    fig, (speed, eff) = plt.subplots(1, 2, figsize=(9.5, 3.9))
     for name, members in _curves(view.data, view.meta["group"]):
-        line, = speed.plot(members["devices"], members["speed-up"], marker="o", label=name or "measured")
+        line = speed.errorbar(members["devices"], members["speed-up"], yerr=members["speed-up" + SPREAD],
+                              marker="o", capsize=3, label=name or "measured").lines[0]
         if members["predicted speed-up"].notna().any():
             speed.plot(members["devices"], members["predicted speed-up"], linestyle=":", marker="x",
                        color=line.get_color(), label=f"{name} predicted".strip())
-        eff.plot(members["devices"], members["efficiency"], marker="o", color=line.get_color())
+        eff.errorbar(members["devices"], members["efficiency"], yerr=members["efficiency" + SPREAD], marker="o",
+                     capsize=3, color=line.get_color())
+        odd = members[members["suspect"].map(lambda v: isinstance(v, str))]
+        if len(odd):
+            eff.scatter(odd["devices"], odd["efficiency"], s=160, facecolors="none", edgecolors="red",
+                        label="suspect (efficiency > 1.05)")
     devices = np.array(sorted(view.data["devices"].unique()))
     speed.plot(devices, devices / devices[0], color="grey", linestyle="--", label="ideal (linear)")
+    speed.set_xscale("log", base=2)
+    speed.set_yscale("log", base=2)
     eff.axhline(1.0, color="grey", linestyle="--")
     for ax, label in ((speed, "speed-up"), (eff, "parallel efficiency")):
         ax.set_xlabel("devices")
         ax.set_ylabel(label)
-        ax.set_xticks(devices)
+        ax.set_xticks(devices, [str(d) for d in devices])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(alpha=0.3)
-    speed.legend(fontsize=7)
+    speed.yaxis.set_major_formatter(ScalarFormatter())
+    _legend_outside(fig, speed, eff)
     return fig
 
 
@@ -133,10 +176,11 @@ def plot_power(view: View, plt: Any) -> Any:
         top.set_title(run["run"], fontsize=8)
         top.set_xlabel("s since the first sample (shaded: steps)")
         top.set_ylabel("power per device (W)")
-        top.legend(fontsize=6)
+        top.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
         if "energy_j" in steps.columns:
             bottom.plot(steps["step"], steps["energy_j"], marker=".")
         bottom.set_xlabel("step")
+        _integer_axis(bottom.xaxis)
         bottom.set_ylabel("energy per step (J)")
     return fig
 
@@ -150,8 +194,7 @@ def plot_projection(view: View, plt: Any) -> Any:
         ax.barh(np.arange(len(labels)) + offset, rows["days"], height=0.4, label=source)
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
     ax.set_xlabel("days to train (6·P·D at the run's rate, linear scaling)")
-    ax.set_xscale("log")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.invert_yaxis()
     return fig
 
@@ -190,18 +233,31 @@ def plot_comm(view: View, plt: Any) -> Any:
     ax.set_yticks(y, labels, fontsize=8)
     ax.set_xlabel("MB per rank per step")
     ax.invert_yaxis()
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return fig
 
 
-def plot(view: View, out_dir: Path) -> Optional[Path]:
-    """Write `<view>.png`; None when the view has nothing to draw."""
+def context_line(frame: pd.DataFrame) -> str:
+    """What the plotted runs were: models, systems, backends and the dates they finished."""
+    def values(key: str) -> str:
+        found = [str(v) for v in dict.fromkeys(frame[key].dropna())] if key in frame.columns else []
+        return ", ".join(found[:3]) + (f" (+{len(found) - 3})" if len(found) > 3 else "") if found else "?"
+
+    dates = sorted({str(v)[:10] for v in frame["finished_utc"].dropna()}) if "finished_utc" in frame.columns else []
+    when = (dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}") if dates else "date not recorded"
+    return (f"model {values('model.name')} · system {values('system.name')} · backend {values('backend.name')} · "
+            f"{when}")
+
+
+def plot(view: View, out_dir: Path, frame: Optional[pd.DataFrame] = None) -> Optional[Path]:
+    """Write `<view>.png`, titled with what the runs in `frame` were; None when the view has nothing to draw."""
     if view.data.empty:
         return None
     plt = _pyplot()
     fig = load(REPORT_VIEWS[view.name].plot)(view, plt)
-    fig.suptitle(textwrap.fill(view.title, 90), fontsize=10)
-    fig.tight_layout()
+    lines = [view.title, *([context_line(frame)] if frame is not None else [])]
+    fig.suptitle("\n".join(textwrap.fill(line, 100) for line in lines), fontsize=9)
+    fig.tight_layout(rect=(0, getattr(fig, "harness_legend_room", 0.0), 1, 1))
     path = out_dir / f"{view.name}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)

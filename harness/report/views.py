@@ -30,11 +30,12 @@ from harness.core.errors import ConfigError
 from harness.core.registry import REPORT_VIEWS, load
 from harness.costmodel.timing import alcf_fom
 
-RESULT_PREFIXES = ("run", "path", "status", "error", "stop_reason", "model.params", "layout.", "metrics.",
+RESULT_PREFIXES = ("run", "path", "status", "error", "stop_reason", "finished_utc", "warnings", "statistics.",
+                   "model.params", "layout.", "metrics.",
                    "prediction.", "telemetry.", "env.", "profile.", "breakdown.")
 IGNORED_KEYS = ("name", "sweep.", "report.", "launcher.watchdog_s", "launcher.monitor_interval_s",
-                "telemetry.", "profile.")
-"""Config keys that never define a point of a study (labels, bookkeeping, sampling settings)."""
+                "telemetry.", "profile.", "train.fault_inject_")
+"""Config keys that never define a point of a study (labels, bookkeeping, sampling settings, testing faults)."""
 WORLD_KEYS = ("launcher.nproc", "parallel.world_size", "train.global_batch_size")
 """Keys that change with the device count along a scaling curve."""
 CONTEXT_KEYS = ("model.name", "system.name")
@@ -52,6 +53,15 @@ METRICS = {  # summary column: table heading
     "metrics.energy_j_per_step": "J/step",
     "metrics.tokens_per_joule": "tokens/J",
 }
+SPREAD = " ±"
+"""Suffix of a column holding the spread of the column before it (half the interquartile range of the timed
+steps, half the min-max range below 4 steps); tables print the two as `median ± spread`, CSV and JSON keep both."""
+SPREAD_STATS = {"metrics.tokens_per_s": "tokens_per_s", "metrics.model_tflops_per_device": "model_tflops_per_device",
+                "metrics.mfu": "mfu", "metrics.iter_time_ms": "iter_time_ms", "metrics.data_time_ms": "data_time_ms"}
+"""Metrics whose spread the summary's `statistics` section holds, by its key there."""
+SUSPECT_EFFICIENCY = 1.05
+"""A parallel efficiency above this (a speed-up beyond the ideal) is flagged: more devices rarely make each one
+faster, so noise, a busy baseline or a cache effect is the likelier cause."""
 PREDICTED = ("iter_time_ms", "tokens_per_s", "model_tflops_per_device", "mfu", "peak_memory_mb", "power_w",
              "energy_j_per_step", "tokens_per_joule")
 
@@ -184,20 +194,52 @@ def _gpu_use(frame: pd.DataFrame) -> pd.Series:
                      index=frame.index, dtype=object)
 
 
+def half_spread(frame: pd.DataFrame, stat: str) -> pd.Series:
+    """Half the interquartile range (or the min-max range below 4 values) of a per-step figure per run."""
+    q1, q3 = column(frame, f"statistics.{stat}.q1"), column(frame, f"statistics.{stat}.q3")
+    low, high = column(frame, f"statistics.{stat}.min"), column(frame, f"statistics.{stat}.max")
+    return ((q3 - q1) / 2).where(q1.notna(), (high - low) / 2)
+
+
+def ci_half(frame: pd.DataFrame, stat: str) -> pd.Series:
+    """Half the 95% confidence interval of a per-step figure's mean per run; NaN where too few steps gave none,
+    infinite where a rate's interval has no upper end (the step time's reached zero: too noisy to bound)."""
+    def half(ci: Any) -> float:
+        if not (isinstance(ci, list) and len(ci) == 2):
+            return np.nan
+        return np.inf if None in ci else (ci[1] - ci[0]) / 2
+
+    return column(frame, f"statistics.{stat}.ci95").map(half)
+
+
+def warning_notes(frame: pd.DataFrame) -> list[str]:
+    """Each run's own warnings (a busy host, a noisy step time, too few steps), named by run."""
+    return [f"{run['run']}: warning: {w}" for _, run in frame.iterrows()
+            for w in (run.get("warnings") if isinstance(run.get("warnings"), list) else [])]
+
+
 def metric_table(frame: pd.DataFrame, keys: list[str]) -> tuple[pd.DataFrame, list[str]]:
-    """`keys`, status, and every measured metric some run has; a metric no run measured is left out with
-    the runs' reason as a note (never a zero or a guess)."""
+    """`keys`, status, the timed steps and every measured metric some run has, each with its spread; a metric no
+    run measured is left out with the runs' reason as a note (never a zero or a guess)."""
     table = frame[keys].copy() if keys else pd.DataFrame(index=frame.index)
     table["status"] = frame["status"]
     notes = []
+    steps = column(frame, "statistics.timed_steps")
+    if steps.notna().any():
+        table["n"] = steps.astype("Int64")
+        notes.append("n: timed steps (warm-up and profiled steps excluded); ± half the interquartile range over "
+                     "them (half the min-max range below 4 steps); rates are each step's work over its time")
     for key, heading in METRICS.items():
         values = _gpu_use(frame) if key == "gpu_use" else column(frame, key)
         if values.notna().any():
             table[heading] = values
+            if key in SPREAD_STATS and half_spread(frame, SPREAD_STATS[key]).notna().any():
+                table[heading + SPREAD] = half_spread(frame, SPREAD_STATS[key])
             continue
         reason = column(frame, f"{key}_reason" if key != "gpu_use" else "metrics.power_w_reason").dropna()
         if key.startswith("metrics.") and len(reason):
             notes.append(f"{heading}: not measured ({reason.iloc[0].removeprefix('not measured: ')})")
+    notes += warning_notes(frame)
     failed = frame[frame["status"] != "ok"]
     for _, run in failed.iterrows():
         notes.append(f"{run['run']}: {run['status']}: {str(run.get('error') or '')[:200]}")
@@ -282,6 +324,26 @@ def _mode(points: pd.DataFrame) -> str:
     return "mixed"
 
 
+def _suspect(efficiency: float, half: float, base: pd.Series) -> Optional[tuple[str, str]]:
+    """(tag, explanation) of why an efficiency above SUSPECT_EFFICIENCY is likelier an artefact than a result:
+    every cause that applies; None when it is not above."""
+    if not efficiency > SUSPECT_EFFICIENCY:
+        return None
+    causes = []
+    if pd.notna(half) and efficiency - half <= SUSPECT_EFFICIENCY:
+        causes.append(("noise", f"noise: its 95% interval reaches {efficiency - half:.2f}"))
+    elif pd.isna(half):
+        causes.append(("noise?", "noise cannot be ruled out: too few timed steps for an interval (raise train.steps)"))
+    base_warnings = base.get("warnings") if isinstance(base.get("warnings"), list) else []
+    busy = [w for w in base_warnings if "busy" in w] or base_warnings
+    if busy:
+        causes.append(("busy baseline", f"a busy or noisy baseline ({base['run']}: {busy[0][:140]})"))
+    if not causes:
+        causes.append(("cache?", "a cache effect or a slow baseline: with n devices each holds 1/n of the batch or "
+                                 "model, which may fit a faster cache level; rerun the baseline on a quiet host"))
+    return ", ".join(t for t, _ in causes), "; ".join(e for _, e in causes)
+
+
 def scaling_view(frame: pd.DataFrame, options: Options) -> View:
     """Speed-up and parallel efficiency over device counts, measured beside predicted, and the speed-up
     implied by the compute/communication split and the communication efficiency."""
@@ -302,9 +364,11 @@ def scaling_view(frame: pd.DataFrame, options: Options) -> View:
         comm_base = next((points.loc[i] for i, (_, comm, _) in splits.items() if comm), None)
         mode = _mode(points)
         predicted = pd.to_numeric(column(points, "prediction.tokens_per_s"), errors="coerce")  # None → NaN
+        rel = ci_half(points, "tokens_per_s") / column(points, "metrics.tokens_per_s")  # relative 95% half-width
         for i, run in points.iterrows():
             n, g = run["layout.world_size"], base["layout.world_size"]
             speedup = run["metrics.tokens_per_s"] / base["metrics.tokens_per_s"]
+            half = speedup * float(np.hypot(rel[i], rel[base.name])) if i != base.name else 0.0
             pred_speedup = predicted[i] / predicted[base.name]  # NaN where either run has no prediction
             comp_n, comm_n, source = splits[i]
             comm_eff = implied = r_comm = np.nan
@@ -318,8 +382,12 @@ def scaling_view(frame: pd.DataFrame, options: Options) -> View:
                            * comm_base["metrics.tokens_per_s"] / base["metrics.tokens_per_s"])
             rows.append({**dict(zip(group, key if isinstance(key, tuple) else (key,))),
                          "devices": int(n), "mode": mode, "ms/step": run["metrics.iter_time_ms"],
-                         "tokens/s": run["metrics.tokens_per_s"], "speed-up": speedup, "ideal": n / g,
-                         "efficiency": speedup / (n / g), "predicted speed-up": pred_speedup,
+                         "n": run.get("statistics.timed_steps"), "tokens/s": run["metrics.tokens_per_s"],
+                         "speed-up": speedup, "speed-up" + SPREAD: half, "ideal": n / g,
+                         "efficiency": speedup / (n / g), "efficiency" + SPREAD: half / (n / g),
+                         "suspect": (_suspect(speedup / (n / g), half / (n / g), base) or (None, None))[0],
+                         "_why": (_suspect(speedup / (n / g), half / (n / g), base) or (None, None))[1],
+                         "predicted speed-up": pred_speedup,
                          "predicted efficiency": pred_speedup / (n / g),
                          "split from": source, "comm base": int(comm_base["layout.world_size"])
                          if comm_base is not None else None, "r_comm(g_c)": r_comm,
@@ -327,11 +395,17 @@ def scaling_view(frame: pd.DataFrame, options: Options) -> View:
         skipped = members[members["status"] != "ok"]
         notes += [f"{r['run']}: {r['status']}, left out of the curve" for _, r in skipped.iterrows()]
     table = pd.DataFrame(rows)
+    notes += [f"{row['devices']} devices: efficiency {row['efficiency']:.2f} > {SUSPECT_EFFICIENCY} (beyond the ideal "
+              f"speed-up), suspect: {row['_why']}" for _, row in table.iterrows() if isinstance(row.get("_why"), str)]
+    table = table.drop(columns=["_why"], errors="ignore")
+    notes += warning_notes(frame)
     if not table.empty and table["split from"].eq("none").all():
         notes.append("no compute/communication split: no run has a profiler trace breakdown or a timed "
                      "prediction (calibrate the system: harness calibrate)")
     notes.append("speed-up = tokens/s(n) / tokens/s(g) at the curve's smallest device count g; efficiency = "
                  "speed-up / (n/g); strong = fixed global batch, weak = fixed batch per device")
+    notes.append("speed-up ± and efficiency ±: half the 95% interval, from each run's t-based interval of its mean "
+                 "step time, the two runs' relative widths combined in quadrature (NaN where a run had < 3 steps)")
     notes.append("comm eff g_c→n = t_comm(g_c) / t_comm(n) from the smallest count g_c that communicates; speed-up "
                  "from split = measured speed-up g→g_c × (r_comp + r_comm) / (c·r_comp + r_comm / eff) × batch "
                  "ratio (Cheng et al.; c = compute time ratio n/g_c)")

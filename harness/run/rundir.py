@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import errno
 import json
 import os
@@ -282,6 +283,7 @@ def build_summary(
     warmup = ((config.get("train") or {}).get("warmup_steps") or 0) if isinstance(config, dict) else 0
     return {
         "schema": SCHEMA,
+        "finished_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "status": status,
         "stop_reason": stop_reason or ("completed" if status == "ok" else "failed"),
         "error": error,

@@ -203,6 +203,8 @@ class Trainer:
         if step == self.cfg.train.fault_inject_oom_step and self.info.rank == self.info.world_size - 1:
             raise torch.OutOfMemoryError(
                 f"injected by train.fault_inject_oom_step={step} on rank {self.info.rank}")
+        if self.cfg.train.fault_inject_slow_ms and self.info.rank == self.cfg.train.fault_inject_slow_rank:
+            time.sleep(self.cfg.train.fault_inject_slow_ms / 1e3)  # a slow device or node, as far as timing goes
 
     def record(self, built: Built, step: int, warmup: bool, loss: torch.Tensor, iter_time_s: float, data_s: float,
                reading: StepReading) -> dict[str, Any]:

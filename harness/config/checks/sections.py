@@ -60,6 +60,8 @@ def check_train(t: TrainConfig, n_layers: int, backend: str) -> None:
     total = t.warmup_steps + t.steps
     if t.fault_inject_oom_step is not None and not 0 <= t.fault_inject_oom_step < total:
         raise ConfigError(f"train.fault_inject_oom_step={t.fault_inject_oom_step}: choose a step in 0..{total - 1}")
+    if t.fault_inject_slow_ms < 0:
+        raise ConfigError(f"train.fault_inject_slow_ms={t.fault_inject_slow_ms}: give 0 (off) or a delay in ms")
 
 
 def check_launcher(launcher: LauncherConfig) -> None:
