@@ -27,8 +27,12 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
         ".git", ".venv", "build", "results", "tests", "*.egg-info", "__pycache__", ".*_cache"))
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
-                            "-w", str(tmp / "dist")], capture_output=True, text=True, timeout=300)
+                            "-v", "-w", str(tmp / "dist")], capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stdout + built.stderr
+    # The build prints no warning of the project's making (a license table, deprecated metadata); -v shows them all.
+    project_warnings = [line for line in (built.stdout + built.stderr).splitlines()
+                        if "deprecat" in line.lower() or ("warning" in line.lower() and "byte-compil" not in line)]
+    assert not project_warnings, project_warnings
     env_dir = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(env_dir)], check=True, timeout=300)
     site = Path(subprocess.run([str(env_dir / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()"

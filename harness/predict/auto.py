@@ -10,6 +10,7 @@ cluster launcher started (`launcher.join`) are never calibrated here.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from typing import Any, Optional
@@ -44,7 +45,8 @@ def auto_system(args: list[str]) -> list[str]:
         from harness.predict.calibrate import calibrate_command
 
         threads = [f"launcher.omp_num_threads={cfg.launcher.omp_num_threads}"] if cfg.launcher.omp_num_threads else []
-        calibrate_command([f"system={system.name}", f"launcher.nproc={nproc}", *threads, f"--name={name}"])
+        with contextlib.redirect_stdout(sys.stderr):  # the run's stdout is its table (and a pipe's input) alone
+            calibrate_command([f"system={system.name}", f"launcher.nproc={nproc}", *threads, f"--name={name}"])
     kept = [a for a in args if not a.startswith(("system=", "+system="))]
     return [*kept, f"system={name}"]
 

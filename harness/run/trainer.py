@@ -3,6 +3,7 @@ each step's measurements to the run directory (rank 0) as it ends."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -286,3 +287,5 @@ class Trainer:
                           throughput=built.throughput if built else None,
                           memory_kind=built.memory.kind if built else None, kernels=self.kernels,
                           prediction=self.prediction, host_before=self.host_before)
+        logging.getLogger("harness.progress").info(  # the log's last word; the terminal gets the table
+            f"{status}: {self.stop_reason or 'completed'}; summary.json written{f' ({error})' if error else ''}")

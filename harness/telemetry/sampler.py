@@ -136,6 +136,10 @@ class Sampler:
             return
         idle: list[tuple[Optional[float], Optional[float]]] = [(None, None)] * len(self.methods)
         if self.idle_s > 0:
+            if self.rank == 0:
+                from harness.core.console import say
+
+                say(f"measuring idle power for {self.idle_s:g} s before the first step (telemetry.idle_s)")
             t0 = time.perf_counter()
             v0 = self._read_boundary(t0)
             time.sleep(self.idle_s)
