@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import re
 import shlex
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -92,7 +94,40 @@ def doc_commands() -> list[DocCommand]:
     return out
 
 
+HELP_SCRIPT = """
+import contextlib, io
+from harness.cli import COMMANDS, main
+for name in ["", *COMMANDS]:
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        try:
+            main([name, "--help"] if name else ["--help"])
+        except SystemExit:
+            pass
+    print(f"@@ {name}\\n{buffer.getvalue()}")
+"""
+PLACEHOLDER = re.compile(r"\b(NAME|DIR|PATH|PREFIX|INPUT)\b|\.\.\.")
+"""An example that names what the reader fills in (`+experiment=NAME`, `hydra.run.dir=DIR ...`) is a pattern."""
+
+
+def help_commands() -> list[DocCommand]:
+    """The examples every `harness <command> --help` prints (two-space indented `harness ...` lines, a description
+    after two or more spaces), so that a help text cannot show a command that fails."""
+    proc = subprocess.run([sys.executable, "-c", HELP_SCRIPT], capture_output=True, text=True, timeout=120,
+                          env=clean_env(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    out = []
+    for section in proc.stdout.split("@@ ")[1:]:
+        name, _, text = section.partition("\n")
+        for line in re.sub(r"\s*\\\n\s*", " ", text).splitlines():
+            found = re.match(r"^  (harness \S+.*?)(?:\s{2,}\S.*)?$", line)
+            if found and not PLACEHOLDER.search(found.group(1)):
+                out.append(DocCommand(f"harness {name} --help".replace("  ", " "), found.group(1).strip()))
+    return out
+
+
 COMMANDS = doc_commands()
+HELP_COMMANDS = help_commands()
 
 
 def _normal(line: str) -> str:
@@ -122,9 +157,14 @@ def runs_for_real(command: DocCommand) -> bool:
     return command.args[0] == "run" and bool(command.shown) and not command.shown[0].startswith("harness: error:")
 
 
+def test_every_help_text_shows_examples_and_each_is_checked() -> None:
+    assert {c.where for c in HELP_COMMANDS} >= {f"harness {name} --help" for name in ("estimate", "plan", "run")}
+    assert sum(c.args[0] == "estimate" for c in HELP_COMMANDS) >= 3
+
+
 @pytest.mark.parametrize("command", [
     pytest.param(c, id=f"{c.where}: {c.line[:90]}", marks=[pytest.mark.multirank] if runs_for_real(c) else [])
-    for c in COMMANDS])
+    for c in [*COMMANDS, *HELP_COMMANDS]])
 def test_a_command_the_docs_show_works_as_shown(command: DocCommand, tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str],
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
@@ -184,8 +224,10 @@ def calibrated_profiles(user_config_dir: Path) -> Iterator[None]:
         path.unlink()
 
 
-CALIBRATED = sorted({m for c in COMMANDS if c.args[0] == "calibrate" for a in c.args
-                     for m in re.findall(r"^--name=(\S+)$", a)})
+CALIBRATED = sorted({next((a.removeprefix("--name=") for a in c.args if a.startswith("--name=")),
+                          "cpu-calibrated")  # calibrate's default name: <system>-calibrated
+                     for c in [*COMMANDS, *HELP_COMMANDS]
+                     if c.args[0] == "calibrate" and not any(a.startswith("--from") for a in c.args)})
 
 
 def check_without_running(args: list[str]) -> None:
@@ -208,3 +250,52 @@ def check_without_running(args: list[str]) -> None:
     flags = {"calibrate": {"--name": str, "--from": str}, "search": {}}[name]
     overrides, _ = split_command_args(rest, flags)
     compose(overrides)
+
+
+def _backticked(text: str) -> set[str]:
+    """The names in backticks that look like a config choice (lower-case words, digits, '.', '-')."""
+    return set(re.findall(r"`([a-z0-9][a-z0-9.\-]*)`", text))
+
+
+def _row(path: Path, first_cell: str) -> str:
+    return next(line for line in path.read_text().splitlines() if line.startswith(f"| {first_cell} |"))
+
+
+def test_the_docs_lists_are_the_config_groups_and_registries() -> None:
+    """Every model size, system, backend, experiment and report view the docs list exists, and every one that
+    exists is listed: the lists cannot fall behind the config groups."""
+    from harness.config.compose import CONF_DIR
+    from harness.core.registry import REPORT_VIEWS
+
+    def shipped(group: str) -> set[str]:
+        return {p.stem for p in (CONF_DIR / group).glob("*.yaml")}
+
+    configuration = ROOT / "docs" / "configuration.md"
+    models = _row(configuration, "`model`").split("(each file")[0]
+    assert _backticked(models) - {"model"} == shipped("model")
+    systems = _row(configuration, "`system`").split("supplies")[0]
+    assert _backticked(systems) - {"system"} == shipped("system")
+    assert shipped("backend") <= _backticked(_row(configuration, "`backend`"))
+    costmodel = (ROOT / "docs" / "costmodel.md").read_text()
+    listed = re.search(r"System profiles in `conf/system/` \((.*?)\) cite", costmodel, flags=re.S)
+    assert listed and _backticked(listed.group(1)) == shipped("system")
+    studies = (ROOT / "docs" / "studies.md").read_text().splitlines()
+    table = [line.split("|") for line in studies if line.startswith("| ") and line.count("|") == 4]
+    experiments = set().union(*(_backticked(cells[2] + cells[3]) for cells in table))
+    assert experiments == shipped("experiment")
+    views = {re.match(r"\| `(\w+)` \|", line).group(1) for line in studies  # type: ignore[union-attr]
+             if re.match(r"\| `(\w+)` \|", line)}
+    assert views == set(REPORT_VIEWS)
+
+
+def test_the_supported_python_range_is_the_one_the_readme_states() -> None:
+    import tomllib
+
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    low = re.fullmatch(r">=(\d+)\.(\d+)", requires)
+    assert low, requires
+    assert sys.version_info[:2] >= (int(low.group(1)), int(low.group(2)))  # this interpreter is in the range
+    readme = (ROOT / "README.md").read_text()
+    assert f"Python {low.group(1)}.{low.group(2)}" in readme
+    assert not re.search(r"Python 3\.(\d+)", readme.replace(f"Python {low.group(1)}.{low.group(2)}", "")), \
+        "the README names another Python version"

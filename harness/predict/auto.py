@@ -52,7 +52,7 @@ def auto_system(args: list[str]) -> list[str]:
 
 
 def _current(path: Any) -> Optional[bool]:
-    """The cached profile exists and was measured here, with these cores and this torch."""
+    """The cached profile exists and was measured here, with these cores and this torch, on a quiet host."""
     if not path.is_file():
         return False
     try:
@@ -62,4 +62,4 @@ def _current(path: Any) -> Optional[bool]:
     from harness.predict.calibrate import host_identity
 
     identity = host_identity()
-    return all(str(seen.get(key)) == str(value) for key, value in identity.items())
+    return not seen.get("busy_host") and all(str(seen.get(key)) == str(value) for key, value in identity.items())

@@ -415,11 +415,20 @@ def calibrate_command(args: list[str]) -> int:
     from harness.run.rank import threads_per_rank
 
     os.environ["OMP_NUM_THREADS"] = str(threads_per_rank(cfg.launcher.omp_num_threads, nproc))
+    from harness.telemetry.process import host_load_now
+    from harness.telemetry.summary import BUSY_OTHER_CORES
+
+    before = host_load_now()
+    busy = before["busy_cores"] is not None and before["busy_cores"] > BUSY_OTHER_CORES * before["cores"]
+    if busy:
+        say(f"calibrate: warning: {before['busy_cores']:.1f} of {before['cores']} cores are busy with other work; "
+            "the rates measured now include it (a run's auto-calibration measures again next time)")
     say(f"calibrate: starting {nproc} rank(s) to measure this host (about 15 s)")
     with tempfile.TemporaryDirectory() as tmp:
         launch_local(nproc, measure_rank, cfg.train.precision, tmp)
         result = json.loads(Path(tmp, "calibration.json").read_text())
     base = OmegaConf.to_container(cfg.system, resolve=True)
     profile = profile_from(result, base, name, cfg.train.precision)  # type: ignore[arg-type]
+    profile["calibrated_on"]["busy_host"] = busy
     print(f"wrote {_write_profile(profile, name)}; use it with system={name}")
     return 0

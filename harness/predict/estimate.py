@@ -111,7 +111,8 @@ Predict per-device memory, communication, step time, MFU and energy of one layou
 cost model, checked as `harness run` would check it. Exit status 1 when it does not fit the device
 (more than {REFUSE_ABOVE:g}× its memory; `harness run` warns below that and refuses above).
 
-  harness estimate model=gpt-1t system=frontier parallel.tp=8 parallel.pp=64 parallel.world_size=3072
+  harness estimate model=gpt-1t system=frontier backend=deepspeed3d parallel.tp=8 parallel.pp=64 \\
+      parallel.world_size=3072
   harness estimate model=gpt-1.3b backend=fsdp parallel.world_size=8 system=dgx-a100-80gb --json
   harness estimate model=gpt-13b system=dgx-h100 backend=fsdp parallel.world_size=64 train.precision=bf16 --what-if
         the step by resource, and its speed-up with 2x the GEMM rate, memory, intra- or inter-node bandwidth"""

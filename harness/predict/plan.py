@@ -300,7 +300,8 @@ step time against devices. --exact: only parallel.world_size devices. Exit statu
 --vary: the best layout for each value of one system parameter (what faster hardware would buy).
 
   harness plan model=gpt-175b system=frontier parallel.world_size=3072 train.global_batch_size=1536
-  harness plan model=gpt-1.3b backend=fsdp parallel.world_size=8 system=dgx-a100-80gb --top=5 --csv
+  harness plan model=gpt-1.3b backend=fsdp parallel.world_size=8 system=dgx-a100-80gb train.global_batch_size=64 \\
+      --top=5 --csv
   harness plan model=gpt-13b system=dgx-h100 parallel.world_size=64 train.global_batch_size=512 \\
       --vary=system.nic_bw_gb_per_s=12.5,25,50,100"""
 

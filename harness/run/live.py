@@ -97,13 +97,14 @@ def summary_table(summary: dict[str, Any]) -> tuple[Table, list[str]]:
         ("loss", "loss", ".4f", "", "median over timed steps"),
     ]
     footnotes: list[str] = []
-    spreads = summary.get("statistics") or {}
     for label, key, spec, unit, note in rows:
         measured, guess = m.get(key), predicted.get("peak_memory_mb" if key == "tensor_peak_mb" else key)
+        if rss and key == "peak_memory_mb":
+            guess = None  # the prediction stands beside the tensor peak, not the process's RSS
         spread = plus_minus(spreads.get(key))
         spread_spec = ".2g" if spec.endswith("g") else spec
         shown = _fmt(measured, spec) + (f" ± {format(spread, spread_spec)}" if spread and measured is not None else "")
-        comparable = guess is not None and measured and not (rss and key == "peak_memory_mb")
+        comparable = guess is not None and measured
         error = _fmt(guess / measured - 1 if comparable else None, "+.0%", "")
         if len(note) > NOTE_WIDTH:
             if note not in footnotes:
