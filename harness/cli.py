@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     module, _, name = COMMANDS[command][0].partition(":")
     guard_stdout()
     try:
-        if command == "run":  # a CPU host measured once, so the run's prediction is filled in (predict/auto.py)
+        if command in ("run", "search"):  # a CPU host measured once, so predictions exist (predict/auto.py)
             from harness.predict.auto import auto_system
 
             rest = auto_system(rest)

@@ -34,7 +34,8 @@ USAGE = """usage: harness search [overrides ...]
 
 Rank every layout with the cost model (as `harness plan`), run the best-ranked for real, then let Optuna's TPE
 sampler propose more; write the trials, the trajectory, the best layout and predicted vs measured per trial.
-The system profile must time layouts (a calibrated one on a CPU: `harness calibrate launcher.nproc=4`).
+The system profile must time layouts: on a CPU the host is calibrated on first use (as `harness run` does), or
+give a profile from `harness calibrate launcher.nproc=4`.
 
   harness search system=cpu-calibrated model=gpt-tiny launcher.nproc=4 search.trials=6
   harness search system=frontier model=gpt-22b parallel.world_size=128 search.launcher=slurm search.trials=20
@@ -145,7 +146,7 @@ def search(cfg: Any, overrides: list[str], budget: int, backends: list[str]) -> 
                     break
         if row is None:
             break
-        print(f"harness search: trial {n} ({source}): {row['devices']} devices, predicted "
+        print(f"harness search: trial {n} of {cfg.search.trials} ({source}): {row['devices']} devices, predicted "
               f"{row['tokens_per_s']:,.0f} tokens/s", file=sys.stderr)
         result = run_trial(cfg, job, row, root / f"trial-{n}")
         params = {a: _label(row[a]) for a in AXES}
