@@ -91,7 +91,8 @@ def test_the_cpu_host_is_calibrated_once_on_first_use_and_predicts(tmp_path: Pat
     assert summary["config"]["system"]["name"] == "cpu-auto-n1" and summary["prediction"]["iter_time_ms"] > 0
     assert (tmp_path / "config" / "system" / "cpu-auto-n1.yaml").is_file()
     again = harness(["run", f"hydra.run.dir={tmp_path / 'again'}", *TINY], tmp_path, env=env)
-    assert again.returncode == 0 and "measuring" not in again.stderr  # cached
+    # Cached, unless the first calibration saw a busy host (a parallel test run): then it measures again.
+    assert again.returncode == 0 and ("measuring" not in again.stderr or "cores are busy" in first.stderr)
     off = harness(["run", f"hydra.run.dir={tmp_path / 'off'}", *TINY, "system.auto_calibrate=false"], tmp_path,
                   env=env)
     assert off.returncode == 0
