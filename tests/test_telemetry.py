@@ -523,3 +523,31 @@ def test_two_rank_run_on_a_rapl_host(tmp_path: Path, powercap: Path) -> None:
     assert lines[0] == "time_unix_s,host,device,power_w,energy_j,util_pct,memory_mb" and len(lines) > 4
     assert json.loads(json.dumps(telemetry))["power_csv"] == "power.csv"
     assert os.path.getsize(run.run_dir / "summary.json") > 0
+
+
+def test_other_processes_on_a_gpu_are_found_and_flagged(fake_nvml: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NVML lists every process computing on a device; those that are not the job's ranks make the run's
+    timings include their work, which the summary's warnings say."""
+    from harness.telemetry.summary import busy_host_warnings, gpu_co_tenants, host_load
+
+    fake_nvml(FakeGpu())
+    listed = [pynvml.c_nvmlProcessInfo_t(pid=os.getpid(), usedGpuMemory=2**30),
+              pynvml.c_nvmlProcessInfo_t(pid=4242, usedGpuMemory=2**30)]
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetComputeRunningProcesses", lambda handle: listed)
+    source = NvmlSource([ID])
+    assert source.processes() == [sorted([os.getpid(), 4242])]
+    report = {"host": "node1", "pid": os.getpid(), "device_processes": {UUID: source.processes()[0]},
+              "host_load": {"cores": 8, "busy_cores": 1.0, "own_cpu_pct": 100.0, "steal_pct": 0.0, "load1_max": 1.0}}
+    assert gpu_co_tenants([report]) == {UUID: 1}
+    warnings = busy_host_warnings(host_load([report]), None)
+    assert len(warnings) == 1 and f"{UUID} on node1 was shared: 1 other process" in warnings[0]
+    # In a container's PID namespace NVML's pids are the host's: one rank on the device, two processes listed.
+    assert gpu_co_tenants([{**report, "pid": 7}]) == {UUID: 1}
+    alone = {**report, "device_processes": {UUID: [os.getpid()]}}
+    assert gpu_co_tenants([alone]) == {} and busy_host_warnings(host_load([alone]), None) == []
+
+    def refused(handle: Any) -> Any:
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_NO_PERMISSION)
+
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetComputeRunningProcesses", refused)
+    assert source.processes() == [None]

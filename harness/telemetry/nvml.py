@@ -117,6 +117,18 @@ class NvmlSource:
             out.append(reading)
         return out
 
+    def processes(self) -> list[Optional[list[int]]]:
+        """Per device, the pids computing on it (nvmlDeviceGetComputeRunningProcesses); None where NVML will not
+        say (NotSupported, or NoPermission in some containers). In a container's PID namespace the pids are the
+        host's, so callers compare counts as well as pids."""
+        out: list[Optional[list[int]]] = []
+        for handle in self.handles:
+            try:
+                out.append(sorted({p.pid for p in self.nv.nvmlDeviceGetComputeRunningProcesses(handle)}))
+            except self.nv.NVMLError:
+                out.append(None)
+        return out
+
     def close(self) -> None:
         try:
             self.nv.nvmlShutdown()

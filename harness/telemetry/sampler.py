@@ -19,6 +19,7 @@ process (psutil) are left to the thread, which also runs without a power source.
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -246,6 +247,10 @@ class Sampler:
             })
         names = [d.name for d in self.source.devices]
         report["samples"] = [(t + self._unix_offset, names[k], p, e, u, m) for t, k, p, e, u, m in self.rows]
+        processes = getattr(self.source, "processes", None)  # NVML says who else computes on the device
+        if processes is not None:
+            report["pid"] = os.getpid()
+            report["device_processes"] = dict(zip(names, processes()))
         self.source.close()
         return report
 

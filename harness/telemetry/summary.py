@@ -123,7 +123,27 @@ def host_load(reports: list[dict[str, Any]]) -> dict[str, Any]:
         out[host] = {"cores": loads[0]["cores"], "busy_cores": busy, "job_cores": own,
                      "other_cores": max(0.0, busy - own), "steal_pct": steal,
                      "load1_max": max(h["load1_max"] for h in loads), "ranks": len(loads)}
+        others = gpu_co_tenants([r for r in reports if r.get("host") == host])
+        if others:
+            out[host]["gpu_other_processes"] = others
     return out
+
+
+def gpu_co_tenants(reports: list[dict[str, Any]]) -> dict[str, int]:
+    """Per device of one host, how many processes other than the job's ranks computed on it (NVML's list at
+    the run's end). Where none of the ranks' pids is in the list (a container's PID namespace), the count
+    beyond the ranks that use the device."""
+    pids = {r["pid"] for r in reports if r.get("pid") is not None}
+    seen: dict[str, set[int]] = {}
+    users: dict[str, int] = {}
+    for r in reports:
+        for device, listed in (r.get("device_processes") or {}).items():
+            if listed is not None:
+                seen.setdefault(device, set()).update(listed)
+                users[device] = users.get(device, 0) + 1
+    counts = {device: len(listed - pids) if listed & pids else len(listed) - users[device]
+              for device, listed in seen.items()}
+    return {device: count for device, count in counts.items() if count > 0}
 
 
 def busy_host_warnings(during: dict[str, Any], before: Optional[dict[str, Any]]) -> list[str]:
@@ -134,6 +154,10 @@ def busy_host_warnings(during: dict[str, Any], before: Optional[dict[str, Any]])
             out.append(f"host {host} was busy: other processes used {h['other_cores']:.1f} of its {h['cores']} cores "
                        f"during the run (steal {h['steal_pct']:.0f}%, load average up to {h['load1_max']:.1f}): "
                        "the timings include their interference")
+    for host, h in during.items():
+        for device, count in (h.get("gpu_other_processes") or {}).items():
+            out.append(f"{device} on {host} was shared: {count} other process(es) computed on it during the run "
+                       "(nvidia-smi lists them): the timings include their work")
     if before and before.get("busy_cores") is not None and before["busy_cores"] > BUSY_OTHER_CORES * before["cores"]:
         out.append(f"{before['busy_cores']:.1f} of {before['cores']} cores were busy just before the run started")
     return out
