@@ -225,9 +225,9 @@ def calibrated_profiles(user_config_dir: Path) -> Iterator[None]:
 
 
 CALIBRATED = sorted({next((a.removeprefix("--name=") for a in c.args if a.startswith("--name=")),
-                          "cpu-calibrated")  # calibrate's default name: <system>-calibrated
-                     for c in [*COMMANDS, *HELP_COMMANDS]
-                     if c.args[0] == "calibrate" and not any(a.startswith("--from") for a in c.args)})
+                          None if any(a.startswith("--from") for a in c.args) else "cpu-calibrated")
+                     for c in [*COMMANDS, *HELP_COMMANDS] if c.args[0] == "calibrate"} - {None})
+"""Profile names the docs calibrate: each --name, else calibrate's default <system>-calibrated."""
 
 
 def check_without_running(args: list[str]) -> None:
