@@ -220,6 +220,19 @@ class SystemConfig:
     """Latency of each step of a ring or tree across nodes (NCCL's network, Simple protocol)."""
     framework_overhead_gb: float = 0.0
     """Memory per device that no model tensor explains (CUDA/HIP context, allocator, communicator buffers)."""
+    fs_write_bw_gb_per_s: Optional[float] = None
+    """Aggregate write bandwidth of the file system checkpoints go to (a site's scratch); None: unknown, so no
+    checkpoint time is predicted (costmodel/resilience.py)."""
+    fs_read_bw_gb_per_s: Optional[float] = None
+    """Its aggregate read bandwidth (a restart loads the checkpoint); None: the write bandwidth."""
+    fs_source: Optional[str] = None
+    """Where the file-system figures come from."""
+    node_mtbf_hours: float = 6335.0
+    """Mean time between failures that interrupt a job, per node. Default from Llama 3's pre-training: 419
+    unexpected interruptions in a 54-day snapshot (Dubey et al. 2024, "The Llama 3 Herd of Models",
+    arXiv:2407.21783, section 3.3.4, 78% hardware), taken on the paper's largest job, 16,384 H100 in 2,048 nodes
+    of 8 (the paper does not tie the snapshot to a GPU count): 2,048 × 54 × 24 h / 419. A site's own figure is
+    better."""
     layer_overhead_us: float = 0.0
     """Host time per block per micro-batch that no FLOP or byte explains (operator dispatch, autograd);
     matters on a CPU, hidden behind the kernels on a GPU."""
@@ -375,6 +388,13 @@ class CostModelConfig:
     """The run's attention kernel when it differs from the profile's (true: fused, no s×s scores stored)."""
     tp_comm_overlap: Optional[bool] = None
     """Megatron-LM's --tp-comm-overlap (Transformer Engine userbuffers); None: the profile's."""
+    job_hours: float = 24.0
+    """Wall time of the job whose goodput `estimate` and `plan` predict (costmodel/resilience.py)."""
+    checkpoint_every_steps: int = 0
+    """Steps between checkpoints for that prediction; 0: the Young/Daly optimum."""
+    restart_overhead_s: float = 300.0
+    """Time from a failure to training again, besides reading the checkpoint (detection, rescheduling, process
+    group and model set-up): an assumption to replace with a site's measured figure."""
 
 
 @dataclass

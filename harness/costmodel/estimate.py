@@ -16,6 +16,7 @@ from harness.costmodel.layout import job_from_config
 from harness.costmodel.memory import GB, memory_per_device, memory_verdict
 from harness.costmodel.peaks import PeakLookup, lookup_peak
 from harness.costmodel.reach import reach_warnings
+from harness.costmodel.resilience import checkpoint
 from harness.costmodel.software import Software
 from harness.costmodel.timing import StepTime, alcf_fom, hardware, power_w, step_time
 from harness.costmodel.whatif import time_by_resource, what_if
@@ -70,6 +71,9 @@ def estimate(cfg: Any, layout: Layout, *, software: Optional[Software] = None,
     if hw is not None and isinstance(timed, StepTime):
         out["time_by_resource_s"] = time_by_resource(job, hw, timed)
         out["what_if"] = what_if(job, colls, hw, timed.step_s)
+    state = job.state_bytes
+    out["checkpoint"] = checkpoint(cfg, layout.world_size, out["params"], state.weights + state.optimizer,
+                                   out.get("step_time_s"))
     out["reach_warnings"] = reach_warnings(cfg, layout.world_size)
     return out
 

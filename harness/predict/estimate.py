@@ -79,9 +79,26 @@ def print_estimate(cfg: Any, layout: Layout, est: dict[str, Any]) -> None:
     if projection:
         rows.append(("train 20 tokens/param", f"{projection['train_days']:.4g} days",
                      f"{projection['train_flops']:.3g} FLOPs, energy {_num(projection['train_energy_j'], '.3g')} J"))
+    rows += checkpoint_rows(est["checkpoint"])
     for row in rows:
         table.add_row(*row)
     Console().print(table)
+
+
+def checkpoint_rows(ckpt: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """Checkpoint size and time, the job's failures and its goodput (costmodel/resilience.py)."""
+    size = ("checkpoint", _fmt_bytes(ckpt["bytes"]), f"weights + optimizer state, {ckpt['state_bytes_per_param']:g} "
+            "B/param, each shard once")
+    if "reason" in ckpt:
+        return [(size[0], size[1], ckpt["reason"])]
+    rows = [(size[0], size[1], f"write {ckpt['write_s']:.3g} s, read {ckpt['read_s']:.3g} s at "
+             f"{ckpt['write_bw_gb_per_s']:,.0f} GB/s ({ckpt['limited_by']})"),
+            ("failures", f"{ckpt['expected_failures']:.3g}", f"expected in a {ckpt['job_hours']:g} h job: MTBF "
+             f"{ckpt['job_mtbf_hours']:.3g} h on {ckpt['nodes']} node(s) (system.node_mtbf_hours)")]
+    if "goodput" in ckpt:
+        rows.append(("goodput", f"{ckpt['goodput']:.1%}", f"checkpoint every {ckpt['interval_steps']} steps; Daly's "
+                     f"optimum {ckpt['optimal_interval_steps']} steps ({ckpt['goodput_at_optimal']:.1%})"))
+    return rows
 
 
 def print_what_if(est: dict[str, Any]) -> None:

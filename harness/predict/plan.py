@@ -263,7 +263,8 @@ def checked(cfg: Any, rows: list[dict[str, Any]], want: int, counts: Counter) ->
         out.append({**r, "change": change, "overrides": _overrides(change), "dp": layout.dp,
                     "mfu": est["mfu"], "tokens_per_s": est["tokens_per_s"], "step_time_s": est["step_time_s"],
                     "memory_gb": est["memory_per_device_bytes"]["total"] / GB,
-                    "energy_j_per_step": est["energy_j_per_step"]})
+                    "energy_j_per_step": est["energy_j_per_step"],
+                    "goodput": est["checkpoint"].get("goodput_at_optimal")})
         if len(out) == want:
             break
     return out
@@ -410,7 +411,7 @@ def why_none(counts: Counter, cfg: Any) -> str:
 
 CSV_COLUMNS = ("set", "rank", "devices", "backend", "tp", "pp", "vpp", "dp", "zero_stage", "sharding",
                "sequence_parallel", "offload", "micro_batch_size", "grad_accum", "activation_checkpointing",
-               "step_time_s", "tokens_per_s", "mfu", "memory_gb", "energy_j_per_step", "estimate_command",
+               "step_time_s", "tokens_per_s", "mfu", "memory_gb", "energy_j_per_step", "goodput", "estimate_command",
                "submit_command")
 
 
@@ -445,14 +446,14 @@ def _print(best: list[dict[str, Any]], front: list[dict[str, Any]], cfg: Any, bu
                          "tokens/s", best),
                         ("Pareto front: no other layout is faster on as few devices", front)):
         table = Table(title=title, title_justify="left")
-        for column in ("#", "devices", "tokens/s", "step s", "MFU", "GB/dev", "MJ/step", "layout"):
+        for column in ("#", "devices", "tokens/s", "step s", "MFU", "GB/dev", "MJ/step", "goodput", "layout"):
             table.add_column(column, justify="left" if column == "layout" else "right", overflow="fold")
         for i, r in enumerate(rows, 1):
             mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}"
             table.add_row(str(i), str(r["devices"]), f"{r['tokens_per_s']:,.0f}", f"{r['step_time_s']:.4g}", mfu,
                           f"{r['memory_gb']:.1f}",
                           "n/a" if r["energy_j_per_step"] is None else f"{r['energy_j_per_step'] / 1e6:.3g}",
-                          _layout_text(r))
+                          "n/a" if r.get("goodput") is None else f"{r['goodput']:.1%}", _layout_text(r))
         console.print(table)
     counts = summary["counts"]
     print(f"searched {counts.get('structures', 0):,} layouts × micro-batch × recompute in "
