@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -69,6 +70,35 @@ class Backend(ABC):
     def local_params(self) -> int | None:
         """Parameter elements this rank stores after `setup` (what the layout shards); None if unknown."""
         return None
+
+    def state_objects(self) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """The module (all of this rank's stages) and optimizer whose state a checkpoint holds."""
+        raise NotImplementedError(f"backend={self.name} cannot save its state")
+
+    def _state(self) -> dict[str, Any]:
+        """Model and optimizer state dicts as torch.distributed.checkpoint reads and writes them: plain tensors or
+        DTensor shards, keyed by the model's own parameter names, so a checkpoint can load into another layout."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model, optimizer = self.state_objects()
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        return {"model": model_sd, "optimizer": optim_sd}
+
+    def save_state(self, path: Path) -> None:
+        """Write model and optimizer state into the directory `path`, each rank its shards (every rank calls)."""
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self._state(), checkpoint_id=str(path))
+
+    def load_state(self, path: Path) -> None:
+        """Read what `save_state` wrote, resharded to this layout where the shapes allow (every rank calls)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        state = self._state()
+        dcp.load(state, checkpoint_id=str(path))
+        model, optimizer = self.state_objects()
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
     def build_optimizer(self, params: Any) -> torch.optim.Optimizer:
         """The AdamW implementation train.optimizer resolves to for this backend and device."""
@@ -200,6 +230,9 @@ class FabricBackend(Backend):
     def parameters(self) -> list[nn.Parameter]:
         """The parameters this rank trains."""
         return list(self.model.parameters())
+
+    def state_objects(self) -> tuple[nn.Module, torch.optim.Optimizer]:
+        return self.model.module, self.optimizer.optimizer  # under Fabric's wrappers: the model, torch's optimizer
 
     def local_params(self) -> int | None:
         return sum(local(p).numel() for p in self.parameters())

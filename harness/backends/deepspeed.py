@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -84,6 +85,10 @@ def ds_config(cfg: Any, layout: Layout, device_type: str = "cpu") -> dict[str, A
     return merge(config, extra or {})
 
 
+DEEPSPEED_TAG = "state"
+"""The tag (sub-directory) of the one checkpoint a harness checkpoint directory holds."""
+
+
 class DeepSpeedEngineBackend(Backend):
     """What both DeepSpeed backends share: the generated JSON, the engine, and fp16's skipped steps."""
 
@@ -102,6 +107,15 @@ class DeepSpeedEngineBackend(Backend):
         """`deepspeed.initialize` on the process group the runner already started (DeepSpeed wraps it)."""
         self.engine, *_ = self.deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                     config=self.config, dist_init_required=False, **kwargs)
+
+    def save_state(self, path: Path) -> None:
+        """DeepSpeed's own checkpoint (engine.save_checkpoint: module, ZeRO-partitioned optimizer, scheduler)."""
+        self.engine.save_checkpoint(str(path), tag=DEEPSPEED_TAG)
+
+    def load_state(self, path: Path) -> None:
+        loaded, _ = self.engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG)
+        if loaded is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint tagged {DEEPSPEED_TAG} under {path}")
 
     def step_notes(self) -> dict[str, Any]:
         skipped = self.engine.skipped_steps

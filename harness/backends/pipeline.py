@@ -120,6 +120,9 @@ class FSDPPipelineBackend(FSDPBackend):
         self.optimizer = self.build_optimizer(self.parameters())
         self.params_per_rank = self.gather_local_params()
 
+    def state_objects(self) -> tuple[nn.Module, torch.optim.Optimizer]:
+        return nn.ModuleList(self.modules), self.optimizer  # this rank's stages, keyed by their order here
+
     @property
     def dp_rank(self) -> int:
         """This rank's data-parallel index: its (replicate, shard) coordinates read row-major under HSDP."""

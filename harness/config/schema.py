@@ -332,6 +332,20 @@ class ProfileConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Saving and resuming the training state (harness/run/checkpoint.py), each save and load timed per rank."""
+
+    every: int = 0
+    """Save after every N-th step (step numbers count from the first step of the first run); 0: never."""
+    dir: Optional[str] = None
+    """Where the step-<n> directories go (a site's scratch file system); None: <run directory>/checkpoints."""
+    resume_from: Optional[str] = None
+    """A step-<n> directory to continue from: model, optimizer, step (so the data position) and random state."""
+    overwrite: bool = False
+    """Allow writing over step-<n> directories that already exist in `dir`."""
+
+
+@dataclass
 class SweepConfig:
     """Hydra multirun (`harness run -m ...`) behaviour."""
 
@@ -410,6 +424,7 @@ class Config:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     costmodel: CostModelConfig = field(default_factory=CostModelConfig)

@@ -84,7 +84,7 @@ def _row(run_dir: Path) -> dict[str, Any]:
     if isinstance(summary.get("statistics"), dict):
         row["statistics"] = summary["statistics"]
     row["model.params"] = _section(summary, "model").get("params")
-    for section in ("layout", "metrics", "prediction", "telemetry", "env", "profile", "breakdown"):
+    for section in ("layout", "metrics", "prediction", "telemetry", "env", "profile", "breakdown", "checkpoints"):
         if _section(summary, section):  # `telemetry` and `profile` are config sections too: merged,
             row[section] = {**_section(row, section), **_section(summary, section)}  # the measured value wins
     return row

@@ -249,6 +249,23 @@ def context_line(frame: pd.DataFrame) -> str:
             f"{when}")
 
 
+def plot_checkpoint(view: View, plt: Any) -> Any:
+    data = view.data
+    fig, ax = plt.subplots(figsize=(7.0, 0.5 * len(data) + 1.8))
+    y = np.arange(len(data))
+    worst = (data["save s (worst)"] - data["save s"]).fillna(0.0).clip(lower=0.0)
+    ax.barh(y - 0.2, data["save s"].fillna(0.0), height=0.4, xerr=[np.zeros(len(data)), worst], capsize=3,
+            label="save, measured (bar: median; whisker: worst save)", color="tab:blue")
+    ax.barh(y + 0.2, data["load s"].fillna(0.0), height=0.4, label="load, measured", color="tab:green")
+    if data["predicted write s"].notna().any():
+        ax.scatter(data["predicted write s"], y - 0.2, marker="x", color="black", zorder=3, label="predicted write")
+    ax.set_yticks(y, data["run"], fontsize=8)
+    ax.set_xlabel("seconds (the slowest rank)")
+    ax.invert_yaxis()
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return fig
+
+
 def plot(view: View, out_dir: Path, frame: Optional[pd.DataFrame] = None) -> Optional[Path]:
     """Write `<view>.png`, titled with what the runs in `frame` were; None when the view has nothing to draw."""
     if view.data.empty:

@@ -31,10 +31,12 @@ from harness.core.registry import REPORT_VIEWS, load
 from harness.costmodel.timing import alcf_fom
 
 RESULT_PREFIXES = ("run", "path", "status", "error", "stop_reason", "finished_utc", "warnings", "statistics.",
+                   "checkpoints.",
                    "model.params", "layout.", "metrics.",
                    "prediction.", "telemetry.", "env.", "profile.", "breakdown.")
 IGNORED_KEYS = ("name", "sweep.", "report.", "launcher.watchdog_s", "launcher.monitor_interval_s",
-                "telemetry.", "profile.", "train.fault_inject_")
+                "telemetry.", "profile.", "train.fault_inject_", "checkpoint.dir", "checkpoint.resume_from",
+                "checkpoint.overwrite")
 """Config keys that never define a point of a study (labels, bookkeeping, sampling settings, testing faults)."""
 WORLD_KEYS = ("launcher.nproc", "parallel.world_size", "train.global_batch_size")
 """Keys that change with the device count along a scaling curve."""
@@ -160,6 +162,8 @@ def default_views(frame: pd.DataFrame) -> list[str]:
         views.append("power")
     if column(frame, "breakdown.step_ms").notna().any():
         views += ["breakdown", "comm"]
+    if column(frame, "checkpoints.log").notna().any():
+        views.append("checkpoint")
     return views
 
 
@@ -552,6 +556,29 @@ def comm_view(frame: pd.DataFrame, options: Options) -> View:
              "harness_metrics: the trainer's own per-step reduction of loss, memory and telemetry (not predicted); "
              "on gloo FSDP's reduce-scatter runs as an all-reduce"]
     return View("comm", "Communication by collective kind", table, notes, table)
+
+
+def checkpoint_view(frame: pd.DataFrame, options: Options) -> View:
+    """Per run: checkpoints saved and loaded, their size, the slowest rank's seconds and the aggregate GB/s, beside
+    the cost model's write time and the goodput it predicts at Daly's interval."""
+    runs = frame[column(frame, "checkpoints.log").notna()]
+    if runs.empty:
+        raise ConfigError("report: the checkpoint view needs runs that saved or loaded a checkpoint "
+                          "(harness run checkpoint.every=N ...)")
+    table = pd.DataFrame({
+        "run": runs["run"], "saves": column(runs, "checkpoints.saves"),
+        "GB": column(runs, "checkpoints.save_bytes") / 1e9,
+        "save s": column(runs, "checkpoints.save_s_median"), "save s (worst)": column(runs, "checkpoints.save_s_max"),
+        "GB/s": column(runs, "checkpoints.save_gb_per_s"),
+        "predicted write s": column(runs, "prediction.estimate.checkpoint.write_s"),
+        "load s": column(runs, "checkpoints.load_s"), "resumed at step": column(runs, "checkpoints.resumed_at_step"),
+        "predicted goodput": column(runs, "prediction.estimate.checkpoint.goodput_at_optimal"),
+    }).reset_index(drop=True)
+    notes = ["save s: median over the run's saves of the slowest rank's seconds (every rank waits for it); GB/s: "
+             "bytes over that time, all ranks together; per rank and per save: the run's checkpoints.jsonl",
+             "predicted: size over the file system's published bandwidth (costmodel/resilience.py); goodput at "
+             "Daly's optimum interval for the system's node MTBF; — where the system states no file-system figure"]
+    return View("checkpoint", "Checkpoint cost", table, notes, table)
 
 
 def build_views(frame: pd.DataFrame, options: Options) -> list[View]:

@@ -165,21 +165,22 @@ def rank_micro_batches(
 class _RankSteps(torch.utils.data.Dataset):
     """Item s: this rank's samples of step s, so a DataLoader prepares later steps while a step runs."""
 
-    def __init__(self, source: TokenSource, layout: Layout, dp_rank: int, steps: int) -> None:
-        self.source, self.layout, self.dp_rank, self.steps = source, layout, dp_rank, steps
+    def __init__(self, source: TokenSource, layout: Layout, dp_rank: int, steps: int, start: int = 0) -> None:
+        self.source, self.layout, self.dp_rank, self.steps, self.start = source, layout, dp_rank, steps, start
 
     def __len__(self) -> int:
         return self.steps
 
-    def __getitem__(self, step: int) -> torch.Tensor:
-        return rank_samples(self.source, step=step, layout=self.layout, dp_rank=self.dp_rank)
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return rank_samples(self.source, step=self.start + index, layout=self.layout, dp_rank=self.dp_rank)
 
 
 def step_batches(source: TokenSource, *, layout: Layout, dp_rank: int, steps: int, workers: int,
-                 device: torch.device) -> Iterator[torch.Tensor]:
-    """Each step's samples in order, from torch's DataLoader: `workers` background processes keep two steps
-    ahead each, into pinned memory on a GPU, so the step waits for data only when loading is the bottleneck."""
+                 device: torch.device, start: int = 0) -> Iterator[torch.Tensor]:
+    """Each step's samples in order from step `start` (a resumed run's data position), from torch's DataLoader:
+    `workers` background processes keep two steps ahead each, into pinned memory on a GPU, so the step waits for
+    data only when loading is the bottleneck."""
     loader = torch.utils.data.DataLoader(
-        _RankSteps(source, layout, dp_rank, steps), batch_size=None, shuffle=False, num_workers=workers,
+        _RankSteps(source, layout, dp_rank, steps, start), batch_size=None, shuffle=False, num_workers=workers,
         pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None, persistent_workers=False)
     return iter(loader)

@@ -404,6 +404,10 @@ def write_run_summary(run_dir: Path, *, cfg: Any, layout: Any, info: Any, device
     )
     predicted = (summary["prediction"] or {}).get("estimate", {}).get("collectives")
     summary["kernels"] = kernels
+    from harness.run.checkpoint import checkpoint_summary
+
+    if (checkpoints := checkpoint_summary(run_dir)) is not None:
+        summary["checkpoints"] = checkpoints
     if note:
         summary["steps_note"] = note
     if status == "ok":

@@ -23,6 +23,7 @@ from harness.core.layout import Layout
 from harness.costmodel.flops import step_flops
 from harness.launchers.env import RankInfo
 from harness.models.gpt import GPT, GPTConfig
+from harness.run.checkpoint import Checkpointer
 from harness.run.data import TokenSource, micro_batches, step_batches, token_source
 from harness.run.environment import kernels
 from harness.run.live import Progress
@@ -75,6 +76,9 @@ class Trainer:
         self.kernels: Optional[dict[str, Any]] = None
         self.step_log: Optional[StepLog] = None
         self.watchdog = Watchdog(cfg.launcher.watchdog_s, self.stalled)
+        self.checkpointer = Checkpointer(cfg, info.rank, info.world_size, run_dir, layout)
+        self.start_step = 0
+        """The first step's number: 0, or where a resumed checkpoint left off."""
 
     def build(self) -> Built:
         train, model_cfg = self.cfg.train, GPTConfig.from_section(self.cfg.model)
@@ -96,6 +100,8 @@ class Trainer:
                 model = GPT(model_cfg)
         n_params = model.num_params()
         backend.setup(model)
+        if self.checkpointer.resume_from is not None:
+            self.start_step = self.checkpointer.load(backend)
         flops = step_flops(model_cfg, self.layout.global_batch_size, train.activation_checkpointing,
                            train.checkpoint_every_n)
         throughput = Throughput(
@@ -106,7 +112,7 @@ class Trainer:
         )
         total = train.warmup_steps + train.steps
         data = token_source(self.cfg.data, vocab_size=model_cfg.vocab_size, seq_len=model_cfg.seq_len,
-                            seed=train.seed, num_samples=total * self.layout.global_batch_size)
+                            seed=train.seed, num_samples=(self.start_step + total) * self.layout.global_batch_size)
         sampler = make_sampler(
             self.cfg.telemetry, device_type=self.device.type, device_index=self.device.index,
             local_rank=self.info.local_rank, rank=self.info.rank, host=hostname(),
@@ -159,15 +165,16 @@ class Trainer:
             last = time.perf_counter()
             built.sampler.mark_step(last)
             loader = step_batches(built.data, layout=self.layout, dp_rank=built.backend.dp_rank, steps=total,
-                                  workers=self.cfg.data.workers, device=self.device)
-            for step in range(total):
+                                  workers=self.cfg.data.workers, device=self.device, start=self.start_step)
+            for index in range(total):
+                step = self.start_step + index  # its number in the whole training, resumed or not
                 built.memory.start_step()
-                self.inject_fault(step)
+                self.inject_fault(index)
                 waited = time.perf_counter()
                 with phase(PHASES.data):
                     batches = micro_batches(next(loader), layout=self.layout, device=self.device)
                 data_s = time.perf_counter() - waited
-                if self.measures_tensor_peak(step):  # a warm-up step: its time is not a timed step's
+                if self.measures_tensor_peak(index):  # a warm-up step: its time is not a timed step's
                     with TensorPeak() as peak:
                         loss = built.backend.train_step(batches)
                     self.tensor_peak_mb = None if peak.peak_bytes is None else peak.peak_bytes / 2**20
@@ -178,12 +185,17 @@ class Trainer:
                 iter_time_s, last = now - last, now
                 reading = built.sampler.mark_step(now)
                 assert reading is not None  # every boundary after the first closes a window
-                record = self.record(built, step, step < train.warmup_steps, loss, iter_time_s, data_s, reading)
+                record = self.record(built, step, index < train.warmup_steps, loss, iter_time_s, data_s, reading)
                 if self.step_log is not None and progress is not None:
                     self.step_log.write(record)
                     progress.update(record)
-                built.capture.step(step)
+                built.capture.step(index)
                 self.watchdog.beat()
+                if self.checkpointer.due(step) and self.diverged is None:
+                    self.checkpointer.save(built.backend, step)
+                    last = time.perf_counter()  # the save is its own phase, not part of the next step's time
+                    built.sampler.mark_step(last)
+                    self.watchdog.beat()
                 if self.diverged is not None:
                     self.stop_reason = "diverged"
                     break
@@ -234,7 +246,7 @@ class Trainer:
             "peak_memory_mb": peak_mb,
             "alloc_retries": retries,
             "data_time_ms": data_s * 1e3,
-            **({"profiler": what} if (what := built.capture.label(step)) else {}),
+            **({"profiler": what} if (what := built.capture.label(step - self.start_step)) else {}),
             **notes,
             **({"grad_norm": None} if "grad_norm" in nonfinite else {}),
             **({"nonfinite": nonfinite} if nonfinite else {}),

@@ -15,6 +15,7 @@ from typing import Any, Union
 from omegaconf import DictConfig, OmegaConf
 
 from harness.config.checks.backends import check_backend_options, check_deepspeed, check_fsdp
+from harness.config.checks.checkpoint import check_checkpoint
 from harness.config.checks.common import choice
 from harness.config.checks.data import check_data
 from harness.config.checks.parallel import check_parallel, check_pipeline_schedule, check_world, checked_global_batch
@@ -73,9 +74,12 @@ def validate(cfg: AnyConfig, world_size: int) -> Layout:
     check_telemetry(cfg.telemetry)
     profile_window(cfg.profile, t.warmup_steps, t.warmup_steps + t.steps)
     check_report(cfg.report)
-    return Layout(world_size=world_size, tp=p.tp, pp=p.pp, dp=dp, zero_stage=p.zero_stage,
-                  micro_batch_size=t.micro_batch_size, global_batch_size=global_batch,
-                  grad_accum=global_batch // (t.micro_batch_size * dp))
+    layout = Layout(world_size=world_size, tp=p.tp, pp=p.pp, dp=dp, zero_stage=p.zero_stage,
+                    micro_batch_size=t.micro_batch_size, global_batch_size=global_batch,
+                    grad_accum=global_batch // (t.micro_batch_size * dp))
+    if getattr(cfg, "checkpoint", None) is not None:  # configs composed before the section existed have none
+        check_checkpoint(cfg, layout)
+    return layout
 
 
 def compute_precision(cfg: Any) -> str:
