@@ -247,6 +247,8 @@ REPORT_VIEWS: dict[str, ReportView] = {v.name: v for v in (
                "harness.report.views:breakdown_view", "harness.report.plots:plot_breakdown", profiled=True),
     ReportView("comm", "communication by collective kind, measured against predicted", "harness.report.views:comm_view",
                "harness.report.plots:plot_comm", profiled=True),
+    ReportView("ranks", "each rank's traced step: compute, time in collectives (waiting included), idle; stragglers",
+               "harness.report.views:ranks_view", "harness.report.plots:plot_ranks", profiled=True),
     ReportView("checkpoint", "checkpoint save and load time, size and bandwidth, beside the predicted write, goodput",
                "harness.report.views:checkpoint_view", "harness.report.plots:plot_checkpoint"),
 )}

@@ -22,8 +22,8 @@ from harness.run.claim import RUN_FILES
 from harness.run.rundir import read_steps_checked
 
 SUMMARY = "summary.json"
-DROPPED = ("statistics.rule", "prediction.estimate.collectives", "env.argv", "breakdown.ranks",
-           "breakdown.top_kernels_rank0")
+DROPPED = ("statistics.rule", "prediction.estimate.collectives", "env.argv", "breakdown.top_kernels_rank0",
+           "breakdown.straggler.comm_ms_by_rank", "breakdown.straggler.rule")
 """Long lists that make runs.csv unreadable and no view needs."""
 
 

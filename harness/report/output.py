@@ -103,7 +103,7 @@ def write_report(out: Path, frame: pd.DataFrame, views: list[View], header: list
                  plots: dict[str, Optional[Path]]) -> Path:
     """report.md (tables with the plots embedded), runs.csv (every run, every flattened field)."""
     out.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(out / "runs.csv", index=False)
+    frame.drop(columns=[c for c in ("breakdown.ranks",) if c in frame.columns]).to_csv(out / "runs.csv", index=False)
     sections = []
     for view in views:
         image = plots.get(view.name)

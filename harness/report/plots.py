@@ -249,6 +249,26 @@ def context_line(frame: pd.DataFrame) -> str:
             f"{when}")
 
 
+def plot_ranks(view: View, plt: Any) -> Any:
+    """Stacked bars per rank (compute, in collectives, idle), one group per run; the straggler's label in red."""
+    data = view.data
+    labels = [f"{run} · rank {rank}" for run, rank in zip(data["run"], data["rank"])]
+    fig, ax = plt.subplots(figsize=(7.0, 0.4 * len(data) + 1.8))
+    left = np.zeros(len(data))
+    for key, colour in (("compute ms", "tab:blue"), ("in collectives ms", "tab:red"), ("idle ms", "lightgrey")):
+        values = data[key].fillna(0.0).to_numpy(dtype=float)
+        ax.barh(range(len(data)), values, left=left, color=colour, label=key.removesuffix(" ms"))
+        left += values
+    ax.set_yticks(range(len(data)), labels, fontsize=8)
+    for tick, flag in zip(ax.get_yticklabels(), data["straggler"]):
+        if flag == "yes":
+            tick.set_color("red")
+    ax.set_xlabel("ms per traced step (red label: the straggler)")
+    ax.invert_yaxis()
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return fig
+
+
 def plot_checkpoint(view: View, plt: Any) -> Any:
     data = view.data
     fig, ax = plt.subplots(figsize=(7.0, 0.5 * len(data) + 1.8))

@@ -162,6 +162,8 @@ def default_views(frame: pd.DataFrame) -> list[str]:
         views.append("power")
     if column(frame, "breakdown.step_ms").notna().any():
         views += ["breakdown", "comm"]
+    if column(frame, "breakdown.straggler.rank").notna().any():
+        views.append("ranks")
     if column(frame, "checkpoints.log").notna().any():
         views.append("checkpoint")
     return views
@@ -556,6 +558,33 @@ def comm_view(frame: pd.DataFrame, options: Options) -> View:
              "harness_metrics: the trainer's own per-step reduction of loss, memory and telemetry (not predicted); "
              "on gloo FSDP's reduce-scatter runs as an all-reduce"]
     return View("comm", "Communication by collective kind", table, notes, table)
+
+
+def ranks_view(frame: pd.DataFrame, options: Options) -> View:
+    """Per profiled run and rank: the traced step split into compute, time inside collectives (which holds the
+    wait for the slowest rank) and idle; the rank the others wait for, flagged past the straggler rule."""
+    runs = _profiled(frame, "ranks")
+    rows = []
+    for _, run in runs.iterrows():
+        lagging = run.get("breakdown.straggler.rank")
+        flagged = bool(run.get("breakdown.straggler.flagged")) if pd.notna(run.get("breakdown.straggler.flagged")) \
+            else False
+        ranks = run.get("breakdown.ranks") if isinstance(run.get("breakdown.ranks"), list) else []
+        for r in ranks:
+            rows.append({"run": run["run"], "rank": r["rank"], "step ms": r.get("step_ms"),
+                         "compute ms": r.get("compute_ms"), "in collectives ms": r.get("comm_ms"),
+                         "idle ms": r.get("idle_ms"),
+                         "straggler": ("yes" if flagged else "slowest, within the rule")
+                         if pd.notna(lagging) and r["rank"] == lagging else None})
+    table = pd.DataFrame(rows, columns=["run", "rank", "step ms", "compute ms", "in collectives ms", "idle ms",
+                                       "straggler"])
+    from harness.trace.analyse import STRAGGLER_LAG
+
+    notes = ["ms per traced step, mean over the recorded steps; time in collectives includes waiting for the last "
+             f"rank to arrive, so the rank that waits least is the slowest; a straggler: the others' median wait "
+             f"exceeds its own by more than {STRAGGLER_LAG:.0%} of the step"]
+    notes += [w for w in warning_notes(runs) if "straggler" in w]
+    return View("ranks", "Ranks: who waits for whom", table, notes, table)
 
 
 def checkpoint_view(frame: pd.DataFrame, options: Options) -> View:

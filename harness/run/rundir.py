@@ -415,6 +415,13 @@ def write_run_summary(run_dir: Path, *, cfg: Any, layout: Any, info: Any, device
             summary.update(summary_blocks(cfg, device.type, [r.trace for r in ranks], steps, run_dir, predicted))
         except Exception as exc:  # noqa: BLE001 - the run's own measurements must reach summary.json
             summary["breakdown_reason"] = f"not measured: summarising the traces failed: {type(exc).__name__}: {exc}"
+    lagging = (summary.get("breakdown") or {}).get("straggler") or {}
+    if lagging.get("flagged"):
+        host = ranks[lagging["rank"]].host if lagging["rank"] < len(ranks) else None  # gathered in rank order
+        lagging["host"] = host
+        summary["warnings"].append(
+            f"straggler: rank {lagging['rank']}{f' on {host}' if host else ''} made the others wait "
+            f"{lagging['lag_ms']:.1f} ms per traced step ({lagging['lag_share']:.0%} of it) in their collectives")
     write_summary(run_dir, summary)
     if status == "ok":
         print_summary(summary, run_dir)

@@ -159,7 +159,29 @@ def summary_blocks(cfg: Any, device_type: str, ranks: list[Optional[dict[str, An
         breakdown["reason"] = next(r["reason"] for r in analysed if "reason" in r)
     breakdown["ranks"] = [{k: v for k, v in r.items() if k not in ("top_kernels", "source", "steps", "export_s",
                                                                    "analyse_s")} for r in analysed]
+    breakdown["straggler"] = straggler(analysed)
     return {"profile": profile, "breakdown": breakdown}
+
+
+STRAGGLER_LAG = 0.05
+"""A rank is a straggler when the others wait for it in their collectives, at the median, longer than this share of
+the step."""
+
+
+def straggler(rows: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """The rank every other one waits for, from the traced steps: in synchronous training each rank's time inside
+    collectives includes its wait for the last to arrive, so the slowest rank is the one that waits least, and the
+    others' extra wait is its lag. None with fewer than 2 analysed ranks."""
+    waits = {r["rank"]: r["comm_ms"] for r in rows if r.get("comm_ms") is not None}
+    if len(waits) < 2:
+        return None
+    slowest = min(waits, key=waits.__getitem__)
+    lag = statistics.median(w for rank, w in waits.items() if rank != slowest) - waits[slowest]
+    step = statistics.median(r["step_ms"] for r in rows)
+    return {"rank": slowest, "lag_ms": lag, "lag_share": lag / step if step else None, "flagged": bool(
+            step and lag > STRAGGLER_LAG * step), "comm_ms_by_rank": [waits[r] for r in sorted(waits)],
+            "rule": f"the rank that waits least in collectives; flagged when the others' median wait exceeds its "
+                    f"own by more than {STRAGGLER_LAG:.0%} of the step (traced steps)"}
 
 
 def _grouped(items: list[tuple[int, str]]) -> list[str]:
