@@ -55,6 +55,21 @@ def test_resumed_training_continues_as_if_never_stopped(backend: str, tmp_path: 
     assert again["resumed_at_step"] == 4 and again["load_s"] > 0
 
 
+def test_an_asynchronous_save_blocks_training_less_and_resumes_the_same(tmp_path: Path) -> None:
+    """checkpoint.async_save: torch.distributed.checkpoint.async_save stages in host memory and writes in the
+    background; the record keeps the loop's wait apart from the write, and the checkpoint resumes like any other."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(straight, *BACKENDS["fsdp"], "train.steps=8", "checkpoint.every=4", "checkpoint.async_save=true")
+    saves = [json.loads(line) for line in (straight / "checkpoints.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in saves] == [4, 8] and all(s["async"] for s in saves)
+    assert all(s["blocking_seconds"]["max"] <= s["seconds"]["max"] for s in saves)
+    run(resumed, *BACKENDS["fsdp"], "train.steps=4",
+        f"checkpoint.resume_from={straight / 'checkpoints' / 'step-000004'}")
+    want = losses(straight)
+    for step, loss in losses(resumed).items():
+        assert loss == pytest.approx(want[step], rel=TOLERANCE), step
+
+
 def test_a_ddp_checkpoint_loads_into_another_number_of_ranks(tmp_path: Path) -> None:
     """torch.distributed.checkpoint reshards: 2 ranks save, 1 rank (gradient accumulation 2 instead) continues."""
     straight, one = tmp_path / "straight", tmp_path / "one"
@@ -88,6 +103,7 @@ def test_bad_checkpoint_input_is_one_line_before_anything_starts(saved: Path, tm
         (["checkpoint.every=2", f"checkpoint.dir={tmp_path / 'file' / 'sub'}"], "cannot create it"),
         (["checkpoint.every=2", f"checkpoint.dir={saved.parent}"], "would write over"),
         (["checkpoint.every=-1"], "checkpoint.every=-1"),
+        (["backend=deepspeed", "checkpoint.every=2", "checkpoint.async_save=true"], "checkpoint.async_save=true"),
     ]
     for args, words in cases:
         proc = harness(["run", f"hydra.run.dir={tmp_path / 'never'}", *BASE, "train.steps=2", *args], cwd=tmp_path,

@@ -90,6 +90,13 @@ class Backend(ABC):
 
         dcp.save(self._state(), checkpoint_id=str(path))
 
+    def save_state_async(self, path: Path, group: Any) -> Any:
+        """Stage the state in host memory, then write it in a background thread on `group` (a process group of its
+        own, so its collectives never interleave with training's); returns the write's future."""
+        import torch.distributed.checkpoint as dcp
+
+        return dcp.async_save(self._state(), checkpoint_id=str(path), process_group=group)
+
     def load_state(self, path: Path) -> None:
         """Read what `save_state` wrote, resharded to this layout where the shapes allow (every rank calls)."""
         import torch.distributed.checkpoint as dcp

@@ -343,6 +343,9 @@ class CheckpointConfig:
     """A step-<n> directory to continue from: model, optimizer, step (so the data position) and random state."""
     overwrite: bool = False
     """Allow writing over step-<n> directories that already exist in `dir`."""
+    async_save: bool = False
+    """ddp, fsdp: stage the state in host memory and write it while training goes on
+    (torch.distributed.checkpoint.async_save, on a process group of its own); the step waits only for the staging."""
 
 
 @dataclass

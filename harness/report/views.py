@@ -598,13 +598,15 @@ def checkpoint_view(frame: pd.DataFrame, options: Options) -> View:
         "run": runs["run"], "saves": column(runs, "checkpoints.saves"),
         "GB": column(runs, "checkpoints.save_bytes") / 1e9,
         "save s": column(runs, "checkpoints.save_s_median"), "save s (worst)": column(runs, "checkpoints.save_s_max"),
+        "training waited s": column(runs, "checkpoints.save_blocking_s_median"),
         "GB/s": column(runs, "checkpoints.save_gb_per_s"),
         "predicted write s": column(runs, "prediction.estimate.checkpoint.write_s"),
         "load s": column(runs, "checkpoints.load_s"), "resumed at step": column(runs, "checkpoints.resumed_at_step"),
         "predicted goodput": column(runs, "prediction.estimate.checkpoint.goodput_at_optimal"),
     }).reset_index(drop=True)
-    notes = ["save s: median over the run's saves of the slowest rank's seconds (every rank waits for it); GB/s: "
-             "bytes over that time, all ranks together; per rank and per save: the run's checkpoints.jsonl",
+    notes = ["save s: median over the run's saves of the slowest rank's seconds to the checkpoint on disk; training "
+             "waited s: the part the loop stopped for (all of it unless checkpoint.async_save); GB/s: bytes over the "
+             "save time, all ranks together; per rank and per save: the run's checkpoints.jsonl",
              "predicted: size over the file system's published bandwidth (costmodel/resilience.py); goodput at "
              "Daly's optimum interval for the system's node MTBF; — where the system states no file-system figure"]
     return View("checkpoint", "Checkpoint cost", table, notes, table)

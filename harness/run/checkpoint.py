@@ -35,13 +35,19 @@ class Checkpointer:
         self.every, self.overwrite = int(c.every), bool(c.overwrite)
         self.root = Path(c.dir).expanduser() if c.dir else run_dir / "checkpoints"
         self.resume_from = Path(c.resume_from).expanduser() if c.resume_from else None
+        self.async_save = bool(c.get("async_save"))
+        self.pending: Optional[tuple[Any, Path, int, float, float, dict[str, float]]] = None
+        """An asynchronous save still writing: (future, path, next step, start, blocking seconds, when written)."""
+        self._group: Any = None
 
     def due(self, step: int) -> bool:
         """Whether to save after `step` (numbered from the first step of the first run)."""
         return bool(self.every) and (step + 1) % self.every == 0
 
     def save(self, backend: Any, step: int) -> dict[str, Any]:
-        """Save the state after `step` into step-<step+1>; returns the record written to checkpoints.jsonl."""
+        """Save the state after `step` into step-<step+1>; returns the record written to checkpoints.jsonl (an
+        asynchronous save's once it has been written: at the next save or the end of the loop)."""
+        record = self.wait()  # one write at a time: the previous asynchronous save finishes first
         path = step_dir(self.root, step + 1)
         if self.rank == 0:
             if path.exists() and self.overwrite:
@@ -49,14 +55,36 @@ class Checkpointer:
             path.mkdir(parents=True, exist_ok=False)
         self._barrier()
         started = time.perf_counter()
-        backend.save_state(path)
         torch.save(_rng_state(), path / f"rng-rank{self.rank:05d}.pt")
-        seconds = self._gather(time.perf_counter() - started)
+        if self.async_save:
+            if self._group is None and self.world_size > 1:
+                self._group = dist.new_group(backend="gloo")  # every rank reaches its first save together
+            future = backend.save_state_async(path, self._group)
+            written: dict[str, float] = {}  # when the write finished, not when the loop next looked
+            future.add_done_callback(lambda _: written.setdefault("at", time.perf_counter()))
+            self.pending = (future, path, step + 1, started, time.perf_counter() - started, written)
+            return record
+        backend.save_state(path)
+        return self._finish(path, step + 1, [time.perf_counter() - started], None)
+
+    def wait(self) -> dict[str, Any]:
+        """Finish the asynchronous save in flight, if any (every rank calls it at the same point)."""
+        if self.pending is None:
+            return {}
+        future, path, next_step, started, blocking, written = self.pending
+        self.pending = None
+        future.result()
+        return self._finish(path, next_step, [written.get("at", time.perf_counter()) - started], blocking)
+
+    def _finish(self, path: Path, next_step: int, seconds: list[float], blocking: Optional[float]) -> dict[str, Any]:
+        """Gather every rank's seconds, then rank 0 marks the checkpoint complete and records it."""
+        totals = self._gather(seconds[0])
+        stalls = self._gather(blocking) if blocking is not None else None
         record = None
         if self.rank == 0:
             size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-            (path / META).write_text(json.dumps(self._meta(step + 1), indent=1))
-            record = self._record("save", step + 1, path, size, seconds)
+            (path / META).write_text(json.dumps(self._meta(next_step), indent=1))
+            record = self._record("save", next_step, path, size, totals, stalls)
         self._barrier()
         return record or {}
 
@@ -82,16 +110,22 @@ class Checkpointer:
                 "layout": {k: getattr(self.layout, k) for k in (*LAYOUT_KEYS, "world_size")},
                 "seed": self.cfg.train.seed, "saved_unix_s": time.time()}
 
-    def _record(self, kind: str, step: int, path: Path, size: int, seconds: list[float]) -> dict[str, Any]:
+    def _record(self, kind: str, step: int, path: Path, size: int, seconds: list[float],
+                blocking: Optional[list[float]] = None) -> dict[str, Any]:
+        """`seconds`: each rank's time to the checkpoint on disk; `blocking`: the part training waited for (all of
+        it for a synchronous save or a load)."""
         slowest = max(seconds)
-        record = {"kind": kind, "step": step, "path": str(path), "bytes": size,
+        stalls = blocking or seconds
+        record = {"kind": kind, "step": step, "path": str(path), "bytes": size, "async": blocking is not None,
                   "seconds": {"min": min(seconds), "median": statistics.median(seconds), "max": slowest},
+                  "blocking_seconds": {"min": min(stalls), "median": statistics.median(stalls), "max": max(stalls)},
                   "slowest_rank": seconds.index(slowest), "ranks": len(seconds),
                   "gb_per_s": size / slowest / 1e9 if slowest > 0 else None}
         with open(self.run_dir / LOG, "a") as f:
             f.write(json.dumps(record) + "\n")
+        stalled = f"; training waited {max(stalls):.2f} s (asynchronous)" if blocking is not None else ""
         say(f"checkpoint {kind} {path.name}: {size / 1e6:,.1f} MB in {slowest:.2f} s (slowest of {len(seconds)} "
-            f"rank(s)), {record['gb_per_s'] or 0:.3g} GB/s")
+            f"rank(s)), {record['gb_per_s'] or 0:.3g} GB/s{stalled}")
         return record
 
     def _gather(self, seconds: float) -> list[float]:
@@ -131,6 +165,8 @@ def checkpoint_summary(run_dir: Path) -> Optional[dict[str, Any]]:
     if saves:
         out.update(save_bytes=saves[-1]["bytes"], save_s_median=statistics.median(r["seconds"]["max"] for r in saves),
                    save_s_max=max(r["seconds"]["max"] for r in saves),
+                   save_blocking_s_median=statistics.median(r.get("blocking_seconds", r["seconds"])["max"]
+                                                            for r in saves),
                    save_gb_per_s=statistics.median(r["gb_per_s"] or 0.0 for r in saves), last=saves[-1]["path"])
     if loads:
         out.update(resumed_from=loads[0]["path"], resumed_at_step=loads[0]["step"],

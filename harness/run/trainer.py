@@ -202,6 +202,7 @@ class Trainer:
                 if self.stop_agreed:
                     self.stop_reason = "walltime"
                     break
+            self.checkpointer.wait()  # an asynchronous save still writing is part of the run
         if progress is not None:
             progress.close()
 

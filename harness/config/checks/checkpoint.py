@@ -82,6 +82,9 @@ def check_checkpoint(cfg: Any, layout: Any) -> Optional[dict[str, Any]]:
     c = cfg.checkpoint
     if c.every < 0:
         raise ConfigError(f"checkpoint.every={c.every}: give 0 (never) or the steps between saves")
+    if c.get("async_save") and backend_spec(cfg.backend.name).deepspeed_engine:
+        raise ConfigError(f"checkpoint.async_save=true: backend={cfg.backend.name} saves through DeepSpeed's "
+                          "save_checkpoint, which blocks; use checkpoint.async_save=false (or backend=ddp/fsdp)")
     meta = None
     if c.resume_from:
         path = Path(c.resume_from).expanduser()
