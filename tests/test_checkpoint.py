@@ -126,3 +126,25 @@ def test_report_shows_the_checkpoint_cost(saved: Path, tmp_path: Path) -> None:
     assert row["saves"] == 1 and row["save s"] == pytest.approx(record["seconds"]["max"])
     assert row["GB"] == pytest.approx(record["bytes"] / 1e9)
     assert (tmp_path / "r" / "checkpoint.png").stat().st_size > 1000
+
+
+def test_a_rank_that_dies_is_restarted_from_the_last_checkpoint(tmp_path: Path) -> None:
+    """launcher.max_restarts=1 and the last rank killed at step 5 of the first attempt (train.fault_inject_crash_step,
+    os._exit: no goodbye): torch elastic restarts both ranks, which resume from step-000004, redo step 4 and finish;
+    the final trajectory is an uninterrupted run's, and the summary counts the restart, the lost step and a goodput
+    below 1."""
+    straight, restarted = tmp_path / "straight", tmp_path / "restarted"
+    run(straight, *BACKENDS["ddp"], "train.steps=8")
+    run(restarted, *BACKENDS["ddp"], "train.steps=8", "checkpoint.every=2", "launcher.max_restarts=1",
+        "train.fault_inject_crash_step=5")
+    summary = json.loads((restarted / "summary.json").read_text())
+    assert summary["status"] == "ok" and summary["metrics"]["timed_steps"] == 8
+    resilience = summary["resilience"]
+    assert resilience["restarts"] == 1 and resilience["lost_steps"] == 1 and 0 < resilience["goodput"] < 1
+    event = resilience["restart_events"][0]
+    assert event["resumed_at_step"] == 4 and event["detect_and_relaunch_s"] > 0 and event["resume_s"] > 0
+    lines = [json.loads(line) for line in (restarted / "steps.jsonl").read_text().splitlines()]
+    assert [(s["step"], s["attempt"]) for s in lines] == [*((k, 0) for k in range(5)), *((k, 1) for k in range(4, 8))]
+    want = losses(straight)
+    final = {s["step"]: s["loss"] for s in lines}  # each step's last attempt
+    assert all(final[k] == pytest.approx(want[k], rel=TOLERANCE) for k in range(8)), (final, want)

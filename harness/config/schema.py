@@ -99,6 +99,8 @@ class TrainConfig:
     """torch.compile backend; aot_eager traces without generating code (fast, for tests)."""
     fault_inject_oom_step: Optional[int] = None
     """Testing the failure path: the last rank raises torch.OutOfMemoryError at this step."""
+    fault_inject_crash_step: Optional[int] = None
+    """Testing restarts: the last rank dies (os._exit) at this step of the job's first attempt."""
     fault_inject_slow_ms: float = 0.0
     """Testing slow ranks and baselines: rank `fault_inject_slow_rank` sleeps this long inside every step."""
     fault_inject_slow_rank: int = 0
@@ -272,6 +274,9 @@ class LauncherConfig:
     """Threads per rank; None means the host's cores divided by the local ranks (at least 1)."""
     pg_timeout_s: int = 300
     """Collective timeout: a benchmark that stalls this long is broken, not slow."""
+    max_restarts: int = 0
+    """Local ranks (launcher.nproc): restart the whole job this many times after a rank dies, from its latest complete
+    checkpoint (checkpoint.every), with torch elastic's restart machinery; under torchrun, its --max-restarts."""
     monitor_interval_s: float = 0.1
     """How often the local agent checks its ranks; a dead rank ends the job within about this."""
     watchdog_s: float = 600.0

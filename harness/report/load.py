@@ -22,7 +22,8 @@ from harness.run.claim import RUN_FILES
 from harness.run.rundir import read_steps_checked
 
 SUMMARY = "summary.json"
-DROPPED = ("statistics.rule", "prediction.estimate.collectives", "env.argv", "breakdown.top_kernels_rank0",
+DROPPED = ("statistics.rule", "resilience.rule", "prediction.estimate.collectives", "env.argv",
+           "breakdown.top_kernels_rank0",
            "breakdown.straggler.comm_ms_by_rank", "breakdown.straggler.rule")
 """Long lists that make runs.csv unreadable and no view needs."""
 
@@ -84,7 +85,8 @@ def _row(run_dir: Path) -> dict[str, Any]:
     if isinstance(summary.get("statistics"), dict):
         row["statistics"] = summary["statistics"]
     row["model.params"] = _section(summary, "model").get("params")
-    for section in ("layout", "metrics", "prediction", "telemetry", "env", "profile", "breakdown", "checkpoints"):
+    for section in ("layout", "metrics", "prediction", "telemetry", "env", "profile", "breakdown", "checkpoints",
+                    "resilience"):
         if _section(summary, section):  # `telemetry` and `profile` are config sections too: merged,
             row[section] = {**_section(row, section), **_section(summary, section)}  # the measured value wins
     return row

@@ -31,12 +31,12 @@ from harness.core.registry import REPORT_VIEWS, load
 from harness.costmodel.timing import alcf_fom
 
 RESULT_PREFIXES = ("run", "path", "status", "error", "stop_reason", "finished_utc", "warnings", "statistics.",
-                   "checkpoints.",
+                   "checkpoints.", "resilience.",
                    "model.params", "layout.", "metrics.",
                    "prediction.", "telemetry.", "env.", "profile.", "breakdown.")
 IGNORED_KEYS = ("name", "sweep.", "report.", "launcher.watchdog_s", "launcher.monitor_interval_s",
                 "telemetry.", "profile.", "train.fault_inject_", "checkpoint.dir", "checkpoint.resume_from",
-                "checkpoint.overwrite")
+                "checkpoint.overwrite", "launcher.max_restarts")
 """Config keys that never define a point of a study (labels, bookkeeping, sampling settings, testing faults)."""
 WORLD_KEYS = ("launcher.nproc", "parallel.world_size", "train.global_batch_size")
 """Keys that change with the device count along a scaling curve."""
@@ -602,13 +602,17 @@ def checkpoint_view(frame: pd.DataFrame, options: Options) -> View:
         "GB/s": column(runs, "checkpoints.save_gb_per_s"),
         "predicted write s": column(runs, "prediction.estimate.checkpoint.write_s"),
         "load s": column(runs, "checkpoints.load_s"), "resumed at step": column(runs, "checkpoints.resumed_at_step"),
+        "restarts": column(runs, "resilience.restarts"), "steps redone": column(runs, "resilience.lost_steps"),
+        "goodput": column(runs, "resilience.goodput"),
         "predicted goodput": column(runs, "prediction.estimate.checkpoint.goodput_at_optimal"),
     }).reset_index(drop=True)
     notes = ["save s: median over the run's saves of the slowest rank's seconds to the checkpoint on disk; training "
              "waited s: the part the loop stopped for (all of it unless checkpoint.async_save); GB/s: bytes over the "
              "save time, all ranks together; per rank and per save: the run's checkpoints.jsonl",
              "predicted: size over the file system's published bandwidth (costmodel/resilience.py); goodput at "
-             "Daly's optimum interval for the system's node MTBF; — where the system states no file-system figure"]
+             "Daly's optimum interval for the system's node MTBF; — where the system states no file-system figure",
+             "goodput (measured, jobs that restarted): time in surviving steps over wall time from the first "
+             "attempt's start (launcher.max_restarts)"]
     return View("checkpoint", "Checkpoint cost", table, notes, table)
 
 

@@ -88,19 +88,28 @@ class Checkpointer:
         self._barrier()
         return record or {}
 
-    def load(self, backend: Any) -> int:
-        """Load `checkpoint.resume_from` into the set-up backend; returns the step to continue from."""
-        assert self.resume_from is not None
-        meta = read_meta(self.resume_from)
+    def job_start(self) -> int:
+        """The step the job began at: 0, or the next step of the checkpoint the user resumed from."""
+        return int(read_meta(self.resume_from)["next_step"]) if self.resume_from is not None else 0
+
+    def latest(self) -> Optional[Path]:
+        """The newest complete checkpoint in this run's checkpoint directory (what a restart continues from)."""
+        done = [p for p in sorted(self.root.glob("step-*")) if (p / META).exists()
+                and json.loads((p / META).read_text()).get("complete")]
+        return done[-1] if done else None
+
+    def load(self, backend: Any, path: Path) -> int:
+        """Load the checkpoint at `path` into the set-up backend; returns the step to continue from."""
+        meta = read_meta(path)
         started = time.perf_counter()
-        backend.load_state(self.resume_from)
-        rng = self.resume_from / f"rng-rank{self.rank:05d}.pt"
+        backend.load_state(path)
+        rng = path / f"rng-rank{self.rank:05d}.pt"
         if rng.exists():  # a run with another number of ranks starts those without one from its seed
             _set_rng_state(torch.load(rng, weights_only=False))
         seconds = self._gather(time.perf_counter() - started)
         if self.rank == 0:
-            size = sum(f.stat().st_size for f in self.resume_from.rglob("*") if f.is_file())
-            self._record("load", int(meta["next_step"]), self.resume_from, size, seconds)
+            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+            self._record("load", int(meta["next_step"]), path, size, seconds)
         return int(meta["next_step"])
 
     def _meta(self, next_step: int) -> dict[str, Any]:
@@ -172,3 +181,48 @@ def checkpoint_summary(run_dir: Path) -> Optional[dict[str, Any]]:
         out.update(resumed_from=loads[0]["path"], resumed_at_step=loads[0]["step"],
                    load_s=loads[0]["seconds"]["max"], load_gb_per_s=loads[0]["gb_per_s"])
     return out
+
+
+ATTEMPTS = "attempts.jsonl"
+"""One line per attempt of the job (torch elastic restarts): when it started and where it resumed."""
+
+
+def record_attempt(run_dir: Path, attempt: int, started_unix_s: float, start_step: int,
+                   resumed_from: Optional[Path]) -> None:
+    with open(run_dir / ATTEMPTS, "a") as f:
+        f.write(json.dumps({"attempt": attempt, "started_unix_s": started_unix_s, "start_step": start_step,
+                            "resumed_from": str(resumed_from) if resumed_from else None}) + "\n")
+
+
+def surviving_steps(run_dir: Path, steps: list[dict[str, Any]]
+                    ) -> tuple[list[dict[str, Any]], Optional[dict[str, Any]]]:
+    """The steps that made it into the final trajectory (each step number's last line: a restarted attempt redoes
+    the steps after its checkpoint) and the job's `resilience` block: restarts, lost steps, the time each restart
+    took to detect and relaunch and to resume, and the goodput — time in surviving steps over the job's wall time
+    from its first attempt's start. None for a job that never restarted."""
+    path = run_dir / ATTEMPTS
+    attempts = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    if len(attempts) < 2:
+        return steps, None
+    last: dict[int, dict[str, Any]] = {}
+    for s in steps:
+        last[s["step"]] = s
+    surviving = [last[k] for k in sorted(last)]
+    restarts = []
+    for previous, current in zip(attempts, attempts[1:]):
+        before = [s for s in steps if s.get("attempt", 0) == previous["attempt"]]
+        after = [s for s in steps if s.get("attempt", 0) == current["attempt"]]
+        failed_at = max((s["end_unix_s"] for s in before), default=previous["started_unix_s"])
+        first = min((s["end_unix_s"] - s["iter_time_ms"] / 1e3 for s in after), default=None)
+        restarts.append({"attempt": current["attempt"], "resumed_at_step": current["start_step"],
+                         "resumed_from": current["resumed_from"],
+                         "lost_steps": sum(1 for s in before if s["step"] >= current["start_step"]),
+                         "detect_and_relaunch_s": current["started_unix_s"] - failed_at,
+                         "resume_s": None if first is None else first - current["started_unix_s"]})
+    useful = sum(s["iter_time_ms"] for s in surviving) / 1e3
+    wall = max(s["end_unix_s"] for s in steps) - attempts[0]["started_unix_s"]
+    return surviving, {"attempts": len(attempts), "restarts": len(attempts) - 1,
+                       "lost_steps": len(steps) - len(surviving), "restart_events": restarts,
+                       "useful_s": useful, "wall_s": wall, "goodput": useful / wall if wall > 0 else None,
+                       "rule": "goodput = time in the steps that survived / wall time from the first attempt's start "
+                               "to the last step (failed steps, detection, relaunch, loading and set-up are lost)"}

@@ -66,7 +66,8 @@ def run(cfg: DictConfig, run_dir: Path, checked: Optional[Checked] = None) -> st
                 rank_main(*handed)  # raises SystemExit when a signal stopped it
         else:
             say(f"starting {cfg.launcher.nproc} local ranks (torch.distributed.elastic) into {run_dir}")
-            launch_local(cfg.launcher.nproc, rank_main, *handed, monitor_interval_s=cfg.launcher.monitor_interval_s)
+            launch_local(cfg.launcher.nproc, rank_main, *handed, monitor_interval_s=cfg.launcher.monitor_interval_s,
+                         max_restarts=cfg.launcher.max_restarts)
     except ChildFailedError as exc:
         return _ensure_failed_summary(run_dir, config, layout, _child_error(exc))
     except SignalException as exc:  # the local agent stopped by Ctrl-C or SIGTERM; it ended the ranks

@@ -105,11 +105,19 @@ class StepLog:
     so a disk the steps filled up still has room for the summary that says so.
     """
 
-    def __init__(self, run_dir: Path) -> None:
-        # O_EXCL: a file that appeared since the lock was taken belongs to someone else; never append to it.
-        self._fd: Optional[int] = os.open(run_dir / "steps.jsonl", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        self._size = 0
+    def __init__(self, run_dir: Path, attempt: int = 0) -> None:
+        # O_EXCL: a file that appeared since the lock was taken belongs to someone else; never append to it. An
+        # attempt after a restart (torch elastic's) continues this run's own file, after its last whole line.
+        path = run_dir / "steps.jsonl"
+        if attempt:
+            self._fd: Optional[int] = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            self._size = _whole_lines(path, self._fd)
+        else:
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            self._size = 0
         self._reserve = run_dir / SUMMARY_RESERVE
+        if attempt:
+            self._reserve.unlink(missing_ok=True)  # left by an attempt that died before its close
         self.error: Optional[str] = None
         try:
             fd = os.open(self._reserve, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -148,6 +156,15 @@ class StepLog:
                 self._fd = None
         self._reserve.unlink(missing_ok=True)  # our own file, made in __init__
         return self.error
+
+
+def _whole_lines(path: Path, fd: int) -> int:
+    """Cut a line torn by a killed attempt back to the last whole one; the file's size after."""
+    data = path.read_bytes()
+    size = data.rfind(b"\n") + 1
+    if size != len(data):
+        os.ftruncate(fd, size)
+    return size
 
 
 def os_error(exc: OSError) -> str:
@@ -372,11 +389,13 @@ def write_run_summary(run_dir: Path, *, cfg: Any, layout: Any, info: Any, device
     """Rank 0's summary of a run it took part in: measured metrics, the prediction, telemetry, the table."""
     from harness.config.compose import to_container
     from harness.models.config import GPTConfig
+    from harness.run.checkpoint import checkpoint_summary, surviving_steps
     from harness.run.live import print_summary
     from harness.trace.analyse import summary_blocks
 
     reports = [r.telemetry for r in ranks if r.telemetry is not None]
     steps, note = read_steps_checked(run_dir)
+    steps, resilience = surviving_steps(run_dir, steps)  # a restarted job: each step's last attempt
     notes = backend.summary_notes() if backend is not None else {}
     model = {"name": cfg.model.name, "params": n_params, **dataclasses.asdict(GPTConfig.from_section(cfg.model))}
     power_csv = None
@@ -404,10 +423,14 @@ def write_run_summary(run_dir: Path, *, cfg: Any, layout: Any, info: Any, device
     )
     predicted = (summary["prediction"] or {}).get("estimate", {}).get("collectives")
     summary["kernels"] = kernels
-    from harness.run.checkpoint import checkpoint_summary
-
     if (checkpoints := checkpoint_summary(run_dir)) is not None:
         summary["checkpoints"] = checkpoints
+    if resilience is not None:
+        from harness.core.console import say
+
+        summary["resilience"] = resilience
+        say(f"job restarted {resilience['restarts']} time(s): {resilience['lost_steps']} step(s) redone, goodput "
+            f"{resilience['goodput']:.1%} of {resilience['wall_s']:.1f} s wall time")
     if note:
         summary["steps_note"] = note
     if status == "ok":

@@ -23,7 +23,7 @@ from harness.core.layout import Layout
 from harness.costmodel.flops import step_flops
 from harness.launchers.env import RankInfo
 from harness.models.gpt import GPT, GPTConfig
-from harness.run.checkpoint import Checkpointer
+from harness.run.checkpoint import Checkpointer, record_attempt
 from harness.run.data import TokenSource, micro_batches, step_batches, token_source
 from harness.run.environment import kernels
 from harness.run.live import Progress
@@ -79,6 +79,12 @@ class Trainer:
         self.checkpointer = Checkpointer(cfg, info.rank, info.world_size, run_dir, layout)
         self.start_step = 0
         """The first step's number: 0, or where a resumed checkpoint left off."""
+        self.end_step = cfg.train.warmup_steps + cfg.train.steps
+        """One past the job's last step (the same for every attempt of a restarted job)."""
+        self.attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        """Which attempt of the job this is: torch elastic restarts every rank after one dies."""
+        self.started_unix_s = time.time()
+        self.job_start = 0
 
     def build(self) -> Built:
         train, model_cfg = self.cfg.train, GPTConfig.from_section(self.cfg.model)
@@ -100,8 +106,17 @@ class Trainer:
                 model = GPT(model_cfg)
         n_params = model.num_params()
         backend.setup(model)
-        if self.checkpointer.resume_from is not None:
-            self.start_step = self.checkpointer.load(backend)
+        job_start = self.checkpointer.job_start()
+        self.end_step = job_start + train.warmup_steps + train.steps
+        resume = self.checkpointer.resume_from
+        if self.attempt:  # a restart continues from the newest complete checkpoint this job wrote
+            resume = self.checkpointer.latest() or resume
+            if self.is_writer:
+                say(f"restart {self.attempt}: resuming from {resume.name if resume else 'the start (no checkpoint)'}")
+        self.start_step = self.checkpointer.load(backend, resume) if resume is not None else job_start
+        self.job_start = job_start
+        if self.is_writer and (self.attempt or self.cfg.launcher.max_restarts):
+            record_attempt(self.run_dir, self.attempt, self.started_unix_s, self.start_step, resume)
         flops = step_flops(model_cfg, self.layout.global_batch_size, train.activation_checkpointing,
                            train.checkpoint_every_n)
         throughput = Throughput(
@@ -110,9 +125,8 @@ class Trainer:
             world_size=self.layout.world_size,
             peak=resolve_peak(self.cfg.system, compute_precision(self.cfg), self.device),
         )
-        total = train.warmup_steps + train.steps
         data = token_source(self.cfg.data, vocab_size=model_cfg.vocab_size, seq_len=model_cfg.seq_len,
-                            seed=train.seed, num_samples=(self.start_step + total) * self.layout.global_batch_size)
+                            seed=train.seed, num_samples=self.end_step * self.layout.global_batch_size)
         sampler = make_sampler(
             self.cfg.telemetry, device_type=self.device.type, device_index=self.device.index,
             local_rank=self.info.local_rank, rank=self.info.rank, host=hostname(),
@@ -125,14 +139,15 @@ class Trainer:
             profiled = f"; recording steps {window.recorded.start}-{window.recorded.stop - 1} in a trace" \
                 if window is not None else ""
             say(f"built in {time.perf_counter() - started:.1f} s ({n_params:,} parameters); {train.warmup_steps} "
-                f"warm-up step(s), then {train.steps} measured{profiled}")
+                f"warm-up step(s), then {train.steps} measured{profiled}" if self.start_step == self.job_start else
+                f"built in {time.perf_counter() - started:.1f} s; steps {self.start_step}-{self.end_step - 1} to go")
         return Built(backend, n_params, throughput, data, MemoryMeter(self.device), sampler, capture)
 
     def run(self) -> None:
         status, error = "ok", None
         try:
             if self.is_writer:
-                self.step_log = StepLog(self.run_dir)
+                self.step_log = StepLog(self.run_dir, self.attempt)
             self.built = self.build()
             with self.watchdog:
                 self.loop(self.built)
@@ -157,8 +172,9 @@ class Trainer:
 
     def loop(self, built: Built) -> None:
         train = self.cfg.train
-        total = train.warmup_steps + train.steps
-        progress = Progress(total, train.warmup_steps) if self.is_writer else None
+        total = self.end_step - self.start_step
+        warmup_end = self.job_start + train.warmup_steps
+        progress = Progress(total, max(0, warmup_end - self.start_step)) if self.is_writer else None
         built.sampler.start()  # idle power first, with the model built and the device quiet
         with frozen_gc(), built.capture:
             synchronize(self.device)
@@ -174,7 +190,7 @@ class Trainer:
                 with phase(PHASES.data):
                     batches = micro_batches(next(loader), layout=self.layout, device=self.device)
                 data_s = time.perf_counter() - waited
-                if self.measures_tensor_peak(index):  # a warm-up step: its time is not a timed step's
+                if self.measures_tensor_peak(step, warmup_end):  # a warm-up step: not a timed step
                     with TensorPeak() as peak:
                         loss = built.backend.train_step(batches)
                     self.tensor_peak_mb = None if peak.peak_bytes is None else peak.peak_bytes / 2**20
@@ -185,7 +201,9 @@ class Trainer:
                 iter_time_s, last = now - last, now
                 reading = built.sampler.mark_step(now)
                 assert reading is not None  # every boundary after the first closes a window
-                record = self.record(built, step, index < train.warmup_steps, loss, iter_time_s, data_s, reading)
+                record = self.record(built, step, step < warmup_end, loss, iter_time_s, data_s, reading)
+                if self.attempt or self.cfg.launcher.max_restarts:
+                    record["attempt"] = self.attempt
                 if self.step_log is not None and progress is not None:
                     self.step_log.write(record)
                     progress.update(record)
@@ -206,10 +224,9 @@ class Trainer:
         if progress is not None:
             progress.close()
 
-    def measures_tensor_peak(self, step: int) -> bool:
+    def measures_tensor_peak(self, step: int, warmup_end: int) -> bool:
         """On a CPU, where no allocator keeps a peak, the last warm-up step is measured tensor by tensor."""
-        train = self.cfg.train
-        return self.device.type == "cpu" and not self.cfg.profile.enabled and step == train.warmup_steps - 1
+        return self.device.type == "cpu" and not self.cfg.profile.enabled and step == warmup_end - 1
 
     def inject_fault(self, step: int) -> None:
         """`train.fault_inject_oom_step`: the last rank fails as a real out-of-memory step would, so the
@@ -217,6 +234,10 @@ class Trainer:
         if step == self.cfg.train.fault_inject_oom_step and self.info.rank == self.info.world_size - 1:
             raise torch.OutOfMemoryError(
                 f"injected by train.fault_inject_oom_step={step} on rank {self.info.rank}")
+        crash = self.cfg.train.get("fault_inject_crash_step")
+        if crash is not None and self.attempt == 0 and self.start_step + step == crash \
+                and self.info.rank == self.info.world_size - 1:
+            os._exit(1)  # a node that vanishes: no summary, no goodbye
         if self.cfg.train.fault_inject_slow_ms and self.info.rank == self.cfg.train.fault_inject_slow_rank:
             time.sleep(self.cfg.train.fault_inject_slow_ms / 1e3)  # a slow device or node, as far as timing goes
 

@@ -60,6 +60,8 @@ def check_train(t: TrainConfig, n_layers: int, backend: str) -> None:
     total = t.warmup_steps + t.steps
     if t.fault_inject_oom_step is not None and not 0 <= t.fault_inject_oom_step < total:
         raise ConfigError(f"train.fault_inject_oom_step={t.fault_inject_oom_step}: choose a step in 0..{total - 1}")
+    if t.fault_inject_crash_step is not None and not 0 <= t.fault_inject_crash_step < total:
+        raise ConfigError(f"train.fault_inject_crash_step={t.fault_inject_crash_step}: choose a step in 0..{total - 1}")
     if t.fault_inject_slow_ms < 0:
         raise ConfigError(f"train.fault_inject_slow_ms={t.fault_inject_slow_ms}: give 0 (off) or a delay in ms")
 
@@ -70,6 +72,7 @@ def check_launcher(launcher: LauncherConfig) -> None:
     at_least(launcher, "launcher", ("nproc",), 1, "at least 1 (ranks to start)")
     at_least(launcher, "launcher", ("omp_num_threads",), 1, "at least 1 thread per rank (or unset: cores / ranks)")
     at_least(launcher, "launcher", ("pg_timeout_s",), 1, "at least 1 second (a collective's timeout)")
+    at_least(launcher, "launcher", ("max_restarts",), 0, "0 (a failed rank ends the job) or more restarts")
     for key in ("monitor_interval_s",):
         if launcher[key] <= 0:
             raise ConfigError(f"launcher.{key}={launcher[key]}: must be a positive number of seconds")
