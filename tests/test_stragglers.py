@@ -27,9 +27,12 @@ def test_a_slowed_rank_is_named_as_the_straggler(slow: int, tmp_path: Path) -> N
     assert lagging["lag_ms"] > 10  # a good part of the 40 ms the slowed rank sleeps, spent by the other waiting
     assert any(w.startswith(f"straggler: rank {slow}") for w in summary["warnings"])
     assert f"straggler: rank {slow}" in proc.stdout + proc.stderr
-    table = json.loads(harness(["report", str(run_dir), "--view", "ranks", "--format", "json"],
-                               cwd=tmp_path).stdout)["ranks"]
+    for step in lagging["per_step"]:  # every traced step: the spread of the ranks' waits, the straggler's the least
+        assert step["ranks"] == 2 and step["comm_ms_max"] - step["comm_ms_min"] > 10, step
+    table = json.loads(harness(["report", str(run_dir), "--view", "ranks", "--format", "json", "--out",
+                                str(tmp_path / "report")], cwd=tmp_path).stdout)["ranks"]
     assert [r["rank"] for r in table if r["straggler"] == "yes"] == [slow]
+    assert (tmp_path / "report" / "ranks.png").stat().st_size > 1000  # bars and the rank-by-step heat map
 
 
 def test_ranks_that_wait_alike_have_no_straggler() -> None:

@@ -250,10 +250,24 @@ def context_line(frame: pd.DataFrame) -> str:
 
 
 def plot_ranks(view: View, plt: Any) -> Any:
-    """Stacked bars per rank (compute, in collectives, idle), one group per run; the straggler's label in red."""
+    """Stacked bars per rank (compute, in collectives, idle), one group per run, the straggler's label in red;
+    beside them, where the traces give it step by step, a heat map of each rank's wait by step."""
     data = view.data
     labels = [f"{run} · rank {rank}" for run, rank in zip(data["run"], data["rank"])]
-    fig, ax = plt.subplots(figsize=(7.0, 0.4 * len(data) + 1.8))
+    steps = sorted({s for waits in data["wait by step"] if isinstance(waits, dict) for s in waits})
+    fig, axes = plt.subplots(1, 2 if steps else 1, figsize=(12.0 if steps else 7.0, 0.4 * len(data) + 1.8),
+                             squeeze=False)
+    ax = axes[0][0]
+    if steps:
+        heat = axes[0][1]
+        grid = np.array([[waits.get(s, np.nan) if isinstance(waits, dict) else np.nan for s in steps]
+                         for waits in data["wait by step"]], dtype=float)
+        image = heat.imshow(grid, aspect="auto", cmap="viridis")
+        heat.set_xticks(range(len(steps)), [str(s) for s in steps], fontsize=8)
+        heat.set_yticks(range(len(data)), labels, fontsize=8)
+        heat.set_xlabel("traced step")
+        heat.set_title("ms in collectives (the straggler's row is the darkest)", fontsize=8)
+        fig.colorbar(image, ax=heat)
     left = np.zeros(len(data))
     for key, colour in (("compute ms", "tab:blue"), ("in collectives ms", "tab:red"), ("idle ms", "lightgrey")):
         values = data[key].fillna(0.0).to_numpy(dtype=float)

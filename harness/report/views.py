@@ -575,16 +575,18 @@ def ranks_view(frame: pd.DataFrame, options: Options) -> View:
                          "compute ms": r.get("compute_ms"), "in collectives ms": r.get("comm_ms"),
                          "idle ms": r.get("idle_ms"),
                          "straggler": ("yes" if flagged else "slowest, within the rule")
-                         if pd.notna(lagging) and r["rank"] == lagging else None})
-    table = pd.DataFrame(rows, columns=["run", "rank", "step ms", "compute ms", "in collectives ms", "idle ms",
-                                       "straggler"])
+                         if pd.notna(lagging) and r["rank"] == lagging else None,
+                         "wait by step": {e["step"]: e["comm_ms"] for e in r.get("per_step_ms") or []} or None})
+    data = pd.DataFrame(rows, columns=["run", "rank", "step ms", "compute ms", "in collectives ms", "idle ms",
+                                      "straggler", "wait by step"])
+    table = data.drop(columns=["wait by step"])
     from harness.trace.analyse import STRAGGLER_LAG
 
     notes = ["ms per traced step, mean over the recorded steps; time in collectives includes waiting for the last "
              f"rank to arrive, so the rank that waits least is the slowest; a straggler: the others' median wait "
              f"exceeds its own by more than {STRAGGLER_LAG:.0%} of the step"]
     notes += [w for w in warning_notes(runs) if "straggler" in w]
-    return View("ranks", "Ranks: who waits for whom", table, notes, table)
+    return View("ranks", "Ranks: who waits for whom", table, notes, data)
 
 
 def checkpoint_view(frame: pd.DataFrame, options: Options) -> View:

@@ -64,7 +64,10 @@ def analyse_trace(path: Path, rank: int, steps: Optional[range] = None, timeout_
             row.update(**gpu.hta_step_split(hta, len(numbers), step_ms),
                        comm_comp_overlap_pct=hta["comm_comp_overlap_pct"], top_kernels=hta["top_kernels"])
     else:
-        row.update(_mean(cpu.step_breakdowns(trace, windows)), source=CPU_SOURCE)
+        per_step = cpu.step_breakdowns(trace, windows)
+        row.update(_mean(per_step), source=CPU_SOURCE)
+        row["per_step_ms"] = [{"step": n, "step_ms": b["step_ms"], "comm_ms": b["comm_ms"]}
+                              for n, b in zip(numbers, per_step)]  # who waited for whom, step by step
     row["phases_ms"] = _mean(phases_ms(trace, windows))
     row["comm"] = {kind: {k: v / len(numbers) if k != "unsized_types" else v for k, v in entry.items()}
                    for kind, entry in comm.by_kind(trace, span).items()}
@@ -178,10 +181,18 @@ def straggler(rows: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
     slowest = min(waits, key=waits.__getitem__)
     lag = statistics.median(w for rank, w in waits.items() if rank != slowest) - waits[slowest]
     step = statistics.median(r["step_ms"] for r in rows)
-    return {"rank": slowest, "lag_ms": lag, "lag_share": lag / step if step else None, "flagged": bool(
-            step and lag > STRAGGLER_LAG * step), "comm_ms_by_rank": [waits[r] for r in sorted(waits)],
-            "rule": f"the rank that waits least in collectives; flagged when the others' median wait exceeds its "
-                    f"own by more than {STRAGGLER_LAG:.0%} of the step (traced steps)"}
+    out = {"rank": slowest, "lag_ms": lag, "lag_share": lag / step if step else None, "flagged": bool(
+           step and lag > STRAGGLER_LAG * step), "comm_ms_by_rank": [waits[r] for r in sorted(waits)],
+           "rule": f"the rank that waits least in collectives; flagged when the others' median wait exceeds its "
+                   f"own by more than {STRAGGLER_LAG:.0%} of the step (traced steps)"}
+    by_step: dict[int, list[float]] = {}
+    for r in rows:
+        for entry in r.get("per_step_ms") or []:
+            by_step.setdefault(entry["step"], []).append(entry["comm_ms"])
+    if by_step:  # CPU traces: each traced step's spread of waits across ranks
+        out["per_step"] = [{"step": n, "ranks": len(w), "comm_ms_min": min(w), "comm_ms_median": statistics.median(w),
+                            "comm_ms_max": max(w)} for n, w in sorted(by_step.items())]
+    return out
 
 
 def _grouped(items: list[tuple[int, str]]) -> list[str]:
