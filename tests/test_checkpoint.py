@@ -148,3 +148,15 @@ def test_a_rank_that_dies_is_restarted_from_the_last_checkpoint(tmp_path: Path) 
     want = losses(straight)
     final = {s["step"]: s["loss"] for s in lines}  # each step's last attempt
     assert all(final[k] == pytest.approx(want[k], rel=TOLERANCE) for k in range(8)), (final, want)
+
+
+def test_a_sweep_over_the_checkpoint_interval_reports_its_cost(tmp_path: Path) -> None:
+    """The study a user runs to choose an interval: a sweep over checkpoint.every, whose report picks the checkpoint
+    view by itself, a row per point."""
+    sweep = tmp_path / "sweep"
+    proc = harness(["run", "-m", f"hydra.sweep.dir={sweep}", *BASE, "train.steps=4", "checkpoint.every=1,2"],
+                   cwd=tmp_path, env={**clean_env(), "HARNESS_AUTO_CALIBRATE": "0"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tables = json.loads(harness(["report", str(sweep), "--format", "json"], cwd=tmp_path).stdout)
+    rows = sorted(tables["checkpoint"], key=lambda r: -r["saves"])
+    assert [r["saves"] for r in rows] == [4, 2] and all(r["save s"] > 0 for r in rows)
