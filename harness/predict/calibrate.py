@@ -120,9 +120,11 @@ def _measure(device: Any, dtype: Any, world: int, sync: Callable[[], None], out_
         gemm.append((2.0 * n**3, _timed(lambda: torch.matmul(a, b), sync)))
     result["gemm"] = gemm
     src, dst = torch.ones(2**24, device=device), torch.empty(2**24, device=device)  # 64 MiB each
-    tell("calibrate: memory bandwidth, then the host's overhead per block (4 probe models)")
+    tell("calibrate: memory bandwidth")
     result["mem_bw"] = 2 * src.numel() * 4 / _timed(lambda: dst.copy_(src), sync)  # read + write
-    for width, layers in itertools.product(PROBE_WIDTHS, PROBE_LAYERS):
+    probes = list(itertools.product(PROBE_WIDTHS, PROBE_LAYERS))
+    for i, (width, layers) in enumerate(probes, 1):  # a line each: the host's overhead per block, probe by probe
+        tell(f"calibrate: GPT probe {i} of {len(probes)} (width {width}, {layers} blocks)")
         step = _gpt_step(width, layers, device, data_parallel=world > 1)
         # Multi-rank probes take a fixed number of steps: each step is a collective.
         result[f"gpt_{width}_{layers}"] = _timed_collective(step, sync) if world > 1 else _timed(step, sync, 0.3)
