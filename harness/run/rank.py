@@ -15,7 +15,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -55,15 +55,29 @@ def rank_process(*, device: str = "auto", gpu_order: str = "local_rank",
     raise_on_sigterm()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     rank_device = select_device(device, info.local_rank, gpu_order)
+    timeout = datetime.timedelta(seconds=pg_timeout_s)
     dist.init_process_group(
         backend=process_group_backend(rank_device),
-        timeout=datetime.timedelta(seconds=pg_timeout_s),
+        timeout=timeout,
         device_id=rank_device if rank_device.type == "cuda" else None,
+        **_attempt_store(info, timeout),
     )
     try:
         yield RankContext(info, rank_device)
     finally:
         dist.destroy_process_group()
+
+
+def _attempt_store(info: Any, timeout: datetime.timedelta) -> dict[str, Any]:
+    """After a torch elastic restart, the agent's store still holds the failed attempt's keys (each rank's gloo
+    address among them: a rank that read a dead peer's would fail to connect), and env:// adds no prefix of its
+    own; so a restarted attempt joins under a prefix of its own. Nothing for a first attempt."""
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if not attempt or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    store = dist.TCPStore(info.master_addr, info.master_port, info.world_size, is_master=False, timeout=timeout)
+    return {"store": dist.PrefixStore(f"/harness/attempt_{attempt}", store), "rank": info.rank,
+            "world_size": info.world_size}
 
 
 def select_device(choice: str, local_rank: int, order: str) -> torch.device:
