@@ -370,13 +370,16 @@ def scaling_view(frame: pd.DataFrame, options: Options) -> View:
         comm_base = next((points.loc[i] for i, (_, comm, _) in splits.items() if comm), None)
         mode = _mode(points)
         predicted = pd.to_numeric(column(points, "prediction.tokens_per_s"), errors="coerce")  # None → NaN
-        rel = ci_half(points, "tokens_per_s") / column(points, "metrics.tokens_per_s")  # relative 95% half-width
+        # relative 95% half-width of each run's mean step time: finite even where a noisy run's interval reaches
+        # zero step time (the rate's interval then has no upper end); first order, the speed-up's relative error
+        rel = ci_half(points, "iter_time_ms") / column(points, "statistics.iter_time_ms.mean")
         for i, run in points.iterrows():
             n, g = run["layout.world_size"], base["layout.world_size"]
             speedup = run["metrics.tokens_per_s"] / base["metrics.tokens_per_s"]
             half = speedup * float(np.hypot(rel[i], rel[base.name])) if i != base.name else 0.0
             pred_speedup = predicted[i] / predicted[base.name]  # NaN where either run has no prediction
             comp_n, comm_n, source = splits[i]
+            tag, why = _suspect(speedup / (n / g), half / (n / g), base) or (None, None)
             comm_eff = implied = r_comm = np.nan
             if comm_base is not None and comm_n and n >= comm_base["layout.world_size"]:
                 comp_c, comm_c, _ = splits[comm_base.name]
@@ -391,8 +394,7 @@ def scaling_view(frame: pd.DataFrame, options: Options) -> View:
                          "n": run.get("statistics.timed_steps"), "tokens/s": run["metrics.tokens_per_s"],
                          "speed-up": speedup, "speed-up" + SPREAD: half, "ideal": n / g,
                          "efficiency": speedup / (n / g), "efficiency" + SPREAD: half / (n / g),
-                         "suspect": (_suspect(speedup / (n / g), half / (n / g), base) or (None, None))[0],
-                         "_why": (_suspect(speedup / (n / g), half / (n / g), base) or (None, None))[1],
+                         "suspect": tag, "_why": why,
                          "predicted speed-up": pred_speedup,
                          "predicted efficiency": pred_speedup / (n / g),
                          "split from": source, "comm base": int(comm_base["layout.world_size"])
