@@ -237,12 +237,14 @@ class GPT(nn.Module):
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) or, given targets, the mean cross-entropy over all B*T positions.
 
         A pipeline stage is this model with the parts other stages hold set to None (torchtitan's way):
         without `tok_emb` it takes the previous stage's hidden states (B, T, d_model) instead of tokens,
-        and without `lm_head` it returns its hidden states.
+        and without `lm_head` it returns its hidden states. `positions` (T,) are the tokens' places in their
+        sequence when they are a chunk of it (context parallelism hands each rank one); default 0..T-1.
         """
         T = tokens.shape[1]
         if T > self.config.seq_len:
@@ -250,9 +252,10 @@ class GPT(nn.Module):
         x = tokens if self.tok_emb is None else self.tok_emb(tokens)
         rope = None
         if self.config.position == "rope":
-            rope = (self.rope_cos[:T], self.rope_sin[:T])
+            rope = ((self.rope_cos[:T], self.rope_sin[:T]) if positions is None
+                    else (self.rope_cos[positions], self.rope_sin[positions]))
         elif self.tok_emb is not None:
-            x = x + self.pos_emb(torch.arange(T, device=tokens.device))
+            x = x + self.pos_emb(torch.arange(T, device=tokens.device) if positions is None else positions)
         for block in self.blocks:
             x = block(x, rope)
         if self.lm_head is None:

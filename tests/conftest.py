@@ -150,6 +150,10 @@ GLOBAL_BATCH = ["train.global_batch_size=4", "train.precision=fp32"]
 LAYOUTS = {
     "ddp-2": ["launcher.nproc=2", "backend=ddp", "train.micro_batch_size=2"],
     "ddp-2-accum": ["launcher.nproc=2", "backend=ddp", "train.micro_batch_size=1"],
+    # context parallelism (ulysses): two ranks share each sequence; then two replicas of such a pair
+    "ddp-cp2": ["launcher.nproc=2", "backend=ddp", "parallel.cp=2", "train.micro_batch_size=2"],
+    "fsdp-dp2-cp2-selective": ["launcher.nproc=4", "backend=fsdp", "parallel.cp=2", "train.micro_batch_size=1",
+                               "train.activation_checkpointing=selective"],
     "fsdp-2": ["launcher.nproc=2", "backend=fsdp", "train.micro_batch_size=2"],
     "fsdp-2-no-reshard": ["launcher.nproc=2", "backend=fsdp", "backend.sharding=shard_grad_op",
                           "train.micro_batch_size=2"],

@@ -24,4 +24,4 @@ def test_losses_match_single_rank_reference(reference: Run, layout_runs: dict[st
 def test_layout_recorded(layout_runs: dict[str, Run]) -> None:
     layout = layout_runs["ddp-2-accum"].summary["layout"]
     assert layout == {"world_size": 2, "tp": 1, "pp": 1, "dp": 2, "zero_stage": 0, "micro_batch_size": 1,
-                      "global_batch_size": 4, "grad_accum": 2}
+                      "global_batch_size": 4, "grad_accum": 2, "cp": 1}

@@ -7,6 +7,7 @@ everything else: process groups, data, timing, metrics and the run directory.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from abc import ABC, abstractmethod
@@ -16,6 +17,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from harness.backends.context import ContextParallel
 from harness.core.layout import Layout
 from harness.core.registry import CHECKPOINTING, resolve_optimizer
 from harness.trace.capture import phase
@@ -215,10 +217,16 @@ class FabricBackend(Backend):
         materialize(model, self.device)
         checkpoint_and_compile(model, self.cfg.train)
 
+    context: ContextParallel | None = None
+    """This rank's part in context parallelism (parallel.cp > 1)."""
+
     def setup(self, model: nn.Module) -> None:
         from lightning_fabric import Fabric
         from lightning_fabric.plugins.environments import TorchElasticEnvironment
 
+        if self.layout.cp > 1:
+            self.context = ContextParallel(self.cfg.parallel.cp_kind, self.layout.cp, self.device)
+            self.context.parallelize(model)
         self.prepare(model)
         # The runner already exported torchrun-style variables for every launcher (srun, mpiexec
         # included) and initialised the process group, so Fabric reads the same rank layout.
@@ -257,9 +265,14 @@ class FabricBackend(Backend):
         total = torch.zeros((), device=self.device)
         n = len(micro_batches)
         for i, (inputs, targets) in enumerate(micro_batches):
-            with self.fabric.no_backward_sync(self.model, enabled=i < n - 1):
+            kwargs: dict[str, Any] = {}
+            around: Any = contextlib.nullcontext()
+            if self.context is not None:  # this rank's chunk of each sequence
+                inputs, targets, kwargs = self.context.shard(inputs, targets)
+                around = self.context.context(self.model.module, inputs, targets)
+            with self.fabric.no_backward_sync(self.model, enabled=i < n - 1), around:
                 with phase(PHASES.forward):
-                    loss = self.model(inputs, targets)
+                    loss = self.model(inputs, targets, **kwargs)
                 with phase(PHASES.backward):
                     self.fabric.backward(self.scale_loss(loss / n))
             total += loss.detach()

@@ -17,7 +17,7 @@ class DDPBackend(FabricBackend):
 
     @property
     def dp_rank(self) -> int:
-        return self.fabric.global_rank
+        return self.fabric.global_rank // self.layout.cp  # a context-parallel group's cp ranks read one share
 
     def strategy(self) -> Any:
         from lightning_fabric.strategies import DDPStrategy, SingleDeviceStrategy

@@ -79,7 +79,13 @@ class FSDPBackend(FabricBackend):
 
     @property
     def dp_rank(self) -> int:
-        return self.fabric.strategy.device_mesh["data_parallel"].get_local_rank()
+        # the data-parallel mesh dimension holds dp·cp ranks; a context-parallel group's cp ranks read one share
+        return self.fabric.strategy.device_mesh["data_parallel"].get_local_rank() // self.layout.cp
+
+    @property
+    def shard_ranks(self) -> int:
+        """Ranks that reduce gradients and shard parameters: every data- and context-parallel rank."""
+        return self.layout.dp * self.layout.cp
 
     def precision(self) -> str:
         return "32-true"
@@ -109,7 +115,7 @@ class FSDPBackend(FabricBackend):
 
         return ModelParallelStrategy(
             parallelize_fn=self.parallelize,
-            data_parallel_size=self.layout.dp,
+            data_parallel_size=self.shard_ranks,
             tensor_parallel_size=self.layout.tp,
             timeout=timedelta(seconds=self.cfg.launcher.pg_timeout_s),
         )
@@ -119,14 +125,14 @@ class FSDPBackend(FabricBackend):
         b = self.cfg.backend
         if b.sharding not in ("no_shard", "hybrid_shard"):
             return None
-        return fsdp_replica_group(b.sharding, b.hybrid_shard_group, self.cfg.system.devices_per_node, self.layout.dp)
+        return fsdp_replica_group(b.sharding, b.hybrid_shard_group, self.cfg.system.devices_per_node, self.shard_ranks)
 
     def data_parallel_dims(self) -> tuple[tuple[int, ...], tuple[str, ...]]:
         """Sizes and names of the data-parallel mesh dimensions: one, or (replicate, shard) for HSDP."""
         group = self.replica_group()
         if group is None:
-            return (self.layout.dp,), ("data_parallel",)
-        return (self.layout.dp // group, group), REPLICA_DIMS
+            return (self.shard_ranks,), ("data_parallel",)
+        return (self.shard_ranks // group, group), REPLICA_DIMS
 
     def full_mesh(self, fabric_mesh: Any) -> Any:
         """Fabric's (data_parallel, tensor_parallel) mesh, or for HSDP one that splits data_parallel in two.

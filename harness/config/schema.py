@@ -71,6 +71,10 @@ class ParallelConfig:
     zero_stage: int = 0
     """DeepSpeed ZeRO stage."""
     sequence_parallel: bool = False
+    cp: int = 1
+    """Context-parallel size: ranks that share each sequence (harness.core.registry.CP_KINDS)."""
+    cp_kind: str = "ulysses"
+    """How a context-parallel group shares a sequence: ulysses (all-to-all over heads) | ring (K/V passed round)."""
     world_size: Optional[int] = None
     """Derived from the launched ranks by `run`; given explicitly to `estimate`/`plan`."""
 

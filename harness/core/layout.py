@@ -22,6 +22,8 @@ class Layout:
     micro_batch_size: int
     global_batch_size: int
     grad_accum: int
+    cp: int = 1
+    """Ranks sharing each sequence (context parallelism); dp = world_size / (tp · pp · cp)."""
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)

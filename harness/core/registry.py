@@ -124,6 +124,42 @@ def resolve_pp_schedule(choice: Optional[str], vpp: int) -> str:
 
 
 @dataclass(frozen=True)
+class ContextParallel:
+    """One `parallel.cp_kind`: how the ranks of a context-parallel group share each sequence, what it asks of the
+    model's shapes, and where it runs."""
+
+    name: str
+    meaning: str
+    splits_heads: bool
+    """Attention runs on whole sequences of 1/cp of the heads (all-to-all before and after): the query and KV head
+    counts (after tensor parallelism) must divide by cp."""
+    load_balanced: bool
+    """Each rank holds two of 2·cp sequence chunks (one early, one late) so causal attention's work is even: the
+    sequence must divide by 2·cp."""
+    runs_on: tuple[str, ...]
+    """Devices (system.device) whose attention kernels it can drive."""
+    run_note: str
+    """Why it runs only there, for the error that refuses another."""
+    source: str
+
+
+CP_KINDS: dict[str, ContextParallel] = {k.name: k for k in (
+    ContextParallel("ulysses", "all-to-all over attention heads: each rank attends whole sequences for cp-th of the "
+                    "heads, then a second all-to-all returns its sequence chunk (DeepSpeed-Ulysses)", True, False,
+                    ("cpu", "cuda"), "",
+                    "Jacobs et al. 2023, arXiv 2309.14509; deepspeed.sequence.layer.DistributedAttention"),
+    ContextParallel("ring", "ring attention: each rank keeps its queries and passes its K/V blocks around the ring, "
+                    "attending block by block with an online softmax, the transfer overlapped with the block's "
+                    "attention", False, True, ("cuda",),
+                    "torch's context_parallel rings the CUDA SDPA kernels (flash, efficient, cuDNN) only; on a CPU "
+                    "use parallel.cp_kind=ulysses",
+                    "Liu et al. 2023, arXiv 2310.01889; torch.distributed.tensor.experimental.context_parallel "
+                    "(torchtitan's CP)"),
+)}
+"""parallel.cp_kind."""
+
+
+@dataclass(frozen=True)
 class BackendSpec:
     """One backend: its implementation and the abilities `validate` holds a config to before launch."""
 
@@ -154,6 +190,8 @@ class BackendSpec:
     """Sequence parallelism needs seq_len divisible by tp (megatron-core splits the sequence in equal shards)."""
     pipeline_implementation: str = ""
     """`module:Class` that runs it when parallel.pp > 1, if not `implementation` itself."""
+    context_parallel: tuple[str, ...] = ()
+    """parallel.cp_kind values it runs with parallel.cp > 1 (CP_KINDS); empty: no context parallelism."""
     software: str = ""
     """The cost model's software profile of this backend (harness/costmodel/software.py PROFILES): what it fuses
     and overlaps, used when costmodel.software names no other."""
@@ -166,13 +204,13 @@ class BackendSpec:
 BACKENDS: dict[str, BackendSpec] = {spec.name: spec for spec in (
     BackendSpec(
         name="ddp", software="harness-ddp", implementation="harness.backends.ddp:DDPBackend",
-        summary="PyTorch DDP through Lightning Fabric", gradient_buckets=True),
+        summary="PyTorch DDP through Lightning Fabric", gradient_buckets=True, context_parallel=tuple(CP_KINDS)),
     BackendSpec(
         name="fsdp", software="harness-fsdp", implementation="harness.backends.fsdp:FSDPBackend",
         summary="FSDP2 fully_shard and DTensor TP through Fabric's ModelParallelStrategy; with parallel.pp > 1 "
                 "torch.distributed.pipelining schedules over the same stages",
         tensor_parallel=True, pipeline_parallel=True, interleaved_pipeline=True,
-        shardings=FSDP_SHARDINGS,
+        shardings=FSDP_SHARDINGS, context_parallel=tuple(CP_KINDS),
         options=("sharding", "hybrid_shard_group", "prefetch_depth", "offload", "param_dtype", "reduce_dtype",
                  "pp_schedule", *FP16_SCALER_OPTIONS[:2]),
         pipeline_implementation="harness.backends.pipeline:FSDPPipelineBackend"),

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from harness.config.checks import validate
+from harness.config.checks.parallel import check_context_parallel_device
 from harness.core.errors import ConfigError
 from harness.core.layout import Layout
 from harness.launchers.env import LaunchEnvError, RankInfo, discover, launcher_variables
@@ -40,6 +41,7 @@ def preflight(cfg: Any, world_size: int, local_ranks: int) -> Checked:
     host); ConfigError (one line) otherwise."""
     checked = check_config(cfg, world_size)
     device = check_device(cfg.system.device)
+    check_context_parallel_device(cfg.parallel, device)
     check_kernels(cfg, device)
     if cfg.profile.memory and device != "cuda":
         raise ConfigError(f"profile.memory=true: memory snapshots are a CUDA allocator feature "

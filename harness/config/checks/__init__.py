@@ -18,7 +18,13 @@ from harness.config.checks.backends import check_backend_options, check_deepspee
 from harness.config.checks.checkpoint import check_checkpoint
 from harness.config.checks.common import choice
 from harness.config.checks.data import check_data
-from harness.config.checks.parallel import check_parallel, check_pipeline_schedule, check_world, checked_global_batch
+from harness.config.checks.parallel import (
+    check_context_parallel,
+    check_parallel,
+    check_pipeline_schedule,
+    check_world,
+    checked_global_batch,
+)
 from harness.config.checks.sections import check_launcher, check_report, check_system, check_telemetry, check_train
 from harness.config.schema import Config
 from harness.core.errors import ConfigError
@@ -61,11 +67,12 @@ def validate(cfg: AnyConfig, world_size: int) -> Layout:
     check_train(t, model.n_layers, backend)
     check_backend_options(cfg.backend)
     check_parallel(backend, model, p, t.precision)
+    check_context_parallel(backend, model, p, cfg.system.device)
     if backend_spec(backend).deepspeed_engine:
         check_deepspeed(cfg.backend, p, t.precision, cfg.system.device)
     dp = check_world(world_size, p)
     if backend_spec(backend).shardings:
-        check_fsdp(cfg.backend, cfg.system.devices_per_node, dp, t.precision, p.tp, cfg.system.device)
+        check_fsdp(cfg.backend, cfg.system.devices_per_node, dp * p.cp, t.precision, p.tp, cfg.system.device)
     global_batch = checked_global_batch(t, dp)
     if "pp_schedule" in backend_spec(backend).options:
         check_pipeline_schedule(cfg.backend, p, global_batch // (t.micro_batch_size * dp), t.compile,
@@ -76,7 +83,7 @@ def validate(cfg: AnyConfig, world_size: int) -> Layout:
     check_report(cfg.report)
     layout = Layout(world_size=world_size, tp=p.tp, pp=p.pp, dp=dp, zero_stage=p.zero_stage,
                     micro_batch_size=t.micro_batch_size, global_batch_size=global_batch,
-                    grad_accum=global_batch // (t.micro_batch_size * dp))
+                    grad_accum=global_batch // (t.micro_batch_size * dp), cp=p.cp)
     if getattr(cfg, "checkpoint", None) is not None:  # configs composed before the section existed have none
         check_checkpoint(cfg, layout)
     return layout

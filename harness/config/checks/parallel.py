@@ -12,6 +12,7 @@ from harness.config.schema import (
 from harness.core.errors import ConfigError
 from harness.core.registry import (
     BACKENDS,
+    CP_KINDS,
     PP_SCHEDULES,
     backend_spec,
     pipeline_split,
@@ -103,6 +104,45 @@ def check_pipeline_schedule(b: BackendConfig, p: ParallelConfig, micro_batches: 
                           f"parallel.pp={p.pp}")
 
 
+def check_context_parallel(backend: str, model: GPTConfig, p: ParallelConfig, device: str = "auto") -> None:
+    """parallel.cp and parallel.cp_kind against the backend, the other splits and the model's shapes, and against
+    the device system.device names (`auto`: checked by preflight once the host's device is known)."""
+    at_least(p, "parallel", ("cp",), 1, "at least 1")
+    choice(p.cp_kind, CP_KINDS, "parallel.cp_kind")
+    if p.cp == 1:
+        return
+    kind, can = CP_KINDS[p.cp_kind], backend_spec(backend)
+    if p.cp_kind not in can.context_parallel:
+        others = [n for n, s in BACKENDS.items() if p.cp_kind in s.context_parallel]
+        raise ConfigError(f"parallel.cp={p.cp}: backend={backend} has no {p.cp_kind} context parallelism; use "
+                          f"backend={' or backend='.join(others)}")
+    for key in ("tp", "pp"):
+        if getattr(p, key) > 1:
+            raise ConfigError(f"parallel.cp={p.cp} with parallel.{key}={getattr(p, key)}: the harness runs context "
+                              f"parallelism with data parallelism only; set parallel.{key}=1 or parallel.cp=1")
+    chunks = 2 * p.cp if kind.load_balanced else p.cp
+    if model.seq_len % chunks:
+        what = f"2·cp={chunks} chunks (two per rank, balancing causal attention)" if kind.load_balanced else \
+            f"cp={p.cp} equal chunks"
+        raise ConfigError(f"parallel.cp={p.cp}: model.seq_len={model.seq_len} does not split into {what}; choose a "
+                          f"seq_len divisible by {chunks}")
+    if kind.splits_heads:
+        for key, heads in (("model.n_heads", model.n_heads), ("model.n_kv_heads", model.kv_heads)):
+            if heads % (p.tp * p.cp):
+                raise ConfigError(f"parallel.cp={p.cp} (ulysses) splits {key}={heads} over tp*cp={p.tp * p.cp} "
+                                  f"ranks; choose cp from the divisors of {heads // p.tp} or parallel.cp_kind=ring")
+    if kind.name == "ring" and model.attention != "sdpa":
+        raise ConfigError(f"parallel.cp_kind=ring with model.attention={model.attention}: ring attention replaces "
+                          "torch's scaled_dot_product_attention; set model.attention=sdpa")
+    check_context_parallel_device(p, device)
+
+
+def check_context_parallel_device(p: ParallelConfig, device: str) -> None:
+    """The context-parallel kind against the device its attention would run on (`auto`: not known yet)."""
+    if p.cp > 1 and device != "auto" and device not in CP_KINDS[p.cp_kind].runs_on:
+        raise ConfigError(f"parallel.cp_kind={p.cp_kind} on system.device={device}: {CP_KINDS[p.cp_kind].run_note}")
+
+
 def check_tensor_parallel(model: GPTConfig, tp: int) -> None:
     """Megatron splits whole heads and whole FFN columns over TP ranks."""
     widths = {"model.n_heads": model.n_heads, "model.ffn_hidden": model.ffn_width}
@@ -135,7 +175,11 @@ def check_world(world_size: int, p: ParallelConfig) -> int:
         raise ConfigError(
             f"parallel.world_size={p.world_size} but {world_size} ranks are launched; leave it unset for `run`"
         )
-    if world_size % (p.tp * p.pp):
+    cp = getattr(p, "cp", 1)
+    if world_size % (p.tp * p.pp * cp):
+        if cp > 1:
+            raise ConfigError(f"world size {world_size} is not divisible by parallel.tp*parallel.pp*parallel.cp="
+                              f"{p.tp * p.pp * cp}; choose tp, pp and cp whose product divides {world_size}")
         raise ConfigError(f"world size {world_size} is not divisible by parallel.tp*parallel.pp={p.tp * p.pp}; "
                           f"choose tp and pp whose product divides {world_size}")
-    return world_size // (p.tp * p.pp)
+    return world_size // (p.tp * p.pp * cp)
