@@ -33,6 +33,9 @@ LAYOUTS = {  # name: overrides (gpt-tiny, 2 ranks, 2 micro-batches per step; 4 w
     "zero3-default": ["backend=deepspeed", "parallel.zero_stage=3"],
     "tp2": ["backend=deepspeed3d", "parallel.tp=2"],
     "pp2": ["backend=deepspeed3d", "parallel.pp=2"],
+    # context parallelism: ulysses's four all-to-alls per layer, forward and backward, and again in a recompute
+    "ulysses-cp2": ["backend=ddp", "parallel.cp=2"],
+    "ulysses-cp2-fsdp-full-recompute": ["backend=fsdp", "parallel.cp=2", "train.activation_checkpointing=full"],
 }
 COMMON = ["model=gpt-tiny", "launcher.nproc=2", "train.global_batch_size=4", "train.precision=fp32"]
 

@@ -8,13 +8,20 @@ absolute, as the data-parallel parity tests (float32 rounding of differently ord
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 from conftest import TINY, assert_losses_match, fsdp_config, harness, harness_run
 
 from harness.config.checks import validate
+from harness.config.compose import compose
 from harness.core.errors import ConfigError
+from harness.core.registry import CP_KINDS
+from harness.costmodel.estimate import estimate, system_peak
+from harness.costmodel.layout import Job, job_from_config
+from harness.costmodel.peaks import attention_rate
+from harness.costmodel.timing import compute_kernels, hardware
 
 ROPE_GQA = ["model.position=rope", "model.n_kv_heads=2", "train.global_batch_size=2", "train.precision=fp32",
             "train.micro_batch_size=2"]
@@ -69,3 +76,61 @@ def test_ring_on_a_cpu_fails_on_the_command_line_before_launch(tmp_path: Path) -
 def test_a_valid_context_parallel_layout_derives_dp_from_cp() -> None:
     layout = validate(fsdp_config("parallel.cp=2", "train.micro_batch_size=1", "train.global_batch_size=4"), 4)
     assert (layout.cp, layout.dp, layout.grad_accum) == (2, 2, 2)
+
+
+def predicted(*overrides: str, world: int = 64) -> dict:
+    cfg = compose(["model=gpt-6.7b", "model.seq_len=32768", "system=dgx-h100", "backend=fsdp", "train.precision=bf16",
+                   "train.global_batch_size=64", f"parallel.world_size={world}", *overrides])
+    return estimate(cfg, validate(cfg, world))
+
+
+def test_each_rank_holds_and_computes_its_chunk_of_the_sequence() -> None:
+    """cp ranks share a sequence: a rank stores 1/cp of a recomputed layer's input and, for either kind, computes
+    1/cp of the attention; the model's FLOPs per step stay what they are."""
+    one, four = predicted("train.activation_checkpointing=full"), predicted(
+        "train.activation_checkpointing=full", "parallel.cp=4")
+    layer_inputs = [e["memory_per_device_bytes"]["activations"] for e in (one, four)]
+    assert layer_inputs[1] < layer_inputs[0] / 3.5
+    assert four["flops_per_step"] == one["flops_per_step"]
+    for kind in CP_KINDS:
+        block, _ = compute_kernels(job_of("parallel.cp=4", f"parallel.cp_kind={kind}"))
+        whole, _ = compute_kernels(job_of())
+        flops = [sum(k.flops for k in ks if k.kind == "attention") for ks in (block, whole)]
+        assert flops[0] == pytest.approx(flops[1] / 4), kind
+
+
+def test_ring_passes_hide_behind_block_attention_and_ulysses_all_to_alls_do_not() -> None:
+    ring = predicted("parallel.cp=8", "parallel.cp_kind=ring")["breakdown_s"]
+    assert 0 <= ring["exposed_comm"]["cp"] < ring["comm"]["cp"]
+    exposed = predicted("parallel.cp=8", "parallel.cp_kind=ring", "system.overlap_comm=false")["breakdown_s"]
+    assert exposed["exposed_comm"]["cp"] == pytest.approx(exposed["comm"]["cp"])
+    ulysses = predicted("parallel.cp=8")["breakdown_s"]
+    assert ulysses["comm"]["cp"] > 0 and ulysses["exposed_comm"]["cp"] == pytest.approx(ulysses["comm"]["cp"])
+
+
+def test_ring_attends_in_blocks_at_the_block_lengths_measured_rate() -> None:
+    """Ring attention runs cp kernels of s/cp × s/cp (mostly unmasked): the fused kernel's rate for that length,
+    not the whole sequence's (FlashAttention-2's table, harness/costmodel/peaks.py)."""
+    cfg = compose(["model=gpt-6.7b", "model.seq_len=32768", "system=dgx-h100", "train.precision=bf16"])
+    hw = hardware(cfg.system, system_peak(cfg.system, "bf16").tflops)
+    ring, ulysses = job_of("parallel.cp=8", "parallel.cp_kind=ring"), job_of("parallel.cp=8")
+    table = hw.attention
+    assert hw.rates(ring).attention_flops == attention_rate(table, 128, False, 4096) * 1e12
+    assert hw.rates(ulysses).attention_flops == attention_rate(table, 128, True, 32768) * 1e12
+
+
+def job_of(*overrides: str) -> Job:
+    cfg = compose(["model=gpt-6.7b", "model.seq_len=32768", "system=dgx-h100", "backend=fsdp", "train.precision=bf16",
+                   "parallel.world_size=64", *overrides])
+    return job_from_config(cfg, validate(cfg, 64))
+
+
+def test_plan_for_a_long_sequence_proposes_context_parallelism_and_says_why(tmp_path: Path) -> None:
+    proc = harness(["plan", "model=gpt-6.7b", "model.seq_len=131072", "system=dgx-h100", "parallel.world_size=64",
+                    "--json"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert any(r["change"]["parallel"].get("cp", 1) > 1 for r in out["best"]), out["best"]
+    why = out["search"]["context_parallel"]
+    assert why and "131,072-token sequence is split over" in why, why
+    assert "train.global_batch_size unset: planned at 32 sequences" in out["search"]["global_batch"]

@@ -36,9 +36,9 @@ from harness.models.config import GPTConfig
 @dataclass(frozen=True)
 class Collective:
     dim: str
-    """dp | tp | pp."""
+    """dp | tp | pp | cp."""
     kind: str
-    """all_reduce | all_gather | reduce_scatter | send_recv."""
+    """all_reduce | all_gather | reduce_scatter | send_recv | all_to_all."""
     payload_bytes: float
     """The full tensor of one call (the gathered or reduced size), as a profiler records it."""
     calls: float
@@ -75,7 +75,7 @@ def per_node(stride: int, size: int, job: Job) -> int:
 def dp_collectives(job: Job) -> list[Collective]:
     """Gradient reduction and parameter gathering over the data-parallel group, per backend and stage."""
     layout = job.layout
-    dp, m = layout.dp, job.micro_batches
+    dp, m = job.grad_ranks, job.micro_batches  # context-parallel ranks hold the same parameters: they reduce too
     params = job.params_per_rank
     per = job.state_bytes
     local = per_node(layout.tp, dp, job)
@@ -157,7 +157,7 @@ def _fsdp_collectives(job: Job, params: float, c) -> list[Collective]:  # type: 
     what torch 2.13's profiler records (tests/test_comm_volume.py), although FSDP2's documentation
     describes keeping the root unsharded after forward.
     """
-    m, dp = job.micro_batches, job.layout.dp
+    m, dp = job.micro_batches, job.grad_ranks
     if job.sharding == "no_shard":
         return [c("all_reduce", params * 4, 1)]
     n, tp = job.shards.weights, job.layout.tp
@@ -177,7 +177,7 @@ def tp_collectives(job: Job) -> list[Collective]:
     t = layout.tp
     if t == 1:
         return []
-    tokens = layout.micro_batch_size * job.model.seq_len
+    tokens = job.tokens
     payload = tokens * job.model.d_model * job.act_bytes
     per_layer = 4 + CHECKPOINTING[job.checkpointing].tp_collectives  # 2 forward + 2 backward, + recompute
     calls = (per_layer * layers_per_stage(job) + 2) * job.micro_batches  # + embedding forward, head backward
@@ -195,12 +195,12 @@ def pp_collectives(job: Job) -> list[Collective]:
     layout = job.layout
     if layout.pp == 1:
         return []
-    payload = layout.micro_batch_size * job.model.seq_len * job.model.d_model * job.act_bytes
+    payload = job.tokens * job.model.d_model * job.act_bytes
     # Sends of the busiest rank: a middle stage sends each micro-batch's activations forward and its
     # gradients backward; an end stage only one of them, per model chunk it holds at an end.
     m, v = job.micro_batches, job.vpp
     calls = 2 * m * v if layout.pp > 2 else m * (2 * v - 1)
-    stage = layout.tp * layout.dp  # ranks of one stage: the next stage's rank is this far away
+    stage = layout.tp * layout.dp * layout.cp  # ranks of one stage: the next stage's rank is this far away
     neighbour = per_node(stage, 2, job)  # 2: both stages' ranks in one node
     split = job.sequence_parallel and job.software.pp_sends_sequence_split
     if layout.tp > 1 and (split or job.software.pp_scatter_gather):
@@ -217,11 +217,45 @@ def pp_collectives(job: Job) -> list[Collective]:
     return out
 
 
+def cp_collectives(job: Job) -> list[Collective]:
+    """Context parallelism's traffic per layer and micro-batch, over the cp ranks that share each sequence (tp
+    apart, so a node holds devices_per_node / tp of them).
+
+    - ulysses (Jacobs et al. 2023, section 3.1): an all-to-all of each of q, k and v before attention and one of
+      its output after, each of this rank's (b·s/cp) × heads/tp × head_dim tensor, k and v with the KV heads;
+      the backward runs the same four in reverse, and a recompute that re-runs core attention runs them again.
+      On the critical path: they sit between the projections and the attention that needs their result.
+    - ring (Liu et al. 2023): cp − 1 passes of this rank's K and V blocks to the next rank in the forward; the
+      backward passes K and V again and their gradients as well, twice the forward's traffic; a recompute adds
+      the forward's. They overlap the block attention (timing.py).
+    """
+    layout, m = job.layout, job.model
+    cp = layout.cp
+    if cp == 1:
+        return []
+    E, tp = job.act_bytes, layout.tp
+    local = per_node(tp, cp, job)
+    recompute = sum(share for mode, share in job.checkpoint_modes.items() if CHECKPOINTING[mode].region)
+    passes = layers_per_stage(job) * job.micro_batches
+    kv = job.tokens * 2 * m.kv_heads * m.head_dim / tp * E
+    if job.cp_kind == "ring":
+        sends = (cp - 1) * (1 + 2 + recompute) * passes
+        return [Collective("cp", "send_recv", kv / 2, 2 * sends, 2, 2 if local >= cp else 1)]
+    q_or_out = job.tokens * m.n_heads * m.head_dim / tp * E
+    calls = (2 + recompute) * passes  # forward, backward and any recompute: each for q and out, and for k and v
+    return [Collective("cp", "all_to_all", q_or_out, 2 * calls, cp, local),
+            Collective("cp", "all_to_all", kv / 2, 2 * calls, cp, local)]
+
+
 def collectives(job: Job) -> list[Collective]:
-    return dp_collectives(job) + tp_collectives(job) + pp_collectives(job)
+    return dp_collectives(job) + tp_collectives(job) + pp_collectives(job) + cp_collectives(job)
+
+
+DIMS = ("dp", "tp", "pp", "cp")
+"""The parallel dimensions communication is counted by."""
 
 
 def bytes_by_dim(colls: list[Collective]) -> dict[str, float]:
-    out = {dim: sum(c.wire_bytes for c in colls if c.dim == dim) for dim in ("dp", "tp", "pp")}
+    out = {dim: sum(c.wire_bytes for c in colls if c.dim == dim) for dim in DIMS}
     out["total"] = sum(out.values())
     return out

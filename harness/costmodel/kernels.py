@@ -131,8 +131,7 @@ def layer_kernels(job: Job, *, backward: bool = True, region: str = "block") -> 
 
     m, layout, sw = job.model, job.layout, job.software
     tp = layout.tp
-    b, s = layout.micro_batch_size, m.seq_len
-    tokens = b * s
+    tokens = job.tokens  # this rank's chunk of the micro-batch's sequences under context parallelism
     E = job.act_bytes
     h = m.d_model
     seq_split = tp if job.sequence_parallel else 1
@@ -159,7 +158,7 @@ def layer_kernels(job: Job, *, backward: bool = True, region: str = "block") -> 
             if in_attention and m.position == "rope":
                 rope = 2.0 if sw.fused_rope or sw.compiled else ROPE_PASSES
                 memory("rope", qk, rope, rope, kernels=1 if sw.fused_rope or sw.compiled else 5)
-            out += attention_kernels(job, heads, tokens, fwd_only)
+            out += attention_kernels(job, heads, fwd_only)
         if spec.name == "attn.proj" and region == "block":
             out += residual_kernels("residual1", residual, E, sw, fwd_only)
             if not sw.compiled:
@@ -177,23 +176,33 @@ def layer_kernels(job: Job, *, backward: bool = True, region: str = "block") -> 
     return out
 
 
-def attention_kernels(job: Job, heads: int, tokens: int, fwd_only: bool) -> list[Kernel]:
-    """Core attention of one micro-batch: one fused kernel at its measured rate (FlashAttention counts its
-    backward as 2.5 forwards), or the math path's two batched GEMMs and the softmax between them."""
-    m, sw = job.model, job.software
-    s, E = m.seq_len, job.act_bytes
-    d = m.head_dim
-    full = 4.0 * tokens * s * heads * d  # QKᵀ and ·V over the whole s × s matrix
+def attention_kernels(job: Job, heads: int, fwd_only: bool) -> list[Kernel]:
+    """Core attention of one micro-batch on one rank: one fused kernel at its measured rate (FlashAttention counts
+    its backward as 2.5 forwards), or the math path's two batched GEMMs and the softmax between them.
+
+    Under context parallelism each rank does 1/cp of the work: ulysses attends whole sequences with heads/cp of the
+    heads; ring attends its s/cp queries to every key, block by block (cp kernels of s/cp × s/cp; balanced for the
+    causal mask, so half of all the blocks' work is skipped overall). The fused kernel's rate for that block length
+    is the Hardware's (timing.py)."""
+    m, sw, cp = job.model, job.software, job.layout.cp
+    E, d = job.act_bytes, m.head_dim
+    ring = cp > 1 and job.cp_kind == "ring"
+    if cp > 1 and not ring:
+        heads = heads // cp
+    q_len, kv_len = (m.seq_len // cp if ring else m.seq_len), m.seq_len
+    samples = job.layout.micro_batch_size
+    full = 4.0 * samples * q_len * kv_len * heads * d  # QKᵀ and ·V over the whole q × kv matrix
     if sw.fused_attention:  # a causal kernel skips the masked half (FlashAttention counts it so)
-        return [Kernel("attention", "attention", full / 2 * (1.0 if fwd_only else 3.5), count=1 if fwd_only else 2)]
-    scores = tokens * s * heads  # the math path computes, masks and normalises the whole matrix
+        return [Kernel("attention", "attention", full / 2 * (1.0 if fwd_only else 3.5),
+                       count=(1 if fwd_only else 2) * (cp if ring else 1))]
+    scores = samples * q_len * kv_len * heads  # the math path computes, masks and normalises the whole matrix
     per_element = (2 * E if sw.fused_softmax else SOFTMAX_PASSES_EAGER + 2 * E) + (2 * E + 1 if sw.dropout else 0)
-    batch = tokens // s * heads  # one (s × d)·(d × s) and one (s × s)·(s × d) per sample and head
+    batch = samples * heads  # one (q × d)·(d × kv) and one (q × kv)·(kv × d) per sample and head
     directions = 1 if fwd_only else 2
     out = [Kernel("softmax", "memory", bytes=scores * per_element * directions,
                   count=(1 if sw.fused_softmax else 4) * directions)]
-    for name, inner, cols in (("attention.qk", d, s), ("attention.av", s, d)):
-        g = gemm(name, s, inner, cols, E, count=batch)
+    for name, inner, cols in (("attention.qk", d, kv_len), ("attention.av", kv_len, d)):
+        g = gemm(name, q_len, inner, cols, E, count=batch)
         out.append(Kernel(name, "gemm", g.flops, g.bytes, 1))  # one batched kernel: no per-matrix fill cost
         if not fwd_only:  # its two gradients, as many FLOPs and bytes each
             out.append(Kernel(name + ".bwd", "gemm", 2 * g.flops, 2 * g.bytes, 2))
@@ -217,7 +226,7 @@ def residual_kernels(name: str, elements: float, E: float, sw: Software, fwd_onl
 def head_kernels(job: Job) -> list[Kernel]:
     """The output layer and the loss over the vocabulary (on the last stage), forward and backward."""
     m, layout, sw = job.model, job.layout, job.software
-    tokens = layout.micro_batch_size * m.seq_len
+    tokens = job.tokens
     E = job.act_bytes
     vocab = m.vocab_size / layout.tp
     out = linear_kernels("lm_head", tokens, m.d_model, int(vocab), 3, E)

@@ -63,7 +63,7 @@ class Shards:
 
 def shard_degrees(job: "Job") -> Shards:
     """How many ranks share each model state: FSDP's replica group, or ZeRO's data-parallel ranks by stage."""
-    dp = job.layout.dp
+    dp = job.grad_ranks
     if job.spec.shardings:
         if job.sharding not in job.spec.shardings:
             raise ValueError(f"backend.sharding={job.sharding}: choose one of {', '.join(job.spec.shardings)}")
@@ -100,6 +100,8 @@ class Job:
     """backend.hybrid_shard_group (fsdp hybrid_shard); None: one node's devices."""
     pp_schedule: str = "1F1B"
     """The pipeline schedule (backend.pp_schedule for fsdp; DeepSpeed's pipeline engine runs 1F1B)."""
+    cp_kind: str = "ulysses"
+    """How the layout's cp ranks share a sequence (parallel.cp_kind; harness.core.registry.CP_KINDS)."""
 
     @functools.cached_property
     def spec(self) -> BackendSpec:
@@ -120,9 +122,20 @@ class Job:
         return shard_degrees(self)
 
     @property
+    def grad_ranks(self) -> int:
+        """Ranks that hold the same parameters and reduce their gradients together: every data- and
+        context-parallel rank of a stage's TP slice."""
+        return self.layout.dp * self.layout.cp
+
+    @property
+    def tokens(self) -> int:
+        """Tokens of one micro-batch on one rank: the micro-batch's sequences, cut in cp chunks."""
+        return self.layout.micro_batch_size * self.model.seq_len // self.layout.cp
+
+    @property
     def fsdp_group(self) -> int:
         """Ranks that shard one FSDP replica, by the rule the run itself uses."""
-        return fsdp_replica_group(self.sharding, self.hybrid_shard_group, self.devices_per_node, self.layout.dp)
+        return fsdp_replica_group(self.sharding, self.hybrid_shard_group, self.devices_per_node, self.grad_ranks)
 
     @property
     def checkpoint_modes(self) -> dict[str, float]:
@@ -142,7 +155,7 @@ class Job:
 
     @property
     def micro_batches(self) -> int:
-        """Micro-batches each data-parallel replica runs per optimizer step."""
+        """Micro-batches each data-parallel replica runs per optimizer step (its cp ranks run them together)."""
         return self.layout.global_batch_size // (self.layout.micro_batch_size * self.layout.dp)
 
     @property
@@ -177,6 +190,7 @@ def job_from_config(cfg: Any, layout: Layout, software: Optional[Software] = Non
         ds_overlap_comm=((ds_config or {}).get("zero_optimization") or {}).get("overlap_comm"),
         hybrid_shard_group=backend.hybrid_shard_group,
         pp_schedule=schedule,
+        cp_kind=getattr(cfg.parallel, "cp_kind", "ulysses"),
     )
 
 

@@ -56,17 +56,19 @@ def model_state_bytes(params: float, job: Job) -> dict[str, float]:
 
 def layer_activation_bytes(job: Job, checkpointing: str) -> float:
     """Bytes one transformer layer stores for its backward pass, per micro-batch, on one TP rank."""
-    m, t = job.model, job.layout.tp
-    s, b, h = m.seq_len, job.layout.micro_batch_size, m.d_model
+    m, t, cp = job.model, job.layout.tp, job.layout.cp
+    s, b, h = m.seq_len // cp, job.layout.micro_batch_size, m.d_model  # s: this rank's chunk of each sequence
     a, g, dh, f = m.n_heads, m.kv_heads, m.head_dim, m.ffn_width
     B, sbh = job.act_bytes, s * b * h
+    # the score matrix of a rank: ulysses holds heads/cp whole sequences, ring its s/cp queries against all keys
+    scores = a * s * m.seq_len * b if job.cp_kind == "ring" else a / cp * m.seq_len * m.seq_len * b
     split_over_tp = t if job.sequence_parallel else 1
     if checkpointing == "full":
         return B * sbh / split_over_tp
     mask = 1 if job.software.dropout else 0
     replicated = 4 * B * sbh + 2 * mask * sbh  # two norm inputs, qkv and fc inputs, two dropout masks
     mlp = B * s * b * f * (2 if m.activation == "swiglu" else 1) + B * s * b * f  # activation input, proj input
-    attn_core = (B + mask * (1 + B)) * a * s * s * b if not job.software.fused_attention else 4 * a * s * b
+    attn_core = (B + mask * (1 + B)) * scores if not job.software.fused_attention else 4 * a * s * b
     attention = B * s * b * (a + 2 * g) * dh + B * sbh + attn_core  # q, k, v; proj input; scores or logsumexp
     if checkpointing == "attention":  # the attention sub-layer is recomputed from its input
         attention = 0.0
@@ -108,7 +110,7 @@ def buffer_bytes(job: Job) -> float:
     (`gradient_as_bucket_view=False`, its default).
     """
     m, layout = job.model, job.layout
-    logits = layout.micro_batch_size * m.seq_len * m.vocab_size / layout.tp * (job.act_bytes + 8)
+    logits = job.tokens * m.vocab_size / layout.tp * (job.act_bytes + 8)
     split = param_split(m)
     block = split.per_layer / layout.tp
     gathered = 0.0
@@ -123,7 +125,7 @@ def buffer_bytes(job: Job) -> float:
     elif job.offload:
         gathered = (2 * block + split.embedding + split.head) * job.act_bytes + block * 4
     buckets = 0.0
-    if job.spec.gradient_buckets and layout.dp > 1:
+    if job.spec.gradient_buckets and job.grad_ranks > 1:
         buckets = job.params_per_rank * job.state_bytes.grads
     return logits + gathered + buckets
 

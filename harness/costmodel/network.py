@@ -38,8 +38,10 @@ from typing import Any, Optional
 from harness.trace.comm import GLOO_KIND
 
 RING_FACTOR = {"all_reduce": lambda p: 2 * (p - 1) / p, "all_gather": lambda p: (p - 1) / p,
-               "reduce_scatter": lambda p: (p - 1) / p, "send_recv": lambda p: 1.0}
-"""Bytes each rank sends per byte of the full tensor, for a ring of p ranks (Patarasuk & Yuan 2009)."""
+               "reduce_scatter": lambda p: (p - 1) / p, "send_recv": lambda p: 1.0,
+               "all_to_all": lambda p: (p - 1) / p}
+"""Bytes each rank sends per byte of the full tensor, for a ring of p ranks (Patarasuk & Yuan 2009); an
+all-to-all's tensor is each rank's own, of which it keeps 1/p and sends the rest."""
 TREE_BANDWIDTH = 0.92
 """NCCL caps a tree all-reduce's bus bandwidth at 0.92 of the channels' (src/graph/tuning.cc)."""
 
@@ -103,7 +105,7 @@ class Fabric:
         bw = self.bus_bandwidth(local, nodes)
         if bw is None:
             return None
-        steps = 2 * (group - 1) if kind == "all_reduce" else group - 1
+        steps = 2 * (group - 1) if kind == "all_reduce" else group - 1  # an all-to-all: p − 1 pairwise exchanges
         inter_steps = (2 if kind == "all_reduce" else 1) * (nodes - 1)
         ring = (self.base_latency + (steps - inter_steps) * self.intra_hop + inter_steps * self.inter_hop
                 + RING_FACTOR[kind](group) * payload / bw)

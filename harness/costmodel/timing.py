@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from harness.core.registry import pipeline_bubble
-from harness.costmodel.comm import Collective
+from harness.costmodel.comm import DIMS, Collective
 from harness.costmodel.flops import model_key, param_tensors
 from harness.costmodel.kernels import (
     Kernel,
@@ -70,7 +70,10 @@ class Hardware:
         m = job.model
         attention = self.attention_flops if job.software.fused_attention else None
         if attention is None and job.precision in ("bf16", "fp16") and job.software.fused_attention:
-            tflops = attention_rate(self.attention, m.head_dim, True, m.seq_len)
+            # ring attention runs cp blocks of s/cp queries × s/cp keys, most of them unmasked
+            ring = job.layout.cp > 1 and job.cp_kind == "ring"
+            tflops = attention_rate(self.attention, m.head_dim, not ring,
+                                    m.seq_len // job.layout.cp if ring else m.seq_len)
             attention = None if tflops is None else tflops * 1e12
         return Rates(gemm_flops=self.peak_flops * self.gemm_efficiency, gemm_half_flops=self.gemm_half_flops,
                      memory_bw=self.memory_bw, attention_flops=attention, launch_s=self.launch_s,
@@ -236,6 +239,17 @@ def exposed_dp_s(timed: list[tuple[Collective, float]], job: Job, per_mb: float,
     return max(own, sum(t for t, _, _ in windows) - union)
 
 
+def exposed_cp_s(comm_s: float, job: Job, hw: Hardware) -> float:
+    """Context-parallel time on the critical path: ulysses's all-to-alls all of it (the attention waits for their
+    result); ring attention's K/V passes only what the block attention they run beside does not cover."""
+    if job.cp_kind != "ring" or not hw.overlap_comm or comm_s == 0:
+        return comm_s
+    block, _ = compute_kernels(job)
+    attention = kernels_s([k for k in block if k.kind == "attention" or k.name.startswith("attention.")],
+                          hw.rates(job), overlap_host=hw.accelerator)
+    return max(0.0, comm_s - attention * layers_per_stage(job) * job.micro_batches)
+
+
 def step_time(job: Job, colls: list[Collective], hw: Hardware) -> StepTime | str:
     """The modelled step, or the reason it cannot be modelled (a link bandwidth the profile lacks).
 
@@ -243,7 +257,7 @@ def step_time(job: Job, colls: list[Collective], hw: Hardware) -> StepTime | str
     stays exposed, or what the compute cannot cover). Pipeline sends are blocking unless the software overlaps
     them; then only the fill and drain transfers, 2(p·v − 1) of them, are on the critical path.
     """
-    comm = {"dp": 0.0, "tp": 0.0, "pp": 0.0}
+    comm = dict.fromkeys(DIMS, 0.0)
     dp: list[tuple[Collective, float]] = []
     p2p = tied = 0.0
     for c in colls:
@@ -265,14 +279,15 @@ def step_time(job: Job, colls: list[Collective], hw: Hardware) -> StepTime | str
     tp = comm["tp"]
     if overlap and job.software.tp_comm_overlap and layout.tp > 1:
         tp = max(tp / layout.tp, tp - per_mb * m)
-    sends = [c.calls for c in colls if c.kind == "send_recv"]
+    sends = [c.calls for c in colls if c.kind == "send_recv" and c.dim == "pp"]
     if overlap and job.software.p2p_overlap and sends:
         fill_drain = min(sends[0], 2 * (layout.pp * job.vpp - 1))
         steady, edges = 0.0, p2p * fill_drain / sends[0]
     else:
         steady, edges = p2p, 0.0
-    pipeline = (per_mb + (tp + steady) / m) * m * (1 + bubble) + edges
-    exposed = {"dp": exposed_dp_s(dp, job, per_mb, hw), "tp": tp, "pp": steady + edges + tied}
+    cp = exposed_cp_s(comm["cp"], job, hw)
+    pipeline = (per_mb + (tp + steady + cp) / m) * m * (1 + bubble) + edges
+    exposed = {"dp": exposed_dp_s(dp, job, per_mb, hw), "tp": tp, "pp": steady + edges + tied, "cp": cp}
     memory_bound = {"optimizer": optimizer_s(job, hw), "grad_accumulation": grad_accumulation_s(job, hw)}
     step = pipeline + exposed["dp"] + tied + sum(memory_bound.values())
     return StepTime(step_s=step, compute_s=per_mb * m, bubble_fraction=bubble, exposed_comm_s=exposed, comm_s=comm,

@@ -36,7 +36,14 @@ from harness.config.checks import check_model, validate
 from harness.config.compose import HelpRequested, compose, split_command_args
 from harness.core.errors import ConfigError
 from harness.core.layout import Layout
-from harness.core.registry import BACKENDS, CHECKPOINTING, pipeline_bubble, pipeline_split, resolve_pp_schedule
+from harness.core.registry import (
+    BACKENDS,
+    CHECKPOINTING,
+    CP_KINDS,
+    pipeline_bubble,
+    pipeline_split,
+    resolve_pp_schedule,
+)
 from harness.costmodel.comm import collectives
 from harness.costmodel.estimate import estimate, system_peak
 from harness.costmodel.layout import Job, job_from_config
@@ -45,6 +52,24 @@ from harness.costmodel.timing import hardware, micro_batch_compute_s, step_time
 from harness.predict.estimate import planned_world_size
 
 VPP_CHOICES = (1, 2, 3, 4, 6, 8)
+BATCH_TOKENS = 4 * 2**20
+"""The global batch `plan` compares layouts at when train.global_batch_size is unset: 4M tokens, Llama 3's initial
+pre-training batch (Dubey et al. 2024, section 3.4.1), in whole sequences."""
+
+
+def composed(overrides: list[str]) -> tuple[list[str], Any, Optional[str]]:
+    """The overrides, their config and, where the global batch was unset, the note saying which one is planned
+    for (BATCH_TOKENS in whole sequences; the overrides then name it, so each row's command reproduces it)."""
+    cfg = compose(overrides)
+    if cfg.train.global_batch_size is not None:
+        return overrides, cfg, None
+    check_model(cfg.model)
+    sequences = max(1, BATCH_TOKENS // cfg.model.seq_len)
+    overrides = [*overrides, f"train.global_batch_size={sequences}"]
+    note = (f"train.global_batch_size unset: planned at {sequences} sequences of {cfg.model.seq_len:,} tokens "
+            f"(~{sequences * cfg.model.seq_len / 2**20:.0f}M tokens, Llama 3's initial batch); give "
+            "train.global_batch_size to plan another")
+    return overrides, compose(overrides), note
 
 
 @functools.lru_cache(maxsize=None)
@@ -66,6 +91,8 @@ class Candidate:
     offload: bool
     micro_batch_size: int
     activation_checkpointing: str
+    cp: int = 1
+    cp_kind: str = "ulysses"
 
     def change(self) -> dict[str, Any]:
         """The candidate as nested config overrides (what `_overrides` prints)."""
@@ -79,13 +106,37 @@ class Candidate:
             parallel["vpp"] = self.vpp
         if self.sequence_parallel:
             parallel["sequence_parallel"] = True
+        if self.cp > 1:
+            parallel.update(cp=self.cp, cp_kind=self.cp_kind)
         return {"backend": backend, "parallel": parallel,
                 "train": {"micro_batch_size": self.micro_batch_size,
                           "activation_checkpointing": self.activation_checkpointing}}
 
 
+def _context_splits(cfg: Any, can: Any, tp: int, pp: int, budget: int) -> list[tuple[int, str]]:
+    """(cp, kind) pairs a backend runs for this model: cp = 1, and each kind's sizes up to the budget that split
+    the sequence (and for ulysses the heads) as the run's check requires (harness.config.checks.parallel); the
+    harness runs context parallelism with tp = pp = 1."""
+    out = [(1, "ulysses")]
+    if tp > 1 or pp > 1:
+        return out
+    m = check_model(cfg.model)
+    for kind in can.context_parallel:
+        spec = CP_KINDS[kind]
+        if cfg.system.device not in ("auto", *spec.runs_on):
+            continue
+        for cp in (c for c in _divisors(budget) if c > 1):
+            chunks = 2 * cp if spec.load_balanced else cp
+            if m.seq_len % chunks or (spec.splits_heads and (m.n_heads % cp or m.kv_heads % cp)):
+                continue
+            if kind == "ring" and m.attention != "sdpa":
+                continue
+            out.append((cp, kind))
+    return out
+
+
 def _structures(cfg: Any, budget: int, backends: list[str], exact: bool) -> Iterator[dict[str, Any]]:
-    """(backend, world, tp, pp, vpp, dp, zero/sharding, sp, offload) without the micro-batch and recompute."""
+    """(backend, world, tp, pp, vpp, dp, cp, zero/sharding, sp, offload) without the micro-batch and recompute."""
     dpn, gbs, layers = cfg.system.devices_per_node, cfg.train.global_batch_size, cfg.model.n_layers
     device = cfg.system.device
     for name in backends:
@@ -93,10 +144,10 @@ def _structures(cfg: Any, budget: int, backends: list[str], exact: bool) -> Iter
         tps = [t for t in _divisors(dpn) if t <= budget] if can.tensor_parallel else [1]
         pps = [p for p in range(1, min(budget, layers + 2) + 1) if pipeline_split(layers, p)] \
             if can.pipeline_parallel else [1]
-        for tp in tps:
-            for pp in pps:
+        for tp, pp in ((t, p) for t in tps for p in pps):
+            for cp, cp_kind in _context_splits(cfg, can, tp, pp, budget):
                 for dp in _divisors(gbs):
-                    world = tp * pp * dp
+                    world = tp * pp * dp * cp
                     if world > budget:
                         break
                     if exact and world != budget:
@@ -117,7 +168,7 @@ def _structures(cfg: Any, budget: int, backends: list[str], exact: bool) -> Iter
                                     for offload in offloads:
                                         yield dict(backend=name, world=world, tp=tp, pp=pp, vpp=vpp, dp=dp,
                                                    zero_stage=zero, sharding=sharding, sequence_parallel=sp,
-                                                   offload=offload)
+                                                   offload=offload, cp=cp, cp_kind=cp_kind)
 
 
 MODES = tuple(CHECKPOINTING)
@@ -169,16 +220,17 @@ def search(cfg: Any, budget: int, backends: list[str], *, exact: bool = False, k
         modes = len(MODES)
         common = dict(base, sharding=st["sharding"] or base["sharding"], offload=st["offload"], checkpoint_every_n=None,
                       sequence_parallel=st["sequence_parallel"], vpp=st["vpp"],
-                      pp_schedule=resolve_pp_schedule(None, st["vpp"]))
+                      pp_schedule=resolve_pp_schedule(None, st["vpp"]), cp_kind=st["cp_kind"])
 
         def job_for(micro: int, ckpt: str) -> Any:
             layout = Layout(st["world"], st["tp"], st["pp"], st["dp"], st["zero_stage"], micro, gbs,
-                            gbs // (micro * st["dp"]))
+                            gbs // (micro * st["dp"]), st["cp"])
             return Job(**{**common, "layout": layout, "checkpointing": ckpt})
 
         if memory is not None:
             # Model states do not depend on interleaving or sequence parallelism: one check for all of them.
-            key = tuple(st[k] for k in ("backend", "world", "tp", "pp", "dp", "zero_stage", "sharding", "offload"))
+            key = tuple(st[k] for k in ("backend", "world", "tp", "pp", "dp", "cp", "zero_stage", "sharding",
+                                        "offload"))
             if key not in states_fit:
                 job = job_for(1, "full")
                 states_fit[key] = sum(model_state_bytes(job.params_per_rank, job).values()) + overhead <= memory
@@ -270,6 +322,35 @@ def checked(cfg: Any, rows: list[dict[str, Any]], want: int, counts: Counter) ->
     return out
 
 
+def cp_explanation(cfg: Any, rows: list[dict[str, Any]], best: list[dict[str, Any]]) -> Optional[str]:
+    """Why the best layout with context parallelism is listed, against the best without it: the same devices
+    without cp would not fit (its memory, from `estimate`), or are slower by so much; None where no listed layout
+    uses cp."""
+    with_cp = next((r for r in best if r.get("cp", 1) > 1), None)
+    if with_cp is None:
+        return None
+    cp, tokens = with_cp["cp"], cfg.model.seq_len
+    head = (f"cp={cp} ({with_cp['cp_kind']}): each {tokens:,}-token sequence is split over {cp} devices, so each "
+            f"holds 1/{cp} of its activations and does 1/{cp} of its attention, whose work grows with the square "
+            f"of the sequence")
+    without = [r for r in rows if r.get("cp", 1) == 1]
+    if without:
+        r = without[0]
+        gain = with_cp["tokens_per_s"] / r["tokens_per_s"] - 1
+        return (f"{head}; the best layout without it ({r['devices']} devices, {_layout_text(r)}) is predicted at "
+                f"{r['tokens_per_s']:,.0f} tokens/s; this one at {with_cp['tokens_per_s']:,.0f} ({gain:+.0%})")
+    change = Candidate(**{**{f.name: with_cp[f.name] for f in dataclasses.fields(Candidate)}, "cp": 1,
+                          "dp": with_cp["dp"] * cp}).change()
+    trial = OmegaConf.merge(cfg, change, {"parallel": {"world_size": with_cp["devices"]}})
+    try:
+        need = estimate(trial, validate(trial, with_cp["devices"]))["memory_per_device_bytes"]["total"] / GB
+    except ConfigError:
+        return f"{head}; no layout without context parallelism fits in {cfg.system.memory_gb:g} GB per device"
+    return (f"{head}; no layout without it fits in {cfg.system.memory_gb:g} GB per device: the same "
+            f"{with_cp['devices']} devices as data-parallel ranks would need {need:.0f} GB each, against "
+            f"{with_cp['memory_gb']:.0f} GB with cp={cp}")
+
+
 def _overrides(change: dict[str, Any]) -> str:
     """The layout as command-line overrides: `backend=<name>` selects the backend's whole config group (its
     defaults), as a user would type it, then the backend options the layout changes."""
@@ -288,6 +369,7 @@ def _job_overrides(overrides: list[str]) -> list[str]:
     row replaces, nor the world size (each row states its own)."""
     layout = ("backend", "backend.name", "backend.sharding", "backend.offload", "parallel.tp", "parallel.pp",
               "parallel.vpp", "parallel.zero_stage", "parallel.sequence_parallel", "parallel.world_size",
+              "parallel.cp", "parallel.cp_kind",
               "train.micro_batch_size", "train.activation_checkpointing")
     return [o for o in overrides if o.split("=", 1)[0].lstrip("+") not in layout]
 
@@ -320,7 +402,7 @@ def plan_command(args: list[str]) -> int:
     top = flags.get("--top", 10)
     if top < 1:
         raise ConfigError(f"--top={top}: must be at least 1 (layouts to list)")
-    cfg = compose(overrides)
+    overrides, cfg, batch_note = composed(overrides)
     check_model(cfg.model)  # no layout mends the model's own shapes: say so, not "nothing fits"
     chose_backend = any(o.split("=", 1)[0] in ("backend", "backend.name") for o in overrides)
     backends = [cfg.backend.name] if chose_backend else list(BACKENDS)
@@ -337,7 +419,8 @@ def plan_command(args: list[str]) -> int:
         r["submit_command"] = " ".join([f"harness submit {cfg.system.name} tasks={r['devices']} --",
                                         *(o for o in r["run_overrides"].split() if not o.startswith("system="))])
     summary = {"budget_devices": budget, "layouts_fitting": found.counts["fit"], "search_seconds": found.seconds,
-               "counts": dict(found.counts)}
+               "counts": dict(found.counts), "global_batch": batch_note,
+               "context_parallel": cp_explanation(cfg, found.rows, best)}
     if "--json" in flags:
         print(json.dumps({"search": summary, "best": best, "pareto": front}, indent=2, default=str))
     elif "--csv" in flags:
@@ -409,7 +492,7 @@ def why_none(counts: Counter, cfg: Any) -> str:
             "(parallel.world_size), a smaller model or train.global_batch_size")
 
 
-CSV_COLUMNS = ("set", "rank", "devices", "backend", "tp", "pp", "vpp", "dp", "zero_stage", "sharding",
+CSV_COLUMNS = ("set", "rank", "devices", "backend", "tp", "pp", "vpp", "dp", "cp", "cp_kind", "zero_stage", "sharding",
                "sequence_parallel", "offload", "micro_batch_size", "grad_accum", "activation_checkpointing",
                "step_time_s", "tokens_per_s", "mfu", "memory_gb", "energy_j_per_step", "goodput", "estimate_command",
                "submit_command")
@@ -427,6 +510,8 @@ def _csv(best: list[dict[str, Any]], front: list[dict[str, Any]]) -> str:
 
 def _layout_text(r: dict[str, Any]) -> str:
     parts = [r["backend"], f"tp{r['tp']}", f"pp{r['pp']}" + (f"×v{r['vpp']}" if r["vpp"] > 1 else ""), f"dp{r['dp']}"]
+    if r.get("cp", 1) > 1:
+        parts.append(f"cp{r['cp']} {r['cp_kind']}")
     parts.append(r["sharding"] if r["sharding"] else f"ZeRO-{r['zero_stage']}")
     if r["sequence_parallel"]:
         parts.append("SP")
@@ -455,6 +540,9 @@ def _print(best: list[dict[str, Any]], front: list[dict[str, Any]], cfg: Any, bu
                           "n/a" if r["energy_j_per_step"] is None else f"{r['energy_j_per_step'] / 1e6:.3g}",
                           "n/a" if r.get("goodput") is None else f"{r['goodput']:.1%}", _layout_text(r))
         console.print(table)
+    for key in ("global_batch", "context_parallel"):
+        if summary.get(key):
+            print(summary[key])
     counts = summary["counts"]
     print(f"searched {counts.get('structures', 0):,} layouts × micro-batch × recompute in "
           f"{summary['search_seconds']:.2f} s: {summary['layouts_fitting']:,} fit; "

@@ -314,6 +314,8 @@ def _split(run: pd.Series) -> tuple[Optional[float], Optional[float], str]:
         step_ms, comm_ms = run["breakdown.step_ms"], min(run["breakdown.comm_ms"], run["breakdown.step_ms"])
         return (step_ms - comm_ms) / 1e3, comm_ms / 1e3, "trace"
     comm = [run.get(f"prediction.estimate.breakdown_s.comm.{d}") for d in ("dp", "tp", "pp")]
+    cp = run.get("prediction.estimate.breakdown_s.comm.cp")  # absent from runs predicted before cp existed
+    comm.append(0.0 if cp is None or pd.isna(cp) else cp)
     step = run.get("prediction.estimate.step_time_s")
     if step is None or pd.isna(step) or any(c is None or pd.isna(c) for c in comm):
         return None, None, "none"
