@@ -29,10 +29,15 @@ test-fast: install
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -m "not multirank and not deepspeed" -n 2 --dist worksteal
 
+# Every test: the single-process tier two at a time (as test-fast), then the multi-rank and DeepSpeed tier one at a
+# time (each already starts 2-8 processes on the host's cores); fails if either tier fails.
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest
+	rc=0; \
+	$(BIN)/python -m pytest -m "not multirank and not deepspeed" -n 2 --dist worksteal || rc=1; \
+	$(BIN)/python -m pytest -m "multirank or deepspeed" || rc=1; \
+	exit $$rc
 
 clean:
 	rm -rf $(VENV) results/runs .pytest_cache

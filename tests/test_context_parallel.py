@@ -134,3 +134,25 @@ def test_plan_for_a_long_sequence_proposes_context_parallelism_and_says_why(tmp_
     why = out["search"]["context_parallel"]
     assert why and "131,072-token sequence is split over" in why, why
     assert "train.global_batch_size unset: planned at 32 sequences" in out["search"]["global_batch"]
+
+
+@pytest.mark.multirank
+def test_the_cpu_miniature_sweep_gives_the_context_view(tmp_path: Path) -> None:
+    """long-context-cpu: 2 sequence lengths × cp 1, 2 on 2 ranks; the context view has a row per point, and at
+    the longer sequence the ranks that share each sequence hold less at their peak (live tensors, measured)."""
+    sweep = tmp_path / "sweep"
+    proc = harness(["run", "-m", "+experiment=long-context-cpu", f"hydra.sweep.dir={sweep}"], cwd=tmp_path,
+                   timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "report"
+    proc = harness(["report", str(sweep), "--view", "context", "--out", str(out), "--format", "json"],
+                   cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {(r["seq_len"], r["cp"]): r for r in json.loads(proc.stdout)["context"]}
+    assert set(rows) == {(128, 1), (128, 2), (512, 1), (512, 2)}, rows
+    assert all(r["status"] == "ok" and r["tokens/s"] > 0 and r["n"] == 3 for r in rows.values()), rows
+    assert rows[(512, 2)]["cp kind"] == "ulysses" and rows[(512, 1)]["cp kind"] == "none"
+    assert rows[(512, 2)]["memory from"] == "live tensors"
+    assert rows[(512, 2)]["memory MB"] < 0.8 * rows[(512, 1)]["memory MB"], rows
+    assert rows[(512, 2)]["predicted memory MB"] < rows[(512, 1)]["predicted memory MB"]
+    assert (out / "context.png").stat().st_size > 0

@@ -287,6 +287,8 @@ REPORT_VIEWS: dict[str, ReportView] = {v.name: v for v in (
                "harness.report.plots:plot_comm", profiled=True),
     ReportView("ranks", "each rank's traced step: compute, time in collectives (waiting included), idle; stragglers",
                "harness.report.views:ranks_view", "harness.report.plots:plot_ranks", profiled=True),
+    ReportView("context", "tokens/s and memory against sequence length, per context-parallel degree and kind",
+               "harness.report.views:context_view", "harness.report.plots:plot_context"),
     ReportView("checkpoint", "checkpoint save and load time, size and bandwidth, beside the predicted write, goodput",
                "harness.report.views:checkpoint_view", "harness.report.plots:plot_checkpoint"),
 )}

@@ -136,6 +136,32 @@ def plot_scaling(view: View, plt: Any) -> Any:
     return fig
 
 
+def plot_context(view: View, plt: Any) -> Any:
+    """Tokens/s and memory per device against sequence length (log axes), a curve per context-parallel degree and
+    kind; predicted dotted; 95% error bars."""
+    from harness.report.views import SPREAD
+
+    fig, (speed, memory) = plt.subplots(1, 2, figsize=(9.5, 3.9))
+    data = view.data[view.data["status"] == "ok"]
+    for (cp, kind), members in data.groupby(["cp", "cp kind"], sort=True):
+        name = "cp 1" if cp == 1 else f"cp {cp} {kind}"
+        line = speed.errorbar(members["seq_len"], members["tokens/s"], yerr=members["tokens/s" + SPREAD],
+                              marker="o", capsize=3, label=name).lines[0]
+        memory.plot(members["seq_len"], members["memory MB"], marker="o", color=line.get_color())
+        for ax, key in ((speed, "predicted tokens/s"), (memory, "predicted memory MB")):
+            if members[key].notna().any():
+                ax.plot(members["seq_len"], members[key], linestyle=":", marker="x", color=line.get_color(),
+                        label=f"{name} predicted" if ax is speed else None)
+    for ax, label in ((speed, "tokens/s"), (memory, "memory per device (MB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length (tokens)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    _legend_outside(fig, speed, memory)
+    return fig
+
+
 def plot_prediction(view: View, plt: Any) -> Any:
     data = view.data.dropna(subset=["measured", "predicted"])
     metrics = list(dict.fromkeys(data["metric"]))

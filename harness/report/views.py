@@ -218,6 +218,12 @@ def ci_half(frame: pd.DataFrame, stat: str) -> pd.Series:
     return column(frame, f"statistics.{stat}.ci95").map(half)
 
 
+def relative_half(frame: pd.DataFrame) -> pd.Series:
+    """Half the 95% interval of each run's mean step time over the mean: the relative spread of its rates, to first
+    order, and finite even where a noisy run's interval reaches zero step time (a rate's then has no upper end)."""
+    return ci_half(frame, "iter_time_ms") / column(frame, "statistics.iter_time_ms.mean")
+
+
 def warning_notes(frame: pd.DataFrame) -> list[str]:
     """Each run's own warnings (a busy host, a noisy step time, too few steps), named by run."""
     return [f"{run['run']}: warning: {w}" for _, run in frame.iterrows()
@@ -372,9 +378,7 @@ def scaling_view(frame: pd.DataFrame, options: Options) -> View:
         comm_base = next((points.loc[i] for i, (_, comm, _) in splits.items() if comm), None)
         mode = _mode(points)
         predicted = pd.to_numeric(column(points, "prediction.tokens_per_s"), errors="coerce")  # None → NaN
-        # relative 95% half-width of each run's mean step time: finite even where a noisy run's interval reaches
-        # zero step time (the rate's interval then has no upper end); first order, the speed-up's relative error
-        rel = ci_half(points, "iter_time_ms") / column(points, "statistics.iter_time_ms.mean")
+        rel = relative_half(points)  # each run's; combined in quadrature, the speed-up's relative error
         for i, run in points.iterrows():
             n, g = run["layout.world_size"], base["layout.world_size"]
             speedup = run["metrics.tokens_per_s"] / base["metrics.tokens_per_s"]
@@ -446,6 +450,41 @@ def prediction_view(frame: pd.DataFrame, options: Options) -> View:
     notes.insert(0, "error = (predicted − measured) / measured")
     return View("prediction", "Predicted vs measured", table, [f"not predicted: {n}" if i else n
                                                              for i, n in enumerate(notes)], table)
+
+
+def context_view(frame: pd.DataFrame, options: Options) -> View:
+    """Tokens/s and memory per device against sequence length, one curve per context-parallel degree and kind: how
+    the s² attention and the activations grow with the sequence, and what splitting each sequence over cp devices
+    buys; measured beside predicted."""
+    seq = pd.to_numeric(column(frame, "model.seq_len"), errors="coerce")
+    if seq.nunique() < 2:
+        raise ConfigError("report: the context view needs runs at two or more sequence lengths (e.g. harness run -m "
+                          "+experiment=long-context-cpu)")
+    cp = pd.to_numeric(column(frame, "layout.cp").fillna(column(frame, "parallel.cp")), errors="coerce").fillna(1)
+    kind = column(frame, "parallel.cp_kind").where(cp > 1, "none").fillna("ulysses")
+    rate = column(frame, "metrics.tokens_per_s")
+    tensors = column(frame, "metrics.tensor_peak_mb")  # a CPU's live tensors (torch.profiler), not its RSS
+    measured = tensors.where(tensors.notna(), column(frame, "metrics.peak_memory_mb"))
+    table = pd.DataFrame({
+        "seq_len": seq.astype("Int64"), "cp": cp.astype(int), "cp kind": kind, "devices": column(frame,
+        "layout.world_size"), "status": frame["status"], "n": column(frame, "statistics.timed_steps"),
+        "tokens/s": rate, "tokens/s" + SPREAD: rate * relative_half(frame),
+        "predicted tokens/s": pd.to_numeric(column(frame, "prediction.tokens_per_s"), errors="coerce"),
+        "memory MB": measured, "memory from": np.where(tensors.notna(), "live tensors",
+                                                        column(frame, "metrics.peak_memory_kind").fillna("")),
+        "predicted memory MB": pd.to_numeric(column(frame, "prediction.peak_memory_mb"), errors="coerce"),
+        "run": frame["run"]}).sort_values(["cp", "cp kind", "seq_len"], kind="stable")
+    notes = [f"{r['run']}: {r['status']} at seq_len {r['seq_len']} with cp {r['cp']}"
+             + (f" ({r['error'][:120]})" if isinstance(r.get("error"), str) else "")
+             for _, r in frame.assign(seq_len=seq, cp=cp).iterrows() if r["status"] != "ok"]
+    notes += warning_notes(frame)
+    notes.append("tokens/s ±: half the 95% interval, from the run's mean step time; memory: per device, the live "
+                 "tensors at their peak where the profiler measured them (a CPU, whose resident memory is mostly the "
+                 "interpreter), else the allocator's peak; predicted: the cost model's per-device total")
+    notes.append("cp: devices sharing each sequence (ulysses: all-to-all over heads; ring: K/V passed around); each "
+                 "holds 1/cp of the activations and does 1/cp of the attention")
+    return View("context", "Tokens/s and memory against sequence length, per context-parallel degree", table, notes,
+                table, {})
 
 
 def power_view(frame: pd.DataFrame, options: Options) -> View:
