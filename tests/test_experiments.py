@@ -25,6 +25,7 @@ STUDIES = {
     "002 FSDP with Lightning Lite on 4x V100": "fsdp-study-",
     "003 Cheng et al. 2024, characterization of ZeRO and TP/PP/DP at scale": "characterize-",
     "004 ALCF-4 1T benchmark": "alcf-1t",
+    "005 Long-context training with context parallelism (DeepSpeed-Ulysses, ring attention)": "long-context",
 }
 """Each published study and the name prefix of its experiments."""
 

@@ -113,6 +113,7 @@ SOURCE = [*TINY, "launcher.nproc=2", "model.d_model=128", "model.n_layers=2", "t
           "train.steps=6", "profile.enabled=true"]
 
 
+@pytest.mark.multirank  # a 2-rank run, timed to 2%: not beside another test's ranks (make test runs this tier alone)
 def test_calibrate_from_a_profiled_run_predicts_it_and_scales(tmp_path: Path, user_config_dir: Path) -> None:
     run = harness_run(tmp_path / "source", *SOURCE)
     assert run.proc.returncode == 0, run.proc.stderr

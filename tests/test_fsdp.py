@@ -77,7 +77,7 @@ def test_fsdp_layout_holds_its_share_of_the_parameters(fsdp_runs: dict[str, Run]
 def test_tp_x_fsdp_layout_recorded(fsdp_runs: dict[str, Run]) -> None:
     summary = fsdp_runs["tp-2-x-fsdp-2-full-prefetch"].summary
     assert summary["layout"] == {"world_size": 4, "tp": 2, "pp": 1, "dp": 2, "zero_stage": 0, "micro_batch_size": 1,
-                                 "global_batch_size": 4, "grad_accum": 2}
+                                 "global_batch_size": 4, "grad_accum": 2, "cp": 1}
     # On a CPU no allocator retries exist: null with the reason, not 0.
     assert summary["metrics"]["alloc_retries"] is None and summary["metrics"]["alloc_retries_reason"]
 

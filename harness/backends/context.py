@@ -90,8 +90,8 @@ class ContextParallel:
     def shard(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         """Ulysses: this rank's contiguous chunk of the micro-batch's sequences and, as the model's keyword
         arguments, the chunk's positions. Ring: the whole sequences (`context` shards them in place)."""
-        if self.kind == "ring":
-            return inputs, targets, {}
+        if self.kind == "ring":  # tensors of their own: context_parallel shards them in place
+            return inputs.clone(), targets.clone(), {}
         size = inputs.shape[1] // self.cp
         start = self.index * size
         positions = torch.arange(start, start + size, device=inputs.device)

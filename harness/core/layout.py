@@ -29,6 +29,11 @@ class Layout:
         return dict(self.__dict__)
 
 
+def cp_text(cp: int) -> str:
+    """A layout's context-parallel size for its one-line description, where it splits sequences (most do not)."""
+    return f", cp {cp}" if cp > 1 else ""
+
+
 @dataclass(frozen=True)
 class ProfileWindow:
     """The steps a profiled run traces: `warmup` steps run under the profiler and discarded, then `recorded`."""

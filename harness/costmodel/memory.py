@@ -17,6 +17,8 @@ only each layer's 2·s·b·h input; selective recompute (section 5) drops the co
 (scores, softmax, dropout mask) and keeps the rest; the attention sub-layer variant keeps none of the
 attention's activations; with 1F1B the first pipeline stage holds min(micro-batches, PP)
 micro-batches, times (1 + (PP−1)/(PP·v)) with v interleaved stages; GPipe and looped BFS hold all of them.
+With context parallelism a rank holds s/cp of each sequence, so every s·b·h term is 1/cp; the score matrix
+is a/cp·s² (ulysses: whole sequences, a cp-th of the heads) or a·(s/cp)·s (ring: its queries against all keys).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from typing import Any
 
 from harness.config.compose import HelpRequested, compose, split_command_args
 from harness.core.errors import ConfigError
-from harness.core.layout import Layout
+from harness.core.layout import Layout, cp_text
 from harness.costmodel.memory import GB, REFUSE_ABOVE
 from harness.run.preflight import check_config
 
@@ -42,7 +42,8 @@ def print_estimate(cfg: Any, layout: Layout, est: dict[str, Any]) -> None:
     from rich.table import Table
 
     title = (f"{cfg.model.name} ({est['params']:,} params) · {cfg.backend.name} · system {est['system']} · "
-             f"world {layout.world_size} (dp {layout.dp}, tp {layout.tp}, pp {layout.pp}, zero {layout.zero_stage})"
+             f"world {layout.world_size} (dp {layout.dp}, tp {layout.tp}, pp {layout.pp}{cp_text(layout.cp)}, "
+             f"zero {layout.zero_stage})"
              f" · batch {layout.global_batch_size} = {layout.micro_batch_size} x {layout.dp} x {layout.grad_accum}")
     table = Table(title=title, title_justify="left")
     for column in ("quantity", "predicted", "note"):
@@ -57,7 +58,7 @@ def print_estimate(cfg: Any, layout: Layout, est: dict[str, Any]) -> None:
     comm = est["comm_bytes_per_device"]
     table.add_row("communication", _fmt_bytes(comm["total"]),
                   f"per device per step: dp {_fmt_bytes(comm['dp'])}, tp {_fmt_bytes(comm['tp'])}, "
-                  f"pp {_fmt_bytes(comm['pp'])}")
+                  f"pp {_fmt_bytes(comm['pp'])}" + (f", cp {_fmt_bytes(comm['cp'])}" if layout.cp > 1 else ""))
     table.add_row("model / hardware FLOPs per step",
                   f"{est['flops_per_step']['model']:.4g} / {est['flops_per_step']['hardware']:.4g}", "all devices")
     table.add_row("pipeline bubble", f"{est['bubble_fraction']:.1%}",

@@ -129,7 +129,7 @@ def _context_splits(cfg: Any, can: Any, tp: int, pp: int, budget: int) -> list[t
             chunks = 2 * cp if spec.load_balanced else cp
             if m.seq_len % chunks or (spec.splits_heads and (m.n_heads % cp or m.kv_heads % cp)):
                 continue
-            if kind == "ring" and m.attention != "sdpa":
+            if kind == "ring" and (m.attention != "sdpa" or m.position != "rope"):
                 continue
             out.append((cp, kind))
     return out

@@ -202,7 +202,8 @@ def _list_points(args: list[str]) -> int:
             check = f"error: {point.error}"
         else:
             layout = point.checked.layout
-            check = f"ok: {point.world} rank(s), tp {layout.tp} x pp {layout.pp} x dp {layout.dp}"
+            check = (f"ok: {point.world} rank(s), tp {layout.tp} x pp {layout.pp} x dp {layout.dp}"
+                     + (f" x cp {layout.cp}" if layout.cp > 1 else ""))
             check += {"skip": "; finished earlier, skipped", "move aside": "; an earlier run moved to previous-<n>/"
                       }.get(point.note, "")
         print(f"  {point.index:>3}  {cfg.name if cfg is not None else '-'}  {point.shown}  [{check}]")

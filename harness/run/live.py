@@ -10,6 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from rich.progress import Progress as RichProgress
 from rich.table import Table
 
+from harness.core.layout import cp_text
 from harness.core.stats import plus_minus
 
 console = Console()
@@ -63,7 +64,8 @@ def summary_table(summary: dict[str, Any]) -> tuple[Table, list[str]]:
     m, layout, model = summary["metrics"], summary["layout"], summary["model"]
     title = (f"{model.get('name')} ({_fmt(model.get('params'), ',')} params) · "
              f"{summary['config']['backend']['name']} · world {layout['world_size']} (dp {layout['dp']}, "
-             f"tp {layout['tp']}, pp {layout['pp']}) · batch {layout['global_batch_size']} "
+             f"tp {layout['tp']}, pp {layout['pp']}{cp_text(layout.get('cp', 1))}) · "
+             f"batch {layout['global_batch_size']} "
              f"= {layout['micro_batch_size']} x {layout['dp']} x {layout['grad_accum']} accum")
     table = Table(title=title, title_justify="left")
     table.add_column("metric")

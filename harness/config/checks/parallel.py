@@ -131,6 +131,10 @@ def check_context_parallel(backend: str, model: GPTConfig, p: ParallelConfig, de
             if heads % (p.tp * p.cp):
                 raise ConfigError(f"parallel.cp={p.cp} (ulysses) splits {key}={heads} over tp*cp={p.tp * p.cp} "
                                   f"ranks; choose cp from the divisors of {heads // p.tp} or parallel.cp_kind=ring")
+    if kind.name == "ring" and model.position != "rope":
+        raise ConfigError(f"parallel.cp_kind=ring with model.position={model.position}: ring attention hands "
+                          "each rank two chunks of the sequence and shards the RoPE tables to match; set "
+                          "model.position=rope or parallel.cp_kind=ulysses")
     if kind.name == "ring" and model.attention != "sdpa":
         raise ConfigError(f"parallel.cp_kind=ring with model.attention={model.attention}: ring attention replaces "
                           "torch's scaled_dot_product_attention; set model.attention=sdpa")
