@@ -154,6 +154,7 @@ LAYOUTS = {
     "ddp-cp2": ["launcher.nproc=2", "backend=ddp", "parallel.cp=2", "train.micro_batch_size=2"],
     "fsdp-dp2-cp2-selective": ["launcher.nproc=4", "backend=fsdp", "parallel.cp=2", "train.micro_batch_size=1",
                                "train.activation_checkpointing=selective"],
+    "fsdp-tp2-cp2": ["launcher.nproc=4", "backend=fsdp", "parallel.tp=2", "parallel.cp=2", "train.micro_batch_size=2"],
     "fsdp-2": ["launcher.nproc=2", "backend=fsdp", "train.micro_batch_size=2"],
     "fsdp-2-no-reshard": ["launcher.nproc=2", "backend=fsdp", "backend.sharding=shard_grad_op",
                           "train.micro_batch_size=2"],

@@ -39,7 +39,7 @@ BAD_CP = [
     (["parallel.cp=3"], 3, "parallel.cp=3", "seq_len divisible by 3"),
     (["parallel.cp=8"], 8, "model.n_heads=4", "divisors of 4"),
     (["parallel.cp=2", "model.n_kv_heads=1"], 2, "model.n_kv_heads=1", "cp_kind=ring"),
-    (["parallel.cp=2", "parallel.cp_kind=ring", "system.device=cpu"], 2, "parallel.cp_kind=ring",
+    (["parallel.cp=2", "parallel.cp_kind=ring", "system.device=cpu", "model.position=rope"], 2, "parallel.cp_kind=ring",
      "use parallel.cp_kind=ulysses"),
     (["parallel.cp=2", "parallel.cp_kind=ring", "model.attention=math", "system.device=cuda",
       "model.position=rope"], 2, "model.attention=math", "model.attention=sdpa"),
@@ -48,7 +48,7 @@ BAD_CP = [
     (["parallel.cp=2", "parallel.cp_kind=ring", "model.seq_len=130", "system.device=cuda"], 2,
      "model.seq_len=130", "divisible by 4"),
     (["parallel.cp=2", "parallel.cp_kind=zigzag"], 2, "parallel.cp_kind=zigzag", "ulysses, ring"),
-    (["parallel.cp=2", "parallel.tp=2"], 4, "parallel.tp=2", "parallel.cp=1"),
+    (["parallel.cp=2", "parallel.tp=4"], 8, "over tp*cp=8", "divisors of 1"),
     (["parallel.cp=2", "parallel.pp=2"], 4, "parallel.pp=2", "parallel.cp=1"),
     (["parallel.cp=2"], 3, "parallel.tp*parallel.pp*parallel.cp=2", "divides 3"),
     (["parallel.cp=0"], 1, "parallel.cp=0", "at least 1"),
@@ -80,9 +80,12 @@ def test_a_valid_context_parallel_layout_derives_dp_from_cp() -> None:
     assert (layout.cp, layout.dp, layout.grad_accum) == (2, 2, 2)
 
 
+LONG = ["model=gpt-6.7b", "model.seq_len=32768", "model.position=rope", "system=dgx-h100", "train.precision=bf16"]
+"""A long-sequence job for the cost model (RoPE: ring attention needs it)."""
+
+
 def predicted(*overrides: str, world: int = 64) -> dict:
-    cfg = compose(["model=gpt-6.7b", "model.seq_len=32768", "system=dgx-h100", "backend=fsdp", "train.precision=bf16",
-                   "train.global_batch_size=64", f"parallel.world_size={world}", *overrides])
+    cfg = compose([*LONG, "backend=fsdp", "train.global_batch_size=64", f"parallel.world_size={world}", *overrides])
     return estimate(cfg, validate(cfg, world))
 
 
@@ -113,7 +116,7 @@ def test_ring_passes_hide_behind_block_attention_and_ulysses_all_to_alls_do_not(
 def test_ring_attends_in_blocks_at_the_block_lengths_measured_rate() -> None:
     """Ring attention runs cp kernels of s/cp × s/cp (mostly unmasked): the fused kernel's rate for that length,
     not the whole sequence's (FlashAttention-2's table, harness/costmodel/peaks.py)."""
-    cfg = compose(["model=gpt-6.7b", "model.seq_len=32768", "system=dgx-h100", "train.precision=bf16"])
+    cfg = compose(LONG)
     hw = hardware(cfg.system, system_peak(cfg.system, "bf16").tflops)
     ring, ulysses = job_of("parallel.cp=8", "parallel.cp_kind=ring"), job_of("parallel.cp=8")
     table = hw.attention
@@ -122,8 +125,7 @@ def test_ring_attends_in_blocks_at_the_block_lengths_measured_rate() -> None:
 
 
 def job_of(*overrides: str) -> Job:
-    cfg = compose(["model=gpt-6.7b", "model.seq_len=32768", "system=dgx-h100", "backend=fsdp", "train.precision=bf16",
-                   "parallel.world_size=64", *overrides])
+    cfg = compose([*LONG, "backend=fsdp", "parallel.world_size=64", *overrides])
     return job_from_config(cfg, validate(cfg, 64))
 
 

@@ -225,7 +225,7 @@ class FabricBackend(Backend):
         from lightning_fabric.plugins.environments import TorchElasticEnvironment
 
         if self.layout.cp > 1:
-            self.context = ContextParallel(self.cfg.parallel.cp_kind, self.layout.cp, self.device)
+            self.context = ContextParallel(self.cfg.parallel.cp_kind, self.layout.cp, self.layout.tp, self.device)
             self.context.parallelize(model)
         self.prepare(model)
         # The runner already exported torchrun-style variables for every launcher (srun, mpiexec

@@ -27,13 +27,14 @@ import torch.distributed as dist
 from torch import nn
 
 
-def cp_mesh(cp: int, device: torch.device) -> Any:
-    """The context-parallel dimension of a (dp, cp) device mesh over all ranks: cp consecutive ranks share each
-    sequence (tp = pp = 1: validate refuses context parallelism with them)."""
+def cp_mesh(cp: int, tp: int, device: torch.device) -> Any:
+    """The context-parallel dimension of a (dp, cp, tp) device mesh over all ranks, row-major as the backends lay
+    out their (data-parallel, tensor-parallel) mesh: the ranks tp apart that hold the same tensor-parallel shard
+    share each sequence (pp = 1: validate refuses context parallelism with pipeline stages)."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh(device.type, (dist.get_world_size() // cp, cp), mesh_dim_names=("cp_dp", "cp"))
-    return mesh["cp"]
+    shape = (dist.get_world_size() // (cp * tp), cp, tp)
+    return init_device_mesh(device.type, shape, mesh_dim_names=("cp_dp", "cp", "cp_tp"))["cp"]
 
 
 class _BatchFirst(nn.Module):
@@ -52,6 +53,7 @@ class UlyssesAttention(nn.Module):
     """DeepSpeed-Ulysses around one block's core attention: (B, heads, T/cp, d) in and out."""
 
     def __init__(self, core: nn.Module, group: Any, kv_heads: int) -> None:
+        """`kv_heads`: this rank's KV heads before the all-to-all (after tensor parallelism's split)."""
         super().__init__()
         import deepspeed
         from deepspeed.sequence.layer import DistributedAttention
@@ -73,19 +75,17 @@ class ContextParallel:
     """One rank's part in context parallelism: which chunk of each sequence it holds, and the attention that lets
     the chunks see each other."""
 
-    def __init__(self, kind: str, cp: int, device: torch.device) -> None:
-        self.kind, self.cp, self.device = kind, cp, device
-        self.mesh = cp_mesh(cp, device)
+    def __init__(self, kind: str, cp: int, tp: int, device: torch.device) -> None:
+        self.kind, self.cp, self.tp, self.device = kind, cp, tp, device
+        self.mesh = cp_mesh(cp, tp, device)
         self.group, self.index = self.mesh.get_group(), self.mesh.get_local_rank()
-        self.dp_rank = dist.get_rank() // cp
-        """Which share of the global batch this rank's group reads."""
 
     def parallelize(self, model: nn.Module) -> None:
         """Before the backend wraps `model`: ulysses replaces each block's core attention (ring swaps the attention
         kernel at run time instead, in `context`)."""
         if self.kind == "ulysses":
             for block in model.blocks:
-                block.attn.core = UlyssesAttention(block.attn.core, self.group, model.config.kv_heads)
+                block.attn.core = UlyssesAttention(block.attn.core, self.group, model.config.kv_heads // self.tp)
 
     def shard(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         """Ulysses: this rank's contiguous chunk of the micro-batch's sequences and, as the model's keyword

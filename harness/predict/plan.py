@@ -116,18 +116,18 @@ class Candidate:
 def _context_splits(cfg: Any, can: Any, tp: int, pp: int, budget: int) -> list[tuple[int, str]]:
     """(cp, kind) pairs a backend runs for this model: cp = 1, and each kind's sizes up to the budget that split
     the sequence (and for ulysses the heads) as the run's check requires (harness.config.checks.parallel); the
-    harness runs context parallelism with tp = pp = 1."""
+    harness runs context parallelism without pipeline stages."""
     out = [(1, "ulysses")]
-    if tp > 1 or pp > 1:
+    if pp > 1:
         return out
     m = check_model(cfg.model)
     for kind in can.context_parallel:
         spec = CP_KINDS[kind]
         if cfg.system.device not in ("auto", *spec.runs_on):
             continue
-        for cp in (c for c in _divisors(budget) if c > 1):
+        for cp in (c for c in _divisors(budget // tp) if c > 1):
             chunks = 2 * cp if spec.load_balanced else cp
-            if m.seq_len % chunks or (spec.splits_heads and (m.n_heads % cp or m.kv_heads % cp)):
+            if m.seq_len % chunks or (spec.splits_heads and (m.n_heads % (tp * cp) or m.kv_heads % (tp * cp))):
                 continue
             if kind == "ring" and (m.attention != "sdpa" or m.position != "rope"):
                 continue

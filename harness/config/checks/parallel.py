@@ -116,10 +116,9 @@ def check_context_parallel(backend: str, model: GPTConfig, p: ParallelConfig, de
         others = [n for n, s in BACKENDS.items() if p.cp_kind in s.context_parallel]
         raise ConfigError(f"parallel.cp={p.cp}: backend={backend} has no {p.cp_kind} context parallelism; use "
                           f"backend={' or backend='.join(others)}")
-    for key in ("tp", "pp"):
-        if getattr(p, key) > 1:
-            raise ConfigError(f"parallel.cp={p.cp} with parallel.{key}={getattr(p, key)}: the harness runs context "
-                              f"parallelism with data parallelism only; set parallel.{key}=1 or parallel.cp=1")
+    if p.pp > 1:
+        raise ConfigError(f"parallel.cp={p.cp} with parallel.pp={p.pp}: the harness runs context parallelism with "
+                          "data and tensor parallelism, not pipeline stages; set parallel.pp=1 or parallel.cp=1")
     chunks = 2 * p.cp if kind.load_balanced else p.cp
     if model.seq_len % chunks:
         what = f"2·cp={chunks} chunks (two per rank, balancing causal attention)" if kind.load_balanced else \
