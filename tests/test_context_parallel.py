@@ -69,7 +69,8 @@ def test_bad_context_parallel_layouts_are_refused_in_one_line(overrides: list[st
 
 
 def test_ring_on_a_cpu_fails_on_the_command_line_before_launch(tmp_path: Path) -> None:
-    proc = harness(["run", "launcher.nproc=2", "parallel.cp=2", "parallel.cp_kind=ring"], cwd=tmp_path, timeout=60)
+    proc = harness(["run", "launcher.nproc=2", "parallel.cp=2", "parallel.cp_kind=ring", "model.position=rope"],
+                   cwd=tmp_path, timeout=60)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("harness: error: parallel.cp_kind=ring on system.device=cpu"), lines[0]

@@ -77,7 +77,7 @@ def test_3d_summary(runs_3d: dict[str, Run]) -> None:
     assert summary["status"] == "ok"
     layout = {k: v for k, v in summary["layout"].items() if k not in ("rank_coordinates", "rank_coordinates_order")}
     assert layout == {"world_size": 4, "tp": 2, "pp": 2, "dp": 1, "zero_stage": 1, "micro_batch_size": 1,
-                      "global_batch_size": 4, "grad_accum": 4, "micro_batches_per_step": 4,
+                      "global_batch_size": 4, "grad_accum": 4, "cp": 1, "micro_batches_per_step": 4,
                       "sequence_parallel": False, "block_input_shape": [1, 128, 64], "sequence_parallel_params": 0}
     assert summary["model"]["padded_vocab_size"] == 512
     checkpointed = runs_3d["pp2-checkpointed"].summary["metrics"]
