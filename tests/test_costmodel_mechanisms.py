@@ -6,6 +6,7 @@ here fails when its mechanism is removed.
 - kernels.py: each kernel a roofline; unfused norms, activations and residual adds cost memory time that
   fusion (torch.compile, Megatron's kernels) removes; attention at its measured rate; the optimizer as its
   implementation streams; a GEMM with a short inner dimension bound by its bytes.
+- timing.py: compute that a collective overlaps runs slower (its kernels hold SMs).
 - memory: the run's check refuses only clear cases and warns in between.
 """
 
@@ -142,6 +143,25 @@ def test_host_launches_hide_behind_long_kernels_on_a_gpu_and_add_up_on_a_cpu() -
 
 
 # --- memory -------------------------------------------------------------------------------------------------------
+
+
+def test_compute_that_a_collective_overlaps_runs_slower_and_a_cpu_has_no_such_overlap() -> None:
+    """FSDP's gathers and reductions hide under compute, which they slow by OVERLAP_SLOWDOWN while they run beside
+    it (their kernels hold SMs): the step grows by that share of the hidden communication, and by nothing with the
+    slowdown set to 0 or on a CPU (whose cores compute and communicate in turn)."""
+    from harness.costmodel.comm import collectives
+    from harness.costmodel.timing import OVERLAP_SLOWDOWN, step_time
+
+    base = ["model=gpt-1.3b", "system=dgx-h100", "backend=fsdp", "train.precision=bf16", "parallel.world_size=16",
+            "train.global_batch_size=16"]
+    job, hw = job_and_hw(base, 16)
+    timed = step_time(job, collectives(job), hw)
+    hidden = timed.comm_s["dp"] - timed.exposed_comm_s["dp"]
+    assert hidden > 0 and hw.overlap_slowdown == OVERLAP_SLOWDOWN
+    assert timed.memory_bound_s["contention"] == pytest.approx(OVERLAP_SLOWDOWN * min(hidden, timed.compute_s))
+    free = step_time(job, collectives(job), dataclasses.replace(hw, overlap_slowdown=0.0))
+    assert timed.step_s - free.step_s == pytest.approx(timed.memory_bound_s["contention"])
+    assert hardware(compose(["system=cpu"]).system, 0.1).overlap_slowdown == 0.0
 
 
 def test_memory_check_refuses_only_clear_cases() -> None:

@@ -246,6 +246,9 @@ class SystemConfig:
     """The same outside the blocks (embeddings, head, loss, optimizer calls, the training loop)."""
     overlap_comm: bool = True
     """Communication runs concurrently with compute (false on a CPU, whose cores do both)."""
+    overlap_slowdown: Optional[float] = None
+    """How much slower compute runs while a collective overlaps it (its kernels hold SMs/CUs and memory bandwidth);
+    None: the published cross-GPU average (harness/costmodel/timing.py OVERLAP_SLOWDOWN)."""
     attention_tflops: Optional[float] = None
     """The fused attention kernel's forward + backward rate, measured (`harness calibrate --from`); None: the
     device's published FlashAttention measurement (harness/costmodel/peaks.py), else the GEMM rate."""

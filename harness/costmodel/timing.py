@@ -64,6 +64,8 @@ class Hardware:
     """Kernels run asynchronously to the host that launches them (a GPU), so host time hides behind them."""
     attention_flops: Optional[float] = None
     """A measured fused-attention rate (`harness calibrate --from`), before the device's published table."""
+    overlap_slowdown: float = 0.0
+    """Compute's slowdown while a collective overlaps it (OVERLAP_SLOWDOWN)."""
 
     def rates(self, job: Job) -> Rates:
         """The achievable rate of each kernel class for this job's shapes (kernels.Rates)."""
@@ -97,6 +99,13 @@ def cpu_share(system: Any, local_ranks: Optional[int]) -> tuple[float, float]:
     return compute(local_ranks) / compute(measured), host(local_ranks) / host(measured)
 
 
+OVERLAP_SLOWDOWN = 0.189
+"""Compute runs this much slower while a collective overlaps it: NCCL's and RCCL's kernels hold SMs/CUs (one per
+channel) and memory bandwidth, so a GEMM's tiles run in more waves. 18.9% is the average over GPT and Llama layers
+with concurrent collectives on 4 A100, H100, MI250 and MI210 (maximum 40%) in "Characterizing Compute-Communication
+Overlap in GPU-Accelerated Distributed Deep Learning: Performance and Power Implications", arXiv 2507.03114, a
+microbenchmark study, not a training table; `system.overlap_slowdown` gives a site's own figure."""
+
 GPU_KERNEL_LAUNCH_US = 5.0
 """Host time per kernel of eager PyTorch on a GPU host where no profile measured it: the Python call, the
 dispatcher, autograd's bookkeeping and cudaLaunchKernel, each a few microseconds (`harness calibrate` measures
@@ -128,6 +137,7 @@ def hardware(system: Any, peak_tflops: float, local_ranks: Optional[int] = None)
         launch_s=(launch if launch is not None else 0.0 if on_cpu else GPU_KERNEL_LAUNCH_US) * 1e-6 / host,
         accelerator=not on_cpu,
         attention_flops=None if attention is None else attention * 1e12 * speed,
+        overlap_slowdown=0.0 if on_cpu else (getattr(system, "overlap_slowdown", None) or OVERLAP_SLOWDOWN),
     )
 
 
@@ -204,7 +214,8 @@ class StepTime:
     comm_s: dict[str, float]
     """All communication time, overlapped or not, by dimension."""
     memory_bound_s: dict[str, float]
-    """Outside the micro-batches: the optimizer step and the gradient accumulation passes."""
+    """Outside the micro-batches: the optimizer step and the gradient accumulation passes; and `contention`, the
+    compute that overlapped communication slowed (OVERLAP_SLOWDOWN)."""
 
 
 def _dp_window(c: Collective, job: Job, per_mb: float) -> tuple[str, float]:
@@ -288,7 +299,10 @@ def step_time(job: Job, colls: list[Collective], hw: Hardware) -> StepTime | str
     cp = exposed_cp_s(comm["cp"], job, hw)
     pipeline = (per_mb + (tp + steady + cp) / m) * m * (1 + bubble) + edges
     exposed = {"dp": exposed_dp_s(dp, job, per_mb, hw), "tp": tp, "pp": steady + edges + tied, "cp": cp}
-    memory_bound = {"optimizer": optimizer_s(job, hw), "grad_accumulation": grad_accumulation_s(job, hw)}
+    # what ran beside compute (data-parallel, ring attention's and pipelined TP's) slowed the compute it overlapped
+    hidden = sum(comm[d] for d in ("dp", "tp", "cp")) - exposed["dp"] - exposed["tp"] - exposed["cp"]
+    memory_bound = {"optimizer": optimizer_s(job, hw), "grad_accumulation": grad_accumulation_s(job, hw),
+                    "contention": hw.overlap_slowdown * min(max(0.0, hidden), per_mb * m)}
     step = pipeline + exposed["dp"] + tied + sum(memory_bound.values())
     return StepTime(step_s=step, compute_s=per_mb * m, bubble_fraction=bubble, exposed_comm_s=exposed, comm_s=comm,
                     memory_bound_s=memory_bound)
