@@ -84,6 +84,13 @@ def harness(args: list[str], cwd: Path, timeout: float = 300, env: dict[str, str
                           timeout=timeout, env=env or clean_env())
 
 
+def error_line(proc: subprocess.CompletedProcess[str]) -> str:
+    """The one line a refused command prints: exit status 2 and nothing else on stderr (fails the test otherwise)."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    return lines[0]
+
+
 def harness_run(run_dir: Path, *overrides: str, timeout: float = 300) -> Run:
     """`harness run` into a known directory; fails the test with the output if it exits non-zero."""
     proc = harness(["run", f"hydra.run.dir={run_dir}", *overrides], cwd=run_dir.parent, timeout=timeout)

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import TINY, assert_losses_match, fsdp_config, harness, harness_run
+from conftest import TINY, assert_losses_match, error_line, fsdp_config, harness, harness_run
 
 from harness.config.checks import validate
 from harness.config.compose import compose
@@ -71,9 +71,8 @@ def test_bad_context_parallel_layouts_are_refused_in_one_line(overrides: list[st
 def test_ring_on_a_cpu_fails_on_the_command_line_before_launch(tmp_path: Path) -> None:
     proc = harness(["run", "launcher.nproc=2", "parallel.cp=2", "parallel.cp_kind=ring", "model.position=rope"],
                    cwd=tmp_path, timeout=60)
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
-    assert lines[0].startswith("harness: error: parallel.cp_kind=ring on system.device=cpu"), lines[0]
+    line = error_line(proc)
+    assert line.startswith("harness: error: parallel.cp_kind=ring on system.device=cpu"), line
 
 
 def test_a_valid_context_parallel_layout_derives_dp_from_cp() -> None:

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import Run, assert_losses_match, harness, run_layouts
+from conftest import Run, assert_losses_match, error_line, harness, run_layouts
 
 from harness.config.checks import validate
 from harness.config.compose import compose
@@ -89,7 +89,6 @@ def test_bad_deepspeed_config_is_rejected(overrides: list[str], message: str) ->
 def test_bad_input_fails_before_any_process_group(tmp_path: Path) -> None:
     proc = harness(["run", "backend=deepspeed", "launcher.nproc=2", "train.precision=bf16",
                     "+backend.ds_config.fp16.enabled=true"], cwd=tmp_path, timeout=60)
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
-    assert lines[0].startswith("harness: error: fp16 and bf16 both requested"), lines[0]
+    line = error_line(proc)
+    assert line.startswith("harness: error: fp16 and bf16 both requested"), line
     assert not any(tmp_path.rglob("*.json")), "an invalid config must not leave a run behind"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import GLOBAL_BATCH, TINY, Run, assert_losses_match, harness, harness_run, run_layouts
+from conftest import GLOBAL_BATCH, TINY, Run, assert_losses_match, error_line, harness, harness_run, run_layouts
 from test_deepspeed import TOLERANCE
 
 from harness.config.checks import validate
@@ -175,7 +175,6 @@ def test_bad_3d_config_is_rejected(overrides: list[str], world: int, message: st
 def test_bad_ffn_width_fails_before_any_process_group(tmp_path: Path) -> None:
     proc = harness(["run", "backend=deepspeed3d", "launcher.nproc=2", "parallel.tp=2", "model.ffn_hidden=255"],
                    cwd=tmp_path, timeout=60)
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
-    assert lines[0].startswith("harness: error: parallel.tp=2 does not divide model.ffn_hidden=255"), lines[0]
+    line = error_line(proc)
+    assert line.startswith("harness: error: parallel.tp=2 does not divide model.ffn_hidden=255"), line
     assert not any(tmp_path.rglob("*.json")), "an invalid config must not leave a run behind"

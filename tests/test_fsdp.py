@@ -16,7 +16,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import GLOBAL_BATCH, TINY, Run, assert_losses_match, fsdp_config, harness, harness_run, run_layouts
+from conftest import (
+    GLOBAL_BATCH,
+    TINY,
+    Run,
+    assert_losses_match,
+    error_line,
+    fsdp_config,
+    harness,
+    harness_run,
+    run_layouts,
+)
 
 from harness.backends.base import apply_activation_checkpointing
 from harness.config.checks import compute_precision, validate
@@ -202,9 +212,8 @@ def test_bad_fsdp_options_are_rejected_in_one_line(overrides: list[str], world: 
 def test_bad_fsdp_option_fails_on_the_command_line_before_launch(tmp_path: Path) -> None:
     proc = harness(["run", "backend=fsdp", "launcher.nproc=4", "backend.sharding=hybrid_shard",
                     "backend.hybrid_shard_group=3"], cwd=tmp_path, timeout=60)
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
-    assert lines[0].startswith("harness: error: backend.hybrid_shard_group=3"), lines[0]
+    line = error_line(proc)
+    assert line.startswith("harness: error: backend.hybrid_shard_group=3"), line
 
 
 def test_mfu_peak_follows_the_dtype_blocks_compute_in() -> None:
