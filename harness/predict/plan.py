@@ -33,13 +33,14 @@ from typing import Any, Iterator, Optional
 from omegaconf import OmegaConf
 
 from harness.config.checks import check_model, validate
+from harness.config.checks.parallel import check_context_parallel
 from harness.config.compose import HelpRequested, compose, split_command_args
+from harness.config.schema import ParallelConfig
 from harness.core.errors import ConfigError
 from harness.core.layout import Layout
 from harness.core.registry import (
     BACKENDS,
     CHECKPOINTING,
-    CP_KINDS,
     pipeline_bubble,
     pipeline_split,
     resolve_pp_schedule,
@@ -113,23 +114,18 @@ class Candidate:
                           "activation_checkpointing": self.activation_checkpointing}}
 
 
-def _context_splits(cfg: Any, can: Any, tp: int, pp: int, budget: int) -> list[tuple[int, str]]:
-    """(cp, kind) pairs a backend runs for this model: cp = 1, and each kind's sizes up to the budget that split
-    the sequence (and for ulysses the heads) as the run's check requires (harness.config.checks.parallel); the
-    harness runs context parallelism without pipeline stages."""
+def _context_splits(cfg: Any, name: str, tp: int, pp: int, budget: int) -> list[tuple[int, str]]:
+    """(cp, kind) pairs backend `name` runs for this model: cp = 1, and each kind's sizes up to the budget that the
+    run's own check (harness.config.checks.parallel.check_context_parallel) accepts."""
     out = [(1, "ulysses")]
-    if pp > 1:
-        return out
     m = check_model(cfg.model)
-    for kind in can.context_parallel:
-        spec = CP_KINDS[kind]
-        if cfg.system.device not in ("auto", *spec.runs_on):
-            continue
+    p = OmegaConf.structured(ParallelConfig(tp=tp, pp=pp))
+    for kind in BACKENDS[name].context_parallel:
         for cp in (c for c in _divisors(budget // tp) if c > 1):
-            chunks = 2 * cp if spec.load_balanced else cp
-            if m.seq_len % chunks or (spec.splits_heads and (m.n_heads % (tp * cp) or m.kv_heads % (tp * cp))):
-                continue
-            if kind == "ring" and (m.attention != "sdpa" or m.position != "rope"):
+            p.cp, p.cp_kind = cp, kind
+            try:
+                check_context_parallel(name, m, p, cfg.system.device)
+            except ConfigError:
                 continue
             out.append((cp, kind))
     return out
@@ -145,7 +141,7 @@ def _structures(cfg: Any, budget: int, backends: list[str], exact: bool) -> Iter
         pps = [p for p in range(1, min(budget, layers + 2) + 1) if pipeline_split(layers, p)] \
             if can.pipeline_parallel else [1]
         for tp, pp in ((t, p) for t in tps for p in pps):
-            for cp, cp_kind in _context_splits(cfg, can, tp, pp, budget):
+            for cp, cp_kind in _context_splits(cfg, name, tp, pp, budget):
                 for dp in _divisors(gbs):
                     world = tp * pp * dp * cp
                     if world > budget:
