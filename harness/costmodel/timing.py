@@ -121,6 +121,7 @@ def hardware(system: Any, peak_tflops: float, local_ranks: Optional[int] = None)
     hbm = gbps(system.hbm_bw_gb_per_s)
     speed, host = cpu_share(system, local_ranks)
     attention = getattr(system, "attention_tflops", None)
+    slowdown = getattr(system, "overlap_slowdown", None)
     return Hardware(
         peak_flops=peak_tflops * 1e12 * speed,
         gemm_efficiency=gemm_efficiency(system),
@@ -137,7 +138,7 @@ def hardware(system: Any, peak_tflops: float, local_ranks: Optional[int] = None)
         launch_s=(launch if launch is not None else 0.0 if on_cpu else GPU_KERNEL_LAUNCH_US) * 1e-6 / host,
         accelerator=not on_cpu,
         attention_flops=None if attention is None else attention * 1e12 * speed,
-        overlap_slowdown=0.0 if on_cpu else (getattr(system, "overlap_slowdown", None) or OVERLAP_SLOWDOWN),
+        overlap_slowdown=0.0 if on_cpu else OVERLAP_SLOWDOWN if slowdown is None else slowdown,
     )
 
 
