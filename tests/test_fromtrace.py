@@ -110,7 +110,7 @@ def test_estimate_warns_when_a_calibrated_profile_is_asked_far_outside_what_it_s
 # --- end to end on this CPU ---------------------------------------------------------------------------------------
 
 SOURCE = [*TINY, "launcher.nproc=2", "model.d_model=128", "model.n_layers=2", "train.micro_batch_size=2",
-          "train.steps=6", "profile.enabled=true"]
+          "train.steps=12", "profile.enabled=true"]
 
 
 @pytest.mark.multirank  # a 2-rank run, timed to 2%: not beside another test's ranks (make test runs this tier alone)
