@@ -32,6 +32,10 @@ LAYOUTS = {  # name: overrides (gpt-tiny, 2 ranks, 2 micro-batches per step; 4 w
     # DeepSpeed's defaults: gpt-tiny's tensors are all under the persistence threshold (1e5 elements).
     "zero3-default": ["backend=deepspeed", "parallel.zero_stage=3"],
     "tp2": ["backend=deepspeed3d", "parallel.tp=2"],
+    # the harness's FSDP TP splits only the blocks (Software.tp_vocab=replicated): no loss collectives, and with
+    # sequence parallelism one gather where the residual stream leaves the blocks and one for its gradient
+    "fsdp-tp2": ["backend=fsdp", "parallel.tp=2"],
+    "fsdp-tp2-sp": ["backend=fsdp", "parallel.tp=2", "parallel.sequence_parallel=true"],
     "pp2": ["backend=deepspeed3d", "parallel.pp=2"],
     # context parallelism: ulysses's four all-to-alls per layer, forward and backward, and again in a recompute
     "ulysses-cp2": ["backend=ddp", "parallel.cp=2"],

@@ -142,6 +142,94 @@ def test_host_launches_hide_behind_long_kernels_on_a_gpu_and_add_up_on_a_cpu() -
     assert kernels.kernels_s(big, rates, overlap_host=False) == pytest.approx(1e10 / 1e12 + 10 * 5e-6)
 
 
+# --- software: what the framework launches -----------------------------------------------------------------------
+
+
+def tp_calls(job: Job) -> dict[tuple[str, float], float]:
+    from harness.costmodel.comm import tp_collectives
+
+    return {(c.kind, c.payload_bytes): c.calls for c in tp_collectives(job)}
+
+
+def test_gathering_each_projections_input_costs_a_collective_per_projection() -> None:
+    """KempnerForge's q, k, v, gate and up are each a ColwiseParallel with a sequence-split input: five gathers per
+    block in the forward where Megatron (and the harness) gather once per sub-layer, and as many reduce-scatters in
+    the backward; a full recompute gathers again."""
+    base = [*LLAMA, "parallel.tp=4", "parallel.sequence_parallel=true", "train.global_batch_size=2"]
+    once, _ = job_and_hw([*base, "costmodel.software=harness-fsdp"], 4)
+    each = dataclasses.replace(once, software=dataclasses.replace(once.software, tp_gather_per_projection=True))
+    payload = once.tokens * once.model.d_model * once.act_bytes
+    layers = once.model.n_layers
+    gathers, scatters = tp_calls(once)[("all_gather", payload)], tp_calls(once)[("reduce_scatter", payload)]
+    assert tp_calls(each)[("all_gather", payload)] - gathers == 3 * layers  # q, k, v: +2; gate, up: +1
+    assert tp_calls(each)[("reduce_scatter", payload)] - scatters == 3 * layers
+    full = dataclasses.replace(each, checkpointing="full")
+    assert tp_calls(full)[("all_gather", payload)] - tp_calls(dataclasses.replace(once, checkpointing="full"))[
+        ("all_gather", payload)] == 6 * layers
+
+
+def test_how_the_vocabulary_runs_under_tp_sets_the_heads_work_its_collectives_and_its_weights() -> None:
+    """Megatron splits the embedding, the output layer and the loss over TP ranks (three b·s fp32 all-reduces);
+    DTensor's gathered head splits the output layer, all-gathers the b·s·V logits and takes the whole loss on each
+    rank; the harness's FSDP TP splits only the blocks."""
+    split, hw = job_and_hw([*LLAMA, "parallel.tp=4", "train.global_batch_size=2", "costmodel.software=megatron-lm"], 4)
+    v, d, tp = split.model.vocab_size, split.model.d_model, 4
+    gathered = dataclasses.replace(split, software=dataclasses.replace(split.software, tp_vocab="gathered"))
+    replicated = dataclasses.replace(split, software=dataclasses.replace(split.software, tp_vocab="replicated"))
+
+    def head(job: Job, name: str) -> kernels.Kernel:
+        return next(k for k in compute_kernels(job)[1] if k.name == name)
+
+    assert head(gathered, "lm_head.fwd").flops == head(split, "lm_head.fwd").flops
+    assert head(replicated, "lm_head.fwd").flops == pytest.approx(tp * head(split, "lm_head.fwd").flops, rel=1e-3)
+    assert head(gathered, "cross entropy").bytes == pytest.approx(tp * head(split, "cross entropy").bytes)
+    assert ("all_reduce", split.tokens * 4) in tp_calls(split)
+    logits = split.tokens * v * split.act_bytes
+    assert tp_calls(gathered)[("all_gather", logits)] == split.micro_batches
+    assert not any(size in (logits, split.tokens * 4) for _, size in tp_calls(replicated))
+    assert gathered.params_per_rank - split.params_per_rank == pytest.approx(v * d * (1 - 1 / tp))
+    assert replicated.params_per_rank - split.params_per_rank == pytest.approx(2 * v * d * (1 - 1 / tp))
+
+
+def test_a_composite_rmsnorm_streams_its_fp32_intermediates_and_compiling_fuses_it() -> None:
+    """Llama's reference RMSNorm (fp32 PyTorch operations) moves ~10x a fused norm kernel's bytes; torch.compile of
+    the whole model fuses the final norm as well as the blocks' norms, compiling blocks alone leaves it."""
+    fused, hw = job_and_hw([*LLAMA, "costmodel.software=kempnerforge"])
+    composite = fused
+    fused = dataclasses.replace(composite, software=dataclasses.replace(composite.software, rmsnorm_composite=False))
+
+    def norm_bytes(job: Job) -> float:
+        return sum(k.bytes for k in compute_kernels(job)[0] if k.name in ("norm1", "norm2"))
+
+    assert norm_bytes(composite) > 8 * norm_bytes(fused) > 0
+    whole, _ = job_and_hw([*LLAMA, "costmodel.software=kempnerforge", "train.compile=true"])
+    blocks, _ = job_and_hw([*LLAMA, "costmodel.software=harness-fsdp", "train.compile=true"])
+    assert norm_bytes(whole) == 0 and "norm_f" not in {k.name for k in compute_kernels(whole)[1]}
+    assert "norm_f" in {k.name for k in compute_kernels(blocks)[1]}
+    # the loss sits outside the compiled module either way: eager unless the software fuses it
+    ce = next(k for k in compute_kernels(blocks)[1] if k.name == "cross entropy")
+    fused_ce = dataclasses.replace(blocks, software=dataclasses.replace(blocks.software, fused_cross_entropy=True))
+    assert next(k for k in compute_kernels(fused_ce)[1] if k.name == "cross entropy").bytes < ce.bytes / 5
+
+
+def test_fsdp_gathers_hide_only_under_the_phase_that_issues_them() -> None:
+    """A block's forward gather must finish within the forward of the block before it: when the forward's compute
+    is shorter than its gathers, the excess is exposed even though the whole micro-batch's compute (3-4x the
+    forward) would cover all of them."""
+    from harness.costmodel.comm import collectives
+    from harness.costmodel.timing import collective_s, exposed_dp_s, forward_share
+
+    job, hw = job_and_hw([*LLAMA, "train.global_batch_size=32", "system.devices_per_node=1", "system.nics_per_node=1",
+                          "system.nic_bw_gb_per_s=80"], 16)
+    gathers = [(c, collective_s(c, hw)) for c in collectives(job) if c.role == "params"]
+    per_mb = micro_batch_compute_s(job, hw)
+    share = forward_share(job, hw)
+    total = sum(t for _, t in gathers)
+    assert 0 < share < 0.5 and gathers[0][0].calls == 2 * job.micro_batches  # forward and backward, resharded
+    assert share * per_mb * job.micro_batches < total / 2 < total < per_mb * job.micro_batches
+    assert exposed_dp_s(gathers, job, per_mb, hw) == pytest.approx(total / 2 - share * per_mb * job.micro_batches)
+
+
 # --- memory -------------------------------------------------------------------------------------------------------
 
 

@@ -31,6 +31,20 @@ ROPE_PASSES = 9.0
 NORM_PASSES = (2.0, 3.0)
 """A norm kernel: forward reads its input and writes its output; backward reads input and output gradient and
 writes the input gradient."""
+RMSNORM_COMPOSITE_BYTES = 32.0
+"""An RMSNorm written as PyTorch operations in fp32 (Llama's reference code: x.float(), pow, mean, rsqrt, mul,
+mul by the weight, cast back), per element in the forward: cast (E + 4), pow (8), mean (4), mul (8), weight
+mul (8), cast back (4 + E) = 32 + 2E bytes; autograd runs each operation's backward, reading its saved inputs and
+the incoming gradient: twice the forward's."""
+
+
+def norm_bytes(job: Job) -> tuple[float, float]:
+    """Bytes per element of one norm's forward and backward: one kernel, or the software's composite RMSNorm."""
+    E = job.act_bytes
+    if job.model.norm == "rmsnorm" and job.software.rmsnorm_composite:
+        forward = RMSNORM_COMPOSITE_BYTES + 2 * E
+        return forward, 2 * forward
+    return NORM_PASSES[0] * E, NORM_PASSES[1] * E
 SOFTMAX_PASSES_EAGER = 24.0
 """PyTorch's math attention per score element, in bytes: cast to fp32 (E + 4), mask (8), softmax (8), cast back
 (4 + E) forward, as many backward: counted as 24 + 2E per direction (E added where used)."""
@@ -145,10 +159,13 @@ def layer_kernels(job: Job, *, backward: bool = True, region: str = "block") -> 
         passes = fwd_passes + (0.0 if fwd_only else bwd_passes)
         out.append(Kernel(name, "memory", bytes=elements * passes * E, count=kernels * (1 if fwd_only else 2)))
 
+    norm = [b / E for b in norm_bytes(job)]
+    norm_kernels = 7.0 if m.norm == "rmsnorm" and sw.rmsnorm_composite else 1.0
+
     residual = tokens * h / seq_split
     in_attention = region in ("block", "attn")
     if region == "block" and not sw.compiled:
-        memory("norm1", residual, *NORM_PASSES)
+        memory("norm1", residual, *norm, kernels=norm_kernels)
     for spec in block_linears(m):
         n_in, n_out = (spec.n_in, spec.n_out // tp) if spec.split == "column" else (spec.n_in // tp, spec.n_out)
         attention_part = spec.name.startswith("attn.")
@@ -162,7 +179,7 @@ def layer_kernels(job: Job, *, backward: bool = True, region: str = "block") -> 
         if spec.name == "attn.proj" and region == "block":
             out += residual_kernels("residual1", residual, E, sw, fwd_only)
             if not sw.compiled:
-                memory("norm2", residual, *NORM_PASSES)
+                memory("norm2", residual, *norm, kernels=norm_kernels)
         if spec.name == "mlp.fc" and region == "block":
             swiglu = m.activation == "swiglu"
             fused = sw.fused_activation or sw.compiled
@@ -225,15 +242,16 @@ def residual_kernels(name: str, elements: float, E: float, sw: Software, fwd_onl
 
 def head_kernels(job: Job) -> list[Kernel]:
     """The output layer and the loss over the vocabulary (on the last stage), forward and backward."""
-    m, layout, sw = job.model, job.layout, job.software
+    m, sw = job.model, job.software
     tokens = job.tokens
     E = job.act_bytes
-    vocab = m.vocab_size / layout.tp
-    out = linear_kernels("lm_head", tokens, m.d_model, int(vocab), 3, E)
-    if not sw.compiled:
-        out.append(Kernel("norm_f", "memory", bytes=tokens * m.d_model * E * sum(NORM_PASSES), count=2))
-    per_element = 2 * E if sw.compiled else LOSS_BYTES_EAGER + 2 * E
-    out.append(Kernel("cross entropy", "memory", bytes=tokens * vocab * per_element, count=2 if sw.compiled else 6))
+    columns, loss = job.vocab_per_rank
+    out = linear_kernels("lm_head", tokens, m.d_model, int(columns), 3, E)
+    if not (sw.compiled and sw.compile_whole_model):
+        out.append(Kernel("norm_f", "memory", bytes=tokens * m.d_model * sum(norm_bytes(job)), count=2))
+    fused = sw.fused_cross_entropy
+    per_element = 2 * E if fused else LOSS_BYTES_EAGER + 2 * E
+    out.append(Kernel("cross entropy", "memory", bytes=tokens * loss * per_element, count=2 if fused else 6))
     out.append(Kernel("embedding", "memory", bytes=tokens * m.d_model * E * 3, count=2))
     return out
 

@@ -111,7 +111,13 @@ class Job:
     @functools.cached_property
     def params_per_rank(self) -> float:
         """Parameters one rank of the busiest pipeline stage holds, before data-parallel sharding."""
-        return _stage_params(self.model, self.layout.tp, self.layout.pp)
+        return _stage_params(self.model, self.layout.tp, self.layout.pp, self.software.tp_vocab)
+
+    @property
+    def vocab_per_rank(self) -> tuple[float, float]:
+        """(output-layer columns, loss columns) one TP rank computes per token (software.TP_VOCAB)."""
+        v, tp, how = self.model.vocab_size, self.layout.tp, self.software.tp_vocab
+        return (v if how == "replicated" else v / tp), (v / tp if how == "split" else v)
 
     @functools.cached_property
     def state_bytes(self) -> StateBytes:
@@ -217,24 +223,27 @@ def param_split(m: Any) -> ParamSplit:
 
 
 @shape_cached
-def _stage_params(model: GPTConfig, tp: int, pp: int) -> float:
+def _stage_params(model: GPTConfig, tp: int, pp: int, tp_vocab: str = "split") -> float:
     """Parameters held by one rank of the busiest pipeline stage, before any data-parallel sharding.
 
     Megatron splits the block weights, column-parallel biases and the vocab-parallel embedding over
     TP ranks and replicates norms, row-parallel biases and learned positions (megatron/core/
-    tensor_parallel/layers.py; vocabulary padding is ignored). The embeddings live on the first
-    stage; with PP > 1 a tied output projection is a second copy on the last stage (Narayanan et
-    al. 2021, section 3).
+    tensor_parallel/layers.py; vocabulary padding is ignored); software that splits only the blocks, or
+    the output layer but not the embedding, keeps the rest whole (software.TP_VOCAB). The embeddings live
+    on the first stage; with PP > 1 a tied output projection is a second copy on the last stage (Narayanan
+    et al. 2021, section 3).
     """
-    def per_rank(prefixes: tuple[str, ...]) -> float:
-        return sum(t.numel / tp if t.tp_split else t.numel
+    def per_rank(prefixes: tuple[str, ...], split: bool = True) -> float:
+        return sum(t.numel / tp if t.tp_split and split else t.numel
                    for t in param_tensors(model) if t.name.startswith(prefixes))
 
-    layer, embedding = per_rank(("blocks.0.",)), per_rank(("tok_emb.", "pos_emb."))
-    head = per_rank(("norm_f.", "lm_head."))
+    layer = per_rank(("blocks.0.",))
+    embedding = per_rank(("tok_emb.", "pos_emb."), tp_vocab == "split")
+    head = per_rank(("norm_f.", "lm_head."), tp_vocab != "replicated")
     layers = -(-model.n_layers // pp)
     first = layers * layer + embedding + (head if pp == 1 else 0)
-    tied_copy = model.vocab_size * model.d_model / tp if pp > 1 and model.tie_embeddings else 0
+    tied_copy = model.vocab_size * model.d_model / (tp if tp_vocab != "replicated" else 1) \
+        if pp > 1 and model.tie_embeddings else 0
     return max(first, layers * layer + head + tied_copy)
 
 

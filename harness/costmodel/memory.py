@@ -112,7 +112,7 @@ def buffer_bytes(job: Job) -> float:
     (`gradient_as_bucket_view=False`, its default).
     """
     m, layout = job.model, job.layout
-    logits = job.tokens * m.vocab_size / layout.tp * (job.act_bytes + 8)
+    logits = job.tokens * job.vocab_per_rank[1] * (job.act_bytes + 8)
     split = param_split(m)
     block = split.per_layer / layout.tp
     gathered = 0.0

@@ -16,6 +16,18 @@ from typing import Any, Optional
 from harness.core.errors import ConfigError
 from harness.core.registry import backend_spec
 
+TP_VOCAB = {
+    "split": "Megatron's vocabulary-parallel embedding, column-parallel output layer and vocab-parallel cross "
+             "entropy: each TP rank holds V/TP of the vocabulary and computes its V/TP logits; the softmax needs "
+             "three all-reduces of b·s fp32 values (megatron/core/tensor_parallel/cross_entropy.py)",
+    "gathered": "the embedding replicated; the output layer column-parallel with its logits all-gathered to every "
+                "rank (DTensor's ColwiseParallel(output_layouts=Replicate())), so each rank takes the loss over the "
+                "whole vocabulary",
+    "replicated": "only the blocks are split: the embedding, the output layer and the loss run whole on every TP "
+                  "rank",
+}
+"""Software.tp_vocab: how the vocabulary-sized layers run under tensor parallelism."""
+
 
 @dataclass(frozen=True)
 class Software:
@@ -59,6 +71,15 @@ class Software:
     compiled: bool = False
     """torch.compile (inductor) fuses each chain of elementwise kernels (norm with its residual add, RoPE, the
     activation) into one: each chain reads its inputs and writes its outputs once."""
+    compile_whole_model: bool = False
+    """torch.compile wraps the whole model, so the final norm is fused too; otherwise only each block is compiled
+    (the harness, harness/backends/base.py). The loss sits outside the compiled module either way."""
+    rmsnorm_composite: bool = False
+    """RMSNorm is written as PyTorch operations in fp32, each its own kernel in eager mode (kernels.
+    RMSNORM_COMPOSITE_BYTES); otherwise one kernel (nn.RMSNorm's fused CUDA kernel, apex, Transformer Engine)."""
+    fused_cross_entropy: bool = False
+    """The loss reads the logits and writes their gradient once (a fused or chunked cross entropy); otherwise
+    PyTorch's eager cross entropy on fp32 logits (kernels.LOSS_BYTES_EAGER)."""
     fused_bias_dropout_add: bool = False
     """Bias, dropout and the residual add in one kernel (Megatron's bias_dropout_add_fusion)."""
     fused_activation: bool = False
@@ -72,10 +93,25 @@ class Software:
     """AdamW's implementation: fused (one kernel per group of tensors: apex/DeepSpeed/Transformer Engine
     FusedAdam, torch's fused=True), foreach (torch's default on GPUs: several multi-tensor kernels, each a pass)
     or loop (a pass per operation per tensor)."""
+    tp_vocab: str = "split"
+    """How the input embedding, the output layer and the loss run under tensor parallelism (TP_VOCAB)."""
+    tp_gather_per_projection: bool = False
+    """Each column-parallel projection brings in its own copy of its input: separate q, k, v (and with SwiGLU gate
+    and up) linears under DTensor's ColwiseParallel(input_layouts=Shard(1)) all-gather the sequence-split input
+    once each in the forward and reduce-scatter its gradient once each in the backward (without sequence
+    parallelism: an all-reduce each in the backward); otherwise one gather per sub-layer (Megatron's fused QKV
+    and FC1, the harness's PrepareModuleInput)."""
     autocast_casts: bool = False
     """Weights are cast from fp32 to the compute dtype at every use in a micro-batch's forward (PyTorch
     autocast under DDP); FSDP2 casts once per all-gather, DeepSpeed and Megatron keep 16-bit weights."""
+    run_flags: bool = False
+    """The framework takes torch.compile and the optimizer implementation from the run's own train.compile and
+    train.optimizer (the harness's backends; a published table's rows say what each of its runs used)."""
     source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.tp_vocab not in TP_VOCAB:
+            raise ValueError(f"tp_vocab={self.tp_vocab}: one of {', '.join(TP_VOCAB)}")
 
     def describe(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -85,17 +121,18 @@ _PYTORCH = dict(fused_attention=True, dropout=False, recompute_early_stop=True)
 _MEGATRON_KERNELS = dict(fused_bias_dropout_add=True, fused_activation=True, fused_rope=True, fused_softmax=True,
                          optimizer="fused")
 PROFILES: dict[str, Software] = {s.name: s for s in (
-    Software(name="harness-ddp", **_PYTORCH, grad_reduce_overlap=True, autocast_casts=True,
+    Software(name="harness-ddp", **_PYTORCH, grad_reduce_overlap=True, autocast_casts=True, run_flags=True,
              source="models/gpt.py (SDPA, no dropout); PyTorch DDP's reducer all-reduces gradient buckets as "
                     "they become ready, in the last micro-batch's backward (no_sync before it)"),
-    Software(name="harness-fsdp", **_PYTORCH, grad_reduce_overlap=True,
+    Software(name="harness-fsdp", **_PYTORCH, grad_reduce_overlap=True, run_flags=True, tp_vocab="replicated",
              source="FSDP2 prefetches each block's all-gather and reduce-scatters each block's gradients during "
-                    "the backward (torch.distributed.fsdp.fully_shard); torch.distributed.pipelining waits on each "
+                    "the backward (torch.distributed.fsdp.fully_shard); tensor parallelism splits the blocks only "
+                    "(harness/backends/fsdp.py apply_tensor_parallel); torch.distributed.pipelining waits on each "
                     "receive before the compute that needs it, so its sends are not overlapped here"),
-    Software(name="harness-deepspeed", **_PYTORCH, grad_reduce_overlap=None, optimizer="fused",
+    Software(name="harness-deepspeed", **_PYTORCH, grad_reduce_overlap=None, optimizer="fused", run_flags=True,
              source="DeepSpeed ZeRO reduces gradients in hooks during the backward only with "
                     "zero_optimization.overlap_comm (deepspeed/runtime/zero/config.py: default on for stage 3)"),
-    Software(name="harness-deepspeed3d", **_PYTORCH, grad_reduce_overlap=False, optimizer="fused",
+    Software(name="harness-deepspeed3d", **_PYTORCH, grad_reduce_overlap=False, optimizer="fused", run_flags=True,
              source="DeepSpeed's pipeline engine reduces gradients and tied weights after the last micro-batch "
                     "(deepspeed/runtime/pipe/engine.py _exec_reduce_grads, _exec_reduce_tied_grads)"),
     Software(name="megatron-lm-2021", **_MEGATRON_KERNELS, fused_attention=False, dropout=True,
@@ -123,6 +160,16 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
                     "default on), reduces gradients after the last micro-batch and sends blocking; gradients "
                     "accumulate into fp32 buffers by hooks (deepspeed/runtime/bf16_optimizer.py; the Frontier port "
                     "turned gradient_accumulation_fusion off)"),
+    Software(name="kempnerforge", **_PYTORCH, grad_reduce_overlap=True, run_flags=True, compile_whole_model=True,
+             tp_vocab="gathered", tp_gather_per_projection=True, rmsnorm_composite=True,
+             source="KempnerForge at 01b461a (github.com/KempnerInstitute/KempnerForge), the code of its MFU "
+                    "benchmark: FSDP2 per block with reduce_dtype fp32 (kempnerforge/distributed/parallel.py), "
+                    "set_requires_gradient_sync(False) before the last micro-batch (kempnerforge/training/grad.py); "
+                    "TP with sequence parallelism, ColwiseParallel(input_layouts=Shard(1)) on each of q, k, v, gate "
+                    "and up, the token embedding replicated and the output head's logits gathered to Replicate "
+                    "(kempnerforge/distributed/tensor_parallel.py); RMSNorm as fp32 PyTorch operations "
+                    "(kempnerforge/model/norm.py); torch.compile(model) with the loss, "
+                    "F.cross_entropy, outside it (scripts/train.py)"),
 )}
 
 
@@ -139,7 +186,7 @@ def software_for(cfg: Any) -> Software:
     if "flash_attention" in changes:
         changes["fused_attention"] = changes.pop("flash_attention")
     train = getattr(cfg, "train", None)
-    if name.startswith("harness-") and train is not None:  # the harness's own backends run the run's kernels
+    if profile.run_flags and train is not None:
         if getattr(train, "compile", False):
             changes["compiled"] = True
         optimizer = OPTIMIZER_KERNELS.get(getattr(train, "optimizer", "auto"))

@@ -144,6 +144,15 @@ def hardware(system: Any, peak_tflops: float, local_ranks: Optional[int] = None)
 
 def micro_batch_compute_s(job: Job, hw: Hardware) -> float:
     """Forward + backward (+ recompute) of one micro-batch on one rank of the busiest stage."""
+    return _micro_batch(job, hw)[0]
+
+
+def forward_share(job: Job, hw: Hardware) -> float:
+    """The forward's share of a block's compute in one micro-batch (the rest: the backward and its recompute)."""
+    return _micro_batch(job, hw)[1]
+
+
+def _micro_batch(job: Job, hw: Hardware) -> tuple[float, float]:
     layout = job.layout
     # What it depends on, as a key: the planner asks for the same compute under many DP layouts.
     key = (model_key(job.model), layout.tp, layout.pp, layout.micro_batch_size, job.checkpointing,
@@ -156,7 +165,7 @@ def micro_batch_compute_s(job: Job, hw: Hardware) -> float:
     return value
 
 
-_COMPUTE: dict[tuple[Any, ...], float] = {}
+_COMPUTE: dict[tuple[Any, ...], tuple[float, float]] = {}
 
 
 def compute_kernels(job: Job) -> tuple[list[Kernel], list[Kernel]]:
@@ -164,12 +173,14 @@ def compute_kernels(job: Job) -> tuple[list[Kernel], list[Kernel]]:
     return layer_kernels(job) + recompute_kernels(job), head_kernels(job)
 
 
-def _compute_s(job: Job, hw: Hardware) -> float:
+def _compute_s(job: Job, hw: Hardware) -> tuple[float, float]:
     rates = hw.rates(job)
     block, head = compute_kernels(job)
     per_layer = kernels_s(block, rates, overlap_host=hw.accelerator) + hw.layer_overhead_s
-    return (layers_per_stage(job) * per_layer + kernels_s(head, rates, overlap_host=hw.accelerator)
-            + hw.step_overhead_s)
+    forward = kernels_s(layer_kernels(job, backward=False), rates, overlap_host=hw.accelerator)
+    total = (layers_per_stage(job) * per_layer + kernels_s(head, rates, overlap_host=hw.accelerator)
+             + hw.step_overhead_s)
+    return total, min(1.0, forward / per_layer) if per_layer > 0 else 1 / 3
 
 
 def optimizer_s(job: Job, hw: Hardware) -> float:
@@ -219,36 +230,49 @@ class StepTime:
     compute that overlapped communication slowed (OVERLAP_SLOWDOWN)."""
 
 
-def _dp_window(c: Collective, job: Job, per_mb: float) -> tuple[str, float]:
-    """The compute a data-parallel collective can run under, named, and its length (0: none).
+def exposed_dp_s(timed: list[tuple[Collective, float]], job: Job, per_mb: float, hw: Hardware,
+                 tp_s: float = 0.0) -> float:
+    """Data-parallel time on the critical path, micro-batch by micro-batch and phase by phase.
 
-    Per-micro-batch parameter gathers (FSDP, ZeRO-3) are prefetched during every forward and backward;
-    gradient reductions run during the backward of the micro-batches that issue them, if the software
-    reduces in buckets as gradients become ready; a distributed optimizer's once-per-step parameter
-    gather runs during the next step's first forward only where the software says so.
+    A collective runs in the phase that issues it, beside that phase's compute and its blocking TP communication
+    (`tp_s` per step, split like the compute): FSDP gathers a block's parameters for its forward and, resharded,
+    again for its backward (prefetched one block ahead either way); ZeRO-3's gathers spread over the micro-batch;
+    gradient reductions run in the backward of the micro-batch that issues them (all, or the last), if the
+    software reduces in buckets as gradients become ready; a distributed optimizer's once-per-step parameter
+    gather runs during the first forward only where the software says so. What a phase's compute cannot cover is
+    exposed: one phase's slack does not cover another's load, since a collective cannot start before it is issued.
     """
-    m = job.micro_batches
-    every = c.calls >= m and c.calls % m == 0
-    if c.role == "params":
-        if every:
-            return "all compute", per_mb * m
-        return ("first forward", per_mb / 3) if job.software.param_gather_overlap else ("none", 0.0)
-    if not job.grad_reduce_overlap:
-        return "none", 0.0
-    return ("all backward", per_mb * m * 2 / 3) if every else ("last backward", per_mb * 2 / 3)
-
-
-def exposed_dp_s(timed: list[tuple[Collective, float]], job: Job, per_mb: float, hw: Hardware) -> float:
-    """Data-parallel time on the critical path: each collective hides at most its own window, and all of them
-    together at most the union of their windows (one link carries them one after another)."""
     if not hw.overlap_comm:
         return sum(t for _, t in timed)
-    windows = [(t, *_dp_window(c, job, per_mb)) for c, t in timed]
-    own = sum(max(0.0, t - w) for t, _, w in windows)
-    names = {name: w for _, name, w in windows if w > 0}
-    union = names.get("all compute") or (max(names.get("all backward", 0.0), names.get("last backward", 0.0))
-                                         + names.get("first forward", 0.0))
-    return max(own, sum(t for t, _, _ in windows) - union)
+    m = job.micro_batches
+    share = forward_share(job, hw)
+    busy = per_mb + tp_s / m
+    forward_window, backward_window = busy * share, busy * (1 - share)
+    forward = backward = first = last = exposed = 0.0  # per-micro-batch loads; what no phase covers
+    for c, t in timed:
+        every = c.calls >= m and c.calls % m == 0
+        if c.role == "params":
+            if not every:
+                first, exposed = (first + t, exposed) if job.software.param_gather_overlap else (first, exposed + t)
+            elif job.spec.shardings:
+                gathers = c.calls // m
+                forward += t / m / gathers
+                backward += t / m * (gathers - 1) / gathers
+            else:
+                forward += t / m * share
+                backward += t / m * (1 - share)
+        elif not job.grad_reduce_overlap:
+            exposed += t
+        elif every:
+            backward += t / m
+        else:
+            last += t
+
+    def over(load: float, window: float) -> float:
+        return max(0.0, load - window)
+
+    return (exposed + over(forward + first, forward_window) + (m - 1) * over(forward, forward_window)
+            + (m - 1) * over(backward, backward_window) + over(backward + last, backward_window))
 
 
 def exposed_cp_s(comm_s: float, job: Job, hw: Hardware) -> float:
@@ -299,7 +323,7 @@ def step_time(job: Job, colls: list[Collective], hw: Hardware) -> StepTime | str
         steady, edges = p2p, 0.0
     cp = exposed_cp_s(comm["cp"], job, hw)
     pipeline = (per_mb + (tp + steady + cp) / m) * m * (1 + bubble) + edges
-    exposed = {"dp": exposed_dp_s(dp, job, per_mb, hw), "tp": tp, "pp": steady + edges + tied, "cp": cp}
+    exposed = {"dp": exposed_dp_s(dp, job, per_mb, hw, tp), "tp": tp, "pp": steady + edges + tied, "cp": cp}
     # what ran beside compute (data-parallel, ring attention's and pipelined TP's) slowed the compute it overlapped
     hidden = sum(comm[d] for d in ("dp", "tp", "cp")) - exposed["dp"] - exposed["tp"] - exposed["cp"]
     memory_bound = {"optimizer": optimizer_s(job, hw), "grad_accumulation": grad_accumulation_s(job, hw),
