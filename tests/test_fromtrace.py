@@ -139,3 +139,23 @@ def test_calibrate_from_a_directory_without_a_trace_says_how_to_make_one(tmp_pat
     run = harness_run(tmp_path / "plain", *TINY)
     proc = harness(["calibrate", f"--from={run.run_dir}"], tmp_path)
     assert proc.returncode == 2 and "profile.enabled=true" in proc.stderr and len(proc.stderr.splitlines()) == 1
+
+
+def test_scaling_every_learned_rate_scales_the_modelled_step_alike() -> None:
+    """Where the rates learned from a profiled step explain more than the unprofiled step took, calibrate speeds
+    every rate up by the same factor: that reproduces the source only if each modelled time scales with it."""
+    from omegaconf import OmegaConf
+
+    from harness.config.checks import validate
+    from harness.predict.fromtrace import _modelled_step_s, _scale_rates
+
+    cfg = compose([*TINY, "launcher.nproc=2", "backend=fsdp", "parallel.tp=2", "system.auto_calibrate=false"])
+    layout = validate(cfg, 2)
+    profile = {**OmegaConf.to_container(cfg.system, resolve=True), "peak_tflops": 0.05, "gemm_efficiency": 1.0,
+               "gemm_half_gflop": 0.01, "hbm_bw_gb_per_s": 20.0, "memory_efficiency": 1.0, "kernel_launch_us": 30.0,
+               "intra_node_bw_gb_per_s": 2.0, "comm_latency_us": 500.0, "intra_node_efficiency": 1.0,
+               "layer_overhead_us": 0.0, "step_overhead_us": 0.0, "devices_per_node": 2,
+               "intra_hop_latency_us": 0.0, "inter_hop_latency_us": 0.0}  # as calibrate writes them
+    before = _modelled_step_s(cfg, layout, profile)
+    _scale_rates(profile, 1.25)
+    assert _modelled_step_s(cfg, layout, profile) == pytest.approx(before / 1.25, rel=1e-9)

@@ -91,9 +91,11 @@ def live_tensor_bytes() -> int:
         if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
             try:
                 storage = obj.untyped_storage()
-            except (RuntimeError, NotImplementedError, TypeError):  # tensor subclasses that hold no storage
+                sizes[storage.data_ptr()] = storage.nbytes()
+            except (RuntimeError, NotImplementedError, TypeError):
+                # tensor subclasses that hold no storage, and storages already freed (FSDP2 frees a resharded
+                # parameter's unsharded storage: "invalid python storage")
                 continue
-            sizes[storage.data_ptr()] = storage.nbytes()
     return sum(sizes.values())
 
 
