@@ -212,6 +212,31 @@ def test_a_composite_rmsnorm_streams_its_fp32_intermediates_and_compiling_fuses_
     assert next(k for k in compute_kernels(fused_ce)[1] if k.name == "cross entropy").bytes < ce.bytes / 5
 
 
+def test_states_kept_in_the_compute_dtype_halve_the_model_state_and_the_optimizers_stream() -> None:
+    """KempnerForge casts the model to bf16 before FSDP2: weights, gradients and AdamW's moments are 16-bit (8
+    bytes per parameter, not mixed precision's 16), and the optimizer streams half the bytes."""
+    from harness.costmodel.memory import model_state_bytes
+
+    mixed, hw = job_and_hw([*LLAMA, "costmodel.software=kempnerforge", "train.optimizer=adamw_fused"])
+    mixed = dataclasses.replace(mixed, software=dataclasses.replace(mixed.software, states_in_compute_dtype=False))
+    pure = dataclasses.replace(mixed, software=dataclasses.replace(mixed.software, states_in_compute_dtype=True))
+    params = mixed.params_per_rank
+    assert sum(model_state_bytes(params, pure).values()) == pytest.approx(8 * params)
+    assert sum(model_state_bytes(params, mixed).values()) == pytest.approx(16 * params)
+    assert optimizer_s(pure, hw) == pytest.approx(optimizer_s(mixed, hw) / 2, rel=1e-3)
+
+
+def test_fsdp_accumulates_unsharded_gradients_in_fp32_between_micro_batches() -> None:
+    """Without gradient sync FSDP2 casts the first micro-batch's bf16 gradient up to the fp32 reduce dtype and adds
+    each later one into it: (E + 4) + (m − 1)(8 + E) bytes per parameter, nothing with one micro-batch."""
+    from harness.costmodel.timing import grad_accumulation_s
+
+    one, hw = job_and_hw([*LLAMA, "train.global_batch_size=2"])
+    four, _ = job_and_hw([*LLAMA, "train.global_batch_size=8"])
+    assert grad_accumulation_s(one, hw) == 0
+    assert grad_accumulation_s(four, hw) == pytest.approx(four.params_per_rank * (6 + 3 * 10) / hw.memory_bw)
+
+
 def test_fsdp_gathers_hide_only_under_the_phase_that_issues_them() -> None:
     """A block's forward gather must finish within the forward of the block before it: when the forward's compute
     is shorter than its gathers, the excess is exposed even though the whole micro-batch's compute (3-4x the

@@ -275,9 +275,10 @@ def recompute_kernels(job: Job) -> list[Kernel]:
     return out
 
 
-def optimizer_kernel(params: float, tensors: int, implementation: str) -> Kernel:
-    """AdamW over `params` parameters (`tensors` tensors) on this rank: memory-bound."""
-    return Kernel("optimizer", "memory", bytes=params * OPTIMIZER_BYTES[implementation],
+def optimizer_kernel(params: float, tensors: int, implementation: str, value_bytes: float = 4.0) -> Kernel:
+    """AdamW over `params` parameters (`tensors` tensors) on this rank: memory-bound; its weights, gradients and
+    moments `value_bytes` each (fp32, or 16-bit where the software keeps its states in the compute dtype)."""
+    return Kernel("optimizer", "memory", bytes=params * OPTIMIZER_BYTES[implementation] * value_bytes / 4,
                   count=tensors * OPTIMIZER_KERNELS_PER_TENSOR[implementation] + 6)
 
 

@@ -121,6 +121,9 @@ class Job:
 
     @functools.cached_property
     def state_bytes(self) -> StateBytes:
+        if self.software.states_in_compute_dtype and self.precision in ("bf16", "fp16"):
+            E = ACT_BYTES[self.precision]  # weights, gradients and Adam's two moments, all 16-bit
+            return StateBytes(weights=E, grads=E, optimizer=2 * E)
         return state_bytes_per_param(self.backend, self.precision)
 
     @functools.cached_property

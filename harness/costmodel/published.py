@@ -28,6 +28,9 @@ def predicted_value(metric: str, cfg: Any, est: dict[str, Any], world: int) -> f
     if metric == "model_states_gb":
         mem = est["memory_per_device_bytes"]
         return (mem["weights"] + mem["grads"] + mem["optimizer"]) / GB
+    if metric == "peak_allocated_gib":  # what the caching allocator handed out: no CUDA context, no reserve
+        mem = est["memory_per_device_bytes"]
+        return (mem["total"] - mem["overhead"]) / 2**30
     step = est["step_time_s"]
     if metric == "step_time_s":
         return step
@@ -85,7 +88,7 @@ def score_table(table: dict[str, Any]) -> dict[str, Any]:
         est = estimate(cfg, validate(cfg, world))
         predicted = predicted_value(table["metric"], cfg, est, world)
         rows.append({"name": name, "predicted": predicted, "published": published,
-                     "error": predicted / published - 1, "world": world,
+                     "error": predicted / published - 1, "world": world, "memory_verdict": est.get("memory_verdict"),
                      "breakdown_s": est.get("breakdown_s"), "command": "harness estimate " + " ".join(
                          [*overrides, f"parallel.world_size={world}"])})
     return _summary(table, rows)

@@ -101,6 +101,9 @@ class Software:
     once each in the forward and reduce-scatter its gradient once each in the backward (without sequence
     parallelism: an all-reduce each in the backward); otherwise one gather per sub-layer (Megatron's fused QKV
     and FC1, the harness's PrepareModuleInput)."""
+    states_in_compute_dtype: bool = False
+    """The parameters are stored in the 16-bit compute dtype, so their gradients and AdamW's moments are too: 8 bytes
+    of model state per parameter instead of mixed precision's fp32 weights, gradients and moments (16)."""
     autocast_casts: bool = False
     """Weights are cast from fp32 to the compute dtype at every use in a micro-batch's forward (PyTorch
     autocast under DDP); FSDP2 casts once per all-gather, DeepSpeed and Megatron keep 16-bit weights."""
@@ -161,9 +164,10 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
                     "accumulate into fp32 buffers by hooks (deepspeed/runtime/bf16_optimizer.py; the Frontier port "
                     "turned gradient_accumulation_fusion off)"),
     Software(name="kempnerforge", **_PYTORCH, grad_reduce_overlap=True, run_flags=True, compile_whole_model=True,
-             tp_vocab="gathered", tp_gather_per_projection=True, rmsnorm_composite=True,
+             tp_vocab="gathered", tp_gather_per_projection=True, rmsnorm_composite=True, states_in_compute_dtype=True,
              source="KempnerForge at 01b461a (github.com/KempnerInstitute/KempnerForge), the code of its MFU "
-                    "benchmark: FSDP2 per block with reduce_dtype fp32 (kempnerforge/distributed/parallel.py), "
+                    "benchmark: the model cast to bf16 before FSDP2 (model.to(param_dtype)) with reduce_dtype fp32 "
+                    "(kempnerforge/distributed/parallel.py), "
                     "set_requires_gradient_sync(False) before the last micro-batch (kempnerforge/training/grad.py); "
                     "TP with sequence parallelism, ColwiseParallel(input_layouts=Shard(1)) on each of q, k, v, gate "
                     "and up, the token embedding replicated and the output head's logits gathered to Replicate "

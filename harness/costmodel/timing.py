@@ -189,7 +189,8 @@ def optimizer_s(job: Job, hw: Hardware) -> float:
         return 0.0
     params = job.params_per_rank / job.shards.optimizer
     tensors = -(-len(param_tensors(job.model)) // job.layout.pp)
-    kernel = optimizer_kernel(params, tensors, job.software.optimizer)
+    value = job.state_bytes.weights if job.software.states_in_compute_dtype else 4.0  # else fp32 (master) states
+    kernel = optimizer_kernel(params, tensors, job.software.optimizer, value)
     return kernels_s([kernel], hw.rates(job), overlap_host=hw.accelerator)
 
 
@@ -205,6 +206,13 @@ def grad_accumulation_s(job: Job, hw: Hardware) -> float:
     params = job.params_per_rank / (job.shards.grads if partitioned else 1)
     if software.main_grad_bytes:
         return m * params * (2 * software.main_grad_bytes + grads) / hw.memory_bw
+    if job.spec.shardings and job.sharding != "no_shard" and m > 1:
+        # FSDP2 without gradient sync keeps each unsharded gradient in the reduce dtype (fp32): the first
+        # micro-batch's is cast up, each later one added into it (torch FSDPParam.to_accumulated_grad_if_needed,
+        # accumulate_unsharded_grad_if_needed)
+        E, reduce = job.act_bytes, 4.0
+        first = E + reduce if E != reduce else 0.0
+        return params * (first + (m - 1) * (2 * reduce + E)) / hw.memory_bw
     return (m - 1) * params * 3 * grads / hw.memory_bw
 
 
