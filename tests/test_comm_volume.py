@@ -36,6 +36,11 @@ LAYOUTS = {  # name: overrides (gpt-tiny, 2 ranks, 2 micro-batches per step; 4 w
     # sequence parallelism one gather where the residual stream leaves the blocks and one for its gradient
     "fsdp-tp2": ["backend=fsdp", "parallel.tp=2"],
     "fsdp-tp2-sp": ["backend=fsdp", "parallel.tp=2", "parallel.sequence_parallel=true"],
+    # with its own output weight the head splits over the vocabulary: loss parallel's three all-reduces of b·s
+    # fp32 values, and the head input's gradient all-reduced
+    "fsdp-tp2-untied": ["backend=fsdp", "parallel.tp=2", "model.tie_embeddings=false"],
+    "fsdp-tp2-sp-untied": ["backend=fsdp", "parallel.tp=2", "parallel.sequence_parallel=true",
+                           "model.tie_embeddings=false"],
     "pp2": ["backend=deepspeed3d", "parallel.pp=2"],
     # context parallelism: ulysses's four all-to-alls per layer, forward and backward, and again in a recompute
     "ulysses-cp2": ["backend=ddp", "parallel.cp=2"],

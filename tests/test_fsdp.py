@@ -84,6 +84,25 @@ def test_fsdp_layout_holds_its_share_of_the_parameters(fsdp_runs: dict[str, Run]
 
 
 @pytest.mark.multirank
+def test_tp_splits_an_output_layer_with_its_own_weight_and_takes_a_vocab_parallel_loss(runs_root: Path) -> None:
+    """With an untied output layer TP splits it over the vocabulary and the loss runs across the ranks' slices
+    (torch's loss_parallel): the same losses as one rank, and rank 0 holds half of the output layer, as the cost
+    model's parameter count for the layout says (the embedding stays whole)."""
+    from harness.config.compose import compose
+    from harness.costmodel.layout import job_from_config
+
+    untied = [*TINY, *GLOBAL_BATCH, "model.tie_embeddings=false", "train.micro_batch_size=2"]
+    reference = harness_run(runs_root / "untied-reference", *untied, "launcher.nproc=1")
+    layout = ["backend=fsdp", "launcher.nproc=2", "parallel.tp=2", "parallel.sequence_parallel=true"]
+    tp = harness_run(runs_root / "untied-tp-2-sp", *untied, *layout)
+    assert_losses_match(reference, tp, TOLERANCE, "untied tp-2 with sequence parallelism")
+    cfg = compose([*untied, *layout])
+    job = job_from_config(cfg, validate(cfg, 2))
+    assert job.vocab_mode == "loss_parallel"
+    assert tp.summary["metrics"]["params_on_rank0"] == pytest.approx(job.params_per_rank, rel=1e-3)
+
+
+@pytest.mark.multirank
 def test_tp_x_fsdp_layout_recorded(fsdp_runs: dict[str, Run]) -> None:
     summary = fsdp_runs["tp-2-x-fsdp-2-full-prefetch"].summary
     assert summary["layout"] == {"world_size": 4, "tp": 2, "pp": 1, "dp": 2, "zero_stage": 0, "micro_batch_size": 1,

@@ -261,6 +261,10 @@ class FabricBackend(Backend):
         """The loss backward starts from (fp16's loss scaling multiplies it)."""
         return loss
 
+    def loss_context(self) -> Any:
+        """Around each micro-batch's forward and backward: where the loss needs one (a vocab-parallel loss)."""
+        return contextlib.nullcontext()
+
     def train_step(self, micro_batches: Sequence[MicroBatch]) -> torch.Tensor:
         total = torch.zeros((), device=self.device)
         n = len(micro_batches)
@@ -270,12 +274,12 @@ class FabricBackend(Backend):
             if self.context is not None:  # this rank's chunk of each sequence
                 inputs, targets, kwargs = self.context.shard(inputs, targets)
                 around = self.context.context(self.model.module, inputs, targets)
-            with self.fabric.no_backward_sync(self.model, enabled=i < n - 1), around:
+            with self.fabric.no_backward_sync(self.model, enabled=i < n - 1), around, self.loss_context():
                 with phase(PHASES.forward):
                     loss = self.model(inputs, targets, **kwargs)
                 with phase(PHASES.backward):
                     self.fabric.backward(self.scale_loss(loss / n))
-            total += loss.detach()
+            total += loss.detach().full_tensor() if hasattr(loss, "full_tensor") else loss.detach()
         with phase(PHASES.optimizer):
             self.optimizer_step()
         return total / n

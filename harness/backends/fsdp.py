@@ -28,6 +28,13 @@ from harness.models.config import block_linears
 REPLICA_DIMS = ("dp_replicate", "dp_shard")
 
 
+def vocab_parallel_head(model: nn.Module) -> bool:
+    """Whether TP splits the output layer over the vocabulary: a whole model (not a pipeline stage, whose loss the
+    schedule computes) with its own output weight (a tied one is the embedding's, which stays replicated)."""
+    return (getattr(model, "lm_head", None) is not None and getattr(model, "tok_emb", None) is not None
+            and not model.config.tie_embeddings)
+
+
 def apply_tensor_parallel(model: nn.Module, tp_mesh: Any, *, sequence_parallel: bool) -> None:
     """Megatron's split of every block by submodule name (torchtitan's plan).
 
@@ -62,6 +69,11 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any, *, sequence_parallel: 
                 "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
             })
         parallelize_module(block, tp_mesh, plan)
+    if vocab_parallel_head(model):
+        # torchtitan's loss parallel: the output layer split over the vocabulary and its logits left split, so
+        # each rank computes V/TP of them and the loss reduces across ranks (train_step's loss_parallel()).
+        parallelize_module(model, tp_mesh, {"lm_head": ColwiseParallel(output_layouts=Shard(-1),
+                                                                       use_local_output=False)})
     # The residual stream enters the sequence-split region at the first block and leaves it for the replicated
     # final norm and head (a pipeline stage's own first and last block; a stage may hold none).
     if sequence_parallel and len(model.blocks):
@@ -165,6 +177,7 @@ class FSDPBackend(FabricBackend):
         if self.layout.tp > 1:
             apply_tensor_parallel(model, mesh["tensor_parallel"],
                                   sequence_parallel=self.cfg.parallel.sequence_parallel)
+            self.loss_parallel = vocab_parallel_head(model)
         checkpoint_and_compile(model, train, first_block)
         names = self.data_parallel_dims()[1]
         options = dict(
@@ -183,6 +196,14 @@ class FSDPBackend(FabricBackend):
         if b.prefetch_depth:
             set_prefetch(blocks, b.prefetch_depth)
         return model
+
+    loss_parallel = False
+    """The logits stay split over the TP ranks' vocabulary slices (vocab_parallel_head)."""
+
+    def loss_context(self) -> Any:
+        from torch.distributed.tensor.parallel import loss_parallel
+
+        return loss_parallel() if self.loss_parallel else super().loss_context()
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         return loss if self.scaler is None else self.scaler.scale(loss)

@@ -170,14 +170,16 @@ def _fsdp_collectives(job: Job, params: float, c) -> list[Collective]:  # type: 
     return out
 
 
-TP_VOCAB_BOUNDARY = {"split": (2, 2, 2), "gathered": (2, 1, 1), "replicated": (2, 0, 0)}
+TP_VOCAB_BOUNDARY = {"split": (2, 2, 2), "gathered": (2, 1, 1), "replicated": (2, 0, 0), "loss_parallel": (2, 0, 1)}
 """Collectives where the residual stream enters and leaves the TP blocks, per micro-batch, by Software.tp_vocab:
 (all-gathers, reduce-scatters) with sequence parallelism, all-reduces without. Megatron: the vocab-parallel
 embedding's output reduced (scattered) in the forward and the head's input gathered, each with its backward
 counterpart. Gathered logits: the embedding is replicated, so entering costs only the backward's gather of the
 input gradient; the head's input is gathered in the forward and its gradient scattered. Replicated: the first
 block takes its sequence chunk locally (its gradient gathered in the backward) and the last block's output is
-gathered for the head; without sequence parallelism nothing crosses."""
+gathered for the head; without sequence parallelism nothing crosses. Loss parallel: as replicated, and the
+output layer's replicated input has its gradient all-reduced (an all-reduce with or without sequence
+parallelism)."""
 
 
 def tp_collectives(job: Job) -> list[Collective]:
@@ -201,16 +203,19 @@ def tp_collectives(job: Job) -> list[Collective]:
     extra = (2 + (m.activation == "swiglu")) if job.software.tp_gather_per_projection else 0
     layers, mb = layers_per_stage(job), job.micro_batches
     # where the residual stream enters and leaves the TP region (all-gathers, reduce-scatters; all-reduces)
-    gathers, scatters, reduces = TP_VOCAB_BOUNDARY[job.software.tp_vocab]
+    mode = job.vocab_mode
+    gathers, scatters, reduces = TP_VOCAB_BOUNDARY[mode]
     forward = (per_layer + extra * (1 + recompute / 2)) * layers + gathers
     backward = (per_layer + extra) * layers + (scatters if job.sequence_parallel else reduces)
     local = per_node(1, t, job)
     out = []
-    if job.software.tp_vocab == "split":
+    if mode in ("split", "loss_parallel"):
         out.append(Collective("tp", "all_reduce", tokens * 4, 3 * mb, t, local))
-    elif job.software.tp_vocab == "gathered":
+    elif mode == "gathered":
         out.append(Collective("tp", "all_gather", tokens * m.vocab_size * job.act_bytes, mb, t, local))
     if job.sequence_parallel:
+        if mode == "loss_parallel":
+            out.append(Collective("tp", "all_reduce", payload, mb, t, local))
         return [Collective("tp", "all_gather", payload, forward * mb, t, local),
                 Collective("tp", "reduce_scatter", payload, backward * mb, t, local), *out]
     return [Collective("tp", "all_reduce", payload, backward * mb, t, local), *out]

@@ -111,13 +111,21 @@ class Job:
     @functools.cached_property
     def params_per_rank(self) -> float:
         """Parameters one rank of the busiest pipeline stage holds, before data-parallel sharding."""
-        return _stage_params(self.model, self.layout.tp, self.layout.pp, self.software.tp_vocab)
+        return _stage_params(self.model, self.layout.tp, self.layout.pp, self.vocab_mode)
+
+    @property
+    def vocab_mode(self) -> str:
+        """How this job's vocabulary-sized layers run under TP (software.TP_VOCAB)."""
+        untied = self.software.tp_vocab_untied
+        if untied and not self.model.tie_embeddings and self.layout.pp == 1:
+            return untied
+        return self.software.tp_vocab
 
     @property
     def vocab_per_rank(self) -> tuple[float, float]:
         """(output-layer columns, loss columns) one TP rank computes per token (software.TP_VOCAB)."""
-        v, tp, how = self.model.vocab_size, self.layout.tp, self.software.tp_vocab
-        return (v if how == "replicated" else v / tp), (v / tp if how == "split" else v)
+        v, tp, how = self.model.vocab_size, self.layout.tp, self.vocab_mode
+        return (v if how == "replicated" else v / tp), (v / tp if how in ("split", "loss_parallel") else v)
 
     @functools.cached_property
     def state_bytes(self) -> StateBytes:

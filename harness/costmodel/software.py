@@ -25,6 +25,10 @@ TP_VOCAB = {
                 "whole vocabulary",
     "replicated": "only the blocks are split: the embedding, the output layer and the loss run whole on every TP "
                   "rank",
+    "loss_parallel": "the embedding replicated; the output layer split over the vocabulary with its logits left "
+                     "split, and the loss taken across the ranks' slices (torch's loss_parallel: three all-reduces of "
+                     "b·s fp32 values, as Megatron's); the output layer's replicated input has its gradient "
+                     "all-reduced",
 }
 """Software.tp_vocab: how the vocabulary-sized layers run under tensor parallelism."""
 
@@ -95,6 +99,9 @@ class Software:
     or loop (a pass per operation per tensor)."""
     tp_vocab: str = "split"
     """How the input embedding, the output layer and the loss run under tensor parallelism (TP_VOCAB)."""
+    tp_vocab_untied: Optional[str] = None
+    """The same for a model whose output layer has its own weight (not the embedding's) and holds all stages
+    (pipeline stages leave the loss to the schedule); None: `tp_vocab`."""
     tp_gather_per_projection: bool = False
     """Each column-parallel projection brings in its own copy of its input: separate q, k, v (and with SwiGLU gate
     and up) linears under DTensor's ColwiseParallel(input_layouts=Shard(1)) all-gather the sequence-split input
@@ -113,8 +120,9 @@ class Software:
     source: str = ""
 
     def __post_init__(self) -> None:
-        if self.tp_vocab not in TP_VOCAB:
-            raise ValueError(f"tp_vocab={self.tp_vocab}: one of {', '.join(TP_VOCAB)}")
+        for mode in (self.tp_vocab, self.tp_vocab_untied or self.tp_vocab):
+            if mode not in TP_VOCAB:
+                raise ValueError(f"tp_vocab={mode}: one of {', '.join(TP_VOCAB)}")
 
     def describe(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -128,9 +136,11 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
              source="models/gpt.py (SDPA, no dropout); PyTorch DDP's reducer all-reduces gradient buckets as "
                     "they become ready, in the last micro-batch's backward (no_sync before it)"),
     Software(name="harness-fsdp", **_PYTORCH, grad_reduce_overlap=True, run_flags=True, tp_vocab="replicated",
+             tp_vocab_untied="loss_parallel",
              source="FSDP2 prefetches each block's all-gather and reduce-scatters each block's gradients during "
-                    "the backward (torch.distributed.fsdp.fully_shard); tensor parallelism splits the blocks only "
-                    "(harness/backends/fsdp.py apply_tensor_parallel); torch.distributed.pipelining waits on each "
+                    "the backward (torch.distributed.fsdp.fully_shard); tensor parallelism splits the blocks, and the "
+                    "output layer with a vocab-parallel loss where its weight is its own (harness/backends/fsdp.py "
+                    "apply_tensor_parallel, vocab_parallel_head); torch.distributed.pipelining waits on each "
                     "receive before the compute that needs it, so its sends are not overlapped here"),
     Software(name="harness-deepspeed", **_PYTORCH, grad_reduce_overlap=None, optimizer="fused", run_flags=True,
              source="DeepSpeed ZeRO reduces gradients in hooks during the backward only with "
