@@ -170,23 +170,12 @@ def _fsdp_collectives(job: Job, params: float, c) -> list[Collective]:  # type: 
     return out
 
 
-TP_VOCAB_BOUNDARY = {"split": (2, 2, 2), "gathered": (2, 1, 1), "replicated": (2, 0, 0), "loss_parallel": (2, 0, 1)}
-"""Collectives where the residual stream enters and leaves the TP blocks, per micro-batch, by Software.tp_vocab:
-(all-gathers, reduce-scatters) with sequence parallelism, all-reduces without. Megatron: the vocab-parallel
-embedding's output reduced (scattered) in the forward and the head's input gathered, each with its backward
-counterpart. Gathered logits: the embedding is replicated, so entering costs only the backward's gather of the
-input gradient; the head's input is gathered in the forward and its gradient scattered. Replicated: the first
-block takes its sequence chunk locally (its gradient gathered in the backward) and the last block's output is
-gathered for the head; without sequence parallelism nothing crosses. Loss parallel: as replicated, and the
-output layer's replicated input has its gradient all-reduced (an all-reduce with or without sequence
-parallelism)."""
-
-
 def tp_collectives(job: Job) -> list[Collective]:
     """Megatron's TP all-reduces of b·s·h activations, two per layer in the forward and two in the backward, and
-    the vocabulary's collectives (software.TP_VOCAB): vocab-parallel cross-entropy's three all-reduces of b·s fp32
-    (max, target logit, sum of exponentials: megatron/core/tensor_parallel/cross_entropy.py), or the gathered
-    logits' all-gather of b·s·V.
+    the vocabulary's collectives (software.VocabUnderTP): a vocab-parallel loss's three all-reduces of b·s fp32
+    (max, target logit, sum of exponentials: megatron/core/tensor_parallel/cross_entropy.py), the gathered
+    logits' all-gather of b·s·V, the head input's gradient all-reduce, and those where the residual stream enters
+    and leaves the TP blocks.
 
     Software that gathers the input of every column-parallel projection on its own (Software.
     tp_gather_per_projection: q, k, v and gate, up) runs that many all-gathers in each forward, recompute too,
@@ -202,20 +191,19 @@ def tp_collectives(job: Job) -> list[Collective]:
     # extra input gathers per forward: q, k, v instead of one for attention, gate and up instead of one for the MLP
     extra = (2 + (m.activation == "swiglu")) if job.software.tp_gather_per_projection else 0
     layers, mb = layers_per_stage(job), job.micro_batches
-    # where the residual stream enters and leaves the TP region (all-gathers, reduce-scatters; all-reduces)
-    mode = job.vocab_mode
-    gathers, scatters, reduces = TP_VOCAB_BOUNDARY[mode]
+    vocab = job.vocab
+    gathers, scatters, reduces = vocab.boundary
     forward = (per_layer + extra * (1 + recompute / 2)) * layers + gathers
     backward = (per_layer + extra) * layers + (scatters if job.sequence_parallel else reduces)
     local = per_node(1, t, job)
     out = []
-    if mode in ("split", "loss_parallel"):
+    if vocab.loss_split:
         out.append(Collective("tp", "all_reduce", tokens * 4, 3 * mb, t, local))
-    elif mode == "gathered":
+    if vocab.logits_gathered:
         out.append(Collective("tp", "all_gather", tokens * m.vocab_size * job.act_bytes, mb, t, local))
+    if vocab.head_input_reduced:
+        out.append(Collective("tp", "all_reduce", payload, mb, t, local))
     if job.sequence_parallel:
-        if mode == "loss_parallel":
-            out.append(Collective("tp", "all_reduce", payload, mb, t, local))
         return [Collective("tp", "all_gather", payload, forward * mb, t, local),
                 Collective("tp", "reduce_scatter", payload, backward * mb, t, local), *out]
     return [Collective("tp", "all_reduce", payload, backward * mb, t, local), *out]

@@ -37,14 +37,6 @@ mul by the weight, cast back), per element in the forward: cast (E + 4), pow (8)
 mul (8), cast back (4 + E) = 32 + 2E bytes; autograd runs each operation's backward, reading its saved inputs and
 the incoming gradient: twice the forward's."""
 
-
-def norm_bytes(job: Job) -> tuple[float, float]:
-    """Bytes per element of one norm's forward and backward: one kernel, or the software's composite RMSNorm."""
-    E = job.act_bytes
-    if job.model.norm == "rmsnorm" and job.software.rmsnorm_composite:
-        forward = RMSNORM_COMPOSITE_BYTES + 2 * E
-        return forward, 2 * forward
-    return NORM_PASSES[0] * E, NORM_PASSES[1] * E
 SOFTMAX_PASSES_EAGER = 24.0
 """PyTorch's math attention per score element, in bytes: cast to fp32 (E + 4), mask (8), softmax (8), cast back
 (4 + E) forward, as many backward: counted as 24 + 2E per direction (E added where used)."""
@@ -58,6 +50,18 @@ weight and moments once (7 × 4 bytes); torch's foreach and loop implementations
 (lerp, mul, addcmul, sqrt, div, add), each reading and writing whole tensors (about 16 passes of 4 bytes)."""
 OPTIMIZER_KERNELS_PER_TENSOR = {"fused": 0.0, "foreach": 0.0, "loop": 8.0}
 """Kernels launched per parameter tensor: the loop implementation launches its operations tensor by tensor."""
+
+
+def norm_kernel(name: str, elements: float, job: Job, fwd_only: bool = False) -> Kernel:
+    """One norm over `elements`, forward and (unless `fwd_only`) backward: one kernel, or the software's composite
+    RMSNorm (seven operations, each a kernel and a pass in each direction)."""
+    E = job.act_bytes
+    if job.model.norm == "rmsnorm" and job.software.rmsnorm_composite:
+        (fwd, bwd), kernels = (RMSNORM_COMPOSITE_BYTES + 2 * E, 2 * (RMSNORM_COMPOSITE_BYTES + 2 * E)), 7
+    else:
+        (fwd, bwd), kernels = (NORM_PASSES[0] * E, NORM_PASSES[1] * E), 1
+    return Kernel(name, "memory", bytes=elements * (fwd if fwd_only else fwd + bwd),
+                  count=kernels * (1 if fwd_only else 2))
 
 
 @dataclass(frozen=True)
@@ -159,13 +163,10 @@ def layer_kernels(job: Job, *, backward: bool = True, region: str = "block") -> 
         passes = fwd_passes + (0.0 if fwd_only else bwd_passes)
         out.append(Kernel(name, "memory", bytes=elements * passes * E, count=kernels * (1 if fwd_only else 2)))
 
-    norm = [b / E for b in norm_bytes(job)]
-    norm_kernels = 7.0 if m.norm == "rmsnorm" and sw.rmsnorm_composite else 1.0
-
     residual = tokens * h / seq_split
     in_attention = region in ("block", "attn")
     if region == "block" and not sw.compiled:
-        memory("norm1", residual, *norm, kernels=norm_kernels)
+        out.append(norm_kernel("norm1", residual, job, fwd_only))
     for spec in block_linears(m):
         n_in, n_out = (spec.n_in, spec.n_out // tp) if spec.split == "column" else (spec.n_in // tp, spec.n_out)
         attention_part = spec.name.startswith("attn.")
@@ -179,7 +180,7 @@ def layer_kernels(job: Job, *, backward: bool = True, region: str = "block") -> 
         if spec.name == "attn.proj" and region == "block":
             out += residual_kernels("residual1", residual, E, sw, fwd_only)
             if not sw.compiled:
-                memory("norm2", residual, *norm, kernels=norm_kernels)
+                out.append(norm_kernel("norm2", residual, job, fwd_only))
         if spec.name == "mlp.fc" and region == "block":
             swiglu = m.activation == "swiglu"
             fused = sw.fused_activation or sw.compiled
@@ -248,7 +249,7 @@ def head_kernels(job: Job) -> list[Kernel]:
     columns, loss = job.vocab_per_rank
     out = linear_kernels("lm_head", tokens, m.d_model, int(columns), 3, E)
     if not (sw.compiled and sw.compile_whole_model):
-        out.append(Kernel("norm_f", "memory", bytes=tokens * m.d_model * sum(norm_bytes(job)), count=2))
+        out.append(norm_kernel("norm_f", tokens * m.d_model, job))
     fused = sw.fused_cross_entropy
     per_element = 2 * E if fused else LOSS_BYTES_EAGER + 2 * E
     out.append(Kernel("cross entropy", "memory", bytes=tokens * loss * per_element, count=2 if fused else 6))

@@ -14,7 +14,7 @@ from typing import Any, Optional
 from harness.core.layout import Layout
 from harness.core.registry import PP_SCHEDULES, BackendSpec, backend_spec, fsdp_replica_group, resolve_pp_schedule
 from harness.costmodel.flops import param_count, param_tensors, shape_cached
-from harness.costmodel.software import Software, software_for
+from harness.costmodel.software import TP_VOCAB, Software, VocabUnderTP, software_for
 from harness.models.config import GPTConfig
 
 ACT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -111,7 +111,7 @@ class Job:
     @functools.cached_property
     def params_per_rank(self) -> float:
         """Parameters one rank of the busiest pipeline stage holds, before data-parallel sharding."""
-        return _stage_params(self.model, self.layout.tp, self.layout.pp, self.vocab_mode)
+        return _stage_params(self.model, self.layout.tp, self.layout.pp, self.vocab)
 
     @property
     def vocab_mode(self) -> str:
@@ -122,10 +122,14 @@ class Job:
         return self.software.tp_vocab
 
     @property
+    def vocab(self) -> VocabUnderTP:
+        return TP_VOCAB[self.vocab_mode]
+
+    @property
     def vocab_per_rank(self) -> tuple[float, float]:
-        """(output-layer columns, loss columns) one TP rank computes per token (software.TP_VOCAB)."""
-        v, tp, how = self.model.vocab_size, self.layout.tp, self.vocab_mode
-        return (v if how == "replicated" else v / tp), (v / tp if how in ("split", "loss_parallel") else v)
+        """(output-layer columns, loss columns) one TP rank computes per token."""
+        v, tp, how = self.model.vocab_size, self.layout.tp, self.vocab
+        return (v / tp if how.head_split else v), (v / tp if how.loss_split else v)
 
     @functools.cached_property
     def state_bytes(self) -> StateBytes:
@@ -234,7 +238,7 @@ def param_split(m: Any) -> ParamSplit:
 
 
 @shape_cached
-def _stage_params(model: GPTConfig, tp: int, pp: int, tp_vocab: str = "split") -> float:
+def _stage_params(model: GPTConfig, tp: int, pp: int, vocab: VocabUnderTP = TP_VOCAB["split"]) -> float:
     """Parameters held by one rank of the busiest pipeline stage, before any data-parallel sharding.
 
     Megatron splits the block weights, column-parallel biases and the vocab-parallel embedding over
@@ -249,12 +253,12 @@ def _stage_params(model: GPTConfig, tp: int, pp: int, tp_vocab: str = "split") -
                    for t in param_tensors(model) if t.name.startswith(prefixes))
 
     layer = per_rank(("blocks.0.",))
-    embedding = per_rank(("tok_emb.", "pos_emb."), tp_vocab == "split")
-    head = per_rank(("norm_f.", "lm_head."), tp_vocab != "replicated")
+    embedding = per_rank(("tok_emb.", "pos_emb."), vocab.embedding_split)
+    head = per_rank(("norm_f.", "lm_head."), vocab.head_split)
     layers = -(-model.n_layers // pp)
     first = layers * layer + embedding + (head if pp == 1 else 0)
-    tied_copy = model.vocab_size * model.d_model / (tp if tp_vocab != "replicated" else 1) \
-        if pp > 1 and model.tie_embeddings else 0
+    tied = pp > 1 and model.tie_embeddings
+    tied_copy = model.vocab_size * model.d_model / (tp if vocab.head_split else 1) if tied else 0
     return max(first, layers * layer + head + tied_copy)
 
 

@@ -16,19 +16,52 @@ from typing import Any, Optional
 from harness.core.errors import ConfigError
 from harness.core.registry import backend_spec
 
+
+@dataclass(frozen=True)
+class VocabUnderTP:
+    """How the vocabulary-sized layers (embedding, output layer, loss) run under tensor parallelism: what each TP
+    rank holds and computes, and what it sends for them."""
+
+    meaning: str
+    embedding_split: bool
+    """The embedding is vocabulary-parallel (else whole on every TP rank)."""
+    head_split: bool
+    """The output layer computes V/TP of the logits on each rank."""
+    loss_split: bool
+    """The loss runs across the ranks' logit slices: three all-reduces of b·s fp32 values (max, target logit, sum of
+    exponentials), else over the whole vocabulary on every rank."""
+    logits_gathered: bool = False
+    """The split output layer's logits are all-gathered (b·s·V) for a whole-vocabulary loss."""
+    head_input_reduced: bool = False
+    """The output layer's replicated input has its gradient all-reduced (b·s·h), with or without sequence
+    parallelism."""
+    boundary: tuple[int, int, int] = (2, 0, 0)
+    """Collectives of b·s·h per micro-batch where the residual stream enters and leaves the TP blocks: (all-gathers,
+    reduce-scatters) with sequence parallelism, all-reduces without. Megatron (2, 2, 2): the vocab-parallel
+    embedding's output reduced (scattered) in the forward and the head's input gathered, each with its backward
+    counterpart. Gathered logits (2, 1, 1): the embedding is replicated, so entering costs only the backward's
+    gather of the input gradient; the head's input is gathered in the forward and its gradient scattered. A
+    replicated head (2, 0, 0): the first block takes its sequence chunk locally (its gradient gathered in the
+    backward) and the last block's output is gathered for the head; without sequence parallelism nothing crosses."""
+
+
 TP_VOCAB = {
-    "split": "Megatron's vocabulary-parallel embedding, column-parallel output layer and vocab-parallel cross "
-             "entropy: each TP rank holds V/TP of the vocabulary and computes its V/TP logits; the softmax needs "
-             "three all-reduces of b·s fp32 values (megatron/core/tensor_parallel/cross_entropy.py)",
-    "gathered": "the embedding replicated; the output layer column-parallel with its logits all-gathered to every "
-                "rank (DTensor's ColwiseParallel(output_layouts=Replicate())), so each rank takes the loss over the "
-                "whole vocabulary",
-    "replicated": "only the blocks are split: the embedding, the output layer and the loss run whole on every TP "
-                  "rank",
-    "loss_parallel": "the embedding replicated; the output layer split over the vocabulary with its logits left "
-                     "split, and the loss taken across the ranks' slices (torch's loss_parallel: three all-reduces of "
-                     "b·s fp32 values, as Megatron's); the output layer's replicated input has its gradient "
-                     "all-reduced",
+    "split": VocabUnderTP(
+        "Megatron's vocabulary-parallel embedding, column-parallel output layer and vocab-parallel cross entropy "
+        "(megatron/core/tensor_parallel/cross_entropy.py)",
+        embedding_split=True, head_split=True, loss_split=True, boundary=(2, 2, 2)),
+    "gathered": VocabUnderTP(
+        "the embedding replicated; the output layer column-parallel with its logits all-gathered to every rank "
+        "(DTensor's ColwiseParallel(output_layouts=Replicate())), so each rank takes the loss over the whole "
+        "vocabulary",
+        embedding_split=False, head_split=True, loss_split=False, logits_gathered=True, boundary=(2, 1, 1)),
+    "replicated": VocabUnderTP(
+        "only the blocks are split: the embedding, the output layer and the loss run whole on every TP rank",
+        embedding_split=False, head_split=False, loss_split=False),
+    "loss_parallel": VocabUnderTP(
+        "the embedding replicated; the output layer split over the vocabulary with its logits left split, and the "
+        "loss taken across the ranks' slices (torch's loss_parallel, as Megatron's)",
+        embedding_split=False, head_split=True, loss_split=True, head_input_reduced=True),
 }
 """Software.tp_vocab: how the vocabulary-sized layers run under tensor parallelism."""
 

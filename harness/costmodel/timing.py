@@ -260,8 +260,10 @@ def exposed_dp_s(timed: list[tuple[Collective, float]], job: Job, per_mb: float,
     for c, t in timed:
         every = c.calls >= m and c.calls % m == 0
         if c.role == "params":
-            if not every:
-                first, exposed = (first + t, exposed) if job.software.param_gather_overlap else (first, exposed + t)
+            if not every and job.software.param_gather_overlap:
+                first += t
+            elif not every:
+                exposed += t
             elif job.spec.shardings:
                 gathers = c.calls // m
                 forward += t / m / gathers

@@ -328,14 +328,11 @@ def profile_from_run(run_dir: Path, name: str) -> dict[str, Any]:
     # What the rates leave unexplained of the measured step: per block and micro-batch.
     modelled = _modelled_step_s(cfg, layout, profile)
     left = measured_ms / 1e3 - modelled
-    if left < 0:
-        # The rates explain more than the unprofiled step took: the profiler slowed some operators more than the
-        # step as a whole, so undoing its dilation uniformly left them slow. Every learned rate runs faster by the
-        # same factor, which scales each modelled time alike, so the source run is reproduced as measured.
-        scale = modelled / (measured_ms / 1e3)
-        _scale_rates(profile, scale)
-    else:
-        scale = 1.0
+    # Where the rates explain more than the unprofiled step took, the profiler slowed some operators more than the
+    # step as a whole, so undoing its dilation uniformly left them slow: every learned rate runs faster by the same
+    # factor, which scales each modelled time alike, so the source run is reproduced as measured.
+    scale = max(1.0, modelled / (measured_ms / 1e3))
+    _scale_rates(profile, scale)
     profile["layer_overhead_us"] = max(0.0, left / per_step * 1e6)
     profile["calibrated_on"] = {
         "run": str(run_dir), "device": env.get("device_name"), "torch": env.get("torch"),
