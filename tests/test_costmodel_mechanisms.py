@@ -237,6 +237,38 @@ def test_fsdp_accumulates_unsharded_gradients_in_fp32_between_micro_batches() ->
     assert grad_accumulation_s(four, hw) == pytest.approx(four.params_per_rank * (6 + 3 * 10) / hw.memory_bw)
 
 
+def test_a_loss_on_the_16_bit_logits_keeps_no_fp32_copy_and_streams_fewer_bytes() -> None:
+    """KempnerForge takes F.cross_entropy on the bf16 logits: beside them a bf16 log-softmax (2E bytes per logit in
+    all), where an upcast loss holds an fp32 copy and an fp32 log-softmax (E + 8); its kernels stream 4E, not
+    24 + 2E."""
+    from harness.costmodel.memory import buffer_bytes
+
+    upcast, _ = job_and_hw([*LLAMA, "costmodel.software=harness-fsdp"])
+    native = dataclasses.replace(upcast, software=dataclasses.replace(upcast.software, loss_in_compute_dtype=True))
+    logits = upcast.tokens * upcast.model.vocab_size
+    assert buffer_bytes(upcast) - buffer_bytes(native) == pytest.approx(logits * (8 - 2))
+
+    def loss_bytes(job: Job) -> float:
+        return next(k.bytes for k in compute_kernels(job)[1] if k.name == "cross entropy")
+
+    assert loss_bytes(native) == pytest.approx(logits * 4 * 2) and loss_bytes(upcast) == pytest.approx(logits * 28)
+
+
+def test_fsdp_holds_unsharded_fp32_gradients_only_while_accumulating_over_a_sharded_group() -> None:
+    """Accumulating micro-batches, FSDP2 keeps every gradient whole in fp32 (4 bytes per parameter, whatever the
+    group); one micro-batch, or a one-rank group, leaves the sharded (or plain) gradients of the model states."""
+    from harness.costmodel.memory import model_state_bytes
+
+    four, _ = job_and_hw([*LLAMA, "train.global_batch_size=64"], 8)
+    one, _ = job_and_hw([*LLAMA, "train.global_batch_size=16"], 8)
+    alone, _ = job_and_hw([*LLAMA, "train.global_batch_size=8"], 1)
+    assert four.micro_batches == 4 and one.micro_batches == 1 and alone.micro_batches == 4
+    params = four.params_per_rank
+    assert model_state_bytes(params, four)["grads"] == pytest.approx(4 * params)
+    assert model_state_bytes(params, one)["grads"] == pytest.approx(4 * params / 8)
+    assert alone.unsharded_grad_bytes is None
+
+
 def test_fsdp_gathers_hide_only_under_the_phase_that_issues_them() -> None:
     """A block's forward gather must finish within the forward of the block before it: when the forward's compute
     is shorter than its gathers, the excess is exposed even though the whole micro-batch's compute (3-4x the

@@ -42,8 +42,9 @@ SOFTMAX_PASSES_EAGER = 24.0
 (4 + E) forward, as many backward: counted as 24 + 2E per direction (E added where used)."""
 LOSS_BYTES_EAGER = 24.0
 """The loss over the logits per element, PyTorch's cross entropy on fp32 logits: cast (E + 4), log-softmax (8),
-its gradient (8), cast back (4 + E): 24 + 2E bytes; a fused cross entropy reads the logits and writes their
-gradient once (2E)."""
+its gradient (8), cast back (4 + E): 24 + 2E bytes; on the 16-bit logits themselves (Software.
+loss_in_compute_dtype) the log-softmax and its gradient only, 4E; a fused cross entropy reads the logits and
+writes their gradient once (2E)."""
 OPTIMIZER_BYTES = {"fused": 28.0, "foreach": 64.0, "loop": 64.0}
 """AdamW per parameter on its rank: fused reads the fp32 weight, gradient and both moments and writes the
 weight and moments once (7 × 4 bytes); torch's foreach and loop implementations run a kernel per operation
@@ -251,7 +252,7 @@ def head_kernels(job: Job) -> list[Kernel]:
     if not (sw.compiled and sw.compile_whole_model):
         out.append(norm_kernel("norm_f", tokens * m.d_model, job))
     fused = sw.fused_cross_entropy
-    per_element = 2 * E if fused else LOSS_BYTES_EAGER + 2 * E
+    per_element = 2 * E if fused else 4 * E if sw.loss_in_compute_dtype else LOSS_BYTES_EAGER + 2 * E
     out.append(Kernel("cross entropy", "memory", bytes=tokens * loss * per_element, count=2 if fused else 6))
     out.append(Kernel("embedding", "memory", bytes=tokens * m.d_model * E * 3, count=2))
     return out

@@ -18,6 +18,9 @@ from harness.costmodel.software import TP_VOCAB, Software, VocabUnderTP, softwar
 from harness.models.config import GPTConfig
 
 ACT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+FSDP_REDUCE_BYTES = 4.0
+"""FSDP2's gradient reduce dtype, fp32 (MixedPrecisionPolicy(reduce_dtype=torch.float32) in the harness's
+backend, backend.reduce_dtype's default, and in KempnerForge's)."""
 
 
 @dataclass(frozen=True)
@@ -182,6 +185,18 @@ class Job:
     @property
     def act_bytes(self) -> int:
         return ACT_BYTES[self.precision]
+
+    @property
+    def unsharded_grad_bytes(self) -> Optional[float]:
+        """Bytes per parameter of the unsharded gradients FSDP2 holds between micro-batches; None where gradients
+        stay sharded. Accumulating without gradient sync (set_requires_gradient_sync(False): the harness through
+        Fabric's no_backward_sync and torch's pipeline stages, KempnerForge through maybe_no_sync) keeps every
+        parameter's whole gradient on its rank, cast up to the reduce dtype (torch FSDPParam.
+        to_accumulated_grad_if_needed), until the last micro-batch's backward reduce-scatters it. A one-rank FSDP
+        group (which KempnerForge does not wrap at all) keeps its plain gradients."""
+        if self.spec.shardings and self.sharding != "no_shard" and self.micro_batches > 1 and self.fsdp_group > 1:
+            return FSDP_REDUCE_BYTES
+        return None
 
 
 def job_from_config(cfg: Any, layout: Layout, software: Optional[Software] = None) -> Job:

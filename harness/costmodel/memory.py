@@ -7,8 +7,9 @@ stage 2 also the gradients, stage 3 also the weights: (2+2+K)Ψ, 4Ψ + KΨ/N, 2�
 (2+2+K)Ψ/N. PyTorch DDP and FSDP2 (autocast / MixedPrecisionPolicy) keep fp32 weights and
 gradients instead (4 + 4 + 8 bytes) and cast copies for compute; FSDP2 shards like stage 3
 (full_shard), keeps gathered blocks between forward and backward (shard_grad_op), shards within a
-node only (hybrid_shard) or not at all (no_shard). DeepSpeed 3D keeps Ψ/(PP·TP) per rank with ZeRO-1
-over DP (the issue's M_p/(PP·TP) + M_o/DP + M_g/(PP·TP)).
+node only (hybrid_shard) or not at all (no_shard); accumulating several micro-batches, it holds every
+gradient unsharded in fp32 until the last one reduces them (layout.Job.unsharded_grad_bytes).
+DeepSpeed 3D keeps Ψ/(PP·TP) per rank with ZeRO-1 over DP (the issue's M_p/(PP·TP) + M_o/DP + M_g/(PP·TP)).
 
 Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
 Models", section 4): per layer s·b·h·(34 + 5·a·s/h) bytes in 16 bits with dropout, of which
@@ -49,9 +50,10 @@ def model_state_bytes(params: float, job: Job) -> dict[str, float]:
     shards = job.shards
     if job.offload:
         return {"weights": 0.0, "grads": 0.0, "optimizer": 0.0}
+    unsharded = job.unsharded_grad_bytes  # FSDP2 accumulating micro-batches: every gradient whole, until reduced
     return {
         "weights": params * per.weights / shards.weights,
-        "grads": params * per.grads / shards.grads,
+        "grads": params * unsharded if unsharded is not None else params * per.grads / shards.grads,
         "optimizer": params * per.optimizer / shards.optimizer,
     }
 
@@ -105,14 +107,16 @@ def activation_bytes(job: Job) -> float:
 def buffer_bytes(job: Job) -> float:
     """Temporary tensors that are not model state or stored activations.
 
-    Logits in the compute dtype plus their fp32 copy and softmax (the loss is computed in fp32);
+    Logits in the compute dtype plus their fp32 copy and log-softmax (the loss is computed in fp32), or a
+    16-bit log-softmax beside them where the software takes the loss on the 16-bit logits;
     FSDP and ZeRO-3 gather blocks in the compute dtype (current + one prefetched) and produce one
     unsharded block gradient in fp32 before reducing it; shard_grad_op keeps every gathered block
     until its backward; PyTorch DDP reduces in gradient buckets that copy the gradients
     (`gradient_as_bucket_view=False`, its default).
     """
     m, layout = job.model, job.layout
-    logits = job.tokens * job.vocab_per_rank[1] * (job.act_bytes + 8)
+    E = job.act_bytes
+    logits = job.tokens * job.vocab_per_rank[1] * (E + (E if job.software.loss_in_compute_dtype else 8))
     split = param_split(m)
     block = split.per_layer / layout.tp
     gathered = 0.0

@@ -117,6 +117,10 @@ class Software:
     fused_cross_entropy: bool = False
     """The loss reads the logits and writes their gradient once (a fused or chunked cross entropy); otherwise
     PyTorch's eager cross entropy on fp32 logits (kernels.LOSS_BYTES_EAGER)."""
+    loss_in_compute_dtype: bool = False
+    """The eager cross entropy runs on the 16-bit logits as the output layer returns them, with no fp32 copy: its
+    log-softmax is 16-bit too (kernels.LOSS_BYTES_EAGER, memory.buffer_bytes). Otherwise it upcasts them first, as
+    the harness's model (models/gpt.py) and Megatron's (fp16_lm_cross_entropy off by default) do."""
     fused_bias_dropout_add: bool = False
     """Bias, dropout and the residual add in one kernel (Megatron's bias_dropout_add_fusion)."""
     fused_activation: bool = False
@@ -208,6 +212,7 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
                     "turned gradient_accumulation_fusion off)"),
     Software(name="kempnerforge", **_PYTORCH, grad_reduce_overlap=True, run_flags=True, compile_whole_model=True,
              tp_vocab="gathered", tp_gather_per_projection=True, rmsnorm_composite=True, states_in_compute_dtype=True,
+             loss_in_compute_dtype=True,
              source="KempnerForge at 01b461a (github.com/KempnerInstitute/KempnerForge), the code of its MFU "
                     "benchmark: the model cast to bf16 before FSDP2 (model.to(param_dtype)) with reduce_dtype fp32 "
                     "(kempnerforge/distributed/parallel.py), "
@@ -216,7 +221,7 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
                     "and up, the token embedding replicated and the output head's logits gathered to Replicate "
                     "(kempnerforge/distributed/tensor_parallel.py); RMSNorm as fp32 PyTorch operations "
                     "(kempnerforge/model/norm.py); torch.compile(model) with the loss, "
-                    "F.cross_entropy, outside it (scripts/train.py)"),
+                    "F.cross_entropy on the bf16 logits, outside it (scripts/train.py)"),
 )}
 
 

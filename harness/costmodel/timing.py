@@ -206,11 +206,11 @@ def grad_accumulation_s(job: Job, hw: Hardware) -> float:
     params = job.params_per_rank / (job.shards.grads if partitioned else 1)
     if software.main_grad_bytes:
         return m * params * (2 * software.main_grad_bytes + grads) / hw.memory_bw
-    if job.spec.shardings and job.sharding != "no_shard" and m > 1:
-        # FSDP2 without gradient sync keeps each unsharded gradient in the reduce dtype (fp32): the first
-        # micro-batch's is cast up, each later one added into it (torch FSDPParam.to_accumulated_grad_if_needed,
-        # accumulate_unsharded_grad_if_needed)
-        E, reduce = job.act_bytes, 4.0
+    reduce = job.unsharded_grad_bytes
+    if reduce is not None:
+        # the first micro-batch's gradient is cast up to the reduce dtype, each later one added into it (torch
+        # FSDPParam.to_accumulated_grad_if_needed, accumulate_unsharded_grad_if_needed)
+        E = job.act_bytes
         first = E + reduce if E != reduce else 0.0
         return params * (first + (m - 1) * (2 * reduce + E)) / hw.memory_bw
     return (m - 1) * params * 3 * grads / hw.memory_bw
