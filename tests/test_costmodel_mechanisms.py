@@ -254,19 +254,41 @@ def test_a_loss_on_the_16_bit_logits_keeps_no_fp32_copy_and_streams_fewer_bytes(
     assert loss_bytes(native) == pytest.approx(logits * 4 * 2) and loss_bytes(upcast) == pytest.approx(logits * 28)
 
 
-def test_fsdp_holds_unsharded_fp32_gradients_only_while_accumulating_over_a_sharded_group() -> None:
+def test_fsdp_holds_unsharded_fp32_gradients_only_while_accumulating() -> None:
     """Accumulating micro-batches, FSDP2 keeps every gradient whole in fp32 (4 bytes per parameter, whatever the
-    group); one micro-batch, or a one-rank group, leaves the sharded (or plain) gradients of the model states."""
+    group: KempnerForge's bf16 states too); one micro-batch leaves the sharded gradients of the model states."""
     from harness.costmodel.memory import model_state_bytes
 
     four, _ = job_and_hw([*LLAMA, "train.global_batch_size=64"], 8)
     one, _ = job_and_hw([*LLAMA, "train.global_batch_size=16"], 8)
-    alone, _ = job_and_hw([*LLAMA, "train.global_batch_size=8"], 1)
+    alone, _ = job_and_hw([*LLAMA, "train.global_batch_size=8", "costmodel.software=kempnerforge"], 1)
     assert four.micro_batches == 4 and one.micro_batches == 1 and alone.micro_batches == 4
     params = four.params_per_rank
     assert model_state_bytes(params, four)["grads"] == pytest.approx(4 * params)
     assert model_state_bytes(params, one)["grads"] == pytest.approx(4 * params / 8)
-    assert alone.unsharded_grad_bytes is None
+    assert alone.state_bytes.grads == 2 and model_state_bytes(params, alone)["grads"] == pytest.approx(4 * params)
+
+
+def test_deepspeed_zero_1_and_2_hold_a_whole_gradient_bucket_however_small_the_model() -> None:
+    """ZeRO-1/2 allocate their contiguous gradient bucket at reduce_bucket_size elements in the model's dtype (two
+    with overlap_comm); ZeRO-3 and contiguous_gradients=false do not (measured: benchmarks/memory_cpu.py)."""
+    from harness.costmodel.memory import buffer_bytes
+
+    base = ["model=gpt-tiny", "backend=deepspeed", "train.precision=bf16", "system=dgx-a100-80gb"]
+
+    def buffers(*extra: str) -> float:
+        job, _ = job_and_hw([*base, *extra], 2)
+        return buffer_bytes(job)
+
+    off = "+backend.ds_config.zero_optimization.contiguous_gradients=false"
+    for stage in ("parallel.zero_stage=1", "parallel.zero_stage=2"):
+        plain = buffers(stage, off)
+        assert buffers(stage) - plain == pytest.approx(5e8 * 2, rel=1e-3)
+        assert buffers(stage, "+backend.ds_config.zero_optimization.overlap_comm=true") - plain \
+            == pytest.approx(2 * 5e8 * 2, rel=1e-3)
+        assert buffers(stage, "+backend.ds_config.zero_optimization.reduce_bucket_size=1000") - plain \
+            == pytest.approx(1000 * 2, rel=1e-3)
+    assert buffers("parallel.zero_stage=3") == buffers("parallel.zero_stage=3", off)
 
 
 def test_fsdp_gathers_hide_only_under_the_phase_that_issues_them() -> None:

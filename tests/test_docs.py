@@ -299,3 +299,17 @@ def test_the_supported_python_range_is_the_one_the_readme_states() -> None:
     assert f"Python {low.group(1)}.{low.group(2)}" in readme
     assert not re.search(r"Python 3\.(\d+)", readme.replace(f"Python {low.group(1)}.{low.group(2)}", "")), \
         "the README names another Python version"
+
+
+def test_results_readme_lists_every_reference_result_and_the_script_that_writes_it() -> None:
+    """results/README.md's table of reference results names every JSON file kept in results/ and a benchmark script
+    that exists for each, so a new benchmark cannot land unlisted."""
+    import fnmatch
+
+    table = [line.split("|") for line in (ROOT / "results" / "README.md").read_text().splitlines()
+             if line.startswith("| `") and "benchmarks/" in line]
+    listed = {cells[1].strip().strip("`"): cells[2].strip().strip("`") for cells in table}
+    for name, script in listed.items():
+        assert (ROOT / script).is_file(), (name, script)
+    kept = [p.name for p in (ROOT / "results").glob("*.json")]
+    assert kept and all(any(fnmatch.fnmatch(name, pattern) for pattern in listed) for name in kept), kept

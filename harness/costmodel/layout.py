@@ -18,6 +18,8 @@ from harness.costmodel.software import TP_VOCAB, Software, VocabUnderTP, softwar
 from harness.models.config import GPTConfig
 
 ACT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+DS_REDUCE_BUCKET_SIZE = 500_000_000
+"""DeepSpeed's zero_optimization.reduce_bucket_size default, in elements (deepspeed/runtime/zero/config.py)."""
 FSDP_REDUCE_BYTES = 4.0
 """FSDP2's gradient reduce dtype, fp32 (MixedPrecisionPolicy(reduce_dtype=torch.float32) in the harness's
 backend, backend.reduce_dtype's default, and in KempnerForge's)."""
@@ -96,6 +98,9 @@ class Job:
     software: Software = Software()
     zero3: Zero3 = Zero3()
     ds_overlap_comm: Optional[bool] = None
+    ds_reduce_bucket: Optional[int] = DS_REDUCE_BUCKET_SIZE
+    """Elements of ZeRO-1/2's contiguous gradient bucket (zero_optimization.reduce_bucket_size; None with
+    contiguous_gradients off)."""
     """DeepSpeed's zero_optimization.overlap_comm as configured (None: DeepSpeed's default)."""
     checkpoint_every_n: Optional[int] = None
     """With selective checkpointing: every n-th whole block is checkpointed instead of attention."""
@@ -192,9 +197,10 @@ class Job:
         stay sharded. Accumulating without gradient sync (set_requires_gradient_sync(False): the harness through
         Fabric's no_backward_sync and torch's pipeline stages, KempnerForge through maybe_no_sync) keeps every
         parameter's whole gradient on its rank, cast up to the reduce dtype (torch FSDPParam.
-        to_accumulated_grad_if_needed), until the last micro-batch's backward reduce-scatters it. A one-rank FSDP
-        group (which KempnerForge does not wrap at all) keeps its plain gradients."""
-        if self.spec.shardings and self.sharding != "no_shard" and self.micro_batches > 1 and self.fsdp_group > 1:
+        to_accumulated_grad_if_needed), until the last micro-batch's backward reduce-scatters it. A one-rank group
+        too: both wrap every run in FSDP2 (KempnerForge gives its mesh a dp_shard dimension of size 1 beside TP, and
+        of the world size alone: kempnerforge/distributed/setup.py init_distributed)."""
+        if self.spec.shardings and self.sharding != "no_shard" and self.micro_batches > 1:
             return FSDP_REDUCE_BYTES
         return None
 
@@ -203,6 +209,7 @@ def job_from_config(cfg: Any, layout: Layout, software: Optional[Software] = Non
     """The job `cfg` describes on `layout`, predicted under `software` (default: the profile `cfg` selects)."""
     backend = cfg.backend
     ds_config = getattr(backend, "ds_config", None)
+    zero = (ds_config or {}).get("zero_optimization") or {}
     schedule = resolve_pp_schedule(getattr(backend, "pp_schedule", None), cfg.parallel.vpp)
     sharding = backend.sharding
     if layout.pp > 1 and sharding == "full_shard" and PP_SCHEDULES[schedule].split_backward:
@@ -223,7 +230,9 @@ def job_from_config(cfg: Any, layout: Layout, software: Optional[Software] = Non
         devices_per_node=cfg.system.devices_per_node,
         software=software or software_for(cfg),
         zero3=Zero3.from_ds_config(ds_config),
-        ds_overlap_comm=((ds_config or {}).get("zero_optimization") or {}).get("overlap_comm"),
+        ds_overlap_comm=zero.get("overlap_comm"),
+        ds_reduce_bucket=(int(zero.get("reduce_bucket_size", DS_REDUCE_BUCKET_SIZE))
+                          if zero.get("contiguous_gradients", True) else None),
         hybrid_shard_group=backend.hybrid_shard_group,
         pp_schedule=schedule,
         cp_kind=getattr(cfg.parallel, "cp_kind", "ulysses"),

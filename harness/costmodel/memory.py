@@ -34,7 +34,8 @@ REFUSE_ABOVE = 1.25
 """A layout is refused when its predicted memory exceeds the device's by more than this factor, and warned about
 between 1 and this factor: what a rank really peaks at also depends on the caching allocator's fragmentation,
 the kernels' workspaces and the loss implementation, which differ from run to run by more than the model's
-accuracy (published FSDP runs measured 0.5–1.6× the prediction; docs/costmodel.md)."""
+accuracy (published FSDP2 runs measured 0.9–1.1× the prediction, before the caching allocator's reserve;
+docs/costmodel.md)."""
 
 
 def memory_verdict(need: float, have: Optional[float]) -> Optional[str]:
@@ -112,7 +113,7 @@ def buffer_bytes(job: Job) -> float:
     FSDP and ZeRO-3 gather blocks in the compute dtype (current + one prefetched) and produce one
     unsharded block gradient in fp32 before reducing it; shard_grad_op keeps every gathered block
     until its backward; PyTorch DDP reduces in gradient buckets that copy the gradients
-    (`gradient_as_bucket_view=False`, its default).
+    (`gradient_as_bucket_view=False`, its default); DeepSpeed ZeRO-1/2 in one preallocated bucket.
     """
     m, layout = job.model, job.layout
     E = job.act_bytes
@@ -133,6 +134,12 @@ def buffer_bytes(job: Job) -> float:
     buckets = 0.0
     if job.spec.gradient_buckets and job.grad_ranks > 1:
         buckets = job.params_per_rank * job.state_bytes.grads
+    if job.spec.deepspeed_engine and job.layout.zero_stage in (1, 2) and job.ds_reduce_bucket:
+        # ZeRO-1/2 copy gradients into a contiguous bucket of reduce_bucket_size elements in the model's dtype,
+        # allocated whole however small the model, a second one with overlap_comm (DeepSpeedZeroOptimizer.
+        # setup_buckets): 1 GB in 16 bits at DeepSpeed's default, 2 GB in fp32
+        copies = 2 if job.ds_overlap_comm else 1  # overlap_comm: off by default below stage 3
+        buckets += copies * job.ds_reduce_bucket * job.state_bytes.weights
     return logits + gathered + buckets
 
 
