@@ -271,7 +271,8 @@ def test_fsdp_holds_unsharded_fp32_gradients_only_while_accumulating() -> None:
 
 def test_deepspeed_zero_1_and_2_hold_a_whole_gradient_bucket_however_small_the_model() -> None:
     """ZeRO-1/2 allocate their contiguous gradient bucket at reduce_bucket_size elements in the model's dtype (two
-    with overlap_comm); ZeRO-3 and contiguous_gradients=false do not (measured: benchmarks/memory_cpu.py)."""
+    with overlap_comm); ZeRO-3, contiguous_gradients=false and DeepSpeed's BF16_Optimizer do not (measured:
+    benchmarks/memory_cpu.py)."""
     from harness.costmodel.memory import buffer_bytes
 
     base = ["model=gpt-tiny", "backend=deepspeed", "train.precision=bf16", "system=dgx-a100-80gb"]
@@ -289,6 +290,9 @@ def test_deepspeed_zero_1_and_2_hold_a_whole_gradient_bucket_however_small_the_m
         assert buffers(stage, "+backend.ds_config.zero_optimization.reduce_bucket_size=1000") - plain \
             == pytest.approx(1000 * 2, rel=1e-3)
     assert buffers("parallel.zero_stage=3") == buffers("parallel.zero_stage=3", off)
+    # bf16 ZeRO-1 accumulating in fp32 runs DeepSpeed's BF16_Optimizer, which has no such bucket
+    assert buffers("parallel.zero_stage=1", "+backend.ds_config.data_types.grad_accum_dtype=fp32") \
+        == buffers("parallel.zero_stage=1", off)
 
 
 def test_fsdp_gathers_hide_only_under_the_phase_that_issues_them() -> None:

@@ -98,10 +98,10 @@ class Job:
     software: Software = Software()
     zero3: Zero3 = Zero3()
     ds_overlap_comm: Optional[bool] = None
+    """DeepSpeed's zero_optimization.overlap_comm as configured (None: DeepSpeed's default)."""
     ds_reduce_bucket: Optional[int] = DS_REDUCE_BUCKET_SIZE
     """Elements of ZeRO-1/2's contiguous gradient bucket (zero_optimization.reduce_bucket_size; None with
     contiguous_gradients off)."""
-    """DeepSpeed's zero_optimization.overlap_comm as configured (None: DeepSpeed's default)."""
     checkpoint_every_n: Optional[int] = None
     """With selective checkpointing: every n-th whole block is checkpointed instead of attention."""
     hybrid_shard_group: Optional[int] = None
@@ -205,6 +205,17 @@ class Job:
         return None
 
 
+def _ds_reduce_bucket(zero: dict[str, Any], ds_config: Any, precision: str, stage: int) -> Optional[int]:
+    """Elements of the gradient bucket DeepSpeed's ZeRO optimizer preallocates; None where it runs none: with
+    contiguous_gradients off, or where bf16 ZeRO-1 with fp32 gradient accumulation (data_types.grad_accum_dtype)
+    runs DeepSpeed's BF16_Optimizer instead (deepspeed/runtime/engine.py _do_optimizer_sanity_check)."""
+    accumulate = str(((ds_config or {}).get("data_types") or {}).get("grad_accum_dtype", "")).lower()
+    if not zero.get("contiguous_gradients", True) or (
+            precision == "bf16" and stage == 1 and accumulate in ("fp32", "float32", "float")):
+        return None
+    return int(zero.get("reduce_bucket_size", DS_REDUCE_BUCKET_SIZE))
+
+
 def job_from_config(cfg: Any, layout: Layout, software: Optional[Software] = None) -> Job:
     """The job `cfg` describes on `layout`, predicted under `software` (default: the profile `cfg` selects)."""
     backend = cfg.backend
@@ -231,8 +242,7 @@ def job_from_config(cfg: Any, layout: Layout, software: Optional[Software] = Non
         software=software or software_for(cfg),
         zero3=Zero3.from_ds_config(ds_config),
         ds_overlap_comm=zero.get("overlap_comm"),
-        ds_reduce_bucket=(int(zero.get("reduce_bucket_size", DS_REDUCE_BUCKET_SIZE))
-                          if zero.get("contiguous_gradients", True) else None),
+        ds_reduce_bucket=_ds_reduce_bucket(zero, ds_config, cfg.train.precision, layout.zero_stage),
         hybrid_shard_group=backend.hybrid_shard_group,
         pp_schedule=schedule,
         cp_kind=getattr(cfg.parallel, "cp_kind", "ulysses"),
