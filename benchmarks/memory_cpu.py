@@ -32,14 +32,14 @@ from benchmarks.costmodel_cpu import harness  # noqa: E402
 MODEL = ["model=gpt-tiny", "model.d_model=512", "model.n_heads=8", "model.n_layers=4", "model.vocab_size=8192",
          "model.seq_len=64", "train.precision=fp32", "launcher.nproc=2", "launcher.omp_num_threads=1",
          "train.micro_batch_size=1", "train.warmup_steps=2", "train.steps=1"]
-LAYOUTS = {
-    "ddp": ["backend=ddp"],
-    "fsdp full_shard": ["backend=fsdp"],
-    "fsdp shard_grad_op": ["backend=fsdp", "backend.sharding=shard_grad_op"],
-    "fsdp tp 2": ["backend=fsdp", "parallel.tp=2"],
-    "deepspeed zero 1": ["backend=deepspeed", "parallel.zero_stage=1"],
-    "deepspeed zero 2": ["backend=deepspeed", "parallel.zero_stage=2"],
-    "deepspeed zero 3": ["backend=deepspeed", "parallel.zero_stage=3"],
+LAYOUTS = {  # name: (overrides, data-parallel ranks of the 2)
+    "ddp": (["backend=ddp"], 2),
+    "fsdp full_shard": (["backend=fsdp"], 2),
+    "fsdp shard_grad_op": (["backend=fsdp", "backend.sharding=shard_grad_op"], 2),
+    "fsdp tp 2": (["backend=fsdp", "parallel.tp=2"], 1),
+    "deepspeed zero 1": (["backend=deepspeed", "parallel.zero_stage=1"], 2),
+    "deepspeed zero 2": (["backend=deepspeed", "parallel.zero_stage=2"], 2),
+    "deepspeed zero 3": (["backend=deepspeed", "parallel.zero_stage=3"], 2),
 }
 TARGET = 0.15
 NOTE = ("the measured peak starts from the tensors Python can reach when the step begins (harness/run/metrics.py "
@@ -55,10 +55,9 @@ def main() -> None:
     os.environ["HARNESS_CONFIG_DIR"] = tempfile.mkdtemp(prefix="harness-memory-cpu-")
     os.environ["HARNESS_AUTO_CALIBRATE"] = "0"
     rows = []
-    for name, layout in LAYOUTS.items():
+    for name, (layout, dp) in LAYOUTS.items():
         if args.only and name not in args.only:
             continue
-        dp = 1 if "parallel.tp=2" in layout else 2
         for micro_batches in (1, 2):
             batch = f"train.global_batch_size={dp * micro_batches}"
             with tempfile.TemporaryDirectory() as tmp:

@@ -123,18 +123,17 @@ def buffer_bytes(job: Job) -> float:
     gathered = 0.0
     shards = job.shards
     if shards.weights > 1:
-        compute_bytes = job.act_bytes
         if job.spec.shardings and job.sharding == "shard_grad_op":
-            gathered = split.total / layout.tp * compute_bytes
+            gathered = split.total / layout.tp * E
         else:  # two blocks (the current one and the prefetched one) and the root module
-            gathered = (2 * block + split.embedding + split.head) * compute_bytes
+            gathered = (2 * block + split.embedding + split.head) * E
         gathered += block * 4
     elif job.offload:
-        gathered = (2 * block + split.embedding + split.head) * job.act_bytes + block * 4
+        gathered = (2 * block + split.embedding + split.head) * E + block * 4
     buckets = 0.0
     if job.spec.gradient_buckets and job.grad_ranks > 1:
         buckets = job.params_per_rank * job.state_bytes.grads
-    if job.spec.deepspeed_engine and job.layout.zero_stage in (1, 2) and job.ds_reduce_bucket:
+    if job.spec.deepspeed_engine and layout.zero_stage in (1, 2) and job.ds_reduce_bucket:
         # ZeRO-1/2 copy gradients into a contiguous bucket of reduce_bucket_size elements in the model's dtype,
         # allocated whole however small the model, a second one with overlap_comm (DeepSpeedZeroOptimizer.
         # setup_buckets): 1 GB in 16 bits at DeepSpeed's default, 2 GB in fp32
