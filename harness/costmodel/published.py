@@ -1,7 +1,10 @@
 """Score the cost model on published runs (published_runs.yaml): predicted next to published, error per row,
 mean and max |error| per table, and the software profile and in-sample constants each table was scored with.
 
-`benchmarks/costmodel_published.py` writes the result as JSON; the tests hold the tables to their bounds.
+`benchmarks/costmodel_published.py` writes the result as JSON; the tests hold the tables to their bounds. It also
+writes each table's summary (`summarize`) beside this module, `published_scores.json`, which `harness estimate` and
+`plan` read (costmodel/track_record.py) to say how the model scored on the system a user asks about; a test keeps
+it equal to what `score_all` computes.
 """
 
 from __future__ import annotations
@@ -16,6 +19,12 @@ from harness.costmodel.estimate import estimate
 from harness.costmodel.memory import GB
 
 RUNS = Path(__file__).with_name("published_runs.yaml")
+SCORES = Path(__file__).with_name("published_scores.json")
+
+SPEED_METRICS = {"tokens_per_s": "step time", "tflops_narayanan": "step time", "peak_fraction_narayanan": "step time",
+                 "step_time_s": "step time", "busbw_gb_per_s": "collective", "model_states_gb": "memory",
+                 "peak_allocated_gib": "memory"}
+"""What each metric scores: the step's speed, a collective's bandwidth, or the memory per device."""
 
 
 def narayanan_flops(m: Any, global_batch_size: int) -> float:
@@ -96,10 +105,32 @@ def score_table(table: dict[str, Any]) -> dict[str, Any]:
 
 def _summary(table: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
     errors = [abs(r["error"]) for r in rows]
-    return {"id": table["id"], "source": table["source"], "software": table["software"], "system": table["system"],
-            "metric": table["metric"], "assumed": table.get("assumed"), "in_sample": table.get("in_sample", []),
+    return {"id": table["id"], "label": table["label"], "source": table["source"], "software": table["software"],
+            "system": table["system"], "metric": table["metric"], "assumed": table.get("assumed"),
+            "in_sample": table.get("in_sample", []),
             "rows": rows, "mean_abs_error": sum(errors) / len(errors), "max_abs_error": max(errors)}
 
 
 def score_all(path: Path = RUNS) -> list[dict[str, Any]]:
     return [score_table(t) for t in yaml.safe_load(path.read_text())["tables"]]
+
+
+def signed_error(metric: str, error: float) -> float:
+    """A row's error as the user reads it: predicted over published speed (or bandwidth, or memory) minus one, so
+    positive is predicted faster (or larger). A step-time row's error is turned around (half the time: +100%)."""
+    return 1 / (1 + error) - 1 if metric == "step_time_s" else error
+
+
+def summarize(scored: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each scored table in a line a prediction can quote: its label, system and accelerator, software, what it
+    scores, its rows, the range of signed errors and the mean |error| (4 decimals: the file is compared exactly)."""
+    out = []
+    for t in scored:
+        errors = [signed_error(t["metric"], r["error"]) for r in t["rows"]]
+        system = compose([f"system={t['system']}"]).system
+        out.append({"id": t["id"], "label": t["label"], "system": t["system"],
+                    "accelerator": system.accelerator, "software": t["software"],
+                    "scores": SPEED_METRICS[t["metric"]], "rows": len(errors),
+                    "low": round(min(errors), 4), "high": round(max(errors), 4),
+                    "mean_abs_error": round(t["mean_abs_error"], 4)})
+    return out

@@ -81,9 +81,28 @@ def print_estimate(cfg: Any, layout: Layout, est: dict[str, Any]) -> None:
         rows.append(("train 20 tokens/param", f"{projection['train_days']:.4g} days",
                      f"{projection['train_flops']:.3g} FLOPs, energy {_num(projection['train_energy_j'], '.3g')} J"))
     rows += checkpoint_rows(est["checkpoint"])
+    rows += track_record_rows(est["track_record"], est["system"])
     for row in rows:
         table.add_row(*row)
     Console().print(table)
+
+
+TRACK_KIND = {"step time": "speed", "memory": "memory", "collective": "bus bandwidth"}
+
+
+def track_record_rows(record: list[dict[str, Any]], system: str) -> list[tuple[str, str, str]]:
+    """How the model scored on published runs of this system or accelerator (costmodel/track_record.py): the range of
+    predicted-over-published errors per table, + where the prediction was faster (or larger) than measured."""
+    if not record:
+        return [("track record", "none", f"no published run on system={system} or its accelerator is scored "
+                 "(harness/costmodel/published_runs.yaml): this prediction is unchecked there")]
+    rows = []
+    for t in record:
+        low, high = (f"{v:+.0%}" if round(v, 2) else "0%" for v in (t["low"], t["high"]))
+        rows.append((f"track record: {TRACK_KIND[t['scores']]}", low if low == high else f"{low} to {high}",
+                     f"predicted vs published: {t['label']} ({t['rows']} run{'s' * (t['rows'] != 1)}, "
+                     f"{t['software']}; same {t['match']})"))
+    return rows
 
 
 def checkpoint_rows(ckpt: dict[str, Any]) -> list[tuple[str, str, str]]:

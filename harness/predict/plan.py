@@ -49,8 +49,10 @@ from harness.costmodel.comm import collectives
 from harness.costmodel.estimate import estimate, system_peak
 from harness.costmodel.layout import Job, job_from_config
 from harness.costmodel.memory import GB, memory_per_device, model_state_bytes
+from harness.costmodel.software import software_for
 from harness.costmodel.timing import hardware, micro_batch_compute_s, step_time
-from harness.predict.estimate import planned_world_size
+from harness.costmodel.track_record import track_record
+from harness.predict.estimate import planned_world_size, track_record_rows
 
 VPP_CHOICES = (1, 2, 3, 4, 6, 8)
 BATCH_TOKENS = 4 * 2**20
@@ -416,7 +418,8 @@ def plan_command(args: list[str]) -> int:
                                         *(o for o in r["run_overrides"].split() if not o.startswith("system="))])
     summary = {"budget_devices": budget, "layouts_fitting": found.counts["fit"], "search_seconds": found.seconds,
                "counts": dict(found.counts), "global_batch": batch_note,
-               "context_parallel": cp_explanation(cfg, found.rows, best)}
+               "context_parallel": cp_explanation(cfg, found.rows, best),
+               "track_record": track_record(cfg.system, software_for(cfg).name)}
     if "--json" in flags:
         print(json.dumps({"search": summary, "best": best, "pareto": front}, indent=2, default=str))
     elif "--csv" in flags:
@@ -539,6 +542,9 @@ def _print(best: list[dict[str, Any]], front: list[dict[str, Any]], cfg: Any, bu
     for key in ("global_batch", "context_parallel"):
         if summary.get(key):
             print(summary[key])
+    print("The cost model against published runs here (+: predicted faster or larger than measured):")
+    for quantity, spread, note in track_record_rows(summary["track_record"], cfg.system.name):
+        print(f"  {quantity}: {spread}, {note}")
     counts = summary["counts"]
     print(f"searched {counts.get('structures', 0):,} layouts × micro-batch × recompute in "
           f"{summary['search_seconds']:.2f} s: {summary['layouts_fitting']:,} fit; "
