@@ -102,7 +102,8 @@ def test_the_stored_track_record_is_todays(published: dict) -> None:  # type: ig
     """published_scores.json, which every prediction quotes, says what score_all computes today (rerun
     benchmarks/costmodel_published.py after a change to the model), and each row's sign reads the same way: a
     step-time table's error is turned around, so + is always predicted faster."""
-    from harness.costmodel.published import SCORES, signed_error, summarize
+    from harness.costmodel.published import signed_error, summarize
+    from harness.costmodel.track_record import SCORES
 
     assert json.loads(SCORES.read_text())["tables"] == summarize(list(published.values()))
     assert signed_error("step_time_s", -0.5) == pytest.approx(1.0) and signed_error("tokens_per_s", 0.25) == 0.25

@@ -19,9 +19,8 @@ from harness.costmodel.estimate import estimate
 from harness.costmodel.memory import GB
 
 RUNS = Path(__file__).with_name("published_runs.yaml")
-SCORES = Path(__file__).with_name("published_scores.json")
 
-SPEED_METRICS = {"tokens_per_s": "step time", "tflops_narayanan": "step time", "peak_fraction_narayanan": "step time",
+METRIC_SCORES = {"tokens_per_s": "step time", "tflops_narayanan": "step time", "peak_fraction_narayanan": "step time",
                  "step_time_s": "step time", "busbw_gb_per_s": "collective", "model_states_gb": "memory",
                  "peak_allocated_gib": "memory"}
 """What each metric scores: the step's speed, a collective's bandwidth, or the memory per device."""
@@ -130,7 +129,7 @@ def summarize(scored: list[dict[str, Any]]) -> list[dict[str, Any]]:
         system = compose([f"system={t['system']}"]).system
         out.append({"id": t["id"], "label": t["label"], "system": t["system"],
                     "accelerator": system.accelerator, "software": t["software"],
-                    "scores": SPEED_METRICS[t["metric"]], "rows": len(errors),
+                    "scores": METRIC_SCORES[t["metric"]], "rows": len(errors),
                     "low": round(min(errors), 4), "high": round(max(errors), 4),
                     "mean_abs_error": round(t["mean_abs_error"], 4)})
     return out

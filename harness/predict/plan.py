@@ -542,7 +542,7 @@ def _print(best: list[dict[str, Any]], front: list[dict[str, Any]], cfg: Any, bu
     for key in ("global_batch", "context_parallel"):
         if summary.get(key):
             print(summary[key])
-    print("The cost model against published runs here (+: predicted faster or larger than measured):")
+    print("The cost model against published runs on this system or its accelerator:")
     for quantity, spread, note in track_record_rows(summary["track_record"], cfg.system.name):
         print(f"  {quantity}: {spread}, {note}")
     counts = summary["counts"]
