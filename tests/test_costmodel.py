@@ -129,6 +129,24 @@ def test_a_prediction_quotes_the_track_record_of_its_system_or_accelerator() -> 
     assert track_record(compose(["system=cpu"]).system, "harness-ddp") == []
 
 
+def test_a_calibrated_profile_quotes_no_published_score_and_says_why(capsys: pytest.CaptureFixture[str]) -> None:
+    """Rates measured on the machine replace the shipped ones the tables were scored with, so the tables' errors
+    say nothing of that prediction: no record, and the reason in its place (in --json and in the table)."""
+    from harness.config.compose import compose
+    from harness.costmodel.track_record import track_record
+    from harness.predict.estimate import estimate_command
+
+    calibrated = ["system=frontier", "+system.calibrated_on.device=MI250X", "+system.calibrated_on.world_size=8"]
+    assert track_record(compose(calibrated).system, "megatron-deepspeed") is None
+    job = [*calibrated, "model=gpt-1.3b", "backend=deepspeed3d", "parallel.pp=2", "parallel.world_size=8"]
+    assert estimate_command([*job, "--json"]) == 0
+    est = json.loads(capsys.readouterr().out)
+    assert est["track_record"] is None and "measured on its machine" in est["track_record_reason"]
+    assert estimate_command(job) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "track record │ n/a" in text and "track record: speed" not in text
+
+
 def test_estimate_prints_the_track_record_or_that_there_is_none(capsys: pytest.CaptureFixture[str]) -> None:
     from harness.predict.estimate import estimate_command
 

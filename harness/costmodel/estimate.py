@@ -19,7 +19,7 @@ from harness.costmodel.reach import reach_warnings
 from harness.costmodel.resilience import checkpoint
 from harness.costmodel.software import Software
 from harness.costmodel.timing import StepTime, alcf_fom, hardware, power_w, step_time
-from harness.costmodel.track_record import track_record
+from harness.costmodel.track_record import not_applicable, track_record
 from harness.costmodel.whatif import time_by_resource, what_if
 
 SECONDS_PER_DAY = 86400.0
@@ -60,6 +60,8 @@ def estimate(cfg: Any, layout: Layout, *, software: Optional[Software] = None,
         "bubble_fraction": pipeline_bubble(job.pp_schedule, layout.pp, job.vpp, job.micro_batches),
         "track_record": track_record(system, job.software.name),
     }
+    if out["track_record"] is None:
+        out["track_record_reason"] = not_applicable(system)
     out["fits"] = None if out["device_memory_bytes"] is None else memory["total"] <= out["device_memory_bytes"]
     out["memory_verdict"] = memory_verdict(memory["total"], out["device_memory_bytes"])
     if out["fits"] is None:

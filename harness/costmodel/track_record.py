@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 SCORES = Path(__file__).with_name("published_scores.json")
 
@@ -20,10 +20,24 @@ def _tables() -> tuple[dict[str, Any], ...]:
     return tuple(json.loads(SCORES.read_text())["tables"])
 
 
-def track_record(system: Any, software: str) -> list[dict[str, Any]]:
+def not_applicable(system: Any) -> Optional[str]:
+    """Why no published score speaks for this profile: its rates were measured on the machine (`harness calibrate`,
+    `calibrate --from`), and the tables were scored with the shipped profiles' rates, so their errors do not carry
+    over (how far the calibration reaches is reach.py's warning instead)."""
+    if not getattr(system, "calibrated_on", None):
+        return None
+    how = getattr(system, "calibration", None) or "harness calibrate"
+    return (f"system={system.name} predicts with rates measured on its machine ({how}); the published runs were "
+            "scored with the shipped profiles' rates, so their errors do not carry over")
+
+
+def track_record(system: Any, software: str) -> Optional[list[dict[str, Any]]]:
     """The scored tables that ran on this system profile or on its accelerator, each with `match`: what it shares
     with the prediction ("system and software", "system", "accelerator and software", "accelerator"), systems first.
-    A collective's table speaks for its own system's network only, not for the accelerator elsewhere."""
+    A collective's table speaks for its own system's network only, not for the accelerator elsewhere. None for a
+    calibrated profile (not_applicable says why)."""
+    if not_applicable(system):
+        return None
     accelerator = getattr(system, "accelerator", None)
     out = []
     for table in _tables():

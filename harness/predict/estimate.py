@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import Any, Optional
 
 from harness.config.compose import HelpRequested, compose, split_command_args
 from harness.core.errors import ConfigError
@@ -81,7 +81,7 @@ def print_estimate(cfg: Any, layout: Layout, est: dict[str, Any]) -> None:
         rows.append(("train 20 tokens/param", f"{projection['train_days']:.4g} days",
                      f"{projection['train_flops']:.3g} FLOPs, energy {_num(projection['train_energy_j'], '.3g')} J"))
     rows += checkpoint_rows(est["checkpoint"])
-    rows += track_record_rows(est["track_record"], est["system"])
+    rows += track_record_rows(est["track_record"], est["system"], est.get("track_record_reason"))
     for row in rows:
         table.add_row(*row)
     Console().print(table)
@@ -91,9 +91,12 @@ TRACK_KIND = {"step time": ("speed", "faster"), "memory": ("memory", "more"), "c
 """What a published table scores, as the row names it, and what its + means (predicted ... than published)."""
 
 
-def track_record_rows(record: list[dict[str, Any]], system: str) -> list[tuple[str, str, str]]:
+def track_record_rows(record: Optional[list[dict[str, Any]]], system: str,
+                      reason: Optional[str] = None) -> list[tuple[str, str, str]]:
     """How the model scored on published runs of this system or accelerator (costmodel/track_record.py): the range of
     predicted-over-published errors per table, + where the prediction was faster (or larger) than measured."""
+    if record is None:
+        return [("track record", "n/a", reason or "")]
     if not record:
         return [("track record", "none", f"no published run on system={system} or its accelerator is scored "
                  "(harness/costmodel/published_runs.yaml): this prediction is unchecked there")]

@@ -51,7 +51,7 @@ from harness.costmodel.layout import Job, job_from_config
 from harness.costmodel.memory import GB, memory_per_device, model_state_bytes
 from harness.costmodel.software import software_for
 from harness.costmodel.timing import hardware, micro_batch_compute_s, step_time
-from harness.costmodel.track_record import track_record
+from harness.costmodel.track_record import not_applicable, track_record
 from harness.predict.estimate import planned_world_size, track_record_rows
 
 VPP_CHOICES = (1, 2, 3, 4, 6, 8)
@@ -419,7 +419,8 @@ def plan_command(args: list[str]) -> int:
     summary = {"budget_devices": budget, "layouts_fitting": found.counts["fit"], "search_seconds": found.seconds,
                "counts": dict(found.counts), "global_batch": batch_note,
                "context_parallel": cp_explanation(cfg, found.rows, best),
-               "track_record": track_record(cfg.system, software_for(cfg).name)}
+               "track_record": track_record(cfg.system, software_for(cfg).name),
+               "track_record_reason": not_applicable(cfg.system)}
     if "--json" in flags:
         print(json.dumps({"search": summary, "best": best, "pareto": front}, indent=2, default=str))
     elif "--csv" in flags:
@@ -543,7 +544,8 @@ def _print(best: list[dict[str, Any]], front: list[dict[str, Any]], cfg: Any, bu
         if summary.get(key):
             print(summary[key])
     print("The cost model against published runs on this system or its accelerator:")
-    for quantity, spread, note in track_record_rows(summary["track_record"], cfg.system.name):
+    for quantity, spread, note in track_record_rows(summary["track_record"], cfg.system.name,
+                                                    summary["track_record_reason"]):
         print(f"  {quantity}: {spread}, {note}")
     counts = summary["counts"]
     print(f"searched {counts.get('structures', 0):,} layouts × micro-batch × recompute in "
