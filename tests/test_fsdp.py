@@ -102,7 +102,6 @@ def test_tp_splits_an_output_layer_with_its_own_weight_and_takes_a_vocab_paralle
     assert tp.summary["metrics"]["params_on_rank0"] == pytest.approx(job.params_per_rank, rel=1e-3)
 
 
-
 @pytest.mark.multirank
 def test_tp_x_fsdp_layout_recorded(fsdp_runs: dict[str, Run]) -> None:
     summary = fsdp_runs["tp-2-x-fsdp-2-full-prefetch"].summary
