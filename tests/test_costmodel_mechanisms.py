@@ -254,6 +254,38 @@ def test_a_loss_on_the_16_bit_logits_keeps_no_fp32_copy_and_streams_fewer_bytes(
     assert loss_bytes(native) == pytest.approx(logits * 4 * 2) and loss_bytes(upcast) == pytest.approx(logits * 28)
 
 
+def test_megatrons_vocab_parallel_loss_makes_a_pass_per_operation_over_fp32_logits() -> None:
+    """Megatron's vocab_parallel_cross_entropy (and nanotron's copy of it) runs max, subtract, exp, sum and divide
+    as separate eager passes over the fp32 logits, and multiplies the gradient in place: 48 + 2E bytes per logit,
+    where PyTorch's cross entropy streams 24 + 2E, at TP 1 as well."""
+    megatron, _ = job_and_hw([*LLAMA, "backend=deepspeed3d", "costmodel.software=megatron-lm"])
+    torch_loss = dataclasses.replace(megatron, software=dataclasses.replace(megatron.software,
+                                                                             vocab_parallel_loss=False))
+
+    def loss(job: Job) -> kernels.Kernel:
+        return next(k for k in compute_kernels(job)[1] if k.name == "cross entropy")
+
+    logits = megatron.tokens * megatron.model.vocab_size
+    assert megatron.layout.tp == 1 and loss(megatron).bytes == pytest.approx(logits * 52)
+    assert loss(torch_loss).bytes == pytest.approx(logits * 28) and loss(megatron).count > loss(torch_loss).count
+
+
+def test_nanotron_reduces_its_fp32_accumulation_buffers_across_data_parallel_ranks() -> None:
+    """nanotron's DDP hook all-reduces (ZeRO-1: reduce-scatters) the fp32 buffers it accumulates gradients in, so its
+    data-parallel reduction moves twice the bytes of one in the bf16 gradients' dtype; its parameter gather does
+    not change."""
+    from harness.costmodel.comm import dp_collectives
+
+    for stage in (0, 1):
+        common = [*LLAMA, "backend=deepspeed3d", f"parallel.zero_stage={stage}"]
+        nanotron, _ = job_and_hw([*common, "costmodel.software=nanotron"], 8)
+        bf16 = dataclasses.replace(nanotron, software=dataclasses.replace(nanotron.software, grad_reduce_bytes=None))
+        mine, theirs = dp_collectives(nanotron), dp_collectives(bf16)
+        assert [c.kind for c in mine] == [c.kind for c in theirs]
+        assert mine[0].payload_bytes == pytest.approx(2 * theirs[0].payload_bytes)
+        assert [c.payload_bytes for c in mine[1:]] == [c.payload_bytes for c in theirs[1:]]
+
+
 def test_fsdp_holds_unsharded_fp32_gradients_only_while_accumulating() -> None:
     """Accumulating micro-batches, FSDP2 keeps every gradient whole in fp32 (4 bytes per parameter, whatever the
     group: KempnerForge's bf16 states too); one micro-batch leaves the sharded gradients of the model states."""

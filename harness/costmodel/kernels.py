@@ -45,6 +45,11 @@ LOSS_BYTES_EAGER = 24.0
 its gradient (8), cast back (4 + E): 24 + 2E bytes; on the 16-bit logits themselves (Software.
 loss_in_compute_dtype) the log-softmax and its gradient only, 4E; a fused cross entropy reads the logits and
 writes their gradient once (2E)."""
+LOSS_BYTES_VOCAB_PARALLEL = 48.0
+"""The same for Megatron's vocab_parallel_cross_entropy (megatron/core/tensor_parallel/cross_entropy.py; nanotron's
+sharded_cross_entropy is a copy), one eager pass per operation over the fp32 logits: cast (E + 4), max (4), subtract
+the max (8), exp in place (8), sum (4), divide in place (8) forward; multiply by the incoming gradient (8) and cast
+back (4 + E) backward: 48 + 2E bytes, also at TP 1, where it runs over the whole vocabulary."""
 OPTIMIZER_BYTES = {"fused": 28.0, "foreach": 64.0, "loop": 64.0}
 """AdamW per parameter on its rank: fused reads the fp32 weight, gradient and both moments and writes the
 weight and moments once (7 × 4 bytes); torch's foreach and loop implementations run a kernel per operation
@@ -252,8 +257,10 @@ def head_kernels(job: Job) -> list[Kernel]:
     if not (sw.compiled and sw.compile_whole_model):
         out.append(norm_kernel("norm_f", tokens * m.d_model, job))
     fused = sw.fused_cross_entropy
-    per_element = 2 * E if fused else 4 * E if sw.loss_in_compute_dtype else LOSS_BYTES_EAGER + 2 * E
-    out.append(Kernel("cross entropy", "memory", bytes=tokens * loss * per_element, count=2 if fused else 6))
+    eager = LOSS_BYTES_VOCAB_PARALLEL if sw.vocab_parallel_loss else LOSS_BYTES_EAGER
+    per_element = 2 * E if fused else 4 * E if sw.loss_in_compute_dtype else eager + 2 * E
+    passes = 2 if fused else 8 if sw.vocab_parallel_loss else 6
+    out.append(Kernel("cross entropy", "memory", bytes=tokens * loss * per_element, count=passes))
     out.append(Kernel("embedding", "memory", bytes=tokens * m.d_model * E * 3, count=2))
     return out
 

@@ -101,6 +101,9 @@ class Software:
     main_grad_bytes: Optional[int] = None
     """Gradients are accumulated into a separate buffer of this many bytes per parameter (Megatron's fp32
     `main_grad`, DeepSpeed's BF16 optimizer), every micro-batch; None: into `.grad` itself, after the first."""
+    grad_reduce_bytes: Optional[int] = None
+    """Data-parallel gradients are reduced from a buffer of this many bytes per parameter (nanotron all-reduces or
+    reduce-scatters its fp32 accumulation buffers); None: in the model state's gradient dtype."""
     p2p_overlap: bool = False
     """Pipeline sends overlap the next micro-batch's compute, so only the fill and drain transfers are on the
     critical path (Megatron-LM's interleaved schedule, `overlap_p2p_comm`)."""
@@ -117,6 +120,9 @@ class Software:
     fused_cross_entropy: bool = False
     """The loss reads the logits and writes their gradient once (a fused or chunked cross entropy); otherwise
     PyTorch's eager cross entropy on fp32 logits (kernels.LOSS_BYTES_EAGER)."""
+    vocab_parallel_loss: bool = False
+    """The loss is Megatron's vocab_parallel_cross_entropy, an eager pass per operation over fp32 logits (kernels.
+    LOSS_BYTES_VOCAB_PARALLEL), at any TP degree; otherwise PyTorch's cross entropy (kernels.LOSS_BYTES_EAGER)."""
     loss_in_compute_dtype: bool = False
     """The eager cross entropy runs on the 16-bit logits as the output layer returns them, with no fp32 copy: its
     log-softmax is 16-bit too (kernels.LOSS_BYTES_EAGER, memory.buffer_bytes). Otherwise it upcasts them first, as
@@ -167,7 +173,7 @@ class Software:
 
 _PYTORCH = dict(fused_attention=True, dropout=False, recompute_early_stop=True)
 _MEGATRON_KERNELS = dict(fused_bias_dropout_add=True, fused_activation=True, fused_rope=True, fused_softmax=True,
-                         optimizer="fused")
+                         optimizer="fused", vocab_parallel_loss=True)
 PROFILES: dict[str, Software] = {s.name: s for s in (
     Software(name="harness-ddp", **_PYTORCH, grad_reduce_overlap=True, autocast_casts=True, run_flags=True,
              source="models/gpt.py (SDPA, no dropout); PyTorch DDP's reducer all-reduces gradient buckets as "
@@ -210,6 +216,20 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
                     "default on), reduces gradients after the last micro-batch and sends blocking; gradients "
                     "accumulate into fp32 buffers by hooks (deepspeed/runtime/bf16_optimizer.py; the Frontier port "
                     "turned gradient_accumulation_fusion off)"),
+    Software(name="nanotron", **_PYTORCH, grad_reduce_overlap=True, main_grad_bytes=4, grad_reduce_bytes=4,
+             fused_rope=True, optimizer="fused", vocab_parallel_loss=True,
+             source="nanotron as its scaling benchmark ran it (github.com/huggingface/nanotron: "
+                    "scripts/scaling_benchmarks.py at e24d248 and src/nanotron at that commit): "
+                    "FlashAttention-2's flash_attn_varlen_func, flash-attn's fused rotary embedding, TritonRMSNorm, "
+                    "the residual add and SiLU-times-up (GLUActivation) as eager kernels, fused q/k/v and gate/up "
+                    "projections, vocabulary-parallel embedding, output layer and sharded_cross_entropy in fp32 "
+                    "(models/llama.py); bf16 weights with fp32 master weights, gradients accumulated into fp32 "
+                    "buffers that DDP's comm hook all-reduces (ZeRO-1: reduce-scatters) bucket by bucket in the last "
+                    "micro-batch's backward (optim/gradient_accumulator.py get_fp32_accum_hook, no_sync before it "
+                    "in parallel/pipeline_parallel/engine.py); torch's fused AdamW (torch_adam_is_fused). Its "
+                    "tp_linear_async_communication overlaps a column-parallel layer's input all-gather with the GEMM "
+                    "of the local sequence chunk only (parallel/tensor_parallel/functional.py): not modelled, so TP "
+                    "traffic counts as exposed"),
     Software(name="kempnerforge", **_PYTORCH, grad_reduce_overlap=True, run_flags=True, compile_whole_model=True,
              tp_vocab="gathered", tp_gather_per_projection=True, rmsnorm_composite=True, states_in_compute_dtype=True,
              loss_in_compute_dtype=True,
