@@ -63,7 +63,7 @@ def test_zero_paper_example(stage: int, expected_gb: float) -> None:
 # LUMI's MI250X runs (the same node) miss it by the same ratio.
 PUBLISHED_BOUNDS = {"narayanan2021-table1": 0.15, "narayanan2021-table2": 0.10, "bloom-176b": 0.10,
                     "dash2023-frontier": 0.77, "lumi-megatron-deepspeed": 0.63, "zero2020-memory": 0.02,
-                    "kempnerforge-h200-fsdp2": 0.41, "kempnerforge-h200-memory": 0.11, "ultrascale-playbook-h100": 0.39,
+                    "kempnerforge-h200-fsdp2": 0.41, "kempnerforge-h200-memory": 0.11, "ultrascale-playbook-h100": 0.42,
                     "nccl-tests-busbw": 0.31, "nccl-tests-busbw-h200": 0.15, "nccl-tests-busbw-polaris": 0.36}
 
 
