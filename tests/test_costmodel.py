@@ -57,12 +57,12 @@ def test_zero_paper_example(stage: int, expected_gb: float) -> None:
 
 
 # Today's max |error| per published table (harness/costmodel/published_runs.yaml), held so that a change that
-# makes any table worse fails; they are not the goal (mean <= 8%, max <= 15% on every table), which the ZeRO example
-# and the H200 nccl-tests table meet. Frontier's grew in the third pass: RCCL's rings over the xGMI links carry the
-# TP traffic 2-4x faster than the one-link figure did, which had hidden part of the compute the model still misses;
-# LUMI's MI250X runs (the same node) miss it by the same ratio.
-PUBLISHED_BOUNDS = {"narayanan2021-table1": 0.15, "narayanan2021-table2": 0.10, "bloom-176b": 0.10,
-                    "dash2023-frontier": 0.77, "lumi-megatron-deepspeed": 0.63, "zero2020-memory": 0.02,
+# makes any table worse fails; they are not the goal (mean <= 8%, max <= 15% on every table), which Narayanan's Table
+# 1, BLOOM, the ZeRO example, KempnerForge's memory and the H200 nccl-tests table meet. Frontier's grew in the third
+# pass: RCCL's rings over the xGMI links carry the TP traffic 2-4x faster than the one-link figure did, which had
+# hidden part of the compute the model still misses; LUMI's MI250X runs (the same node) miss it by the same ratio.
+PUBLISHED_BOUNDS = {"narayanan2021-table1": 0.15, "narayanan2021-table2": 0.10, "bloom-176b": 0.08,
+                    "dash2023-frontier": 0.77, "lumi-megatron-deepspeed": 0.62, "zero2020-memory": 0.02,
                     "kempnerforge-h200-fsdp2": 0.41, "kempnerforge-h200-memory": 0.11, "ultrascale-playbook-h100": 0.42,
                     "nccl-tests-busbw": 0.31, "nccl-tests-busbw-h200": 0.15, "nccl-tests-busbw-polaris": 0.36}
 

@@ -267,23 +267,34 @@ def test_megatrons_vocab_parallel_loss_makes_a_pass_per_operation_over_fp32_logi
 
     logits = megatron.tokens * megatron.model.vocab_size
     assert megatron.layout.tp == 1 and loss(megatron).bytes == pytest.approx(logits * 52)
+    for software in ("nanotron", "megatron-deepspeed", "harness-deepspeed3d"):
+        other, _ = job_and_hw([*LLAMA, "backend=deepspeed3d", f"costmodel.software={software}"])
+        assert loss(other).bytes == loss(megatron).bytes
     assert loss(torch_loss).bytes == pytest.approx(logits * 28) and loss(megatron).count > loss(torch_loss).count
 
 
-def test_nanotron_reduces_its_fp32_accumulation_buffers_across_data_parallel_ranks() -> None:
-    """nanotron's DDP hook all-reduces (ZeRO-1: reduce-scatters) the fp32 buffers it accumulates gradients in, so its
-    data-parallel reduction moves twice the bytes of one in the bf16 gradients' dtype; its parameter gather does
-    not change."""
+def test_bf16_runs_of_megatron_deepspeeds_bf16_optimizer_and_nanotron_keep_and_reduce_fp32_gradients() -> None:
+    """Megatron-LM forces fp32 gradient accumulation and all-reduce for bf16, DeepSpeed's BF16_Optimizer and nanotron
+    reduce their fp32 accumulation buffers: in bf16 the gradients take 4 bytes per parameter in memory and twice the
+    data-parallel bytes of a bf16 reduction; the parameter gather does not change, and fp16 runs keep 16-bit
+    gradients."""
     from harness.costmodel.comm import dp_collectives
+    from harness.costmodel.memory import model_state_bytes
 
-    for stage in (0, 1):
-        common = [*LLAMA, "backend=deepspeed3d", f"parallel.zero_stage={stage}"]
-        nanotron, _ = job_and_hw([*common, "costmodel.software=nanotron"], 8)
-        bf16 = dataclasses.replace(nanotron, software=dataclasses.replace(nanotron.software, grad_reduce_bytes=None))
-        mine, theirs = dp_collectives(nanotron), dp_collectives(bf16)
-        assert [c.kind for c in mine] == [c.kind for c in theirs]
-        assert mine[0].payload_bytes == pytest.approx(2 * theirs[0].payload_bytes)
-        assert [c.payload_bytes for c in mine[1:]] == [c.payload_bytes for c in theirs[1:]]
+    for software in ("megatron-lm", "megatron-deepspeed", "nanotron"):
+        for stage in (0, 1):
+            common = [*LLAMA, "backend=deepspeed3d", f"parallel.zero_stage={stage}", f"costmodel.software={software}"]
+            fp32, _ = job_and_hw(common, 8)
+            bf16 = dataclasses.replace(fp32, software=dataclasses.replace(fp32.software, fp32_grads_in_bf16=False))
+            mine, theirs = dp_collectives(fp32), dp_collectives(bf16)
+            assert [c.kind for c in mine] == [c.kind for c in theirs]
+            assert mine[0].payload_bytes == pytest.approx(2 * theirs[0].payload_bytes)
+            assert [c.payload_bytes for c in mine[1:]] == [c.payload_bytes for c in theirs[1:]]
+            params = fp32.params_per_rank
+            grads = model_state_bytes(params, fp32)["grads"]
+            assert grads == pytest.approx(2 * model_state_bytes(params, bf16)["grads"])
+        fp16, _ = job_and_hw([*LLAMA, "backend=deepspeed3d", "train.precision=fp16", f"costmodel.software={software}"])
+        assert fp16.state_bytes.grads == 2
 
 
 def test_fsdp_holds_unsharded_fp32_gradients_only_while_accumulating() -> None:

@@ -92,13 +92,12 @@ def dp_collectives(job: Job) -> list[Collective]:
         return [c("reduce_scatter", params * per.grads, 1)] if zero1 else []
     if job.spec.shardings:
         return _fsdp_collectives(job, params, c)
-    grads = job.software.grad_reduce_bytes or per.grads
     if stage == 0:
-        return [c("all_reduce", params * grads, 1)]
+        return [c("all_reduce", params * per.grads, 1)]
     if stage == 1:
-        return [c("reduce_scatter", params * grads, 1), c("all_gather", params * per.weights, 1)]
+        return [c("reduce_scatter", params * per.grads, 1), c("all_gather", params * per.weights, 1)]
     if stage == 2:  # DeepSpeed reduces partitioned gradients in every micro-batch's backward
-        return [c("reduce_scatter", params * grads, m), c("all_gather", params * per.weights, 1)]
+        return [c("reduce_scatter", params * per.grads, m), c("all_gather", params * per.weights, 1)]
     per_micro_batch, per_step = zero3_gathered_numel(job)
     gathers = [c("all_gather", per_micro_batch * per.weights, m)]
     if per_step:

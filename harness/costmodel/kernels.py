@@ -40,6 +40,8 @@ the incoming gradient: twice the forward's."""
 SOFTMAX_PASSES_EAGER = 24.0
 """PyTorch's math attention per score element, in bytes: cast to fp32 (E + 4), mask (8), softmax (8), cast back
 (4 + E) forward, as many backward: counted as 24 + 2E per direction (E added where used)."""
+LOSS_PASSES = {"fused": 2, "eager": 6, "vocab_parallel": 8}
+"""Kernels each loss launches over the logits (forward and backward), counted as the bytes below are."""
 LOSS_BYTES_EAGER = 24.0
 """The loss over the logits per element, PyTorch's cross entropy on fp32 logits: cast (E + 4), log-softmax (8),
 its gradient (8), cast back (4 + E): 24 + 2E bytes; on the 16-bit logits themselves (Software.
@@ -259,8 +261,8 @@ def head_kernels(job: Job) -> list[Kernel]:
     fused = sw.fused_cross_entropy
     eager = LOSS_BYTES_VOCAB_PARALLEL if sw.vocab_parallel_loss else LOSS_BYTES_EAGER
     per_element = 2 * E if fused else 4 * E if sw.loss_in_compute_dtype else eager + 2 * E
-    passes = 2 if fused else 8 if sw.vocab_parallel_loss else 6
-    out.append(Kernel("cross entropy", "memory", bytes=tokens * loss * per_element, count=passes))
+    kind = "fused" if fused else "vocab_parallel" if sw.vocab_parallel_loss else "eager"
+    out.append(Kernel("cross entropy", "memory", bytes=tokens * loss * per_element, count=LOSS_PASSES[kind]))
     out.append(Kernel("embedding", "memory", bytes=tokens * m.d_model * E * 3, count=2))
     return out
 

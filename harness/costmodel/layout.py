@@ -144,7 +144,10 @@ class Job:
         if self.software.states_in_compute_dtype and self.precision in ("bf16", "fp16"):
             E = ACT_BYTES[self.precision]  # weights, gradients and Adam's two moments, all 16-bit
             return StateBytes(weights=E, grads=E, optimizer=2 * E)
-        return state_bytes_per_param(self.backend, self.precision)
+        states = state_bytes_per_param(self.backend, self.precision)
+        if self.software.fp32_grads_in_bf16 and self.precision == "bf16":
+            return dataclasses.replace(states, grads=4)
+        return states
 
     @functools.cached_property
     def shards(self) -> Shards:

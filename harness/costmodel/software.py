@@ -101,9 +101,12 @@ class Software:
     main_grad_bytes: Optional[int] = None
     """Gradients are accumulated into a separate buffer of this many bytes per parameter (Megatron's fp32
     `main_grad`, DeepSpeed's BF16 optimizer), every micro-batch; None: into `.grad` itself, after the first."""
-    grad_reduce_bytes: Optional[int] = None
-    """Data-parallel gradients are reduced from a buffer of this many bytes per parameter (nanotron all-reduces or
-    reduce-scatters its fp32 accumulation buffers); None: in the model state's gradient dtype."""
+    fp32_grads_in_bf16: bool = False
+    """In bf16 runs the gradients are kept and reduced in fp32 (4 bytes per parameter, in memory and on the wire):
+    Megatron-LM forces accumulate_allreduce_grads_in_fp32 for bf16 (megatron/training/arguments.py, "bfloat16
+    requires gradient accumulation and all-reduce to be done in fp32"), DeepSpeed's BF16_Optimizer reduces its fp32
+    accumulation buffers (deepspeed/runtime/bf16_optimizer.py get_grads_for_reduction), nanotron its
+    accumulate_grad_in_fp32 buffers (optim/gradient_accumulator.py get_fp32_accum_hook)."""
     p2p_overlap: bool = False
     """Pipeline sends overlap the next micro-batch's compute, so only the fill and drain transfers are on the
     critical path (Megatron-LM's interleaved schedule, `overlap_p2p_comm`)."""
@@ -118,8 +121,8 @@ class Software:
     """RMSNorm is written as PyTorch operations in fp32, each its own kernel in eager mode (kernels.
     RMSNORM_COMPOSITE_BYTES); otherwise one kernel (nn.RMSNorm's fused CUDA kernel, apex, Transformer Engine)."""
     fused_cross_entropy: bool = False
-    """The loss reads the logits and writes their gradient once (a fused or chunked cross entropy); otherwise
-    PyTorch's eager cross entropy on fp32 logits (kernels.LOSS_BYTES_EAGER)."""
+    """The loss reads the logits and writes their gradient once (a fused or chunked cross entropy); otherwise an
+    eager one (`vocab_parallel_loss` says which)."""
     vocab_parallel_loss: bool = False
     """The loss is Megatron's vocab_parallel_cross_entropy, an eager pass per operation over fp32 logits (kernels.
     LOSS_BYTES_VOCAB_PARALLEL), at any TP degree; otherwise PyTorch's cross entropy (kernels.LOSS_BYTES_EAGER)."""
@@ -166,6 +169,8 @@ class Software:
         for mode in (self.tp_vocab, self.tp_vocab_untied or self.tp_vocab):
             if mode not in TP_VOCAB:
                 raise ValueError(f"tp_vocab={mode}: one of {', '.join(TP_VOCAB)}")
+        if self.vocab_parallel_loss and self.loss_in_compute_dtype:
+            raise ValueError("vocab_parallel_loss with loss_in_compute_dtype: Megatron's 16-bit loss is not modelled")
 
     def describe(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -189,16 +194,18 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
              source="DeepSpeed ZeRO reduces gradients in hooks during the backward only with "
                     "zero_optimization.overlap_comm (deepspeed/runtime/zero/config.py: default on for stage 3)"),
     Software(name="harness-deepspeed3d", **_PYTORCH, grad_reduce_overlap=False, optimizer="fused", run_flags=True,
+             vocab_parallel_loss=True,
              source="DeepSpeed's pipeline engine reduces gradients and tied weights after the last micro-batch "
-                    "(deepspeed/runtime/pipe/engine.py _exec_reduce_grads, _exec_reduce_tied_grads)"),
-    Software(name="megatron-lm-2021", **_MEGATRON_KERNELS, fused_attention=False, dropout=True,
-             pp_scatter_gather=True,
+                    "(deepspeed/runtime/pipe/engine.py _exec_reduce_grads, _exec_reduce_tied_grads); the loss is "
+                    "megatron-core's vocab_parallel_cross_entropy on fp32 logits (harness/backends/deepspeed3d.py)"),
+    Software(name="megatron-lm-2021", **_MEGATRON_KERNELS, fp32_grads_in_bf16=True, fused_attention=False,
+             dropout=True, pp_scatter_gather=True,
              recompute_early_stop=False, grad_reduce_overlap=False, main_grad_bytes=4,
              source="Megatron-LM as measured in Narayanan et al. 2021: unfused attention storing scores, softmax "
                     "and dropout masks (Korthikanti et al. 2022, 4.1); scatter/gather of pipeline sends (sec. 4.1); "
                     "gradients all-reduced after the pipeline flush; blocking point-to-point sends; fp32 main_grad "
                     "accumulation by a separate add (gradient_accumulation_fusion came later)"),
-    Software(name="megatron-lm", **_MEGATRON_KERNELS, pp_sends_sequence_split=True,
+    Software(name="megatron-lm", **_MEGATRON_KERNELS, fp32_grads_in_bf16=True, pp_sends_sequence_split=True,
              fused_attention=True, dropout=True, pp_scatter_gather=True,
              recompute_early_stop=False, grad_reduce_overlap=True, param_gather_overlap=True, p2p_overlap=True,
              grad_accumulation_fusion=True,
@@ -208,7 +215,7 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
                     "default), gradient_accumulation_fusion (on by default), flash attention; "
                     "--tp-comm-overlap is opt-in (needs Transformer Engine userbuffers): "
                     "select it with costmodel.tp_comm_overlap=true"),
-    Software(name="megatron-deepspeed", **_MEGATRON_KERNELS, pp_sends_sequence_split=True,
+    Software(name="megatron-deepspeed", **_MEGATRON_KERNELS, fp32_grads_in_bf16=True, pp_sends_sequence_split=True,
              fused_attention=False, dropout=True, pp_scatter_gather=True,
              recompute_early_stop=False, grad_reduce_overlap=False, main_grad_bytes=4,
              source="Megatron-DeepSpeed (BigScience, Frontier ports): Megatron's layers and fused softmax on "
@@ -216,7 +223,7 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
                     "default on), reduces gradients after the last micro-batch and sends blocking; gradients "
                     "accumulate into fp32 buffers by hooks (deepspeed/runtime/bf16_optimizer.py; the Frontier port "
                     "turned gradient_accumulation_fusion off)"),
-    Software(name="nanotron", **_PYTORCH, grad_reduce_overlap=True, main_grad_bytes=4, grad_reduce_bytes=4,
+    Software(name="nanotron", **_PYTORCH, grad_reduce_overlap=True, main_grad_bytes=4, fp32_grads_in_bf16=True,
              fused_rope=True, optimizer="fused", vocab_parallel_loss=True,
              source="nanotron as its scaling benchmark ran it (github.com/huggingface/nanotron: "
                     "scripts/scaling_benchmarks.py at e24d248 and src/nanotron at that commit): "

@@ -204,8 +204,8 @@ def grad_accumulation_s(job: Job, hw: Hardware) -> float:
     grads = job.state_bytes.grads
     partitioned = job.spec.deepspeed_engine and job.layout.zero_stage >= 2
     params = job.params_per_rank / (job.shards.grads if partitioned else 1)
-    if software.main_grad_bytes:
-        return m * params * (2 * software.main_grad_bytes + grads) / hw.memory_bw
+    if software.main_grad_bytes:  # the new gradient comes in the compute dtype
+        return m * params * (2 * software.main_grad_bytes + job.act_bytes) / hw.memory_bw
     reduce = job.unsharded_grad_bytes
     if reduce is not None:
         # the first micro-batch's gradient is cast up to the reduce dtype, each later one added into it (torch
