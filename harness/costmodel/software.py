@@ -236,9 +236,9 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
                     "in parallel/pipeline_parallel/engine.py); torch's fused AdamW (torch_adam_is_fused). Not "
                     "modelled: tp_linear_async_communication overlaps part of the TP traffic with GEMMs (a "
                     "column-parallel layer's input all-gather with its local chunk's GEMM, its input gradient's "
-                    "reduce-scatter with "
-                    "the weight-gradient GEMM) and tp_recompute_allgather gathers that input again in the backward "
-                    "(parallel/tensor_parallel/functional.py): TP traffic counts as exposed, in Megatron's count"),
+                    "reduce-scatter with the weight-gradient GEMM) and tp_recompute_allgather gathers that input "
+                    "again in the backward (parallel/tensor_parallel/functional.py): TP traffic counts as exposed, "
+                    "in Megatron's count"),
     Software(name="kempnerforge", **_PYTORCH, grad_reduce_overlap=True, run_flags=True, compile_whole_model=True,
              tp_vocab="gathered", tp_gather_per_projection=True, rmsnorm_composite=True, states_in_compute_dtype=True,
              loss_in_compute_dtype=True,

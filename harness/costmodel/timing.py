@@ -201,7 +201,6 @@ def grad_accumulation_s(job: Job, hw: Hardware) -> float:
     software, m = job.software, job.micro_batches
     if hw.memory_bw is None or software.grad_accumulation_fusion:
         return 0.0
-    grads = job.state_bytes.grads
     partitioned = job.spec.deepspeed_engine and job.layout.zero_stage >= 2
     params = job.params_per_rank / (job.shards.grads if partitioned else 1)
     if software.main_grad_bytes:  # the new gradient comes in the compute dtype
@@ -213,7 +212,7 @@ def grad_accumulation_s(job: Job, hw: Hardware) -> float:
         E = job.act_bytes
         first = E + reduce if E != reduce else 0.0
         return params * (first + (m - 1) * (2 * reduce + E)) / hw.memory_bw
-    return (m - 1) * params * 3 * grads / hw.memory_bw
+    return (m - 1) * params * 3 * job.state_bytes.grads / hw.memory_bw
 
 
 def collective_s(c: Collective, hw: Hardware) -> Optional[float]:
