@@ -62,7 +62,8 @@ def test_zero_paper_example(stage: int, expected_gb: float) -> None:
 # pass: RCCL's rings over the xGMI links carry the TP traffic 2-4x faster than the one-link figure did, which had
 # hidden part of the compute the model still misses; LUMI's MI250X runs (the same node) miss it by the same ratio.
 PUBLISHED_BOUNDS = {"narayanan2021-table1": 0.15, "narayanan2021-table2": 0.10, "bloom-176b": 0.08,
-                    "dash2023-frontier": 0.77, "lumi-megatron-deepspeed": 0.62, "zero2020-memory": 0.02,
+                    "dash2023-frontier": 0.77, "lumi-megatron-deepspeed": 0.62, "lumi-176b-strong-scaling": 0.12,
+                    "zero2020-memory": 0.02,
                     "kempnerforge-h200-fsdp2": 0.41, "kempnerforge-h200-memory": 0.11, "ultrascale-playbook-h100": 0.42,
                     "nccl-tests-busbw": 0.31, "nccl-tests-busbw-h200": 0.15, "nccl-tests-busbw-polaris": 0.36}
 
@@ -111,6 +112,23 @@ def test_the_stored_track_record_is_todays(published: dict) -> None:  # type: ig
     assert published["bloom-176b"]["rows"][0]["error"] < 0 < bloom["low"]  # predicted too short a step: too fast
 
 
+def test_a_strong_scaling_table_scores_the_change_between_its_runs_not_their_level(published: dict) -> None:  # type: ignore[type-arg]
+    """A table `relative_to` one of its rows divides each other row's predicted and published values by that row's
+    and does not score the row itself: LUMI's 176B series is scored on how much per-GCD speed it loses from 128 to
+    2048 GCDs, while its level (which the model misses, as lumi-megatron-deepspeed shows) stays beside it."""
+    from harness.costmodel.published import relative_rows, scores, summarize
+
+    rows = [{"name": "a", "predicted": 150.0, "published": 100.0}, {"name": "b", "predicted": 120.0, "published": 90.0}]
+    (b,) = relative_rows(rows, "a")
+    assert (b["name"], b["predicted"], b["published"]) == ("b", 0.8, 0.9)
+    assert b["error"] == pytest.approx(0.8 / 0.9 - 1) and b["predicted_level"] == 120.0
+    series = published["lumi-176b-strong-scaling"]
+    assert "176B-128" not in {r["name"] for r in series["rows"]} and len(series["rows"]) == 4
+    for r in series["rows"]:  # each run loses speed per GCD, measured and predicted, and the level is far off
+        assert r["published"] < 1 and r["predicted"] < 1 and r["predicted_level"] > 1.3 * r["published_level"]
+    assert scores(series) == "scaling" == summarize([series])[0]["scores"]
+
+
 def test_a_prediction_quotes_the_track_record_of_its_system_or_accelerator() -> None:
     """The tables of the same system come first (software matched first), then the accelerator's; a collective's
     table is not quoted for another system's network; a system without scored runs gets none (and says so)."""
@@ -119,7 +137,8 @@ def test_a_prediction_quotes_the_track_record_of_its_system_or_accelerator() -> 
 
     frontier = track_record(compose(["system=frontier"]).system, "megatron-deepspeed")
     assert [(t["id"], t["match"]) for t in frontier] == [("dash2023-frontier", "system and software"),
-                                                          ("lumi-megatron-deepspeed", "system and software")]
+                                                          ("lumi-megatron-deepspeed", "system and software"),
+                                                          ("lumi-176b-strong-scaling", "system and software")]
     polaris = track_record(compose(["system=polaris"]).system, "harness-fsdp")
     assert polaris[0] == {**polaris[0], "id": "nccl-tests-busbw-polaris", "match": "system"}
     assert {t["match"] for t in polaris[1:]} == {"accelerator"} and len(polaris) > 3
@@ -153,12 +172,13 @@ def test_estimate_prints_the_track_record_or_that_there_is_none(capsys: pytest.C
     assert estimate_command(["system=frontier", "model=gpt-1.3b", "backend=deepspeed3d", "parallel.pp=2",
                              "parallel.world_size=8", "--json"]) == 0
     record = json.loads(capsys.readouterr().out)["track_record"]
-    assert [t["id"] for t in record] == ["dash2023-frontier", "lumi-megatron-deepspeed"]
+    assert [t["id"] for t in record] == ["dash2023-frontier", "lumi-megatron-deepspeed", "lumi-176b-strong-scaling"]
     assert {t["match"] for t in record} == {"system"} and all(t["low"] > 0 for t in record)
     assert estimate_command(["system=frontier", "model=gpt-1.3b", "backend=deepspeed3d", "parallel.pp=2",
                              "parallel.world_size=8"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "track record: speed" in text and f"{record[0]['low']:+.0%} to {record[0]['high']:+.0%}" in text
+    assert "track record: scaling" in text
     assert estimate_command(["system=cpu", "model=gpt-tiny", "parallel.world_size=2"]) == 0
     assert "track record │ none" in " ".join(capsys.readouterr().out.split())
 

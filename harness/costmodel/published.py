@@ -26,6 +26,12 @@ METRIC_SCORES = {"tokens_per_s": "step time", "tflops_narayanan": "step time", "
 """What each metric scores: the step's speed, a collective's bandwidth, or the memory per device."""
 
 
+def scores(table: dict[str, Any]) -> str:
+    """What a table scores: its metric's kind, or "scaling" where its rows are relative to one of them (the
+    change of per-device speed across its runs, not its level)."""
+    return "scaling" if table.get("relative_to") else METRIC_SCORES[table["metric"]]
+
+
 def narayanan_flops(m: Any, global_batch_size: int) -> float:
     """Narayanan et al. 2021 eq. 3: 96·B·s·l·h²·(1 + s/(6h) + V/(16·l·h)), recompute counted."""
     s, h, layers, v = m.seq_len, m.d_model, m.n_layers, m.vocab_size
@@ -99,13 +105,31 @@ def score_table(table: dict[str, Any]) -> dict[str, Any]:
                      "error": predicted / published - 1, "world": world, "memory_verdict": est.get("memory_verdict"),
                      "breakdown_s": est.get("breakdown_s"), "command": "harness estimate " + " ".join(
                          [*overrides, f"parallel.world_size={world}"])})
+    if table.get("relative_to"):
+        rows = relative_rows(rows, table["relative_to"])
     return _summary(table, rows)
+
+
+def relative_rows(rows: list[dict[str, Any]], reference: str) -> list[dict[str, Any]]:
+    """Each row but the reference as a ratio to the reference row, predicted and published alike: the error is how
+    far the model's change between the two runs is from the measured change (+: it keeps more of its speed)."""
+    ref = next(r for r in rows if r["name"] == reference)
+    out = []
+    for r in rows:
+        if r is ref:
+            continue
+        predicted, published = r["predicted"] / ref["predicted"], r["published"] / ref["published"]
+        out.append({**r, "predicted": predicted, "published": published, "error": predicted / published - 1,
+                    "predicted_level": r["predicted"], "published_level": r["published"],
+                    "relative_to": {"name": reference, "predicted": ref["predicted"], "published": ref["published"]}})
+    return out
 
 
 def _summary(table: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
     errors = [abs(r["error"]) for r in rows]
     return {"id": table["id"], "label": table["label"], "source": table["source"], "software": table["software"],
-            "system": table["system"], "metric": table["metric"], "assumed": table.get("assumed"),
+            "system": table["system"], "metric": table["metric"], "relative_to": table.get("relative_to"),
+            "assumed": table.get("assumed"),
             "in_sample": table.get("in_sample", []),
             "rows": rows, "mean_abs_error": sum(errors) / len(errors), "max_abs_error": max(errors)}
 
@@ -129,7 +153,7 @@ def summarize(scored: list[dict[str, Any]]) -> list[dict[str, Any]]:
         errors = [signed_error(t["metric"], r["error"]) for r in t["rows"]]
         out.append({"id": t["id"], "label": t["label"], "system": t["system"],
                     "accelerator": accelerators[t["system"]], "software": t["software"],
-                    "scores": METRIC_SCORES[t["metric"]], "rows": len(errors),
+                    "scores": scores(t), "rows": len(errors),
                     "low": round(min(errors), 4), "high": round(max(errors), 4),
                     "mean_abs_error": round(t["mean_abs_error"], 4)})
     return out

@@ -87,7 +87,8 @@ def print_estimate(cfg: Any, layout: Layout, est: dict[str, Any]) -> None:
     Console().print(table)
 
 
-TRACK_KIND = {"step time": ("speed", "faster"), "memory": ("memory", "more"), "collective": ("bus bandwidth", "faster")}
+TRACK_KIND = {"step time": ("speed", "faster"), "memory": ("memory", "more"), "collective": ("bus bandwidth", "faster"),
+              "scaling": ("scaling", "to keep more of its per-device speed")}
 """What a published table scores, as the row names it, and what its + means (predicted ... than published)."""
 
 
