@@ -102,11 +102,17 @@ class Software:
     """Gradients are accumulated into a separate buffer of this many bytes per parameter (Megatron's fp32
     `main_grad`, DeepSpeed's BF16 optimizer), every micro-batch; None: into `.grad` itself, after the first."""
     fp32_grads_in_bf16: bool = False
-    """In bf16 runs the gradients are kept and reduced in fp32 (4 bytes per parameter, in memory and on the wire):
-    Megatron-LM forces accumulate_allreduce_grads_in_fp32 for bf16 (megatron/training/arguments.py, "bfloat16
-    requires gradient accumulation and all-reduce to be done in fp32"), DeepSpeed's BF16_Optimizer reduces its fp32
-    accumulation buffers (deepspeed/runtime/bf16_optimizer.py get_grads_for_reduction), nanotron its
-    accumulate_grad_in_fp32 buffers (optim/gradient_accumulator.py get_fp32_accum_hook)."""
+    """In bf16 runs the gradients are kept in fp32 (4 bytes per parameter) and the data-parallel reduction carries
+    4 bytes per parameter: Megatron-LM forces accumulate_allreduce_grads_in_fp32 for bf16
+    (megatron/training/arguments.py, "bfloat16 requires gradient accumulation and all-reduce to be done in fp32"),
+    nanotron reduces its accumulate_grad_in_fp32 buffers (optim/gradient_accumulator.py get_fp32_accum_hook).
+    DeepSpeed's BF16_Optimizer keeps fp32 buffers too (bf16_optimizer.py get_grads_for_reduction), but its engine
+    casts them to communication_data_type, bf16, before it all-reduces them (engine.py allreduce_bucket; the tied
+    embedding's `_hp_grad` goes in fp32, pipe/engine.py `_exec_reduce_tied_grads`), as LUMI's 176B log shows: the
+    step's two gradient all-reduces carry 2 bytes per parameter of the stage, the tied one 4. That bf16 all-reduce
+    and the bf16 parameter all-gather after the sharded step move 4 + 2 bytes per parameter, as much as the fp32
+    reduce-scatter and bf16 all-gather of ZeRO-1, which is how the Megatron-DeepSpeed tables describe that
+    optimizer (parallel.zero_stage=1), so the flag gives those runs the right bytes."""
     p2p_overlap: bool = False
     """Pipeline sends overlap the next micro-batch's compute, so only the fill and drain transfers are on the
     critical path (Megatron-LM's interleaved schedule, `overlap_p2p_comm`)."""
