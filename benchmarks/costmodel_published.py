@@ -40,7 +40,7 @@ def main() -> None:
     SCORES.write_text(json.dumps({"written_by": "benchmarks/costmodel_published.py", "tables": summarize(tables)},
                                  indent=1, ensure_ascii=False) + "\n")
     for t in tables:
-        metric = t["metric"] + (f" / {t['relative_to']}" if t.get("relative_to") else "")
+        metric = t["metric"] + (" relative" if t["relative"] else "")
         print(f"{t['id']:24} {t['software']:20} {metric:24} mean {t['mean_abs_error']:6.1%}  "
               f"max {t['max_abs_error']:6.1%}")
         for r in t["rows"]:

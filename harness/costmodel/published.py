@@ -10,7 +10,7 @@ it equal to what `score_all` computes.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 
@@ -26,10 +26,28 @@ METRIC_SCORES = {"tokens_per_s": "step time", "tflops_narayanan": "step time", "
 """What each metric scores: the step's speed, a collective's bandwidth, or the memory per device."""
 
 
+def is_relative(table: dict[str, Any]) -> bool:
+    """Whether a table's rows are scored relative to other rows of it (published_runs.yaml `relative_to`, for the
+    whole table or as a column, row by row); a scored table says so in its `relative`."""
+    return bool(table.get("relative", table.get("relative_to") or "relative_to" in table.get("columns", ())))
+
+
 def scores(table: dict[str, Any]) -> str:
-    """What a table scores: its metric's kind, or "scaling" where its rows are relative to one of them (the
+    """What a table scores: its metric's kind, or "scaling" where its rows are relative to others of it (the
     change of per-device speed across its runs, not its level)."""
-    return "scaling" if table.get("relative_to") else METRIC_SCORES[table["metric"]]
+    return "scaling" if is_relative(table) else METRIC_SCORES[table["metric"]]
+
+
+def references(table: dict[str, Any]) -> dict[str, Optional[str]]:
+    """Each row's reference row: the table's `relative_to`, or the row's own `relative_to` column (empty on the
+    reference rows themselves)."""
+    out: dict[str, Optional[str]] = {}
+    for row in table["rows"]:
+        values = dict(zip(table["columns"], row))
+        name = str(values["name"])
+        reference = values.get("relative_to", table.get("relative_to"))
+        out[name] = None if reference == name else reference
+    return out
 
 
 def narayanan_flops(m: Any, global_batch_size: int) -> float:
@@ -64,7 +82,7 @@ def table_rows(table: dict[str, Any]) -> list[tuple[str, list[str], int, float]]
     for row in table["rows"]:
         values = dict(zip(table["columns"], row))
         overrides = [f"system={table['system']}", f"costmodel.software={table['software']}", *table["common"]]
-        overrides += [f"{k}={v}" for k, v in values.items() if k not in ("name", "world", "published")]
+        overrides += [f"{k}={v}" for k, v in values.items() if k not in ("name", "world", "published", "relative_to")]
         out.append((str(values["name"]), overrides, int(values["world"]), float(values["published"])))
     return out
 
@@ -105,19 +123,25 @@ def score_table(table: dict[str, Any]) -> dict[str, Any]:
                      "error": predicted / published - 1, "world": world, "memory_verdict": est.get("memory_verdict"),
                      "breakdown_s": est.get("breakdown_s"), "command": "harness estimate " + " ".join(
                          [*overrides, f"parallel.world_size={world}"])})
-    if table.get("relative_to"):
-        rows = relative_rows(rows, table["relative_to"])
+    if is_relative(table):
+        rows = relative_rows(rows, references(table))
     return _summary(table, rows)
 
 
-def relative_rows(rows: list[dict[str, Any]], reference: str) -> list[dict[str, Any]]:
-    """Each row but the reference as a ratio to the reference row, predicted and published alike: the error is how
-    far the model's change between the two runs is from the measured change (+: it keeps more of its speed)."""
-    ref = next(r for r in rows if r["name"] == reference)
+def relative_rows(rows: list[dict[str, Any]], refs: dict[str, Optional[str]]) -> list[dict[str, Any]]:
+    """Each row that names a reference as a ratio to that row, predicted and published alike: the error is how far
+    the model's change between the two runs is from the measured change (+: it keeps more of its speed). The
+    reference rows are not scored; a row that is neither is a mistake in the table."""
+    by_name = {r["name"]: r for r in rows}
+    referenced = {ref for ref in refs.values() if ref}
     out = []
     for r in rows:
-        if r is ref:
+        reference = refs[r["name"]]
+        if not reference:
+            if r["name"] not in referenced:
+                raise ValueError(f"row {r['name']} names no reference and is none: give it relative_to")
             continue
+        ref = by_name[reference]
         predicted, published = r["predicted"] / ref["predicted"], r["published"] / ref["published"]
         out.append({**r, "predicted": predicted, "published": published, "error": predicted / published - 1,
                     "predicted_level": r["predicted"], "published_level": r["published"],
@@ -128,7 +152,7 @@ def relative_rows(rows: list[dict[str, Any]], reference: str) -> list[dict[str, 
 def _summary(table: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
     errors = [abs(r["error"]) for r in rows]
     return {"id": table["id"], "label": table["label"], "source": table["source"], "software": table["software"],
-            "system": table["system"], "metric": table["metric"], "relative_to": table.get("relative_to"),
+            "system": table["system"], "metric": table["metric"], "relative": is_relative(table),
             "assumed": table.get("assumed"),
             "in_sample": table.get("in_sample", []),
             "rows": rows, "mean_abs_error": sum(errors) / len(errors), "max_abs_error": max(errors)}
