@@ -34,7 +34,7 @@ REFUSE_ABOVE = 1.25
 """A layout is refused when its predicted memory exceeds the device's by more than this factor, and warned about
 between 1 and this factor: what a rank really peaks at also depends on the caching allocator's fragmentation,
 the kernels' workspaces and the loss implementation, which differ from run to run by more than the model's
-accuracy (published FSDP2 runs measured 0.83–1.0× the prediction, before the caching allocator's reserve;
+accuracy (published FSDP2 runs measured 0.82–1.01× the prediction, before the caching allocator's reserve;
 docs/costmodel.md)."""
 
 
@@ -112,8 +112,9 @@ def buffer_bytes(job: Job) -> float:
     log-softmax, and its backward holds it beside the gradient nll_loss hands it and the one log_softmax returns,
     three tensors of the logits' size in the loss's dtype (fp32, or the compute dtype where the software takes the
     loss on the 16-bit logits: KempnerForge), beside the logits themselves, which the training loop keeps until
-    its backward is done (`logits = model(x); loss = F.cross_entropy(logits, ...); loss.backward()`); Megatron's
-    vocab-parallel loss computes its softmax in place in one fp32 copy (E + 8 bytes per logit as before);
+    its backward is done (`logits = model(x); loss = F.cross_entropy(logits, ...); loss.backward()`): 4E bytes per
+    logit, or E + 12 in fp32. Megatron's vocab-parallel loss works in place on one fp32 copy, and a fused cross
+    entropy writes the gradient in its forward: the logits and one more tensor (E + 8, or 2E on 16-bit logits);
     FSDP and ZeRO-3 gather blocks in the compute dtype (current + one prefetched) and produce one
     unsharded block gradient in fp32 before reducing it; shard_grad_op keeps every gathered block
     until its backward; PyTorch DDP reduces in gradient buckets that copy the gradients
@@ -122,8 +123,10 @@ def buffer_bytes(job: Job) -> float:
     m, layout = job.model, job.layout
     E = job.act_bytes
     sw = job.software
-    per_logit = E + 8.0 if sw.vocab_parallel_loss or sw.fused_cross_entropy else E + 3 * (
-        E if sw.loss_in_compute_dtype else 4.0)
+    if sw.vocab_parallel_loss or sw.fused_cross_entropy:  # in place: one more tensor, beside an fp32 copy if upcast
+        per_logit = E + (E if sw.loss_in_compute_dtype else 8.0)
+    else:  # eager: the saved log-softmax and its two gradients, in the loss's dtype
+        per_logit = E + 3 * (E if sw.loss_in_compute_dtype else 4.0)
     logits = job.tokens * job.vocab_per_rank[1] * per_logit
     split = param_split(m)
     block = split.per_layer / layout.tp

@@ -26,27 +26,39 @@ METRIC_SCORES = {"tokens_per_s": "step time", "tflops_narayanan": "step time", "
 """What each metric scores: the step's speed, a collective's bandwidth, or the memory per device."""
 
 
+META_COLUMNS = ("name", "world", "published", "relative_to")
+"""A table's columns that describe a row rather than set a config key."""
+
+
 def is_relative(table: dict[str, Any]) -> bool:
-    """Whether a table's rows are scored relative to other rows of it (published_runs.yaml `relative_to`, for the
-    whole table or as a column, row by row); a scored table says so in its `relative`."""
-    return bool(table.get("relative", table.get("relative_to") or "relative_to" in table.get("columns", ())))
+    """Whether a published_runs.yaml table scores its rows relative to others of it (`relative_to`, for the whole
+    table or as a column, row by row)."""
+    return bool(table.get("relative_to")) or "relative_to" in table.get("columns", ())
 
 
 def scores(table: dict[str, Any]) -> str:
-    """What a table scores: its metric's kind, or "scaling" where its rows are relative to others of it (the
-    change of per-device speed across its runs, not its level)."""
-    return "scaling" if is_relative(table) else METRIC_SCORES[table["metric"]]
+    """What a scored table scores: its metric's kind, or "scaling" where its rows are relative to others of it (the
+    change of speed across its runs, not its level)."""
+    return "scaling" if table.get("relative") else METRIC_SCORES[table["metric"]]
+
+
+def row_values(table: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each row of a table as {column: value}, its name a string."""
+    return [{**dict(zip(table["columns"], row)), "name": str(row[0])} for row in table["rows"]]
 
 
 def references(table: dict[str, Any]) -> dict[str, Optional[str]]:
-    """Each row's reference row: the table's `relative_to`, or the row's own `relative_to` column (empty on the
-    reference rows themselves)."""
+    """Each row's reference row: its own `relative_to` column where it has one, else the table's; None on the
+    reference rows themselves. A speed table only: a ratio of memories or bandwidths is not what it scores."""
+    if METRIC_SCORES[table["metric"]] != "step time" or table.get("kind") == "collective":
+        raise ValueError(f"table {table['id']}: relative_to is for a training table's speed, not {table['metric']}")
     out: dict[str, Optional[str]] = {}
-    for row in table["rows"]:
-        values = dict(zip(table["columns"], row))
-        name = str(values["name"])
-        reference = values.get("relative_to", table.get("relative_to"))
-        out[name] = None if reference == name else reference
+    for values in row_values(table):
+        name, reference = values["name"], values.get("relative_to") or table.get("relative_to")
+        out[name] = None if reference is None or str(reference) == name else str(reference)
+    for name, reference in out.items():
+        if reference is not None and (reference not in out or out[reference] is not None):
+            raise ValueError(f"table {table['id']}, row {name}: relative_to={reference} is not a reference row of it")
     return out
 
 
@@ -79,11 +91,10 @@ def predicted_value(metric: str, cfg: Any, est: dict[str, Any], world: int) -> f
 def table_rows(table: dict[str, Any]) -> list[tuple[str, list[str], int, float]]:
     """(name, overrides, world, published) for each row of a table."""
     out = []
-    for row in table["rows"]:
-        values = dict(zip(table["columns"], row))
+    for values in row_values(table):
         overrides = [f"system={table['system']}", f"costmodel.software={table['software']}", *table["common"]]
-        overrides += [f"{k}={v}" for k, v in values.items() if k not in ("name", "world", "published", "relative_to")]
-        out.append((str(values["name"]), overrides, int(values["world"]), float(values["published"])))
+        overrides += [f"{k}={v}" for k, v in values.items() if k not in META_COLUMNS]
+        out.append((values["name"], overrides, int(values["world"]), float(values["published"])))
     return out
 
 
@@ -130,8 +141,9 @@ def score_table(table: dict[str, Any]) -> dict[str, Any]:
 
 def relative_rows(rows: list[dict[str, Any]], refs: dict[str, Optional[str]]) -> list[dict[str, Any]]:
     """Each row that names a reference as a ratio to that row, predicted and published alike: the error is how far
-    the model's change between the two runs is from the measured change (+: it keeps more of its speed). The
-    reference rows are not scored; a row that is neither is a mistake in the table."""
+    the model's change between the two runs is from the measured change (in the metric's direction: on tokens/s or
+    TFLOP/s, + keeps more of its speed). The reference rows are not scored; a row that is neither is a mistake in
+    the table."""
     by_name = {r["name"]: r for r in rows}
     referenced = {ref for ref in refs.values() if ref}
     out = []
@@ -141,7 +153,7 @@ def relative_rows(rows: list[dict[str, Any]], refs: dict[str, Optional[str]]) ->
             if r["name"] not in referenced:
                 raise ValueError(f"row {r['name']} names no reference and is none: give it relative_to")
             continue
-        ref = by_name[reference]
+        ref = by_name[reference]  # references() checked that it is a reference row
         predicted, published = r["predicted"] / ref["predicted"], r["published"] / ref["published"]
         out.append({**r, "predicted": predicted, "published": published, "error": predicted / published - 1,
                     "predicted_level": r["predicted"], "published_level": r["published"],
@@ -150,6 +162,8 @@ def relative_rows(rows: list[dict[str, Any]], refs: dict[str, Optional[str]]) ->
 
 
 def _summary(table: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    if not rows:
+        raise ValueError(f"table {table['id']}: no row is scored")
     errors = [abs(r["error"]) for r in rows]
     return {"id": table["id"], "label": table["label"], "source": table["source"], "software": table["software"],
             "system": table["system"], "metric": table["metric"], "relative": is_relative(table),
