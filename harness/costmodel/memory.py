@@ -111,10 +111,10 @@ def buffer_bytes(job: Job) -> float:
     The loss at its peak, in its backward: PyTorch's cross entropy (log_softmax, then nll_loss) saves the
     log-softmax, and its backward holds it beside the gradient nll_loss hands it and the one log_softmax returns,
     three tensors of the logits' size in the loss's dtype (fp32, or the compute dtype where the software takes the
-    loss on the 16-bit logits: KempnerForge), beside the logits themselves, which the training loop keeps until
-    its backward is done (`logits = model(x); loss = F.cross_entropy(logits, ...); loss.backward()`): 4E bytes per
-    logit, or E + 12 in fp32. Megatron's vocab-parallel loss works in place on one fp32 copy, and a fused cross
-    entropy writes the gradient in its forward: the logits and one more tensor (E + 8, or 2E on 16-bit logits);
+    loss on the 16-bit logits: KempnerForge), and the logits themselves where the training loop keeps them
+    (Software.loop_holds_logits): 12 bytes per logit, 4E for KempnerForge. Megatron's vocab-parallel loss works
+    in place on one fp32 copy, and a fused cross entropy writes the gradient in its forward: the logits and one
+    more tensor (E + 8, or 2E on 16-bit logits);
     FSDP and ZeRO-3 gather blocks in the compute dtype (current + one prefetched) and produce one
     unsharded block gradient in fp32 before reducing it; shard_grad_op keeps every gathered block
     until its backward; PyTorch DDP reduces in gradient buckets that copy the gradients
@@ -126,7 +126,7 @@ def buffer_bytes(job: Job) -> float:
     if sw.vocab_parallel_loss or sw.fused_cross_entropy:  # in place: one more tensor, beside an fp32 copy if upcast
         per_logit = E + (E if sw.loss_in_compute_dtype else 8.0)
     else:  # eager: the saved log-softmax and its two gradients, in the loss's dtype
-        per_logit = E + 3 * (E if sw.loss_in_compute_dtype else 4.0)
+        per_logit = (E if sw.loop_holds_logits else 0.0) + 3 * (E if sw.loss_in_compute_dtype else 4.0)
     logits = job.tokens * job.vocab_per_rank[1] * per_logit
     split = param_split(m)
     block = split.per_layer / layout.tp

@@ -136,6 +136,10 @@ class Software:
     """The eager cross entropy runs on the 16-bit logits as the output layer returns them, with no fp32 copy: its
     log-softmax is 16-bit too (kernels.LOSS_BYTES_EAGER, memory.buffer_bytes). Otherwise it upcasts them first, as
     the harness's model (models/gpt.py) and Megatron's (fp16_lm_cross_entropy off by default) do."""
+    loop_holds_logits: bool = False
+    """The training loop keeps the logits until the backward is done (`logits = model(x); loss =
+    F.cross_entropy(logits, ...); loss.backward()`), so they sit beside the loss's backward (memory.buffer_bytes);
+    otherwise the model returns only the loss and frees them after its forward (the harness's models/gpt.py)."""
     fused_bias_dropout_add: bool = False
     """Bias, dropout and the residual add in one kernel (Megatron's bias_dropout_add_fusion)."""
     fused_activation: bool = False
@@ -247,7 +251,7 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
                     "in Megatron's count"),
     Software(name="kempnerforge", **_PYTORCH, grad_reduce_overlap=True, run_flags=True, compile_whole_model=True,
              tp_vocab="gathered", tp_gather_per_projection=True, rmsnorm_composite=True, states_in_compute_dtype=True,
-             loss_in_compute_dtype=True,
+             loss_in_compute_dtype=True, loop_holds_logits=True,
              source="KempnerForge at 01b461a (github.com/KempnerInstitute/KempnerForge), the code of its MFU "
                     "benchmark: the model cast to bf16 before FSDP2 (model.to(param_dtype)) with reduce_dtype fp32 "
                     "(kempnerforge/distributed/parallel.py), "
@@ -256,7 +260,8 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
                     "and up, the token embedding replicated and the output head's logits gathered to Replicate "
                     "(kempnerforge/distributed/tensor_parallel.py); RMSNorm as fp32 PyTorch operations "
                     "(kempnerforge/model/norm.py); torch.compile(model) with the loss, "
-                    "F.cross_entropy on the bf16 logits, outside it (scripts/train.py)"),
+                    "F.cross_entropy on the bf16 logits, outside it, the logits held until loss.backward() "
+                    "(scripts/train.py)"),
 )}
 
 
