@@ -258,12 +258,13 @@ def head_kernels(job: Job) -> list[Kernel]:
     out = linear_kernels("lm_head", tokens, m.d_model, int(columns), 3, E)
     if not (sw.compiled and sw.compile_whole_model):
         out.append(norm_kernel("norm_f", tokens * m.d_model, job))
-    if sw.fused_cross_entropy:
-        kind, per_element = "fused", 2 * E
-    elif sw.vocab_parallel_loss:
-        kind, per_element = "vocab_parallel", LOSS_BYTES_VOCAB_PARALLEL + 2 * E
+    kind = sw.loss_kind
+    if kind == "fused":
+        per_element = 2 * E
+    elif kind == "vocab_parallel":
+        per_element = LOSS_BYTES_VOCAB_PARALLEL + 2 * E
     else:
-        kind, per_element = "eager", 4 * E if sw.loss_in_compute_dtype else LOSS_BYTES_EAGER + 2 * E
+        per_element = 4 * E if sw.loss_in_compute_dtype else LOSS_BYTES_EAGER + 2 * E
     out.append(Kernel("cross entropy", "memory", bytes=tokens * loss * per_element, count=LOSS_PASSES[kind]))
     out.append(Kernel("embedding", "memory", bytes=tokens * m.d_model * E * 3, count=2))
     return out

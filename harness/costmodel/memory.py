@@ -123,7 +123,7 @@ def buffer_bytes(job: Job) -> float:
     m, layout = job.model, job.layout
     E = job.act_bytes
     sw = job.software
-    if sw.vocab_parallel_loss or sw.fused_cross_entropy:  # in place: one more tensor, beside an fp32 copy if upcast
+    if sw.loss_kind != "eager":  # in place: one more tensor, beside an fp32 copy if upcast
         per_logit = E + (E if sw.loss_in_compute_dtype else 8.0)
     else:  # eager: the saved log-softmax and its two gradients, in the loss's dtype
         per_logit = (E if sw.loop_holds_logits else 0.0) + 3 * (E if sw.loss_in_compute_dtype else 4.0)

@@ -182,6 +182,12 @@ class Software:
         if self.vocab_parallel_loss and self.loss_in_compute_dtype:
             raise ValueError("vocab_parallel_loss with loss_in_compute_dtype: Megatron's 16-bit loss is not modelled")
 
+    @property
+    def loss_kind(self) -> str:
+        """Which loss the software runs, as the kernels (kernels.LOSS_PASSES) and memory (memory.buffer_bytes) cost
+        it: fused, Megatron's vocab-parallel, or PyTorch's eager cross entropy."""
+        return "fused" if self.fused_cross_entropy else "vocab_parallel" if self.vocab_parallel_loss else "eager"
+
     def describe(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
