@@ -350,19 +350,49 @@ def test_deepspeed_zero_1_and_2_hold_a_whole_gradient_bucket_however_small_the_m
 def test_fsdp_gathers_hide_only_under_the_phase_that_issues_them() -> None:
     """A block's forward gather must finish within the forward of the block before it: when the forward's compute
     is shorter than its gathers, the excess is exposed even though the whole micro-batch's compute (3-4x the
-    forward) would cover all of them."""
+    forward) would cover all of them (beside the step's first gathers, which nothing precedes)."""
     from harness.costmodel.comm import collectives
-    from harness.costmodel.timing import collective_s, exposed_dp_s, forward_share
+    from harness.costmodel.timing import collective_s, exposed_dp_s, forward_share, sharded_edge_share
 
-    job, hw = job_and_hw([*LLAMA, "train.global_batch_size=32", "system.devices_per_node=1", "system.nics_per_node=1",
-                          "system.nic_bw_gb_per_s=80"], 16)
+    job, hw = job_and_hw([*LLAMA, "model.n_layers=32", "train.global_batch_size=32", "system.devices_per_node=1",
+                          "system.nics_per_node=1", "system.nic_bw_gb_per_s=50"], 16)
     gathers = [(c, collective_s(c, hw)) for c in collectives(job) if c.role == "params"]
-    per_mb = micro_batch_compute_s(job, hw)
+    per_mb, m = micro_batch_compute_s(job, hw), job.micro_batches
     share = forward_share(job, hw)
     total = sum(t for _, t in gathers)
-    assert 0 < share < 0.5 and gathers[0][0].calls == 2 * job.micro_batches  # forward and backward, resharded
-    assert share * per_mb * job.micro_batches < total / 2 < total < per_mb * job.micro_batches
-    assert exposed_dp_s(gathers, job, per_mb, hw) == pytest.approx(total / 2 - share * per_mb * job.micro_batches)
+    assert 0 < share < 0.5 and gathers[0][0].calls == 2 * m  # forward and backward, resharded
+    assert share * per_mb * m < total / 2 < total < per_mb * m
+    fill = total / (2 * m) * sharded_edge_share(job)  # the step's first forward gathers: exposed whatever the phase
+    overflow = total / 2 - fill - share * per_mb * m
+    assert overflow > 0
+    assert exposed_dp_s(gathers, job, per_mb, hw) == pytest.approx(fill + overflow)
+
+
+def test_the_ends_of_fsdps_pipeline_of_collectives_are_exposed_however_much_compute_there_is() -> None:
+    """Each step's first gathers (the root module's embedding, norm and head, then block 0's) wait for the
+    optimizer's update and precede all compute; its last reduce-scatters (block 0's and the root's) follow it. So
+    even a step whose compute could hide every collective exposes that share of one gather and of the
+    reduce-scatter; a loop that waits for the device after each micro-batch (KempnerForge's loss.item()) exposes
+    the gathers again in every micro-batch. Without sharded parameters nothing is exposed."""
+    from harness.costmodel.comm import collectives
+    from harness.costmodel.layout import param_split
+    from harness.costmodel.timing import collective_s, exposed_dp_s, sharded_edge_share
+
+    job, hw = job_and_hw([*LLAMA, "train.global_batch_size=64", "train.micro_batch_size=4"], 8)
+    timed = [(c, collective_s(c, hw)) for c in collectives(job) if c.dim == "dp"]
+    gather = next((c, t) for c, t in timed if c.role == "params")
+    scatter = next((c, t) for c, t in timed if c.role == "grads")
+    per_mb, m = micro_batch_compute_s(job, hw), job.micro_batches
+    assert m == 2 and gather[1] + scatter[1] < 0.2 * per_mb * m  # the compute could cover all of it
+    split = param_split(job.model)
+    edge = sharded_edge_share(job)
+    assert edge == pytest.approx((split.embedding + split.head + split.per_layer) / split.total, rel=1e-3)
+    fill, drain = gather[1] / gather[0].calls * edge, scatter[1] * edge
+    assert exposed_dp_s(timed, job, per_mb, hw) == pytest.approx(fill + drain)
+    synced = dataclasses.replace(job, software=dataclasses.replace(job.software, host_sync_every_micro_batch=True))
+    assert exposed_dp_s(timed, synced, per_mb, hw) == pytest.approx(m * fill + drain)
+    ddp, hw = job_and_hw([*LLAMA, "train.global_batch_size=64", "train.micro_batch_size=4", "backend=ddp"], 8)
+    assert sharded_edge_share(ddp) == 0.0
 
 
 # --- memory -------------------------------------------------------------------------------------------------------

@@ -122,6 +122,11 @@ class Job:
         return _stage_params(self.model, self.layout.tp, self.layout.pp, self.vocab)
 
     @property
+    def block_params_per_rank(self) -> float:
+        """One transformer block's parameters on one TP rank (what FSDP gathers per block, before sharding)."""
+        return _block_params(self.model, self.layout.tp)
+
+    @property
     def vocab_mode(self) -> str:
         """How this job's vocabulary-sized layers run under TP (software.TP_VOCAB)."""
         untied = self.software.tp_vocab_untied
@@ -285,18 +290,25 @@ def _stage_params(model: GPTConfig, tp: int, pp: int, vocab: VocabUnderTP = TP_V
     on the first stage; with PP > 1 a tied output projection is a second copy on the last stage (Narayanan
     et al. 2021, section 3).
     """
-    def per_rank(prefixes: tuple[str, ...], split: bool = True) -> float:
-        return sum(t.numel / tp if t.tp_split and split else t.numel
-                   for t in param_tensors(model) if t.name.startswith(prefixes))
-
-    layer = per_rank(("blocks.0.",))
-    embedding = per_rank(("tok_emb.", "pos_emb."), vocab.embedding_split)
-    head = per_rank(("norm_f.", "lm_head."), vocab.head_split)
+    layer = _rank_params(model, tp, ("blocks.0.",))
+    embedding = _rank_params(model, tp, ("tok_emb.", "pos_emb."), vocab.embedding_split)
+    head = _rank_params(model, tp, ("norm_f.", "lm_head."), vocab.head_split)
     layers = -(-model.n_layers // pp)
     first = layers * layer + embedding + (head if pp == 1 else 0)
     tied = pp > 1 and model.tie_embeddings
     tied_copy = model.vocab_size * model.d_model / (tp if vocab.head_split else 1) if tied else 0
     return max(first, layers * layer + head + tied_copy)
+
+
+def _rank_params(model: GPTConfig, tp: int, prefixes: tuple[str, ...], split: bool = True) -> float:
+    """Parameters of the tensors named by `prefixes` on one TP rank (split over TP where the tensor is)."""
+    return sum(t.numel / tp if t.tp_split and split else t.numel
+               for t in param_tensors(model) if t.name.startswith(prefixes))
+
+
+@shape_cached
+def _block_params(model: GPTConfig, tp: int) -> float:
+    return _rank_params(model, tp, ("blocks.0.",))
 
 
 def layers_per_stage(job: Job) -> int:

@@ -87,7 +87,9 @@ PEAKS: tuple[DevicePeak, ...] = (
     DevicePeak("MI250X-GCD", r"MI250X?", {"fp16": 191.5, "bf16": 191.5, "fp32": 23.95},
                "AMD Instinct MI250X datasheet: 383 TFLOP/s fp16/bf16 and 47.9 fp32 vector per OAM; "
                "torch sees each of its two GCDs as a device, so half per GCD",
-               0.767, f"{MAMF} at 37d41a7 (row removed in 7376725): MI250X one GCD 147.0 of 191.5 TFLOP/s, ROCm 6.2",
+               0.767, f"{MAMF} at 37d41a7 (row removed in 7376725): MI250X one GCD 147.0 of 191.5 TFLOP/s, ROCm 6.2; "
+               "sustained with every GCD busy: 146.8 per GCD in the GEMM-bound first 69 s of ORNL's fp16 HPL-MxP on "
+               "1024 Crusher GCDs (at-aaims/OpenMxP doc/crusher_example_32x32.out, steps 10-150)",
                compute_units=110, hbm_efficiency=0.80,
                hbm_source=STREAM.format(file="mi210.txt") + ": 1305 of 1638 GB/s on the MI210, one CDNA2 die with "
                "the same HBM2e as an MI250X GCD"),

@@ -248,6 +248,8 @@ def exposed_dp_s(timed: list[tuple[Collective, float]], job: Job, per_mb: float,
     software reduces in buckets as gradients become ready; a distributed optimizer's once-per-step parameter
     gather runs during the first forward only where the software says so. What a phase's compute cannot cover is
     exposed: one phase's slack does not cover another's load, since a collective cannot start before it is issued.
+    FSDP's pipeline of gathers has ends that nothing covers (sharded_edge_share): each step's first gathers wait
+    for the optimizer's update of the shards, and its last reduce-scatters hold up the optimizer.
     """
     if not hw.overlap_comm:
         return sum(t for _, t in timed)
@@ -255,18 +257,25 @@ def exposed_dp_s(timed: list[tuple[Collective, float]], job: Job, per_mb: float,
     share = forward_share(job, hw)
     busy = per_mb + tp_s / m
     forward_window, backward_window = busy * share, busy * (1 - share)
+    edge = sharded_edge_share(job)
+    fills = m if job.software.host_sync_every_micro_batch else 1  # forwards that start from an empty queue
     forward = backward = first = last = exposed = 0.0  # per-micro-batch loads; what no phase covers
     for c, t in timed:
         every = c.calls >= m and c.calls % m == 0
+        if c.role == "grads" and c.calls == 1 and edge:
+            drain = t * edge  # the first block's and the root's reduce-scatters, the backward's last
+            exposed, t = exposed + drain, t - drain
         if c.role == "params":
             if not every and job.software.param_gather_overlap:
                 first += t
             elif not every:
                 exposed += t
             elif job.spec.shardings:
-                gathers = c.calls // m
-                forward += t / m / gathers
-                backward += t / m * (gathers - 1) / gathers
+                gathers, per_call = c.calls // m, t / c.calls
+                fill = per_call * edge * fills
+                exposed += fill
+                forward += per_call - fill / m
+                backward += per_call * (gathers - 1)
             else:
                 forward += t / m * share
                 backward += t / m * (1 - share)
@@ -282,6 +291,20 @@ def exposed_dp_s(timed: list[tuple[Collective, float]], job: Job, per_mb: float,
 
     return (exposed + over(forward + first, forward_window) + (m - 1) * over(forward, forward_window)
             + (m - 1) * over(backward, backward_window) + over(backward + last, backward_window))
+
+
+def sharded_edge_share(job: Job) -> float:
+    """The share of an FSDP gather or reduce-scatter that no compute can cover: the root module's parameters (the
+    embedding, final norm and output layer, which the last `fully_shard` of the model holds) and the first
+    block's. The root's gather, then block 0's, must finish before the embedding and block 0 run, with nothing
+    issued before them (block 1's gather is the first to hide, under block 0); in the backward block 0 and the
+    embedding are the last to produce gradients, so their reduce-scatters run after all compute. 0 without
+    sharded parameters."""
+    if not job.spec.shardings or job.shards.weights <= 1 or job.sharding == "no_shard":
+        return 0.0
+    params, block = job.params_per_rank, job.block_params_per_rank
+    root = max(0.0, params - layers_per_stage(job) * block)
+    return min(1.0, (root + block) / params)
 
 
 def exposed_cp_s(comm_s: float, job: Job, hw: Hardware) -> float:
