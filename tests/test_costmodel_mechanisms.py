@@ -368,6 +368,28 @@ def test_fsdp_gathers_hide_only_under_the_phase_that_issues_them() -> None:
     assert exposed_dp_s(gathers, job, per_mb, hw) == pytest.approx(fill + overflow)
 
 
+def test_fsdps_root_module_counts_the_vocabulary_layers_as_the_tp_rank_holds_them() -> None:
+    """The root module (embedding, final norm, output layer) that FSDP gathers whole per rank is what that TP rank
+    holds: KempnerForge splits the output layer over TP and replicates the embedding; the harness's FSDP backend
+    replicates a tied embedding. Memory (the gathered root beside two blocks) and the exposed ends of FSDP's
+    collectives use it."""
+    from harness.costmodel.layout import param_split
+    from harness.costmodel.memory import buffer_bytes
+
+    V, h, tp = 128256, 4096, 2
+    for software, tied, root in (("kempnerforge", "false", V * h + V * h / tp + h),  # embedding, head/TP, norm
+                                 ("harness-fsdp", "true", V * h + h)):  # one embedding, the norm
+        job, _ = job_and_hw([*LLAMA, "parallel.tp=2", "train.global_batch_size=8", f"costmodel.software={software}",
+                             f"model.tie_embeddings={tied}"], 4)
+        assert job.root_params_per_rank == pytest.approx(root)
+        split = param_split(job.model)
+        assert job.block_params_per_rank == pytest.approx(split.per_layer / tp, rel=1e-3)
+        assert job.params_per_rank == pytest.approx(root + job.model.n_layers * job.block_params_per_rank)
+        if software == "kempnerforge":  # its loss holds 4E per logit; two blocks and the root gathered, one fp32 grad
+            E, block = job.act_bytes, job.block_params_per_rank
+            assert buffer_bytes(job) == pytest.approx(job.tokens * V * 4 * E + (2 * block + root) * E + 4 * block)
+
+
 def test_the_ends_of_fsdps_pipeline_of_collectives_are_exposed_however_much_compute_there_is() -> None:
     """Each step's first gathers (the root module's embedding, norm and head, then block 0's) wait for the
     optimizer's update and precede all compute; its last reduce-scatters (block 0's and the root's) follow it. So

@@ -127,6 +127,12 @@ class Job:
         return _block_params(self.model, self.layout.tp)
 
     @property
+    def root_params_per_rank(self) -> float:
+        """Parameters outside the blocks on one rank of the busiest stage (the embedding, final norm and output
+        layer, each as TP splits it or not): what FSDP's root module, the last `fully_shard`, holds."""
+        return max(0.0, self.params_per_rank - layers_per_stage(self) * self.block_params_per_rank)
+
+    @property
     def vocab_mode(self) -> str:
         """How this job's vocabulary-sized layers run under TP (software.TP_VOCAB)."""
         untied = self.software.tp_vocab_untied

@@ -27,14 +27,14 @@ from __future__ import annotations
 from typing import Optional
 
 from harness.core.registry import PP_SCHEDULES
-from harness.costmodel.layout import Job, layers_per_stage, param_split
+from harness.costmodel.layout import Job, layers_per_stage
 
 GB = 1e9
 REFUSE_ABOVE = 1.25
 """A layout is refused when its predicted memory exceeds the device's by more than this factor, and warned about
 between 1 and this factor: what a rank really peaks at also depends on the caching allocator's fragmentation,
 the kernels' workspaces and the loss implementation, which differ from run to run by more than the model's
-accuracy (published FSDP2 runs measured 0.82–1.01× the prediction, before the caching allocator's reserve;
+accuracy (published FSDP2 runs measured 0.85–1.14× the prediction, before the caching allocator's reserve;
 docs/costmodel.md)."""
 
 
@@ -120,7 +120,7 @@ def buffer_bytes(job: Job) -> float:
     until its backward; PyTorch DDP reduces in gradient buckets that copy the gradients
     (`gradient_as_bucket_view=False`, its default); DeepSpeed ZeRO-1/2 in one preallocated bucket.
     """
-    m, layout = job.model, job.layout
+    layout = job.layout
     E = job.act_bytes
     sw = job.software
     if sw.loss_kind != "eager":  # in place: one more tensor, beside an fp32 copy if upcast
@@ -128,18 +128,17 @@ def buffer_bytes(job: Job) -> float:
     else:  # eager: the saved log-softmax and its two gradients, in the loss's dtype
         per_logit = (E if sw.loop_holds_logits else 0.0) + 3 * (E if sw.loss_in_compute_dtype else 4.0)
     logits = job.tokens * job.vocab_per_rank[1] * per_logit
-    split = param_split(m)
-    block = split.per_layer / layout.tp
+    block, root = job.block_params_per_rank, job.root_params_per_rank  # as this TP rank holds them
     gathered = 0.0
     shards = job.shards
     if shards.weights > 1:
         if job.spec.shardings and job.sharding == "shard_grad_op":
-            gathered = split.total / layout.tp * E
+            gathered = job.params_per_rank * E
         else:  # two blocks (the current one and the prefetched one) and the root module
-            gathered = (2 * block + split.embedding + split.head) * E
+            gathered = (2 * block + root) * E
         gathered += block * 4
     elif job.offload:
-        gathered = (2 * block + split.embedding + split.head) * E + block * 4
+        gathered = (2 * block + root) * E + block * 4
     buckets = 0.0
     if job.spec.gradient_buckets and job.grad_ranks > 1:
         buckets = job.params_per_rank * job.state_bytes.grads

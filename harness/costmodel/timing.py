@@ -302,9 +302,7 @@ def sharded_edge_share(job: Job) -> float:
     sharded parameters."""
     if not job.spec.shardings or job.shards.weights <= 1 or job.sharding == "no_shard":
         return 0.0
-    params, block = job.params_per_rank, job.block_params_per_rank
-    root = max(0.0, params - layers_per_stage(job) * block)
-    return min(1.0, (root + block) / params)
+    return min(1.0, (job.root_params_per_rank + job.block_params_per_rank) / job.params_per_rank)
 
 
 def exposed_cp_s(comm_s: float, job: Job, hw: Hardware) -> float:
