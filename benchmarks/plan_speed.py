@@ -3,7 +3,10 @@
 Writes JSON (default results/plan_speed.json): seconds for the whole command (composition,
 search, validation and estimates of the printed rows) and for the search alone, with the search's counts.
 
-    python benchmarks/plan_speed.py [--rounds 3]
+    python benchmarks/plan_speed.py [--rounds 5]
+
+Each figure is the median over the rounds, with its range: the same code on the same 2-core VM has measured
+3.6 s and 6.2 s on different days, so compare commits within one sitting.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ CASES = {
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", default=str(ROOT / "results" / "plan_speed.json"))
     args = parser.parse_args()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -47,13 +50,16 @@ def main() -> None:
             out = json.loads(proc.stdout)
             searches.append(out["search"]["search_seconds"])
         results[name] = {"command": "harness plan " + " ".join(overrides), "command_s": statistics.median(walls),
-                         "search_s": statistics.median(searches), "rounds": args.rounds,
+                         "command_s_range": [min(walls), max(walls)],
+                         "search_s": statistics.median(searches), "search_s_range": [min(searches), max(searches)],
+                         "rounds": args.rounds,
                          "counts": out["search"]["counts"], "layouts_fitting": out["search"]["layouts_fitting"],
                          "best": {k: out["best"][0][k] for k in ("devices", "backend", "tp", "pp", "vpp", "dp",
                                                                    "micro_batch_size", "step_time_s")},
                          "pareto_points": len(out["pareto"]),
                          "under_5_s": statistics.median(walls) < 5.0}
-        print(f"{name}: command {results[name]['command_s']:.2f} s, search {results[name]['search_s']:.2f} s")
+        print(f"{name}: command {results[name]['command_s']:.2f} s ({min(walls):.2f}-{max(walls):.2f}, "
+              f"{args.rounds} rounds), search {results[name]['search_s']:.2f} s")
     record = {"date": datetime.date.today().isoformat(), "host": platform.node(), "cpu": platform.processor(),
               "cores_used": 1, "python": platform.python_version(), "cases": results}
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")

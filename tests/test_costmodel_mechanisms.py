@@ -81,6 +81,32 @@ def test_tree_all_reduce_wins_across_many_nodes_on_latency() -> None:
     assert net.call_s("all_reduce", 1e5, 1024, 4) < ring_latency
 
 
+def test_each_call_runs_in_the_protocol_its_library_finds_fastest() -> None:
+    """NCCL's tuning model (and RCCL's) costs each protocol as latency + volume / bandwidth and picks the fastest: a
+    small all-reduce pays LL's latency (the profile's) at a quarter of the bandwidth, a large one Simple's latencies
+    (ring base 8.4 µs, 3.4 per NVLink hop) at all of it, LL128 in between; a GPU machine without these (one
+    protocol at LL's latency and full bandwidth) is faster at every size. RCCL's table (MI250X) has no LL128."""
+    from harness.costmodel.network import NCCL_PROTOCOLS, RCCL_PROTOCOLS, RING_FACTOR
+
+    net = fabric(compose(["system=dgx-a100-80gb"]).system)
+    assert [p.name for p in net.protocols] == ["LL", "LL128", "Simple"]
+    bw, hops = net.bus_bandwidth(8, 1), 2 * 7
+
+    def cost(p: Any, payload: float) -> float:
+        return (net.base_latency * p.base + hops * net.intra_hop * p.intra
+                + RING_FACTOR["all_reduce"](8) * payload / (bw * p.bandwidth_share("all_reduce", 8, 1)))
+
+    ll, ll128, simple = NCCL_PROTOCOLS
+    assert cost(simple, GiB) == pytest.approx((8.4 + hops * 3.4) * 1e-6 + 1.75 * GiB / bw)
+    for payload, fastest in ((1e3, ll), (4e6, ll128), (GiB, simple)):
+        assert net.call_s("all_reduce", payload, 8, 8) == pytest.approx(cost(fastest, payload))
+        assert cost(fastest, payload) == min(cost(p, payload) for p in NCCL_PROTOCOLS)
+    one = dataclasses.replace(net, protocols=(dataclasses.replace(ll, share=1.0, share_in_node=None),))
+    assert all(one.call_s("all_reduce", x, 8, 8) < net.call_s("all_reduce", x, 8, 8) for x in (1e3, 4e6, GiB))
+    assert fabric(compose(["system=frontier"]).system).protocols == RCCL_PROTOCOLS
+    assert fabric(compose(["system=cpu"]).system).protocols[0].name == "gloo"
+
+
 # --- kernels ------------------------------------------------------------------------------------------------------
 
 LLAMA = ["system=dgx-h100", "model.d_model=4096", "model.n_layers=4", "model.n_heads=32", "model.n_kv_heads=8",

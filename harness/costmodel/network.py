@@ -18,13 +18,15 @@ profile's `intra_node_efficiency`, `nic_efficiency`, with their sources). Time =
 over the bus bandwidth; the latency follows NCCL's own model (src/graph/tuning.cc, `ncclTopoTuneModel`): a
 base per call plus a per-hop latency inside (`intra_hop_latency_us`) and between nodes
 (`inter_hop_latency_us`), 2(p−1) hops for a ring all-reduce, 2·((g−1) + log2 n) for a tree, which NCCL picks
-across nodes when it is faster (its bandwidth is 0.92 of the ring's: the same file's tree cap). On a
+across nodes when it is faster (its bandwidth is 0.92 of the ring's: the same file's tree cap). The profile's
+latencies are the low-latency (LL) protocol's; each call runs in the protocol the library's model finds fastest
+(`Protocol`: LL at a quarter of the bandwidth, LL128 at 0.92, Simple at all of it with 5× LL's per-hop latency
+between nodes and 5.7× inside), so a small call pays LL's latency and a large one Simple's. On a
 third-generation NVSwitch (H100, H200) NCCL runs an all-reduce inside a node with NVLink SHARP (NVLS), which
 reduces in the switch: each device moves its payload once each way, at the measured `nvls_efficiency`.
 
-Scored against published nccl-tests bus bandwidths (published_runs.yaml, kind `collective`): large messages
-only; at 1–16 MiB nccl-tests measures up to 2× less than this model, whose latency terms are NCCL's low-latency
-protocol's and whose bandwidth is its large-message one (NCCL switches protocols in between).
+Scored against published nccl-tests bus bandwidths (published_runs.yaml, kind `collective`): 128 MiB to 8 GiB,
+2 to 540 nodes; at 128 MiB on one node nccl-tests still measures up to 26% less than this model (A100).
 """
 
 from __future__ import annotations
@@ -44,6 +46,60 @@ RING_FACTOR = {"all_reduce": lambda p: 2 * (p - 1) / p, "all_gather": lambda p: 
 all-to-all's tensor is each rank's own, of which it keeps 1/p and sends the rest."""
 TREE_BANDWIDTH = 0.92
 """NCCL caps a tree all-reduce's bus bandwidth at 0.92 of the channels' (src/graph/tuning.cc)."""
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """One of the collective library's protocols as its tuning model costs it (NVIDIA/nccl and ROCm/rccl
+    src/graph/tuning.cc, `ncclTopoTuneModel`): its latencies as multiples of the low-latency (LL) protocol's, which
+    the system profile states, and the share of the channels' bus bandwidth it moves. LL sends 8-byte stores of 4
+    bytes of data and a flag; LL128 128-byte lines of 120; Simple whole buffers behind a fence, the slowest to
+    start and the only one at full bandwidth. The library runs each call with the protocol its model says is
+    fastest, so small calls pay LL's latency and large ones Simple's."""
+
+    name: str
+    base: float
+    """Per-call latency over LL's (the ring's `baseLat`)."""
+    intra: float
+    """Per hop inside a node (NVLink, xGMI) over LL's."""
+    inter: float
+    """Per ring hop between nodes over LL's."""
+    tree_inter: float
+    """Per tree hop between nodes over LL's ring hop (the current LL tree is costed with the ring's hop)."""
+    share: float = 1.0
+    """Of the channels' bus bandwidth."""
+    share_in_node: Optional[float] = None
+    """Of it for a call other than an all-reduce inside one node (NCCL's LL: 1/3 there, 1/4 otherwise)."""
+    share_one_per_node: Optional[float] = None
+    """Of it where each node holds one rank of the group (NCCL's LL128: 0.7 instead of 0.92)."""
+
+    def bandwidth_share(self, kind: str, local: int, nodes: int) -> float:
+        if self.share_in_node is not None and nodes == 1 and kind != "all_reduce":
+            return self.share_in_node
+        if self.share_one_per_node is not None and local < 2:
+            return self.share_one_per_node
+        return self.share
+
+
+NCCL_PROTOCOLS = (
+    Protocol("LL", 1.0, 1.0, 1.0, 1.0, share=1 / 4, share_in_node=1 / 3),
+    Protocol("LL128", 14.0 / 6.6, 1.9 / 0.6, 4.0 / 2.7, 8.5 / 2.7, share=0.92, share_one_per_node=0.7),
+    Protocol("Simple", 8.4 / 6.6, 3.4 / 0.6, 14.0 / 2.7, 14.0 / 2.7),
+)
+"""NCCL's: ring base latency LL 6.6, LL128 14.0, Simple 8.4 µs; per NVLink hop 0.6, 1.9, 3.4; per network hop
+0.6's ring 2.7, 4.0, 14.0, tree 5.0, 8.5, 14; LL at a quarter of the bandwidth (a third for an in-node call other
+than an all-reduce), LL128 at 0.92 (0.7 with one rank per node) (NVIDIA/nccl src/graph/tuning.cc)."""
+RCCL_PROTOCOLS = (
+    Protocol("LL", 1.0, 1.0, 1.0, 12.5 / 9.5, share=0.20),
+    Protocol("Simple", 17.0 / 12.0, 3.6 / 0.8, 19.8 / 9.5, 22.4 / 9.5),
+)
+"""RCCL's for MI250X nodes (ROCm/rccl src/graph/tuning.cc, `tuning_model_3`, the model the system profile's LL
+figures come from): ring base latency LL 12, Simple 17 µs; per xGMI hop 0.8, 3.6; per network hop ring 9.5, 19.8,
+tree 12.5, 22.4; LL at 0.20 of the bandwidth (`bwRatio`); no LL128 on this model."""
+GLOO_PROTOCOLS = (Protocol("gloo", 1.0, 1.0, 1.0, 1.0),)
+"""gloo on CPU hosts: one protocol, at the profile's latencies and bandwidth."""
+NVLS_LATENCY = 25e-6
+"""An NVLink SHARP all-reduce's latency inside a node (NCCL's `hwLat` NVLink NVLS Simple; its `baseLat` is 0)."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +124,8 @@ class Fabric:
     nvls_efficiency: Optional[float] = None
     """NVLink SHARP (third-generation NVSwitch): an all-reduce inside a node is reduced in the switch, so each device
     sends its data once and receives the sum once, at this fraction of its link bandwidth (None: no such switch)."""
+    protocols: tuple[Protocol, ...] = NCCL_PROTOCOLS
+    """The collective library's protocols (NCCL's, RCCL's, or gloo's one)."""
 
     def intra_ring(self, local: int) -> Optional[float]:
         """Bus bandwidth of a ring over `local` consecutive devices of one node (None: the profile lacks it)."""
@@ -107,26 +165,33 @@ class Fabric:
             return None
         steps = 2 * (group - 1) if kind == "all_reduce" else group - 1  # an all-to-all: p − 1 pairwise exchanges
         inter_steps = (2 if kind == "all_reduce" else 1) * (nodes - 1)
-        ring = (self.base_latency + (steps - inter_steps) * self.intra_hop + inter_steps * self.inter_hop
-                + RING_FACTOR[kind](group) * payload / bw)
+        tree = kind == "all_reduce" and nodes > 1
+        best = math.inf
+        for p in self.protocols:
+            rate = bw * p.bandwidth_share(kind, local, nodes)
+            best = min(best, self.base_latency * p.base + (steps - inter_steps) * self.intra_hop * p.intra
+                       + inter_steps * self.inter_hop * p.inter + RING_FACTOR[kind](group) * payload / rate)
+            if tree:
+                best = min(best, self.base_latency * p.base + 2 * ((local - 1) * self.intra_hop * p.intra
+                                                                  + math.log2(nodes) * self.inter_hop * p.tree_inter)
+                           + 2 * payload / (TREE_BANDWIDTH * rate))
         if kind == "all_reduce" and nodes == 1 and self.nvls_efficiency and not self.links and self.link_bw:
-            return min(ring, self.base_latency + payload / (self.link_bw * self.nvls_efficiency))
-        if kind != "all_reduce" or nodes == 1:
-            return ring
-        tree = (self.base_latency + 2 * ((local - 1) * self.intra_hop + math.log2(nodes) * self.inter_hop)
-                + 2 * payload / (TREE_BANDWIDTH * bw))
-        return min(ring, tree)
+            return min(best, NVLS_LATENCY + payload / (self.link_bw * self.nvls_efficiency))
+        return best
 
     def _send_s(self, payload: float, local: int, nodes: int) -> Optional[float]:
         """A point-to-point transfer between two ranks: over the pair's link in a node, else over this device's
-        share of the node's NICs (each pipeline rank sends on its own rail)."""
+        share of the node's NICs (each pipeline rank sends on its own rail), in the library's fastest protocol."""
         if nodes > 1:
             bw = self.nic_share(1)
-            hop = self.inter_hop
+            hop, scale = self.inter_hop, (lambda p: p.inter)
         else:
             bw = self.intra_ring(2)
-            hop = self.intra_hop
-        return None if bw is None else self.base_latency + hop + payload / bw
+            hop, scale = self.intra_hop, (lambda p: p.intra)
+        if bw is None:
+            return None
+        return min(self.base_latency * p.base + hop * scale(p)
+                   + payload / (bw * p.bandwidth_share("send_recv", 1, nodes)) for p in self.protocols)
 
 
 def fabric(system: Any) -> Fabric:
@@ -147,7 +212,17 @@ def fabric(system: Any) -> Fabric:
         inter_hop=float(getattr(system, "inter_hop_latency_us", 14.0)) * 1e-6,
         nvls_efficiency=getattr(system, "nvls_efficiency", None),
         gloo=getattr(system, "device", None) == "cpu",
+        protocols=protocols_for(system),
     )
+
+
+def protocols_for(system: Any) -> tuple[Protocol, ...]:
+    """gloo's on a CPU host, RCCL's on an AMD Instinct accelerator, NCCL's otherwise."""
+    if getattr(system, "device", None) == "cpu":
+        return GLOO_PROTOCOLS
+    if str(getattr(system, "accelerator", "") or "").upper().startswith("MI"):
+        return RCCL_PROTOCOLS
+    return NCCL_PROTOCOLS
 
 
 @lru_cache(maxsize=256)
