@@ -5,8 +5,8 @@ search, validation and estimates of the printed rows) and for the search alone, 
 
     python benchmarks/plan_speed.py [--rounds 5]
 
-Each figure is the median over the rounds, with its range: the same code on the same 2-core VM has measured
-3.6 s and 6.2 s on different days, so compare commits within one sitting.
+Each figure is the median over the rounds, with its range: the same code on the same 2-core VM has measured 3.6 s
+on one day and 4.9-6.2 s in a slow spell of another, so compare commits within one sitting.
 """
 
 from __future__ import annotations

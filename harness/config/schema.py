@@ -218,12 +218,13 @@ class SystemConfig:
     hides behind kernels that run longer; None: 0 on a CPU (layer_overhead_us holds its host time), else 5."""
     comm_efficiency: float = 0.8
     """Fraction of a link's bandwidth a large collective reaches where no measured figure is given."""
-    comm_latency_us: float = 8.4
-    """Fixed cost of one collective call (NCCL's base latency of a ring or tree, src/graph/tuning.cc)."""
-    intra_hop_latency_us: float = 3.4
-    """Latency of each step of a ring inside a node (NCCL's NVLink ring, Simple protocol)."""
-    inter_hop_latency_us: float = 14.0
-    """Latency of each step of a ring or tree across nodes (NCCL's network, Simple protocol)."""
+    comm_latency_us: float = 6.6
+    """Fixed cost of one collective call in the LL protocol (NCCL's ring base latency, src/graph/tuning.cc); the
+    other protocols' are multiples of it (costmodel/network.py `Protocol`)."""
+    intra_hop_latency_us: float = 0.6
+    """Latency of each step of an LL ring inside a node (NCCL's NVLink hop)."""
+    inter_hop_latency_us: float = 2.7
+    """Latency of each step of an LL ring across nodes (NCCL's network hop)."""
     framework_overhead_gb: float = 0.0
     """Memory per device that no model tensor explains (CUDA/HIP context, allocator, communicator buffers)."""
     fs_write_bw_gb_per_s: Optional[float] = None

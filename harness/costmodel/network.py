@@ -51,27 +51,32 @@ TREE_BANDWIDTH = 0.92
 @dataclass(frozen=True)
 class Protocol:
     """One of the collective library's protocols as its tuning model costs it (NVIDIA/nccl and ROCm/rccl
-    src/graph/tuning.cc, `ncclTopoTuneModel`): its latencies as multiples of the low-latency (LL) protocol's, which
-    the system profile states, and the share of the channels' bus bandwidth it moves. LL sends 8-byte stores of 4
-    bytes of data and a flag; LL128 128-byte lines of 120; Simple whole buffers behind a fence, the slowest to
-    start and the only one at full bandwidth. The library runs each call with the protocol its model says is
-    fastest, so small calls pay LL's latency and large ones Simple's."""
+    src/graph/tuning.cc, `ncclTopoTuneModel`): its latencies as multiples of the low-latency (LL) protocol's ring
+    latencies, which the system profile states, and the share of the channels' bus bandwidth it moves. LL sends
+    8-byte stores of 4 bytes of data and a flag; LL128 128-byte lines of 120; Simple whole buffers behind a fence,
+    the slowest to start and the only one at full bandwidth. The library runs each collective with the protocol
+    its model says is fastest, so small calls pay LL's latency and large ones Simple's; point-to-point calls (and
+    an all-to-all, which NCCL runs as grouped sends) use LL up to `P2P_LL_THRESHOLD` bytes and Simple above."""
 
     name: str
     base: float
     """Per-call latency over LL's (the ring's `baseLat`)."""
     intra: float
-    """Per hop inside a node (NVLink, xGMI) over LL's."""
+    """Per ring hop inside a node (NVLink, xGMI) over LL's."""
     inter: float
     """Per ring hop between nodes over LL's."""
+    tree_intra: float
+    """Per tree hop inside a node over LL's ring hop."""
     tree_inter: float
-    """Per tree hop between nodes over LL's ring hop (the current LL tree is costed with the ring's hop)."""
+    """Per tree hop between nodes over LL's ring hop."""
     share: float = 1.0
-    """Of the channels' bus bandwidth."""
+    """A ring's share of the channels' bus bandwidth."""
     share_in_node: Optional[float] = None
-    """Of it for a call other than an all-reduce inside one node (NCCL's LL: 1/3 there, 1/4 otherwise)."""
+    """A ring's share for a call other than an all-reduce inside one node (NCCL's LL: 1/3 there, 1/4 otherwise)."""
     share_one_per_node: Optional[float] = None
-    """Of it where each node holds one rank of the group (NCCL's LL128: 0.7 instead of 0.92)."""
+    """A ring's share where each node holds one rank of the group (NCCL's LL128: 0.7 instead of 0.92)."""
+    tree_share: float = 1.0
+    """A tree's share of the tree's bandwidth (itself 0.92 of the channels': TREE_BANDWIDTH)."""
 
     def bandwidth_share(self, kind: str, local: int, nodes: int) -> float:
         if self.share_in_node is not None and nodes == 1 and kind != "all_reduce":
@@ -82,21 +87,26 @@ class Protocol:
 
 
 NCCL_PROTOCOLS = (
-    Protocol("LL", 1.0, 1.0, 1.0, 1.0, share=1 / 4, share_in_node=1 / 3),
-    Protocol("LL128", 14.0 / 6.6, 1.9 / 0.6, 4.0 / 2.7, 8.5 / 2.7, share=0.92, share_one_per_node=0.7),
-    Protocol("Simple", 8.4 / 6.6, 3.4 / 0.6, 14.0 / 2.7, 14.0 / 2.7),
+    Protocol("LL", 1.0, 1.0, 1.0, 1.0, 5.0 / 2.7, share=1 / 4, share_in_node=1 / 3, tree_share=1 / 3.8),
+    Protocol("LL128", 14.0 / 6.6, 1.9 / 0.6, 4.0 / 2.7, 1.25 / 0.6, 8.5 / 2.7, share=0.92, share_one_per_node=0.7,
+             tree_share=120 / 128),
+    Protocol("Simple", 8.4 / 6.6, 3.4 / 0.6, 14.0 / 2.7, 4.0 / 0.6, 14.0 / 2.7),
 )
-"""NCCL's: ring base latency LL 6.6, LL128 14.0, Simple 8.4 µs; per NVLink hop 0.6, 1.9, 3.4; per network hop
-0.6's ring 2.7, 4.0, 14.0, tree 5.0, 8.5, 14; LL at a quarter of the bandwidth (a third for an in-node call other
-than an all-reduce), LL128 at 0.92 (0.7 with one rank per node) (NVIDIA/nccl src/graph/tuning.cc)."""
+"""NCCL's: ring base latency LL 6.6, LL128 14.0, Simple 8.4 µs; per NVLink hop ring 0.6, 1.9, 3.4 and tree 0.6,
+1.25, 4.0; per network hop ring 2.7, 4.0, 14.0 and tree 5.0, 8.5, 14; a ring's LL at a quarter of the bandwidth (a
+third for an in-node call other than an all-reduce), LL128 at 0.92 (0.7 with one rank per node); a tree's LL at
+1/3.8, LL128 at 120/128 (NVIDIA/nccl src/graph/tuning.cc)."""
 RCCL_PROTOCOLS = (
-    Protocol("LL", 1.0, 1.0, 1.0, 12.5 / 9.5, share=0.20),
-    Protocol("Simple", 17.0 / 12.0, 3.6 / 0.8, 19.8 / 9.5, 22.4 / 9.5),
+    Protocol("LL", 1.0, 1.0, 1.0, 1.0, 12.5 / 9.5, share=0.20, tree_share=0.20),
+    Protocol("Simple", 17.0 / 12.0, 3.6 / 0.8, 19.8 / 9.5, 2.5 / 0.8, 22.4 / 9.5),
 )
 """RCCL's for MI250X nodes (ROCm/rccl src/graph/tuning.cc, `tuning_model_3`, the model the system profile's LL
-figures come from): ring base latency LL 12, Simple 17 µs; per xGMI hop 0.8, 3.6; per network hop ring 9.5, 19.8,
-tree 12.5, 22.4; LL at 0.20 of the bandwidth (`bwRatio`); no LL128 on this model."""
-GLOO_PROTOCOLS = (Protocol("gloo", 1.0, 1.0, 1.0, 1.0),)
+figures come from): base latency LL 12, Simple 17 µs; per xGMI hop ring 0.8, 3.6 and tree 0.8, 2.5; per network
+hop ring 9.5, 19.8 and tree 12.5, 22.4; LL at 0.20 of the bandwidth (`bwRatio`); no LL128 on this model."""
+P2P_LL_THRESHOLD = 16384
+"""Bytes up to which NCCL sends a point-to-point message with LL, above which with Simple (`NCCL_P2P_LL_THRESHOLD`'s
+default); it never uses LL128 for them."""
+GLOO_PROTOCOLS = (Protocol("gloo", 1.0, 1.0, 1.0, 1.0, 1.0),)
 """gloo on CPU hosts: one protocol, at the profile's latencies and bandwidth."""
 NVLS_LATENCY = 25e-6
 """An NVLink SHARP all-reduce's latency inside a node (NCCL's `hwLat` NVLink NVLS Simple; its `baseLat` is 0)."""
@@ -115,9 +125,10 @@ class Fabric:
     nics: Optional[int] = None
     nic_bw: Optional[float] = None
     nic_efficiency: float = 0.8
-    base_latency: float = 8.4e-6
-    intra_hop: float = 3.4e-6
-    inter_hop: float = 14e-6
+    base_latency: float = 6.6e-6
+    intra_hop: float = 0.6e-6
+    inter_hop: float = 2.7e-6
+    """The library's LL-protocol latencies (the other protocols' are multiples of them: `Protocol`)."""
     gloo: bool = False
     """The ranks talk through gloo (CPU hosts), which runs some collectives as others (trace.comm.GLOO_KIND: a
     reduce-scatter as an all-reduce of the whole tensor)."""
@@ -166,15 +177,17 @@ class Fabric:
         steps = 2 * (group - 1) if kind == "all_reduce" else group - 1  # an all-to-all: p − 1 pairwise exchanges
         inter_steps = (2 if kind == "all_reduce" else 1) * (nodes - 1)
         tree = kind == "all_reduce" and nodes > 1
+        protocols = self.p2p_protocols(payload / group) if kind == "all_to_all" else self.protocols
         best = math.inf
-        for p in self.protocols:
+        for p in protocols:
             rate = bw * p.bandwidth_share(kind, local, nodes)
             best = min(best, self.base_latency * p.base + (steps - inter_steps) * self.intra_hop * p.intra
                        + inter_steps * self.inter_hop * p.inter + RING_FACTOR[kind](group) * payload / rate)
             if tree:
-                best = min(best, self.base_latency * p.base + 2 * ((local - 1) * self.intra_hop * p.intra
-                                                                  + math.log2(nodes) * self.inter_hop * p.tree_inter)
-                           + 2 * payload / (TREE_BANDWIDTH * rate))
+                best = min(best, self.base_latency * p.base
+                           + 2 * ((local - 1) * self.intra_hop * p.tree_intra
+                                  + math.log2(nodes) * self.inter_hop * p.tree_inter)
+                           + 2 * payload / (TREE_BANDWIDTH * bw * p.tree_share))
         if kind == "all_reduce" and nodes == 1 and self.nvls_efficiency and not self.links and self.link_bw:
             return min(best, NVLS_LATENCY + payload / (self.link_bw * self.nvls_efficiency))
         return best
@@ -190,8 +203,16 @@ class Fabric:
             hop, scale = self.intra_hop, (lambda p: p.intra)
         if bw is None:
             return None
-        return min(self.base_latency * p.base + hop * scale(p)
-                   + payload / (bw * p.bandwidth_share("send_recv", 1, nodes)) for p in self.protocols)
+        return min(self.base_latency * p.base + hop * scale(p) + payload / (bw * p.share)
+                   for p in self.p2p_protocols(payload))
+
+    def p2p_protocols(self, message: float) -> tuple[Protocol, ...]:
+        """The protocol a point-to-point message of this size goes in: LL up to P2P_LL_THRESHOLD, else Simple (or
+        the library's only one)."""
+        if len(self.protocols) == 1:
+            return self.protocols
+        name = "LL" if message <= P2P_LL_THRESHOLD else "Simple"
+        return tuple(p for p in self.protocols if p.name == name)
 
 
 def fabric(system: Any) -> Fabric:
@@ -208,8 +229,8 @@ def fabric(system: Any) -> Fabric:
         nic_bw=gb(getattr(system, "nic_bw_gb_per_s", None)),
         nic_efficiency=float(getattr(system, "nic_efficiency", None) or default),
         base_latency=float(system.comm_latency_us) * 1e-6,
-        intra_hop=float(getattr(system, "intra_hop_latency_us", 3.4)) * 1e-6,
-        inter_hop=float(getattr(system, "inter_hop_latency_us", 14.0)) * 1e-6,
+        intra_hop=float(getattr(system, "intra_hop_latency_us", 0.6)) * 1e-6,
+        inter_hop=float(getattr(system, "inter_hop_latency_us", 2.7)) * 1e-6,
         nvls_efficiency=getattr(system, "nvls_efficiency", None),
         gloo=getattr(system, "device", None) == "cpu",
         protocols=protocols_for(system),

@@ -272,9 +272,13 @@ def exposed_dp_s(timed: list[tuple[Collective, float]], job: Job, per_mb: float,
                 exposed += t
             elif job.spec.shardings:
                 gathers, per_call = c.calls // m, t / c.calls
-                fill = per_call * edge * fills
-                exposed += fill
-                forward += per_call - fill / m
+                fill = per_call * edge  # of one forward's gathers: exposed in each forward that starts empty
+                exposed += fill * fills
+                if fills == m:
+                    forward += per_call - fill
+                else:  # only the step's first forward starts empty
+                    forward += per_call
+                    first -= fill
                 backward += per_call * (gathers - 1)
             else:
                 forward += t / m * share
