@@ -296,7 +296,7 @@ def _stage_params(model: GPTConfig, tp: int, pp: int, vocab: VocabUnderTP = TP_V
     on the first stage; with PP > 1 a tied output projection is a second copy on the last stage (Narayanan
     et al. 2021, section 3).
     """
-    layer = _rank_params(model, tp, ("blocks.0.",))
+    layer = _block_params(model, tp)
     embedding = _rank_params(model, tp, ("tok_emb.", "pos_emb."), vocab.embedding_split)
     head = _rank_params(model, tp, ("norm_f.", "lm_head."), vocab.head_split)
     layers = -(-model.n_layers // pp)
