@@ -125,6 +125,37 @@ def test_each_call_runs_in_the_protocol_its_library_finds_fastest() -> None:
     assert fabric(compose(["system=cpu"]).system).protocols[0].name == "gloo"
 
 
+def test_nccls_own_corrections_slow_medium_trees_and_multi_node_simple_rings() -> None:
+    """NCCL's tuning model corrects its tree bandwidth for medium sizes (`treeCorrectionFactor`, by log2 of the bytes
+    over 64, up to 256 MiB: Simple's 0.9 at 128 MiB) and multiplies a multi-node Simple ring all-reduce's latency
+    by 1.4 from Ampere on, 1.9 on Volta ("plateau effect of ring"); neither inside one node, nor for RCCL."""
+    from harness.costmodel.network import NCCL_PROTOCOLS, TREE_BANDWIDTH
+
+    _, _, simple = NCCL_PROTOCOLS
+    assert simple.tree_factor(128 * 2**20) == 0.9 and simple.tree_factor(GiB) == 1.0
+    net = fabric(compose(["system=dgx-a100-80gb"]).system)
+    plain = tuple(dataclasses.replace(p, tree_correction=(), ring_plateau=False) for p in NCCL_PROTOCOLS)
+    uncorrected = dataclasses.replace(net, protocols=plain)
+    payload, bw = 128 * 2**20, net.bus_bandwidth(8, 64)
+    corrected = net.call_s("all_reduce", payload, 512, 8)
+    assert corrected > uncorrected.call_s("all_reduce", payload, 512, 8)
+    tree = (net.base_latency * simple.base + 2 * (7 * 4.0e-6 + 6 * 14e-6)
+            + 2 * payload / (TREE_BANDWIDTH * bw * 0.9))
+    assert corrected <= tree * (1 + 1e-9)  # Simple's corrected tree, or a protocol NCCL finds faster
+    assert net.call_s("all_reduce", GiB, 512, 8) == uncorrected.call_s("all_reduce", GiB, 512, 8)  # past the table
+    # the plateau: a ring's latency, only across nodes (two nodes: the ring of 16 against the tree)
+    ring_only = dataclasses.replace(net, protocols=(simple,))
+    flat = dataclasses.replace(ring_only, protocols=(dataclasses.replace(simple, ring_plateau=False),))
+    assert ring_only.ring_plateau == 1.4 and fabric(compose(["system=summit"]).system).ring_plateau == 1.9
+    ring_latency = (net.base_latency * simple.base + 28 * net.intra_hop * simple.intra  # 2·15 steps, 2 of them
+                    + 2 * net.inter_hop * simple.inter)                                   # between the nodes
+    ring = ring_latency + 2 * 15 / 16 * 4 * GiB / net.bus_bandwidth(8, 2)
+    assert flat.call_s("all_reduce", 4 * GiB, 16, 8) == pytest.approx(ring)  # the ring beats the tree here
+    assert ring_only.call_s("all_reduce", 4 * GiB, 16, 8) == pytest.approx(ring + 0.4 * ring_latency)
+    assert ring_only.call_s("all_reduce", GiB, 8, 8) == flat.call_s("all_reduce", GiB, 8, 8)
+    assert fabric(compose(["system=frontier"]).system).ring_plateau == 1.0
+
+
 # --- kernels ------------------------------------------------------------------------------------------------------
 
 LLAMA = ["system=dgx-h100", "model.d_model=4096", "model.n_layers=4", "model.n_heads=32", "model.n_kv_heads=8",

@@ -23,10 +23,15 @@ latencies are the low-latency (LL) protocol's; each call runs in the protocol th
 (`Protocol`: LL at a quarter of the bandwidth, LL128 at 0.92, Simple at all of it with 5× LL's per-hop latency
 between nodes and 5.7× inside), so a small call pays LL's latency and a large one Simple's. On a
 third-generation NVSwitch (H100, H200) NCCL runs an all-reduce inside a node with NVLink SHARP (NVLS), which
-reduces in the switch: each device moves its payload once each way, at the measured `nvls_efficiency`.
+reduces in the switch: each device moves its payload once each way, at the measured `nvls_efficiency`. NCCL's
+own corrections apply as its `ncclTopoGetAlgoTime` applies them: a tree all-reduce's bandwidth times its
+`treeCorrectionFactor` for the size (up to 256 MiB), a Simple ring all-reduce across nodes at 1.4× its latency (1.9×
+before Ampere). RCCL's per-model correction tables (factors down to 0.1, there to steer its choice of algorithm)
+are not rates and are not used.
 
 Scored against published nccl-tests bus bandwidths (published_runs.yaml, kind `collective`): 128 MiB to 8 GiB,
-2 to 540 nodes; at 128 MiB on one node nccl-tests still measures up to 26% less than this model (A100).
+2 to 540 nodes; at 128 MiB on one node nccl-tests still measures up to 26% less than this model (A100), and
+as much at 128 MiB over 256 Polaris nodes.
 """
 
 from __future__ import annotations
@@ -77,6 +82,18 @@ class Protocol:
     """A ring's share where each node holds one rank of the group (NCCL's LL128: 0.7 instead of 0.92)."""
     tree_share: float = 1.0
     """A tree's share of the tree's bandwidth (itself 0.92 of the channels': TREE_BANDWIDTH)."""
+    tree_correction: tuple[float, ...] = ()
+    """A tree all-reduce's bandwidth factor by log2(bytes / 64), for calls under 2^len × 64 bytes (NCCL's
+    `treeCorrectionFactor`: "trees are not perfectly sticking to the model for medium sizes")."""
+    ring_plateau: bool = False
+    """A multi-node ring all-reduce in this protocol pays its latency `Fabric.ring_plateau` times (NCCL's
+    "plateau effect of ring", Simple only)."""
+
+    def tree_factor(self, payload: float) -> float:
+        """The tree correction for a call of `payload` bytes (1 where the table ends)."""
+        index = int(payload) >> 6
+        log = index.bit_length() - 1 if index > 0 else 0
+        return self.tree_correction[log] if log < len(self.tree_correction) else 1.0
 
     def bandwidth_share(self, kind: str, local: int, nodes: int) -> float:
         if self.share_in_node is not None and nodes == 1 and kind != "all_reduce":
@@ -87,10 +104,16 @@ class Protocol:
 
 
 NCCL_PROTOCOLS = (
-    Protocol("LL", 1.0, 1.0, 1.0, 1.0, 5.0 / 2.7, share=1 / 4, share_in_node=1 / 3, tree_share=1 / 3.8),
+    Protocol("LL", 1.0, 1.0, 1.0, 1.0, 5.0 / 2.7, share=1 / 4, share_in_node=1 / 3, tree_share=1 / 3.8,
+             tree_correction=(1.0, 1.0, 1.0, 1.0, .9, .8, .7, .7, .7, .7, .6, .5, .4, .4, .5, .6, .7, .8, .9, 1.0,
+                              1.0, 1.0, 1.0)),
     Protocol("LL128", 14.0 / 6.6, 1.9 / 0.6, 4.0 / 2.7, 1.25 / 0.6, 8.5 / 2.7, share=0.92, share_one_per_node=0.7,
-             tree_share=120 / 128),
-    Protocol("Simple", 8.4 / 6.6, 3.4 / 0.6, 14.0 / 2.7, 4.0 / 0.6, 14.0 / 2.7),
+             tree_share=120 / 128,
+             tree_correction=(1.0, 1.0, 1.0, 1.0, 1.0, .9, .8, .8, .8, .7, .6, .6, .6, .6, .6, .6, .8, .9, .9, .9,
+                              .9, 1.0, 1.0)),
+    Protocol("Simple", 8.4 / 6.6, 3.4 / 0.6, 14.0 / 2.7, 4.0 / 0.6, 14.0 / 2.7,
+             tree_correction=(.9, .9, .9, .9, .9, .9, .9, .8, .7, .6, .6, .5, .5, .5, .5, .6, .7, .8, .7, .7, .8,
+                              .9, .9), ring_plateau=True),
 )
 """NCCL's: ring base latency LL 6.6, LL128 14.0, Simple 8.4 µs; per NVLink hop ring 0.6, 1.9, 3.4 and tree 0.6,
 1.25, 4.0; per network hop ring 2.7, 4.0, 14.0 and tree 5.0, 8.5, 14; a ring's LL at a quarter of the bandwidth (a
@@ -137,6 +160,9 @@ class Fabric:
     sends its data once and receives the sum once, at this fraction of its link bandwidth (None: no such switch)."""
     protocols: tuple[Protocol, ...] = NCCL_PROTOCOLS
     """The collective library's protocols (NCCL's, RCCL's, or gloo's one)."""
+    ring_plateau: float = 1.0
+    """How many times its latency a multi-node ring all-reduce pays in a `Protocol.ring_plateau` protocol (NCCL:
+    1.4 from compute capability 8.0, 1.9 below)."""
 
     def intra_ring(self, local: int) -> Optional[float]:
         """Bus bandwidth of a ring over `local` consecutive devices of one node (None: the profile lacks it)."""
@@ -181,13 +207,16 @@ class Fabric:
         best = math.inf
         for p in protocols:
             rate = bw * p.bandwidth_share(kind, local, nodes)
-            best = min(best, self.base_latency * p.base + (steps - inter_steps) * self.intra_hop * p.intra
-                       + inter_steps * self.inter_hop * p.inter + RING_FACTOR[kind](group) * payload / rate)
+            latency = (self.base_latency * p.base + (steps - inter_steps) * self.intra_hop * p.intra
+                       + inter_steps * self.inter_hop * p.inter)
+            if tree and p.ring_plateau:
+                latency *= self.ring_plateau
+            best = min(best, latency + RING_FACTOR[kind](group) * payload / rate)
             if tree:
                 best = min(best, self.base_latency * p.base
                            + 2 * ((local - 1) * self.intra_hop * p.tree_intra
                                   + math.log2(nodes) * self.inter_hop * p.tree_inter)
-                           + 2 * payload / (TREE_BANDWIDTH * bw * p.tree_share))
+                           + 2 * payload / (TREE_BANDWIDTH * bw * p.tree_share * p.tree_factor(payload)))
         if kind == "all_reduce" and nodes == 1 and self.nvls_efficiency and not self.links and self.link_bw:
             return min(best, NVLS_LATENCY + payload / (self.link_bw * self.nvls_efficiency))
         return best
@@ -234,7 +263,15 @@ def fabric(system: Any) -> Fabric:
         nvls_efficiency=getattr(system, "nvls_efficiency", None),
         gloo=getattr(system, "device", None) == "cpu",
         protocols=protocols_for(system),
+        ring_plateau=ring_plateau_for(system),
     )
+
+
+def ring_plateau_for(system: Any) -> float:
+    """NCCL's plateau factor: 1.9 on Volta (V100), 1.4 on Ampere and later, 1 for other libraries."""
+    if protocols_for(system) is not NCCL_PROTOCOLS:
+        return 1.0
+    return 1.9 if str(getattr(system, "accelerator", "") or "").upper().startswith(("V100", "P100")) else 1.4
 
 
 def protocols_for(system: Any) -> tuple[Protocol, ...]:
