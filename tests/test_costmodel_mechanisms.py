@@ -487,6 +487,18 @@ def test_the_ends_of_fsdps_pipeline_of_collectives_are_exposed_however_much_comp
     assert exposed_dp_s(timed, job, per_mb, hw) == pytest.approx(fill + drain)
     synced = dataclasses.replace(job, software=dataclasses.replace(job.software, host_sync_every_micro_batch=True))
     assert exposed_dp_s(timed, synced, per_mb, hw) == pytest.approx(m * fill + drain)
+    # HSDP: each block's reduce-scatter is followed by its all-reduce across the replicas (FSDP2's foreach_reduce),
+    # so block 0's and the root's all-reduce follow all compute as well
+    hsdp, hw = job_and_hw([*LLAMA, "train.global_batch_size=64", "train.micro_batch_size=4",
+                           "backend.sharding=hybrid_shard", "backend.hybrid_shard_group=4"], 8)
+    timed = [(c, collective_s(c, hw)) for c in collectives(hsdp) if c.dim == "dp"]
+    gather = next((c, t) for c, t in timed if c.role == "params")
+    reductions = [t for c, t in timed if c.role == "grads"]
+    assert len(reductions) == 2 and min(reductions) > 0  # the reduce-scatter, then the replicas' all-reduce
+    edge = sharded_edge_share(hsdp)
+    per_mb = micro_batch_compute_s(hsdp, hw)
+    assert exposed_dp_s(timed, hsdp, per_mb, hw) == pytest.approx(gather[1] / gather[0].calls * edge
+                                                                  + sum(reductions) * edge)
     ddp, hw = job_and_hw([*LLAMA, "train.global_batch_size=64", "train.micro_batch_size=4", "backend=ddp"], 8)
     assert sharded_edge_share(ddp) == 0.0
 
