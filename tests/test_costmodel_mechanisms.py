@@ -156,6 +156,27 @@ def test_nccls_own_corrections_slow_medium_trees_and_multi_node_simple_rings() -
     assert fabric(compose(["system=frontier"]).system).ring_plateau == 1.0
 
 
+def test_no_ll128_across_nodes_where_a_gpu_reaches_its_nic_through_the_cpu() -> None:
+    """NCCL offers LL128 to a collective spanning nodes only where the GPU-to-NIC path is PXB or nearer (PXN from
+    Hopper on). Polaris's NICs hang off the CPU (PHB), so a medium all-reduce across its nodes runs in Simple or LL
+    and is slower than with LL128; inside a node, and on a node whose NICs share a PCIe switch, nothing changes."""
+    from harness.core.errors import ConfigError
+
+    polaris = compose(["system=polaris"]).system
+    net = fabric(polaris)
+    assert polaris.nic_gpu_path == "PHB" and not net.ll128_across_nodes
+    with_ll128 = dataclasses.replace(net, ll128_across_nodes=True)
+    payload = 128 * 2**20
+    assert net.call_s("all_reduce", payload, 1024, 4) > with_ll128.call_s("all_reduce", payload, 1024, 4)
+    assert net.call_s("all_reduce", payload, 4, 4) == with_ll128.call_s("all_reduce", payload, 4, 4)
+    a100 = compose(["system=dgx-a100-80gb", "system.nic_gpu_path=PXB"]).system
+    assert fabric(a100).ll128_across_nodes
+    assert not fabric(compose(["system=dgx-a100-80gb", "system.nic_gpu_path=PXN"]).system).ll128_across_nodes
+    assert fabric(compose(["system=dgx-h100", "system.nic_gpu_path=PXN"]).system).ll128_across_nodes
+    with pytest.raises(ConfigError, match="system.nic_gpu_path=PCI"):
+        validate(compose(["system=polaris", "system.nic_gpu_path=PCI"]), 1)
+
+
 # --- kernels ------------------------------------------------------------------------------------------------------
 
 LLAMA = ["system=dgx-h100", "model.d_model=4096", "model.n_layers=4", "model.n_heads=32", "model.n_kv_heads=8",

@@ -198,6 +198,10 @@ class SystemConfig:
     """Network adapters per node that collectives spread their channels over."""
     nic_bw_gb_per_s: Optional[float] = None
     """Per NIC, per direction."""
+    nic_gpu_path: Optional[str] = None
+    """How a GPU reaches its nearest NIC, as NCCL names the path (`nvidia-smi topo -m`: PIX, PXB, PHB, SYS; all in
+    harness.core.registry.NIC_PATHS): NCCL runs its LL128 protocol across nodes only up to PXB (PXN from Hopper on);
+    None: PXB or nearer."""
     nic_efficiency: Optional[float] = None
     """Fraction of the NICs' bandwidth a large ring collective across nodes reaches (a published nccl-tests bus
     bandwidth over the line rate); None: comm_efficiency."""

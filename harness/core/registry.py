@@ -13,6 +13,9 @@ from typing import Any, Optional
 PRECISIONS = ("fp32", "fp16", "bf16")
 FSDP_SHARDINGS = ("full_shard", "shard_grad_op", "hybrid_shard", "no_shard")
 """FSDP1's strategy names, mapped onto FSDP2 (harness/backends/fsdp.py)."""
+NIC_PATHS = ("LOC", "NVL", "NVB", "C2C", "PIX", "PXB", "PXN", "PHB", "SYS")
+"""NCCL's path types from a GPU to a NIC, nearest first (NVIDIA/nccl src/graph/topo.h `PATH_LOC` ... `PATH_SYS`; what
+`nvidia-smi topo -m` prints between a GPU and its NIC: PIX, PXB, PHB, SYS)."""
 OPTIMIZERS = ("auto", "adamw", "adamw_foreach", "adamw_fused", "apex_fused_adam", "deepspeed_fused_adam")
 """train.optimizer: implementations of the same AdamW update (GPT-3's betas), chosen for speed."""
 FP16_SCALER_OPTIONS = ("initial_scale_power", "loss_scale_window", "hysteresis", "min_loss_scale")

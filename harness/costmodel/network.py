@@ -31,7 +31,7 @@ are not rates and are not used.
 
 Scored against published nccl-tests bus bandwidths (published_runs.yaml, kind `collective`): 128 MiB to 8 GiB,
 2 to 540 nodes; at 128 MiB on one node nccl-tests still measures up to 26% less than this model (A100), and
-as much at 128 MiB over 256 Polaris nodes.
+20% less at 128 MiB over 256 Polaris nodes.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Optional
 
+from harness.core.registry import NIC_PATHS
 from harness.trace.comm import GLOO_KIND
 
 RING_FACTOR = {"all_reduce": lambda p: 2 * (p - 1) / p, "all_gather": lambda p: (p - 1) / p,
@@ -160,6 +161,9 @@ class Fabric:
     sends its data once and receives the sum once, at this fraction of its link bandwidth (None: no such switch)."""
     protocols: tuple[Protocol, ...] = NCCL_PROTOCOLS
     """The collective library's protocols (NCCL's, RCCL's, or gloo's one)."""
+    ll128_across_nodes: bool = True
+    """NCCL offers LL128 to a collective that spans nodes only where a GPU reaches its NIC over a PCIe switch (PXB,
+    PXN from Hopper on; `ncclTopoTuneModel`'s `typeInter` check): not through the CPU's root complex (PHB, SYS)."""
     ring_plateau: float = 1.0
     """How many times its latency a multi-node ring all-reduce pays in a `Protocol.ring_plateau` protocol (NCCL:
     1.4 from compute capability 8.0, 1.9 below)."""
@@ -204,6 +208,8 @@ class Fabric:
         inter_steps = (2 if kind == "all_reduce" else 1) * (nodes - 1)
         tree = kind == "all_reduce" and nodes > 1
         protocols = self.p2p_protocols(payload / group) if kind == "all_to_all" else self.protocols
+        if nodes > 1 and not self.ll128_across_nodes:
+            protocols = tuple(p for p in protocols if p.name != "LL128")
         best = math.inf
         for p in protocols:
             rate = bw * p.bandwidth_share(kind, local, nodes)
@@ -264,21 +270,35 @@ def fabric(system: Any) -> Fabric:
         gloo=getattr(system, "device", None) == "cpu",
         protocols=protocols_for(system),
         ring_plateau=ring_plateau_for(system),
+        ll128_across_nodes=ll128_across_nodes(system),
     )
+
+
+def ll128_across_nodes(system: Any) -> bool:
+    """Whether NCCL may run LL128 over the NICs: the GPU-to-NIC path no farther than PXB (PXN on Hopper and later)."""
+    path = getattr(system, "nic_gpu_path", None)
+    if path is None:
+        return True
+    hopper = _accelerator(system).startswith(("H100", "H200", "GH200", "B200", "GB200"))
+    return NIC_PATHS.index(path) <= NIC_PATHS.index("PXN" if hopper else "PXB")
 
 
 def ring_plateau_for(system: Any) -> float:
     """NCCL's plateau factor: 1.9 on Volta (V100), 1.4 on Ampere and later, 1 for other libraries."""
     if protocols_for(system) is not NCCL_PROTOCOLS:
         return 1.0
-    return 1.9 if str(getattr(system, "accelerator", "") or "").upper().startswith(("V100", "P100")) else 1.4
+    return 1.9 if _accelerator(system).startswith(("V100", "P100")) else 1.4
+
+
+def _accelerator(system: Any) -> str:
+    return str(getattr(system, "accelerator", "") or "").upper()
 
 
 def protocols_for(system: Any) -> tuple[Protocol, ...]:
     """gloo's on a CPU host, RCCL's on an AMD Instinct accelerator, NCCL's otherwise."""
     if getattr(system, "device", None) == "cpu":
         return GLOO_PROTOCOLS
-    if str(getattr(system, "accelerator", "") or "").upper().startswith("MI"):
+    if _accelerator(system).startswith("MI"):
         return RCCL_PROTOCOLS
     return NCCL_PROTOCOLS
 

@@ -13,6 +13,7 @@ from harness.config.schema import (
 from harness.core.errors import ConfigError
 from harness.core.registry import (
     CHECKPOINTING,
+    NIC_PATHS,
     OPTIMIZERS,
     PRECISIONS,
     REPORT_VIEWS,
@@ -92,6 +93,8 @@ def check_system(system: Any) -> None:
     choice(system.device, DEVICES, "system.device")
     if system.peak_tflops is not None and not system.peak_tflops_source:
         raise ConfigError("system.peak_tflops is set without system.peak_tflops_source; say where it was measured")
+    if system.nic_gpu_path is not None:
+        choice(system.nic_gpu_path, NIC_PATHS, "system.nic_gpu_path")
     at_least(system, "system", ("devices_per_node",), 1, "at least 1")
     at_least(system, "system", ("peak_tflops", "memory_gb"), 1e-9, "positive")
 
