@@ -62,8 +62,8 @@ def test_zero_paper_example(stage: int, expected_gb: float) -> None:
 # H200 nccl-tests table meet. Frontier's grew in the third
 # pass: RCCL's rings over the xGMI links carry the TP traffic 2-4x faster than the one-link figure did, which had
 # hidden part of the compute the model still misses; LUMI's MI250X runs (the same node) miss it by the same ratio.
-PUBLISHED_BOUNDS = {"narayanan2021-table1": 0.13, "narayanan2021-table2": 0.09, "bloom-176b": 0.08,
-                    "dash2023-frontier": 0.76, "lumi-megatron-deepspeed": 0.62, "lumi-176b-strong-scaling": 0.12,
+PUBLISHED_BOUNDS = {"narayanan2021-table1": 0.08, "narayanan2021-table2": 0.03, "bloom-176b": 0.03,
+                    "dash2023-frontier": 0.31, "lumi-megatron-deepspeed": 0.20, "lumi-176b-strong-scaling": 0.14,
                     "zero2020-memory": 0.02, "kempnerforge-h200-fsdp2": 0.39, "kempnerforge-h200-weak-scaling": 0.04,
                     "kempnerforge-h200-memory": 0.09, "kempnerforge-h200-weak-scaling-memory": 0.08,
                     "kempnerforge-h200-175b": 0.78, "kempnerforge-h200-175b-memory": 0.18,
@@ -118,7 +118,7 @@ def test_the_stored_track_record_is_todays(published: dict) -> None:  # type: ig
 def test_a_strong_scaling_table_scores_the_change_between_its_runs_not_their_level(published: dict) -> None:  # type: ignore[type-arg]
     """A table `relative_to` one of its rows divides each other row's predicted and published values by that row's
     and does not score the row itself: LUMI's 176B series is scored on how much per-GCD speed it loses from 128 to
-    2048 GCDs, while its level (which the model misses, as lumi-megatron-deepspeed shows) stays beside it."""
+    2048 GCDs, while its level (scored by lumi-megatron-deepspeed) stays beside it."""
     from harness.costmodel.published import references, relative_rows, scores, summarize
 
     rows = [{"name": "a", "predicted": 150.0, "published": 100.0}, {"name": "b", "predicted": 120.0, "published": 90.0}]
@@ -138,8 +138,9 @@ def test_a_strong_scaling_table_scores_the_change_between_its_runs_not_their_lev
             references(bad)
     series = published["lumi-176b-strong-scaling"]
     assert "176B-128" not in {r["name"] for r in series["rows"]} and len(series["rows"]) == 4
-    for r in series["rows"]:  # each run loses speed per GCD, measured and predicted, and the level is far off
-        assert r["published"] < 1 and r["predicted"] < 1 and r["predicted_level"] > 1.3 * r["published_level"]
+    for r in series["rows"]:  # each run loses speed per GCD, measured and predicted; its level is scored apart
+        assert r["published"] < 1 and r["predicted"] < 1
+        assert r["predicted"] / r["published"] != pytest.approx(r["predicted_level"] / r["published_level"], rel=1e-3)
     assert scores(series) == "scaling" == summarize([series])[0]["scores"]
 
 

@@ -24,7 +24,10 @@ class DevicePeak:
     """Dense TFLOP/s per precision: bf16 and fp16 tensor-core math, fp32 without TF32."""
     source: str
     gemm_efficiency: Optional[float] = None
-    """Fraction of the dense 16-bit peak a large bf16 GEMM reaches, measured (None: not known)."""
+    """Fraction of the dense 16-bit peak a regular large 16-bit GEMM reaches, measured (None: not known): the best
+    mean rate of a regular sweep of sizes, not the best shape of an exhaustive search (MAMF), which a training step's
+    GEMMs do not have. Where the two differ (MAMF's best shape 8% above the sweep's best on A100, 42% on MI250X) the
+    sweep's; where they agree (H100: XLA's measured sweep within 1.3% of MAMF) either."""
     gemm_source: Optional[str] = None
     compute_units: Optional[int] = None
     """Streaming multiprocessors (NVIDIA) or compute units (AMD, per GCD) that a GEMM's tiles fill in waves."""
@@ -40,6 +43,9 @@ class DevicePeak:
 
 MAMF = ("Maximum Achievable Matmul FLOPS (mean of 100 runs after 50 warm-up, best shape), S. Bekman, "
         "github.com/stas00/ml-engineering compute/accelerator/README.md")
+SWEEP = ("torch.mm in fp16, mean of 100 runs after 50 warm-up, M = N = 32 ... 8192 at K = 4096: EleutherAI's "
+         "transformer-sizing GEMM benchmark, EleutherAI/cookbook sizing/benchmarks/mm_flops.py and "
+         "sizing/results/gemm_data/mm/m_sweep/{file} at 27dff48 (committed 2023-12-25)")
 STREAM = ("STREAM-style triad (2 loads, 1 store), best over occupancy, te42kyfo/gpu-benches gpu-stream/{file} at "
           "1c36d50 (J. Hofmann et al.)")
 FA2 = ("FlashAttention-2 forward + backward, bf16, batch x heads fixed at 16k tokens, Dao-AILab/flash-attention "
@@ -61,10 +67,12 @@ PEAKS: tuple[DevicePeak, ...] = (
                compute_units=80),
     DevicePeak("V100-SXM2", r"V100", {"fp16": 125.0, "bf16": None, "fp32": 15.7},
                "NVIDIA V100 datasheet (SXM2): 125 TFLOP/s fp16 tensor, 15.7 fp32; no bf16 tensor cores",
+               0.708, SWEEP.format(file="v100.out") + ": 88.5 of 125 TFLOP/s at 8192x4096x8192, its best",
                compute_units=80, hbm_efficiency=0.90, hbm_source=STREAM.format(file="v100.txt") + ": 814 of 900 GB/s"),
     DevicePeak("A100", r"A100", {"fp16": 312.0, "bf16": 312.0, "fp32": 19.5},
                "NVIDIA A100 datasheet: 312 TFLOP/s bf16/fp16 dense, 19.5 fp32",
-               0.869, f"{MAMF} at 744d01e: A100 SXM 271.2 of 312 TFLOP/s",
+               0.806, SWEEP.format(file="a100.out") + ": 251.5 of 312 TFLOP/s at 8192x4096x8192, its best; "
+               f"the best shape of an exhaustive search reaches 271.2 ({MAMF} at 744d01e)",
                compute_units=108, hbm_efficiency=0.87,
                hbm_source=STREAM.format(file="a100_40.txt, a100_80.txt") + ": 1375 of 1555 and 1759 of 2039 GB/s",
                attention=A100_FA2, attention_source=FA2.format(device="a100")),
@@ -73,7 +81,9 @@ PEAKS: tuple[DevicePeak, ...] = (
                compute_units=114),
     DevicePeak("H100-SXM", r"H100|GH200", {"fp16": 989.0, "bf16": 989.0, "fp32": 67.0},
                "NVIDIA H100 datasheet (SXM): 1979 with sparsity = 989 dense bf16/fp16, 67 fp32",
-               0.803, f"{MAMF} at 744d01e: H100 SXM 794.5 of 989 TFLOP/s",
+               0.803, f"{MAMF} at 744d01e: H100 SXM 794.5 of 989 TFLOP/s; a regular sweep agrees (XLA's measured bf16 "
+               "table for sm_90, xla/service/gpu/model/matmul_interpolator_data.h in ROCm/xla at d02afb4, a fork of "
+               "openxla/xla: 780.2 at 4096^3, 804.7 at its best)",
                compute_units=132, hbm_efficiency=0.92,
                hbm_source=STREAM.format(file="h100_pcie.txt") + ": 1832 of ~2000 GB/s on the PCIe H100 (no SXM "
                "figure published there; the same HBM generation)",
@@ -87,9 +97,10 @@ PEAKS: tuple[DevicePeak, ...] = (
     DevicePeak("MI250X-GCD", r"MI250X?", {"fp16": 191.5, "bf16": 191.5, "fp32": 23.95},
                "AMD Instinct MI250X datasheet: 383 TFLOP/s fp16/bf16 and 47.9 fp32 vector per OAM; "
                "torch sees each of its two GCDs as a device, so half per GCD",
-               0.767, f"{MAMF} at 37d41a7 (row removed in 7376725): MI250X one GCD 147.0 of 191.5 TFLOP/s, ROCm 6.2; "
-               "sustained with every GCD busy: 146.8 per GCD in the GEMM-bound first 69 s of ORNL's fp16 HPL-MxP on "
-               "1024 Crusher GCDs (at-aaims/OpenMxP doc/crusher_example_32x32.out, steps 10-150)",
+               0.542, SWEEP.format(file="mi250x.out") + " on one GCD: 103.8 of 191.5 TFLOP/s at 4096^3, its best "
+               "(97.1 at 8192x4096x8192); the best shape of an exhaustive search reaches 147.0 under ROCm 6.2 "
+               f"({MAMF} at 37d41a7, row removed in 7376725), as do HPL-MxP's large trailing-matrix GEMMs with every "
+               "GCD busy (146.8 per GCD, at-aaims/OpenMxP doc/crusher_example_32x32.out, steps 10-150)",
                compute_units=110, hbm_efficiency=0.80,
                hbm_source=STREAM.format(file="mi210.txt") + ": 1305 of 1638 GB/s on the MI210, one CDNA2 die with "
                "the same HBM2e as an MI250X GCD"),
