@@ -57,11 +57,10 @@ def test_zero_paper_example(stage: int, expected_gb: float) -> None:
 
 
 # Today's max |error| per published table (harness/costmodel/published_runs.yaml), held so that a change that
-# makes any table worse fails; they are not the goal (mean <= 8%, max <= 15% on every table), which Narayanan's Table
-# 1, BLOOM, LUMI's strong scaling, the ZeRO example, KempnerForge's weak scaling and two of its memory tables and the
-# H200 nccl-tests table meet. Frontier's grew in the third
-# pass: RCCL's rings over the xGMI links carry the TP traffic 2-4x faster than the one-link figure did, which had
-# hidden part of the compute the model still misses; LUMI's MI250X runs (the same node) miss it by the same ratio.
+# makes any table worse fails; they are not the goal (mean <= 8%, max <= 15% on every table), which Narayanan's two
+# tables, BLOOM, LUMI's strong scaling, the ZeRO example, KempnerForge's weak scaling and two of its memory tables
+# and the H200 nccl-tests table meet. The MI250X runs (Frontier's, and LUMI's on the same node) are predicted
+# 13-30% too fast at a regular GEMM sweep's rate (docs/costmodel.md).
 PUBLISHED_BOUNDS = {"narayanan2021-table1": 0.08, "narayanan2021-table2": 0.03, "bloom-176b": 0.03,
                     "dash2023-frontier": 0.31, "lumi-megatron-deepspeed": 0.20, "lumi-176b-strong-scaling": 0.14,
                     "zero2020-memory": 0.02, "kempnerforge-h200-fsdp2": 0.39, "kempnerforge-h200-weak-scaling": 0.04,
@@ -138,9 +137,10 @@ def test_a_strong_scaling_table_scores_the_change_between_its_runs_not_their_lev
             references(bad)
     series = published["lumi-176b-strong-scaling"]
     assert "176B-128" not in {r["name"] for r in series["rows"]} and len(series["rows"]) == 4
-    for r in series["rows"]:  # each run loses speed per GCD, measured and predicted; its level is scored apart
+    for r in series["rows"]:  # each run loses speed per GCD, measured and predicted: a ratio to its reference's
         assert r["published"] < 1 and r["predicted"] < 1
-        assert r["predicted"] / r["published"] != pytest.approx(r["predicted_level"] / r["published_level"], rel=1e-3)
+        assert r["predicted"] == pytest.approx(r["predicted_level"] / r["relative_to"]["predicted"])
+        assert r["published"] == pytest.approx(r["published_level"] / r["relative_to"]["published"])
     assert scores(series) == "scaling" == summarize([series])[0]["scores"]
 
 

@@ -24,10 +24,10 @@ class DevicePeak:
     """Dense TFLOP/s per precision: bf16 and fp16 tensor-core math, fp32 without TF32."""
     source: str
     gemm_efficiency: Optional[float] = None
-    """Fraction of the dense 16-bit peak a regular large 16-bit GEMM reaches, measured (None: not known): the best
-    mean rate of a regular sweep of sizes, not the best shape of an exhaustive search (MAMF), which a training step's
-    GEMMs do not have. Where the two differ (MAMF's best shape 8% above the sweep's best on A100, 42% on MI250X) the
-    sweep's; where they agree (H100: XLA's measured sweep within 1.3% of MAMF) either."""
+    """Fraction of the dense 16-bit peak a regular large 16-bit GEMM reaches through PyTorch's default GEMM path,
+    measured (None: not known): the best mean rate of a regular sweep of sizes (SWEEP), not the best shape of an
+    exhaustive search (MAMF), which sits 8% above it on A100 and 42% on MI250X; where no such sweep was found
+    (H100, H200) the best shape's rate (docs/costmodel.md)."""
     gemm_source: Optional[str] = None
     compute_units: Optional[int] = None
     """Streaming multiprocessors (NVIDIA) or compute units (AMD, per GCD) that a GEMM's tiles fill in waves."""
@@ -81,9 +81,9 @@ PEAKS: tuple[DevicePeak, ...] = (
                compute_units=114),
     DevicePeak("H100-SXM", r"H100|GH200", {"fp16": 989.0, "bf16": 989.0, "fp32": 67.0},
                "NVIDIA H100 datasheet (SXM): 1979 with sparsity = 989 dense bf16/fp16, 67 fp32",
-               0.803, f"{MAMF} at 744d01e: H100 SXM 794.5 of 989 TFLOP/s; a regular sweep agrees (XLA's measured bf16 "
-               "table for sm_90, xla/service/gpu/model/matmul_interpolator_data.h in ROCm/xla at d02afb4, a fork of "
-               "openxla/xla: 780.2 at 4096^3, 804.7 at its best)",
+               0.803, f"{MAMF} at 744d01e: H100 SXM 794.5 of 989 TFLOP/s (no regular PyTorch sweep found; XLA's "
+               "autotuned bf16 table for sm_90, xla/service/gpu/model/matmul_interpolator_data.h in ROCm/xla at "
+               "d02afb4, a fork of openxla/xla, reaches it too: 780.2 at 4096^3, 804.7 at its best)",
                compute_units=132, hbm_efficiency=0.92,
                hbm_source=STREAM.format(file="h100_pcie.txt") + ": 1832 of ~2000 GB/s on the PCIe H100 (no SXM "
                "figure published there; the same HBM generation)",
