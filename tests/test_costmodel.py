@@ -66,7 +66,7 @@ PUBLISHED_BOUNDS = {"narayanan2021-table1": 0.08, "narayanan2021-table2": 0.03, 
                     "zero2020-memory": 0.02, "kempnerforge-h200-fsdp2": 0.39, "kempnerforge-h200-weak-scaling": 0.04,
                     "kempnerforge-h200-memory": 0.09, "kempnerforge-h200-weak-scaling-memory": 0.08,
                     "kempnerforge-h200-175b": 0.78, "kempnerforge-h200-175b-memory": 0.18,
-                    "ultrascale-playbook-h100": 0.41,
+                    "ultrascale-playbook-h100": 0.34,
                     "nccl-tests-busbw": 0.26, "nccl-tests-busbw-h200": 0.11, "nccl-tests-busbw-polaris": 0.20}
 
 

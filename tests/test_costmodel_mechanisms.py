@@ -206,6 +206,26 @@ def test_unfused_norms_and_elementwise_kernels_cost_memory_time_and_fusion_remov
     assert eager_cost > compiled_cost > 0
 
 
+def test_the_copies_a_frameworks_reshapes_make_cost_memory_time() -> None:
+    """nanotron permutes its merged q/k/v output into contiguous q, k and v, concatenates k and v for the rotary
+    kernel, hands o_proj a sequence-first input that F.linear copies (at micro-batch > 1), and splits its merged
+    gate/up output, whose backward concatenates the gradients: each a pass over the activations that a framework
+    without them does not make."""
+    nanotron = [*LLAMA, "costmodel.software=nanotron", "train.micro_batch_size=2"]
+    job, hw = job_and_hw(nanotron)
+    plain = dataclasses.replace(job, software=dataclasses.replace(
+        job.software, attention_reshape_passes=(0.0, 0.0), seq_first_proj_copy=False, split_glu=False))
+    block = {k.name: k for k in compute_kernels(job)[0]}
+    tokens, h, ffn, E = job.tokens, job.model.d_model, job.model.ffn_width, job.act_bytes
+    assert block["attention reshapes"].bytes == pytest.approx(tokens * h * (14 + 16) * E)
+    assert block["proj input copy"].bytes == pytest.approx(tokens * h * 6 * E)
+    plain_block = {k.name: k for k in compute_kernels(plain)[0]}
+    assert block["activation"].bytes - plain_block["activation"].bytes == pytest.approx(tokens * ffn * 4 * E)
+    assert micro_batch_compute_s(job, hw) > micro_batch_compute_s(plain, hw)
+    one, _ = job_and_hw([*nanotron, "train.micro_batch_size=1"])
+    assert "proj input copy" not in {k.name for k in compute_kernels(one)[0]}  # a size-1 transpose is contiguous
+
+
 def test_attention_runs_at_the_devices_measured_flash_attention_rate() -> None:
     job, hw = job_and_hw(LLAMA)
     rates = hw.rates(job)

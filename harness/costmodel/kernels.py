@@ -185,6 +185,10 @@ def layer_kernels(job: Job, *, backward: bool = True, region: str = "block") -> 
                 rope = 2.0 if sw.fused_rope or sw.compiled else ROPE_PASSES
                 memory("rope", qk, rope, rope, kernels=1 if sw.fused_rope or sw.compiled else 5)
             out += attention_kernels(job, heads, fwd_only)
+            if in_attention and any(sw.attention_reshape_passes):
+                memory("attention reshapes", tokens * h / tp, *sw.attention_reshape_passes, kernels=5)
+        if spec.name == "attn.proj" and in_attention and sw.seq_first_proj_copy and layout.micro_batch_size > 1:
+            memory("proj input copy", tokens * h / tp, 2.0, 4.0)
         if spec.name == "attn.proj" and region == "block":
             out += residual_kernels("residual1", residual, E, sw, fwd_only)
             if not sw.compiled:
@@ -193,6 +197,8 @@ def layer_kernels(job: Job, *, backward: bool = True, region: str = "block") -> 
             swiglu = m.activation == "swiglu"
             fused = sw.fused_activation or sw.compiled
             fwd, bwd = ((3.0, 5.0) if fused else (5.0, 8.0)) if swiglu else (2.0, 3.0)
+            if swiglu and not fused and sw.split_glu:
+                bwd += 4.0  # the split's backward concatenates the gate and up gradients
             memory("activation", tokens * ffn, fwd, bwd, kernels=1 if fused or not swiglu else 2)
     if region == "block":
         out += residual_kernels("residual2", residual, E, sw, fwd_only)

@@ -151,6 +151,19 @@ class Software:
     """The MLP's activation in one kernel (Megatron's bias_gelu_fusion, its fused SwiGLU)."""
     fused_rope: bool = False
     """Rotary embeddings applied by one kernel (Megatron with Transformer Engine or apex)."""
+    attention_reshape_passes: tuple[float, float] = (0.0, 0.0)
+    """Copies the software's reshapes around the attention kernel make, as passes (forward, backward) over one
+    layer's tokens × hidden / TP elements of the activation dtype. nanotron (models/llama.py, CausalSelfAttention):
+    its merged q/k/v output permuted into contiguous q, k and v (3 tensors read and written: 6), k and v
+    concatenated (4) and permuted into a contiguous block for the rotary kernel (4); in the backward their
+    gradients concatenated (4), stacked (6) and copied back to the merged layout (6)."""
+    seq_first_proj_copy: bool = False
+    """The output projection's input arrives transposed to a sequence-first layout ([s, b, h], nanotron's), which
+    F.linear copies to make it contiguous (2 passes over tokens × hidden / TP), and its gradient is copied twice on
+    the way back (4); not at micro-batch 1, where the transpose is already contiguous."""
+    split_glu: bool = False
+    """An unfused GLU activation splits one merged gate/up output (nanotron's GLUActivation: torch.split), so its
+    backward concatenates the two halves' gradients: 4 more passes over tokens × FFN / TP."""
     fused_softmax: bool = False
     """Without a fused attention kernel: scale, mask and softmax in one kernel (Megatron's
     FusedScaleMaskSoftmax); otherwise PyTorch's cast, mask, softmax and cast, in fp32."""
@@ -245,12 +258,15 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
                     "accumulate into fp32 buffers by hooks (deepspeed/runtime/bf16_optimizer.py; the Frontier port "
                     "turned gradient_accumulation_fusion off)"),
     Software(name="nanotron", **_PYTORCH, grad_reduce_overlap=True, main_grad_bytes=4, fp32_grads_in_bf16=True,
-             fused_rope=True, optimizer="fused", vocab_parallel_loss=True,
+             fused_rope=True, optimizer="fused", vocab_parallel_loss=True, attention_reshape_passes=(14.0, 16.0),
+             seq_first_proj_copy=True, split_glu=True,
              source="nanotron as its scaling benchmark ran it (github.com/huggingface/nanotron: "
                     "scripts/scaling_benchmarks.py at e24d248 and src/nanotron at that commit): "
                     "FlashAttention-2's flash_attn_varlen_func, flash-attn's fused rotary embedding, TritonRMSNorm, "
-                    "the residual add and SiLU-times-up (GLUActivation) as eager kernels, fused q/k/v and gate/up "
-                    "projections, vocabulary-parallel embedding, output layer and sharded_cross_entropy in fp32 "
+                    "the residual add and SiLU-times-up (GLUActivation, torch.split of the merged gate/up output) as "
+                    "eager kernels, fused q/k/v and gate/up projections with the copies their reshapes make "
+                    "(permute(...).contiguous() of q/k/v, torch.cat of k and v, the sequence-first o_proj input), "
+                    "vocabulary-parallel embedding, output layer and sharded_cross_entropy in fp32 "
                     "(models/llama.py); bf16 weights with fp32 master weights, gradients accumulated into fp32 "
                     "buffers that DDP's comm hook all-reduces (ZeRO-1: reduce-scatters) bucket by bucket in the last "
                     "micro-batch's backward (optim/gradient_accumulator.py get_fp32_accum_hook, no_sync before it "
