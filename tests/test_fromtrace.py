@@ -18,7 +18,7 @@ import pytest
 from conftest import TINY, harness, harness_run
 
 from harness.config.compose import compose
-from harness.costmodel.network import fabric
+from harness.costmodel.network import NCCL_PROTOCOLS, fabric
 from harness.costmodel.reach import reach_warnings
 from harness.costmodel.timing import cpu_share
 from harness.predict.fromtrace import gemm_flops, op_times
@@ -62,7 +62,7 @@ def test_cpu_ranks_share_the_hosts_cores() -> None:
 def test_gloo_reduces_scatter_as_a_whole_all_reduce() -> None:
     cpu = fabric(compose(["system=cpu", "system.intra_node_bw_gb_per_s=1", "system.devices_per_node=4"]).system)
     assert cpu.call_s("reduce_scatter", 1e8, 4, 4) == cpu.call_s("all_reduce", 1e8, 4, 4)
-    nccl = dataclasses.replace(cpu, gloo=False)
+    nccl = dataclasses.replace(cpu, protocols=NCCL_PROTOCOLS)
     assert nccl.call_s("reduce_scatter", 1e8, 4, 4) < nccl.call_s("all_reduce", 1e8, 4, 4)
 
 

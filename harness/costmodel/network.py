@@ -153,9 +153,6 @@ class Fabric:
     intra_hop: float = 0.6e-6
     inter_hop: float = 2.7e-6
     """The library's LL-protocol latencies (the other protocols' are multiples of them: `Protocol`)."""
-    gloo: bool = False
-    """The ranks talk through gloo (CPU hosts), which runs some collectives as others (trace.comm.GLOO_KIND: a
-    reduce-scatter as an all-reduce of the whole tensor)."""
     nvls_efficiency: Optional[float] = None
     """NVLink SHARP (third-generation NVSwitch): an all-reduce inside a node is reduced in the switch, so each device
     sends its data once and receives the sum once, at this fraction of its link bandwidth (None: no such switch)."""
@@ -167,6 +164,12 @@ class Fabric:
     ring_plateau: float = 1.0
     """How many times its latency a multi-node ring all-reduce pays in a `Protocol.ring_plateau` protocol (NCCL:
     1.4 from compute capability 8.0, 1.9 below)."""
+
+    @property
+    def gloo(self) -> bool:
+        """The ranks talk through gloo (CPU hosts), which runs some collectives as others (trace.comm.GLOO_KIND: a
+        reduce-scatter as an all-reduce of the whole tensor)."""
+        return self.protocols is GLOO_PROTOCOLS
 
     def intra_ring(self, local: int) -> Optional[float]:
         """Bus bandwidth of a ring over `local` consecutive devices of one node (None: the profile lacks it)."""
@@ -255,6 +258,7 @@ def fabric(system: Any) -> Fabric:
     gb = lambda v: None if v is None else float(v) * 1e9  # noqa: E731
     default = float(getattr(system, "comm_efficiency", 0.8))
     links = tuple(tuple(float(x) * 1e9 for x in row) for row in (getattr(system, "intra_node_links", None) or ()))
+    protocols = protocols_for(system)
     return Fabric(
         devices_per_node=int(system.devices_per_node),
         link_bw=gb(system.intra_node_bw_gb_per_s),
@@ -267,9 +271,8 @@ def fabric(system: Any) -> Fabric:
         intra_hop=float(getattr(system, "intra_hop_latency_us", 0.6)) * 1e-6,
         inter_hop=float(getattr(system, "inter_hop_latency_us", 2.7)) * 1e-6,
         nvls_efficiency=getattr(system, "nvls_efficiency", None),
-        gloo=getattr(system, "device", None) == "cpu",
-        protocols=protocols_for(system),
-        ring_plateau=ring_plateau_for(system),
+        protocols=protocols,
+        ring_plateau=ring_plateau_for(system, protocols),
         ll128_across_nodes=ll128_across_nodes(system),
     )
 
@@ -283,9 +286,9 @@ def ll128_across_nodes(system: Any) -> bool:
     return NIC_PATHS.index(path) <= NIC_PATHS.index("PXN" if hopper else "PXB")
 
 
-def ring_plateau_for(system: Any) -> float:
+def ring_plateau_for(system: Any, protocols: tuple[Protocol, ...]) -> float:
     """NCCL's plateau factor: 1.9 on Volta (V100), 1.4 on Ampere and later, 1 for other libraries."""
-    if protocols_for(system) is not NCCL_PROTOCOLS:
+    if protocols is not NCCL_PROTOCOLS:
         return 1.0
     return 1.9 if _accelerator(system).startswith(("V100", "P100")) else 1.4
 
