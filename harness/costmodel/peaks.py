@@ -26,8 +26,8 @@ class DevicePeak:
     gemm_efficiency: Optional[float] = None
     """Fraction of the dense 16-bit peak a regular large 16-bit GEMM reaches through PyTorch's default GEMM path,
     measured (None: not known): the best mean rate of a regular sweep of sizes (SWEEP), not the best shape of an
-    exhaustive search (MAMF), which sits 8% above it on A100 and 42% on MI250X; where no such sweep was found
-    (H100, H200) the best shape's rate (docs/costmodel.md)."""
+    exhaustive search (MAMF), which sits 8% above it on A100 and 42% on MI250X; on H100 and H200 the best shape's
+    rate, which a regular square GEMM through cuBLAS's default algorithm reaches at 8192^3 (docs/costmodel.md)."""
     gemm_source: Optional[str] = None
     compute_units: Optional[int] = None
     """Streaming multiprocessors (NVIDIA) or compute units (AMD, per GCD) that a GEMM's tiles fill in waves."""
@@ -81,18 +81,26 @@ PEAKS: tuple[DevicePeak, ...] = (
                compute_units=114),
     DevicePeak("H100-SXM", r"H100|GH200", {"fp16": 989.0, "bf16": 989.0, "fp32": 67.0},
                "NVIDIA H100 datasheet (SXM): 1979 with sparsity = 989 dense bf16/fp16, 67 fp32",
-               0.803, f"{MAMF} at 744d01e: H100 SXM 794.5 of 989 TFLOP/s (no regular PyTorch sweep found; XLA's "
-               "autotuned bf16 table for sm_90, xla/service/gpu/model/matmul_interpolator_data.h in ROCm/xla at "
-               "d02afb4, a fork of openxla/xla, reaches it too: 780.2 at 4096^3, 804.7 at its best)",
-               compute_units=132, hbm_efficiency=0.92,
-               hbm_source=STREAM.format(file="h100_pcie.txt") + ": 1832 of ~2000 GB/s on the PCIe H100 (no SXM "
-               "figure published there; the same HBM generation)",
+               0.803, f"{MAMF} at 744d01e: H100 SXM 794.5 of 989 TFLOP/s, which a regular square GEMM through "
+               "cuBLAS's default algorithm reaches at 8192^3 (797.8 TFLOP/s, bf16, mean of 8 after a warm-up; "
+               "716-741 at 4096^3-6144^3, 823 at 12288^3: pranjalssh/fast.cu README.md at a1bb7b2 and af9ce16, "
+               "logs.txt at a3d3dba), as does XLA's autotuned bf16 table for sm_90 (xla/service/gpu/model/"
+               "matmul_interpolator_data.h in ROCm/xla at d02afb4: 780.2 at 4096^3, 804.7 at its best)",
+               compute_units=132, hbm_efficiency=0.89,
+               hbm_source="BabelStream triad on an Azure ND H100 v5 (H100 80GB HBM3, the SXM part): 2.97 of 3.35 TB/s "
+               "(Azure/AI-benchmarking-guide Azure_Results/ND_H100_v5_results.md at ae0b6a7); the same benchmark "
+               "reads 1.70 of 2.04 TB/s on the A100 80GB, where gpu-stream reads 1.76, and 4.15 of 4.8 on the H200, "
+               "where gpu-stream reads 3.53",
                attention=H100_FA2, attention_source=FA2.format(device="h100")),
     DevicePeak("H200", r"H200", {"fp16": 989.0, "bf16": 989.0, "fp32": 67.0},
                "NVIDIA H200 datasheet (SXM): 1979 with sparsity = 989 dense bf16/fp16, 67 fp32",
                0.803, f"{MAMF} at 744d01e: H100 SXM 794.5 of 989 TFLOP/s, 'H200 is the same'",
-               compute_units=132, hbm_efficiency=0.74,
-               hbm_source=STREAM.format(file="h200.txt") + ": 3534 of 4800 GB/s",
+               compute_units=132, hbm_efficiency=0.865,
+               hbm_source="BabelStream triad on an Azure ND H200 v5 (the SXM part): 4.15 of 4.8 TB/s "
+               "(Azure/AI-benchmarking-guide Azure_Results/ND_H200_v5_results.md at 7f20e5f), the benchmark that "
+               "measured the H100 SXM; gpu-stream's H200 (h200.txt at 1c36d50) reads 3.53, but its write stream "
+               "tops out at 81% of the datasheet there, against 93-101% on every other device it measured, so that "
+               "card's memory did not run at the SXM part's rate",
                attention=H100_FA2, attention_source=FA2.format(device="h100") + " (the H100's: the same SMs)"),
     DevicePeak("MI250X-GCD", r"MI250X?", {"fp16": 191.5, "bf16": 191.5, "fp32": 23.95},
                "AMD Instinct MI250X datasheet: 383 TFLOP/s fp16/bf16 and 47.9 fp32 vector per OAM; "
