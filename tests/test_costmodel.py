@@ -58,11 +58,11 @@ def test_zero_paper_example(stage: int, expected_gb: float) -> None:
 
 # Today's max |error| per published table (harness/costmodel/published_runs.yaml), held so that a change that
 # makes any table worse fails; they are not the goal (mean <= 8%, max <= 15% on every table), which Narayanan's two
-# tables, BLOOM, LUMI's strong scaling, the ZeRO example, KempnerForge's weak scaling and two of its memory tables
-# and the H200 nccl-tests table meet. The MI250X runs (Frontier's, and LUMI's on the same node) are predicted
-# 13-30% too fast at a regular GEMM sweep's rate (docs/costmodel.md).
+# tables, BLOOM, LUMI's runs and strong scaling, the ZeRO example, KempnerForge's weak scaling and two of its memory
+# tables and the H200 nccl-tests table meet. Dash et al.'s fp16 runs on Frontier are predicted 20-30% too fast
+# (docs/costmodel.md).
 PUBLISHED_BOUNDS = {"narayanan2021-table1": 0.08, "narayanan2021-table2": 0.03, "bloom-176b": 0.03,
-                    "dash2023-frontier": 0.31, "lumi-megatron-deepspeed": 0.20, "lumi-176b-strong-scaling": 0.14,
+                    "dash2023-frontier": 0.31, "lumi-megatron-deepspeed": 0.04, "lumi-176b-strong-scaling": 0.15,
                     "zero2020-memory": 0.02, "kempnerforge-h200-fsdp2": 0.40, "kempnerforge-h200-weak-scaling": 0.04,
                     "kempnerforge-h200-memory": 0.09, "kempnerforge-h200-weak-scaling-memory": 0.08,
                     "kempnerforge-h200-175b": 0.78, "kempnerforge-h200-175b-memory": 0.18,
@@ -188,7 +188,8 @@ def test_estimate_prints_the_track_record_or_that_there_is_none(capsys: pytest.C
                              "parallel.world_size=8", "--json"]) == 0
     record = json.loads(capsys.readouterr().out)["track_record"]
     assert [t["id"] for t in record] == ["dash2023-frontier", "lumi-megatron-deepspeed", "lumi-176b-strong-scaling"]
-    assert {t["match"] for t in record} == {"system"} and all(t["low"] > 0 for t in record)
+    assert {t["match"] for t in record} == {"system"}
+    assert record[0]["low"] > 0 and record[1]["low"] < 0 < record[1]["high"]  # Dash's fp16 runs too fast; LUMI's around
     assert estimate_command(["system=frontier", "model=gpt-1.3b", "backend=deepspeed3d", "parallel.pp=2",
                              "parallel.world_size=8"]) == 0
     text = " ".join(capsys.readouterr().out.split())

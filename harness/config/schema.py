@@ -210,8 +210,9 @@ class SystemConfig:
     peak_power_w: Optional[float] = None
     """Power of one device at full load (its TDP/TBP)."""
     gemm_efficiency: Optional[float] = None
-    """Fraction of the peak a large GEMM reaches; None: the accelerator's published measurement
-    (harness/costmodel/peaks.py), else a generic 0.7."""
+    """Fraction of the peak a large GEMM reaches, in the run's dtype (it replaces the published measurement and its
+    per-dtype ratios); None: the accelerator's published measurement (harness/costmodel/peaks.py), else a generic
+    0.7."""
     gemm_half_gflop: float = 1.0
     """GEMM size (GFLOP) at which it reaches half of gemm_efficiency: small GEMMs do not fill the device."""
     memory_efficiency: Optional[float] = None

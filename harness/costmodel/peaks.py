@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 
@@ -29,6 +29,10 @@ class DevicePeak:
     exhaustive search (MAMF), which sits 8% above it on A100 and 42% on MI250X; on H100 and H200 the best shape's
     rate, which a regular square GEMM through cuBLAS's default algorithm reaches at 8192^3 (docs/costmodel.md)."""
     gemm_source: Optional[str] = None
+    gemm_precision_ratio: dict[str, float] = field(default_factory=dict)
+    """A GEMM's rate in another 16-bit dtype relative to the one gemm_efficiency was measured in, where the
+    vendor's library runs them at different rates on the same tensor cores (precision: ratio; absent: 1)."""
+    gemm_precision_source: Optional[str] = None
     compute_units: Optional[int] = None
     """Streaming multiprocessors (NVIDIA) or compute units (AMD, per GCD) that a GEMM's tiles fill in waves."""
     hbm_efficiency: Optional[float] = None
@@ -78,7 +82,8 @@ PEAKS: tuple[DevicePeak, ...] = (
                attention=A100_FA2, attention_source=FA2.format(device="a100")),
     DevicePeak("H100-PCIe", r"H100.*PCIE", {"fp16": 756.0, "bf16": 756.0, "fp32": 51.0},
                "NVIDIA H100 datasheet (PCIe): 1513 with sparsity = 756 dense bf16/fp16, 51 fp32",
-               compute_units=114),
+               compute_units=114, hbm_efficiency=0.92,
+               hbm_source=STREAM.format(file="h100_pcie.txt") + ": 1832 of ~2000 GB/s"),
     DevicePeak("H100-SXM", r"H100|GH200", {"fp16": 989.0, "bf16": 989.0, "fp32": 67.0},
                "NVIDIA H100 datasheet (SXM): 1979 with sparsity = 989 dense bf16/fp16, 67 fp32",
                0.803, f"{MAMF} at 744d01e: H100 SXM 794.5 of 989 TFLOP/s, which a regular square GEMM through "
@@ -89,8 +94,8 @@ PEAKS: tuple[DevicePeak, ...] = (
                compute_units=132, hbm_efficiency=0.89,
                hbm_source="BabelStream triad on an Azure ND H100 v5 (H100 80GB HBM3, the SXM part): 2.97 of 3.35 TB/s "
                "(Azure/AI-benchmarking-guide Azure_Results/ND_H100_v5_results.md at ae0b6a7); the same benchmark "
-               "reads 1.70 of 2.04 TB/s on the A100 80GB, where gpu-stream reads 1.76, and 4.15 of 4.8 on the H200, "
-               "where gpu-stream reads 3.53",
+               "reads 1.70 of 2.04 TB/s on the A100 80GB, where gpu-stream (the A100's, V100's and MI250X's source) "
+               "reads 1.76: Hopper's figures may sit about 3% below the others' basis",
                attention=H100_FA2, attention_source=FA2.format(device="h100")),
     DevicePeak("H200", r"H200", {"fp16": 989.0, "bf16": 989.0, "fp32": 67.0},
                "NVIDIA H200 datasheet (SXM): 1979 with sparsity = 989 dense bf16/fp16, 67 fp32",
@@ -109,6 +114,13 @@ PEAKS: tuple[DevicePeak, ...] = (
                "(97.1 at 8192x4096x8192); the best shape of an exhaustive search reaches 147.0 under ROCm 6.2 "
                f"({MAMF} at 37d41a7, row removed in 7376725), as do HPL-MxP's large trailing-matrix GEMMs with every "
                "GCD busy (146.8 per GCD, at-aaims/OpenMxP doc/crusher_example_32x32.out, steps 10-150)",
+               gemm_precision_ratio={"bf16": 0.856},
+               gemm_precision_source="rocBLAS's tuned GEMM kernels for gfx90a (ROCm/rocBLAS at rocm-5.2.0, 4a92c6f, "
+               "library/src/blas3/Tensile/Logic/asm_full/aldebaran_Cijk_{Ailk_Bljk,Ailk_Bjlk,Alik_Bljk}_{BBH,HBH}"
+               ".yaml: the efficiency Tensile measured for each size it tuned): bf16 over fp16 at the same size and "
+               "layout, median 0.856 (quartiles 0.852-0.862) over the 196 sizes with M, N, K >= 2048 that both "
+               "dtypes tuned in the NN, NT and TN layouts (4096^3 NN: 75.7% against 87.8%); unchanged through "
+               "rocm-5.7.0, so measured on ROCm 5's rocBLAS, not ROCm 6's hipBLASLt; the sweep above is fp16",
                compute_units=110, hbm_efficiency=0.80,
                hbm_source=STREAM.format(file="mi210.txt") + ": 1305 of 1638 GB/s on the MI210, one CDNA2 die with "
                "the same HBM2e as an MI250X GCD"),
@@ -163,6 +175,16 @@ def gemm_efficiency(system: object) -> float:
         return float(value)
     peak = device_entry(system)
     return peak.gemm_efficiency if peak is not None and peak.gemm_efficiency is not None else GENERIC_GEMM_EFFICIENCY
+
+
+def gemm_precision_ratios(system: object) -> tuple[tuple[str, float], ...]:
+    """A GEMM's rate in each dtype the device's entry names relative to the dtype its GEMM efficiency was measured
+    in (`DevicePeak.gemm_precision_ratio`); none where the profile states its own efficiency (`harness calibrate`
+    measures in the run's dtype) or the device's library runs every dtype alike."""
+    peak = device_entry(system)
+    if getattr(system, "gemm_efficiency", None) is not None or peak is None:
+        return ()
+    return tuple(sorted(peak.gemm_precision_ratio.items()))
 
 
 def device_entry(system: object) -> Optional[DevicePeak]:

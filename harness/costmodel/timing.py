@@ -37,7 +37,14 @@ from harness.costmodel.kernels import (
 )
 from harness.costmodel.layout import Job, layers_per_stage
 from harness.costmodel.network import Fabric, fabric
-from harness.costmodel.peaks import AttentionTable, attention_rate, device_entry, gemm_efficiency, memory_efficiency
+from harness.costmodel.peaks import (
+    AttentionTable,
+    attention_rate,
+    device_entry,
+    gemm_efficiency,
+    gemm_precision_ratios,
+    memory_efficiency,
+)
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,8 @@ class Hardware:
     """A measured fused-attention rate (`harness calibrate --from`), before the device's published table."""
     overlap_slowdown: float = 0.0
     """Compute's slowdown while a collective overlaps it (OVERLAP_SLOWDOWN)."""
+    gemm_precision_ratio: tuple[tuple[str, float], ...] = ()
+    """A GEMM's rate in each dtype the device's entry names, relative to gemm_efficiency's (peaks.py)."""
 
     def rates(self, job: Job) -> Rates:
         """The achievable rate of each kernel class for this job's shapes (kernels.Rates)."""
@@ -77,7 +86,8 @@ class Hardware:
             tflops = attention_rate(self.attention, m.head_dim, not ring,
                                     m.seq_len // job.layout.cp if ring else m.seq_len)
             attention = None if tflops is None else tflops * 1e12
-        return Rates(gemm_flops=self.peak_flops * self.gemm_efficiency, gemm_half_flops=self.gemm_half_flops,
+        gemm = self.peak_flops * self.gemm_efficiency * dict(self.gemm_precision_ratio).get(job.precision, 1.0)
+        return Rates(gemm_flops=gemm, gemm_half_flops=self.gemm_half_flops,
                      memory_bw=self.memory_bw, attention_flops=attention, launch_s=self.launch_s,
                      units=self.compute_units)
 
@@ -139,6 +149,7 @@ def hardware(system: Any, peak_tflops: float, local_ranks: Optional[int] = None)
         accelerator=not on_cpu,
         attention_flops=None if attention is None else attention * 1e12 * speed,
         overlap_slowdown=0.0 if on_cpu else OVERLAP_SLOWDOWN if slowdown is None else slowdown,
+        gemm_precision_ratio=gemm_precision_ratios(system),
     )
 
 
