@@ -415,6 +415,30 @@ def test_a_loss_on_the_16_bit_logits_keeps_no_fp32_copy_and_streams_fewer_bytes(
     assert loss_bytes(native) == pytest.approx(logits * 4 * 2) and loss_bytes(upcast) == pytest.approx(logits * 28)
 
 
+def test_the_loss_and_the_layer_being_recomputed_are_never_held_at_once() -> None:
+    """The loss's backward runs before the first layer is recomputed, and the recompute's working set is freed
+    before the next layer's: under full recompute a rank peaks at its checkpoints plus the larger of the loss's
+    peak and the working set beside the logits the loop still holds, not at their sum. So a vocabulary whose loss
+    fits under the working set costs the peak only the logits the loop holds (E per logit, KempnerForge), and one
+    whose loss is larger costs it the loss's whole 4E per logit."""
+    from harness.costmodel.memory import activation_bytes, buffer_bytes, loss_bytes, recompute_working_set
+
+    def peak(vocab: int) -> tuple[float, Job]:
+        job, _ = job_and_hw([*LLAMA, "costmodel.software=kempnerforge", "train.activation_checkpointing=full",
+                             f"model.vocab_size={vocab}"])
+        return activation_bytes(job) + buffer_bytes(job), job  # one rank: no gathered blocks, no buckets
+
+    small, job = peak(8192)
+    loss, held = loss_bytes(job)
+    assert held > 0 and loss < recompute_working_set(job)  # the recompute's working set is the larger
+    E, tokens = job.act_bytes, job.tokens
+    assert peak(16384)[0] - small == pytest.approx(tokens * 8192 * E)  # only the held logits grow
+    large, job = peak(131072)
+    assert loss_bytes(job)[0] > recompute_working_set(job) + loss_bytes(job)[1]
+    assert peak(131072 + 8192)[0] - large == pytest.approx(tokens * 8192 * 4 * E)  # the loss's whole peak grows
+    assert buffer_bytes(job) == pytest.approx(loss_bytes(job)[0] - recompute_working_set(job))
+
+
 def test_megatrons_vocab_parallel_loss_makes_a_pass_per_operation_over_fp32_logits() -> None:
     """Megatron's vocab_parallel_cross_entropy (and nanotron's copy of it) runs max, subtract, exp, sum and divide
     as separate eager passes over the fp32 logits, and multiplies the gradient in place: 48 + 2E bytes per logit,

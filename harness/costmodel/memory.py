@@ -34,7 +34,7 @@ REFUSE_ABOVE = 1.25
 """A layout is refused when its predicted memory exceeds the device's by more than this factor, and warned about
 between 1 and this factor: what a rank really peaks at also depends on the caching allocator's fragmentation,
 the kernels' workspaces and the loss implementation, which differ from run to run by more than the model's
-accuracy (published FSDP2 runs measured 0.85–1.14× the prediction, before the caching allocator's reserve;
+accuracy (published FSDP2 runs measured 0.90–1.17× the prediction, before the caching allocator's reserve;
 docs/costmodel.md)."""
 
 
@@ -99,22 +99,38 @@ def activation_bytes(job: Job) -> float:
     layers = layers_per_stage(job)
     modes = job.checkpoint_modes
     per_layer = sum(share * layer_activation_bytes(job, mode) for mode, share in modes.items())
-    stored = layers * per_layer * in_flight_micro_batches(job)
-    if modes.get("full"):  # the layer being recomputed holds its full activations meanwhile
-        stored += layer_activation_bytes(job, "none")
-    return stored
+    return layers * per_layer * in_flight_micro_batches(job) + recompute_working_set(job)
+
+
+def recompute_working_set(job: Job) -> float:
+    """What the layer being recomputed holds meanwhile under full recompute: its whole activations."""
+    return layer_activation_bytes(job, "none") if job.checkpoint_modes.get("full") else 0.0
+
+
+def loss_bytes(job: Job) -> tuple[float, float]:
+    """(the loss at its peak, in its backward; what of it the training loop still holds afterwards).
+
+    PyTorch's cross entropy (log_softmax, then nll_loss) saves the log-softmax, and its backward holds it beside
+    the gradient nll_loss hands it and the one log_softmax returns, three tensors of the logits' size in the loss's
+    dtype (fp32, or the compute dtype where the software takes the loss on the 16-bit logits: KempnerForge), and
+    the logits themselves where the training loop keeps them (Software.loop_holds_logits), which it does through
+    the whole backward: 12 bytes per logit, 4E for KempnerForge. Megatron's vocab-parallel loss works in place on
+    one fp32 copy, and a fused cross entropy writes the gradient in its forward: the logits and one more tensor
+    (E + 8, or 2E on 16-bit logits); both are gone once the output layer's backward has run."""
+    E, sw = job.act_bytes, job.software
+    logits = job.tokens * job.vocab_per_rank[1]
+    if sw.loss_kind != "eager":  # in place: one more tensor, beside an fp32 copy if upcast
+        return logits * (E + (E if sw.loss_in_compute_dtype else 8.0)), 0.0
+    held = E if sw.loop_holds_logits else 0.0
+    return logits * (held + 3 * (E if sw.loss_in_compute_dtype else 4.0)), logits * held
 
 
 def buffer_bytes(job: Job) -> float:
     """Temporary tensors that are not model state or stored activations.
 
-    The loss at its peak, in its backward: PyTorch's cross entropy (log_softmax, then nll_loss) saves the
-    log-softmax, and its backward holds it beside the gradient nll_loss hands it and the one log_softmax returns,
-    three tensors of the logits' size in the loss's dtype (fp32, or the compute dtype where the software takes the
-    loss on the 16-bit logits: KempnerForge), and the logits themselves where the training loop keeps them
-    (Software.loop_holds_logits): 12 bytes per logit, 4E for KempnerForge. Megatron's vocab-parallel loss works
-    in place on one fp32 copy, and a fused cross entropy writes the gradient in its forward: the logits and one
-    more tensor (E + 8, or 2E on 16-bit logits);
+    The loss at its peak (loss_bytes), which runs before any layer is recomputed: the two never coexist, so beside
+    the recompute working set (counted with the activations) the buffers count only what the loss holds beyond
+    it, or what the loop still holds of it then, whichever is larger;
     FSDP and ZeRO-3 gather blocks in the compute dtype (current + one prefetched) and produce one
     unsharded block gradient in fp32 before reducing it; shard_grad_op keeps every gathered block
     until its backward; PyTorch DDP reduces in gradient buckets that copy the gradients
@@ -122,12 +138,8 @@ def buffer_bytes(job: Job) -> float:
     """
     layout = job.layout
     E = job.act_bytes
-    sw = job.software
-    if sw.loss_kind != "eager":  # in place: one more tensor, beside an fp32 copy if upcast
-        per_logit = E + (E if sw.loss_in_compute_dtype else 8.0)
-    else:  # eager: the saved log-softmax and its two gradients, in the loss's dtype
-        per_logit = (E if sw.loop_holds_logits else 0.0) + 3 * (E if sw.loss_in_compute_dtype else 4.0)
-    logits = job.tokens * job.vocab_per_rank[1] * per_logit
+    peak, held = loss_bytes(job)
+    logits = max(peak - recompute_working_set(job), held)
     block, root = job.block_params_per_rank, job.root_params_per_rank  # as this TP rank holds them
     gathered = 0.0
     shards = job.shards
