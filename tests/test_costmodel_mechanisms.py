@@ -409,10 +409,10 @@ def test_a_loss_on_the_16_bit_logits_keeps_no_fp32_copy_and_streams_fewer_bytes(
     assert buffer_bytes(native) == pytest.approx(logits * 4 * E)  # one rank: no gathered blocks, no buckets
     assert buffer_bytes(freed) == pytest.approx(logits * 3 * E) and buffer_bytes(upcast) == pytest.approx(logits * 12)
 
-    def loss_bytes(job: Job) -> float:
+    def streamed(job: Job) -> float:
         return next(k.bytes for k in compute_kernels(job)[1] if k.name == "cross entropy")
 
-    assert loss_bytes(native) == pytest.approx(logits * 4 * 2) and loss_bytes(upcast) == pytest.approx(logits * 28)
+    assert streamed(native) == pytest.approx(logits * 4 * 2) and streamed(upcast) == pytest.approx(logits * 28)
 
 
 def test_the_loss_and_the_layer_being_recomputed_are_never_held_at_once() -> None:
@@ -421,7 +421,13 @@ def test_the_loss_and_the_layer_being_recomputed_are_never_held_at_once() -> Non
     peak and the working set beside the logits the loop still holds, not at their sum. So a vocabulary whose loss
     fits under the working set costs the peak only the logits the loop holds (E per logit, KempnerForge), and one
     whose loss is larger costs it the loss's whole 4E per logit."""
-    from harness.costmodel.memory import activation_bytes, buffer_bytes, loss_bytes, recompute_working_set
+    from harness.costmodel.memory import (
+        activation_bytes,
+        buffer_bytes,
+        layer_activation_bytes,
+        loss_bytes,
+        recompute_working_set,
+    )
 
     def peak(vocab: int) -> tuple[float, Job]:
         job, _ = job_and_hw([*LLAMA, "costmodel.software=kempnerforge", "train.activation_checkpointing=full",
@@ -431,12 +437,17 @@ def test_the_loss_and_the_layer_being_recomputed_are_never_held_at_once() -> Non
     small, job = peak(8192)
     loss, held = loss_bytes(job)
     assert held > 0 and loss < recompute_working_set(job)  # the recompute's working set is the larger
+    stored = job.model.n_layers * layer_activation_bytes(job, "full")  # each layer's input
+    assert small == pytest.approx(stored + recompute_working_set(job) + held)
     E, tokens = job.act_bytes, job.tokens
     assert peak(16384)[0] - small == pytest.approx(tokens * 8192 * E)  # only the held logits grow
     large, job = peak(131072)
     assert loss_bytes(job)[0] > recompute_working_set(job) + loss_bytes(job)[1]
     assert peak(131072 + 8192)[0] - large == pytest.approx(tokens * 8192 * 4 * E)  # the loss's whole peak grows
     assert buffer_bytes(job) == pytest.approx(loss_bytes(job)[0] - recompute_working_set(job))
+    # GPipe runs every micro-batch's forward before any backward: their losses outlive the first recompute
+    piped = dataclasses.replace(job, pp_schedule="GPipe", layout=dataclasses.replace(job.layout, pp=2))
+    assert buffer_bytes(piped) == pytest.approx(loss_bytes(piped)[0])
 
 
 def test_megatrons_vocab_parallel_loss_makes_a_pass_per_operation_over_fp32_logits() -> None:

@@ -96,6 +96,8 @@ def in_flight_micro_batches(job: Job) -> float:
 
 
 def activation_bytes(job: Job) -> float:
+    """What the busiest stage stores for its backward (every micro-batch in flight, each layer's checkpoint or
+    whole activations) and the layer being recomputed holds meanwhile."""
     layers = layers_per_stage(job)
     modes = job.checkpoint_modes
     per_layer = sum(share * layer_activation_bytes(job, mode) for mode, share in modes.items())
@@ -128,9 +130,10 @@ def loss_bytes(job: Job) -> tuple[float, float]:
 def buffer_bytes(job: Job) -> float:
     """Temporary tensors that are not model state or stored activations.
 
-    The loss at its peak (loss_bytes), which runs before any layer is recomputed: the two never coexist, so beside
-    the recompute working set (counted with the activations) the buffers count only what the loss holds beyond
-    it, or what the loop still holds of it then, whichever is larger;
+    The loss at its peak (loss_bytes), which runs before any layer is recomputed: the two never coexist (unless a
+    pipeline schedule holds every micro-batch's forward, GPipe's), so beside the recompute working set (counted
+    with the activations) the buffers count only what the loss holds beyond it, or what the loop still holds of
+    it then, whichever is larger;
     FSDP and ZeRO-3 gather blocks in the compute dtype (current + one prefetched) and produce one
     unsharded block gradient in fp32 before reducing it; shard_grad_op keeps every gathered block
     until its backward; PyTorch DDP reduces in gradient buckets that copy the gradients
@@ -139,7 +142,10 @@ def buffer_bytes(job: Job) -> float:
     layout = job.layout
     E = job.act_bytes
     peak, held = loss_bytes(job)
-    logits = max(peak - recompute_working_set(job), held)
+    # GPipe and looped BFS run every micro-batch's forward first: the other micro-batches' losses are still held
+    # when the first layer is recomputed, so the loss and the working set are not kept apart there
+    apart = layout.pp == 1 or not PP_SCHEDULES[job.pp_schedule].holds_all_micro_batches
+    logits = max(peak - recompute_working_set(job), held) if apart else peak
     block, root = job.block_params_per_rank, job.root_params_per_rank  # as this TP rank holds them
     gathered = 0.0
     shards = job.shards

@@ -139,11 +139,11 @@ class Software:
     LOSS_BYTES_VOCAB_PARALLEL), at any TP degree; otherwise PyTorch's cross entropy (kernels.LOSS_BYTES_EAGER)."""
     loss_in_compute_dtype: bool = False
     """The eager cross entropy runs on the 16-bit logits as the output layer returns them, with no fp32 copy: its
-    log-softmax is 16-bit too (kernels.LOSS_BYTES_EAGER, memory.buffer_bytes). Otherwise it upcasts them first, as
+    log-softmax is 16-bit too (kernels.LOSS_BYTES_EAGER, memory.loss_bytes). Otherwise it upcasts them first, as
     the harness's model (models/gpt.py) and Megatron's (fp16_lm_cross_entropy off by default) do."""
     loop_holds_logits: bool = False
     """The training loop keeps the logits until the backward is done (`logits = model(x); loss =
-    F.cross_entropy(logits, ...); loss.backward()`), so they sit beside the loss's backward (memory.buffer_bytes);
+    F.cross_entropy(logits, ...); loss.backward()`), so they sit beside the loss's backward (memory.loss_bytes);
     otherwise the model returns only the loss and frees them after its forward (the harness's models/gpt.py)."""
     fused_bias_dropout_add: bool = False
     """Bias, dropout and the residual add in one kernel (Megatron's bias_dropout_add_fusion)."""
@@ -202,7 +202,7 @@ class Software:
 
     @property
     def loss_kind(self) -> str:
-        """Which loss the software runs, as the kernels (kernels.LOSS_PASSES) and memory (memory.buffer_bytes) cost
+        """Which loss the software runs, as the kernels (kernels.LOSS_PASSES) and memory (memory.loss_bytes) cost
         it: fused, Megatron's vocab-parallel, or PyTorch's eager cross entropy."""
         return "fused" if self.fused_cross_entropy else "vocab_parallel" if self.vocab_parallel_loss else "eager"
 
