@@ -28,9 +28,13 @@ from harness.costmodel.software import Software
 ROPE_PASSES = 9.0
 """Eager rotary embeddings on q and k (harness.models.gpt.apply_rope): neg of a half (1), cat (2), two muls
 (2 + 2) and an add (3): passes over q and k; 2 when fused."""
-NORM_PASSES = (2.0, 3.0)
-"""A norm kernel: forward reads its input and writes its output; backward reads input and output gradient and
-writes the input gradient."""
+NORM_PASSES = (2.0, 3.0, 2.0)
+"""A norm: forward reads its input and writes its output; backward reads the input and the output gradient and
+writes the input gradient; and where the weight's (and bias's) gradient is a kernel of its own, that kernel reads
+the output gradient and the input again (PyTorch's native LayerNorm and RMSNorm, layer_norm_kernel.cu
+`GammaBetaBackward`; apex's and Megatron's fused norms, `cuComputePartGradGammaBeta`), unless the input gradient's
+kernel also writes per-block partial sums for it (Software.norm_grads_in_one_kernel), as PyTorch's CPU kernel does
+(layer_norm_kernel.cpp: one pass over the rows with per-thread weight-gradient buffers)."""
 RMSNORM_COMPOSITE_BYTES = 32.0
 """An RMSNorm written as PyTorch operations in fp32 (Llama's reference code: x.float(), pow, mean, rsqrt, mul,
 mul by the weight, cast back), per element in the forward: cast (E + 4), pow (8), mean (4), mul (8), weight
@@ -62,14 +66,22 @@ OPTIMIZER_KERNELS_PER_TENSOR = {"fused": 0.0, "foreach": 0.0, "loop": 8.0}
 
 def norm_kernel(name: str, elements: float, job: Job, fwd_only: bool = False) -> Kernel:
     """One norm over `elements`, forward and (unless `fwd_only`) backward: one kernel, or the software's composite
-    RMSNorm (seven operations, each a kernel and a pass in each direction)."""
-    E = job.act_bytes
-    if job.model.norm == "rmsnorm" and job.software.rmsnorm_composite:
-        (fwd, bwd), kernels = (RMSNORM_COMPOSITE_BYTES + 2 * E, 2 * (RMSNORM_COMPOSITE_BYTES + 2 * E)), 7
+    RMSNorm (seven operations, each a kernel and a pass in each direction). Under autocast the norm runs on the
+    fp32 stream and its output is cast for the next linear (read 4, write E; its backward casts the gradient
+    back)."""
+    E, sw = job.stream_bytes, job.software
+    if job.model.norm == "rmsnorm" and sw.rmsnorm_composite:
+        fwd = RMSNORM_COMPOSITE_BYTES + 2 * E
+        bwd, fwd_kernels, bwd_kernels = 2 * fwd, 7, 7
     else:
-        (fwd, bwd), kernels = (NORM_PASSES[0] * E, NORM_PASSES[1] * E), 1
+        separate = 0 if sw.norm_grads_in_one_kernel or job.device == "cpu" else 1
+        fwd, bwd = NORM_PASSES[0] * E, (NORM_PASSES[1] + separate * NORM_PASSES[2]) * E
+        fwd_kernels, bwd_kernels = 1, 1 + separate
+    if job.autocast:
+        cast = E + job.act_bytes  # the output cast for the next linear, and its gradient cast back
+        fwd, bwd, fwd_kernels, bwd_kernels = fwd + cast, bwd + cast, fwd_kernels + 1, bwd_kernels + 1
     return Kernel(name, "memory", bytes=elements * (fwd if fwd_only else fwd + bwd),
-                  count=kernels * (1 if fwd_only else 2))
+                  count=fwd_kernels + (0 if fwd_only else bwd_kernels))
 
 
 @dataclass(frozen=True)
@@ -185,12 +197,12 @@ def layer_kernels(job: Job, *, backward: bool = True, region: str = "block") -> 
                 rope = 2.0 if sw.fused_rope or sw.compiled else ROPE_PASSES
                 memory("rope", qk, rope, rope, kernels=1 if sw.fused_rope or sw.compiled else 5)
             out += attention_kernels(job, heads, fwd_only)
-            if in_attention and any(sw.attention_reshape_passes):
+            if in_attention and (sw.attention_reshape_passes[0] or not fwd_only and sw.attention_reshape_passes[1]):
                 memory("attention reshapes", tokens * h / tp, *sw.attention_reshape_passes, kernels=5)
         if spec.name == "attn.proj" and in_attention and sw.seq_first_proj_copy and layout.micro_batch_size > 1:
             memory("proj input copy", tokens * h / tp, 2.0, 4.0)
         if spec.name == "attn.proj" and region == "block":
-            out += residual_kernels("residual1", residual, E, sw, fwd_only)
+            out += residual_kernels("residual1", residual, E, sw, fwd_only, job.stream_bytes)
             if not sw.compiled:
                 out.append(norm_kernel("norm2", residual, job, fwd_only))
         if spec.name == "mlp.fc" and region == "block":
@@ -201,11 +213,30 @@ def layer_kernels(job: Job, *, backward: bool = True, region: str = "block") -> 
                 bwd += 4.0  # the split's backward concatenates the gate and up gradients
             memory("activation", tokens * ffn, fwd, bwd, kernels=1 if fused or not swiglu else 2)
     if region == "block":
-        out += residual_kernels("residual2", residual, E, sw, fwd_only)
-        if sw.autocast_casts and E < 4:  # fp32 weights cast to the compute dtype at each use (read 4, write E bytes)
+        out += residual_kernels("residual2", residual, E, sw, fwd_only, job.stream_bytes)
+        if job.autocast:  # fp32 weights cast to the compute dtype at each use (read 4, write E bytes), and
+            # each weight's gradient cast back to fp32 in the backward (autograd's _to_copy: read E, write 4)
             weights = sum(spec.n_in * spec.n_out for spec in block_linears(m)) / tp
-            out.append(Kernel("weight casts", "memory", bytes=weights * (4 + E), count=len(block_linears(m))))
+            directions = 1 if fwd_only else 2
+            out.append(Kernel("weight casts", "memory", bytes=weights * (4 + E) * directions,
+                              count=len(block_linears(m)) * directions))
+        if m.bias and not fwd_only and not sw.compiled:
+            out.append(bias_grad_kernel(job))
     return out
+
+
+def bias_grad_kernel(job: Job) -> Kernel:
+    """The biases' gradients of one layer's linears: each is its output gradient summed over the tokens, a
+    reduction that reads that gradient once more in its own kernel (PyTorch's addmm backward, `grad.sum(0)`,
+    tools/autograd/derivatives.yaml; Megatron's linear layers likewise, `grad_output.sum(dim=0)`). torch.compile
+    fuses it into the kernel that produces the gradient. A row-parallel layer's bias is added after its output is
+    reduced (or reduce-scattered, with sequence parallelism), so its gradient spans the whole width."""
+    from harness.models.config import block_linears
+
+    tp, seq_split = job.layout.tp, job.layout.tp if job.sequence_parallel else 1
+    elements = sum(job.tokens * spec.n_out / (tp if spec.split == "column" else seq_split)
+                   for spec in block_linears(job.model))
+    return Kernel("bias grads", "memory", bytes=elements * job.act_bytes, count=len(block_linears(job.model)))
 
 
 def attention_kernels(job: Job, heads: int, fwd_only: bool) -> list[Kernel]:
@@ -241,18 +272,25 @@ def attention_kernels(job: Job, heads: int, fwd_only: bool) -> list[Kernel]:
     return out
 
 
-def residual_kernels(name: str, elements: float, E: float, sw: Software, fwd_only: bool) -> list[Kernel]:
+def residual_kernels(name: str, elements: float, E: float, sw: Software, fwd_only: bool,
+                     stream: Optional[float] = None) -> list[Kernel]:
     """Dropout (where the software has it) and the residual add, and their backward: fused, read two and write one
     (plus the mask); eager, dropout reads and writes (and writes its mask) and the add reads two and writes one;
     backward, the add's gradient goes to both branches and autograd sums them (3 passes), dropout's through its
-    mask."""
+    mask. A `stream` wider than the branch (fp32 under autocast) is read and written at its own width, and autograd
+    casts the branch's gradient down to the branch's dtype (one more kernel)."""
+    S = stream or E
     mask = 1 if sw.dropout else 0
-    if sw.fused_bias_dropout_add or sw.compiled:
-        fwd, bwd, kernels = 3 * E + mask, 3 * E + 2 * mask * E, 1
+    add = 2 * S + E  # read the stream and the branch, write the stream
+    if sw.fused_bias_dropout_add or sw.compiled:  # a fused kernel writes the branch's gradient in its dtype too
+        fwd, bwd, kernels, cast_kernels = add + mask, 3 * S + (E if S != E else 0) + 2 * mask * E, 1, 0
     else:
-        fwd, bwd, kernels = 3 * E + mask * (2 * E + 1), 3 * E + mask * (2 * E + 1), 1 + mask
+        cast = S + E if S != E else 0
+        fwd, bwd, kernels = add + mask * (2 * E + 1), 3 * S + cast + mask * (2 * E + 1), 1 + mask
+        cast_kernels = 1 if cast else 0
     passes = fwd + (0 if fwd_only else bwd)
-    return [Kernel(name, "memory", bytes=elements * passes, count=kernels * (1 if fwd_only else 2))]
+    return [Kernel(name, "memory", bytes=elements * passes,
+                   count=kernels + (0 if fwd_only else kernels + cast_kernels))]
 
 
 def head_kernels(job: Job) -> list[Kernel]:
@@ -272,7 +310,9 @@ def head_kernels(job: Job) -> list[Kernel]:
     else:
         per_element = 4 * E if sw.loss_in_compute_dtype else LOSS_BYTES_EAGER + 2 * E
     out.append(Kernel("cross entropy", "memory", bytes=tokens * loss * per_element, count=LOSS_PASSES[kind]))
-    out.append(Kernel("embedding", "memory", bytes=tokens * m.d_model * E * 3, count=2))
+    out.append(Kernel("embedding", "memory", bytes=tokens * m.d_model * job.stream_bytes * 3, count=2))
+    if job.autocast:  # the output layer's fp32 weight cast for the forward and its gradient cast back
+        out.append(Kernel("head weight cast", "memory", bytes=columns * m.d_model * (4 + E) * 2, count=2))
     return out
 
 

@@ -110,6 +110,9 @@ class Job:
     """The pipeline schedule (backend.pp_schedule for fsdp; DeepSpeed's pipeline engine runs 1F1B)."""
     cp_kind: str = "ulysses"
     """How the layout's cp ranks share a sequence (parallel.cp_kind; harness.core.registry.CP_KINDS)."""
+    device: str = "cuda"
+    """The system's device type (system.device: cuda, rocm, xpu, cpu): which kernels a framework's operators run
+    as (a native norm's backward is one pass over rows on a CPU, two kernels on a GPU)."""
 
     @functools.cached_property
     def spec(self) -> BackendSpec:
@@ -206,6 +209,20 @@ class Job:
         return ACT_BYTES[self.precision]
 
     @property
+    def autocast(self) -> bool:
+        """The run computes in 16 bits under torch.autocast over fp32 weights (the software's `autocast_casts`)."""
+        return self.software.autocast_casts and self.act_bytes < 4
+
+    @property
+    def stream_bytes(self) -> int:
+        """Bytes per element of the residual stream. Under autocast it is fp32: the embedding's weights stay fp32,
+        a 16-bit branch added to the fp32 stream promotes to fp32, and autocast runs layer_norm in fp32 (PyTorch's
+        autocast op reference: layer_norm is on the CUDA float32 list), so the norms read, write and save 4 bytes
+        and each norm's output is cast to the compute dtype for the linear after it. Otherwise the compute
+        dtype's."""
+        return 4 if self.autocast else self.act_bytes
+
+    @property
     def unsharded_grad_bytes(self) -> Optional[float]:
         """Bytes per parameter of the unsharded gradients FSDP2 holds between micro-batches; None where gradients
         stay sharded. Accumulating without gradient sync (set_requires_gradient_sync(False): the harness through
@@ -260,6 +277,7 @@ def job_from_config(cfg: Any, layout: Layout, software: Optional[Software] = Non
         hybrid_shard_group=backend.hybrid_shard_group,
         pp_schedule=schedule,
         cp_kind=getattr(cfg.parallel, "cp_kind", "ulysses"),
+        device=str(getattr(cfg.system, "device", "cuda")),
     )
 
 

@@ -64,14 +64,14 @@ def layer_activation_bytes(job: Job, checkpointing: str) -> float:
     m, t, cp = job.model, job.layout.tp, job.layout.cp
     s, b, h = m.seq_len // cp, job.layout.micro_batch_size, m.d_model  # s: this rank's chunk of each sequence
     a, g, dh, f = m.n_heads, m.kv_heads, m.head_dim, m.ffn_width
-    B, sbh = job.act_bytes, s * b * h
+    B, S, sbh = job.act_bytes, job.stream_bytes, s * b * h  # S: the residual stream's (fp32 under autocast)
     # the score matrix of a rank: ulysses holds heads/cp whole sequences, ring its s/cp queries against all keys
     scores = a * s * m.seq_len * b if job.cp_kind == "ring" else a / cp * m.seq_len * m.seq_len * b
     split_over_tp = t if job.sequence_parallel else 1
     if checkpointing == "full":
-        return B * sbh / split_over_tp
+        return S * sbh / split_over_tp
     mask = 1 if job.software.dropout else 0
-    replicated = 4 * B * sbh + 2 * mask * sbh  # two norm inputs, qkv and fc inputs, two dropout masks
+    replicated = 2 * S * sbh + 2 * B * sbh + 2 * mask * sbh  # two norm inputs, qkv and fc inputs, two dropout masks
     mlp = B * s * b * f * (2 if m.activation == "swiglu" else 1) + B * s * b * f  # activation input, proj input
     attn_core = (B + mask * (1 + B)) * scores if not job.software.fused_attention else 4 * a * s * b
     attention = B * s * b * (a + 2 * g) * dh + B * sbh + attn_core  # q, k, v; proj input; scores or logsumexp
@@ -137,7 +137,8 @@ def buffer_bytes(job: Job) -> float:
     FSDP and ZeRO-3 gather blocks in the compute dtype (current + one prefetched) and produce one
     unsharded block gradient in fp32 before reducing it; shard_grad_op keeps every gathered block
     until its backward; PyTorch DDP reduces in gradient buckets that copy the gradients
-    (`gradient_as_bucket_view=False`, its default); DeepSpeed ZeRO-1/2 in one preallocated bucket.
+    (`gradient_as_bucket_view=False`, its default); DeepSpeed ZeRO-1/2 in one preallocated bucket; under
+    autocast the 16-bit weight copies the linears save for their backward (autocast_weight_copies).
     """
     layout = job.layout
     E = job.act_bytes
@@ -166,7 +167,19 @@ def buffer_bytes(job: Job) -> float:
         # setup_buckets): 1 GB in 16 bits at DeepSpeed's default, 2 GB in fp32
         copies = 2 if job.ds_overlap_comm else 1  # overlap_comm: off by default below stage 3
         buckets += copies * job.ds_reduce_bucket * job.state_bytes.weights
-    return logits + gathered + buckets
+    return logits + gathered + buckets + autocast_weight_copies(job)
+
+
+def autocast_weight_copies(job: Job) -> float:
+    """Under autocast each linear computes with a 16-bit copy of its fp32 weight and saves that copy for its
+    backward, so a rank holds one for every linear whose forward was not checkpointed (a fully recomputed block
+    saves none) and the output layer's (the embedding is not cast: embedding is not on autocast's lists). The
+    copies cached during a checkpointed forward are freed when autocast's region ends, before the backward."""
+    if not job.autocast:
+        return 0.0
+    saved = 1.0 - job.checkpoint_modes.get("full", 0.0)
+    head = job.vocab_per_rank[0] * job.model.d_model
+    return (layers_per_stage(job) * job.block_params_per_rank * saved + head) * job.act_bytes
 
 
 def memory_per_device(job: Job, framework_overhead_bytes: float = 0.0) -> dict[str, float]:

@@ -186,8 +186,14 @@ class Software:
     """The parameters are stored in the 16-bit compute dtype, so their gradients and AdamW's moments are too: 8 bytes
     of model state per parameter instead of mixed precision's fp32 weights, gradients and moments (16)."""
     autocast_casts: bool = False
-    """Weights are cast from fp32 to the compute dtype at every use in a micro-batch's forward (PyTorch
-    autocast under DDP); FSDP2 casts once per all-gather, DeepSpeed and Megatron keep 16-bit weights."""
+    """The run computes under torch.autocast over fp32 weights (PyTorch DDP, a plain script): each weight is cast
+    to the compute dtype at its use in a micro-batch's forward and its gradient cast back to fp32 in the backward,
+    and the residual stream stays fp32, with its norms, and each norm's output cast for the linear after it
+    (kernels.stream_bytes). FSDP2 casts once per all-gather, DeepSpeed and Megatron keep 16-bit weights."""
+    norm_grads_in_one_kernel: bool = False
+    """The norm's backward writes its weight's gradient as per-block partial sums from the input gradient's kernel
+    (flash-attn's Triton layer_norm, nanotron's TritonRMSNorm; Transformer Engine's norms): 3 passes instead of
+    the 5 of PyTorch's native norms and apex's, whose weight gradient is a second kernel (kernels.NORM_PASSES)."""
     run_flags: bool = False
     """The framework takes torch.compile and the optimizer implementation from the run's own train.compile and
     train.optimizer (the harness's backends; a published table's rows say what each of its runs used)."""
@@ -197,6 +203,9 @@ class Software:
         for mode in (self.tp_vocab, self.tp_vocab_untied or self.tp_vocab):
             if mode not in TP_VOCAB:
                 raise ValueError(f"tp_vocab={mode}: one of {', '.join(TP_VOCAB)}")
+        if self.rmsnorm_composite and self.autocast_casts:
+            raise ValueError("rmsnorm_composite with autocast_casts: the composite norm's fp32 casts are counted as "
+                             "16-bit to fp32 and back, which autocast's fp32 stream does not make")
         if self.vocab_parallel_loss and self.loss_in_compute_dtype:
             raise ValueError("vocab_parallel_loss with loss_in_compute_dtype: Megatron's 16-bit loss is not modelled")
 
@@ -240,6 +249,7 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
                     "gradients all-reduced after the pipeline flush; blocking point-to-point sends; fp32 main_grad "
                     "accumulation by a separate add (gradient_accumulation_fusion came later)"),
     Software(name="megatron-lm", **_MEGATRON_KERNELS, fp32_grads_in_bf16=True, pp_sends_sequence_split=True,
+             norm_grads_in_one_kernel=True,
              fused_attention=True, dropout=True, pp_scatter_gather=True,
              recompute_early_stop=False, grad_reduce_overlap=True, param_gather_overlap=True, p2p_overlap=True,
              grad_accumulation_fusion=True,
@@ -247,6 +257,10 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
                     "--overlap-grad-reduce --overlap-param-gather (megatron/core/distributed/"
                     "distributed_data_parallel_config.py), overlap_p2p_comm for the interleaved schedule (on by "
                     "default), gradient_accumulation_fusion (on by default), flash attention; "
+                    "Transformer Engine's norms in its default layer spec (their backward writes the weight "
+                    "gradient as per-CTA partial sums from the input gradient's kernel and a finalize kernel adds "
+                    "the partials: "
+                    "NVIDIA/TransformerEngine transformer_engine/common/normalization/layernorm/ln_bwd_kernels.cuh); "
                     "--tp-comm-overlap is opt-in (needs Transformer Engine userbuffers): "
                     "select it with costmodel.tp_comm_overlap=true"),
     Software(name="megatron-deepspeed", **_MEGATRON_KERNELS, fp32_grads_in_bf16=True, pp_sends_sequence_split=True,
@@ -258,11 +272,14 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
                     "accumulate into fp32 buffers by hooks (deepspeed/runtime/bf16_optimizer.py; the Frontier port "
                     "turned gradient_accumulation_fusion off)"),
     Software(name="nanotron", **_PYTORCH, grad_reduce_overlap=True, main_grad_bytes=4, fp32_grads_in_bf16=True,
+             norm_grads_in_one_kernel=True,
              fused_rope=True, optimizer="fused", vocab_parallel_loss=True, attention_reshape_passes=(14.0, 16.0),
              seq_first_proj_copy=True, split_glu=True,
              source="nanotron as its scaling benchmark ran it (github.com/huggingface/nanotron: "
                     "scripts/scaling_benchmarks.py at e24d248 and src/nanotron at that commit): "
-                    "FlashAttention-2's flash_attn_varlen_func, flash-attn's fused rotary embedding, TritonRMSNorm, "
+                    "FlashAttention-2's flash_attn_varlen_func, flash-attn's fused rotary embedding, TritonRMSNorm "
+                    "(flash-attn's ops/triton/layer_norm.py, whose backward kernel writes the weight gradient's "
+                    "per-block partial sums beside the input gradient), "
                     "the residual add and SiLU-times-up (GLUActivation, torch.split of the merged gate/up output) as "
                     "eager kernels, fused q/k/v and gate/up projections with the copies their reshapes make "
                     "(permute(...).contiguous() of q/k/v, torch.cat of k and v, the sequence-first o_proj input), "
@@ -276,6 +293,17 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
                     "reduce-scatter with the weight-gradient GEMM) and tp_recompute_allgather gathers that input "
                     "again in the backward (parallel/tensor_parallel/functional.py): TP traffic counts as exposed, "
                     "in Megatron's count"),
+    Software(name="pytorch-autocast-script", **_PYTORCH, autocast_casts=True, run_flags=True, loop_holds_logits=True,
+             attention_reshape_passes=(0.0, 39.0),
+             source="a single-process PyTorch training script in the minGPT style, as the Kempner Institute's GPU "
+                    "benchmark writes it (KempnerInstitute/kempner-computing-handbook, kempner_computing_handbook/"
+                    "technical_blog/choosing_gpu_partition.md at c8d6760, gpu_bench.py): fp32 weights under "
+                    "torch.autocast(bfloat16), nn.LayerNorm, biased nn.Linear, exact GELU, SDPA, F.cross_entropy on "
+                    "the logits the loop holds, no DDP; q, k and v taken from the merged projection by indexing "
+                    "(qkv.view(...).permute(...)[0], [1], [2]), so each select's backward allocates a zeroed tensor of "
+                    "the whole q/k/v size and copies its gradient in (3 × (3 + 2) passes over one layer's tokens × "
+                    "hidden), autograd sums the three (2 × 9) and the view's backward copies the permuted sum (6): "
+                    "39 passes in the backward, none in the forward (the permuted views reach SDPA uncopied)"),
     Software(name="kempnerforge", **_PYTORCH, grad_reduce_overlap=True, run_flags=True, compile_whole_model=True,
              tp_vocab="gathered", tp_gather_per_projection=True, rmsnorm_composite=True, states_in_compute_dtype=True,
              loss_in_compute_dtype=True, loop_holds_logits=True, host_sync_every_micro_batch=True,
