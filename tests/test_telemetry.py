@@ -488,7 +488,11 @@ def test_cpu_run_reports_what_it_did_not_measure(tmp_path: Path) -> None:
         assert metrics[key] is None and "RAPL is unavailable" in metrics[f"{key}_reason"]
     assert telemetry["source"] is None and "no GPU" in telemetry["reason"] and telemetry["power_csv"] is None
     assert metrics["process_cpu_pct"] > 0 and metrics["process_rss_mb"] > 0
-    assert all(s["energy_j"] is None and s["process_cpu_pct"] is not None for s in run.steps)
+    assert all(s["energy_j"] is None for s in run.steps)
+    # CPU % comes from the sampling thread's intervals: a step that ends before the first one has none, every
+    # later step has it (on a loaded host the first steps can finish within 100 ms)
+    measured = [s["process_cpu_pct"] is not None for s in run.steps]
+    assert measured[-1] and measured == sorted(measured)
     assert not (run.run_dir / "power.csv").exists()
 
 
