@@ -232,7 +232,8 @@ def test_sampler_without_a_source_reports_nan_and_measures_the_process() -> None
     readings, _ = run_steps(sampler, [0.01, 0.25])
     assert time.perf_counter() - start < 1.0, "no idle wait without a source"
     assert math.isnan(readings[0].energy_j) and readings[0].devices == 0
-    assert math.isnan(readings[0].process_cpu_pct), "no CPU % before the thread's first interval"
+    # the first step ends before the thread's first interval: measured at its own two ends instead
+    assert readings[0].process_cpu_pct >= 0 and readings[0].process_rss_mb > 10
     assert readings[1].process_rss_mb > 10 and readings[1].process_cpu_pct >= 0
     report = sampler.stop()
     assert report["source"] is None and report["reason"] == "no GPU" and report["samples"] == []
@@ -488,11 +489,8 @@ def test_cpu_run_reports_what_it_did_not_measure(tmp_path: Path) -> None:
         assert metrics[key] is None and "RAPL is unavailable" in metrics[f"{key}_reason"]
     assert telemetry["source"] is None and "no GPU" in telemetry["reason"] and telemetry["power_csv"] is None
     assert metrics["process_cpu_pct"] > 0 and metrics["process_rss_mb"] > 0
-    assert all(s["energy_j"] is None for s in run.steps)
-    # CPU % comes from the sampling thread's intervals: a step that ends before the first one has none, every
-    # later step has it (on a loaded host the first steps can finish within 100 ms)
-    measured = [s["process_cpu_pct"] is not None for s in run.steps]
-    assert measured[-1] and measured == sorted(measured)
+    # every step's CPU %: the sampling thread's latest interval, or the step itself where it ends before the first
+    assert all(s["energy_j"] is None and s["process_cpu_pct"] is not None for s in run.steps)
     assert not (run.run_dir / "power.csv").exists()
 
 

@@ -2,7 +2,8 @@
 
 Sampled by the telemetry thread, not at step boundaries: two /proc reads cost ~30 µs, a tenth of
 a percent of a 20 ms step if paid every step, nothing measurable at 10 Hz. CPU % is of one core
-over the latest sampling interval: a rank running two busy threads shows 200.
+over the latest sampling interval: a rank running two busy threads shows 200. Only the steps that end
+before the thread's first interval are measured at their own two ends (ProcessMeter.since).
 """
 
 from __future__ import annotations
@@ -23,13 +24,23 @@ class ProcessMeter:
         self.rss_mb = math.nan
 
     def sample(self) -> None:
-        now = time.perf_counter()
-        times = self.process.cpu_times()
-        cpu_s = times.user + times.system
+        now, cpu_s = self.read()
         if self._last is not None and now > self._last[0]:
             self.cpu_pct = 100.0 * (cpu_s - self._last[1]) / (now - self._last[0])
         self._last = (now, cpu_s)
         self.rss_mb = self.process.memory_info().rss / 2**20
+
+    def read(self) -> tuple[float, float]:
+        """(now, this process's CPU seconds so far)."""
+        times = self.process.cpu_times()
+        return time.perf_counter(), times.user + times.system
+
+    def since(self, then: tuple[float, float]) -> tuple[float, float]:
+        """(CPU % of one core since `then`, a `read()`; resident MB now): a step measured at its own ends, for the
+        steps that finish before the thread's first interval."""
+        now, cpu_s = self.read()
+        pct = 100.0 * (cpu_s - then[1]) / (now - then[0]) if now > then[0] else math.nan
+        return pct, self.process.memory_info().rss / 2**20
 
 
 class HostMeter:

@@ -73,6 +73,8 @@ class Sampler:
         self._started_at = 0.0
         self._boundaries = 0
         self._prev: Optional[tuple[float, list[tuple[Optional[float], Optional[float]]], int]] = None
+        self._step_cpu: Optional[tuple[float, float]] = None  # the process at the last boundary, until the thread
+        # has measured an interval of its own
         self._timed_start: Optional[list[tuple[Optional[float], Optional[float]]]] = None
         self._unix_offset = time.time() - time.perf_counter()
         self._report: Optional[dict[str, Any]] = None
@@ -187,9 +189,12 @@ class Sampler:
         if self._boundaries == self.warmup_steps:
             self._timed_start = values
         self._boundaries += 1
+        cpu_pct, rss_mb = self.process.cpu_pct, self.process.rss_mb  # the thread's latest interval
+        if math.isnan(cpu_pct) and self._step_cpu is not None:  # none yet: this step, measured at its two ends
+            cpu_pct, rss_mb = self.process.since(self._step_cpu)
+        self._step_cpu = self.process.read() if math.isnan(self.process.cpu_pct) else None
         if prev is None:
             return None
-        cpu_pct, rss_mb = self.process.cpu_pct, self.process.rss_mb  # the thread's latest interval
         if self.source is None:
             return StepReading(0.0 if self.shared else math.nan, 0, 0.0, 0, cpu_pct, rss_mb)
         energies = [_pick(m, (_delta(a[0], b[0]), _delta(a[1], b[1])))

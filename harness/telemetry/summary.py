@@ -34,7 +34,7 @@ def step_fields(table: Sequence[Sequence[float]], iter_time_s: float) -> dict[st
 
 
 def _process_fields(table: Sequence[Sequence[float]]) -> dict[str, Optional[float]]:
-    """NaN until the sampler thread has measured its first interval."""
+    """NaN where neither the sampler thread's intervals nor the step's own ends measured it."""
     cpu = [row[4] for row in table if not math.isnan(row[4])]
     rss = [row[5] for row in table if not math.isnan(row[5])]
     return {"process_cpu_pct": statistics.fmean(cpu) if cpu else None, "process_rss_mb": max(rss) if rss else None}
