@@ -202,7 +202,7 @@ def layer_kernels(job: Job, *, backward: bool = True, region: str = "block") -> 
         if spec.name == "attn.proj" and in_attention and sw.seq_first_proj_copy and layout.micro_batch_size > 1:
             memory("proj input copy", tokens * h / tp, 2.0, 4.0)
         if spec.name == "attn.proj" and region == "block":
-            out += residual_kernels("residual1", residual, E, sw, fwd_only, job.stream_bytes)
+            out += residual_kernels("residual1", residual, E, job.stream_bytes, sw, fwd_only)
             if not sw.compiled:
                 out.append(norm_kernel("norm2", residual, job, fwd_only))
         if spec.name == "mlp.fc" and region == "block":
@@ -213,7 +213,7 @@ def layer_kernels(job: Job, *, backward: bool = True, region: str = "block") -> 
                 bwd += 4.0  # the split's backward concatenates the gate and up gradients
             memory("activation", tokens * ffn, fwd, bwd, kernels=1 if fused or not swiglu else 2)
     if region == "block":
-        out += residual_kernels("residual2", residual, E, sw, fwd_only, job.stream_bytes)
+        out += residual_kernels("residual2", residual, E, job.stream_bytes, sw, fwd_only)
         if job.autocast:  # fp32 weights cast to the compute dtype at each use (read 4, write E bytes), and
             # each weight's gradient cast back to fp32 in the backward (autograd's _to_copy: read E, write 4)
             weights = sum(spec.n_in * spec.n_out for spec in block_linears(m)) / tp
@@ -272,14 +272,12 @@ def attention_kernels(job: Job, heads: int, fwd_only: bool) -> list[Kernel]:
     return out
 
 
-def residual_kernels(name: str, elements: float, E: float, sw: Software, fwd_only: bool,
-                     stream: Optional[float] = None) -> list[Kernel]:
+def residual_kernels(name: str, elements: float, E: float, S: float, sw: Software, fwd_only: bool) -> list[Kernel]:
     """Dropout (where the software has it) and the residual add, and their backward: fused, read two and write one
     (plus the mask); eager, dropout reads and writes (and writes its mask) and the add reads two and writes one;
     backward, the add's gradient goes to both branches and autograd sums them (3 passes), dropout's through its
-    mask. A `stream` wider than the branch (fp32 under autocast) is read and written at its own width, and autograd
-    casts the branch's gradient down to the branch's dtype (one more kernel)."""
-    S = stream or E
+    mask. A stream wider than the branch (S bytes against E: fp32 under autocast) is read and written at its own
+    width, and autograd casts the branch's gradient down to the branch's dtype (one more kernel)."""
     mask = 1 if sw.dropout else 0
     add = 2 * S + E  # read the stream and the branch, write the stream
     if sw.fused_bias_dropout_add or sw.compiled:  # a fused kernel writes the branch's gradient in its dtype too

@@ -189,7 +189,7 @@ class Software:
     """The run computes under torch.autocast over fp32 weights (PyTorch DDP, a plain script): each weight is cast
     to the compute dtype at its use in a micro-batch's forward and its gradient cast back to fp32 in the backward,
     and the residual stream stays fp32, with its norms, and each norm's output cast for the linear after it
-    (kernels.stream_bytes). FSDP2 casts once per all-gather, DeepSpeed and Megatron keep 16-bit weights."""
+    (layout.Job.stream_bytes). FSDP2 casts once per all-gather, DeepSpeed and Megatron keep 16-bit weights."""
     norm_grads_in_one_kernel: bool = False
     """The norm's backward writes its weight's gradient as per-block partial sums from the input gradient's kernel
     (flash-attn's Triton layer_norm, nanotron's TritonRMSNorm; Transformer Engine's norms): 3 passes instead of

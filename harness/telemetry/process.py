@@ -24,10 +24,10 @@ class ProcessMeter:
         self.rss_mb = math.nan
 
     def sample(self) -> None:
-        now, cpu_s = self.read()
-        if self._last is not None and now > self._last[0]:
-            self.cpu_pct = 100.0 * (cpu_s - self._last[1]) / (now - self._last[0])
-        self._last = (now, cpu_s)
+        reading = self.read()
+        if self._last is not None:
+            self.cpu_pct = _cpu_pct(self._last, reading, self.cpu_pct)
+        self._last = reading
         self.rss_mb = self.process.memory_info().rss / 2**20
 
     def read(self) -> tuple[float, float]:
@@ -38,9 +38,12 @@ class ProcessMeter:
     def since(self, then: tuple[float, float]) -> tuple[float, float]:
         """(CPU % of one core since `then`, a `read()`; resident MB now): a step measured at its own ends, for the
         steps that finish before the thread's first interval."""
-        now, cpu_s = self.read()
-        pct = 100.0 * (cpu_s - then[1]) / (now - then[0]) if now > then[0] else math.nan
-        return pct, self.process.memory_info().rss / 2**20
+        return _cpu_pct(then, self.read(), math.nan), self.process.memory_info().rss / 2**20
+
+
+def _cpu_pct(then: tuple[float, float], now: tuple[float, float], otherwise: float) -> float:
+    """CPU % of one core between two `ProcessMeter.read()`s; `otherwise` where no time passed between them."""
+    return 100.0 * (now[1] - then[1]) / (now[0] - then[0]) if now[0] > then[0] else otherwise
 
 
 class HostMeter:
