@@ -312,7 +312,8 @@ def test_attention_runs_at_the_devices_measured_flash_attention_rate() -> None:
     rates = hw.rates(job)
     assert rates.attention_flops is not None and rates.attention_flops < rates.gemm_flops
     attention = next(k for k in compute_kernels(job)[0] if k.kind == "attention")
-    assert kernels.kernel_s(attention, rates) == pytest.approx(attention.flops / rates.attention_flops)
+    assert kernels.kernel_s(attention, rates) == pytest.approx(attention.flops / rates.attention_flops
+                                                        + attention.count * rates.startup_s)
     unmeasured = dataclasses.replace(hw, attention=())
     assert unmeasured.rates(job).attention_flops is None
     assert micro_batch_compute_s(job, unmeasured) < micro_batch_compute_s(job, hw)
@@ -377,6 +378,31 @@ def test_host_launches_hide_behind_long_kernels_on_a_gpu_and_add_up_on_a_cpu() -
     big = [kernels.Kernel("k", "memory", bytes=1e10, count=10)]
     assert kernels.kernels_s(big, rates, overlap_host=True) == pytest.approx(1e10 / 1e12)
     assert kernels.kernels_s(big, rates, overlap_host=False) == pytest.approx(1e10 / 1e12 + 10 * 5e-6)
+
+
+def test_each_kernel_launched_back_to_back_costs_a_fixed_device_time_on_a_gpu_and_none_on_a_cpu() -> None:
+    """A GPU runs a stream's kernels one after another, and each costs the launch, its first blocks' ramp and its
+    last wave's drain beyond its bytes (T = a + V/b, gpu-benches' gpu-small-kernels): the same bytes in ten kernels
+    take ten startups. A GEMM's fixed cost is gemm_half_flops, not this. A profile's own figure wins over the
+    device's; a CPU's operators are host calls (layer_overhead_us), so none there."""
+    rates = kernels.Rates(gemm_flops=1e12, gemm_half_flops=0.0, memory_bw=1e12, attention_flops=None,
+                          startup_s=2e-6)
+    one, ten = kernels.Kernel("k", "memory", bytes=1e8), kernels.Kernel("k", "memory", bytes=1e8, count=10)
+    assert kernels.kernel_s(ten, rates) - kernels.kernel_s(one, rates) == pytest.approx(9 * 2e-6)
+    assert kernels.kernel_s(kernels.Kernel("a", "attention", flops=1e9, count=2), rates) == pytest.approx(
+        1e-3 + 2 * 2e-6)
+    gemm = kernels.gemm("g", 1024, 1024, 1024, 2.0)
+    assert kernels.kernel_s(gemm, rates) == kernels.kernel_s(gemm, dataclasses.replace(rates, startup_s=0.0))
+    job, h100 = job_and_hw(GPT)
+    assert h100.startup_s == pytest.approx(2.433e-6)
+    assert job_and_hw([*GPT, "system=frontier"])[1].startup_s == pytest.approx(1.956e-6)
+    assert job_and_hw([*GPT, "system.kernel_startup_us=5"])[1].startup_s == pytest.approx(5e-6)
+    assert hardware(compose([*GPT, "system=cpu"]).system, 1.0).startup_s == 0.0
+    without = dataclasses.replace(h100, startup_s=0.0)
+    block, head = ([k.count for k in ks if k.kind != "gemm"] for ks in compute_kernels(job))
+    launches = job.model.n_layers * sum(block) + sum(head)
+    assert micro_batch_compute_s(job, h100) - micro_batch_compute_s(job, without) == pytest.approx(
+        launches * 2.433e-6)
 
 
 # --- software: what the framework launches -----------------------------------------------------------------------

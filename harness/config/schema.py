@@ -221,6 +221,10 @@ class SystemConfig:
     kernel_launch_us: Optional[float] = None
     """Host time to issue one kernel in eager PyTorch (Python, dispatcher, autograd, the launch call), which a GPU
     hides behind kernels that run longer; None: 0 on a CPU (layer_overhead_us holds its host time), else 5."""
+    kernel_startup_us: Optional[float] = None
+    """Device time each kernel costs beyond its work when kernels run back to back (launch, first blocks' ramp,
+    last wave's drain); None: the accelerator's published measurement (harness/costmodel/peaks.py), else 2.4 µs
+    on a GPU, 0 on a CPU."""
     comm_efficiency: float = 0.8
     """Fraction of a link's bandwidth a large collective reaches where no measured figure is given."""
     comm_latency_us: float = 6.6

@@ -102,6 +102,9 @@ class Rates:
     longer, a CPU pays it on top."""
     units: Optional[int] = None
     """SMs/CUs a GEMM's output tiles fill in waves (None: no wave quantization)."""
+    startup_s: float = 0.0
+    """Device time each memory-bound or attention kernel costs beyond its bytes or FLOPs, back to back on a stream
+    (peaks.kernel_startup_us); a GEMM's fixed cost is gemm_half_flops."""
 
 
 @dataclass(frozen=True)
@@ -134,16 +137,18 @@ def wave_efficiency(rows: int, cols: int, units: Optional[int]) -> float:
 
 
 def kernel_s(k: Kernel, rates: Rates) -> float:
-    """The roofline of one kernel: its FLOPs at its class's rate or its bytes at the memory bandwidth."""
+    """The roofline of one kernel: its FLOPs at its class's rate or its bytes at the memory bandwidth, plus, for
+    kernels other than GEMMs, the fixed device time of each launch (a short kernel's bandwidth falls as a + V/b)."""
     if k.kind == "gemm":
         compute = (k.flops + k.count * rates.gemm_half_flops) / rates.gemm_flops
         compute /= wave_efficiency(*k.shape, rates.units)
+        startup = 0.0
     elif k.kind == "attention":
-        compute = k.flops / (rates.attention_flops or rates.gemm_flops)
+        compute, startup = k.flops / (rates.attention_flops or rates.gemm_flops), k.count * rates.startup_s
     else:
-        compute = 0.0
+        compute, startup = 0.0, k.count * rates.startup_s
     memory = k.bytes / rates.memory_bw if rates.memory_bw else 0.0
-    return max(compute, memory)
+    return max(compute, memory) + startup
 
 
 def gemm(name: str, rows: int, inner: int, cols: int, E: float, count: float = 1.0) -> Kernel:

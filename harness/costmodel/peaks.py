@@ -43,6 +43,10 @@ class DevicePeak:
     ...)), FLOPs counted as FlashAttention's benchmark counts them (forward 4·b·s²·heads·d, halved when causal;
     backward 2.5 times that)."""
     attention_source: Optional[str] = None
+    kernel_startup_us: Optional[float] = None
+    """Device time one kernel costs beyond its bytes when kernels run back to back on a stream: the launch, the
+    ramp-up of its first blocks and the drain of its last wave, measured (None: not known)."""
+    kernel_startup_source: Optional[str] = None
 
 
 MAMF = ("Maximum Achievable Matmul FLOPS (mean of 100 runs after 50 warm-up, best shape), S. Bekman, "
@@ -52,6 +56,9 @@ SWEEP = ("torch.mm in fp16, mean of 100 runs after 50 warm-up, M = N = 32 ... 81
          "sizing/results/gemm_data/mm/m_sweep/{file} at 27dff48 (committed 2023-12-25)")
 STREAM = ("STREAM-style triad (2 loads, 1 store), best over occupancy, te42kyfo/gpu-benches gpu-stream/{file} at "
           "1c36d50 (J. Hofmann et al.)")
+SMALL_KERNELS = ("10,000 back-to-back launches of a streaming kernel over 3-100 MB, each device's time per kernel "
+                 "fitted as T = a + V/b: te42kyfo/gpu-benches gpu-small-kernels/repeated-stream.svg at 1c36d50 "
+                 "(J. Hofmann et al.; the fit's a)")
 FA2 = ("FlashAttention-2 forward + backward, bf16, batch x heads fixed at 16k tokens, Dao-AILab/flash-attention "
        "assets/flash2_{device}_fwd_bwd_benchmark.png at 0251105 (the README's 'Speedup' figures)")
 SEQ = (512, 1024, 2048, 4096, 8192, 16384)
@@ -79,7 +86,8 @@ PEAKS: tuple[DevicePeak, ...] = (
                f"the best shape of an exhaustive search reaches 271.2 ({MAMF} at 744d01e)",
                compute_units=108, hbm_efficiency=0.87,
                hbm_source=STREAM.format(file="a100_40.txt, a100_80.txt") + ": 1375 of 1555 and 1759 of 2039 GB/s",
-               attention=A100_FA2, attention_source=FA2.format(device="a100")),
+               attention=A100_FA2, attention_source=FA2.format(device="a100"),
+               kernel_startup_us=2.555, kernel_startup_source=f"{SMALL_KERNELS}: 2,555 ns on the A100 80GB"),
     DevicePeak("H100-PCIe", r"H100.*PCIE", {"fp16": 756.0, "bf16": 756.0, "fp32": 51.0},
                "NVIDIA H100 datasheet (PCIe): 1513 with sparsity = 756 dense bf16/fp16, 51 fp32",
                compute_units=114, hbm_efficiency=0.92,
@@ -96,7 +104,9 @@ PEAKS: tuple[DevicePeak, ...] = (
                "(Azure/AI-benchmarking-guide Azure_Results/ND_H100_v5_results.md at ae0b6a7); the same benchmark "
                "reads 1.70 of 2.04 TB/s on the A100 80GB, where gpu-stream (the A100's, V100's and MI250X's source) "
                "reads 1.76: Hopper's figures may sit about 3% below the others' basis",
-               attention=H100_FA2, attention_source=FA2.format(device="h100")),
+               attention=H100_FA2, attention_source=FA2.format(device="h100"),
+               kernel_startup_us=2.433, kernel_startup_source=f"{SMALL_KERNELS}: 2,433 ns on the H200, the same "
+               "GH100 die and SMs"),
     DevicePeak("H200", r"H200", {"fp16": 989.0, "bf16": 989.0, "fp32": 67.0},
                "NVIDIA H200 datasheet (SXM): 1979 with sparsity = 989 dense bf16/fp16, 67 fp32",
                0.803, f"{MAMF} at 744d01e: H100 SXM 794.5 of 989 TFLOP/s, 'H200 is the same'",
@@ -106,7 +116,8 @@ PEAKS: tuple[DevicePeak, ...] = (
                "measured the H100 SXM; gpu-stream's H200 (h200.txt at 1c36d50) reads 3.53, but its write stream "
                "tops out at 81% of the datasheet there, against 93-101% on every other device it measured, so that "
                "card's memory did not run at the SXM part's rate",
-               attention=H100_FA2, attention_source=FA2.format(device="h100") + " (the H100's: the same SMs)"),
+               attention=H100_FA2, attention_source=FA2.format(device="h100") + " (the H100's: the same SMs)",
+               kernel_startup_us=2.433, kernel_startup_source=f"{SMALL_KERNELS}: 2,433 ns"),
     DevicePeak("MI250X-GCD", r"MI250X?", {"fp16": 191.5, "bf16": 191.5, "fp32": 23.95},
                "AMD Instinct MI250X datasheet: 383 TFLOP/s fp16/bf16 and 47.9 fp32 vector per OAM; "
                "torch sees each of its two GCDs as a device, so half per GCD",
@@ -123,7 +134,9 @@ PEAKS: tuple[DevicePeak, ...] = (
                "rocm-5.7.0, so measured on ROCm 5's rocBLAS, not ROCm 6's hipBLASLt; the sweep above is fp16",
                compute_units=110, hbm_efficiency=0.80,
                hbm_source=STREAM.format(file="mi210.txt") + ": 1305 of 1638 GB/s on the MI210, one CDNA2 die with "
-               "the same HBM2e as an MI250X GCD"),
+               "the same HBM2e as an MI250X GCD",
+               kernel_startup_us=1.956, kernel_startup_source=f"{SMALL_KERNELS}: 1,956 ns on the MI210, one CDNA2 "
+               "die like an MI250X GCD"),
     DevicePeak("MI300X", r"MI300X", {"fp16": 1307.4, "bf16": 1307.4, "fp32": 163.4},
                "AMD Instinct MI300X datasheet: 1307.4 TFLOP/s fp16/bf16 dense, 163.4 fp32 vector",
                compute_units=304),
@@ -203,6 +216,25 @@ def memory_efficiency(system: object) -> float:
         return float(value)
     peak = device_entry(system)
     return peak.hbm_efficiency if peak is not None and peak.hbm_efficiency is not None else GENERIC_MEMORY_EFFICIENCY
+
+
+GENERIC_KERNEL_STARTUP_US = 2.4
+"""For a GPU with no measured kernel startup: the median of the five GPUs SMALL_KERNELS measured (L40 1.6 µs,
+MI210 2.0, H200 2.4, A100 2.6, RX 6900 XT 2.6)."""
+
+
+def kernel_startup_us(system: object) -> float:
+    """Device time per kernel beyond its work, back to back on a stream: the profile's own figure, else the
+    device's published measurement (its `kernel_startup_source`), else a generic figure; 0 on a CPU, whose
+    operators run as calls on the host (layer_overhead_us holds their cost)."""
+    if getattr(system, "device", "cuda") == "cpu":
+        return 0.0
+    value = getattr(system, "kernel_startup_us", None)
+    if value is not None:
+        return float(value)
+    peak = device_entry(system)
+    return (peak.kernel_startup_us if peak is not None and peak.kernel_startup_us is not None
+            else GENERIC_KERNEL_STARTUP_US)
 
 
 AttentionTable = tuple[tuple[int, bool, tuple[tuple[int, float], ...]], ...]

@@ -43,6 +43,7 @@ from harness.costmodel.peaks import (
     device_entry,
     gemm_efficiency,
     gemm_precision_ratios,
+    kernel_startup_us,
     memory_efficiency,
 )
 
@@ -75,6 +76,8 @@ class Hardware:
     """Compute's slowdown while a collective overlaps it (OVERLAP_SLOWDOWN)."""
     gemm_precision_ratio: tuple[tuple[str, float], ...] = ()
     """A GEMM's rate in each dtype the device's entry names, relative to gemm_efficiency's (peaks.py)."""
+    startup_s: float = 0.0
+    """Device time per memory-bound or attention kernel beyond its work (peaks.kernel_startup_us)."""
 
     def rates(self, job: Job) -> Rates:
         """The achievable rate of each kernel class for this job's shapes (kernels.Rates)."""
@@ -89,7 +92,7 @@ class Hardware:
         gemm = self.peak_flops * self.gemm_efficiency * dict(self.gemm_precision_ratio).get(job.precision, 1.0)
         return Rates(gemm_flops=gemm, gemm_half_flops=self.gemm_half_flops,
                      memory_bw=self.memory_bw, attention_flops=attention, launch_s=self.launch_s,
-                     units=self.compute_units)
+                     units=self.compute_units, startup_s=self.startup_s)
 
 
 def cpu_share(system: Any, local_ranks: Optional[int]) -> tuple[float, float]:
@@ -150,6 +153,7 @@ def hardware(system: Any, peak_tflops: float, local_ranks: Optional[int] = None)
         attention_flops=None if attention is None else attention * 1e12 * speed,
         overlap_slowdown=0.0 if on_cpu else OVERLAP_SLOWDOWN if slowdown is None else slowdown,
         gemm_precision_ratio=gemm_precision_ratios(system),
+        startup_s=kernel_startup_us(system) * 1e-6,
     )
 
 
