@@ -4,6 +4,7 @@ all-reduce taken out), and its profile composes."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from omegaconf import OmegaConf
 
 from harness.config.compose import CONF_DIR, compose
 from harness.costmodel.comm import RING_FACTOR
+from harness.costmodel.timing import hardware
 from harness.models.gpt import GPT
 from harness.predict.calibrate import (
     GEMM_SIZES,
@@ -55,6 +57,18 @@ def test_profile_fits_recover_rates() -> None:
     assert profile["devices_per_node"] == 2
     # The fitted streaming efficiency makes the model's kernels reproduce the measured 20 ms per width-256 block.
     assert modelled_probe_block_s(profile, 256) == pytest.approx(0.02, rel=1e-6)
+    assert profile["kernel_startup_us"] == 0.0  # a CPU's operators are host calls
+
+
+def test_a_gpu_profile_states_the_kernel_startup_its_memory_fit_was_made_with() -> None:
+    """On a GPU the streaming efficiency is fitted with each kernel's startup beside it (costmodel/peaks.py), so
+    the profile writes down the figure it used: a later change to the shipped one cannot then count twice what
+    the fit already holds."""
+    base = OmegaConf.to_container(compose(["system=dgx-h100"]).system)
+    assert base["kernel_startup_us"] is None  # the shipped profile takes the device's published figure
+    profile = profile_from(synthetic_measurements(), base, "h100-test", "bf16")  # type: ignore[arg-type]
+    assert profile["kernel_startup_us"] == pytest.approx(2.433)
+    assert hardware(SimpleNamespace(**profile), profile["peak_tflops"]).startup_s == pytest.approx(2.433e-6)
 
 
 def test_written_profile_is_a_system_choice() -> None:

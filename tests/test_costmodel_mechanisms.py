@@ -219,6 +219,10 @@ def test_the_copies_a_frameworks_reshapes_make_cost_memory_time() -> None:
     block = {k.name: k for k in compute_kernels(job)[0]}
     tokens, h, ffn, E = job.tokens, job.model.d_model, job.model.ffn_width, job.act_bytes
     assert block["attention reshapes"].bytes == pytest.approx(tokens * h * (14 + 16) * E)
+    assert block["attention reshapes"].count == 5 + 3  # the kernels those copies launch, each with its startup
+    script, _ = job_and_hw([*GPT, "costmodel.software=pytorch-autocast-script"])
+    assert block_kernels(script)["attention reshapes"].count == 9  # all in the backward: none for a forward pass
+    assert not any(k.name == "attention reshapes" for k in kernels.layer_kernels(script, backward=False))
     assert block["proj input copy"].bytes == pytest.approx(tokens * h * 6 * E)
     plain_block = {k.name: k for k in compute_kernels(plain)[0]}
     assert block["activation"].bytes - plain_block["activation"].bytes == pytest.approx(tokens * ffn * 4 * E)

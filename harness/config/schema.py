@@ -222,9 +222,10 @@ class SystemConfig:
     """Host time to issue one kernel in eager PyTorch (Python, dispatcher, autograd, the launch call), which a GPU
     hides behind kernels that run longer; None: 0 on a CPU (layer_overhead_us holds its host time), else 5."""
     kernel_startup_us: Optional[float] = None
-    """Device time each kernel costs beyond its work when kernels run back to back (launch, first blocks' ramp,
-    last wave's drain); None: the accelerator's published measurement (harness/costmodel/peaks.py), else 2.4 µs
-    on a GPU, 0 on a CPU."""
+    """Device time each memory-bound or attention kernel costs beyond its work when kernels run back to back on a
+    stream (the device taking the launch, first blocks' ramp, last wave's drain); None: the accelerator's published
+    measurement (harness/costmodel/peaks.py), else 2.4 µs on a GPU. Always 0 on a CPU, whose operators are host
+    calls (layer_overhead_us holds them)."""
     comm_efficiency: float = 0.8
     """Fraction of a link's bandwidth a large collective reaches where no measured figure is given."""
     comm_latency_us: float = 6.6

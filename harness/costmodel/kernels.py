@@ -184,9 +184,12 @@ def layer_kernels(job: Job, *, backward: bool = True, region: str = "block") -> 
     fwd_only = not backward
     out: list[Kernel] = []
 
-    def memory(name: str, elements: float, fwd_passes: float, bwd_passes: float, kernels: float = 1.0) -> None:
-        passes = fwd_passes + (0.0 if fwd_only else bwd_passes)
-        out.append(Kernel(name, "memory", bytes=elements * passes * E, count=kernels * (1 if fwd_only else 2)))
+    def memory(name: str, elements: float, fwd_passes: float, bwd_passes: float, kernels: float = 1.0,
+               bwd_kernels: Optional[float] = None) -> None:
+        """`kernels` launches in the forward, `bwd_kernels` (else as many) in the backward, where each moves data."""
+        bwd = 0.0 if fwd_only else bwd_passes
+        count = kernels * (fwd_passes > 0) + (kernels if bwd_kernels is None else bwd_kernels) * (bwd > 0)
+        out.append(Kernel(name, "memory", bytes=elements * (fwd_passes + bwd) * E, count=count))
 
     residual = tokens * h / seq_split
     in_attention = region in ("block", "attn")
@@ -203,7 +206,8 @@ def layer_kernels(job: Job, *, backward: bool = True, region: str = "block") -> 
                 memory("rope", qk, rope, rope, kernels=1 if sw.fused_rope or sw.compiled else 5)
             out += attention_kernels(job, heads, fwd_only)
             if in_attention and (sw.attention_reshape_passes[0] or not fwd_only and sw.attention_reshape_passes[1]):
-                memory("attention reshapes", tokens * h / tp, *sw.attention_reshape_passes, kernels=5)
+                memory("attention reshapes", tokens * h / tp, *sw.attention_reshape_passes,
+                       *sw.attention_reshape_kernels)
         if spec.name == "attn.proj" and in_attention and sw.seq_first_proj_copy and layout.micro_batch_size > 1:
             memory("proj input copy", tokens * h / tp, 2.0, 4.0)
         if spec.name == "attn.proj" and region == "block":

@@ -44,8 +44,8 @@ class DevicePeak:
     backward 2.5 times that)."""
     attention_source: Optional[str] = None
     kernel_startup_us: Optional[float] = None
-    """Device time one kernel costs beyond its bytes when kernels run back to back on a stream: the launch, the
-    ramp-up of its first blocks and the drain of its last wave, measured (None: not known)."""
+    """Device time one kernel costs beyond its bytes when kernels run back to back on a stream (the device taking
+    the launch, the ramp-up of its first blocks and the drain of its last wave), measured (None: not known)."""
     kernel_startup_source: Optional[str] = None
 
 
@@ -55,10 +55,12 @@ SWEEP = ("torch.mm in fp16, mean of 100 runs after 50 warm-up, M = N = 32 ... 81
          "transformer-sizing GEMM benchmark, EleutherAI/cookbook sizing/benchmarks/mm_flops.py and "
          "sizing/results/gemm_data/mm/m_sweep/{file} at 27dff48 (committed 2023-12-25)")
 STREAM = ("STREAM-style triad (2 loads, 1 store), best over occupancy, te42kyfo/gpu-benches gpu-stream/{file} at "
-          "1c36d50 (J. Hofmann et al.)")
-SMALL_KERNELS = ("10,000 back-to-back launches of a streaming kernel over 3-100 MB, each device's time per kernel "
-                 "fitted as T = a + V/b: te42kyfo/gpu-benches gpu-small-kernels/repeated-stream.svg at 1c36d50 "
-                 "(J. Hofmann et al.; the fit's a)")
+          "1c36d50 (D. Ernst)")
+SMALL_KERNELS = ("a scaling kernel (A = 0.25 B) launched back to back on one stream, 2,000-30,000 times per size, each "
+                 "device's time per kernel fitted as T = a + V/b over L2-resident volumes up to 3-31 MB: "
+                 "te42kyfo/gpu-benches gpu-small-kernels/repeated-stream.svg at 1c36d50 (D. Ernst; the fit's a). "
+                 "Launched as a CUDA graph the same kernels take 1.2-1.8 us less at every size, kernels of up to "
+                 "230 us included, where the host is far ahead: a is the device's cost of a launch in stream order")
 FA2 = ("FlashAttention-2 forward + backward, bf16, batch x heads fixed at 16k tokens, Dao-AILab/flash-attention "
        "assets/flash2_{device}_fwd_bwd_benchmark.png at 0251105 (the README's 'Speedup' figures)")
 SEQ = (512, 1024, 2048, 4096, 8192, 16384)

@@ -157,6 +157,9 @@ class Software:
     its merged q/k/v output permuted into contiguous q, k and v (3 tensors read and written: 6), k and v
     concatenated (4) and permuted into a contiguous block for the rotary kernel (4); in the backward their
     gradients concatenated (4), stacked (6) and copied back to the merged layout (6)."""
+    attention_reshape_kernels: tuple[float, float] = (0.0, 0.0)
+    """The kernels those copies launch (forward, backward): nanotron's three permuted copies, the cat and the
+    rotary block's copy (5), then the cat, the stack and the copy back (3)."""
     seq_first_proj_copy: bool = False
     """The output projection's input arrives transposed to a sequence-first layout ([s, b, h], nanotron's), which
     F.linear copies to make it contiguous (2 passes over tokens × hidden / TP), and its gradient is copied twice on
@@ -274,6 +277,7 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
     Software(name="nanotron", **_PYTORCH, grad_reduce_overlap=True, main_grad_bytes=4, fp32_grads_in_bf16=True,
              norm_grads_in_one_kernel=True,
              fused_rope=True, optimizer="fused", vocab_parallel_loss=True, attention_reshape_passes=(14.0, 16.0),
+             attention_reshape_kernels=(5.0, 3.0),
              seq_first_proj_copy=True, split_glu=True,
              source="nanotron as its scaling benchmark ran it (github.com/huggingface/nanotron: "
                     "scripts/scaling_benchmarks.py at e24d248 and src/nanotron at that commit): "
@@ -294,7 +298,7 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
                     "again in the backward (parallel/tensor_parallel/functional.py): TP traffic counts as exposed, "
                     "in Megatron's count"),
     Software(name="pytorch-autocast-script", **_PYTORCH, autocast_casts=True, run_flags=True, loop_holds_logits=True,
-             attention_reshape_passes=(0.0, 39.0),
+             attention_reshape_passes=(0.0, 39.0), attention_reshape_kernels=(0.0, 9.0),
              source="a single-process PyTorch training script in the minGPT style, as the Kempner Institute's GPU "
                     "benchmark writes it (KempnerInstitute/kempner-computing-handbook, kempner_computing_handbook/"
                     "technical_blog/choosing_gpu_partition.md at c8d6760, gpu_bench.py): fp32 weights under "
@@ -303,7 +307,8 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
                     "(qkv.view(...).permute(...)[0], [1], [2]), so each select's backward allocates a zeroed tensor of "
                     "the whole q/k/v size and copies its gradient in (3 × (3 + 2) passes over one layer's tokens × "
                     "hidden), autograd sums the three (2 × 9) and the view's backward copies the permuted sum (6): "
-                    "39 passes in the backward, none in the forward (the permuted views reach SDPA uncopied)"),
+                    "39 passes in the backward in 9 kernels (3 fills, 3 copies, 2 adds, 1 copy), none in the forward "
+                    "(the permuted views reach SDPA uncopied)"),
     Software(name="kempnerforge", **_PYTORCH, grad_reduce_overlap=True, run_flags=True, compile_whole_model=True,
              tp_vocab="gathered", tp_gather_per_projection=True, rmsnorm_composite=True, states_in_compute_dtype=True,
              loss_in_compute_dtype=True, loop_holds_logits=True, host_sync_every_micro_batch=True,

@@ -318,6 +318,11 @@ def profile_from(result: dict[str, Any], base: dict[str, Any], name: str, precis
     if base.get("device") == "cpu" and result.get("cpu_cores"):  # each rank's share of the host (timing.cpu_share)
         profile.update(cores_per_node=result["cpu_cores"], calibrated_ranks_per_node=result["world"])
     profile.update(comm)
+    from harness.costmodel.peaks import kernel_startup_us
+
+    # the memory efficiency below is fitted with the device's per-kernel startup beside it: state it, so a later
+    # change to the shipped figure does not count twice what the fit already holds
+    profile["kernel_startup_us"] = kernel_startup_us(SimpleNamespace(**profile))
     profile["memory_efficiency"] = _memory_efficiency(profile, _per_layer(result, PROBE_WIDTHS[1], profile)[0],
                                                       PROBE_WIDTHS[1])
     return profile

@@ -220,7 +220,8 @@ def fit_gemm(ops: list[OpTime]) -> tuple[float, float]:
 def fit_memory(ops: list[OpTime], host: bool = True) -> tuple[float, float]:
     """(B bytes/s, c seconds per operator): on a host trace c is the median time of the operators that move no
     data (pure host cost: views, allocations); B makes the operators that move data take their measured total,
-    Σ bytes / Σ (t − c). On an accelerator trace c = 0 (a kernel's launch is the host's, not the device's)."""
+    Σ bytes / Σ (t − c). On an accelerator trace c = 0: the host's launches are not in the kernels' times, and
+    the device's own startup per kernel is, so B holds it (the profile sets kernel_startup_us to 0)."""
     memory = [o for o in ops if o.kind == "memory" and o.seconds > 0]
     still = [o.seconds for o in memory if o.bytes == 0]
     per_op = statistics.median(still) if still and host else 0.0
@@ -316,6 +317,7 @@ def profile_from_run(run_dir: Path, name: str) -> dict[str, Any]:
         "hbm_bw_gb_per_s": bandwidth / 1e9, "memory_efficiency": 1.0,
         "attention_tflops": model_attention / attention_s / 1e12 if attention_s > 0 and model_attention else None,
         "kernel_launch_us": per_op * 1e6 if cfg.system.device == "cpu" else base.get("kernel_launch_us"),
+        "kernel_startup_us": 0.0,  # the traced kernels' times hold each one's startup: the rates above absorb it
         "layer_overhead_us": 0.0, "step_overhead_us": 0.0,
         "devices_per_node": max(local, int(base.get("devices_per_node") or 1)),
     }
@@ -350,7 +352,7 @@ def profile_from_run(run_dir: Path, name: str) -> dict[str, Any]:
 
 RATES = ("peak_tflops", "hbm_bw_gb_per_s", "attention_tflops", "intra_node_bw_gb_per_s")
 """What calibrate learns as a rate (faster is larger); its latencies and per-kernel host times are times."""
-TIMES = ("kernel_launch_us", "comm_latency_us")
+TIMES = ("kernel_launch_us", "kernel_startup_us", "comm_latency_us")
 
 
 def _scale_rates(profile: dict[str, Any], factor: float) -> None:
