@@ -23,6 +23,7 @@ from typing import Optional
 
 from harness.core.registry import CHECKPOINTING
 from harness.costmodel.layout import Job
+from harness.costmodel.peaks import GemmShape
 from harness.costmodel.software import Software
 
 ROPE_PASSES = 9.0
@@ -105,6 +106,8 @@ class Rates:
     startup_s: float = 0.0
     """Device time each memory-bound or attention kernel costs beyond its bytes or FLOPs, back to back on a stream
     (peaks.kernel_startup_us); a GEMM's fixed cost is gemm_half_flops."""
+    gemm_shape: GemmShape = GemmShape()
+    """The tiles a GEMM's library chooses among and its inner-dimension cost (peaks.GemmShape)."""
 
 
 @dataclass(frozen=True)
@@ -126,14 +129,23 @@ GEMM_TILE = (256, 128)
 tile and wave quantization, with the A100's 256×128 example)."""
 
 
-def wave_efficiency(rows: int, cols: int, units: Optional[int]) -> float:
+def wave_efficiency(rows: int, cols: int, units: Optional[int], tile: tuple[int, int] = GEMM_TILE) -> float:
     """Share of the launched tile work that is useful: the output is cut into tiles, which run in waves of
     one tile per SM/CU; partial tiles and a partial last wave compute for nothing."""
     if units is None or rows <= 0 or cols <= 0:
         return 1.0
-    tiles = -(-rows // GEMM_TILE[0]) * -(-cols // GEMM_TILE[1])
+    tiles = -(-rows // tile[0]) * -(-cols // tile[1])
     waves = -(-tiles // units)
-    return rows * cols / (waves * units * GEMM_TILE[0] * GEMM_TILE[1])
+    return rows * cols / (waves * units * tile[0] * tile[1])
+
+
+def shape_efficiency(rows: int, cols: int, inner: float, units: Optional[int], shape: GemmShape) -> float:
+    """A GEMM's rate relative to the device's measured large-GEMM rate for its shape: the tile its library
+    chooses (the one whose waves, at its own rate, do the most useful work), and each tile's fixed cost beside its
+    inner loop, against the inner dimension the rate was measured at."""
+    tiles = max(rate * wave_efficiency(rows, cols, units, (tm, tn)) for tm, tn, rate in shape.tiles)
+    k0 = shape.inner_overhead
+    return tiles * (1 + k0 / shape.reference_inner) / (1 + k0 / inner) if k0 and inner > 0 else tiles
 
 
 def kernel_s(k: Kernel, rates: Rates) -> float:
@@ -141,7 +153,9 @@ def kernel_s(k: Kernel, rates: Rates) -> float:
     kernels other than GEMMs, the fixed device time of each launch (a short kernel's bandwidth falls as a + V/b)."""
     if k.kind == "gemm":
         compute = (k.flops + k.count * rates.gemm_half_flops) / rates.gemm_flops
-        compute /= wave_efficiency(*k.shape, rates.units)
+        rows, cols = k.shape
+        inner = k.flops / (2.0 * rows * cols * k.count) if rows > 0 and cols > 0 and k.count > 0 else 0.0
+        compute /= shape_efficiency(rows, cols, inner, rates.units, rates.gemm_shape)
         startup = 0.0
     elif k.kind == "attention":
         compute, startup = k.flops / (rates.attention_flops or rates.gemm_flops), k.count * rates.startup_s

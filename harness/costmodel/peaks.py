@@ -16,6 +16,18 @@ from typing import Optional
 
 
 @dataclass(frozen=True)
+class GemmShape:
+    """How a GEMM's shape sets its rate on a device: the output tiles its library chooses among (rows, columns,
+    rate relative to the first), each filling the SMs/CUs in waves (a partial tile and a partial last wave compute
+    for nothing), and a fixed cost per tile beside its loop over the inner dimension, as so many inner elements,
+    relative to the inner dimension the device's gemm_efficiency was measured at."""
+
+    tiles: tuple[tuple[int, int, float], ...] = ((256, 128, 1.0),)
+    inner_overhead: float = 0.0
+    reference_inner: float = 4096.0
+
+
+@dataclass(frozen=True)
 class DevicePeak:
     name: str
     pattern: str
@@ -47,6 +59,10 @@ class DevicePeak:
     """Device time one kernel costs beyond its bytes when kernels run back to back on a stream (the device taking
     the launch, the ramp-up of its first blocks and the drain of its last wave), measured (None: not known)."""
     kernel_startup_source: Optional[str] = None
+    gemm_shape: GemmShape = GemmShape()
+    """Tiles and inner-dimension cost, measured where a sweep of shapes exists; otherwise one 256×128 tile and no
+    inner-dimension term (NVIDIA's 'Matrix Multiplication Background User's Guide' example)."""
+    gemm_shape_source: Optional[str] = None
 
 
 MAMF = ("Maximum Achievable Matmul FLOPS (mean of 100 runs after 50 warm-up, best shape), S. Bekman, "
@@ -72,6 +88,18 @@ H100_FA2 = ((64, True, tuple(zip(SEQ, (141, 192, 232, 257, 273, 284)))),
             (128, True, tuple(zip(SEQ, (163, 221, 265, 294, 308, 328)))),
             (64, False, tuple(zip(SEQ, (215, 254, 274, 288, 294, 296)))),
             (128, False, tuple(zip(SEQ, (248, 294, 320, 326, 335, 338)))))
+
+XLA_SM90 = ("XLA's autotuned bf16 GEMM table for sm_90 (xla/service/gpu/model/matmul_interpolator_data.h in ROCm/xla "
+            "at d02afb4: 375 shapes, batch 1-4, M, N, K 256-4096)")
+HOPPER_GEMM_SHAPE = GemmShape(tiles=((256, 128, 1.0), (128, 256, 1.0), (128, 128, 0.85), (128, 64, 0.6),
+                                     (64, 128, 0.6)), inner_overhead=160.0, reference_inner=8192.0)
+HOPPER_GEMM_SHAPE_SOURCE = (
+    f"{XLA_SM90}: with the tiles 256x128, 128x128 at 0.85 and 128x64 at 0.6 of the large tile's rate (either way "
+    "round), the best "
+    "chosen, and 160 inner elements of fixed cost per tile, the model reads its 81 shapes with M, N, K >= 1024 "
+    "within 6.1% on average (23% at worst) where one 256x128 tile and no inner term read 13.8% (64%): a 1024x2048 "
+    "output at K = 4096 runs at 666 TFLOP/s, more than one wave of 64 large tiles on 132 SMs allows, and "
+    "4096x4096 outputs fall from 780 at K = 4096 to 552 at K = 512")
 
 # Order matters: more specific names first (H100 PCIe before H100).
 PEAKS: tuple[DevicePeak, ...] = (
@@ -108,7 +136,8 @@ PEAKS: tuple[DevicePeak, ...] = (
                "reads 1.76: Hopper's figures may sit about 3% below the others' basis",
                attention=H100_FA2, attention_source=FA2.format(device="h100"),
                kernel_startup_us=2.433, kernel_startup_source=f"{SMALL_KERNELS}: 2,433 ns on the H200, the same "
-               "GH100 die and SMs"),
+               "GH100 die and SMs",
+               gemm_shape=HOPPER_GEMM_SHAPE, gemm_shape_source=HOPPER_GEMM_SHAPE_SOURCE),
     DevicePeak("H200", r"H200", {"fp16": 989.0, "bf16": 989.0, "fp32": 67.0},
                "NVIDIA H200 datasheet (SXM): 1979 with sparsity = 989 dense bf16/fp16, 67 fp32",
                0.803, f"{MAMF} at 744d01e: H100 SXM 794.5 of 989 TFLOP/s, 'H200 is the same'",
@@ -119,7 +148,9 @@ PEAKS: tuple[DevicePeak, ...] = (
                "tops out at 81% of the datasheet there, against 93-101% on every other device it measured, so that "
                "card's memory did not run at the SXM part's rate",
                attention=H100_FA2, attention_source=FA2.format(device="h100") + " (the H100's: the same SMs)",
-               kernel_startup_us=2.433, kernel_startup_source=f"{SMALL_KERNELS}: 2,433 ns"),
+               kernel_startup_us=2.433, kernel_startup_source=f"{SMALL_KERNELS}: 2,433 ns",
+               gemm_shape=HOPPER_GEMM_SHAPE, gemm_shape_source=HOPPER_GEMM_SHAPE_SOURCE + " (the H100's: the same "
+               "SMs and library)"),
     DevicePeak("MI250X-GCD", r"MI250X?", {"fp16": 191.5, "bf16": 191.5, "fp32": 23.95},
                "AMD Instinct MI250X datasheet: 383 TFLOP/s fp16/bf16 and 47.9 fp32 vector per OAM; "
                "torch sees each of its two GCDs as a device, so half per GCD",
@@ -200,6 +231,16 @@ def gemm_precision_ratios(system: object) -> tuple[tuple[str, float], ...]:
     if getattr(system, "gemm_efficiency", None) is not None or peak is None:
         return ()
     return tuple(sorted(peak.gemm_precision_ratio.items()))
+
+
+def gemm_shape(system: object) -> GemmShape:
+    """The tiles and inner-dimension cost a GEMM's rate follows (`DevicePeak.gemm_shape`), relative to the shape its
+    efficiency was measured at: the device's, unless the profile states its own efficiency (`harness calibrate`,
+    a site's measurement), whose reference shape is not known, which gets one tile and no inner term."""
+    peak = device_entry(system)
+    if getattr(system, "gemm_efficiency", None) is not None or peak is None:
+        return GemmShape()
+    return peak.gemm_shape
 
 
 def device_entry(system: object) -> Optional[DevicePeak]:

@@ -39,10 +39,12 @@ from harness.costmodel.layout import Job, layers_per_stage
 from harness.costmodel.network import Fabric, fabric
 from harness.costmodel.peaks import (
     AttentionTable,
+    GemmShape,
     attention_rate,
     device_entry,
     gemm_efficiency,
     gemm_precision_ratios,
+    gemm_shape,
     kernel_startup_us,
     memory_efficiency,
 )
@@ -78,6 +80,8 @@ class Hardware:
     """A GEMM's rate in each dtype the device's entry names, relative to gemm_efficiency's (peaks.py)."""
     startup_s: float = 0.0
     """Device time per memory-bound or attention kernel beyond its work (peaks.kernel_startup_us)."""
+    gemm_shape: GemmShape = GemmShape()
+    """The tiles the device's GEMM library chooses among and its inner-dimension cost (peaks.GemmShape)."""
 
     def rates(self, job: Job) -> Rates:
         """The achievable rate of each kernel class for this job's shapes (kernels.Rates)."""
@@ -92,7 +96,7 @@ class Hardware:
         gemm = self.peak_flops * self.gemm_efficiency * dict(self.gemm_precision_ratio).get(job.precision, 1.0)
         return Rates(gemm_flops=gemm, gemm_half_flops=self.gemm_half_flops,
                      memory_bw=self.memory_bw, attention_flops=attention, launch_s=self.launch_s,
-                     units=self.compute_units, startup_s=self.startup_s)
+                     units=self.compute_units, startup_s=self.startup_s, gemm_shape=self.gemm_shape)
 
 
 def cpu_share(system: Any, local_ranks: Optional[int]) -> tuple[float, float]:
@@ -154,6 +158,7 @@ def hardware(system: Any, peak_tflops: float, local_ranks: Optional[int] = None)
         overlap_slowdown=0.0 if on_cpu else OVERLAP_SLOWDOWN if slowdown is None else slowdown,
         gemm_precision_ratio=gemm_precision_ratios(system),
         startup_s=kernel_startup_us(system) * 1e-6,
+        gemm_shape=gemm_shape(system),
     )
 
 
