@@ -141,11 +141,14 @@ def wave_efficiency(rows: int, cols: int, units: Optional[int], tile: tuple[int,
 
 def shape_efficiency(rows: int, cols: int, inner: float, units: Optional[int], shape: GemmShape) -> float:
     """A GEMM's rate relative to the device's measured large-GEMM rate for its shape: the tile its library
-    chooses (the one whose waves, at its own rate, do the most useful work), and each tile's fixed cost beside its
-    inner loop, against the inner dimension the rate was measured at."""
-    tiles = max(rate * wave_efficiency(rows, cols, units, (tm, tn)) for tm, tn, rate in shape.tiles)
-    k0 = shape.inner_overhead
-    return tiles * (1 + k0 / shape.reference_inner) / (1 + k0 / inner) if k0 and inner > 0 else tiles
+    chooses (the one whose waves, at its own rate, do the most useful work) and each tile's fixed cost beside its
+    inner loop, relative to the same at the shape the rate was measured at (where the shape states one)."""
+    def raw(r: float, c: float, k: float) -> float:
+        tiles = max(rate * wave_efficiency(int(r), int(c), units, (tm, tn)) for tm, tn, rate in shape.tiles)
+        return tiles / (1 + shape.inner_overhead / k) if shape.inner_overhead and k > 0 else tiles
+
+    n = shape.reference
+    return raw(rows, cols, inner) / (raw(n, n, n) if n else 1.0)
 
 
 def kernel_s(k: Kernel, rates: Rates) -> float:
