@@ -18,6 +18,7 @@ element of the tensor each kernel works on, forward and backward.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -139,16 +140,19 @@ def wave_efficiency(rows: int, cols: int, units: Optional[int], tile: tuple[int,
     return rows * cols / (waves * units * tile[0] * tile[1])
 
 
+@functools.lru_cache(maxsize=65536)
 def shape_efficiency(rows: int, cols: int, inner: float, units: Optional[int], shape: GemmShape) -> float:
     """A GEMM's rate relative to the device's measured large-GEMM rate for its shape: the tile its library
     chooses (the one whose waves, at its own rate, do the most useful work) and each tile's fixed cost beside its
-    inner loop, relative to the same at the shape the rate was measured at (where the shape states one)."""
-    def raw(r: float, c: float, k: float) -> float:
-        tiles = max(rate * wave_efficiency(int(r), int(c), units, (tm, tn)) for tm, tn, rate in shape.tiles)
-        return tiles / (1 + shape.inner_overhead / k) if shape.inner_overhead and k > 0 else tiles
-
+    inner loop, relative to the same at the shape the rate was measured at (where the shape states one). Cached:
+    the planner prices the same few shapes under thousands of layouts."""
     n = shape.reference
-    return raw(rows, cols, inner) / (raw(n, n, n) if n else 1.0)
+    return _tiled(rows, cols, inner, units, shape) / (_tiled(n, n, n, units, shape) if n else 1.0)
+
+
+def _tiled(rows: int, cols: int, inner: float, units: Optional[int], shape: GemmShape) -> float:
+    tiles = max(rate * wave_efficiency(rows, cols, units, (tm, tn)) for tm, tn, rate in shape.tiles)
+    return tiles / (1 + shape.inner_overhead / inner) if shape.inner_overhead and inner > 0 else tiles
 
 
 def kernel_s(k: Kernel, rates: Rates) -> float:
