@@ -64,6 +64,21 @@ class DevicePeak:
     """Tiles and inner-dimension cost, measured where a sweep of shapes exists; otherwise one 256×128 tile and no
     inner-dimension term (NVIDIA's 'Matrix Multiplication Background User's Guide' example)."""
     gemm_shape_source: Optional[str] = None
+    sustained_gemm: Optional["SustainedGemm"] = None
+    """A large GEMM's rate held at the device's power limit, measured (None: not known); where it falls below the
+    rate gemm_efficiency and gemm_shape give the same GEMM, which short benchmarks measure, every GEMM is priced at
+    that share of its rate (timing.sustained_share)."""
+    sustained_source: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class SustainedGemm:
+    """A square GEMM timed over enough back-to-back calls that the device runs at its power limit, as a training
+    step's GEMMs do: a GPU drops its clock there, below where a short burst of calls runs."""
+
+    size: int
+    tflops: float
+    precision: str = "bf16"
 
 
 MAMF = ("Maximum Achievable Matmul FLOPS (mean of 100 runs after 50 warm-up, best shape), S. Bekman, "
@@ -89,6 +104,17 @@ H100_FA2 = ((64, True, tuple(zip(SEQ, (141, 192, 232, 257, 273, 284)))),
             (128, True, tuple(zip(SEQ, (163, 221, 265, 294, 308, 328)))),
             (64, False, tuple(zip(SEQ, (215, 254, 274, 288, 294, 296)))),
             (128, False, tuple(zip(SEQ, (248, 294, 320, 326, 335, 338)))))
+
+KEMPNER_MATMUL = ("torch.matmul of two {n}x{n} {dtype} matrices, 50 calls timed back to back after 10 warm-up calls, "
+                  "0.6-1.6 s of continuous load: gpu_bench.py in the Kempner Institute's 'Which Kempner Partition "
+                  "Should Your Job Run On?' (Shad and Mazloumi, 2026; KempnerInstitute/kempner-computing-handbook "
+                  "kempner_computing_handbook/technical_blog/choosing_gpu_partition.md at c8d6760), PyTorch 2.8, "
+                  "CUDA 12.8: {figure}")
+HOPPER_SUSTAINED = (
+    "Short benchmarks (fast.cu's 8 timed calls of 8192^3, 11 ms; an autotuner's) run Hopper above the clock it holds "
+    "at its 700 W limit; 50 back-to-back calls of 16384^3 do not. Another site agrees: Azure's cuBLASLt GEMM after "
+    "10,000 warm-up calls read 1,377 TFLOP/s in FP8 at 16384^3 on an ND H100 v5 (Azure/AI-benchmarking-guide "
+    "Azure_Results/ND_H100_v5_results.md at ae0b6a7), where the same Kempner benchmark read 1,339 in FP8")
 
 XLA_SM90 = ("XLA's autotuned bf16 GEMM table for sm_90 (xla/service/gpu/model/matmul_interpolator_data.h in ROCm/xla "
             "at d02afb4: 375 shapes, batch 1-4, M, N, K 256-4096)")
@@ -119,7 +145,10 @@ PEAKS: tuple[DevicePeak, ...] = (
                compute_units=108, hbm_efficiency=0.87,
                hbm_source=STREAM.format(file="a100_40.txt, a100_80.txt") + ": 1375 of 1555 and 1759 of 2039 GB/s",
                attention=A100_FA2, attention_source=FA2.format(device="a100"),
-               kernel_startup_us=2.555, kernel_startup_source=f"{SMALL_KERNELS}: 2,555 ns on the A100 80GB"),
+               kernel_startup_us=2.555, kernel_startup_source=f"{SMALL_KERNELS}: 2,555 ns on the A100 80GB",
+               sustained_gemm=SustainedGemm(16384, 267.0),
+               sustained_source=KEMPNER_MATMUL.format(n=16384, dtype="bf16", figure="267 TFLOP/s on an A100 40GB, "
+                                                      "above the sweep's rate: the A100 holds it at 400 W")),
     DevicePeak("H100-PCIe", r"H100.*PCIE", {"fp16": 756.0, "bf16": 756.0, "fp32": 51.0},
                "NVIDIA H100 datasheet (PCIe): 1513 with sparsity = 756 dense bf16/fp16, 51 fp32",
                compute_units=114, hbm_efficiency=0.92,
@@ -139,7 +168,10 @@ PEAKS: tuple[DevicePeak, ...] = (
                attention=H100_FA2, attention_source=FA2.format(device="h100"),
                kernel_startup_us=2.433, kernel_startup_source=f"{SMALL_KERNELS}: 2,433 ns on the H200, the same "
                "GH100 die and SMs",
-               gemm_shape=HOPPER_GEMM_SHAPE, gemm_shape_source=HOPPER_GEMM_SHAPE_SOURCE),
+               gemm_shape=HOPPER_GEMM_SHAPE, gemm_shape_source=HOPPER_GEMM_SHAPE_SOURCE,
+               sustained_gemm=SustainedGemm(16384, 710.0),
+               sustained_source=KEMPNER_MATMUL.format(n=16384, dtype="bf16", figure="710 +- 14 TFLOP/s on an H100 "
+                                                      "80GB") + ". " + HOPPER_SUSTAINED),
     DevicePeak("H200", r"H200", {"fp16": 989.0, "bf16": 989.0, "fp32": 67.0},
                "NVIDIA H200 datasheet (SXM): 1979 with sparsity = 989 dense bf16/fp16, 67 fp32",
                0.803, f"{MAMF} at 744d01e: H100 SXM 794.5 of 989 TFLOP/s, 'H200 is the same'",
@@ -152,7 +184,10 @@ PEAKS: tuple[DevicePeak, ...] = (
                attention=H100_FA2, attention_source=FA2.format(device="h100") + " (the H100's: the same SMs)",
                kernel_startup_us=2.433, kernel_startup_source=f"{SMALL_KERNELS}: 2,433 ns",
                gemm_shape=HOPPER_GEMM_SHAPE, gemm_shape_source=HOPPER_GEMM_SHAPE_SOURCE + " (the H100's: the same "
-               "SMs and library)"),
+               "SMs and library)",
+               sustained_gemm=SustainedGemm(16384, 696.0),
+               sustained_source=KEMPNER_MATMUL.format(n=16384, dtype="bf16", figure="696 +- 5 TFLOP/s on an H200 "
+                                                      "141GB") + ". " + HOPPER_SUSTAINED),
     DevicePeak("MI250X-GCD", r"MI250X?", {"fp16": 191.5, "bf16": 191.5, "fp32": 23.95},
                "AMD Instinct MI250X datasheet: 383 TFLOP/s fp16/bf16 and 47.9 fp32 vector per OAM; "
                "torch sees each of its two GCDs as a device, so half per GCD",

@@ -20,6 +20,7 @@ per token × D tokens, by default D = 20·P (Hoffmann et al. 2022), t ≈ T_FLOP
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -34,6 +35,7 @@ from harness.costmodel.kernels import (
     layer_kernels,
     optimizer_kernel,
     recompute_kernels,
+    shape_efficiency,
 )
 from harness.costmodel.layout import Job, layers_per_stage
 from harness.costmodel.network import Fabric, fabric
@@ -46,6 +48,7 @@ from harness.costmodel.peaks import (
     gemm_precision_ratios,
     gemm_shape,
     kernel_startup_us,
+    match_device,
     memory_efficiency,
 )
 
@@ -82,6 +85,8 @@ class Hardware:
     """Device time per memory-bound or attention kernel beyond its work (peaks.kernel_startup_us)."""
     gemm_shape: GemmShape = GemmShape()
     """The tiles the device's GEMM library chooses among and its inner-dimension cost (peaks.GemmShape)."""
+    sustained_share: float = 1.0
+    """The share of its short-benchmark GEMM rate the device holds at its power limit (sustained_share)."""
 
     def rates(self, job: Job) -> Rates:
         """The achievable rate of each kernel class for this job's shapes (kernels.Rates)."""
@@ -93,7 +98,8 @@ class Hardware:
             tflops = attention_rate(self.attention, m.head_dim, not ring,
                                     m.seq_len // job.layout.cp if ring else m.seq_len)
             attention = None if tflops is None else tflops * 1e12
-        gemm = self.peak_flops * self.gemm_efficiency * dict(self.gemm_precision_ratio).get(job.precision, 1.0)
+        gemm = (self.peak_flops * self.gemm_efficiency * self.sustained_share
+                * dict(self.gemm_precision_ratio).get(job.precision, 1.0))
         return Rates(gemm_flops=gemm, gemm_half_flops=self.gemm_half_flops,
                      memory_bw=self.memory_bw, attention_flops=attention, launch_s=self.launch_s,
                      units=self.compute_units, startup_s=self.startup_s, gemm_shape=self.gemm_shape)
@@ -129,6 +135,30 @@ dispatcher, autograd's bookkeeping and cudaLaunchKernel, each a few microseconds
 the host's own per block)."""
 
 
+def sustained_share(system: Any) -> float:
+    """The share of its GEMM rate a device holds through a training step: a GPU at its power limit drops its clock
+    below where the short benchmarks behind gemm_efficiency and gemm_shape ran it, so its measured sustained rate
+    (peaks.SustainedGemm) over what they give the same GEMM, at most 1 (a device that holds more is not raised: the
+    other figures stand for it); 1 where the profile states its own efficiency (`harness calibrate` times blocks of
+    back-to-back calls, a site's own figure), or the device has no sustained measurement."""
+    if getattr(system, "gemm_efficiency", None) is not None or getattr(system, "device", "") == "cpu":
+        return 1.0
+    return _device_sustained_share(getattr(system, "accelerator", None) or "")
+
+
+@functools.lru_cache(maxsize=64)
+def _device_sustained_share(accelerator: str) -> float:
+    """Cached: the planner builds a Hardware for every layout it prices."""
+    entry = match_device(accelerator)
+    held = None if entry is None else entry.sustained_gemm
+    peak = None if held is None else entry.tflops.get(held.precision)
+    if held is None or not peak or entry.gemm_efficiency is None:
+        return 1.0
+    n = held.size
+    burst = peak * entry.gemm_efficiency * shape_efficiency(n, n, n, entry.compute_units, entry.gemm_shape)
+    return min(1.0, held.tflops / burst)
+
+
 def hardware(system: Any, peak_tflops: float, local_ranks: Optional[int] = None) -> Hardware:
     """The profile's numbers for a job with `local_ranks` ranks per node (a CPU host's ranks share its cores)."""
     gbps = lambda v: None if v is None else v * 1e9  # noqa: E731
@@ -159,6 +189,7 @@ def hardware(system: Any, peak_tflops: float, local_ranks: Optional[int] = None)
         gemm_precision_ratio=gemm_precision_ratios(system),
         startup_s=kernel_startup_us(system) * 1e-6,
         gemm_shape=gemm_shape(system),
+        sustained_share=sustained_share(system),
     )
 
 
