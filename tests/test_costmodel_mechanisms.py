@@ -409,7 +409,13 @@ def test_a_gpu_at_its_power_limit_runs_its_gemms_below_a_short_benchmarks_rate()
         assert tflops([f"system={system}"]) == pytest.approx(held, rel=0.01), system
         assert tflops([f"system={system}"], share=1.0) > 1.12 * held  # the short benchmarks' rate, left
     assert job_and_hw([*GPT, "system=dgx-a100-80gb"])[1].sustained_share == 1.0
-    assert job_and_hw([*GPT, "system.gemm_efficiency=0.72"])[1].sustained_share == 1.0
+    for stated in (["system.gemm_efficiency=0.72"], ["system.peak_tflops=850", "system.peak_tflops_source=measured"]):
+        assert job_and_hw([*GPT, *stated])[1].sustained_share == 1.0, stated
+    # a 16-bit measurement: an fp32 GEMM (no tensor cores) keeps its own rate
+    fp32_job, fp32_hw = job_and_hw([*GPT, "train.precision=fp32"])
+    assert fp32_hw.sustained_share < 1.0
+    assert fp32_hw.rates(fp32_job).gemm_flops == dataclasses.replace(fp32_hw, sustained_share=1.0).rates(
+        fp32_job).gemm_flops
     # a step of GEMM-bound work takes longer by the share: the mechanism, not a frozen number
     job, hw = job_and_hw(GPT)
     gemms = [k for k in compute_kernels(job)[0] if k.kind == "gemm"]

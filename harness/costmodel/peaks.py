@@ -105,16 +105,21 @@ H100_FA2 = ((64, True, tuple(zip(SEQ, (141, 192, 232, 257, 273, 284)))),
             (64, False, tuple(zip(SEQ, (215, 254, 274, 288, 294, 296)))),
             (128, False, tuple(zip(SEQ, (248, 294, 320, 326, 335, 338)))))
 
-KEMPNER_MATMUL = ("torch.matmul of two {n}x{n} {dtype} matrices, 50 calls timed back to back after 10 warm-up calls, "
-                  "0.6-1.6 s of continuous load: gpu_bench.py in the Kempner Institute's 'Which Kempner Partition "
-                  "Should Your Job Run On?' (Shad and Mazloumi, 2026; KempnerInstitute/kempner-computing-handbook "
-                  "kempner_computing_handbook/technical_blog/choosing_gpu_partition.md at c8d6760), PyTorch 2.8, "
-                  "CUDA 12.8: {figure}")
+KEMPNER_MATMUL = ("torch.matmul of two {n}x{n} {dtype} matrices, 50 calls timed back to back after 10 warm-up calls "
+                  "and after the same size's TF32 and FP16 runs, seconds of continuous load: gpu_bench.py in the "
+                  "Kempner Institute's 'Which Kempner Partition Should Your Job Run On?' (Shad and Mazloumi, 2026; "
+                  "KempnerInstitute/kempner-computing-handbook kempner_computing_handbook/technical_blog/"
+                  "choosing_gpu_partition.md at c8d6760), PyTorch 2.8, CUDA 12.8: {figure}")
 HOPPER_SUSTAINED = (
-    "Short benchmarks (fast.cu's 8 timed calls of 8192^3, 11 ms; an autotuner's) run Hopper above the clock it holds "
-    "at its 700 W limit; 50 back-to-back calls of 16384^3 do not. Another site agrees: Azure's cuBLASLt GEMM after "
-    "10,000 warm-up calls read 1,377 TFLOP/s in FP8 at 16384^3 on an ND H100 v5 (Azure/AI-benchmarking-guide "
-    "Azure_Results/ND_H100_v5_results.md at ae0b6a7), where the same Kempner benchmark read 1,339 in FP8")
+    "The gap to the rates above (the best shape of an exhaustive search, 150 calls per shape; fast.cu's 8 calls of "
+    "8192^3) is where a Hopper GPU settles under continuous load: its clock falls as it reaches its power limit, so "
+    "a GEMM's rate drifts down over a run of calls to a steady state (triton-lang/triton pull 4493: 'H100s have a "
+    "power throttling depending on the kernel'; the same search read 813 TFLOP/s on an H100 with no warm-up, which "
+    "its author rejected as not sustainable: stas00/ml-engineering pull 59). Another site agrees with these GPUs' "
+    "level: Azure's cuBLASLt GEMM after 10,000 warm-up calls read 1,377 TFLOP/s in FP8 at 16384^3 on an ND H100 v5 "
+    "(Azure/AI-benchmarking-guide Azure_Results/ND_H100_v5_results.md at ae0b6a7), where Kempner's read 1,339. "
+    "Measured on the SXM part at its 700 W limit; a GH200 or an H100 NVL, which this entry also matches, has "
+    "another limit and no measurement of its own")
 
 XLA_SM90 = ("XLA's autotuned bf16 GEMM table for sm_90 (xla/service/gpu/model/matmul_interpolator_data.h in ROCm/xla "
             "at d02afb4: 375 shapes, batch 1-4, M, N, K 256-4096)")
@@ -148,7 +153,8 @@ PEAKS: tuple[DevicePeak, ...] = (
                kernel_startup_us=2.555, kernel_startup_source=f"{SMALL_KERNELS}: 2,555 ns on the A100 80GB",
                sustained_gemm=SustainedGemm(16384, 267.0),
                sustained_source=KEMPNER_MATMUL.format(n=16384, dtype="bf16", figure="267 TFLOP/s on an A100 40GB, "
-                                                      "above the sweep's rate: the A100 holds it at 400 W")),
+                                                      "above what the sweep's rate gives the same GEMM, so it lowers "
+                                                      "nothing")),
     DevicePeak("H100-PCIe", r"H100.*PCIE", {"fp16": 756.0, "bf16": 756.0, "fp32": 51.0},
                "NVIDIA H100 datasheet (PCIe): 1513 with sparsity = 756 dense bf16/fp16, 51 fp32",
                compute_units=114, hbm_efficiency=0.92,

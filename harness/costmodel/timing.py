@@ -86,7 +86,7 @@ class Hardware:
     gemm_shape: GemmShape = GemmShape()
     """The tiles the device's GEMM library chooses among and its inner-dimension cost (peaks.GemmShape)."""
     sustained_share: float = 1.0
-    """The share of its short-benchmark GEMM rate the device holds at its power limit (sustained_share)."""
+    """The share of its short-benchmark 16-bit GEMM rate the device holds under continuous load (sustained_share)."""
 
     def rates(self, job: Job) -> Rates:
         """The achievable rate of each kernel class for this job's shapes (kernels.Rates)."""
@@ -98,8 +98,8 @@ class Hardware:
             tflops = attention_rate(self.attention, m.head_dim, not ring,
                                     m.seq_len // job.layout.cp if ring else m.seq_len)
             attention = None if tflops is None else tflops * 1e12
-        gemm = (self.peak_flops * self.gemm_efficiency * self.sustained_share
-                * dict(self.gemm_precision_ratio).get(job.precision, 1.0))
+        held = self.sustained_share if job.precision in TENSOR_CORE_PRECISIONS else 1.0
+        gemm = self.peak_flops * self.gemm_efficiency * held * dict(self.gemm_precision_ratio).get(job.precision, 1.0)
         return Rates(gemm_flops=gemm, gemm_half_flops=self.gemm_half_flops,
                      memory_bw=self.memory_bw, attention_flops=attention, launch_s=self.launch_s,
                      units=self.compute_units, startup_s=self.startup_s, gemm_shape=self.gemm_shape)
@@ -135,28 +135,33 @@ dispatcher, autograd's bookkeeping and cudaLaunchKernel, each a few microseconds
 the host's own per block)."""
 
 
+TENSOR_CORE_PRECISIONS = ("bf16", "fp16")
+"""The dtypes a SustainedGemm's measurement stands for: both run on the same tensor cores at the same peak."""
+
+
 def sustained_share(system: Any) -> float:
-    """The share of its GEMM rate a device holds through a training step: a GPU at its power limit drops its clock
-    below where the short benchmarks behind gemm_efficiency and gemm_shape ran it, so its measured sustained rate
-    (peaks.SustainedGemm) over what they give the same GEMM, at most 1 (a device that holds more is not raised: the
-    other figures stand for it); 1 where the profile states its own efficiency (`harness calibrate` times blocks of
-    back-to-back calls, a site's own figure), or the device has no sustained measurement."""
-    if getattr(system, "gemm_efficiency", None) is not None or getattr(system, "device", "") == "cpu":
+    """The share of its 16-bit GEMM rate a device holds through a training step, which keeps it under continuous
+    load at its power limit: its measured rate there (peaks.SustainedGemm) over what the rates behind
+    gemm_efficiency and gemm_shape give the same GEMM, at most 1 (a device that holds more is not raised: its other
+    figures stand); 1 where the profile states its own peak or efficiency (`harness calibrate`, a site's figure:
+    taken as stated), or the device has no such measurement."""
+    stated = getattr(system, "gemm_efficiency", None) is not None or getattr(system, "peak_tflops", None) is not None
+    if stated or getattr(system, "device", "") == "cpu":
         return 1.0
     return _device_sustained_share(getattr(system, "accelerator", None) or "")
 
 
 @functools.lru_cache(maxsize=64)
 def _device_sustained_share(accelerator: str) -> float:
-    """Cached: the planner builds a Hardware for every layout it prices."""
+    """Cached on the name, all it depends on: the planner builds a Hardware for every layout it prices."""
     entry = match_device(accelerator)
     held = None if entry is None else entry.sustained_gemm
     peak = None if held is None else entry.tflops.get(held.precision)
     if held is None or not peak or entry.gemm_efficiency is None:
         return 1.0
     n = held.size
-    burst = peak * entry.gemm_efficiency * shape_efficiency(n, n, n, entry.compute_units, entry.gemm_shape)
-    return min(1.0, held.tflops / burst)
+    rate = peak * entry.gemm_efficiency * entry.gemm_precision_ratio.get(held.precision, 1.0)
+    return min(1.0, held.tflops / (rate * shape_efficiency(n, n, n, entry.compute_units, entry.gemm_shape)))
 
 
 def hardware(system: Any, peak_tflops: float, local_ranks: Optional[int] = None) -> Hardware:
