@@ -27,6 +27,7 @@ from harness.costmodel.layout import Job, job_from_config
 from harness.costmodel.memory import REFUSE_ABOVE, autocast_weight_copies, layer_activation_bytes, memory_verdict
 from harness.costmodel.network import fabric
 from harness.costmodel.peaks import lookup_peak
+from harness.costmodel.software import PROFILES
 from harness.costmodel.timing import compute_kernels, hardware, micro_batch_compute_s, optimizer_s
 from harness.models.config import block_linears
 
@@ -322,6 +323,24 @@ def test_attention_runs_at_the_devices_measured_flash_attention_rate() -> None:
     unmeasured = dataclasses.replace(hw, attention=())
     assert unmeasured.rates(job).attention_flops is None
     assert micro_batch_compute_s(job, unmeasured) < micro_batch_compute_s(job, hw)
+
+
+def test_sdpa_on_hopper_runs_cudnns_attention_where_the_software_leaves_it_the_choice() -> None:
+    """KempnerForge leaves SDPA's backend to PyTorch, which prefers cuDNN's fused attention on Hopper (its own trace
+    shows cuDNN's kernels); FlashAttention-3's figure timed cuDNN's forward at 1.6x FlashAttention-2's at head dim 128
+    and 4k tokens, causal, on an H100. Software that calls FlashAttention keeps its rate; an A100, where no cuDNN rate
+    is measured (and PyTorch does not prefer it), keeps FlashAttention-2's."""
+    def attention_s(overrides: list[str]) -> float:
+        job, hw = job_and_hw([*LLAMA, "model.seq_len=4096", *overrides])
+        attention = next(k for k in compute_kernels(job)[0] if k.kind == "attention")
+        return kernels.kernel_s(attention, hw.rates(job)) - attention.count * hw.startup_s
+
+    flash, cudnn = attention_s([]), attention_s(["costmodel.software=kempnerforge"])
+    assert flash / cudnn == pytest.approx(518 / 319, rel=0.01)  # 128 head dim, causal, 4k: cuDNN's forward over FA2's
+    a100 = ["system=dgx-a100-80gb"]
+    assert attention_s([*a100, "costmodel.software=kempnerforge"]) == pytest.approx(attention_s(a100))
+    with pytest.raises(ValueError, match="attention_kernel"):
+        dataclasses.replace(PROFILES["kempnerforge"], attention_kernel="flash3")
 
 
 def test_a_gemm_with_a_short_inner_dimension_is_bound_by_its_bytes() -> None:

@@ -64,6 +64,10 @@ class DevicePeak:
     """Tiles and inner-dimension cost, measured where a sweep of shapes exists; otherwise one 256×128 tile and no
     inner-dimension term (NVIDIA's 'Matrix Multiplication Background User's Guide' example)."""
     gemm_shape_source: Optional[str] = None
+    cudnn_attention: "AttentionTable" = ()
+    """cuDNN's fused attention, forward + backward (the table of `attention`): what PyTorch's SDPA runs on Hopper
+    where it prefers cuDNN (Software.attention_kernel); () where not measured, and FlashAttention-2's stands."""
+    cudnn_attention_source: Optional[str] = None
     sustained_gemm: Optional["SustainedGemm"] = None
     """A large GEMM's rate held at the device's power limit, measured (None: not known); where it falls below the
     rate gemm_efficiency and gemm_shape give the same GEMM, which short benchmarks measure, every GEMM is priced at
@@ -96,6 +100,7 @@ SMALL_KERNELS = ("a scaling kernel (A = 0.25 B) launched back to back on one str
 FA2 = ("FlashAttention-2 forward + backward, bf16, batch x heads fixed at 16k tokens, Dao-AILab/flash-attention "
        "assets/flash2_{device}_fwd_bwd_benchmark.png at 0251105 (the README's 'Speedup' figures)")
 SEQ = (512, 1024, 2048, 4096, 8192, 16384)
+AttentionTable = tuple[tuple[int, bool, tuple[tuple[int, float], ...]], ...]
 A100_FA2 = ((64, True, tuple(zip(SEQ, (88, 119, 140, 156, 165, 171)))),
             (128, True, tuple(zip(SEQ, (99, 133, 155, 173, 182, 189)))),
             (64, False, tuple(zip(SEQ, (132, 153, 162, 171, 175, 176)))),
@@ -120,6 +125,40 @@ HOPPER_SUSTAINED = (
     "(Azure/AI-benchmarking-guide Azure_Results/ND_H100_v5_results.md at ae0b6a7), where Kempner's read 1,339. "
     "Measured on the SXM part at its 700 W limit; a GH200 or an H100 NVL, which this entry also matches, has "
     "another limit and no measurement of its own")
+
+FA3_FORWARD = ("forward alone, fp16, on an H100 80GB SXM5, in FlashAttention-3's benchmark figure (Shah et al. 2024, "
+               "'FlashAttention-3: Fast and Accurate Attention with Asynchrony and Low-precision', arXiv 2407.08608; "
+               "Dao-AILab/flash-attention assets/flash3_fp16_fwd.png at 7ef2484), which times FlashAttention-2 and "
+               "cuDNN side by side")
+H100_FA2_FORWARD = ((64, True, tuple(zip(SEQ, (180, 229, 262, 284, 295, 299)))),
+                    (128, True, tuple(zip(SEQ, (191, 260, 298, 319, 333, 335)))),
+                    (256, True, tuple(zip(SEQ, (208, 251, 278, 293, 297, 298)))),
+                    (64, False, tuple(zip(SEQ, (282, 306, 318, 321, 322, 324)))),
+                    (128, False, tuple(zip(SEQ, (309, 350, 362, 368, 370, 370)))),
+                    (256, False, tuple(zip(SEQ, (275, 313, 321, 323, 324, 326)))))
+H100_CUDNN_FORWARD = ((64, True, tuple(zip(SEQ, (225, 288, 334, 363, 379, 388)))),
+                      (128, True, tuple(zip(SEQ, (315, 410, 484, 518, 529, 539)))),
+                      (256, True, tuple(zip(SEQ, (308, 391, 450, 483, 497, 509)))),
+                      (64, False, tuple(zip(SEQ, (335, 373, 395, 408, 412, 413)))),
+                      (128, False, tuple(zip(SEQ, (497, 574, 617, 609, 600, 595)))),
+                      (256, False, tuple(zip(SEQ, (470, 546, 580, 581, 580, 581)))))
+
+
+def scaled_attention(table: AttentionTable, faster: AttentionTable, slower: AttentionTable) -> AttentionTable:
+    """`table`'s rates times faster/slower at the same head dim, mask and length: another kernel's forward +
+    backward from its forward's ratio to the kernel `table` measured."""
+    def rates(t: AttentionTable) -> dict[tuple[int, bool, int], float]:
+        return {(d, c, n): r for d, c, points in t for n, r in points}
+
+    up, down = rates(faster), rates(slower)
+    return tuple((d, c, tuple((n, r * up[d, c, n] / down[d, c, n]) for n, r in points)) for d, c, points in table)
+
+
+H100_CUDNN = scaled_attention(H100_FA2, H100_CUDNN_FORWARD, H100_FA2_FORWARD)
+CUDNN_SOURCE = (f"cuDNN's fused attention, forward + backward: FlashAttention-2's ({FA2.format(device='h100')}) times "
+                f"cuDNN's forward over FlashAttention-2's, both {FA3_FORWARD} (1.6x at head dim 128 and 4k, causal; "
+                "1.3x at head dim 64); the backward taken at the forward's ratio, since no figure of the two "
+                "backwards side by side is in the repository's assets")
 
 XLA_SM90 = ("XLA's autotuned bf16 GEMM table for sm_90 (xla/service/gpu/model/matmul_interpolator_data.h in ROCm/xla "
             "at d02afb4: 375 shapes, batch 1-4, M, N, K 256-4096)")
@@ -172,6 +211,7 @@ PEAKS: tuple[DevicePeak, ...] = (
                "reads 1.70 of 2.04 TB/s on the A100 80GB, where gpu-stream (the A100's, V100's and MI250X's source) "
                "reads 1.76: Hopper's figures may sit about 3% below the others' basis",
                attention=H100_FA2, attention_source=FA2.format(device="h100"),
+               cudnn_attention=H100_CUDNN, cudnn_attention_source=CUDNN_SOURCE,
                kernel_startup_us=2.433, kernel_startup_source=f"{SMALL_KERNELS}: 2,433 ns on the H200, the same "
                "GH100 die and SMs",
                gemm_shape=HOPPER_GEMM_SHAPE, gemm_shape_source=HOPPER_GEMM_SHAPE_SOURCE,
@@ -188,6 +228,7 @@ PEAKS: tuple[DevicePeak, ...] = (
                "tops out at 81% of the datasheet there, against 93-101% on every other device it measured, so that "
                "card's memory did not run at the SXM part's rate",
                attention=H100_FA2, attention_source=FA2.format(device="h100") + " (the H100's: the same SMs)",
+               cudnn_attention=H100_CUDNN, cudnn_attention_source=CUDNN_SOURCE + " (the H100's: the same SMs)",
                kernel_startup_us=2.433, kernel_startup_source=f"{SMALL_KERNELS}: 2,433 ns",
                gemm_shape=HOPPER_GEMM_SHAPE, gemm_shape_source=HOPPER_GEMM_SHAPE_SOURCE + " (the H100's: the same "
                "SMs and library)",
@@ -325,7 +366,6 @@ def kernel_startup_us(system: object) -> float:
             else GENERIC_KERNEL_STARTUP_US)
 
 
-AttentionTable = tuple[tuple[int, bool, tuple[tuple[int, float], ...]], ...]
 
 
 def attention_rate(table: AttentionTable, head_dim: int, causal: bool, seq_len: int) -> Optional[float]:

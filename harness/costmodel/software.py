@@ -66,6 +66,10 @@ TP_VOCAB = {
 """Software.tp_vocab: how the vocabulary-sized layers run under tensor parallelism."""
 
 
+ATTENTION_KERNELS = ("flash", "cudnn")
+"""Software.attention_kernel: FlashAttention-2 (flash-attn, or SDPA's flash backend), cuDNN's fused attention."""
+
+
 @dataclass(frozen=True)
 class Software:
     """The mechanisms of one training framework the cost model distinguishes."""
@@ -73,6 +77,11 @@ class Software:
     name: str = "harness"
     fused_attention: bool = True
     """Attention in one kernel (FlashAttention, SDPA): no s×s scores are stored, only a log-sum-exp per row."""
+    attention_kernel: str = "flash"
+    """Which fused kernel (ATTENTION_KERNELS): FlashAttention-2's, or cuDNN's, which PyTorch's SDPA prefers on
+    Hopper when built with a recent cuDNN (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp,
+    check_prefer_cudnn_attention); priced at the device's measured rate for that kernel (peaks.py), else
+    FlashAttention-2's."""
     dropout: bool = False
     """Hidden/attention dropout: its masks are stored (Korthikanti et al. 2022, section 4.1)."""
     pp_scatter_gather: bool = False
@@ -203,6 +212,8 @@ class Software:
     source: str = ""
 
     def __post_init__(self) -> None:
+        if self.attention_kernel not in ATTENTION_KERNELS:
+            raise ValueError(f"attention_kernel={self.attention_kernel}: one of {', '.join(ATTENTION_KERNELS)}")
         for mode in (self.tp_vocab, self.tp_vocab_untied or self.tp_vocab):
             if mode not in TP_VOCAB:
                 raise ValueError(f"tp_vocab={mode}: one of {', '.join(TP_VOCAB)}")
@@ -312,6 +323,7 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
     Software(name="kempnerforge", **_PYTORCH, grad_reduce_overlap=True, run_flags=True, compile_whole_model=True,
              tp_vocab="gathered", tp_gather_per_projection=True, rmsnorm_composite=True, states_in_compute_dtype=True,
              loss_in_compute_dtype=True, loop_holds_logits=True, host_sync_every_micro_batch=True,
+             attention_kernel="cudnn",
              source="KempnerForge at 01b461a (github.com/KempnerInstitute/KempnerForge), the code of its MFU "
                     "benchmark: the model cast to bf16 before FSDP2 (model.to(param_dtype)) with reduce_dtype fp32 "
                     "(kempnerforge/distributed/parallel.py), "
@@ -319,7 +331,10 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
                     "TP with sequence parallelism, ColwiseParallel(input_layouts=Shard(1)) on each of q, k, v, gate "
                     "and up, the token embedding replicated and the output head's logits gathered to Replicate "
                     "(kempnerforge/distributed/tensor_parallel.py); RMSNorm as fp32 PyTorch operations "
-                    "(kempnerforge/model/norm.py); torch.compile(model) with the loss, "
+                    "(kempnerforge/model/norm.py); SDPA with its backend left to PyTorch (model.sdpa_backend "
+                    "'auto', kempnerforge/model/attention.py), which ran cuDNN's kernels in KempnerForge's own trace "
+                    "of a 13B run on H200 (aten::_cudnn_attention_backward, 800 calls: "
+                    "benchmarks/profiling/13b_24gpu_profiling.md); torch.compile(model) with the loss, "
                     "F.cross_entropy on the bf16 logits, outside it, the logits held until loss.backward(), and "
                     "total_loss += loss.item() after each micro-batch's backward (scripts/train.py)"),
 )}

@@ -72,6 +72,8 @@ class Hardware:
     """SMs/CUs a GEMM's output tiles fill in waves (peaks.py); None: no wave quantization (a CPU)."""
     attention: AttentionTable = ()
     """The device's measured fused-attention rates (peaks.py)."""
+    cudnn_attention: AttentionTable = ()
+    """cuDNN's, where measured (peaks.DevicePeak.cudnn_attention)."""
     launch_s: float = 0.0
     accelerator: bool = True
     """Kernels run asynchronously to the host that launches them (a GPU), so host time hides behind them."""
@@ -95,7 +97,8 @@ class Hardware:
         if attention is None and job.precision in ("bf16", "fp16") and job.software.fused_attention:
             # ring attention runs cp blocks of s/cp queries × s/cp keys, most of them unmasked
             ring = job.layout.cp > 1 and job.cp_kind == "ring"
-            tflops = attention_rate(self.attention, m.head_dim, not ring,
+            table = self.cudnn_attention if job.software.attention_kernel == "cudnn" else ()
+            tflops = attention_rate(table or self.attention, m.head_dim, not ring,
                                     m.seq_len // job.layout.cp if ring else m.seq_len)
             attention = None if tflops is None else tflops * 1e12
         held = self.sustained_share if job.precision in TENSOR_CORE_PRECISIONS else 1.0
@@ -187,6 +190,7 @@ def hardware(system: Any, peak_tflops: float, local_ranks: Optional[int] = None)
         peak_power_w=system.peak_power_w,
         compute_units=getattr(entry, "compute_units", None),
         attention=getattr(entry, "attention", ()) or (),
+        cudnn_attention=getattr(entry, "cudnn_attention", ()) or (),
         launch_s=(launch if launch is not None else 0.0 if on_cpu else GPU_KERNEL_LAUNCH_US) * 1e-6 / host,
         accelerator=not on_cpu,
         attention_flops=None if attention is None else attention * 1e12 * speed,
