@@ -22,6 +22,7 @@ import yaml
 
 from harness.config.checks import validate
 from harness.config.compose import compose
+from harness.core.errors import ConfigError
 from harness.costmodel import kernels
 from harness.costmodel.layout import Job, job_from_config
 from harness.costmodel.memory import REFUSE_ABOVE, autocast_weight_copies, layer_activation_bytes, memory_verdict
@@ -325,11 +326,12 @@ def test_attention_runs_at_the_devices_measured_flash_attention_rate() -> None:
     assert micro_batch_compute_s(job, unmeasured) < micro_batch_compute_s(job, hw)
 
 
-def test_sdpa_on_hopper_runs_cudnns_attention_where_the_software_leaves_it_the_choice() -> None:
-    """KempnerForge leaves SDPA's backend to PyTorch, which prefers cuDNN's fused attention on Hopper (its own trace
-    shows cuDNN's kernels); FlashAttention-3's figure timed cuDNN's forward at 1.6x FlashAttention-2's at head dim 128
-    and 4k tokens, causal, on an H100. Software that calls FlashAttention keeps its rate; an A100, where no cuDNN rate
-    is measured (and PyTorch does not prefer it), keeps FlashAttention-2's."""
+def test_sdpa_on_hopper_runs_cudnns_attention_where_the_run_did() -> None:
+    """PyTorch's SDPA prefers cuDNN's fused attention on Hopper, and KempnerForge, which leaves it the choice, ran
+    cuDNN's kernels (its trace); FlashAttention-3's figure timed cuDNN's forward at 1.6x FlashAttention-2's at head
+    dim 128 and 4k tokens, causal, on an H100. A profile that calls FlashAttention keeps its rate, as does a head
+    dimension cuDNN is not given (over 128) and an A100 (no cuDNN rate measured; PyTorch does not prefer it);
+    `costmodel.attention_kernel` states what a run recorded."""
     def attention_s(overrides: list[str]) -> float:
         job, hw = job_and_hw([*LLAMA, "model.seq_len=4096", *overrides])
         attention = next(k for k in compute_kernels(job)[0] if k.kind == "attention")
@@ -337,10 +339,17 @@ def test_sdpa_on_hopper_runs_cudnns_attention_where_the_software_leaves_it_the_c
 
     flash, cudnn = attention_s([]), attention_s(["costmodel.software=kempnerforge"])
     assert flash / cudnn == pytest.approx(518 / 319, rel=0.01)  # 128 head dim, causal, 4k: cuDNN's forward over FA2's
+    assert attention_s(["costmodel.attention_kernel=cudnn"]) == pytest.approx(cudnn, rel=0.01)
+    assert attention_s(["costmodel.software=kempnerforge", "costmodel.attention_kernel=flash"]) == pytest.approx(
+        flash, rel=0.01)
+    wide = ["model.n_heads=16", "model.n_kv_heads=4"]  # head dim 256: FlashAttention-2 runs
+    assert attention_s([*wide, "costmodel.attention_kernel=cudnn"]) == pytest.approx(attention_s(wide))
     a100 = ["system=dgx-a100-80gb"]
     assert attention_s([*a100, "costmodel.software=kempnerforge"]) == pytest.approx(attention_s(a100))
     with pytest.raises(ValueError, match="attention_kernel"):
         dataclasses.replace(PROFILES["kempnerforge"], attention_kernel="flash3")
+    with pytest.raises(ConfigError, match="costmodel.attention_kernel=flash3"):
+        job_and_hw([*LLAMA, "costmodel.attention_kernel=flash3"])
 
 
 def test_a_gemm_with_a_short_inner_dimension_is_bound_by_its_bytes() -> None:

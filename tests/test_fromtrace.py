@@ -48,6 +48,18 @@ def test_a_real_gpu_traces_gemms_are_found_through_their_launches() -> None:
     assert 10e12 < rate < 156e12 and 100e9 < bandwidth < 2.1e12 and per_op == 0.0
 
 
+def test_fused_attention_is_found_by_its_operator_or_kernel_name_whichever_library_ran_it() -> None:
+    """FlashAttention (flash-attn, SDPA's flash backend), memory-efficient attention and cuDNN's (KempnerForge's
+    trace on H200: aten::_cudnn_attention_backward; its kernels cudnn_generated_fort_native_sdpa_sm90_flash_*)."""
+    from harness.predict.fromtrace import classify
+
+    for name in ("aten::_scaled_dot_product_flash_attention", "aten::_efficient_attention_backward",
+                 "aten::_cudnn_attention_forward", "aten::_cudnn_attention_backward",
+                 "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_7_64x128x128_4x1x1_kernel0_0",
+                 "void flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4, false, false, cutlass::bfloat16_t>>"):
+        assert classify(name) == "attention", name
+
+
 # --- mechanisms ---------------------------------------------------------------------------------------------------
 
 

@@ -426,6 +426,9 @@ class CostModelConfig:
     """harness-<backend> | megatron-lm | megatron-lm-2021 | megatron-deepspeed; None: the run's own backend."""
     flash_attention: Optional[bool] = None
     """The run's attention kernel when it differs from the profile's (true: fused, no s×s scores stored)."""
+    attention_kernel: Optional[str] = None
+    """Which fused kernel the run's attention ran (flash | cudnn: software.ATTENTION_KERNELS; a harness run records
+    SDPA's choice as kernels.attention.sdpa_kernel in its summary); None: the profile's."""
     tp_comm_overlap: Optional[bool] = None
     """Megatron-LM's --tp-comm-overlap (Transformer Engine userbuffers); None: the profile's."""
     job_hours: float = 24.0

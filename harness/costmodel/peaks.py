@@ -144,21 +144,21 @@ H100_CUDNN_FORWARD = ((64, True, tuple(zip(SEQ, (225, 288, 334, 363, 379, 388)))
                       (256, False, tuple(zip(SEQ, (470, 546, 580, 581, 580, 581)))))
 
 
-def scaled_attention(table: AttentionTable, faster: AttentionTable, slower: AttentionTable) -> AttentionTable:
-    """`table`'s rates times faster/slower at the same head dim, mask and length: another kernel's forward +
-    backward from its forward's ratio to the kernel `table` measured."""
+def scaled_attention(table: AttentionTable, target: AttentionTable, reference: AttentionTable) -> AttentionTable:
+    """`table`'s rates times target/reference at the same head dim, mask and length: another kernel's forward +
+    backward from its forward's ratio (`target`) to that of the kernel `table` measured (`reference`)."""
     def rates(t: AttentionTable) -> dict[tuple[int, bool, int], float]:
         return {(d, c, n): r for d, c, points in t for n, r in points}
 
-    up, down = rates(faster), rates(slower)
+    up, down = rates(target), rates(reference)
     return tuple((d, c, tuple((n, r * up[d, c, n] / down[d, c, n]) for n, r in points)) for d, c, points in table)
 
 
 H100_CUDNN = scaled_attention(H100_FA2, H100_CUDNN_FORWARD, H100_FA2_FORWARD)
 CUDNN_SOURCE = (f"cuDNN's fused attention, forward + backward: FlashAttention-2's ({FA2.format(device='h100')}) times "
                 f"cuDNN's forward over FlashAttention-2's, both {FA3_FORWARD} (1.6x at head dim 128 and 4k, causal; "
-                "1.3x at head dim 64); the backward taken at the forward's ratio, since no figure of the two "
-                "backwards side by side is in the repository's assets")
+                "1.3x at head dim 64); the backward taken at the forward's ratio (the paper's backward figure is not "
+                "among flash-attention's assets)")
 
 XLA_SM90 = ("XLA's autotuned bf16 GEMM table for sm_90 (xla/service/gpu/model/matmul_interpolator_data.h in ROCm/xla "
             "at d02afb4: 375 shapes, batch 1-4, M, N, K 256-4096)")
@@ -366,11 +366,9 @@ def kernel_startup_us(system: object) -> float:
             else GENERIC_KERNEL_STARTUP_US)
 
 
-
-
 def attention_rate(table: AttentionTable, head_dim: int, causal: bool, seq_len: int) -> Optional[float]:
-    """FlashAttention-2's measured forward + backward TFLOP/s for this shape (the nearest head dimension measured,
-    interpolated in log(sequence length), held at the ends); None where the device has no measurement."""
+    """A fused attention kernel's measured forward + backward TFLOP/s for this shape (the nearest head dimension
+    measured, interpolated in log(sequence length), held at the ends); None where the device has no measurement."""
     dims = [(abs(d - head_dim), d) for d, c, _ in table if c == causal]
     if not dims:
         return None

@@ -342,14 +342,18 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
 
 def software_for(cfg: Any) -> Software:
     """The profile a config names (`costmodel.software`, default: the run's backend's own), with the
-    run-specific switches (`costmodel.flash_attention`, `costmodel.tp_comm_overlap`) applied."""
+    run-specific switches (`costmodel.flash_attention`, `costmodel.attention_kernel`, `costmodel.tp_comm_overlap`)
+    applied."""
     section = getattr(cfg, "costmodel", None)
     name = getattr(section, "software", None) or backend_spec(cfg.backend.name).software
     if name not in PROFILES:
         raise ConfigError(f"costmodel.software={name}: unknown; choose one of {', '.join(PROFILES)}")
     profile = PROFILES[name]
-    changes = {key: getattr(section, key) for key in ("flash_attention", "tp_comm_overlap")
+    changes = {key: getattr(section, key) for key in ("flash_attention", "tp_comm_overlap", "attention_kernel")
                if section is not None and getattr(section, key, None) is not None}
+    if changes.get("attention_kernel", ATTENTION_KERNELS[0]) not in ATTENTION_KERNELS:
+        raise ConfigError(f"costmodel.attention_kernel={changes['attention_kernel']}: unknown; choose one of "
+                          f"{', '.join(ATTENTION_KERNELS)}")
     if "flash_attention" in changes:
         changes["fused_attention"] = changes.pop("flash_attention")
     train = getattr(cfg, "train", None)

@@ -97,7 +97,8 @@ class Hardware:
         if attention is None and job.precision in ("bf16", "fp16") and job.software.fused_attention:
             # ring attention runs cp blocks of s/cp queries × s/cp keys, most of them unmasked
             ring = job.layout.cp > 1 and job.cp_kind == "ring"
-            table = self.cudnn_attention if job.software.attention_kernel == "cudnn" else ()
+            cudnn = job.software.attention_kernel == "cudnn" and cudnn_serves(m.head_dim)
+            table = self.cudnn_attention if cudnn else ()
             tflops = attention_rate(table or self.attention, m.head_dim, not ring,
                                     m.seq_len // job.layout.cp if ring else m.seq_len)
             attention = None if tflops is None else tflops * 1e12
@@ -136,6 +137,13 @@ GPU_KERNEL_LAUNCH_US = 5.0
 """Host time per kernel of eager PyTorch on a GPU host where no profile measured it: the Python call, the
 dispatcher, autograd's bookkeeping and cudaLaunchKernel, each a few microseconds (`harness calibrate` measures
 the host's own per block)."""
+
+
+def cudnn_serves(head_dim: int) -> bool:
+    """Whether PyTorch's SDPA gives this head dimension to cuDNN's kernel: up to 128, a multiple of 8
+    (`check_cudnn_tensor_shapes` in aten/src/ATen/native/transformers/cuda/sdp_utils.cpp; larger ones need a newer
+    cuDNN); otherwise FlashAttention-2 runs."""
+    return head_dim <= 128 and head_dim % 8 == 0
 
 
 TENSOR_CORE_PRECISIONS = ("bf16", "fp16")

@@ -36,7 +36,8 @@ from harness.trace.events import Event, Trace, load
 
 GEMM_OPS = {"aten::mm": (0, 1), "aten::addmm": (1, 2), "aten::bmm": (0, 1), "aten::baddbmm": (1, 2)}
 """The matrix multiplies whose FLOPs the input shapes give: operator → the positions of its two matrices."""
-ATTENTION = ("scaled_dot_product", "flash_attention", "efficient_attention", "flash_fwd", "flash_bwd", "fmha")
+ATTENTION = ("scaled_dot_product", "flash_attention", "efficient_attention", "flash_fwd", "flash_bwd", "fmha",
+             "cudnn_attention", "native_sdpa", "flash_fprop", "flash_bprop")
 """Operator or kernel name fragments of the fused attention kernels."""
 NO_DATA = {"aten::as_strided", "aten::view", "aten::_reshape_alias", "aten::empty", "aten::empty_strided",
            "aten::empty_like", "aten::resolve_conj", "aten::resolve_neg", "detach", "aten::detach",
