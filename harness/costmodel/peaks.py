@@ -124,7 +124,9 @@ HOPPER_SUSTAINED = (
     "level: Azure's cuBLASLt GEMM after 10,000 warm-up calls read 1,377 TFLOP/s in FP8 at 16384^3 on an ND H100 v5 "
     "(Azure/AI-benchmarking-guide Azure_Results/ND_H100_v5_results.md at ae0b6a7), where Kempner's read 1,339. "
     "Measured on the SXM part at its 700 W limit; a GH200 or an H100 NVL, which this entry also matches, has "
-    "another limit and no measurement of its own")
+    "another limit and no measurement of its own. A step that stays below the limit holds more: KempnerForge's 175B "
+    "run on 360 H200 drew 619 W at an SM clock of 1,840 MHz (KempnerInstitute/KempnerForge benchmarks/175b_360gpu/"
+    "README.md at b62d2e3); the model does not predict a step's power, so it applies the share to every step")
 
 FA3_FORWARD = ("forward alone, fp16, on an H100 80GB SXM5, in FlashAttention-3's benchmark figure (Shah et al. 2024, "
                "'FlashAttention-3: Fast and Accurate Attention with Asynchrony and Low-precision', arXiv 2407.08608; "
