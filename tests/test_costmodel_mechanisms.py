@@ -352,6 +352,31 @@ def test_sdpa_on_hopper_runs_cudnns_attention_where_the_run_did() -> None:
         job_and_hw([*LLAMA, "costmodel.attention_kernel=flash3"])
 
 
+def test_a_gpu_runs_prediction_prices_the_attention_kernel_its_sdpa_ran() -> None:
+    """A run records which kernel PyTorch's SDPA dispatcher picked on its GPU for its shapes (kernels.attention.
+    sdpa_kernel, torch's SDPBackend names); its summary's prediction prices that kernel where the model prices it,
+    the config names none and the profile assumed another (cuDNN's on Hopper with a recent PyTorch). Faked here:
+    the recorded choice (no GPU); torch.device("cuda") needs none."""
+    import torch
+
+    from harness.costmodel.estimate import estimate, predicted_metrics
+    from harness.run.rundir import _on_this_device
+
+    def predicted(overrides: list[str], recorded: Optional[str], device: str = "cuda") -> float:
+        cfg = compose([*LLAMA, *overrides])
+        layout = validate(cfg, 1)
+        before = predicted_metrics(estimate(cfg, layout))
+        after = _on_this_device(before, cfg, layout, torch.device(device), {"attention": {"sdpa_kernel": recorded}})
+        return after["iter_time_ms"] / before["iter_time_ms"]
+
+    assert predicted([], "CUDNN_ATTENTION") < 0.99  # harness-fsdp priced FlashAttention-2; cuDNN ran
+    for overrides, recorded, device in (([], "FLASH_ATTENTION", "cuda"), ([], "EFFICIENT_ATTENTION", "cuda"),
+                                        ([], "MATH", "cuda"), ([], None, "cuda"), ([], "CUDNN_ATTENTION", "cpu"),
+                                        (["costmodel.attention_kernel=flash"], "CUDNN_ATTENTION", "cuda"),
+                                        (["model.attention=math"], "CUDNN_ATTENTION", "cuda")):
+        assert predicted(overrides, recorded, device) == 1.0, (overrides, recorded, device)
+
+
 def test_a_gemm_with_a_short_inner_dimension_is_bound_by_its_bytes() -> None:
     rates = kernels.Rates(gemm_flops=800e12, gemm_half_flops=0.0, memory_bw=3e12, attention_flops=None)
     scores = kernels.gemm("qk", 4096, 64, 4096, 2.0)  # one head's QKᵀ: 2·4096²·64 FLOPs over ~34 MB

@@ -68,6 +68,8 @@ TP_VOCAB = {
 
 ATTENTION_KERNELS = ("flash", "cudnn")
 """Software.attention_kernel: FlashAttention-2 (flash-attn, or SDPA's flash backend), cuDNN's fused attention."""
+SDPA_BACKENDS = {"FLASH_ATTENTION": "flash", "CUDNN_ATTENTION": "cudnn"}
+"""PyTorch's SDPA backends (torch.nn.attention.SDPBackend names) that are one of ATTENTION_KERNELS."""
 
 
 @dataclass(frozen=True)

@@ -182,8 +182,10 @@ def sdpa_kernel(device: Any, dtype: Any, model: Any) -> str:
     import torch
     from torch.nn.attention import SDPBackend
 
-    q = torch.empty(1, model.n_heads, model.seq_len, model.head_dim, device=device, dtype=dtype)
-    kv = torch.empty(1, model.kv_heads, model.seq_len, model.head_dim, device=device, dtype=dtype)
+    # as the model calls it: (batch, heads, tokens, head dim) views of token-major tensors, in training
+    q = torch.empty(1, model.seq_len, model.n_heads, model.head_dim, device=device, dtype=dtype).transpose(1, 2)
+    kv = torch.empty(1, model.seq_len, model.kv_heads, model.head_dim, device=device, dtype=dtype).transpose(1, 2)
+    q, kv = q.requires_grad_(), kv.requires_grad_()
     choice = torch._fused_sdp_choice(q, kv, kv, is_causal=True, enable_gqa=model.kv_heads != model.n_heads)
     return SDPBackend(choice).name
 

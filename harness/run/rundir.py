@@ -417,7 +417,7 @@ def write_run_summary(run_dir: Path, *, cfg: Any, layout: Any, info: Any, device
         extra_metrics={**_metric_notes(backend, throughput, memory_kind), **_tensor_peak(ranks, cfg, memory_kind),
                        **notes.get("metrics", {})},
         stop_reason=stop_reason,
-        prediction=_on_this_device(prediction, cfg, layout, device),
+        prediction=_on_this_device(prediction, cfg, layout, device, kernels),
         telemetry=telemetry_block(reports, power_csv) if reports else None,
         host_before=host_before,
     )
@@ -450,17 +450,34 @@ def write_run_summary(run_dir: Path, *, cfg: Any, layout: Any, info: Any, device
         print_summary(summary, run_dir)
 
 
-def _on_this_device(prediction: Optional[dict[str, Any]], cfg: Any, layout: Any, device: Any
-                    ) -> Optional[dict[str, Any]]:
-    """The prediction the launching process's checks computed; for a profile that names no accelerator
-    (system=cuda) computed again with the GPU torch reports here, whose peak times it."""
+def _on_this_device(prediction: Optional[dict[str, Any]], cfg: Any, layout: Any, device: Any,
+                    kernels: Optional[dict[str, Any]] = None) -> Optional[dict[str, Any]]:
+    """The prediction the launching process's checks computed, computed again where the GPU it ran on says more:
+    for a profile that names no accelerator (system=cuda), with the GPU torch reports here, whose peak times it;
+    for SDPA, with the kernel PyTorch's dispatcher picked here (the run's `kernels`), where the cost model prices
+    it and the config did not say (cuDNN's on Hopper with a recent PyTorch, where the profile says FlashAttention)."""
     from harness.costmodel.estimate import estimate, predicted_metrics
     from harness.run.metrics import device_name
 
-    if cfg.system.accelerator is not None or device.type != "cuda":
+    if device.type != "cuda":
         return prediction
-    return predicted_metrics(estimate(OmegaConf.merge(cfg, {"system": {"accelerator": device_name(device)}}),
-                                      layout))
+    changes: dict[str, Any] = {}
+    if cfg.system.accelerator is None:
+        changes["system"] = {"accelerator": device_name(device)}
+    if (kernel := sdpa_ran(cfg, kernels)) is not None:
+        changes["costmodel"] = {"attention_kernel": kernel}
+    return predicted_metrics(estimate(OmegaConf.merge(cfg, changes), layout)) if changes else prediction
+
+
+def sdpa_ran(cfg: Any, kernels: Optional[dict[str, Any]]) -> Optional[str]:
+    """The attention kernel the run's SDPA ran, where the cost model prices it, the config names none
+    (`costmodel.attention_kernel`) and it is not the software profile's already; None otherwise."""
+    from harness.costmodel.software import SDPA_BACKENDS, software_for
+
+    if cfg.model.attention != "sdpa" or cfg.costmodel.get("attention_kernel") is not None:
+        return None
+    kernel = SDPA_BACKENDS.get(((kernels or {}).get("attention") or {}).get("sdpa_kernel"))
+    return kernel if kernel is not None and kernel != software_for(cfg).attention_kernel else None
 
 
 def _tensor_peak(ranks: list[RankReport], cfg: Any, memory_kind: Optional[str]) -> dict[str, Any]:
