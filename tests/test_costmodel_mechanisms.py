@@ -370,6 +370,7 @@ def test_a_gpu_runs_prediction_prices_the_attention_kernel_its_sdpa_ran() -> Non
         return after["iter_time_ms"] / before["iter_time_ms"]
 
     assert predicted([], "CUDNN_ATTENTION") < 0.99  # harness-fsdp priced FlashAttention-2; cuDNN ran
+    assert predicted(["costmodel.software=kempnerforge"], "FLASH_ATTENTION") > 1.01  # the other way round
     for overrides, recorded, device in (([], "FLASH_ATTENTION", "cuda"), ([], "EFFICIENT_ATTENTION", "cuda"),
                                         ([], "MATH", "cuda"), ([], None, "cuda"), ([], "CUDNN_ATTENTION", "cpu"),
                                         (["costmodel.attention_kernel=flash"], "CUDNN_ATTENTION", "cuda"),

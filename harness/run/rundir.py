@@ -466,7 +466,13 @@ def _on_this_device(prediction: Optional[dict[str, Any]], cfg: Any, layout: Any,
         changes["system"] = {"accelerator": device_name(device)}
     if (kernel := sdpa_ran(cfg, kernels)) is not None:
         changes["costmodel"] = {"attention_kernel": kernel}
-    return predicted_metrics(estimate(OmegaConf.merge(cfg, changes), layout)) if changes else prediction
+    if not changes:
+        return prediction
+    try:
+        again = predicted_metrics(estimate(OmegaConf.merge(cfg, changes), layout))
+    except Exception as exc:  # noqa: BLE001 - the run's own measurements must reach summary.json
+        return {**(prediction or {}), "priced_here_reason": f"not repriced for this GPU: {type(exc).__name__}: {exc}"}
+    return {**again, "priced_here": changes}
 
 
 def sdpa_ran(cfg: Any, kernels: Optional[dict[str, Any]]) -> Optional[str]:
