@@ -162,6 +162,14 @@ def test_a_prediction_quotes_the_track_record_of_its_system_or_accelerator() -> 
     a100 = track_record(compose(["system=dgx-a100-80gb"]).system, "megatron-lm-2021")
     assert [t["match"] for t in a100[:2]] == ["system and software"] * 2 and a100[-1]["match"] == "accelerator"
     assert track_record(compose(["system=cpu"]).system, "harness-ddp") == []
+    # a table one of whose inputs came from its own source says so where it is quoted
+    from harness.predict.estimate import track_record_rows
+
+    h100 = {t["id"]: t for t in track_record(compose(["system=dgx-h100"]).system, "harness-ddp")}
+    assert h100["kempner-gpu-bench-h100"]["in_sample"] and not h100["ultrascale-playbook-h100"]["in_sample"]
+    for table in h100.values():
+        (_, _, text), = track_record_rows([table], "dgx-h100")
+        assert ("partly in sample" in text) == table["in_sample"], text
 
 
 def test_a_calibrated_profile_quotes_no_published_score_and_says_why(capsys: pytest.CaptureFixture[str]) -> None:

@@ -184,7 +184,8 @@ def signed_error(metric: str, error: float) -> float:
 
 def summarize(scored: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each scored table in a line a prediction can quote: its label, system and accelerator, software, what it
-    scores, its rows, the range of signed errors and the mean |error| (4 decimals: the file is compared exactly)."""
+    scores, its rows, the range of signed errors, the mean |error| (4 decimals: the file is compared exactly) and
+    whether any of the model's inputs came from the table's own source (its `in_sample`), so a quote says so."""
     accelerators = {name: compose([f"system={name}"]).system.accelerator for name in {t["system"] for t in scored}}
     out = []
     for t in scored:
@@ -193,5 +194,5 @@ def summarize(scored: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "accelerator": accelerators[t["system"]], "software": t["software"],
                     "scores": scores(t), "rows": len(errors),
                     "low": round(min(errors), 4), "high": round(max(errors), 4),
-                    "mean_abs_error": round(t["mean_abs_error"], 4)})
+                    "mean_abs_error": round(t["mean_abs_error"], 4), "in_sample": bool(t.get("in_sample"))})
     return out

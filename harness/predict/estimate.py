@@ -107,7 +107,8 @@ def track_record_rows(record: Optional[list[dict[str, Any]]], system: str,
         what, plus = TRACK_KIND[t["scores"]]
         rows.append((f"track record: {what}", low if low == high else f"{low} to {high}",
                      f"+: predicted {plus} than published, {t['label']} ({t['rows']} run{'s' * (t['rows'] != 1)}, "
-                     f"{t['software']}; same {t['match']})"))
+                     f"{t['software']}; same {t['match']}"
+                     f"{'; partly in sample: an input came from its source' if t.get('in_sample') else ''})"))
     return rows
 
 
