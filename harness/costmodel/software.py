@@ -81,9 +81,9 @@ class Software:
     """Attention in one kernel (FlashAttention, SDPA): no s×s scores are stored, only a log-sum-exp per row."""
     attention_kernel: str = "flash"
     """Which fused kernel (ATTENTION_KERNELS): FlashAttention-2's, or cuDNN's, which PyTorch's SDPA prefers on
-    Hopper when built with a recent cuDNN (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp,
-    check_prefer_cudnn_attention); priced at the device's measured rate for that kernel (peaks.py), else
-    FlashAttention-2's."""
+    Hopper since 2.9 with a recent cuDNN (pytorch/pytorch pull 162073; check_prefer_cudnn_attention in
+    aten/src/ATen/native/transformers/cuda/sdp_utils.cpp); priced at the device's measured rate for that kernel
+    (peaks.py), else FlashAttention-2's."""
     dropout: bool = False
     """Hidden/attention dropout: its masks are stored (Korthikanti et al. 2022, section 4.1)."""
     pp_scatter_gather: bool = False
