@@ -52,6 +52,9 @@ from harness.costmodel.peaks import (
     memory_efficiency,
 )
 
+TENSOR_CORE_PRECISIONS = ("bf16", "fp16")
+"""The 16-bit dtypes that run on the tensor cores at one peak: the fused attention kernels' and a SustainedGemm's."""
+
 
 @dataclass(frozen=True)
 class Hardware:
@@ -94,7 +97,7 @@ class Hardware:
         """The achievable rate of each kernel class for this job's shapes (kernels.Rates)."""
         m = job.model
         attention = self.attention_flops if job.software.fused_attention else None
-        if attention is None and job.precision in ("bf16", "fp16") and job.software.fused_attention:
+        if attention is None and job.precision in TENSOR_CORE_PRECISIONS and job.software.fused_attention:
             # ring attention runs cp blocks of s/cp queries × s/cp keys, most of them unmasked
             ring = job.layout.cp > 1 and job.cp_kind == "ring"
             cudnn = job.software.attention_kernel == "cudnn" and cudnn_serves(m.head_dim)
@@ -144,10 +147,6 @@ def cudnn_serves(head_dim: int) -> bool:
     (`check_cudnn_tensor_shapes` in aten/src/ATen/native/transformers/cuda/sdp_utils.cpp; larger ones need a newer
     cuDNN); otherwise FlashAttention-2 runs."""
     return head_dim <= 128 and head_dim % 8 == 0
-
-
-TENSOR_CORE_PRECISIONS = ("bf16", "fp16")
-"""The dtypes a SustainedGemm's measurement stands for: both run on the same tensor cores at the same peak."""
 
 
 def sustained_share(system: Any) -> float:
