@@ -52,6 +52,7 @@ from harness.costmodel.memory import GB, memory_per_device, model_state_bytes
 from harness.costmodel.software import software_for
 from harness.costmodel.timing import hardware, micro_batch_compute_s, step_time
 from harness.costmodel.track_record import not_applicable, track_record
+from harness.models.config import GPTConfig
 from harness.predict.estimate import planned_world_size, track_record_rows
 
 VPP_CHOICES = (1, 2, 3, 4, 6, 8)
@@ -116,17 +117,16 @@ class Candidate:
                           "activation_checkpointing": self.activation_checkpointing}}
 
 
-def _context_splits(cfg: Any, name: str, tp: int, pp: int, budget: int) -> list[tuple[int, str]]:
+def _context_splits(model: GPTConfig, device: str, name: str, tp: int, pp: int,
+                    budget: int) -> list[tuple[int, str]]:
     """(cp, kind) pairs backend `name` runs for this model: cp = 1, and each kind's sizes up to the budget that the
-    run's own check (harness.config.checks.parallel.check_context_parallel) accepts."""
+    run's own check (harness.config.checks.parallel.check_context_parallel) accepts, given the plain schema
+    dataclass (thousands of checks: an OmegaConf node per check was a tenth of the whole search)."""
     out = [(1, "ulysses")]
-    m = check_model(cfg.model)
-    p = OmegaConf.structured(ParallelConfig(tp=tp, pp=pp))
     for kind in BACKENDS[name].context_parallel:
         for cp in (c for c in _divisors(budget // tp) if c > 1):
-            p.cp, p.cp_kind = cp, kind
             try:
-                check_context_parallel(name, m, p, cfg.system.device)
+                check_context_parallel(name, model, ParallelConfig(tp=tp, pp=pp, cp=cp, cp_kind=kind), device)
             except ConfigError:
                 continue
             out.append((cp, kind))
@@ -137,13 +137,14 @@ def _structures(cfg: Any, budget: int, backends: list[str], exact: bool) -> Iter
     """(backend, world, tp, pp, vpp, dp, cp, zero/sharding, sp, offload) without the micro-batch and recompute."""
     dpn, gbs, layers = cfg.system.devices_per_node, cfg.train.global_batch_size, cfg.model.n_layers
     device = cfg.system.device
+    model = check_model(cfg.model)
     for name in backends:
         can = BACKENDS[name]
         tps = [t for t in _divisors(dpn) if t <= budget] if can.tensor_parallel else [1]
         pps = [p for p in range(1, min(budget, layers + 2) + 1) if pipeline_split(layers, p)] \
             if can.pipeline_parallel else [1]
         for tp, pp in ((t, p) for t in tps for p in pps):
-            for cp, cp_kind in _context_splits(cfg, name, tp, pp, budget):
+            for cp, cp_kind in _context_splits(model, device, name, tp, pp, budget):
                 for dp in _divisors(gbs):
                     world = tp * pp * dp * cp
                     if world > budget:

@@ -13,7 +13,9 @@ def choice(value: str, choices: Any, key: str) -> None:
 
 
 def at_least(section: Any, prefix: str, keys: tuple[str, ...], low: float, what: str) -> None:
+    """Each key of `section` (a config node or its plain schema dataclass: `plan` checks thousands of layouts and
+    skips OmegaConf's per-access cost) is unset or at least `low`."""
     for key in keys:
-        value = section[key]
+        value = getattr(section, key)
         if value is not None and value < low:
             raise ConfigError(f"{prefix}.{key}={value}: must be {what}")
