@@ -780,6 +780,32 @@ def test_deepspeed_zero_1_and_2_hold_a_whole_gradient_bucket_however_small_the_m
         == buffers("parallel.zero_stage=1", off)
 
 
+def test_fsdp_pays_the_collective_latency_once_per_fully_shard_unit() -> None:
+    """FSDP2 gathers and reduce-scatters one `fully_shard` unit at a time (each block, then the root), so a pass
+    over the model across many nodes is layers + 1 ring collectives, each with the library's latency, not one: the
+    same bytes cost more the more ranks the ring has, and the bytes (what a profiler records) do not change."""
+    from harness.costmodel.comm import collectives
+    from harness.costmodel.timing import collective_s
+
+    def dp(world: int) -> list[tuple[Any, float, float]]:
+        job, hw = job_and_hw([*LLAMA, "model.n_layers=16", "parallel.tp=8", f"train.global_batch_size={world // 4}",
+                              "system=dgx-h100"], world)
+        out = []
+        for c in collectives(job):
+            if c.dim == "dp":
+                one = hw.fabric.call_s(c.kind, c.payload_bytes, c.group, c.local)
+                out.append((c, collective_s(c, hw), c.calls * one))
+        return out
+
+    for world in (64, 1024):  # FSDP over 8 and 128 nodes, one rank per node
+        for c, split, whole in dp(world):
+            assert c.units == 17 and c.local == 1
+            assert split > whole  # sixteen more latencies
+    small = [split / whole for _, split, whole in dp(64)]
+    large = [split / whole for _, split, whole in dp(1024)]
+    assert all(b > a for a, b in zip(small, large))  # a ring's latency grows with its ranks, the bytes do not
+
+
 def test_fsdp_gathers_hide_only_under_the_phase_that_issues_them() -> None:
     """A block's forward gather must finish within the forward of the block before it: when the forward's compute
     is shorter than its gathers, the excess is exposed even though the whole micro-batch's compute (3-4x the

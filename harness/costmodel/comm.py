@@ -47,6 +47,10 @@ class Collective:
     """Ranks in the group."""
     local: int
     """Ranks of the group in one node (the group spans group // local nodes)."""
+    units: int = 1
+    """Collectives each call is issued as, the payload split evenly over them, each paying the library's latency:
+    FSDP2 gathers and reduces one `fully_shard` unit at a time (every block, then the root's own parameters), so a
+    pass over the model is that many ring collectives, whose latency grows with the ranks (network.py)."""
 
     @property
     def intra_node(self) -> bool:
@@ -80,8 +84,8 @@ def dp_collectives(job: Job) -> list[Collective]:
     per = job.state_bytes
     local = per_node(layout.tp, dp, job)
 
-    def c(kind: str, payload: float, calls: float, group: int = dp, members: int = local) -> Collective:
-        return Collective("dp", kind, payload, calls, group, members)
+    def c(kind: str, payload: float, calls: float, group: int = dp, members: int = local, units: int = 1) -> Collective:
+        return Collective("dp", kind, payload, calls, group, members, units)
 
     stage = layout.zero_stage
     if dp == 1:
@@ -150,7 +154,8 @@ def _zero3_gathered_numel(model: GPTConfig, z: Zero3) -> tuple[float, float]:
 
 
 def _fsdp_collectives(job: Job, params: float, c) -> list[Collective]:  # type: ignore[no-untyped-def]
-    """FSDP2: parameters gathered in the compute dtype, gradients reduced in fp32, once per step.
+    """FSDP2: parameters gathered in the compute dtype, gradients reduced in fp32, once per step, each pass one
+    collective per `fully_shard` unit (`Collective.units`).
 
     Fabric's `no_backward_sync` skips the reduce-scatter of all but the last micro-batch. With
     full_shard every parameter, the root module's too, is gathered again for the backward: that is
@@ -162,11 +167,12 @@ def _fsdp_collectives(job: Job, params: float, c) -> list[Collective]:  # type: 
         return [c("all_reduce", params * 4, 1)]
     n, tp = job.shards.weights, job.layout.tp
     local = per_node(tp, n, job)
+    units = layers_per_stage(job) + 1  # one fully_shard per block, and the root's own parameters
     gathers = 2 if job.sharding in ("full_shard", "hybrid_shard") else 1
-    out = [c("all_gather", params * job.act_bytes, gathers * m, n, local)]
-    out.append(c("reduce_scatter", params * 4, 1, n, local))
+    out = [c("all_gather", params * job.act_bytes, gathers * m, n, local, units)]
+    out.append(c("reduce_scatter", params * 4, 1, n, local, units))
     if job.sharding == "hybrid_shard" and dp > n:
-        out.append(c("all_reduce", params * 4 / n, 1, dp // n, per_node(tp * n, dp // n, job)))
+        out.append(c("all_reduce", params * 4 / n, 1, dp // n, per_node(tp * n, dp // n, job), units))
     return out
 
 
