@@ -780,6 +780,21 @@ def test_deepspeed_zero_1_and_2_hold_a_whole_gradient_bucket_however_small_the_m
         == buffers("parallel.zero_stage=1", off)
 
 
+def test_a_micro_batchs_compute_is_remembered_per_context_parallel_split() -> None:
+    """The planner reuses a micro-batch's compute across layouts; a context-parallel rank runs 1/cp of each sequence,
+    so a split computed first must not be handed to another (in one process, as `harness plan` searches)."""
+    from harness.costmodel.timing import _compute_s
+
+    base = [*LLAMA, "parallel.tp=2", "train.global_batch_size=16"]
+    split, hw = job_and_hw([*base, "parallel.cp=2"], 16)
+    whole, _ = job_and_hw(base, 16)
+    first = micro_batch_compute_s(split, hw)
+    second = micro_batch_compute_s(whole, hw)
+    assert second == pytest.approx(_compute_s(whole, hw)[0]) and second > 1.5 * first
+    ring, _ = job_and_hw([*base, "parallel.cp=2", "parallel.cp_kind=ring"], 16)
+    assert micro_batch_compute_s(ring, hw) == pytest.approx(_compute_s(ring, hw)[0])
+
+
 def test_fsdp_pays_the_collective_latency_once_per_fully_shard_unit() -> None:
     """FSDP2 gathers and reduce-scatters one `fully_shard` unit at a time (each block, then the root), so a pass
     over the model across many nodes is layers + 1 ring collectives, each with the library's latency, not one: the

@@ -221,9 +221,11 @@ def forward_share(job: Job, hw: Hardware) -> float:
 
 def _micro_batch(job: Job, hw: Hardware) -> tuple[float, float]:
     layout = job.layout
-    # What it depends on, as a key: the planner asks for the same compute under many DP layouts.
-    key = (model_key(job.model), layout.tp, layout.pp, layout.micro_batch_size, job.checkpointing,
-           job.checkpoint_every_n, job.sequence_parallel, job.software, job.precision, hw)
+    # What it depends on, as a key: the planner asks for the same compute under many DP layouts. Context
+    # parallelism cuts each rank's tokens (Job.tokens) and how its attention runs.
+    key = (model_key(job.model), layout.tp, layout.pp, layout.cp, job.cp_kind, layout.micro_batch_size,
+           job.checkpointing, job.checkpoint_every_n, job.sequence_parallel, job.software, job.precision, job.device,
+           hw)
     value = _COMPUTE.get(key)
     if value is None:
         if len(_COMPUTE) >= 100_000:
