@@ -780,6 +780,30 @@ def test_deepspeed_zero_1_and_2_hold_a_whole_gradient_bucket_however_small_the_m
         == buffers("parallel.zero_stage=1", off)
 
 
+def test_tp_comm_overlap_hides_sequence_parallel_traffic_and_is_refused_without_it() -> None:
+    """Megatron-LM's --tp-comm-overlap pipelines the sequence-parallel all-gathers and reduce-scatters with their
+    GEMMs, leaving about 1/TP of the traffic exposed, and its arguments.py refuses it without sequence parallelism:
+    so does the config (one line naming the fix), and a layout without it (as `harness plan` builds them) keeps its
+    TP traffic exposed."""
+    from harness.costmodel.comm import collectives
+    from harness.costmodel.timing import step_time
+
+    base = [*LLAMA, "backend=deepspeed3d", "costmodel.software=megatron-lm", "parallel.tp=8",
+            "train.global_batch_size=8"]
+
+    def exposed_tp(*extra: str, sp: bool) -> float:
+        job, hw = job_and_hw([*base, f"parallel.sequence_parallel={str(sp).lower()}", *extra], 8)
+        return step_time(job, collectives(job), hw).exposed_comm_s["tp"]
+
+    plain, hidden = exposed_tp(sp=True), exposed_tp("costmodel.tp_comm_overlap=true", sp=True)
+    assert hidden == pytest.approx(plain / 8)
+    with pytest.raises(ConfigError, match="parallel.sequence_parallel=true"):
+        exposed_tp("costmodel.tp_comm_overlap=true", sp=False)
+    job, hw = job_and_hw([*base, "parallel.sequence_parallel=true", "costmodel.tp_comm_overlap=true"], 8)
+    no_sp = dataclasses.replace(job, sequence_parallel=False)
+    assert step_time(no_sp, collectives(no_sp), hw).exposed_comm_s["tp"] == pytest.approx(exposed_tp(sp=False))
+
+
 def test_a_micro_batchs_compute_is_remembered_per_context_parallel_split() -> None:
     """The planner reuses a micro-batch's compute across layouts; a context-parallel rank runs 1/cp of each sequence,
     so a split computed first must not be handed to another (in one process, as `harness plan` searches)."""

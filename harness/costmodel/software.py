@@ -109,7 +109,8 @@ class Software:
     (timing.exposed_dp_s). The harness's backends sum the losses on the device (backends/base.py)."""
     tp_comm_overlap: bool = False
     """TP all-gathers/reduce-scatters are split into TP chunks pipelined with their GEMMs (Megatron-LM
-    `--tp-comm-overlap`, Transformer Engine userbuffers)."""
+    `--tp-comm-overlap`, Transformer Engine userbuffers); sequence parallelism only (Megatron-LM's arguments.py
+    asserts it), so a layout without it keeps its TP traffic exposed."""
     grad_accumulation_fusion: bool = False
     """The weight-gradient GEMM adds into the step's gradient in place (Megatron-LM's
     gradient_accumulation_fusion); otherwise each micro-batch's gradients are added by a separate,
@@ -356,6 +357,13 @@ def software_for(cfg: Any) -> Software:
     if changes.get("attention_kernel", ATTENTION_KERNELS[0]) not in ATTENTION_KERNELS:
         raise ConfigError(f"costmodel.attention_kernel={changes['attention_kernel']}: unknown; choose one of "
                           f"{', '.join(ATTENTION_KERNELS)}")
+    parallel = getattr(cfg, "parallel", None)
+    if changes.get("tp_comm_overlap") and parallel is not None and parallel.tp > 1 \
+            and not parallel.sequence_parallel:
+        raise ConfigError(f"costmodel.tp_comm_overlap=true with parallel.tp={parallel.tp} and no sequence "
+                          "parallelism: Megatron-LM overlaps the sequence-parallel all-gathers and reduce-scatters "
+                          "with their GEMMs and refuses the overlap without them; set "
+                          "parallel.sequence_parallel=true or drop costmodel.tp_comm_overlap")
     if "flash_attention" in changes:
         changes["fused_attention"] = changes.pop("flash_attention")
     train = getattr(cfg, "train", None)

@@ -416,7 +416,7 @@ def step_time(job: Job, colls: list[Collective], hw: Hardware) -> StepTime | str
     bubble = pipeline_bubble(job.pp_schedule, layout.pp, job.vpp, m)
     overlap = hw.overlap_comm
     tp = comm["tp"]
-    if overlap and job.software.tp_comm_overlap and layout.tp > 1:
+    if overlap and job.software.tp_comm_overlap and layout.tp > 1 and job.sequence_parallel:
         tp = max(tp / layout.tp, tp - per_mb * m)
     sends = [c.calls for c in colls if c.kind == "send_recv" and c.dim == "pp"]
     if overlap and job.software.p2p_overlap and sends:
