@@ -804,6 +804,25 @@ def test_tp_comm_overlap_hides_sequence_parallel_traffic_and_is_refused_without_
     assert step_time(no_sp, collectives(no_sp), hw).exposed_comm_s["tp"] == pytest.approx(exposed_tp(sp=False))
 
 
+def test_pipeline_sends_overlap_compute_only_under_the_interleaved_schedule() -> None:
+    """Megatron-LM overlaps its pipeline sends with compute (overlap_p2p_comm) only in the interleaved schedule: it
+    turns the flag off without virtual stages, whose schedule raises "Non-interleaved pipeline parallelism does not
+    support overlapping p2p communication" (megatron/core/pipeline_parallel/schedules.py). So plain 1F1B exposes
+    every send; with virtual stages only the fill and drain sends are exposed."""
+    from harness.core.registry import resolve_pp_schedule
+    from harness.costmodel.comm import collectives
+    from harness.costmodel.timing import step_time
+
+    job, hw = job_and_hw([*LLAMA, "model.n_layers=8", "backend=deepspeed3d", "costmodel.software=megatron-lm",
+                          "parallel.pp=4", "train.global_batch_size=32"], 4)
+    assert job.software.p2p_overlap and job.vpp == 1
+    plain = step_time(job, collectives(job), hw)
+    assert plain.exposed_comm_s["pp"] == pytest.approx(plain.comm_s["pp"])
+    chunked = dataclasses.replace(job, vpp=2, pp_schedule=resolve_pp_schedule(None, 2))
+    interleaved = step_time(chunked, collectives(chunked), hw)
+    assert 0 < interleaved.exposed_comm_s["pp"] < interleaved.comm_s["pp"] / 2
+
+
 def test_a_micro_batchs_compute_is_remembered_per_context_parallel_split() -> None:
     """The planner reuses a micro-batch's compute across layouts; a context-parallel rank runs 1/cp of each sequence,
     so a split computed first must not be handed to another (in one process, as `harness plan` searches)."""

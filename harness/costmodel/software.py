@@ -132,7 +132,8 @@ class Software:
     optimizer (parallel.zero_stage=1), so the flag gives those runs the right bytes."""
     p2p_overlap: bool = False
     """Pipeline sends overlap the next micro-batch's compute, so only the fill and drain transfers are on the
-    critical path (Megatron-LM's interleaved schedule, `overlap_p2p_comm`)."""
+    critical path (Megatron-LM's interleaved schedule, `overlap_p2p_comm`); with virtual stages only: Megatron turns
+    it off for plain 1F1B, whose schedule refuses it (timing.step_time)."""
     # Which memory-bound kernels are fused (kernels.py costs each kernel the software launches).
     compiled: bool = False
     """torch.compile (inductor) fuses each chain of elementwise kernels (norm with its residual add, RoPE, the

@@ -419,7 +419,7 @@ def step_time(job: Job, colls: list[Collective], hw: Hardware) -> StepTime | str
     if overlap and job.software.tp_comm_overlap and layout.tp > 1 and job.sequence_parallel:
         tp = max(tp / layout.tp, tp - per_mb * m)
     sends = [c.calls for c in colls if c.kind == "send_recv" and c.dim == "pp"]
-    if overlap and job.software.p2p_overlap and sends:
+    if overlap and job.software.p2p_overlap and job.vpp > 1 and sends:
         fill_drain = min(sends[0], 2 * (layout.pp * job.vpp - 1))
         steady, edges = 0.0, p2p * fill_drain / sends[0]
     else:
