@@ -754,6 +754,29 @@ def test_fsdp_holds_unsharded_fp32_gradients_only_while_accumulating() -> None:
     assert alone.state_bytes.grads == 2 and model_state_bytes(params, alone)["grads"] == pytest.approx(4 * params)
 
 
+def test_fsdp_reduces_and_gathers_in_the_dtypes_its_mixed_precision_policy_names() -> None:
+    """The harness's FSDP backend builds MixedPrecisionPolicy(param_dtype=backend.param_dtype or train.precision,
+    reduce_dtype=backend.reduce_dtype or fp32) (harness/backends/fsdp.py): a bf16 reduction halves the
+    reduce-scatter's bytes and the unsharded gradients held while accumulating; fp32 parameters double the
+    gathers' bytes and compute in fp32."""
+    from harness.costmodel.comm import dp_collectives
+    from harness.costmodel.memory import model_state_bytes
+
+    def job(*extra: str) -> Job:
+        return job_and_hw([*LLAMA, "train.global_batch_size=64", *extra], 8)[0]
+
+    default, bf16, fp32 = job(), job("backend.reduce_dtype=bf16"), job("backend.param_dtype=fp32")
+
+    def payload(j: Job, kind: str) -> float:
+        return next(c.payload_bytes for c in dp_collectives(j) if c.kind == kind)
+
+    assert payload(bf16, "reduce_scatter") == pytest.approx(payload(default, "reduce_scatter") / 2)
+    assert payload(bf16, "all_gather") == payload(default, "all_gather")
+    params = default.params_per_rank
+    assert model_state_bytes(params, bf16)["grads"] == pytest.approx(model_state_bytes(params, default)["grads"] / 2)
+    assert fp32.precision == "fp32" and payload(fp32, "all_gather") == pytest.approx(2 * payload(default, "all_gather"))
+
+
 def test_deepspeed_zero_1_and_2_hold_a_whole_gradient_bucket_however_small_the_model() -> None:
     """ZeRO-1/2 allocate their contiguous gradient bucket at reduce_bucket_size elements in the model's dtype (two
     with overlap_comm); ZeRO-3, contiguous_gradients=false and DeepSpeed's BF16_Optimizer do not (measured:

@@ -154,25 +154,25 @@ def _zero3_gathered_numel(model: GPTConfig, z: Zero3) -> tuple[float, float]:
 
 
 def _fsdp_collectives(job: Job, params: float, c) -> list[Collective]:  # type: ignore[no-untyped-def]
-    """FSDP2: parameters gathered in the compute dtype, gradients reduced in fp32, once per step, each pass one
-    collective per `fully_shard` unit (`Collective.units`).
+    """FSDP2: parameters gathered in the compute dtype, gradients reduced in backend.reduce_dtype (fp32 by default),
+    once per step, each pass one collective per `fully_shard` unit (`Collective.units`).
 
     Fabric's `no_backward_sync` skips the reduce-scatter of all but the last micro-batch. With
     full_shard every parameter, the root module's too, is gathered again for the backward: that is
     what torch 2.13's profiler records (tests/test_comm_volume.py), although FSDP2's documentation
     describes keeping the root unsharded after forward.
     """
-    m, dp = job.micro_batches, job.grad_ranks
+    m, dp, R = job.micro_batches, job.grad_ranks, job.reduce_bytes
     if job.sharding == "no_shard":
-        return [c("all_reduce", params * 4, 1)]
+        return [c("all_reduce", params * R, 1)]
     n, tp = job.shards.weights, job.layout.tp
     local = per_node(tp, n, job)
     units = layers_per_stage(job) + 1  # one fully_shard per block, and the root's own parameters
     gathers = 2 if job.sharding in ("full_shard", "hybrid_shard") else 1
     out = [c("all_gather", params * job.act_bytes, gathers * m, n, local, units)]
-    out.append(c("reduce_scatter", params * 4, 1, n, local, units))
+    out.append(c("reduce_scatter", params * R, 1, n, local, units))
     if job.sharding == "hybrid_shard" and dp > n:
-        out.append(c("all_reduce", params * 4 / n, 1, dp // n, per_node(tp * n, dp // n, job), units))
+        out.append(c("all_reduce", params * R / n, 1, dp // n, per_node(tp * n, dp // n, job), units))
     return out
 
 

@@ -11,6 +11,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from harness.config.checks import compute_precision
 from harness.core.layout import Layout
 from harness.core.registry import PP_SCHEDULES, BackendSpec, backend_spec, fsdp_replica_group, resolve_pp_schedule
 from harness.costmodel.flops import param_count, param_tensors, shape_cached
@@ -113,6 +114,9 @@ class Job:
     device: str = "cuda"
     """The system's device type (system.device: cuda, rocm, xpu, cpu): which kernels a framework's operators run
     as (a native norm's backward is one pass over rows on a CPU, two kernels on a GPU)."""
+    reduce_bytes: float = FSDP_REDUCE_BYTES
+    """Bytes per element FSDP reduces gradients in (backend.reduce_dtype: the reduce-scatter's input buffer, the
+    unsharded gradients held while accumulating, the bytes on the wire); ZeRO-3's unsharded block gradient too."""
 
     @functools.cached_property
     def spec(self) -> BackendSpec:
@@ -232,7 +236,7 @@ class Job:
         too: both wrap every run in FSDP2 (KempnerForge gives its mesh a dp_shard dimension of size 1 beside TP, and
         of the world size alone: kempnerforge/distributed/setup.py init_distributed)."""
         if self.spec.shardings and self.sharding != "no_shard" and self.micro_batches > 1:
-            return FSDP_REDUCE_BYTES
+            return self.reduce_bytes
         return None
 
 
@@ -264,7 +268,7 @@ def job_from_config(cfg: Any, layout: Layout, software: Optional[Software] = Non
         backend=backend.name,
         sharding=sharding,
         offload=backend.offload,
-        precision=cfg.train.precision,
+        precision=compute_precision(cfg),  # FSDP's param_dtype, where given: what the blocks compute and gather in
         checkpointing=cfg.train.activation_checkpointing,
         checkpoint_every_n=cfg.train.checkpoint_every_n,
         sequence_parallel=bool(cfg.parallel.sequence_parallel),
@@ -278,6 +282,7 @@ def job_from_config(cfg: Any, layout: Layout, software: Optional[Software] = Non
         pp_schedule=schedule,
         cp_kind=getattr(cfg.parallel, "cp_kind", "ulysses"),
         device=str(getattr(cfg.system, "device", "cuda")),
+        reduce_bytes=ACT_BYTES[getattr(backend, "reduce_dtype", None) or "fp32"],
     )
 
 

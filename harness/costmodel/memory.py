@@ -155,9 +155,9 @@ def buffer_bytes(job: Job) -> float:
             gathered = job.params_per_rank * E
         else:  # two blocks (the current one and the prefetched one) and the root module
             gathered = (2 * block + root) * E
-        gathered += block * 4
+        gathered += block * job.reduce_bytes
     elif job.offload:
-        gathered = (2 * block + root) * E + block * 4
+        gathered = (2 * block + root) * E + block * job.reduce_bytes
     buckets = 0.0
     if job.spec.gradient_buckets and job.grad_ranks > 1:
         buckets = job.params_per_rank * job.state_bytes.grads
