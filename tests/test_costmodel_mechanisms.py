@@ -930,11 +930,12 @@ def test_fsdps_root_module_counts_the_vocabulary_layers_as_the_tp_rank_holds_the
 
 
 def test_the_ends_of_fsdps_pipeline_of_collectives_are_exposed_however_much_compute_there_is() -> None:
-    """Each step's first gathers (the root module's embedding, norm and head, then block 0's) wait for the
-    optimizer's update and precede all compute; its last reduce-scatters (block 0's and the root's) follow it. So
-    even a step whose compute could hide every collective exposes that share of one gather and of the
-    reduce-scatter; a loop that waits for the device after each micro-batch (KempnerForge's loss.item()) exposes
-    the gathers again in every micro-batch. Without sharded parameters nothing is exposed."""
+    """Each micro-batch's first gathers (the root module's embedding, norm and head, then block 0's) precede its
+    compute: FSDP2's root pre-forward makes them wait for the optimizer's update at a step's first forward and for
+    the previous backward after it (torch _fsdp_state._root_pre_forward), and the step's last reduce-scatters
+    (block 0's and the root's) follow all compute. So even a step whose compute could hide every collective
+    exposes that share of each micro-batch's gathers and of the reduce-scatter. Without sharded parameters nothing
+    is exposed."""
     from harness.costmodel.comm import collectives
     from harness.costmodel.layout import param_split
     from harness.costmodel.timing import collective_s, exposed_dp_s, sharded_edge_share
@@ -949,9 +950,7 @@ def test_the_ends_of_fsdps_pipeline_of_collectives_are_exposed_however_much_comp
     edge = sharded_edge_share(job)
     assert edge == pytest.approx((split.embedding + split.head + split.per_layer) / split.total, rel=1e-3)
     fill, drain = gather[1] / gather[0].calls * edge, scatter[1] * edge
-    assert exposed_dp_s(timed, job, per_mb, hw) == pytest.approx(fill + drain)
-    synced = dataclasses.replace(job, software=dataclasses.replace(job.software, host_sync_every_micro_batch=True))
-    assert exposed_dp_s(timed, synced, per_mb, hw) == pytest.approx(m * fill + drain)
+    assert exposed_dp_s(timed, job, per_mb, hw) == pytest.approx(m * fill + drain)
     # HSDP: each block's reduce-scatter is followed by its all-reduce across the replicas (FSDP2's foreach_reduce),
     # so block 0's and the root's all-reduce follow all compute as well
     hsdp, hw = job_and_hw([*LLAMA, "train.global_batch_size=64", "train.micro_batch_size=4",
@@ -962,8 +961,8 @@ def test_the_ends_of_fsdps_pipeline_of_collectives_are_exposed_however_much_comp
     assert len(reductions) == 2 and min(reductions) > 0  # the reduce-scatter, then the replicas' all-reduce
     edge = sharded_edge_share(hsdp)
     per_mb = micro_batch_compute_s(hsdp, hw)
-    assert exposed_dp_s(timed, hsdp, per_mb, hw) == pytest.approx(gather[1] / gather[0].calls * edge
-                                                                  + sum(reductions) * edge)
+    assert exposed_dp_s(timed, hsdp, per_mb, hw) == pytest.approx(hsdp.micro_batches * gather[1] / gather[0].calls
+                                                                  * edge + sum(reductions) * edge)
     ddp, hw = job_and_hw([*LLAMA, "train.global_batch_size=64", "train.micro_batch_size=4", "backend=ddp"], 8)
     assert sharded_edge_share(ddp) == 0.0
 

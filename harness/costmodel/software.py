@@ -102,11 +102,6 @@ class Software:
     param_gather_overlap: bool = False
     """A distributed optimizer's once-per-step parameter all-gather runs during the next forward
     (Megatron-LM `--overlap-param-gather`); FSDP's and ZeRO-3's per-layer gathers are prefetched anyway."""
-    host_sync_every_micro_batch: bool = False
-    """The training loop waits for the device after every micro-batch's backward (KempnerForge's
-    `total_loss += loss.item()`), so each micro-batch starts from an empty queue and FSDP's first gathers (the root
-    module's and the first block's) cannot be prefetched: exposed once per micro-batch, not once per step
-    (timing.exposed_dp_s). The harness's backends sum the losses on the device (backends/base.py)."""
     tp_comm_overlap: bool = False
     """TP all-gathers/reduce-scatters are split into TP chunks pipelined with their GEMMs (Megatron-LM
     `--tp-comm-overlap`, Transformer Engine userbuffers); sequence parallelism only (Megatron-LM's arguments.py
@@ -326,7 +321,7 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
                     "(the permuted views reach SDPA uncopied)"),
     Software(name="kempnerforge", **_PYTORCH, grad_reduce_overlap=True, run_flags=True, compile_whole_model=True,
              tp_vocab="gathered", tp_gather_per_projection=True, rmsnorm_composite=True, states_in_compute_dtype=True,
-             loss_in_compute_dtype=True, loop_holds_logits=True, host_sync_every_micro_batch=True,
+             loss_in_compute_dtype=True, loop_holds_logits=True,
              attention_kernel="cudnn",
              source="KempnerForge at 01b461a (github.com/KempnerInstitute/KempnerForge), the code of its MFU "
                     "benchmark: the model cast to bf16 before FSDP2 (model.to(param_dtype)) with reduce_dtype fp32 "

@@ -317,8 +317,9 @@ def exposed_dp_s(timed: list[tuple[Collective, float]], job: Job, per_mb: float,
     software reduces in buckets as gradients become ready; a distributed optimizer's once-per-step parameter
     gather runs during the first forward only where the software says so. What a phase's compute cannot cover is
     exposed: one phase's slack does not cover another's load, since a collective cannot start before it is issued.
-    FSDP's pipeline of gathers has ends that nothing covers (sharded_edge_share): each step's first gathers wait
-    for the optimizer's update of the shards, and its last reduce-scatters hold up the optimizer.
+    FSDP's pipeline of gathers has ends that nothing covers (sharded_edge_share): each micro-batch's first gathers
+    wait for what is queued before them (the optimizer's update of the shards, then the previous backward), and
+    the step's last reduce-scatters hold up the optimizer.
     """
     if not hw.overlap_comm:
         return sum(t for _, t in timed)
@@ -327,7 +328,6 @@ def exposed_dp_s(timed: list[tuple[Collective, float]], job: Job, per_mb: float,
     busy = per_mb + tp_s / m
     forward_window, backward_window = busy * share, busy * (1 - share)
     edge = sharded_edge_share(job)
-    fills = m if job.software.host_sync_every_micro_batch else 1  # forwards that start from an empty queue
     forward = backward = first = last = exposed = 0.0  # per-micro-batch loads; what no phase covers
     for c, t in timed:
         every = c.calls >= m and c.calls % m == 0
@@ -340,14 +340,13 @@ def exposed_dp_s(timed: list[tuple[Collective, float]], job: Job, per_mb: float,
             elif not every:
                 exposed += t
             elif job.spec.shardings:
+                # FSDP2's root pre-forward makes the gather streams wait for everything queued (torch
+                # _fsdp_state._root_pre_forward: the optimizer's update at a step's first forward, the previous
+                # backward after it, as each root forward ends the iteration): every forward's first gathers
                 gathers, per_call = c.calls // m, t / c.calls
-                fill = per_call * edge  # of one forward's gathers: exposed in each forward that starts empty
-                exposed += fill * fills
-                if fills == m:
-                    forward += per_call - fill
-                else:  # only the step's first forward starts empty
-                    forward += per_call
-                    first -= fill
+                fill = per_call * edge
+                exposed += fill * m
+                forward += per_call - fill
                 backward += per_call * (gathers - 1)
             else:
                 forward += t / m * share
