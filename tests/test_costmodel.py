@@ -406,6 +406,19 @@ def test_plan_ranks_only_legal_fitting_layouts() -> None:
     assert [r["devices"] for r in pareto(found.rows)] == [8]
 
 
+def test_plan_ranks_fsdp_at_the_peak_of_the_dtype_it_computes_in() -> None:
+    """FSDP computes in backend.param_dtype where given: the search must rank its layouts at that dtype's peak,
+    as `estimate` prices them, not at train.precision's (fp32's is a fraction of bf16's)."""
+    from harness.predict.plan import checked, search
+
+    cfg = compose(["model=gpt-1.3b", "system=dgx-a100-80gb", "parallel.world_size=8", "train.precision=fp32",
+                   "backend=fsdp", "backend.param_dtype=bf16", "train.global_batch_size=64"])
+    found = search(cfg, 8, ["fsdp"], exact=True)
+    for row in found.rows[:3]:
+        (estimated,) = checked(cfg, [row], 1, found.counts)  # the row as `estimate` prices it
+        assert estimated["step_time_s"] == pytest.approx(row["step_time_s"], rel=1e-9)
+
+
 def test_plan_searches_the_whole_space_and_its_front_trades_devices_for_time() -> None:
     """Pruning must not change the answer: the bounded search keeps exactly the exhaustive search's best rows."""
     from harness.predict.plan import pareto, search

@@ -20,7 +20,7 @@ from typing import Any, Optional
 import pytest
 import yaml
 
-from harness.config.checks import validate
+from harness.config.checks import compute_precision, validate
 from harness.config.compose import compose
 from harness.core.errors import ConfigError
 from harness.costmodel import kernels
@@ -37,7 +37,7 @@ GiB = 2**30
 
 def job_and_hw(overrides: list[str], world: int = 1) -> tuple[Job, Any]:
     cfg = compose(overrides)
-    peak = lookup_peak(cfg.system.accelerator, cfg.train.precision).tflops
+    peak = lookup_peak(cfg.system.accelerator, compute_precision(cfg)).tflops
     return job_from_config(cfg, validate(cfg, world)), hardware(cfg.system, peak)
 
 

@@ -163,11 +163,11 @@ def _fsdp_collectives(job: Job, params: float, c) -> list[Collective]:  # type: 
     describes keeping the root unsharded after forward.
     """
     m, dp, R = job.micro_batches, job.grad_ranks, job.reduce_bytes
-    if job.sharding == "no_shard":
-        return [c("all_reduce", params * R, 1)]
+    units = layers_per_stage(job) + 1  # one fully_shard per block, and the root's own parameters
+    if job.sharding == "no_shard":  # FSDP2 on a replicate x 1 mesh: an all-reduce per unit
+        return [c("all_reduce", params * R, 1, units=units)]
     n, tp = job.shards.weights, job.layout.tp
     local = per_node(tp, n, job)
-    units = layers_per_stage(job) + 1  # one fully_shard per block, and the root's own parameters
     gathers = 2 if job.sharding in ("full_shard", "hybrid_shard") else 1
     out = [c("all_gather", params * job.act_bytes, gathers * m, n, local, units)]
     out.append(c("reduce_scatter", params * R, 1, n, local, units))

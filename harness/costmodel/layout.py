@@ -282,7 +282,8 @@ def job_from_config(cfg: Any, layout: Layout, software: Optional[Software] = Non
         pp_schedule=schedule,
         cp_kind=getattr(cfg.parallel, "cp_kind", "ulysses"),
         device=str(getattr(cfg.system, "device", "cuda")),
-        reduce_bytes=ACT_BYTES[getattr(backend, "reduce_dtype", None) or "fp32"],
+        reduce_bytes=ACT_BYTES[(backend.reduce_dtype if "reduce_dtype" in backend_spec(backend.name).options
+                                else None) or "fp32"],
     )
 
 

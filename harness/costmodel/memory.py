@@ -135,7 +135,8 @@ def buffer_bytes(job: Job) -> float:
     with the activations) the buffers count only what the loss holds beyond it, or what the loop still holds of
     it then, whichever is larger;
     FSDP and ZeRO-3 gather blocks in the compute dtype (current + one prefetched) and produce one
-    unsharded block gradient in fp32 before reducing it; shard_grad_op keeps every gathered block
+    unsharded block gradient in the reduce dtype (Job.reduce_bytes: fp32 unless FSDP's reduce_dtype says) before
+    reducing it; shard_grad_op keeps every gathered block
     until its backward; PyTorch DDP reduces in gradient buckets that copy the gradients
     (`gradient_as_bucket_view=False`, its default); DeepSpeed ZeRO-1/2 in one preallocated bucket; under
     autocast the 16-bit weight copies the linears save for their backward (autocast_weight_copies).

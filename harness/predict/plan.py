@@ -192,16 +192,17 @@ def search(cfg: Any, budget: int, backends: list[str], *, exact: bool = False, k
                           "e.g. train.global_batch_size=16")
     memory = None if cfg.system.memory_gb is None else cfg.system.memory_gb * GB
     overhead = cfg.system.framework_overhead_gb * GB
-    peak = system_peak(cfg.system, cfg.train.precision)
-    if peak.tflops is None:
-        raise ConfigError(f"layouts are ranked by predicted time, and {peak.reason}")
-    hw = hardware(cfg.system, peak.tflops)
     base_layout = Layout(world_size=1, tp=1, pp=1, dp=1, zero_stage=0, micro_batch_size=1, global_batch_size=gbs,
                          grad_accum=gbs)
     fields = {}  # each backend's Job as constructor arguments, varied per candidate below
+    hws = {}  # each backend's hardware at the peak of the dtype it computes in (FSDP's param_dtype may differ)
     for name in backends:
         job = job_from_config(OmegaConf.merge(cfg, {"backend": {"name": name}}), base_layout)
         fields[name] = {f.name: getattr(job, f.name) for f in dataclasses.fields(Job)}
+        peak = system_peak(cfg.system, job.precision)
+        if peak.tflops is None:
+            raise ConfigError(f"layouts are ranked by predicted time, and {peak.reason}")
+        hws[name] = hardware(cfg.system, peak.tflops)
     tokens = gbs * cfg.model.seq_len
     rows: list[dict[str, Any]] = []
     best_at: dict[int, float] = {}  # fastest step found per number of devices
@@ -214,7 +215,7 @@ def search(cfg: Any, budget: int, backends: list[str], *, exact: bool = False, k
         if st["offload"] and twin in fits_without_offload:
             counts["dominated: offload where the layout fits without it"] += 1
             continue
-        base = fields[st["backend"]]
+        base, hw = fields[st["backend"]], hws[st["backend"]]
         micro_sizes = _divisors(gbs // st["dp"])
         modes = len(MODES)
         common = dict(base, sharding=st["sharding"] or base["sharding"], offload=st["offload"], checkpoint_every_n=None,
