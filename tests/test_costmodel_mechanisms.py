@@ -754,6 +754,20 @@ def test_fsdp_holds_unsharded_fp32_gradients_only_while_accumulating() -> None:
     assert alone.state_bytes.grads == 2 and model_state_bytes(params, alone)["grads"] == pytest.approx(4 * params)
 
 
+def test_hybrid_sharding_shards_within_a_node_beside_tensor_parallelism() -> None:
+    """hybrid_shard's default replica is one node's data-parallel ranks: with TP 2 on 8-GPU nodes that is 4 ranks,
+    whose gathers stay on NVLink; 8 would span two nodes and go over the NICs."""
+    from harness.costmodel.comm import dp_collectives
+
+    job, _ = job_and_hw([*LLAMA, "parallel.tp=2", "backend.sharding=hybrid_shard", "train.global_batch_size=64"], 64)
+    assert job.fsdp_group == 4
+    gather = next(c for c in dp_collectives(job) if c.kind == "all_gather")
+    assert gather.group == 4 and gather.intra_node
+    wide, _ = job_and_hw([*LLAMA, "parallel.tp=2", "backend.sharding=hybrid_shard", "backend.hybrid_shard_group=8",
+                          "train.global_batch_size=64"], 64)
+    assert not next(c for c in dp_collectives(wide) if c.kind == "all_gather").intra_node
+
+
 def test_fsdp_reduces_and_gathers_in_the_dtypes_its_mixed_precision_policy_names() -> None:
     """The harness's FSDP backend builds MixedPrecisionPolicy(param_dtype=backend.param_dtype or train.precision,
     reduce_dtype=backend.reduce_dtype or fp32) (harness/backends/fsdp.py): a bf16 reduction halves the

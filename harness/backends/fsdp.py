@@ -137,7 +137,8 @@ class FSDPBackend(FabricBackend):
         b = self.cfg.backend
         if b.sharding not in ("no_shard", "hybrid_shard"):
             return None
-        return fsdp_replica_group(b.sharding, b.hybrid_shard_group, self.cfg.system.devices_per_node, self.shard_ranks)
+        return fsdp_replica_group(b.sharding, b.hybrid_shard_group, self.cfg.system.devices_per_node, self.shard_ranks,
+                                  self.layout.tp)
 
     def data_parallel_dims(self) -> tuple[tuple[int, ...], tuple[str, ...]]:
         """Sizes and names of the data-parallel mesh dimensions: one, or (replicate, shard) for HSDP."""

@@ -32,7 +32,8 @@ class BackendConfig:
     sharding: str = "full_shard"
     """fsdp: full_shard | shard_grad_op | hybrid_shard | no_shard (FSDP1's names, mapped onto FSDP2)."""
     hybrid_shard_group: Optional[int] = None
-    """fsdp hybrid_shard: ranks that shard one replica (FSDP2's HSDP); None means system.devices_per_node."""
+    """fsdp hybrid_shard: ranks that shard one replica (FSDP2's HSDP); None means one node's data-parallel ranks,
+    system.devices_per_node / parallel.tp."""
     prefetch_depth: int = 0
     """fsdp: all-gather the next (forward) / previous (backward) k blocks explicitly; 0: FSDP2's implicit one."""
     offload: bool = False

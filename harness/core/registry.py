@@ -240,13 +240,14 @@ def backend_spec(name: str) -> BackendSpec:
 
 
 def fsdp_replica_group(sharding: str, hybrid_shard_group: Optional[int], devices_per_node: int,
-                       dp: int) -> int:
+                       dp: int, tp: int = 1) -> int:
     """Ranks that shard one replica: all data-parallel ranks, one (no_shard), or under hybrid_shard the
-    group named by backend.hybrid_shard_group (default: one node's devices)."""
+    group named by backend.hybrid_shard_group (default: the data-parallel ranks of one node, devices_per_node / tp
+    with TP fastest in the rank order, so a replica's shards talk over the node's links, not its NICs)."""
     if sharding == "no_shard":
         return 1
     if sharding == "hybrid_shard":
-        return hybrid_shard_group if hybrid_shard_group is not None else devices_per_node
+        return hybrid_shard_group if hybrid_shard_group is not None else max(1, devices_per_node // tp)
     return dp
 
 

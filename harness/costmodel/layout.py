@@ -106,7 +106,7 @@ class Job:
     checkpoint_every_n: Optional[int] = None
     """With selective checkpointing: every n-th whole block is checkpointed instead of attention."""
     hybrid_shard_group: Optional[int] = None
-    """backend.hybrid_shard_group (fsdp hybrid_shard); None: one node's devices."""
+    """backend.hybrid_shard_group (fsdp hybrid_shard); None: one node's data-parallel ranks (devices / TP)."""
     pp_schedule: str = "1F1B"
     """The pipeline schedule (backend.pp_schedule for fsdp; DeepSpeed's pipeline engine runs 1F1B)."""
     cp_kind: str = "ulysses"
@@ -185,7 +185,8 @@ class Job:
     @property
     def fsdp_group(self) -> int:
         """Ranks that shard one FSDP replica, by the rule the run itself uses."""
-        return fsdp_replica_group(self.sharding, self.hybrid_shard_group, self.devices_per_node, self.grad_ranks)
+        return fsdp_replica_group(self.sharding, self.hybrid_shard_group, self.devices_per_node, self.grad_ranks,
+                                  self.layout.tp)
 
     @property
     def checkpoint_modes(self) -> dict[str, float]:

@@ -64,7 +64,7 @@ def check_fsdp(b: BackendConfig, devices_per_node: int, dp: int, precision: str,
     """The FSDP2 options; the hybrid group splits the data-parallel ranks into replicas of `group` shards."""
     choice(b.sharding, backend_spec(b.name).shardings, "backend.sharding")
     if b.sharding == "hybrid_shard":
-        group = fsdp_replica_group(b.sharding, b.hybrid_shard_group, devices_per_node, dp)
+        group = fsdp_replica_group(b.sharding, b.hybrid_shard_group, devices_per_node, dp, tp)
         if group < 1 or dp % group:
             raise ConfigError(f"backend.hybrid_shard_group={group} does not divide the {dp} data-parallel ranks; "
                               f"choose a divisor of {dp} (e.g. {nearest_divisor(dp, max(group, 1))})")
