@@ -841,6 +841,60 @@ def test_tp_comm_overlap_hides_sequence_parallel_traffic_and_is_refused_without_
     assert step_time(no_sp, collectives(no_sp), hw).exposed_comm_s["tp"] == pytest.approx(exposed_tp(sp=False))
 
 
+def test_the_busiest_pipeline_stage_is_the_one_the_software_loads_most() -> None:
+    """Stages hold the blocks as the software splits them, the output layer on the last: DeepSpeed balances the
+    layers its partition regex matches, larger parts first, so 70 blocks on 8 stages are 9 on six and 8 on the last
+    two, and the busiest stage is a 9-block one without the head, not 9 blocks plus the head; with the embedding and
+    the tied head counted (BLOOM's type:transformer|embedding) the end stages hold one block fewer; megatron's split
+    is even, or gives the embedding and the head a block's place; a rank with virtual stages holds every pp-th."""
+    from harness.costmodel.timing import _compute_s, stage_loads
+
+    def loads(*extra: str, world: int = 8) -> list[tuple[int, bool]]:
+        job, _ = job_and_hw([*LLAMA, "model.n_layers=70", "backend=deepspeed3d", "parallel.pp=8",
+                             "train.global_batch_size=64", *extra], world)
+        return stage_loads(job)
+
+    assert loads("costmodel.software=megatron-deepspeed") == [(9, False)] * 6 + [(8, False), (8, True)]
+    assert loads("costmodel.software=megatron-deepspeed", "costmodel.pp_partition=type:transformer|embedding",
+                 "parallel.pp=12", world=12) == [(5, False)] + [(6, False)] * 10 + [(5, True)]
+    assert loads("costmodel.software=megatron-lm", "model.n_layers=64") == [(8, False)] * 7 + [(8, True)]
+    assert loads("costmodel.software=megatron-lm", "model.n_layers=6", "parallel.pp=4", world=4) == \
+        [(1, False), (2, False), (2, False), (1, True)]  # [embedding, b0], [b1, b2], [b3, b4], [b5, head]
+    fsdp, _ = job_and_hw([*LLAMA, "model.n_layers=16", "parallel.pp=2", "parallel.vpp=2",
+                          "train.global_batch_size=16"], 2)
+    assert stage_loads(fsdp) == [(8, False), (8, True)]  # virtual stages of 4: ranks hold 0 and 2, 1 and 3
+    job, hw = job_and_hw([*LLAMA, "model.n_layers=70", "backend=deepspeed3d", "parallel.pp=8",
+                          "train.global_batch_size=64", "costmodel.software=megatron-deepspeed"], 8)
+    block, head = compute_kernels(job)
+    rates = hw.rates(job)
+    per_layer = kernels.kernels_s(block, rates, overlap_host=True) + hw.layer_overhead_s
+    head_s = kernels.kernels_s(head, rates, overlap_host=True)
+    busiest = max(9 * per_layer, 8 * per_layer + head_s)  # a 9-block stage, or the last with 8 and the head
+    assert _compute_s(job, hw)[0] == pytest.approx(busiest + hw.step_overhead_s)
+    assert busiest < 9 * per_layer + head_s  # no stage holds the most blocks and the head
+
+
+@pytest.mark.deepspeed
+def test_the_stage_split_is_deepspeeds_own_partition() -> None:
+    """The partition stage_loads assumes is what DeepSpeed's partition_balanced returns for the binary weights its
+    type: regex gives the layers (deepspeed/runtime/pipe/module.py _partition_layers)."""
+    from deepspeed.runtime.utils import partition_balanced
+
+    from harness.costmodel.timing import stage_loads
+
+    for layers, pp, method in ((70, 8, "type:transformer"), (70, 12, "type:transformer"), (30, 4, "type:transformer"),
+                               (70, 12, "type:transformer|embedding"), (30, 4, "type:transformer|embedding")):
+        ends = int(method.endswith("embedding"))
+        weights = [0, ends] + [1] * layers + [0, ends, 0]  # fp16 cast, embedding, blocks, norm, head, fp32 cast
+        parts = partition_balanced(weights, pp)
+        blocks = [sum(weights[parts[s]:parts[s + 1]]) for s in range(pp)]
+        blocks[0], blocks[-1] = blocks[0] - ends, blocks[-1] - ends
+        job, _ = job_and_hw([*LLAMA, f"model.n_layers={layers}", "backend=deepspeed3d", f"parallel.pp={pp}",
+                             f"train.global_batch_size={8 * pp}", "costmodel.software=megatron-deepspeed",
+                             f"costmodel.pp_partition={method}"], pp)
+        assert [b for b, _ in stage_loads(job)] == blocks, (layers, pp, method)
+
+
 def test_pipeline_sends_overlap_compute_only_under_the_interleaved_schedule() -> None:
     """Megatron-LM overlaps its pipeline sends with compute (overlap_p2p_comm) only in the interleaved schedule: it
     turns the flag off without virtual stages, whose schedule raises "Non-interleaved pipeline parallelism does not

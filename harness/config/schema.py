@@ -432,6 +432,9 @@ class CostModelConfig:
     SDPA's choice as kernels.attention.sdpa_kernel in its summary); None: the profile's."""
     tp_comm_overlap: Optional[bool] = None
     """Megatron-LM's --tp-comm-overlap (Transformer Engine userbuffers); None: the profile's."""
+    pp_partition: Optional[str] = None
+    """How the run split its blocks over pipeline stages (megatron | type:transformer | type:transformer|embedding:
+    software.PP_PARTITIONS, DeepSpeed's partition_method names); None: the profile's."""
     job_hours: float = 24.0
     """Wall time of the job whose goodput `estimate` and `plan` predict (costmodel/resilience.py)."""
     checkpoint_every_steps: int = 0

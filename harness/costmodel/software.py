@@ -66,6 +66,16 @@ TP_VOCAB = {
 """Software.tp_vocab: how the vocabulary-sized layers run under tensor parallelism."""
 
 
+PP_PARTITIONS = ("megatron", "type:transformer", "type:transformer|embedding")
+"""Software.pp_partition: how the blocks are split over pipeline stages. megatron: evenly, or with the embedding
+and the output layer each in a block's place where the blocks alone do not divide (megatron-core's
+account_for_embedding/loss_in_pipeline_split; the harness's torch pipelining, harness.core.registry.
+pipeline_split); DeepSpeed's PipelineModule partition_method, which balances the layers its regex matches
+(deepspeed/runtime/pipe/module.py `_partition_layers`, runtime/utils.py `partition_balanced`): `type:transformer`
+the blocks alone (Megatron-DeepSpeed's default; the harness's deepspeed3d matches its blocks the same way),
+`type:transformer|embedding` the embedding and the tied output layer as a block each (BLOOM's
+--pp-partition-method)."""
+
 ATTENTION_KERNELS = ("flash", "cudnn")
 """Software.attention_kernel: FlashAttention-2 (flash-attn, or SDPA's flash backend), cuDNN's fused attention."""
 SDPA_BACKENDS = {"FLASH_ATTENTION": "flash", "CUDNN_ATTENTION": "cudnn"}
@@ -86,6 +96,9 @@ class Software:
     (peaks.py), else FlashAttention-2's."""
     dropout: bool = False
     """Hidden/attention dropout: its masks are stored (Korthikanti et al. 2022, section 4.1)."""
+    pp_partition: str = "megatron"
+    """How the blocks are split over pipeline stages (PP_PARTITIONS): the busiest stage's compute is the most any
+    stage holds, the output layer's on the last (timing.stage_loads)."""
     pp_scatter_gather: bool = False
     """Each TP rank sends 1/TP of a stage boundary's activations and the next stage all-gathers them over
     the node's links (Narayanan et al. 2021, section 4.1; DeepSpeed's pipeline `pipe_partitioned`)."""
@@ -213,6 +226,8 @@ class Software:
     def __post_init__(self) -> None:
         if self.attention_kernel not in ATTENTION_KERNELS:
             raise ValueError(f"attention_kernel={self.attention_kernel}: one of {', '.join(ATTENTION_KERNELS)}")
+        if self.pp_partition not in PP_PARTITIONS:
+            raise ValueError(f"pp_partition={self.pp_partition}: one of {', '.join(PP_PARTITIONS)}")
         for mode in (self.tp_vocab, self.tp_vocab_untied or self.tp_vocab):
             if mode not in TP_VOCAB:
                 raise ValueError(f"tp_vocab={mode}: one of {', '.join(TP_VOCAB)}")
@@ -250,6 +265,7 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
              source="DeepSpeed ZeRO reduces gradients in hooks during the backward only with "
                     "zero_optimization.overlap_comm (deepspeed/runtime/zero/config.py: default on for stage 3)"),
     Software(name="harness-deepspeed3d", **_PYTORCH, grad_reduce_overlap=False, optimizer="fused", run_flags=True,
+             pp_partition="type:transformer",
              vocab_parallel_loss=True,
              source="DeepSpeed's pipeline engine reduces gradients and tied weights after the last micro-batch "
                     "(deepspeed/runtime/pipe/engine.py _exec_reduce_grads, _exec_reduce_tied_grads); the loss is "
@@ -277,6 +293,7 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
                     "--tp-comm-overlap is opt-in (needs Transformer Engine userbuffers): "
                     "select it with costmodel.tp_comm_overlap=true"),
     Software(name="megatron-deepspeed", **_MEGATRON_KERNELS, fp32_grads_in_bf16=True, pp_sends_sequence_split=True,
+             pp_partition="type:transformer",
              fused_attention=False, dropout=True, pp_scatter_gather=True,
              recompute_early_stop=False, grad_reduce_overlap=False, main_grad_bytes=4,
              source="Megatron-DeepSpeed (BigScience, Frontier ports): Megatron's layers and fused softmax on "
@@ -348,11 +365,15 @@ def software_for(cfg: Any) -> Software:
     if name not in PROFILES:
         raise ConfigError(f"costmodel.software={name}: unknown; choose one of {', '.join(PROFILES)}")
     profile = PROFILES[name]
-    changes = {key: getattr(section, key) for key in ("flash_attention", "tp_comm_overlap", "attention_kernel")
+    changes = {key: getattr(section, key) for key in ("flash_attention", "tp_comm_overlap", "attention_kernel",
+                                                      "pp_partition")
                if section is not None and getattr(section, key, None) is not None}
     if changes.get("attention_kernel", ATTENTION_KERNELS[0]) not in ATTENTION_KERNELS:
         raise ConfigError(f"costmodel.attention_kernel={changes['attention_kernel']}: unknown; choose one of "
                           f"{', '.join(ATTENTION_KERNELS)}")
+    if changes.get("pp_partition", PP_PARTITIONS[0]) not in PP_PARTITIONS:
+        raise ConfigError(f"costmodel.pp_partition={changes['pp_partition']}: unknown; choose one of "
+                          f"{', '.join(PP_PARTITIONS)}")
     parallel = getattr(cfg, "parallel", None)
     if changes.get("tp_comm_overlap") and parallel is not None and parallel.tp > 1 \
             and not parallel.sequence_parallel:

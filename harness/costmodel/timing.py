@@ -24,7 +24,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from harness.core.registry import pipeline_bubble
+from harness.core.registry import pipeline_bubble, pipeline_split
 from harness.costmodel.comm import DIMS, Collective
 from harness.costmodel.flops import model_key, param_tensors
 from harness.costmodel.kernels import (
@@ -223,7 +223,7 @@ def _micro_batch(job: Job, hw: Hardware) -> tuple[float, float]:
     layout = job.layout
     # What it depends on, as a key: the planner asks for the same compute under many DP layouts. Context
     # parallelism cuts each rank's tokens (Job.tokens) and how its attention runs.
-    key = (model_key(job.model), layout.tp, layout.pp, layout.cp, job.cp_kind, layout.micro_batch_size,
+    key = (model_key(job.model), layout.tp, layout.pp, job.vpp, layout.cp, job.cp_kind, layout.micro_batch_size,
            job.checkpointing, job.checkpoint_every_n, job.sequence_parallel, job.software, job.precision, job.device,
            hw)
     value = _COMPUTE.get(key)
@@ -242,13 +242,35 @@ def compute_kernels(job: Job) -> tuple[list[Kernel], list[Kernel]]:
     return layer_kernels(job) + recompute_kernels(job), head_kernels(job)
 
 
+def stage_loads(job: Job) -> list[tuple[int, bool]]:
+    """(blocks, holds the output layer) for each pipeline rank, as the software splits the blocks over its stages
+    (software.PP_PARTITIONS): megatron's split, or DeepSpeed's balanced partition of the layers its regex
+    matches, whose larger parts come first (partition_balanced: 70 blocks on 8 stages are 9, 9, 9, 9, 9, 9, 8, 8;
+    with the embedding and the tied head counted, BLOOM's 70 on 12 are 6 items each, the ends 5 blocks). A rank
+    with virtual stages holds every pp-th of them; the last holds the output layer."""
+    n, pp, v = job.model.n_layers, job.layout.pp, job.vpp
+    stages = pp * v
+    method = job.software.pp_partition
+    split = pipeline_split(n, stages) if method == "megatron" else None
+    if split is not None:
+        blocks = [len(r) for r in split]
+    else:
+        ends = 1 if method == "type:transformer|embedding" else 0  # the embedding and the head count as items
+        items = n + 2 * ends
+        base, extra = divmod(items, stages)
+        blocks = [base + (s < extra) for s in range(stages)]
+        blocks[0], blocks[-1] = max(0, blocks[0] - ends), max(0, blocks[-1] - ends)
+    return [(sum(blocks[r::pp]), r == pp - 1) for r in range(pp)]
+
+
 def _compute_s(job: Job, hw: Hardware) -> tuple[float, float]:
     rates = hw.rates(job)
     block, head = compute_kernels(job)
     per_layer = kernels_s(block, rates, overlap_host=hw.accelerator) + hw.layer_overhead_s
     forward = kernels_s(layer_kernels(job, backward=False), rates, overlap_host=hw.accelerator)
-    total = (layers_per_stage(job) * per_layer + kernels_s(head, rates, overlap_host=hw.accelerator)
-             + hw.step_overhead_s)
+    head_s = kernels_s(head, rates, overlap_host=hw.accelerator)
+    busiest = max(blocks * per_layer + head_s * last for blocks, last in stage_loads(job))
+    total = busiest + hw.step_overhead_s
     return total, min(1.0, forward / per_layer) if per_layer > 0 else 1 / 3
 
 
