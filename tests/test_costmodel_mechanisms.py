@@ -855,6 +855,8 @@ def test_the_busiest_pipeline_stage_is_the_one_the_software_loads_most() -> None
         return stage_loads(job)
 
     assert loads("costmodel.software=megatron-deepspeed") == [(9, False)] * 6 + [(8, False), (8, True)]
+    with pytest.raises(ConfigError, match=r"costmodel.pp_partition=uniform: unknown; choose one of megatron"):
+        loads("costmodel.pp_partition=uniform")
     assert loads("costmodel.software=megatron-deepspeed", "costmodel.pp_partition=type:transformer|embedding",
                  "parallel.pp=12", world=12) == [(5, False)] + [(6, False)] * 10 + [(5, True)]
     assert loads("costmodel.software=megatron-lm", "model.n_layers=64") == [(8, False)] * 7 + [(8, True)]
