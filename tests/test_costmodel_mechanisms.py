@@ -865,6 +865,9 @@ def test_the_busiest_pipeline_stage_is_the_one_the_software_loads_most() -> None
     fsdp, _ = job_and_hw([*LLAMA, "model.n_layers=16", "parallel.pp=2", "parallel.vpp=2",
                           "train.global_batch_size=16"], 2)
     assert stage_loads(fsdp) == [(8, False), (8, True)]  # virtual stages of 4: ranks hold 0 and 2, 1 and 3
+    zbv, _ = job_and_hw([*LLAMA, "model.n_layers=14", "parallel.pp=2", "parallel.vpp=2",
+                         "backend.pp_schedule=ZBVZeroBubble", "train.global_batch_size=16"], 2)
+    assert stage_loads(zbv) == [(6, True), (8, False)]  # [emb, 3], [4], [4], [3, head]: v places 0 and 3 on rank 0
     job, hw = job_and_hw([*LLAMA, "model.n_layers=70", "backend=deepspeed3d", "parallel.pp=8",
                           "train.global_batch_size=64", "costmodel.software=megatron-deepspeed"], 8)
     block, head = compute_kernels(job)

@@ -95,6 +95,12 @@ def test_the_step_by_resource_adds_up_and_each_what_if_helps_only_what_binds() -
     assert gemm_share > 0.5 and what_if["2x GEMM rate"]["speedup"] == pytest.approx(1 / (1 - gemm_share / 2),
                                                                                      rel=0.1)
     assert what_if["2x inter-node bandwidth"]["speedup"] == pytest.approx(1.0)  # one node: no network
+    # 40 blocks on 6 DeepSpeed stages (7, 7, 7, 7, 6, 6 and the head): the busiest rank's parts, bubble included
+    uneven = check_config(compose(["model=gpt-13b", "system=dgx-a100-80gb", "backend=deepspeed3d", "parallel.pp=6",
+                                   "train.precision=bf16", "parallel.world_size=6", "train.global_batch_size=192",
+                                   "train.activation_checkpointing=full"]), 6).estimate
+    parts = uneven["time_by_resource_s"]
+    assert sum(parts.values()) == pytest.approx(uneven["step_time_s"], rel=1e-9) and parts["pipeline bubble"] > 0
     slow_net = check_config(compose(["model=gpt-1.3b", "system=polaris", "backend=ddp", "train.precision=bf16",
                                      "parallel.world_size=64", "system.nic_bw_gb_per_s=1"]), 64).estimate
     assert slow_net["what_if"]["2x inter-node bandwidth"]["speedup"] > 1.3  # all-reduce across nodes binds

@@ -9,6 +9,7 @@ it equal to what `score_all` computes.
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any, Optional
 
@@ -133,7 +134,7 @@ def score_table(table: dict[str, Any]) -> dict[str, Any]:
         rows.append({"name": name, "predicted": predicted, "published": published,
                      "error": predicted / published - 1, "world": world, "memory_verdict": est.get("memory_verdict"),
                      "breakdown_s": est.get("breakdown_s"), "command": "harness estimate " + " ".join(
-                         [*overrides, f"parallel.world_size={world}"])})
+                         shlex.quote(word) for word in [*overrides, f"parallel.world_size={world}"])})
     if is_relative(table):
         rows = relative_rows(rows, references(table))
     return _summary(table, rows)

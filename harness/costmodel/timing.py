@@ -24,7 +24,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from harness.core.registry import pipeline_bubble, pipeline_split
+from harness.core.registry import PP_SCHEDULES, pipeline_bubble, pipeline_split
 from harness.costmodel.comm import DIMS, Collective
 from harness.costmodel.flops import model_key, param_tensors
 from harness.costmodel.kernels import (
@@ -223,7 +223,8 @@ def _micro_batch(job: Job, hw: Hardware) -> tuple[float, float]:
     layout = job.layout
     # What it depends on, as a key: the planner asks for the same compute under many DP layouts. Context
     # parallelism cuts each rank's tokens (Job.tokens) and how its attention runs.
-    key = (model_key(job.model), layout.tp, layout.pp, job.vpp, layout.cp, job.cp_kind, layout.micro_batch_size,
+    key = (model_key(job.model), layout.tp, layout.pp, job.vpp, job.pp_schedule, layout.cp, job.cp_kind,
+           layout.micro_batch_size,
            job.checkpointing, job.checkpoint_every_n, job.sequence_parallel, job.software, job.precision, job.device,
            hw)
     value = _COMPUTE.get(key)
@@ -245,9 +246,12 @@ def compute_kernels(job: Job) -> tuple[list[Kernel], list[Kernel]]:
 def stage_loads(job: Job) -> list[tuple[int, bool]]:
     """(blocks, holds the output layer) for each pipeline rank, as the software splits the blocks over its stages
     (software.PP_PARTITIONS): megatron's split, or DeepSpeed's balanced partition of the layers its regex
-    matches, whose larger parts come first (partition_balanced: 70 blocks on 8 stages are 9, 9, 9, 9, 9, 9, 8, 8;
-    with the embedding and the tied head counted, BLOOM's 70 on 12 are 6 items each, the ends 5 blocks). A rank
-    with virtual stages holds every pp-th of them; the last holds the output layer."""
+    matches, whose larger parts come first (partition_balanced since DeepSpeed's pull 4312, late 2023: 70 blocks on
+    8 stages are 9, 9, 9, 9, 9, 9, 8, 8; before it a greedy fill gave 9 x 7 and 7, the same busiest stage while the
+    head costs less than the difference; with the embedding and the tied head counted, BLOOM's 70 on 12 are 6 items
+    each under both, the ends 5 blocks). Virtual stages sit on the ranks as the schedule places them
+    (PipelineSchedule.placement: looped, rank r holds r, r + pp, ...; v, rank r holds r and 2pp - 1 - r); the rank
+    with the last stage holds the output layer."""
     n, pp, v = job.model.n_layers, job.layout.pp, job.vpp
     stages = pp * v
     method = job.software.pp_partition
@@ -260,7 +264,11 @@ def stage_loads(job: Job) -> list[tuple[int, bool]]:
         base, extra = divmod(items, stages)
         blocks = [base + (s < extra) for s in range(stages)]
         blocks[0], blocks[-1] = max(0, blocks[0] - ends), max(0, blocks[-1] - ends)
-    return [(sum(blocks[r::pp]), r == pp - 1) for r in range(pp)]
+    if PP_SCHEDULES[job.pp_schedule].placement == "v" and v == 2:
+        owned = [(r, stages - 1 - r) for r in range(pp)]
+    else:
+        owned = [tuple(range(r, stages, pp)) for r in range(pp)]
+    return [(sum(blocks[s] for s in mine), stages - 1 in mine) for mine in owned]
 
 
 def _compute_s(job: Job, hw: Hardware) -> tuple[float, float]:
