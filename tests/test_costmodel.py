@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 import json
 import resource
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -222,7 +223,7 @@ def test_a_published_rows_command_reproduces_its_prediction(published: dict) -> 
     from harness.run.preflight import check_config
 
     row = published["bloom-176b"]["rows"][0]
-    cfg = compose(row["command"].split()[2:])
+    cfg = compose(shlex.split(row["command"])[2:])  # as a shell splits the pasted line
     est = check_config(cfg, cfg.parallel.world_size).estimate
     assert predicted_value("step_time_s", cfg, est, 384) == pytest.approx(row["predicted"], rel=1e-12)
     assert est["software"]["name"] == "megatron-deepspeed"
