@@ -900,6 +900,20 @@ def test_the_stage_split_is_deepspeeds_own_partition() -> None:
         assert [b for b, _ in stage_loads(job)] == blocks, (layers, pp, method)
 
 
+def test_a_pipeline_that_spans_nodes_sends_across_them() -> None:
+    """Stages fill nodes in order (TP fastest, then DP, then PP), so a pipeline of 2-rank stages on 8-GPU nodes keeps
+    every boundary in one node at 4 stages; at 8 the boundary between the 4th and 5th stage crosses nodes, and it
+    paces every micro-batch: the sends are priced over the network."""
+    from harness.costmodel.comm import pp_collectives
+
+    def sends(pp: int) -> Any:
+        job, _ = job_and_hw([*LLAMA, "model.n_layers=8", "backend=deepspeed3d", "parallel.tp=2", f"parallel.pp={pp}",
+                             "train.global_batch_size=32"], 2 * pp)
+        return next(c for c in pp_collectives(job) if c.kind == "send_recv")
+
+    assert sends(4).intra_node and not sends(8).intra_node
+
+
 def test_pipeline_sends_overlap_compute_only_under_the_interleaved_schedule() -> None:
     """Megatron-LM overlaps its pipeline sends with compute (overlap_p2p_comm) only in the interleaved schedule: it
     turns the flag off without virtual stages, whose schedule raises "Non-interleaved pipeline parallelism does not

@@ -227,7 +227,9 @@ def pp_collectives(job: Job) -> list[Collective]:
     m, v = job.micro_batches, job.vpp
     calls = 2 * m * v if layout.pp > 2 else m * (2 * v - 1)
     stage = layout.tp * layout.dp * layout.cp  # ranks of one stage: the next stage's rank is this far away
-    neighbour = per_node(stage, 2, job)  # 2: both stages' ranks in one node
+    # 2: every boundary inside a node. Stages fill nodes in order, so once the pipeline spans nodes some boundary
+    # crosses one, and every micro-batch passes through it: the slowest boundary paces the pipeline.
+    neighbour = 2 if stage * layout.pp <= job.devices_per_node else 1
     split = job.sequence_parallel and job.software.pp_sends_sequence_split
     if layout.tp > 1 and (split or job.software.pp_scatter_gather):
         out = [Collective("pp", "send_recv", payload / layout.tp, calls, 2, neighbour)]
