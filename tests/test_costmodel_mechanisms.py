@@ -974,6 +974,23 @@ def test_fsdp_pays_the_collective_latency_once_per_fully_shard_unit() -> None:
     assert all(b > a for a, b in zip(small, large))  # a ring's latency grows with its ranks, the bytes do not
 
 
+def test_megatrons_own_optimizer_holds_no_deepspeed_gradient_bucket() -> None:
+    """Predicted under the deepspeed3d backend, Megatron-LM's profiles run Megatron's distributed optimizer and its
+    contiguous grad buffer, not DeepSpeed's ZeRO-1 with its preallocated reduce bucket; Megatron-DeepSpeed does run
+    DeepSpeed's engine and keeps it."""
+    from harness.costmodel.memory import buffer_bytes
+
+    def buffers(software: str, *extra: str) -> float:
+        job, _ = job_and_hw([*LLAMA, "backend=deepspeed3d", "parallel.zero_stage=1", "train.global_batch_size=16",
+                             f"costmodel.software={software}", *extra], 8)
+        return buffer_bytes(job)
+
+    off = "+backend.ds_config.zero_optimization.contiguous_gradients=false"
+    for megatron in ("megatron-lm", "megatron-lm-2021"):
+        assert buffers(megatron) == buffers(megatron, off)
+    assert buffers("harness-deepspeed3d") - buffers("harness-deepspeed3d", off) == pytest.approx(5e8 * 2, rel=1e-3)
+
+
 def test_fsdp_gathers_hide_only_under_the_phase_that_issues_them() -> None:
     """A block's forward gather must finish within the forward of the block before it: when the forward's compute
     is shorter than its gathers, the excess is exposed even though the whole micro-batch's compute (3-4x the

@@ -162,7 +162,8 @@ def buffer_bytes(job: Job) -> float:
     buckets = 0.0
     if job.spec.gradient_buckets and job.grad_ranks > 1:
         buckets = job.params_per_rank * job.state_bytes.grads
-    if job.spec.deepspeed_engine and layout.zero_stage in (1, 2) and job.ds_reduce_bucket:
+    if job.spec.deepspeed_engine and not job.software.own_optimizer and layout.zero_stage in (1, 2) \
+            and job.ds_reduce_bucket:
         # ZeRO-1/2 copy gradients into a contiguous bucket of reduce_bucket_size elements in the model's dtype,
         # allocated whole however small the model, a second one with overlap_comm (DeepSpeedZeroOptimizer.
         # setup_buckets): 1 GB in 16 bits at DeepSpeed's default, 2 GB in fp32

@@ -123,6 +123,10 @@ class Software:
     """The weight-gradient GEMM adds into the step's gradient in place (Megatron-LM's
     gradient_accumulation_fusion); otherwise each micro-batch's gradients are added by a separate,
     memory-bound pass (timing.py grad_accumulation_s)."""
+    own_optimizer: bool = False
+    """The framework's own data-parallel optimizer replaces DeepSpeed's engine under the deepspeed3d backend
+    (Megatron-LM's DistributedOptimizer and contiguous grad buffer): none of ZeRO-1/2's preallocated gradient
+    buckets (memory.buffer_bytes)."""
     main_grad_bytes: Optional[int] = None
     """Gradients are accumulated into a separate buffer of this many bytes per parameter (Megatron's fp32
     `main_grad`, DeepSpeed's BF16 optimizer), every micro-batch; None: into `.grad` itself, after the first."""
@@ -273,6 +277,7 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
     Software(name="megatron-lm-2021", **_MEGATRON_KERNELS, fp32_grads_in_bf16=True, fused_attention=False,
              dropout=True, pp_scatter_gather=True,
              recompute_early_stop=False, grad_reduce_overlap=False, main_grad_bytes=4,
+             own_optimizer=True,
              source="Megatron-LM as measured in Narayanan et al. 2021: unfused attention storing scores, softmax "
                     "and dropout masks (Korthikanti et al. 2022, 4.1); scatter/gather of pipeline sends (sec. 4.1); "
                     "gradients all-reduced after the pipeline flush; blocking point-to-point sends; fp32 main_grad "
@@ -282,6 +287,7 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
              fused_attention=True, dropout=True, pp_scatter_gather=True,
              recompute_early_stop=False, grad_reduce_overlap=True, param_gather_overlap=True, p2p_overlap=True,
              grad_accumulation_fusion=True,
+             own_optimizer=True,
              source="megatron-core with the flags its performance recipes set: --use-distributed-optimizer "
                     "--overlap-grad-reduce --overlap-param-gather (megatron/core/distributed/"
                     "distributed_data_parallel_config.py), overlap_p2p_comm for the interleaved schedule (on by "
