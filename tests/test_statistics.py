@@ -99,6 +99,24 @@ def test_the_cpu_host_is_calibrated_once_on_first_use_and_predicts(tmp_path: Pat
     assert json.loads((tmp_path / "off" / "summary.json").read_text())["prediction"]["iter_time_ms"] is None
 
 
+def test_live_tensors_built_before_the_timed_loop_count_though_the_collector_is_frozen() -> None:
+    """The timed loop freezes the garbage collector (rank.frozen_gc), and gc.get_objects() does not list frozen
+    objects: the parameters, built before the loop, must still count in a CPU step's tensor peak."""
+    import gc
+
+    import torch
+
+    from harness.run.metrics import live_tensor_bytes
+    from harness.run.rank import frozen_gc
+
+    before = live_tensor_bytes()
+    weights = torch.zeros(2**20)  # 4 MiB, built before the loop
+    with frozen_gc():
+        assert live_tensor_bytes() - before >= weights.nbytes
+        assert gc.get_freeze_count() > 0  # and the collector is frozen again afterwards
+    del weights
+
+
 def test_cpu_memory_is_the_tensor_peak_beside_the_prediction(quiet_run) -> None:  # type: ignore[no-untyped-def]
     metrics = quiet_run.summary["metrics"]
     assert metrics["peak_memory_kind"] == "cpu_peak_rss" and metrics["tensor_peak_mb"] > 0

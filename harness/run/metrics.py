@@ -83,11 +83,21 @@ class MemoryMeter:
 
 def live_tensor_bytes() -> int:
     """Bytes of every CPU tensor storage alive in this process now, each storage once (views share one): the
-    model state, optimizer state and data a step starts with."""
+    model state, optimizer state and data a step starts with. The timed loop freezes the collector
+    (rank.frozen_gc), and gc.get_objects() does not list frozen objects, which would hide every tensor built before
+    the loop (the parameters, DeepSpeed's buckets): they are thawed for the count and frozen again."""
     import gc
 
+    frozen = gc.get_freeze_count() > 0
+    if frozen:
+        gc.unfreeze()
+    try:
+        objects = gc.get_objects()
+    finally:
+        if frozen:
+            gc.freeze()
     sizes: dict[int, int] = {}
-    for obj in gc.get_objects():
+    for obj in objects:
         if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
             try:
                 storage = obj.untyped_storage()
