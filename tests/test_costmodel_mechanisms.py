@@ -974,6 +974,28 @@ def test_fsdp_pays_the_collective_latency_once_per_fully_shard_unit() -> None:
     assert all(b > a for a, b in zip(small, large))  # a ring's latency grows with its ranks, the bytes do not
 
 
+def test_deepspeeds_zero_1_and_2_all_reduce_each_gradient_bucket() -> None:
+    """DeepSpeed 0.19 (the version the harness pins) puts every slice of a ZeRO-1/2 gradient bucket in one
+    all-reduce (use_multi_rank_bucket_allreduce, default on: stage_1_and_2.py average_tensor), twice a
+    reduce-scatter's bytes on the wire; turned off, the slices are reduced to their owners. Megatron-DeepSpeed's
+    tables keep the reduce-scatter volume their BF16_Optimizer moves."""
+    from harness.costmodel.comm import dp_collectives
+
+    def reduction(*extra: str) -> Any:
+        job, _ = job_and_hw(["model=gpt-tiny", "system=dgx-a100-80gb", "train.precision=bf16",
+                             "train.global_batch_size=16", *extra], 8)
+        return next(c for c in dp_collectives(job) if c.role == "grads")
+
+    for stage in (1, 2):
+        whole = reduction("backend=deepspeed", f"parallel.zero_stage={stage}")
+        owners = reduction("backend=deepspeed", f"parallel.zero_stage={stage}",
+                           "+backend.ds_config.zero_optimization.use_multi_rank_bucket_allreduce=false")
+        assert (whole.kind, owners.kind) == ("all_reduce", "reduce_scatter")
+        assert whole.wire_bytes == pytest.approx(2 * owners.wire_bytes)
+    assert reduction("backend=deepspeed3d", "parallel.zero_stage=1", "costmodel.software=megatron-deepspeed").kind \
+        == "reduce_scatter"
+
+
 def test_megatrons_own_optimizer_holds_no_deepspeed_gradient_bucket() -> None:
     """Predicted under the deepspeed3d backend, Megatron-LM's profiles run Megatron's distributed optimizer and its
     contiguous grad buffer, not DeepSpeed's ZeRO-1 with its preallocated reduce bucket; Megatron-DeepSpeed does run

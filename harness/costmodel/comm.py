@@ -98,10 +98,12 @@ def dp_collectives(job: Job) -> list[Collective]:
         return _fsdp_collectives(job, params, c)
     if stage == 0:
         return [c("all_reduce", params * per.grads, 1)]
+    # DeepSpeed 0.19 all-reduces each gradient bucket whole (Software.zero_bucket_allreduce)
+    reduce = "all_reduce" if job.software.zero_bucket_allreduce and job.ds_bucket_allreduce else "reduce_scatter"
     if stage == 1:
-        return [c("reduce_scatter", params * per.grads, 1), c("all_gather", params * per.weights, 1)]
+        return [c(reduce, params * per.grads, 1), c("all_gather", params * per.weights, 1)]
     if stage == 2:  # DeepSpeed reduces partitioned gradients in every micro-batch's backward
-        return [c("reduce_scatter", params * per.grads, m), c("all_gather", params * per.weights, 1)]
+        return [c(reduce, params * per.grads, m), c("all_gather", params * per.weights, 1)]
     per_micro_batch, per_step = zero3_gathered_numel(job)
     gathers = [c("all_gather", per_micro_batch * per.weights, m)]
     if per_step:

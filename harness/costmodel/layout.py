@@ -100,6 +100,10 @@ class Job:
     zero3: Zero3 = Zero3()
     ds_overlap_comm: Optional[bool] = None
     """DeepSpeed's zero_optimization.overlap_comm as configured (None: DeepSpeed's default)."""
+    ds_bucket_allreduce: bool = True
+    """DeepSpeed's zero_optimization.use_multi_rank_bucket_allreduce (default on): where the software runs
+    DeepSpeed's ZeRO-1/2 optimizer (Software.zero_bucket_allreduce), each gradient bucket is all-reduced whole
+    (stage_1_and_2.py average_tensor), not reduced to the ranks that own its partitions."""
     ds_reduce_bucket: Optional[int] = DS_REDUCE_BUCKET_SIZE
     """Elements of ZeRO-1/2's contiguous gradient bucket (zero_optimization.reduce_bucket_size; None with
     contiguous_gradients off)."""
@@ -278,6 +282,7 @@ def job_from_config(cfg: Any, layout: Layout, software: Optional[Software] = Non
         software=software or software_for(cfg),
         zero3=Zero3.from_ds_config(ds_config),
         ds_overlap_comm=zero.get("overlap_comm"),
+        ds_bucket_allreduce=bool(zero.get("use_multi_rank_bucket_allreduce", True)),
         ds_reduce_bucket=_ds_reduce_bucket(zero, ds_config, cfg.train.precision, layout.zero_stage),
         hybrid_shard_group=backend.hybrid_shard_group,
         pp_schedule=schedule,

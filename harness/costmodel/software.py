@@ -123,6 +123,11 @@ class Software:
     """The weight-gradient GEMM adds into the step's gradient in place (Megatron-LM's
     gradient_accumulation_fusion); otherwise each micro-batch's gradients are added by a separate,
     memory-bound pass (timing.py grad_accumulation_s)."""
+    zero_bucket_allreduce: bool = False
+    """ZeRO-1/2 reduce gradients the way DeepSpeed 0.19 (the version the harness pins) does by default: each bucket
+    all-reduced whole (use_multi_rank_bucket_allreduce), twice a reduce-scatter's bytes (Job.ds_bucket_allreduce
+    turns it off); otherwise a reduce-scatter, the volume of the older engines and of DeepSpeed's BF16_Optimizer's
+    16-bit all-reduce of fp32 buffers that the Megatron-DeepSpeed tables describe as ZeRO-1."""
     own_optimizer: bool = False
     """The framework's own data-parallel optimizer replaces DeepSpeed's engine under the deepspeed3d backend
     (Megatron-LM's DistributedOptimizer and contiguous grad buffer): none of ZeRO-1/2's preallocated gradient
@@ -266,9 +271,11 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
                     "apply_tensor_parallel, vocab_parallel_head); torch.distributed.pipelining waits on each "
                     "receive before the compute that needs it, so its sends are not overlapped here"),
     Software(name="harness-deepspeed", **_PYTORCH, grad_reduce_overlap=None, optimizer="fused", run_flags=True,
+             zero_bucket_allreduce=True,
              source="DeepSpeed ZeRO reduces gradients in hooks during the backward only with "
                     "zero_optimization.overlap_comm (deepspeed/runtime/zero/config.py: default on for stage 3)"),
     Software(name="harness-deepspeed3d", **_PYTORCH, grad_reduce_overlap=False, optimizer="fused", run_flags=True,
+             zero_bucket_allreduce=True,
              pp_partition="type:transformer",
              vocab_parallel_loss=True,
              source="DeepSpeed's pipeline engine reduces gradients and tied weights after the last micro-batch "
