@@ -7,8 +7,8 @@ in the last warm-up step (`metrics.tensor_peak_mb`: torch.profiler, max over ran
 that the optimizer's state exists, as in every later step. Accumulation is where the backends differ most: DDP
 and DeepSpeed add each micro-batch's gradients into buffers they hold anyway, FSDP2 without gradient sync keeps
 every gradient unsharded in fp32 until the last micro-batch; DeepSpeed ZeRO-1/2 preallocate a gradient bucket of
-reduce_bucket_size elements. Target: |error| <= 15%. DDP's rows read high by what the measurement cannot see
-(NOTE). Writes JSON (default results/memory_cpu.json).
+reduce_bucket_size elements, ZeRO-3 one when it initialises. Target: |error| <= 15%. Writes JSON (default
+results/memory_cpu.json).
 
     python benchmarks/memory_cpu.py [--only fsdp]
 """
@@ -42,9 +42,9 @@ LAYOUTS = {  # name: (overrides, data-parallel ranks of the 2)
     "deepspeed zero 3": (["backend=deepspeed", "parallel.zero_stage=3"], 2),
 }
 TARGET = 0.15
-NOTE = ("the measured peak starts from the tensors Python can reach when the step begins (harness/run/metrics.py "
-        "TensorPeak): DDP's reducer holds its gradient buckets (parameters x 4 bytes here) in C++ only, so the DDP "
-        "rows' measurement leaves them out while the prediction counts them")
+NOTE = ("the measured peak starts from every CPU tensor alive when the step begins (harness/run/metrics.py "
+        "live_tensor_bytes, which thaws the collector the timed loop freezes: before it did, the tensors built before "
+        "the loop, the parameters and DeepSpeed's buckets, were missing from the measurement)")
 
 
 def main() -> None:

@@ -791,10 +791,10 @@ def test_fsdp_reduces_and_gathers_in_the_dtypes_its_mixed_precision_policy_names
     assert fp32.precision == "fp32" and payload(fp32, "all_gather") == pytest.approx(2 * payload(default, "all_gather"))
 
 
-def test_deepspeed_zero_1_and_2_hold_a_whole_gradient_bucket_however_small_the_model() -> None:
+def test_deepspeeds_zero_optimizers_hold_a_whole_gradient_bucket_however_small_the_model() -> None:
     """ZeRO-1/2 allocate their contiguous gradient bucket at reduce_bucket_size elements in the model's dtype (two
-    with overlap_comm); ZeRO-3, contiguous_gradients=false and DeepSpeed's BF16_Optimizer do not (measured:
-    benchmarks/memory_cpu.py)."""
+    with overlap_comm), ZeRO-3 one when it initialises; contiguous_gradients=false and DeepSpeed's BF16_Optimizer
+    none (measured: benchmarks/memory_cpu.py)."""
     from harness.costmodel.memory import buffer_bytes
 
     base = ["model=gpt-tiny", "backend=deepspeed", "train.precision=bf16", "system=dgx-a100-80gb"]
@@ -811,7 +811,8 @@ def test_deepspeed_zero_1_and_2_hold_a_whole_gradient_bucket_however_small_the_m
             == pytest.approx(2 * 5e8 * 2, rel=1e-3)
         assert buffers(stage, "+backend.ds_config.zero_optimization.reduce_bucket_size=1000") - plain \
             == pytest.approx(1000 * 2, rel=1e-3)
-    assert buffers("parallel.zero_stage=3") == buffers("parallel.zero_stage=3", off)
+    # ZeRO-3 allocates one bucket when it initialises (stage3.py), overlap_comm (its default) or not
+    assert buffers("parallel.zero_stage=3") - buffers("parallel.zero_stage=3", off) == pytest.approx(5e8 * 2, rel=1e-3)
     # bf16 ZeRO-1 accumulating in fp32 runs DeepSpeed's BF16_Optimizer, which has no such bucket
     assert buffers("parallel.zero_stage=1", "+backend.ds_config.data_types.grad_accum_dtype=fp32") \
         == buffers("parallel.zero_stage=1", off)

@@ -162,12 +162,13 @@ def buffer_bytes(job: Job) -> float:
     buckets = 0.0
     if job.spec.gradient_buckets and job.grad_ranks > 1:
         buckets = job.params_per_rank * job.state_bytes.grads
-    if job.spec.deepspeed_engine and not job.software.own_optimizer and layout.zero_stage in (1, 2) \
+    if job.spec.deepspeed_engine and not job.software.own_optimizer and layout.zero_stage >= 1 \
             and job.ds_reduce_bucket:
         # ZeRO-1/2 copy gradients into a contiguous bucket of reduce_bucket_size elements in the model's dtype,
         # allocated whole however small the model, a second one with overlap_comm (DeepSpeedZeroOptimizer.
-        # setup_buckets): 1 GB in 16 bits at DeepSpeed's default, 2 GB in fp32
-        copies = 2 if job.ds_overlap_comm else 1  # overlap_comm: off by default below stage 3
+        # setup_buckets): 1 GB in 16 bits at DeepSpeed's default, 2 GB in fp32; ZeRO-3 allocates one such bucket
+        # per gradient dtype when it initialises (stage3.py, the IPG buckets' buffer, with contiguous_gradients)
+        copies = 2 if job.ds_overlap_comm and layout.zero_stage < 3 else 1  # overlap_comm: off by default below 3
         buckets += copies * job.ds_reduce_bucket * job.state_bytes.weights
     return logits + gathered + buckets + autocast_weight_copies(job)
 
