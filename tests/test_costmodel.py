@@ -255,19 +255,24 @@ KEEP_NOTHING = {"zero_optimization": {f"stage3_{k}": 0 for k in (
 
 
 def test_dp_volumes_follow_zero_paper() -> None:
-    """Per step on 4 ranks: DDP all-reduces Ψ gradients; ZeRO-1/2 reduce-scatter + all-gather; ZeRO-3 3Ψ
-    when DeepSpeed keeps no parameter gathered between uses."""
+    """Per step on 4 ranks: DDP all-reduces Ψ gradients; ZeRO-1/2 reduce-scatter + all-gather where each bucket's
+    slices go to their owners (the paper's volume); ZeRO-3 3Ψ when DeepSpeed keeps no parameter gathered between
+    uses. DeepSpeed 0.19's default all-reduces each bucket whole: 3Ψ and 5Ψ for ZeRO-1/2."""
     common = {"train": {"precision": "fp16", "micro_batch_size": 1, "global_batch_size": 8}}
-    wire = {}
+    owners = {"zero_optimization": {"use_multi_rank_bucket_allreduce": False}}
+    wire, default = {}, {}
     for stage in (0, 1, 2, 3):
-        j = job(4, backend={"name": "deepspeed", "ds_config": KEEP_NOTHING if stage == 3 else {}},
+        j = job(4, backend={"name": "deepspeed", "ds_config": KEEP_NOTHING if stage == 3 else owners},
                 parallel={"zero_stage": stage}, **common)
         wire[stage] = sum(c.wire_bytes for c in collectives(j))
+        default[stage] = sum(c.wire_bytes for c in collectives(job(4, backend={"name": "deepspeed"},
+                                                                       parallel={"zero_stage": stage}, **common)))
     psi_bytes = 2 * j.params_per_rank * 3 / 4  # 16-bit bytes × (p−1)/p
     tied_head = 2 * j.model.vocab_size * j.model.d_model * 3 / 4  # the tied weight is used twice
     assert wire[0] == pytest.approx(2 * psi_bytes)
     assert wire[1] == pytest.approx(2 * psi_bytes)
     assert wire[2] == pytest.approx((2 + 1) * psi_bytes)  # reduce-scatter in each of 2 micro-batches
+    assert (default[1], default[2]) == (pytest.approx(3 * psi_bytes), pytest.approx(5 * psi_bytes))
     # per micro-batch: gathers for forward and backward (the tied weight's twice more) + reduce-scatter
     assert wire[3] == pytest.approx(2 * (3 * psi_bytes + 2 * tied_head))
 

@@ -109,6 +109,7 @@ def test_live_tensors_built_before_the_timed_loop_count_though_the_collector_is_
     from harness.run.metrics import live_tensor_bytes
     from harness.run.rank import frozen_gc
 
+    gc.collect()  # cycles earlier tests left would be freed by frozen_gc's own collection, between the two counts
     before = live_tensor_bytes()
     weights = torch.zeros(2**20)  # 4 MiB, built before the loop
     with frozen_gc():

@@ -3,8 +3,9 @@
 Volumes use the ring (bandwidth-optimal) algorithms: over p ranks an all-reduce of S bytes sends
 2(p−1)/p·S per rank, an all-gather or reduce-scatter whose full tensor is S sends (p−1)/p·S
 (Thakur, Rabenseifner & Gropp 2005; Patarasuk & Yuan 2009). So DDP moves 2Ψ·bytes per step,
-ZeRO-1/2 the same (reduce-scatter + all-gather), ZeRO-3 and FSDP 3Ψ·bytes (Rajbhandari et al. 2020,
-section 7); DeepSpeed's ZeRO-3 gathers less where it keeps parameters (`zero3_gathered_numel`).
+ZeRO-1/2 the same (reduce-scatter + all-gather; DeepSpeed 0.19 all-reduces each gradient bucket whole by
+default, 3Ψ), ZeRO-3 and FSDP 3Ψ·bytes (Rajbhandari et al. 2020, section 7); DeepSpeed's ZeRO-3 gathers
+less where it keeps parameters (`zero3_gathered_numel`).
 Tensor parallelism all-reduces the b·s·h activations twice per layer in the forward and twice in
 the backward, once more per recomputed sub-layer (Narayanan et al. 2021, section 2.3;
 Korthikanti et al. 2022: sequence parallelism turns each all-reduce into an all-gather and a

@@ -130,8 +130,8 @@ class Software:
     16-bit all-reduce of fp32 buffers that the Megatron-DeepSpeed tables describe as ZeRO-1."""
     own_optimizer: bool = False
     """The framework's own data-parallel optimizer replaces DeepSpeed's engine under the deepspeed3d backend
-    (Megatron-LM's DistributedOptimizer and contiguous grad buffer): none of ZeRO-1/2's preallocated gradient
-    buckets (memory.buffer_bytes)."""
+    (Megatron-LM's DistributedOptimizer and contiguous grad buffer, nanotron's ZeRO-1 optimizer): none of
+    DeepSpeed's preallocated gradient buckets (memory.buffer_bytes)."""
     main_grad_bytes: Optional[int] = None
     """Gradients are accumulated into a separate buffer of this many bytes per parameter (Megatron's fp32
     `main_grad`, DeepSpeed's BF16 optimizer), every micro-batch; None: into `.grad` itself, after the first."""
@@ -319,6 +319,7 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
              fused_rope=True, optimizer="fused", vocab_parallel_loss=True, attention_reshape_passes=(14.0, 16.0),
              attention_reshape_kernels=(5.0, 3.0),
              seq_first_proj_copy=True, split_glu=True,
+             own_optimizer=True,
              source="nanotron as its scaling benchmark ran it (github.com/huggingface/nanotron: "
                     "scripts/scaling_benchmarks.py at e24d248 and src/nanotron at that commit): "
                     "FlashAttention-2's flash_attn_varlen_func, flash-attn's fused rotary embedding, TritonRMSNorm "
