@@ -290,6 +290,17 @@ def test_zero3_keeps_small_and_soon_reused_parameters() -> None:
     assert [(c.payload_bytes, c.calls) for c in gathers] == [(2 * big, 2), (2 * (param_count(j.model) - big), 1)]
 
 
+def test_zero3_knobs_are_read_under_either_name_deepspeed_accepts() -> None:
+    """DeepSpeed's ZeRO config takes `stage3_max_reuse_distance` or its field name `max_reuse_distance`
+    (populate_by_name; both at once it refuses): either must reach the model."""
+    from harness.costmodel.layout import Zero3
+
+    assert Zero3.from_ds_config({"zero_optimization": {"max_reuse_distance": 0}}).max_reuse_distance == 0
+    assert Zero3.from_ds_config({"zero_optimization": {"stage3_param_persistence_threshold": 7}}) \
+        .param_persistence_threshold == 7
+    assert Zero3.from_ds_config(None) == Zero3()
+
+
 def test_tp_and_pp_volumes() -> None:
     """TP 2: 4 all-reduces of b·s·h per layer per micro-batch (+2 for embedding/head), 3 of b·s fp32 in the
     vocab-parallel cross-entropy, and DeepSpeed's one-rank dp reduction; PP 2: each rank sends once per

@@ -29,7 +29,8 @@ backend, backend.reduce_dtype's default, and in KempnerForge's)."""
 @dataclass(frozen=True)
 class Zero3:
     """DeepSpeed ZeRO-3's knobs that decide how often a parameter is gathered, with DeepSpeed's defaults
-    (deepspeed/runtime/zero/config.py; read from `backend.ds_config.zero_optimization.stage3_*`)."""
+    (deepspeed/runtime/zero/config.py; read from `backend.ds_config.zero_optimization.stage3_*`, or from the field
+    names DeepSpeed's config model also accepts, `max_reuse_distance` and the like: populate_by_name)."""
 
     param_persistence_threshold: int = 100_000
     model_persistence_threshold: int = 2**63 - 1
@@ -39,7 +40,8 @@ class Zero3:
     @classmethod
     def from_ds_config(cls, ds_config: Any) -> "Zero3":
         zero = dict((ds_config or {}).get("zero_optimization", {}) or {})
-        return cls(**{f: int(zero[f"stage3_{f}"]) for f in cls.__dataclass_fields__ if f"stage3_{f}" in zero})
+        given = {f: zero.get(f"stage3_{f}", zero.get(f)) for f in cls.__dataclass_fields__}
+        return cls(**{f: int(v) for f, v in given.items() if v is not None})
 
 
 @dataclass(frozen=True)
