@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from harness.backends.base import DTYPES, FabricBackend, checkpoint_and_compile, materialize
+from harness.config.checks import compute_precision, reduce_precision
 from harness.core.registry import fsdp_replica_group
 from harness.models.config import block_linears
 
@@ -184,8 +185,8 @@ class FSDPBackend(FabricBackend):
         options = dict(
             mesh=mesh[names],
             reshard_after_forward=reshard_after_forward and b.sharding in ("full_shard", "hybrid_shard"),
-            mp_policy=MixedPrecisionPolicy(param_dtype=DTYPES[b.param_dtype or train.precision],
-                                           reduce_dtype=DTYPES[b.reduce_dtype or "fp32"]),
+            mp_policy=MixedPrecisionPolicy(param_dtype=DTYPES[compute_precision(self.cfg)],
+                                           reduce_dtype=DTYPES[reduce_precision(self.cfg)]),
             offload_policy=(CPUOffloadPolicy(pin_memory=self.device.type == "cuda") if b.offload
                             else OffloadPolicy()),
         )

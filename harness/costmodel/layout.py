@@ -11,7 +11,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from harness.config.checks import compute_precision
+from harness.config.checks import compute_precision, reduce_precision
 from harness.core.layout import Layout
 from harness.core.registry import PP_SCHEDULES, BackendSpec, backend_spec, fsdp_replica_group, resolve_pp_schedule
 from harness.costmodel.flops import param_count, param_tensors, shape_cached
@@ -290,8 +290,7 @@ def job_from_config(cfg: Any, layout: Layout, software: Optional[Software] = Non
         pp_schedule=schedule,
         cp_kind=getattr(cfg.parallel, "cp_kind", "ulysses"),
         device=str(getattr(cfg.system, "device", "cuda")),
-        reduce_bytes=ACT_BYTES[(backend.reduce_dtype if "reduce_dtype" in backend_spec(backend.name).options
-                                else None) or "fp32"],
+        reduce_bytes=ACT_BYTES[reduce_precision(cfg)],
     )
 
 

@@ -95,3 +95,11 @@ def compute_precision(cfg: Any) -> str:
     if "param_dtype" in backend_spec(cfg.backend.name).options and cfg.backend.param_dtype is not None:
         return cfg.backend.param_dtype
     return cfg.train.precision
+
+
+def reduce_precision(cfg: Any) -> str:
+    """The dtype FSDP reduces gradients in: backend.reduce_dtype where the backend has it, fp32 by default (the
+    run's MixedPrecisionPolicy and the cost model's bytes read it here)."""
+    if "reduce_dtype" in backend_spec(cfg.backend.name).options and cfg.backend.reduce_dtype is not None:
+        return cfg.backend.reduce_dtype
+    return "fp32"
