@@ -271,14 +271,29 @@ def stage_loads(job: Job) -> list[tuple[int, bool]]:
     return [(sum(blocks[s] for s in mine), stages - 1 in mine) for mine in owned]
 
 
+def _layer_and_head_s(job: Job, hw: Hardware, rates: Rates) -> tuple[float, float]:
+    """One block's compute per micro-batch (with its recompute and overhead) and the output layer's."""
+    block, head = compute_kernels(job)
+    return (kernels_s(block, rates, overlap_host=hw.accelerator) + hw.layer_overhead_s,
+            kernels_s(head, rates, overlap_host=hw.accelerator))
+
+
+def _busiest(job: Job, per_layer: float, head_s: float) -> tuple[int, bool]:
+    return max(stage_loads(job), key=lambda load: load[0] * per_layer + load[1] * head_s)
+
+
+def busiest_stage(job: Job, hw: Hardware) -> tuple[int, bool]:
+    """(blocks, holds the output layer) of the pipeline rank whose micro-batch takes longest: the one the step's
+    compute is priced on (stage_loads)."""
+    return _busiest(job, *_layer_and_head_s(job, hw, hw.rates(job)))
+
+
 def _compute_s(job: Job, hw: Hardware) -> tuple[float, float]:
     rates = hw.rates(job)
-    block, head = compute_kernels(job)
-    per_layer = kernels_s(block, rates, overlap_host=hw.accelerator) + hw.layer_overhead_s
+    per_layer, head_s = _layer_and_head_s(job, hw, rates)
     forward = kernels_s(layer_kernels(job, backward=False), rates, overlap_host=hw.accelerator)
-    head_s = kernels_s(head, rates, overlap_host=hw.accelerator)
-    busiest = max(blocks * per_layer + head_s * last for blocks, last in stage_loads(job))
-    total = busiest + hw.step_overhead_s
+    blocks, last = _busiest(job, per_layer, head_s)
+    total = blocks * per_layer + head_s * last + hw.step_overhead_s
     return total, min(1.0, forward / per_layer) if per_layer > 0 else 1 / 3
 
 

@@ -16,7 +16,7 @@ from typing import Any, Callable
 from harness.costmodel.comm import Collective
 from harness.costmodel.kernels import kernel_s
 from harness.costmodel.layout import Job
-from harness.costmodel.timing import Hardware, StepTime, compute_kernels, stage_loads, step_time
+from harness.costmodel.timing import Hardware, StepTime, busiest_stage, compute_kernels, step_time
 
 
 def _scaled_fabric(hw: Hardware, **changes: Callable[[Any], Any]) -> Hardware:
@@ -45,8 +45,7 @@ def time_by_resource(job: Job, hw: Hardware, timed: StepTime) -> dict[str, float
     communication, the optimizer's passes, and the pipeline bubble; they add up to the step."""
     rates = hw.rates(job)
     block, head = compute_kernels(job)
-    block_s, head_s = (sum(kernel_s(k, rates) for k in kernels) for kernels in (block, head))
-    layers, last = max(stage_loads(job), key=lambda load: load[0] * block_s + load[1] * head_s)  # the busiest rank
+    layers, last = busiest_stage(job, hw)  # the rank the step's compute is priced on
     by_class = {"gemm": 0.0, "attention": 0.0, "memory": 0.0}
     for kernels, times in ((block, layers), (head, int(last))):
         for k in kernels:
