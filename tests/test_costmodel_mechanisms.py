@@ -641,7 +641,7 @@ def test_a_loss_on_the_16_bit_logits_keeps_no_fp32_copy_and_streams_fewer_bytes(
     in its backward, the logits sit beside the bf16 log-softmax the forward saved, the gradient nll_loss hands
     log_softmax's backward and the one that returns (4E bytes per logit); the harness's model upcasts and returns
     only the loss, so its peak is those three in fp32 (12). Its kernels stream 4E, not 24 + 2E."""
-    from harness.costmodel.memory import buffer_bytes
+    from harness.costmodel.memory import buffer_bytes, gathered_bytes
 
     upcast, _ = job_and_hw([*LLAMA, "costmodel.software=harness-fsdp"])
     native = dataclasses.replace(upcast, software=dataclasses.replace(
@@ -649,8 +649,10 @@ def test_a_loss_on_the_16_bit_logits_keeps_no_fp32_copy_and_streams_fewer_bytes(
     freed = dataclasses.replace(native, software=dataclasses.replace(native.software, loop_holds_logits=False))
     logits = upcast.tokens * upcast.model.vocab_size
     E = native.act_bytes
-    assert buffer_bytes(native) == pytest.approx(logits * 4 * E)  # one rank: no gathered blocks, no buckets
-    assert buffer_bytes(freed) == pytest.approx(logits * 3 * E) and buffer_bytes(upcast) == pytest.approx(logits * 12)
+    units = gathered_bytes(native)  # FSDP2's unsharded units, on one rank too; no buckets
+    assert buffer_bytes(native) == pytest.approx(logits * 4 * E + units)
+    assert buffer_bytes(freed) == pytest.approx(logits * 3 * E + units)
+    assert buffer_bytes(upcast) == pytest.approx(logits * 12 + units)
 
     def streamed(job: Job) -> float:
         return next(k.bytes for k in compute_kernels(job)[1] if k.name == "cross entropy")
@@ -667,6 +669,7 @@ def test_the_loss_and_the_layer_being_recomputed_are_never_held_at_once() -> Non
     from harness.costmodel.memory import (
         activation_bytes,
         buffer_bytes,
+        gathered_bytes,
         layer_activation_bytes,
         loss_bytes,
         recompute_working_set,
@@ -675,7 +678,7 @@ def test_the_loss_and_the_layer_being_recomputed_are_never_held_at_once() -> Non
     def peak(vocab: int) -> tuple[float, Job]:
         job, _ = job_and_hw([*LLAMA, "costmodel.software=kempnerforge", "train.activation_checkpointing=full",
                              f"model.vocab_size={vocab}"])
-        return activation_bytes(job) + buffer_bytes(job), job  # one rank: no gathered blocks, no buckets
+        return activation_bytes(job) + buffer_bytes(job) - gathered_bytes(job), job  # one rank: no buckets
 
     small, job = peak(8192)
     loss, held = loss_bytes(job)
@@ -687,10 +690,10 @@ def test_the_loss_and_the_layer_being_recomputed_are_never_held_at_once() -> Non
     large, job = peak(131072)
     assert loss_bytes(job)[0] > recompute_working_set(job) + loss_bytes(job)[1]
     assert peak(131072 + 8192)[0] - large == pytest.approx(tokens * 8192 * 4 * E)  # the loss's whole peak grows
-    assert buffer_bytes(job) == pytest.approx(loss_bytes(job)[0] - recompute_working_set(job))
+    assert buffer_bytes(job) - gathered_bytes(job) == pytest.approx(loss_bytes(job)[0] - recompute_working_set(job))
     # GPipe runs every micro-batch's forward before any backward: their losses outlive the first recompute
     piped = dataclasses.replace(job, pp_schedule="GPipe", layout=dataclasses.replace(job.layout, pp=2))
-    assert buffer_bytes(piped) == pytest.approx(loss_bytes(piped)[0])
+    assert buffer_bytes(piped) - gathered_bytes(piped) == pytest.approx(loss_bytes(piped)[0])
 
 
 def test_megatrons_vocab_parallel_loss_makes_a_pass_per_operation_over_fp32_logits() -> None:
@@ -853,7 +856,7 @@ def test_the_busiest_pipeline_stage_is_the_one_the_software_loads_most() -> None
     def loads(*extra: str, world: int = 8) -> list[tuple[int, bool]]:
         job, _ = job_and_hw([*LLAMA, "model.n_layers=70", "backend=deepspeed3d", "parallel.pp=8",
                              "train.global_batch_size=64", *extra], world)
-        return stage_loads(job)
+        return list(stage_loads(job))
 
     assert loads("costmodel.software=megatron-deepspeed") == [(9, False)] * 6 + [(8, False), (8, True)]
     with pytest.raises(ConfigError, match=r"costmodel.pp_partition=uniform: unknown; choose one of megatron"):
@@ -865,10 +868,10 @@ def test_the_busiest_pipeline_stage_is_the_one_the_software_loads_most() -> None
         [(1, False), (2, False), (2, False), (1, True)]  # [embedding, b0], [b1, b2], [b3, b4], [b5, head]
     fsdp, _ = job_and_hw([*LLAMA, "model.n_layers=16", "parallel.pp=2", "parallel.vpp=2",
                           "train.global_batch_size=16"], 2)
-    assert stage_loads(fsdp) == [(8, False), (8, True)]  # virtual stages of 4: ranks hold 0 and 2, 1 and 3
+    assert stage_loads(fsdp) == ((8, False), (8, True))  # virtual stages of 4: ranks hold 0 and 2, 1 and 3
     zbv, _ = job_and_hw([*LLAMA, "model.n_layers=14", "parallel.pp=2", "parallel.vpp=2",
                          "backend.pp_schedule=ZBVZeroBubble", "train.global_batch_size=16"], 2)
-    assert stage_loads(zbv) == [(6, True), (8, False)]  # [emb, 3], [4], [4], [3, head]: v places 0 and 3 on rank 0
+    assert stage_loads(zbv) == ((6, True), (8, False))  # [emb, 3], [4], [4], [3, head]: v places 0 and 3 on rank 0
     job, hw = job_and_hw([*LLAMA, "model.n_layers=70", "backend=deepspeed3d", "parallel.pp=8",
                           "train.global_batch_size=64", "costmodel.software=megatron-deepspeed"], 8)
     block, head = compute_kernels(job)
@@ -881,6 +884,46 @@ def test_the_busiest_pipeline_stage_is_the_one_the_software_loads_most() -> None
 
 
 @pytest.mark.deepspeed
+def test_each_pipeline_rank_holds_its_own_blocks_and_micro_batches_in_flight() -> None:
+    """Memory is priced per pipeline rank, with the blocks the software's split gives it, the embedding on rank 0,
+    the output layer (and a tied copy of the embedding) on the last, and the micro-batches its schedule keeps in
+    flight: under 1F1B pp - r, interleaved (pp - r - 1)·2 + (v - 1)·pp + 1 chunks of 1/v of its blocks. BLOOM's split
+    (70 blocks and both embeddings on 12 stages) puts 5 blocks beside the embedding on rank 0, which holds 12
+    micro-batches, and 6 on rank 1, which holds 11: the device's figure is the larger of the ranks, not 6 blocks x
+    12 micro-batches beside the embedding (ceil(70 / 12) on the first stage)."""
+    from harness.costmodel.layout import _block_params, _rank_params
+    from harness.costmodel.memory import (
+        activation_bytes,
+        busiest_rank,
+        in_flight_micro_batches,
+        layer_activation_bytes,
+        memory_per_device,
+        pipeline_ranks,
+        recompute_working_set,
+    )
+
+    job, _ = job_and_hw([*LLAMA, "model.n_layers=70", "model.tie_embeddings=true", "backend=deepspeed3d",
+                         "costmodel.software=megatron-deepspeed", "costmodel.pp_partition=type:transformer|embedding",
+                         "parallel.pp=12", "train.global_batch_size=48", "train.activation_checkpointing=full"], 12)
+    ranks = pipeline_ranks(job)
+    assert [(r.index, r.blocks, r.last) for r in ranks] == [(0, 5, False), (1, 6, False), (11, 5, True)]
+    assert [in_flight_micro_batches(job, r) for r in (0, 1, 11)] == [12, 11, 1]
+    layer, tp = _block_params(job.model, 1), 1
+    embedding = _rank_params(job.model, tp, ("tok_emb.",))
+    assert ranks[0].params == pytest.approx(5 * layer + embedding)
+    assert ranks[2].params == pytest.approx(5 * layer + _rank_params(job.model, tp, ("norm_f.",)) + embedding)
+    per_layer = layer_activation_bytes(job, "full")
+    assert activation_bytes(job, ranks[0]) == pytest.approx(5 * 12 * per_layer + recompute_working_set(job))
+    assert activation_bytes(job, ranks[1]) == pytest.approx(6 * 11 * per_layer + recompute_working_set(job))
+    assert memory_per_device(job)["activations"] == pytest.approx(activation_bytes(job, busiest_rank(job)))
+    ceil_blocks = 6 * 12 * per_layer + recompute_working_set(job)
+    assert memory_per_device(job)["activations"] < ceil_blocks
+    looped, _ = job_and_hw([*LLAMA, "model.n_layers=16", "parallel.pp=4", "parallel.vpp=2",
+                            "train.global_batch_size=16"], 4)
+    assert looped.micro_batches == 8
+    assert [in_flight_micro_batches(looped, r) for r in range(4)] == [5.5, 4.5, 3.5, 2.5]
+
+
 def test_the_stage_split_is_deepspeeds_own_partition() -> None:
     """The partition stage_loads assumes is what DeepSpeed's partition_balanced returns for the binary weights its
     type: regex gives the layers (deepspeed/runtime/pipe/module.py _partition_layers)."""
@@ -1054,6 +1097,27 @@ def test_fsdps_root_module_counts_the_vocabulary_layers_as_the_tp_rank_holds_the
         if software == "kempnerforge":  # its loss holds 4E per logit; two blocks and the root gathered, one fp32 grad
             E, block = job.act_bytes, job.block_params_per_rank
             assert buffer_bytes(job) == pytest.approx(job.tokens * V * 4 * E + (2 * block + root) * E + 4 * block)
+
+
+def test_fsdp2_on_a_one_rank_group_still_gathers_and_reduces_through_buffers() -> None:
+    """FSDP2 wraps a TP-only mesh (data-parallel size 1) and no_shard's one-rank shard groups in the same units as a
+    sharded run: at world size 1 it copies each unit's parameters into unsharded buffers and its gradients into a
+    reduce-scatter input (torch FSDPParamGroup.wait_for_unshard, foreach_reduce), so a rank holds two gathered
+    blocks, the root and one unsharded block gradient beside its shards, as it does on a larger group. DDP
+    holds none of them. On this CPU the harness's own FSDP run at TP 2 on 2 ranks measured 20% more than the
+    model gave it without them (benchmarks/memory_cpu.py)."""
+    from harness.costmodel.memory import buffer_bytes, gathered_bytes
+
+    tp_only, _ = job_and_hw([*LLAMA, "backend=fsdp", "parallel.tp=2", "train.global_batch_size=2"], 2)
+    sharded, _ = job_and_hw([*LLAMA, "backend=fsdp", "parallel.tp=2", "train.global_batch_size=4"], 4)
+    assert tp_only.layout.dp == 1 and tp_only.shards.weights == 1 and sharded.shards.weights == 2
+    E, block, root = tp_only.act_bytes, tp_only.block_params_per_rank, tp_only.root_params_per_rank
+    assert gathered_bytes(tp_only) == pytest.approx((2 * block + root) * E + block * tp_only.reduce_bytes)
+    assert gathered_bytes(tp_only) == pytest.approx(gathered_bytes(sharded))
+    no_shard, _ = job_and_hw([*LLAMA, "backend=fsdp", "backend.sharding=no_shard"], 2)
+    assert no_shard.shards.weights == 1 and gathered_bytes(no_shard) > 0
+    ddp, _ = job_and_hw([*LLAMA, "backend=ddp"], 2)
+    assert gathered_bytes(ddp) == 0.0 and buffer_bytes(tp_only) > gathered_bytes(tp_only)  # counted in the buffers
 
 
 def test_the_ends_of_fsdps_pipeline_of_collectives_are_exposed_however_much_compute_there_is() -> None:

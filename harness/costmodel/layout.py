@@ -13,7 +13,14 @@ from typing import Any, Optional
 
 from harness.config.checks import compute_precision, reduce_precision
 from harness.core.layout import Layout
-from harness.core.registry import PP_SCHEDULES, BackendSpec, backend_spec, fsdp_replica_group, resolve_pp_schedule
+from harness.core.registry import (
+    PP_SCHEDULES,
+    BackendSpec,
+    backend_spec,
+    fsdp_replica_group,
+    pipeline_split,
+    resolve_pp_schedule,
+)
 from harness.costmodel.flops import param_count, param_tensors, shape_cached
 from harness.costmodel.software import TP_VOCAB, Software, VocabUnderTP, software_for
 from harness.models.config import GPTConfig
@@ -131,8 +138,13 @@ class Job:
     # Placement: derived once per Job, read by memory, communication and timing alike.
     @functools.cached_property
     def params_per_rank(self) -> float:
-        """Parameters one rank of the busiest pipeline stage holds, before data-parallel sharding."""
-        return _stage_params(self.model, self.layout.tp, self.layout.pp, self.vocab)
+        """Parameters the pipeline rank that holds the most holds, before data-parallel sharding."""
+        return max(self.stage_params)
+
+    @property
+    def stage_params(self) -> tuple[float, ...]:
+        """Parameters each pipeline rank holds, before data-parallel sharding (stage_loads places the blocks)."""
+        return _stage_params(self.model, self.layout.tp, stage_loads(self), self.vocab)
 
     @property
     def block_params_per_rank(self) -> float:
@@ -143,7 +155,8 @@ class Job:
     def root_params_per_rank(self) -> float:
         """Parameters outside the blocks on one rank of the busiest stage (the embedding, final norm and output
         layer, each as TP splits it or not): what FSDP's root module, the last `fully_shard`, holds."""
-        return max(0.0, self.params_per_rank - layers_per_stage(self) * self.block_params_per_rank)
+        return max(0.0, max(params - blocks * self.block_params_per_rank
+                            for params, (blocks, _) in zip(self.stage_params, stage_loads(self))))
 
     @property
     def vocab_mode(self) -> str:
@@ -317,24 +330,25 @@ def param_split(m: Any) -> ParamSplit:
 
 
 @shape_cached
-def _stage_params(model: GPTConfig, tp: int, pp: int, vocab: VocabUnderTP = TP_VOCAB["split"]) -> float:
-    """Parameters held by one rank of the busiest pipeline stage, before any data-parallel sharding.
+def _stage_params(model: GPTConfig, tp: int, loads: tuple[tuple[int, bool], ...],
+                  vocab: VocabUnderTP = TP_VOCAB["split"]) -> tuple[float, ...]:
+    """Parameters each pipeline rank holds (its blocks as `loads` places them: stage_loads), before any
+    data-parallel sharding.
 
     Megatron splits the block weights, column-parallel biases and the vocab-parallel embedding over
     TP ranks and replicates norms, row-parallel biases and learned positions (megatron/core/
     tensor_parallel/layers.py; vocabulary padding is ignored); software that splits only the blocks, or
     the output layer but not the embedding, keeps the rest whole (software.TP_VOCAB). The embeddings live
-    on the first stage; with PP > 1 a tied output projection is a second copy on the last stage (Narayanan
-    et al. 2021, section 3).
+    on the first stage (rank 0), the final norm and output layer on the last; with PP > 1 a tied output
+    projection is a second copy on the last stage (Narayanan et al. 2021, section 3).
     """
     layer = _block_params(model, tp)
     embedding = _rank_params(model, tp, ("tok_emb.", "pos_emb."), vocab.embedding_split)
     head = _rank_params(model, tp, ("norm_f.", "lm_head."), vocab.head_split)
-    layers = -(-model.n_layers // pp)
-    first = layers * layer + embedding + (head if pp == 1 else 0)
-    tied = pp > 1 and model.tie_embeddings
+    tied = len(loads) > 1 and model.tie_embeddings
     tied_copy = model.vocab_size * model.d_model / (tp if vocab.head_split else 1) if tied else 0
-    return max(first, layers * layer + head + tied_copy)
+    return tuple(blocks * layer + (embedding if rank == 0 else 0) + (head + tied_copy if last else 0)
+                 for rank, (blocks, last) in enumerate(loads))
 
 
 def _rank_params(model: GPTConfig, tp: int, prefixes: tuple[str, ...], split: bool = True) -> float:
@@ -350,3 +364,36 @@ def _block_params(model: GPTConfig, tp: int) -> float:
 
 def layers_per_stage(job: Job) -> int:
     return -(-job.model.n_layers // job.layout.pp)
+
+
+def stage_loads(job: Job) -> tuple[tuple[int, bool], ...]:
+    """(blocks, holds the output layer) for each pipeline rank, as the software splits the blocks over its stages
+    (software.PP_PARTITIONS): megatron's split, or DeepSpeed's balanced partition of the layers its regex
+    matches, whose larger parts come first (partition_balanced since DeepSpeed's pull 4312, late 2023: 70 blocks on
+    8 stages are 9, 9, 9, 9, 9, 9, 8, 8; before it a greedy fill gave 9 x 7 and 7, the same busiest stage while the
+    head costs less than the difference; with the embedding and the tied head counted, BLOOM's 70 on 12 are 6 items
+    each under both, the ends 5 blocks). Virtual stages sit on the ranks as the schedule places them
+    (PipelineSchedule.placement: looped, rank r holds r, r + pp, ...; v, rank r holds r and 2pp - 1 - r); the rank
+    with the last stage holds the output layer, rank 0 the embedding."""
+    return _stage_loads(job.model.n_layers, job.layout.pp, job.vpp, job.software.pp_partition,
+                        PP_SCHEDULES[job.pp_schedule].placement)
+
+
+@functools.lru_cache(maxsize=4096)
+def _stage_loads(n: int, pp: int, v: int, method: str, placement: str) -> tuple[tuple[int, bool], ...]:
+    """Cached on what it depends on: the planner asks for it under thousands of layouts."""
+    stages = pp * v
+    split = pipeline_split(n, stages) if method == "megatron" else None
+    if split is not None:
+        blocks = [len(r) for r in split]
+    else:
+        ends = 1 if method == "type:transformer|embedding" else 0  # the embedding and the head count as items
+        items = n + 2 * ends
+        base, extra = divmod(items, stages)
+        blocks = [base + (s < extra) for s in range(stages)]
+        blocks[0], blocks[-1] = max(0, blocks[0] - ends), max(0, blocks[-1] - ends)
+    if placement == "v" and v == 2:
+        owned = [(r, stages - 1 - r) for r in range(pp)]
+    else:
+        owned = [tuple(range(r, stages, pp)) for r in range(pp)]
+    return tuple((sum(blocks[s] for s in mine), stages - 1 in mine) for mine in owned)

@@ -16,18 +16,23 @@ Models", section 4): per layer s·b·h·(34 + 5·a·s/h) bytes in 16 bits with d
 10·s·b·h is replicated over TP ranks unless sequence parallelism splits it; full recompute keeps
 only each layer's 2·s·b·h input; selective recompute (section 5) drops the core attention's 5·a·s²·b
 (scores, softmax, dropout mask) and keeps the rest; the attention sub-layer variant keeps none of the
-attention's activations; with 1F1B the first pipeline stage holds min(micro-batches, PP)
-micro-batches, times (1 + (PP−1)/(PP·v)) with v interleaved stages; GPipe and looped BFS hold all of them.
+attention's activations; with 1F1B pipeline rank r holds min(micro-batches, PP − r) micro-batches, with v
+interleaved stages (PP − r − 1)·2 + (v − 1)·PP + 1 of its chunks (Megatron's and torch's warm-up, plus the one
+in flight); GPipe and looped BFS hold all of them. Each pipeline rank is priced with the blocks, embedding and
+output layer the software's split gives it (layout.stage_loads), and the device's figure is the rank that needs
+the most.
 With context parallelism a rank holds s/cp of each sequence, so every s·b·h term is 1/cp; the score matrix
 is a/cp·s² (ulysses: whole sequences, a cp-th of the heads) or a·(s/cp)·s (ring: its queries against all keys).
 """
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from typing import Optional
 
 from harness.core.registry import PP_SCHEDULES
-from harness.costmodel.layout import Job, layers_per_stage
+from harness.costmodel.layout import Job, stage_loads
 
 GB = 1e9
 REFUSE_ABOVE = 1.25
@@ -82,26 +87,54 @@ def layer_activation_bytes(job: Job, checkpointing: str) -> float:
     return replicated / split_over_tp + (attention + mlp) / t
 
 
-def in_flight_micro_batches(job: Job) -> float:
-    """Micro-batches whose activations the first pipeline stage holds at once: under 1F1B (and the zero-bubble
-    schedules, whose peak Qi et al. keep at 1F1B's) at most pp; GPipe and looped breadth-first run every
-    micro-batch's forward before the backwards, so they hold all of them."""
-    pp = job.layout.pp
+@dataclass(frozen=True)
+class PipelineRank:
+    """One pipeline rank as the memory model prices it (the only rank when there is no pipeline)."""
+
+    index: int
+    blocks: int
+    last: bool
+    """Holds the output layer, so the loss too."""
+    params: float
+    """Its parameters before data-parallel sharding (layout.Job.stage_params)."""
+
+
+def pipeline_ranks(job: Job) -> list[PipelineRank]:
+    """The ranks that can need the most memory: for each kind of rank (its blocks, whether it holds the embedding or
+    the output layer) the first, since a later rank of the same kind holds no more micro-batches in flight."""
+    loads, params = stage_loads(job), job.stage_params
+    return [PipelineRank(i, loads[i][0], loads[i][1], params[i]) for i in _first_of_each_kind(loads)]
+
+
+@functools.lru_cache(maxsize=4096)
+def _first_of_each_kind(loads: tuple[tuple[int, bool], ...]) -> tuple[int, ...]:
+    """Cached on the split: the planner prices the same few splits under thousands of layouts."""
+    kinds = {(blocks, last, index == 0): index for index, (blocks, last) in reversed(list(enumerate(loads)))}
+    return tuple(sorted(kinds.values()))
+
+
+def in_flight_micro_batches(job: Job, rank: int = 0) -> float:
+    """Micro-batches whose activations pipeline rank `rank` holds at once: under 1F1B min(micro-batches, pp - rank)
+    (its warm-up forwards and the one in flight); with v interleaved stages per rank, (pp - rank - 1)·2 + (v - 1)·pp
+    + 1 of its chunks (Megatron's get_num_warmup_microbatches, torch's Interleaved1F1B warm-up), each 1/v of its
+    blocks; the V placement of ZB-V balances every rank at the first's (Qi et al. 2024); GPipe and looped
+    breadth-first run every micro-batch's forward before the backwards, so they hold all of them."""
+    pp, v, mb = job.layout.pp, job.vpp, job.micro_batches
     if pp == 1:
         return 1.0
-    if PP_SCHEDULES[job.pp_schedule].holds_all_micro_batches:
-        return float(job.micro_batches)
-    held = min(job.micro_batches, pp)
-    return held * (1 + (pp - 1) / (pp * job.vpp)) if job.vpp > 1 else held
+    schedule = PP_SCHEDULES[job.pp_schedule]
+    if schedule.holds_all_micro_batches:
+        return float(mb)
+    if v > 1:
+        r = 0 if schedule.placement == "v" else rank
+        return min(mb * v, (pp - r - 1) * 2 + (v - 1) * pp + 1) / v
+    return float(min(mb, pp - rank))
 
 
-def activation_bytes(job: Job) -> float:
-    """What the busiest stage stores for its backward (every micro-batch in flight, each layer's checkpoint or
-    whole activations) and the layer being recomputed holds meanwhile."""
-    layers = layers_per_stage(job)
-    modes = job.checkpoint_modes
-    per_layer = sum(share * layer_activation_bytes(job, mode) for mode, share in modes.items())
-    return layers * per_layer * in_flight_micro_batches(job) + recompute_working_set(job)
+def activation_bytes(job: Job, rank: Optional[PipelineRank] = None) -> float:
+    """What a pipeline rank stores for its backward (every micro-batch in flight, each of its layers' checkpoint
+    or whole activations) and the layer being recomputed holds meanwhile (default: the rank that needs the most)."""
+    return rank_memories(job, [rank or busiest_rank(job)])[0]["activations"]
 
 
 def recompute_working_set(job: Job) -> float:
@@ -127,8 +160,14 @@ def loss_bytes(job: Job) -> tuple[float, float]:
     return logits * (held + 3 * (E if sw.loss_in_compute_dtype else 4.0)), logits * held
 
 
-def buffer_bytes(job: Job) -> float:
-    """Temporary tensors that are not model state or stored activations.
+def buffer_bytes(job: Job, rank: Optional[PipelineRank] = None) -> float:
+    """Temporary tensors that are not model state or stored activations, on a pipeline rank (default: the rank that
+    needs the most): _buffers."""
+    return rank_memories(job, [rank or busiest_rank(job)])[0]["buffers"]
+
+
+def _buffers(job: Job, rank: PipelineRank, loss: tuple[float, float], working_set: float) -> float:
+    """Temporary tensors that are not model state or stored activations, on one pipeline rank.
 
     The loss at its peak (loss_bytes), which runs before any layer is recomputed: the two never coexist (unless a
     pipeline schedule holds every micro-batch's forward, GPipe's), so beside the recompute working set (counted
@@ -142,26 +181,15 @@ def buffer_bytes(job: Job) -> float:
     autocast the 16-bit weight copies the linears save for their backward (autocast_weight_copies).
     """
     layout = job.layout
-    E = job.act_bytes
-    peak, held = loss_bytes(job)
+    peak, held = loss if rank.last else (0.0, 0.0)
     # GPipe and looped BFS run every micro-batch's forward first: the other micro-batches' losses are still held
     # when the first layer is recomputed, so the loss and the working set are not kept apart there
     apart = layout.pp == 1 or not PP_SCHEDULES[job.pp_schedule].holds_all_micro_batches
-    logits = max(peak - recompute_working_set(job), held) if apart else peak
-    block, root = job.block_params_per_rank, job.root_params_per_rank  # as this TP rank holds them
-    gathered = 0.0
-    shards = job.shards
-    if shards.weights > 1:
-        if job.spec.shardings and job.sharding == "shard_grad_op":
-            gathered = job.params_per_rank * E
-        else:  # two blocks (the current one and the prefetched one) and the root module
-            gathered = (2 * block + root) * E
-        gathered += block * job.reduce_bytes
-    elif job.offload:
-        gathered = (2 * block + root) * E + block * job.reduce_bytes
+    logits = max(peak - working_set, held) if apart else peak
+    gathered = gathered_bytes(job, rank)
     buckets = 0.0
     if job.spec.gradient_buckets and job.grad_ranks > 1:
-        buckets = job.params_per_rank * job.state_bytes.grads
+        buckets = rank.params * job.state_bytes.grads
     if job.spec.deepspeed_engine and not job.software.own_optimizer and layout.zero_stage >= 1 \
             and job.ds_reduce_bucket:
         # ZeRO-1/2 copy gradients into a contiguous bucket of reduce_bucket_size elements in the model's dtype,
@@ -170,26 +198,66 @@ def buffer_bytes(job: Job) -> float:
         # per gradient dtype when it initialises (stage3.py, the IPG buckets' buffer, with contiguous_gradients)
         copies = 2 if job.ds_overlap_comm and layout.zero_stage < 3 else 1  # overlap_comm: off by default below 3
         buckets += copies * job.ds_reduce_bucket * job.state_bytes.weights
-    return logits + gathered + buckets + autocast_weight_copies(job)
+    return logits + gathered + buckets + autocast_weight_copies(job, rank)
 
 
-def autocast_weight_copies(job: Job) -> float:
+def gathered_bytes(job: Job, rank: Optional[PipelineRank] = None) -> float:
+    """What FSDP and ZeRO-3 hold unsharded beside the shards: the gathered blocks in the compute dtype (current +
+    one prefetched, and the root module, which stays gathered from its forward to its backward; every block under
+    shard_grad_op) and one unsharded block gradient in the reduce dtype before it is reduced. FSDP2 runs its gather
+    and reduce on one-rank groups too (no_shard's, a TP-only mesh's): it copies each unit's parameters into
+    unsharded buffers and its gradients into a reduce-scatter input all the same (torch 2.13
+    FSDPParamGroup.wait_for_unshard and foreach_reduce at world_size 1)."""
+    if not (job.spec.shardings or job.shards.weights > 1 or job.offload):
+        return 0.0
+    rank = rank or busiest_rank(job)
+    E, block = job.act_bytes, job.block_params_per_rank  # as this TP rank holds them
+    root = max(0.0, rank.params - rank.blocks * block)
+    held = rank.params if job.spec.shardings and job.sharding == "shard_grad_op" else 2 * block + root
+    return held * E + block * job.reduce_bytes
+
+
+def autocast_weight_copies(job: Job, rank: Optional[PipelineRank] = None) -> float:
     """Under autocast each linear computes with a 16-bit copy of its fp32 weight and saves that copy for its
     backward, so a rank holds one for every linear whose forward was not checkpointed (a fully recomputed block
     saves none) and the output layer's (the embedding is not cast: embedding is not on autocast's lists). The
     copies cached during a checkpointed forward are freed when autocast's region ends, before the backward."""
     if not job.autocast:
         return 0.0
+    rank = rank or busiest_rank(job)
     saved = 1.0 - job.checkpoint_modes.get("full", 0.0)
-    head = job.vocab_per_rank[0] * job.model.d_model
-    return (layers_per_stage(job) * job.block_params_per_rank * saved + head) * job.act_bytes
+    head = job.vocab_per_rank[0] * job.model.d_model if rank.last else 0.0
+    return (rank.blocks * job.block_params_per_rank * saved + head) * job.act_bytes
 
 
 def memory_per_device(job: Job, framework_overhead_bytes: float = 0.0) -> dict[str, float]:
-    """Bytes per device of the busiest rank by category, and their total."""
-    out = model_state_bytes(job.params_per_rank, job)
-    out["activations"] = activation_bytes(job)
-    out["buffers"] = buffer_bytes(job)
-    out["overhead"] = framework_overhead_bytes
-    out["total"] = sum(out.values())
+    """Bytes per device of the pipeline rank that needs the most, by category, and their total."""
+    return max(rank_memories(job, framework_overhead_bytes=framework_overhead_bytes), key=lambda m: m["total"])
+
+
+def busiest_rank(job: Job) -> PipelineRank:
+    """The pipeline rank that needs the most memory (pipeline_ranks)."""
+    ranks = pipeline_ranks(job)
+    if len(ranks) == 1:
+        return ranks[0]
+    totals = [m["total"] for m in rank_memories(job, ranks)]
+    return ranks[totals.index(max(totals))]
+
+
+def rank_memories(job: Job, ranks: Optional[list[PipelineRank]] = None,
+                  framework_overhead_bytes: float = 0.0) -> list[dict[str, float]]:
+    """Bytes per device of each pipeline rank (default: pipeline_ranks) by category, and their total; what does not
+    depend on the rank (a layer's stored activations, the recompute's working set, the loss) computed once."""
+    modes = job.checkpoint_modes
+    per_layer = sum(share * layer_activation_bytes(job, mode) for mode, share in modes.items())
+    working_set = recompute_working_set(job)
+    loss = loss_bytes(job)
+    out = []
+    for rank in ranks or pipeline_ranks(job):
+        memory = model_state_bytes(rank.params, job)
+        memory["activations"] = rank.blocks * per_layer * in_flight_micro_batches(job, rank.index) + working_set
+        memory["buffers"] = _buffers(job, rank, loss, working_set)
+        memory["overhead"] = framework_overhead_bytes
+        memory["total"] = sum(memory.values())
+        out.append(memory)
     return out

@@ -24,7 +24,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from harness.core.registry import PP_SCHEDULES, pipeline_bubble, pipeline_split
+from harness.core.registry import pipeline_bubble
 from harness.costmodel.comm import DIMS, Collective
 from harness.costmodel.flops import model_key, param_tensors
 from harness.costmodel.kernels import (
@@ -37,7 +37,7 @@ from harness.costmodel.kernels import (
     recompute_kernels,
     shape_efficiency,
 )
-from harness.costmodel.layout import Job, layers_per_stage
+from harness.costmodel.layout import Job, layers_per_stage, stage_loads
 from harness.costmodel.network import Fabric, fabric
 from harness.costmodel.peaks import (
     AttentionTable,
@@ -241,34 +241,6 @@ _COMPUTE: dict[tuple[Any, ...], tuple[float, float]] = {}
 def compute_kernels(job: Job) -> tuple[list[Kernel], list[Kernel]]:
     """One block's kernels (with what it recomputes) and the output layer's, for one micro-batch (kernels.py)."""
     return layer_kernels(job) + recompute_kernels(job), head_kernels(job)
-
-
-def stage_loads(job: Job) -> list[tuple[int, bool]]:
-    """(blocks, holds the output layer) for each pipeline rank, as the software splits the blocks over its stages
-    (software.PP_PARTITIONS): megatron's split, or DeepSpeed's balanced partition of the layers its regex
-    matches, whose larger parts come first (partition_balanced since DeepSpeed's pull 4312, late 2023: 70 blocks on
-    8 stages are 9, 9, 9, 9, 9, 9, 8, 8; before it a greedy fill gave 9 x 7 and 7, the same busiest stage while the
-    head costs less than the difference; with the embedding and the tied head counted, BLOOM's 70 on 12 are 6 items
-    each under both, the ends 5 blocks). Virtual stages sit on the ranks as the schedule places them
-    (PipelineSchedule.placement: looped, rank r holds r, r + pp, ...; v, rank r holds r and 2pp - 1 - r); the rank
-    with the last stage holds the output layer."""
-    n, pp, v = job.model.n_layers, job.layout.pp, job.vpp
-    stages = pp * v
-    method = job.software.pp_partition
-    split = pipeline_split(n, stages) if method == "megatron" else None
-    if split is not None:
-        blocks = [len(r) for r in split]
-    else:
-        ends = 1 if method == "type:transformer|embedding" else 0  # the embedding and the head count as items
-        items = n + 2 * ends
-        base, extra = divmod(items, stages)
-        blocks = [base + (s < extra) for s in range(stages)]
-        blocks[0], blocks[-1] = max(0, blocks[0] - ends), max(0, blocks[-1] - ends)
-    if PP_SCHEDULES[job.pp_schedule].placement == "v" and v == 2:
-        owned = [(r, stages - 1 - r) for r in range(pp)]
-    else:
-        owned = [tuple(range(r, stages, pp)) for r in range(pp)]
-    return [(sum(blocks[s] for s in mine), stages - 1 in mine) for mine in owned]
 
 
 def _layer_and_head_s(job: Job, hw: Hardware, rates: Rates) -> tuple[float, float]:

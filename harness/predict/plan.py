@@ -33,7 +33,8 @@ from typing import Any, Iterator, Optional
 from omegaconf import OmegaConf
 
 from harness.config.checks import check_model, validate
-from harness.config.checks.parallel import check_context_parallel
+from harness.config.checks.backends import hybrid_shard_divides
+from harness.config.checks.parallel import check_context_parallel, check_tensor_parallel, micro_batches_refused
 from harness.config.compose import HelpRequested, compose, split_command_args
 from harness.config.schema import ParallelConfig
 from harness.core.errors import ConfigError
@@ -117,6 +118,15 @@ class Candidate:
                           "activation_checkpointing": self.activation_checkpointing}}
 
 
+def _splits_heads(model: GPTConfig, tp: int) -> bool:
+    """Whether TP of `tp` splits the model's heads and FFN columns whole, as the run's own check requires."""
+    try:
+        check_tensor_parallel(model, tp)
+    except ConfigError:
+        return False
+    return True
+
+
 def _context_splits(model: GPTConfig, device: str, name: str, tp: int, pp: int,
                     budget: int) -> list[tuple[int, str]]:
     """(cp, kind) pairs backend `name` runs for this model: cp = 1, and each kind's sizes up to the budget that the
@@ -140,8 +150,9 @@ def _structures(cfg: Any, budget: int, backends: list[str], exact: bool) -> Iter
     model = check_model(cfg.model)
     for name in backends:
         can = BACKENDS[name]
-        tps = [t for t in _divisors(dpn) if t <= budget] if can.tensor_parallel else [1]
-        pps = [p for p in range(1, min(budget, layers + 2) + 1) if pipeline_split(layers, p)] \
+        tps = [t for t in _divisors(dpn) if t <= budget and _splits_heads(model, t)] if can.tensor_parallel else [1]
+        most = layers + 2 if can.pipeline_implementation else layers  # DeepSpeed's stages each need a block
+        pps = [p for p in range(1, min(budget, most) + 1) if pipeline_split(layers, p)] \
             if can.pipeline_parallel else [1]
         for tp, pp in ((t, p) for t in tps for p in pps):
             for cp, cp_kind in _context_splits(model, device, name, tp, pp, budget):
@@ -156,7 +167,9 @@ def _structures(cfg: Any, budget: int, backends: list[str], exact: bool) -> Iter
                     vpps = [v for v in VPP_CHOICES if v == 1 or (can.interleaved_pipeline and pp > 1
                                                                    and pipeline_split(layers, pp * v))]
                     stages = can.zero_stages if not can.shardings else (0,)
-                    shardings = can.shardings or (None,)
+                    shardings = [s for s in can.shardings or (None,)  # hybrid_shard only where its group divides dp
+                                 if s != "hybrid_shard" or hybrid_shard_divides(
+                                     cfg.backend.hybrid_shard_group, dpn, dp * cp, tp)]
                     sps = (False, True) if tp > 1 else (False,)
                     offloads = (False, True) if can.shardings and tp == 1 and (pp == 1 or device == "cpu") \
                         else (False,)  # validate refuses offload with TP, and with PP on a GPU
@@ -216,11 +229,15 @@ def search(cfg: Any, budget: int, backends: list[str], *, exact: bool = False, k
             counts["dominated: offload where the layout fits without it"] += 1
             continue
         base, hw = fields[st["backend"]], hws[st["backend"]]
+        schedule = resolve_pp_schedule(None, st["vpp"])
         micro_sizes = _divisors(gbs // st["dp"])
+        if st["pp"] > 1 and "pp_schedule" in BACKENDS[st["backend"]].options:  # torch's schedule rules
+            micro_sizes = [m for m in micro_sizes
+                           if not micro_batches_refused(schedule, st["pp"], st["vpp"], gbs // (m * st["dp"]))]
         modes = len(MODES)
         common = dict(base, sharding=st["sharding"] or base["sharding"], offload=st["offload"], checkpoint_every_n=None,
-                      sequence_parallel=st["sequence_parallel"], vpp=st["vpp"],
-                      pp_schedule=resolve_pp_schedule(None, st["vpp"]), cp_kind=st["cp_kind"])
+                      sequence_parallel=st["sequence_parallel"], vpp=st["vpp"], pp_schedule=schedule,
+                      cp_kind=st["cp_kind"])
 
         def job_for(micro: int, ckpt: str) -> Any:
             layout = Layout(st["world"], st["tp"], st["pp"], st["dp"], st["zero_stage"], micro, gbs,

@@ -60,12 +60,18 @@ def check_deepspeed(b: BackendConfig, p: ParallelConfig, precision: str, device:
         raise ConfigError(f"backend.min_loss_scale={b.min_loss_scale}: must be positive")
 
 
+def hybrid_shard_divides(hybrid_shard_group: int | None, devices_per_node: int, dp: int, tp: int) -> bool:
+    """Whether hybrid_shard's group (registry.fsdp_replica_group) splits the data-parallel ranks into whole replicas."""
+    group = fsdp_replica_group("hybrid_shard", hybrid_shard_group, devices_per_node, dp, tp)
+    return group >= 1 and dp % group == 0
+
+
 def check_fsdp(b: BackendConfig, devices_per_node: int, dp: int, precision: str, tp: int, device: str) -> None:
     """The FSDP2 options; the hybrid group splits the data-parallel ranks into replicas of `group` shards."""
     choice(b.sharding, backend_spec(b.name).shardings, "backend.sharding")
     if b.sharding == "hybrid_shard":
         group = fsdp_replica_group(b.sharding, b.hybrid_shard_group, devices_per_node, dp, tp)
-        if group < 1 or dp % group:
+        if not hybrid_shard_divides(b.hybrid_shard_group, devices_per_node, dp, tp):
             raise ConfigError(f"backend.hybrid_shard_group={group} does not divide the {dp} data-parallel ranks; "
                               f"choose a divisor of {dp} (e.g. {nearest_divisor(dp, max(group, 1))})")
     if b.prefetch_depth < 0:

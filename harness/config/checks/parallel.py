@@ -92,16 +92,25 @@ def check_pipeline_schedule(b: BackendConfig, p: ParallelConfig, micro_batches: 
         raise ConfigError(f"backend.offload=true with parallel.pp={p.pp}: the pipeline's tied-embedding "
                           "collectives would run on host-offloaded shards, which NCCL cannot reduce; use "
                           "parallel.pp=1 with offload")
-    stages = p.pp * p.vpp
+    refused = micro_batches_refused(name, p.pp, p.vpp, micro_batches)
+    if refused:
+        raise ConfigError(refused)
+
+
+def micro_batches_refused(name: str, pp: int, vpp: int, micro_batches: int) -> str | None:
+    """Why torch's schedule `name` cannot run this many micro-batches per step over pp ranks of vpp stages each
+    (None: it can); `harness plan` skips the micro-batch sizes this refuses."""
+    schedule = PP_SCHEDULES[name]
+    stages = pp * vpp
     fix = "raise train.global_batch_size or lower train.micro_batch_size"
     if schedule.at_least_pp_micro_batches and micro_batches < stages:
-        raise ConfigError(f"backend.pp_schedule={name} needs at least {stages} micro-batches per step (one per "
-                          f"stage), got {micro_batches}; {fix}")
-    rounds = max(1, micro_batches // p.pp)
+        return (f"backend.pp_schedule={name} needs at least {stages} micro-batches per step (one per stage), got "
+                f"{micro_batches}; {fix}")
+    rounds = max(1, micro_batches // pp)
     if schedule.rounds and micro_batches % rounds:
-        raise ConfigError(f"backend.pp_schedule={name}: {micro_batches} micro-batches per step are not a multiple "
-                          f"of its {rounds} rounds (micro-batches // parallel.pp); {fix} to a multiple of "
-                          f"parallel.pp={p.pp}")
+        return (f"backend.pp_schedule={name}: {micro_batches} micro-batches per step are not a multiple of its "
+                f"{rounds} rounds (micro-batches // parallel.pp); {fix} to a multiple of parallel.pp={pp}")
+    return None
 
 
 def check_context_parallel(backend: str, model: GPTConfig, p: ParallelConfig, device: str = "auto") -> None:
