@@ -423,6 +423,25 @@ def test_plan_ranks_only_legal_fitting_layouts() -> None:
     assert [r["devices"] for r in pareto(found.rows)] == [8]
 
 
+def test_every_layout_the_search_keeps_passes_the_runs_own_checks() -> None:
+    """The search proposes only what `validate` accepts: TP that splits the heads whole, hybrid_shard where its
+    group divides the data-parallel ranks, no more DeepSpeed pipeline stages than blocks, and micro-batch counts
+    torch's pipeline schedules run (1F1B's one per stage, the interleaved schedule's rounds). A layout refused
+    only when printed could have displaced a legal one from the ranking."""
+    from harness.predict.plan import Candidate, search
+
+    cfg = compose(["model=gpt-tiny", "model.n_layers=6", "model.d_model=256", "model.n_heads=4",
+                   "system=dgx-a100-80gb", "parallel.world_size=8", "train.global_batch_size=24",
+                   "train.precision=bf16"])
+    found = search(cfg, 8, ["fsdp", "deepspeed3d"], exact=True, keep=10**9)
+    kinds = {(r["backend"], r["sharding"], r["pp"] > 1, r["vpp"] > 1, r["tp"] > 1) for r in found.rows}
+    assert {("fsdp", "hybrid_shard", False, False, False), ("fsdp", "full_shard", True, True, False),
+            ("deepspeed3d", None, True, False, True)} <= kinds
+    for row in found.rows:
+        change = Candidate(**{f.name: row[f.name] for f in dataclasses.fields(Candidate)}).change()
+        validate(OmegaConf.merge(cfg, change, {"parallel": {"world_size": row["world"]}}), row["world"])
+
+
 def test_plan_ranks_fsdp_at_the_peak_of_the_dtype_it_computes_in() -> None:
     """FSDP computes in backend.param_dtype where given: the search must rank its layouts at that dtype's peak,
     as `estimate` prices them, not at train.precision's (fp32's is a fraction of bf16's)."""
