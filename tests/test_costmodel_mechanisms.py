@@ -744,17 +744,44 @@ def test_bf16_runs_of_megatron_deepspeeds_bf16_optimizer_and_nanotron_keep_and_r
 
 def test_fsdp_holds_unsharded_fp32_gradients_only_while_accumulating() -> None:
     """Accumulating micro-batches, FSDP2 keeps every gradient whole in fp32 (4 bytes per parameter, whatever the
-    group: KempnerForge's bf16 states too); one micro-batch leaves the sharded gradients of the model states."""
+    group: KempnerForge's bf16 states too, and the harness's one GPU); one micro-batch leaves the sharded gradients
+    of the model states. KempnerForge on one GPU runs no FSDP: its bf16 gradients accumulate in bf16."""
     from harness.costmodel.memory import model_state_bytes
 
     four, _ = job_and_hw([*LLAMA, "train.global_batch_size=64"], 8)
     one, _ = job_and_hw([*LLAMA, "train.global_batch_size=16"], 8)
-    alone, _ = job_and_hw([*LLAMA, "train.global_batch_size=8", "costmodel.software=kempnerforge"], 1)
-    assert four.micro_batches == 4 and one.micro_batches == 1 and alone.micro_batches == 4
+    tp_only, _ = job_and_hw([*LLAMA, "train.global_batch_size=8", "parallel.tp=2",
+                             "costmodel.software=kempnerforge"], 2)
+    alone, _ = job_and_hw([*LLAMA, "train.global_batch_size=8"], 1)
+    plain, _ = job_and_hw([*LLAMA, "train.global_batch_size=8", "costmodel.software=kempnerforge"], 1)
+    assert four.micro_batches == 4 and one.micro_batches == 1 and alone.micro_batches == plain.micro_batches == 4
     params = four.params_per_rank
     assert model_state_bytes(params, four)["grads"] == pytest.approx(4 * params)
     assert model_state_bytes(params, one)["grads"] == pytest.approx(4 * params / 8)
-    assert alone.state_bytes.grads == 2 and model_state_bytes(params, alone)["grads"] == pytest.approx(4 * params)
+    assert model_state_bytes(params, alone)["grads"] == pytest.approx(4 * params)
+    assert tp_only.state_bytes.grads == 2 and model_state_bytes(params, tp_only)["grads"] == pytest.approx(4 * params)
+    assert plain.state_bytes.grads == 2 and model_state_bytes(params, plain)["grads"] == pytest.approx(2 * params)
+
+
+def test_a_whole_model_compiled_backward_returns_every_gradient_at_once() -> None:
+    """KempnerForge on one GPU compiles the whole model with no FSDP hooks to break its graph, so the backward is one
+    graph whose outputs are all the gradients: accumulating micro-batches, they are all live at its end beside the
+    .grad kept from the earlier ones, where the activations are gone. One micro-batch, an eager model or FSDP's
+    per-unit graphs hold no such second copy."""
+    from harness.costmodel.memory import busiest_rank, memory_per_device, whole_graph_gradients
+
+    def job(*extra: str, world: int = 1) -> Job:
+        return job_and_hw([*LLAMA, "costmodel.software=kempnerforge", "train.compile=true", *extra], world)[0]
+
+    plain = job("train.global_batch_size=8")
+    assert plain.micro_batches == 4 and not plain.fsdp_wraps
+    grads = plain.params_per_rank * 2  # bf16, as the parameters
+    assert whole_graph_gradients(plain, busiest_rank(plain)) == pytest.approx(grads)
+    memory = memory_per_device(plain)
+    assert memory["total"] >= memory["weights"] + memory["grads"] + memory["optimizer"] + grads
+    for other in (job("train.global_batch_size=2"), job("train.global_batch_size=8", "train.compile=false"),
+                  job("train.global_batch_size=16", world=2)):
+        assert whole_graph_gradients(other, busiest_rank(other)) == 0.0
 
 
 def test_hybrid_sharding_shards_within_a_node_beside_tensor_parallelism() -> None:
@@ -883,7 +910,6 @@ def test_the_busiest_pipeline_stage_is_the_one_the_software_loads_most() -> None
     assert busiest < 9 * per_layer + head_s  # no stage holds the most blocks and the head
 
 
-@pytest.mark.deepspeed
 def test_each_pipeline_rank_holds_its_own_blocks_and_micro_batches_in_flight() -> None:
     """Memory is priced per pipeline rank, with the blocks the software's split gives it, the embedding on rank 0,
     the output layer (and a tied copy of the embedding) on the last, and the micro-batches its schedule keeps in
@@ -918,12 +944,32 @@ def test_each_pipeline_rank_holds_its_own_blocks_and_micro_batches_in_flight() -
     assert memory_per_device(job)["activations"] == pytest.approx(activation_bytes(job, busiest_rank(job)))
     ceil_blocks = 6 * 12 * per_layer + recompute_working_set(job)
     assert memory_per_device(job)["activations"] < ceil_blocks
-    looped, _ = job_and_hw([*LLAMA, "model.n_layers=16", "parallel.pp=4", "parallel.vpp=2",
-                            "train.global_batch_size=16"], 4)
-    assert looped.micro_batches == 8
-    assert [in_flight_micro_batches(looped, r) for r in range(4)] == [5.5, 4.5, 3.5, 2.5]
 
 
+def test_each_pipeline_schedule_keeps_the_micro_batches_torchs_pass_order_keeps() -> None:
+    """Chunks of activations a rank holds at once, as torch's schedules order the passes (their
+    _calculate_single_rank_operations, counted forward minus weight-gradient passes): interleaved 1F1B
+    (v - 1)·r + 2·(pp - rank - 1) + 1, with r the micro-batches per round, which is pp only where pp divides the
+    micro-batches; the interleaved zero-bubble schedule (v - 1)·r + pp on every rank, its inputs held for the deferred
+    weight gradients; ZB-V 2·pp (pp micro-batches); 1F1B pp - rank."""
+    from harness.costmodel.memory import in_flight_micro_batches
+
+    def chunks(schedule: str, pp: int, vpp: int, micro_batches: int) -> list[float]:
+        job, _ = job_and_hw([*LLAMA, "model.n_layers=16", f"parallel.pp={pp}", f"parallel.vpp={vpp}",
+                             f"backend.pp_schedule={schedule}", f"train.global_batch_size={2 * micro_batches}"], pp)
+        assert job.micro_batches == micro_batches
+        return [in_flight_micro_batches(job, r) * vpp for r in range(pp)]
+
+    assert chunks("Interleaved1F1B", 4, 2, 8) == [11, 9, 7, 5]
+    assert chunks("Interleaved1F1B", 4, 2, 6) == [12, 11, 9, 7]  # one round of 6: (2 - 1)·6 + 2·(3 - rank) + 1
+    assert chunks("Interleaved1F1B", 4, 2, 10) == [12, 10, 8, 6]  # two rounds of 5
+    assert chunks("InterleavedZeroBubble", 4, 2, 8) == [8, 8, 8, 8]
+    assert chunks("ZBVZeroBubble", 4, 2, 8) == [8, 8, 8, 8]
+    assert chunks("1F1B", 4, 1, 8) == [4, 3, 2, 1]
+    assert chunks("GPipe", 4, 1, 8) == [8, 8, 8, 8]
+
+
+@pytest.mark.deepspeed
 def test_the_stage_split_is_deepspeeds_own_partition() -> None:
     """The partition stage_loads assumes is what DeepSpeed's partition_balanced returns for the binary weights its
     type: regex gives the layers (deepspeed/runtime/pipe/module.py _partition_layers)."""
@@ -1106,7 +1152,7 @@ def test_fsdp2_on_a_one_rank_group_still_gathers_and_reduces_through_buffers() -
     blocks, the root and one unsharded block gradient beside its shards, as it does on a larger group. DDP
     holds none of them. On this CPU the harness's own FSDP run at TP 2 on 2 ranks measured 20% more than the
     model gave it without them (benchmarks/memory_cpu.py)."""
-    from harness.costmodel.memory import buffer_bytes, gathered_bytes
+    from harness.costmodel.memory import buffer_bytes, gathered_bytes, model_state_bytes
 
     tp_only, _ = job_and_hw([*LLAMA, "backend=fsdp", "parallel.tp=2", "train.global_batch_size=2"], 2)
     sharded, _ = job_and_hw([*LLAMA, "backend=fsdp", "parallel.tp=2", "train.global_batch_size=4"], 4)
@@ -1114,10 +1160,22 @@ def test_fsdp2_on_a_one_rank_group_still_gathers_and_reduces_through_buffers() -
     E, block, root = tp_only.act_bytes, tp_only.block_params_per_rank, tp_only.root_params_per_rank
     assert gathered_bytes(tp_only) == pytest.approx((2 * block + root) * E + block * tp_only.reduce_bytes)
     assert gathered_bytes(tp_only) == pytest.approx(gathered_bytes(sharded))
+    # no_shard never reshards after the forward (harness/backends/fsdp.py): every unit stays gathered
     no_shard, _ = job_and_hw([*LLAMA, "backend=fsdp", "backend.sharding=no_shard"], 2)
-    assert no_shard.shards.weights == 1 and gathered_bytes(no_shard) > 0
+    assert no_shard.shards.weights == 1 and gathered_bytes(no_shard) == pytest.approx(
+        no_shard.params_per_rank * no_shard.act_bytes + no_shard.block_params_per_rank * no_shard.reduce_bytes)
     ddp, _ = job_and_hw([*LLAMA, "backend=ddp"], 2)
     assert gathered_bytes(ddp) == 0.0 and buffer_bytes(tp_only) > gathered_bytes(tp_only)  # counted in the buffers
+    # One GPU: the harness wraps it in FSDP2 all the same; KempnerForge builds no mesh and trains the plain model,
+    # its gradients accumulating in the parameters' dtype, not FSDP's fp32
+    harness, _ = job_and_hw([*LLAMA, "backend=fsdp", "train.global_batch_size=4"], 1)
+    kempnerforge, _ = job_and_hw([*LLAMA, "backend=fsdp", "train.global_batch_size=4",
+                                  "costmodel.software=kempnerforge"], 1)
+    assert harness.micro_batches == kempnerforge.micro_batches == 2
+    assert gathered_bytes(harness) > 0 and harness.unsharded_grad_bytes == 4
+    assert gathered_bytes(kempnerforge) == 0.0 and kempnerforge.unsharded_grad_bytes is None
+    assert model_state_bytes(kempnerforge.params_per_rank, kempnerforge)["grads"] == pytest.approx(
+        kempnerforge.params_per_rank * 2)
 
 
 def test_the_ends_of_fsdps_pipeline_of_collectives_are_exposed_however_much_compute_there_is() -> None:

@@ -153,10 +153,11 @@ class Job:
 
     @property
     def root_params_per_rank(self) -> float:
-        """Parameters outside the blocks on one rank of the busiest stage (the embedding, final norm and output
-        layer, each as TP splits it or not): what FSDP's root module, the last `fully_shard`, holds."""
-        return max(0.0, max(params - blocks * self.block_params_per_rank
-                            for params, (blocks, _) in zip(self.stage_params, stage_loads(self))))
+        """Parameters outside the blocks on the pipeline rank that holds the most (the embedding, final norm and
+        output layer, each as TP splits it or not): what FSDP's root module, the last `fully_shard`, holds."""
+        params = self.stage_params
+        most = params.index(max(params))  # the rank params_per_rank counts
+        return max(0.0, params[most] - stage_loads(self)[most][0] * self.block_params_per_rank)
 
     @property
     def vocab_mode(self) -> str:
@@ -253,11 +254,25 @@ class Job:
         Fabric's no_backward_sync and torch's pipeline stages, KempnerForge through maybe_no_sync) keeps every
         parameter's whole gradient on its rank, cast up to the reduce dtype (torch FSDPParam.
         to_accumulated_grad_if_needed), until the last micro-batch's backward reduce-scatters it. A one-rank group
-        too: both wrap every run in FSDP2 (KempnerForge gives its mesh a dp_shard dimension of size 1 beside TP, and
-        of the world size alone: kempnerforge/distributed/setup.py init_distributed)."""
-        if self.spec.shardings and self.sharding != "no_shard" and self.micro_batches > 1:
+        too, where FSDP2 wraps the run (fsdp_wraps)."""
+        if self.fsdp_wraps and self.sharding != "no_shard" and self.micro_batches > 1:
             return self.reduce_bytes
         return None
+
+    @property
+    def fsdp_wraps(self) -> bool:
+        """FSDP2 wraps the model: every FSDP run, on a one-rank group too (a TP-only mesh, where KempnerForge gives
+        its mesh a dp_shard dimension of size 1 beside TP: kempnerforge/distributed/setup.py init_distributed), but
+        not one device where the software builds no mesh there (Software.fsdp_on_one_device)."""
+        return bool(self.spec.shardings) and (self.software.fsdp_on_one_device or self.layout.world_size > 1)
+
+    @property
+    def keeps_units_gathered(self) -> bool:
+        """FSDP keeps every unit's parameters gathered from its forward to its backward: the harness reshards after
+        the forward only under full_shard and hybrid_shard (harness/backends/fsdp.py), and never in zero-bubble
+        pipeline stages (harness/backends/pipeline.py)."""
+        split = self.layout.pp > 1 and PP_SCHEDULES[self.pp_schedule].split_backward
+        return self.fsdp_wraps and (self.sharding in ("shard_grad_op", "no_shard") or split)
 
 
 def _ds_reduce_bucket(zero: dict[str, Any], ds_config: Any, precision: str, stage: int) -> Optional[int]:

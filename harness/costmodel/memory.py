@@ -16,11 +16,10 @@ Models", section 4): per layer s·b·h·(34 + 5·a·s/h) bytes in 16 bits with d
 10·s·b·h is replicated over TP ranks unless sequence parallelism splits it; full recompute keeps
 only each layer's 2·s·b·h input; selective recompute (section 5) drops the core attention's 5·a·s²·b
 (scores, softmax, dropout mask) and keeps the rest; the attention sub-layer variant keeps none of the
-attention's activations; with 1F1B pipeline rank r holds min(micro-batches, PP − r) micro-batches, with v
-interleaved stages (PP − r − 1)·2 + (v − 1)·PP + 1 of its chunks (Megatron's and torch's warm-up, plus the one
-in flight); GPipe and looped BFS hold all of them. Each pipeline rank is priced with the blocks, embedding and
-output layer the software's split gives it (layout.stage_loads), and the device's figure is the rank that needs
-the most.
+attention's activations; with 1F1B pipeline rank r holds min(micro-batches, PP − r) micro-batches, and the
+other schedules what torch's pass order keeps (in_flight_micro_batches); GPipe and looped BFS hold all of
+them. Each pipeline rank is priced with the blocks, embedding and output layer the software's split gives it
+(layout.stage_loads), and the device's figure is the rank that needs the most.
 With context parallelism a rank holds s/cp of each sequence, so every s·b·h term is 1/cp; the score matrix
 is a/cp·s² (ulysses: whole sequences, a cp-th of the heads) or a·(s/cp)·s (ring: its queries against all keys).
 """
@@ -114,20 +113,27 @@ def _first_of_each_kind(loads: tuple[tuple[int, bool], ...]) -> tuple[int, ...]:
 
 
 def in_flight_micro_batches(job: Job, rank: int = 0) -> float:
-    """Micro-batches whose activations pipeline rank `rank` holds at once: under 1F1B min(micro-batches, pp - rank)
-    (its warm-up forwards and the one in flight); with v interleaved stages per rank, (pp - rank - 1)·2 + (v - 1)·pp
-    + 1 of its chunks (Megatron's get_num_warmup_microbatches, torch's Interleaved1F1B warm-up), each 1/v of its
-    blocks; the V placement of ZB-V balances every rank at the first's (Qi et al. 2024); GPipe and looped
-    breadth-first run every micro-batch's forward before the backwards, so they hold all of them."""
+    """Micro-batches whose activations pipeline rank `rank` holds at once, as torch's schedules order the passes
+    (torch/distributed/pipelining/schedules.py, each schedule's _calculate_single_rank_operations): under 1F1B
+    min(micro-batches, pp - rank), its warm-up forwards and the one in flight (DeepSpeed's TrainSchedule too);
+    interleaved 1F1B with v stages per rank (v - 1)·r + 2·(pp - rank - 1) + 1 of its chunks, each 1/v of its blocks,
+    r the micro-batches per round (micro-batches // max(1, micro-batches // pp)); the interleaved zero-bubble
+    schedule (v - 1)·r + pp chunks on every rank, whose inputs wait for their deferred weight-gradient passes;
+    ZB-V 2·min(micro-batches, pp) chunks, pp micro-batches as 1F1B's first rank (Qi et al. 2024); GPipe and looped
+    breadth-first run every micro-batch's forward before the backwards, so they hold all of them. A later rank of
+    a schedule never holds more than an earlier one (pipeline_ranks relies on it)."""
     pp, v, mb = job.layout.pp, job.vpp, job.micro_batches
     if pp == 1:
         return 1.0
     schedule = PP_SCHEDULES[job.pp_schedule]
     if schedule.holds_all_micro_batches:
         return float(mb)
+    if schedule.placement == "v":
+        return float(min(mb, pp))
     if v > 1:
-        r = 0 if schedule.placement == "v" else rank
-        return min(mb * v, (pp - r - 1) * 2 + (v - 1) * pp + 1) / v
+        per_round = mb // max(1, mb // pp)
+        warm_up = pp - 1 if schedule.split_backward else 2 * (pp - rank - 1)
+        return min(mb * v, (v - 1) * per_round + warm_up + 1) / v
     return float(min(mb, pp - rank))
 
 
@@ -203,18 +209,30 @@ def _buffers(job: Job, rank: PipelineRank, loss: tuple[float, float], working_se
 
 def gathered_bytes(job: Job, rank: Optional[PipelineRank] = None) -> float:
     """What FSDP and ZeRO-3 hold unsharded beside the shards: the gathered blocks in the compute dtype (current +
-    one prefetched, and the root module, which stays gathered from its forward to its backward; every block under
-    shard_grad_op) and one unsharded block gradient in the reduce dtype before it is reduced. FSDP2 runs its gather
-    and reduce on one-rank groups too (no_shard's, a TP-only mesh's): it copies each unit's parameters into
-    unsharded buffers and its gradients into a reduce-scatter input all the same (torch 2.13
-    FSDPParamGroup.wait_for_unshard and foreach_reduce at world_size 1)."""
-    if not (job.spec.shardings or job.shards.weights > 1 or job.offload):
+    one prefetched, and the root module, which stays gathered from its forward to its backward; every unit where
+    FSDP keeps them gathered: Job.keeps_units_gathered) and one unsharded block gradient in the reduce dtype before
+    it is reduced. FSDP2 runs its gather and reduce on one-rank groups too (no_shard's, a TP-only mesh's): it copies
+    each unit's parameters into unsharded buffers and its gradients into a reduce-scatter input all the same (torch
+    2.13 FSDPParamGroup.wait_for_unshard and foreach_reduce at world_size 1)."""
+    if not (job.fsdp_wraps or job.shards.weights > 1 or job.offload):
         return 0.0
     rank = rank or busiest_rank(job)
     E, block = job.act_bytes, job.block_params_per_rank  # as this TP rank holds them
     root = max(0.0, rank.params - rank.blocks * block)
-    held = rank.params if job.spec.shardings and job.sharding == "shard_grad_op" else 2 * block + root
+    held = rank.params if job.keeps_units_gathered else 2 * block + root
     return held * E + block * job.reduce_bytes
+
+
+def whole_graph_gradients(job: Job, rank: PipelineRank) -> float:
+    """Gradients a whole-model torch.compile returns at once: with no FSDP hooks to break it (KempnerForge on one
+    GPU: torch.compile(model), Software.compile_whole_model), the backward is one AOTAutograd graph whose outputs are
+    every parameter's gradient, all live when it ends, before autograd adds each into the .grad the earlier
+    micro-batches left (the first micro-batch's are taken as .grad itself): a second copy of the gradients in their
+    dtype at the backward's end, when accumulating."""
+    sw = job.software
+    if sw.compiled and sw.compile_whole_model and not job.fsdp_wraps and job.micro_batches > 1:
+        return rank.params * job.state_bytes.grads
+    return 0.0
 
 
 def autocast_weight_copies(job: Job, rank: Optional[PipelineRank] = None) -> float:
@@ -257,6 +275,9 @@ def rank_memories(job: Job, ranks: Optional[list[PipelineRank]] = None,
         memory = model_state_bytes(rank.params, job)
         memory["activations"] = rank.blocks * per_layer * in_flight_micro_batches(job, rank.index) + working_set
         memory["buffers"] = _buffers(job, rank, loss, working_set)
+        # at the backward's end the activations are gone; where a second set of gradients is live then, the step
+        # peaks there if that is more, counted with the buffers
+        memory["buffers"] = max(memory["buffers"], whole_graph_gradients(job, rank) - memory["activations"])
         memory["overhead"] = framework_overhead_bytes
         memory["total"] = sum(memory.values())
         out.append(memory)

@@ -98,7 +98,7 @@ class Software:
     """Hidden/attention dropout: its masks are stored (Korthikanti et al. 2022, section 4.1)."""
     pp_partition: str = "megatron"
     """How the blocks are split over pipeline stages (PP_PARTITIONS): the busiest stage's compute is the most any
-    stage holds, the output layer's on the last (timing.stage_loads)."""
+    stage holds, the output layer's on the last (layout.stage_loads)."""
     pp_scatter_gather: bool = False
     """Each TP rank sends 1/TP of a stage boundary's activations and the next stage all-gathers them over
     the node's links (Narayanan et al. 2021, section 4.1; DeepSpeed's pipeline `pipe_partitioned`)."""
@@ -215,6 +215,10 @@ class Software:
     once each in the forward and reduce-scatter its gradient once each in the backward (without sequence
     parallelism: an all-reduce each in the backward); otherwise one gather per sub-layer (Megatron's fused QKV
     and FC1, the harness's PrepareModuleInput)."""
+    fsdp_on_one_device: bool = True
+    """FSDP2 wraps a run of one device too (the harness's FSDP backend shards every run); False where the software
+    builds no mesh there and trains the plain model (KempnerForge: init_distributed returns no mesh at world size
+    1, so apply_fsdp2 is skipped and autograd accumulates the gradients in the parameters' dtype)."""
     states_in_compute_dtype: bool = False
     """The parameters are stored in the 16-bit compute dtype, so their gradients and AdamW's moments are too: 8 bytes
     of model state per parameter instead of mixed precision's fp32 weights, gradients and moments (16)."""
@@ -351,6 +355,7 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
                     "39 passes in the backward in 9 kernels (3 fills, 3 copies, 2 adds, 1 copy), none in the forward "
                     "(the permuted views reach SDPA uncopied)"),
     Software(name="kempnerforge", **_PYTORCH, grad_reduce_overlap=True, run_flags=True, compile_whole_model=True,
+             fsdp_on_one_device=False,
              tp_vocab="gathered", tp_gather_per_projection=True, rmsnorm_composite=True, states_in_compute_dtype=True,
              loss_in_compute_dtype=True, loop_holds_logits=True,
              attention_kernel="cudnn",
