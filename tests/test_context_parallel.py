@@ -160,3 +160,18 @@ def test_the_cpu_miniature_sweep_gives_the_context_view(tmp_path: Path) -> None:
     assert rows[(512, 2)]["memory MB"] < 0.8 * rows[(512, 1)]["memory MB"], rows
     assert rows[(512, 2)]["predicted memory MB"] < rows[(512, 1)]["predicted memory MB"]
     assert (out / "context.png").stat().st_size > 0
+
+
+def test_ddp_leaves_each_ranks_buffers_its_own() -> None:
+    """Ring attention shards the RoPE tables per rank in place (torch's context_parallel over model.rope_cos and
+    rope_sin); DDP's default broadcasts rank 0's module buffers before every forward, which would give every rank
+    rank 0's positions. The harness's DDP strategy broadcasts none: the model's buffers are functions of its
+    config, the same on every rank."""
+    import torch
+
+    from harness.backends.ddp import DDPBackend
+
+    cfg = compose(["backend=ddp", "parallel.cp=2", "parallel.cp_kind=ring", "model.position=rope",
+                   "system.device=cuda"])
+    strategy = DDPBackend(cfg, validate(cfg, 4), torch.device("cpu")).strategy()
+    assert strategy._ddp_kwargs.get("broadcast_buffers") is False

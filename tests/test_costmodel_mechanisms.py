@@ -57,6 +57,29 @@ def test_a_collective_across_nodes_uses_every_nic_of_the_node() -> None:
     assert four.nic_share(1) == pytest.approx(four.nic_share(4) / 4)
 
 
+def test_a_group_is_costed_on_the_devices_and_nodes_it_holds() -> None:
+    """A data-parallel group beside TP 4 on a Frontier node holds GCDs 0 and 4, which share no xGMI link: its ring
+    runs over the node's rings, not over the 200 GB/s link between GCDs 0 and 1 (RCCL's rome_model_74). A group of
+    12 on 8-GPU nodes fills one node and half of another, whose four members own half its NICs: it is slower per
+    byte than 16 ranks on two whole nodes, not a one-node ring. An all-to-all across two nodes sends each rank's
+    cross-node half through the NICs itself, at least local·(group − local)/group of the payload per node."""
+    from harness.costmodel.comm import collectives
+
+    frontier = fabric(compose(["system=frontier"]).system)
+    assert frontier.intra_ring(2) == pytest.approx(200e9 * 0.8)  # GCDs 0 and 1: one MI250X's four links
+    assert frontier.intra_ring(2, stride=4) == pytest.approx(50e9 * 0.8)  # 0 to 4 over 0-6-4 or 0-2-4: 50 GB/s
+    job, _ = job_and_hw([*LLAMA, "system=frontier", "parallel.tp=4", "train.global_batch_size=4"], 8)
+    (reduce,) = [c for c in collectives(job) if c.dim == "dp"][:1]
+    assert (reduce.group, reduce.local, reduce.stride) == (2, 2, 4)
+    a100 = fabric(compose(["system=dgx-a100-80gb"]).system)
+    payload = 1 * GiB
+    one_node, twelve, sixteen = (a100.call_s("all_reduce", payload, n, 8) for n in (8, 12, 16))
+    assert twelve > sixteen > one_node
+    node_nics = a100.nic_share(8)
+    assert a100.call_s("all_to_all", payload, 16, 8) >= 8 * (16 - 8) / 16 * payload / node_nics
+    assert a100.call_s("all_to_all", payload, 16, 8) > 3 * a100.call_s("all_gather", payload, 16, 8) / 2
+
+
 def test_point_to_point_links_give_each_group_the_rings_they_carry() -> None:
     """Frontier: the two GCDs of one MI250X share four xGMI links (200 GB/s); GCDs 0 and 2 one link (50 GB/s); a
     ring over all eight finds several channels over the single and double links."""

@@ -24,4 +24,8 @@ class DDPBackend(FabricBackend):
 
         if self.layout.world_size == 1:
             return SingleDeviceStrategy(device=self.device)
-        return DDPStrategy(timeout=timedelta(seconds=self.cfg.launcher.pg_timeout_s))
+        # No buffer broadcast: DDP would copy rank 0's module buffers over every rank's before each forward, and
+        # ring context parallelism shards the RoPE tables per rank in place (harness/backends/context.py), so each
+        # rank would rotate its chunk of the sequence with rank 0's positions. The model's buffers are functions of
+        # its config, identical on every rank without it.
+        return DDPStrategy(timeout=timedelta(seconds=self.cfg.launcher.pg_timeout_s), broadcast_buffers=False)

@@ -52,6 +52,9 @@ class Collective:
     """Collectives each call is issued as, the payload split evenly over them, each paying the library's latency:
     FSDP2 gathers and reduces one `fully_shard` unit at a time (every block, then the root's own parameters), so a
     pass over the model is that many ring collectives, whose latency grows with the ranks (network.py)."""
+    stride: int = 1
+    """Rank distance between the group's members inside a node: it holds the node's devices 0, stride, 2·stride, ...
+    (a data-parallel group beside TP: tp apart), whose links its rings use (network.Fabric.intra_ring)."""
 
     @property
     def intra_node(self) -> bool:
@@ -85,8 +88,9 @@ def dp_collectives(job: Job) -> list[Collective]:
     per = job.state_bytes
     local = per_node(layout.tp, dp, job)
 
-    def c(kind: str, payload: float, calls: float, group: int = dp, members: int = local, units: int = 1) -> Collective:
-        return Collective("dp", kind, payload, calls, group, members, units)
+    def c(kind: str, payload: float, calls: float, group: int = dp, members: int = local, units: int = 1,
+          stride: int = layout.tp) -> Collective:
+        return Collective("dp", kind, payload, calls, group, members, units, stride)
 
     stage = layout.zero_stage
     if dp == 1:
@@ -175,7 +179,7 @@ def _fsdp_collectives(job: Job, params: float, c) -> list[Collective]:  # type: 
     out = [c("all_gather", params * job.act_bytes, gathers * m, n, local, units)]
     out.append(c("reduce_scatter", params * R, 1, n, local, units))
     if job.sharding == "hybrid_shard" and dp > n:
-        out.append(c("all_reduce", params * R / n, 1, dp // n, per_node(tp * n, dp // n, job), units))
+        out.append(c("all_reduce", params * R / n, 1, dp // n, per_node(tp * n, dp // n, job), units, tp * n))
     return out
 
 
@@ -235,16 +239,16 @@ def pp_collectives(job: Job) -> list[Collective]:
     neighbour = 2 if stage * layout.pp <= job.devices_per_node else 1
     split = job.sequence_parallel and job.software.pp_sends_sequence_split
     if layout.tp > 1 and (split or job.software.pp_scatter_gather):
-        out = [Collective("pp", "send_recv", payload / layout.tp, calls, 2, neighbour)]
+        out = [Collective("pp", "send_recv", payload / layout.tp, calls, 2, neighbour, stride=stage)]
         if not split:  # scatter/gather: the receiving stage rebuilds the whole boundary over the node's links
             out.append(Collective("pp", "all_gather", payload, calls, layout.tp, per_node(1, layout.tp, job)))
     else:
-        out = [Collective("pp", "send_recv", payload, calls, 2, neighbour)]
+        out = [Collective("pp", "send_recv", payload, calls, 2, neighbour, stride=stage)]
     if job.model.tie_embeddings:
         grads = job.state_bytes.grads
         tied = job.model.vocab_size * job.model.d_model / layout.tp * grads
         ends = 2 if layout.world_size <= job.devices_per_node else 1  # the first and last stage, a node apart
-        out.append(Collective("pp", "all_reduce", tied, 1, 2, ends))
+        out.append(Collective("pp", "all_reduce", tied, 1, 2, ends, stride=stage * (layout.pp - 1)))
     return out
 
 
@@ -271,11 +275,11 @@ def cp_collectives(job: Job) -> list[Collective]:
     kv = job.tokens * 2 * m.kv_heads * m.head_dim / tp * E
     if job.cp_kind == "ring":
         sends = (cp - 1) * (1 + 2 + recompute) * passes
-        return [Collective("cp", "send_recv", kv / 2, 2 * sends, 2, 2 if local >= cp else 1)]
+        return [Collective("cp", "send_recv", kv / 2, 2 * sends, 2, 2 if local >= cp else 1, stride=tp)]
     q_or_out = job.tokens * m.n_heads * m.head_dim / tp * E
     calls = (2 + recompute) * passes  # forward, backward and any recompute: each for q and out, and for k and v
-    return [Collective("cp", "all_to_all", q_or_out, 2 * calls, cp, local),
-            Collective("cp", "all_to_all", kv / 2, 2 * calls, cp, local)]
+    return [Collective("cp", "all_to_all", q_or_out, 2 * calls, cp, local, stride=tp),
+            Collective("cp", "all_to_all", kv / 2, 2 * calls, cp, local, stride=tp)]
 
 
 def collectives(job: Job) -> list[Collective]:

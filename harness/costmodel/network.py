@@ -171,13 +171,19 @@ class Fabric:
         reduce-scatter as an all-reduce of the whole tensor)."""
         return self.protocols is GLOO_PROTOCOLS
 
-    def intra_ring(self, local: int) -> Optional[float]:
-        """Bus bandwidth of a ring over `local` consecutive devices of one node (None: the profile lacks it)."""
+    def intra_ring(self, local: int, stride: int = 1) -> Optional[float]:
+        """Bus bandwidth of a ring over the `local` devices 0, stride, 2·stride, ... of one node (a group whose ranks
+        are `stride` apart: a data-parallel group beside TP, a pipeline's neighbours); None where the profile lacks
+        it."""
         if local <= 1:
             return math.inf
         if self.links:
-            found = ring_bandwidth(tuple(row[:local] for row in self.links[:local])) or ring_bandwidth(self.links)
-            return found * self.intra_efficiency
+            held = range(0, min(local * stride, len(self.links)), stride)
+            found = ring_bandwidth(tuple(tuple(self.links[i][j] for j in held) for i in held))
+            if not found:  # no ring over direct links: over the widest routes through the node's other devices
+                routed = widest_routes(self.links)
+                found = ring_bandwidth(tuple(tuple(routed[i][j] for j in held) for i in held))
+            return (found or ring_bandwidth(self.links)) * self.intra_efficiency
         return None if self.link_bw is None else self.link_bw * self.intra_efficiency
 
     def nic_share(self, local: int) -> Optional[float]:
@@ -186,27 +192,32 @@ class Fabric:
             return None
         return self.nics * self.nic_bw * self.nic_efficiency * min(1.0, local / self.devices_per_node)
 
-    def bus_bandwidth(self, local: int, nodes: int) -> Optional[float]:
-        intra = self.intra_ring(local)
-        net = self.nic_share(local) if nodes > 1 else math.inf
+    def bus_bandwidth(self, local: int, nodes: int, stride: int = 1, fewest: Optional[int] = None) -> Optional[float]:
+        """A ring's bus bandwidth: its slowest link, inside a node or out of the node whose members own the least
+        of its NICs (`fewest` members: a group that ends in part of a node)."""
+        intra = self.intra_ring(local, stride)
+        net = self.nic_share(fewest or local) if nodes > 1 else math.inf
         if intra is None or net is None:
             return None
         return min(intra, net)
 
-    def call_s(self, kind: str, payload: float, group: int, local: int) -> Optional[float]:
-        """One call of a collective over `group` ranks, `local` of them per node; None where the profile lacks
-        a bandwidth it needs."""
+    def call_s(self, kind: str, payload: float, group: int, local: int, stride: int = 1) -> Optional[float]:
+        """One call of a collective over `group` ranks, `local` of them per node, `stride` apart there; None where
+        the profile lacks a bandwidth it needs."""
         if group <= 1:
             return 0.0
         if self.gloo:
             kind = GLOO_KIND.get(kind, kind)
         local = max(1, min(local, group))
-        nodes = max(1, group // local)
+        nodes = -(-group // local)  # a group that does not fill its last node still spans it
+        fewest = group - (nodes - 1) * local
         if kind == "send_recv":
-            return self._send_s(payload, local, nodes)
-        bw = self.bus_bandwidth(local, nodes)
+            return self._send_s(payload, local, nodes, stride)
+        bw = self.bus_bandwidth(local, nodes, stride, fewest)
         if bw is None:
             return None
+        if kind == "all_to_all" and nodes > 1:
+            return self._all_to_all_s(payload, group, local, nodes, stride, fewest)
         steps = 2 * (group - 1) if kind == "all_reduce" else group - 1  # an all-to-all: p − 1 pairwise exchanges
         inter_steps = (2 if kind == "all_reduce" else 1) * (nodes - 1)
         tree = kind == "all_reduce" and nodes > 1
@@ -230,14 +241,35 @@ class Fabric:
             return min(best, NVLS_LATENCY + payload / (self.link_bw * self.nvls_efficiency))
         return best
 
-    def _send_s(self, payload: float, local: int, nodes: int) -> Optional[float]:
-        """A point-to-point transfer between two ranks: over the pair's link in a node, else over this device's
-        share of the node's NICs (each pipeline rank sends on its own rail), in the library's fastest protocol."""
+    def _all_to_all_s(self, payload: float, group: int, local: int, nodes: int, stride: int,
+                      fewest: int) -> Optional[float]:
+        """An all-to-all across nodes: every rank sends payload/group to each other rank itself, so each member of a
+        node pushes (group − local)/group of a payload out through its share of the node's NICs while it sends
+        (local − 1)/group to its node-mates over the node's links; the slower of the two, in the protocol a
+        pairwise message of payload/group goes in. A ring's collectives pass each byte through every node once
+        at the node's whole NIC bandwidth; an all-to-all cannot."""
+        intra, net = self.intra_ring(local, stride), self.nic_share(fewest)
+        if intra is None or net is None:
+            return None
+        # the node with the fewest members owns the fewest NICs, and each of them sends the most out of it
+        network_s = (group - fewest) / group * payload / (net / fewest)
+        best = math.inf
+        for p in self.p2p_protocols(payload / group):
+            latency = (self.base_latency * p.base + (local - 1) * self.intra_hop * p.intra
+                       + (group - local) * self.inter_hop * p.inter)
+            moved = max((local - 1) / group * payload / intra, network_s)
+            best = min(best, latency + moved / p.bandwidth_share("all_to_all", local, nodes))
+        return best
+
+    def _send_s(self, payload: float, local: int, nodes: int, stride: int = 1) -> Optional[float]:
+        """A point-to-point transfer between two ranks `stride` apart: over the pair's link in a node, else over
+        this device's share of the node's NICs (each pipeline rank sends on its own rail), in the library's fastest
+        protocol."""
         if nodes > 1:
             bw = self.nic_share(1)
             hop, scale = self.inter_hop, (lambda p: p.inter)
         else:
-            bw = self.intra_ring(2)
+            bw = self.intra_ring(2, stride)
             hop, scale = self.intra_hop, (lambda p: p.intra)
         if bw is None:
             return None
@@ -306,6 +338,22 @@ def protocols_for(system: Any) -> tuple[Protocol, ...]:
     return NCCL_PROTOCOLS
 
 
+@lru_cache(maxsize=64)
+def widest_routes(links: tuple[tuple[float, ...], ...]) -> tuple[tuple[float, ...], ...]:
+    """Per pair of devices, the bandwidth of the best route between them over the node's links, through other
+    devices where they share none: its slowest link (the widest-path closure of the link matrix). Two devices with
+    no link of their own reach each other over the node's fabric hop by hop (an xGMI hive routes peer traffic
+    through the GCDs between; NVLink paths through a third GPU), at most as fast as the route's slowest link."""
+    n = len(links)
+    w = [list(row) for row in links]
+    for k in range(n):
+        for i in range(n):
+            for j in range(n):
+                if i != j:
+                    w[i][j] = max(w[i][j], min(w[i][k], w[k][j]))
+    return tuple(tuple(row) for row in w)
+
+
 @lru_cache(maxsize=256)
 def ring_bandwidth(links: tuple[tuple[float, ...], ...]) -> float:
     """The bus bandwidth of ring channels over point-to-point links, found as NCCL's and RCCL's ring search
@@ -315,7 +363,8 @@ def ring_bandwidth(links: tuple[tuple[float, ...], ...]) -> float:
     that carries the most wins. A ring's reverse uses the links' other direction, so it is a channel of its own.
 
     A pair of devices is a ring of two (each sends to the other over their link). Devices of which no ring
-    passes through direct links (a subset split across Summit's sockets, say) get the whole node's rings."""
+    passes through direct links (a subset split across Summit's sockets, GCDs 0 and 4 of a Frontier node) are
+    costed over the widest routes between them (widest_routes)."""
     n = len(links)
     if n == 2:
         return min(links[0][1], links[1][0])

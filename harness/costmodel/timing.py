@@ -304,7 +304,7 @@ def grad_accumulation_s(job: Job, hw: Hardware) -> float:
 def collective_s(c: Collective, hw: Hardware) -> Optional[float]:
     """All calls of a collective over the system's fabric (network.py), each as its `units` collectives; a
     one-rank group (DeepSpeed's dp=1 reduction) moves nothing."""
-    one = hw.fabric.call_s(c.kind, c.payload_bytes / c.units, c.group, c.local)
+    one = hw.fabric.call_s(c.kind, c.payload_bytes / c.units, c.group, c.local, c.stride)
     return None if one is None else c.calls * c.units * one
 
 
