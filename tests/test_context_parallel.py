@@ -113,6 +113,25 @@ def test_ring_passes_hide_behind_block_attention_and_ulysses_all_to_alls_do_not(
     assert ulysses["comm"]["cp"] > 0 and ulysses["exposed_comm"]["cp"] == pytest.approx(ulysses["comm"]["cp"])
 
 
+def test_ulysses_recompute_of_core_attention_stops_before_the_output_all_to_all() -> None:
+    """Per layer and micro-batch Ulysses runs four all-to-alls forward (q, k, v, the output) and four backward. A
+    recompute of the attention sub-layer or the block runs all four again; recomputing core attention alone stops
+    at the attention's output under PyTorch's early-stopping checkpoint, so its output all-to-all is not re-run (4
+    forward and 7 backward, as a 2-rank gloo run of DeepSpeed's DistributedAttention under checkpoint_wrapper
+    counts them)."""
+    from harness.costmodel.comm import collectives
+
+    def calls(mode: str) -> tuple[float, float]:
+        job = job_of("parallel.cp=8", f"train.activation_checkpointing={mode}")
+        q_or_out, kv = [c for c in collectives(job) if c.dim == "cp"]
+        passes = job.model.n_layers * job.micro_batches
+        return q_or_out.calls / passes, kv.calls / passes
+
+    assert calls("none") == (4, 4)
+    assert calls("selective") == (5, 6)  # q again, not the output; k and v again
+    assert calls("attention") == calls("full") == (6, 6)
+
+
 def test_ring_attends_in_blocks_at_the_block_lengths_measured_rate() -> None:
     """Ring attention runs cp kernels of s/cp × s/cp (mostly unmasked): the fused kernel's rate for that length,
     not the whole sequence's (FlashAttention-2's table, harness/costmodel/peaks.py)."""
