@@ -132,6 +132,27 @@ def test_ulysses_recompute_of_core_attention_stops_before_the_output_all_to_all(
     assert calls("attention") == calls("full") == (6, 6)
 
 
+def test_ring_gathers_k_and_v_once_per_pass_and_shifts_fp32_gradients_cp_times() -> None:
+    """torch 2.13's ring attention (context_parallel's default ALL_GATHER rotation): one all-gather of this rank's K
+    and V over the cp group in each forward, backward and recompute, and the K and V gradients passed to the next
+    rank cp times in fp32 (convert_to_f32). The gathers hide only behind the first block's attention (1/cp of a
+    pass's), the shifts behind the next block's backward, and the last shift of each pass behind nothing."""
+    from harness.costmodel.comm import collectives
+    from harness.costmodel.timing import collective_s, exposed_cp_s, hardware
+
+    job = job_of("parallel.cp=8", "parallel.cp_kind=ring", "train.activation_checkpointing=selective")
+    gather, shift = [c for c in collectives(job) if c.dim == "cp"]
+    m, E = job.model, job.act_bytes
+    kv = job.tokens * 2 * m.kv_heads * m.head_dim * E  # this rank's K and V, TP 1
+    passes = m.n_layers * job.micro_batches
+    assert (gather.kind, gather.payload_bytes, gather.calls, gather.group) == ("all_gather", 8 * kv, 3 * passes, 8)
+    assert (shift.kind, shift.payload_bytes, shift.calls) == ("send_recv", kv / E * 4, 8 * passes)
+    cfg = compose([*LONG, "backend=fsdp"])
+    hw = hardware(cfg.system, system_peak(cfg.system, "bf16").tflops)
+    timed = [(c, collective_s(c, hw)) for c in (gather, shift)]
+    assert passes * timed[1][1] / shift.calls <= exposed_cp_s(timed, job, hw) < sum(t for _, t in timed)
+
+
 def test_ring_attends_in_blocks_at_the_block_lengths_measured_rate() -> None:
     """Ring attention runs cp kernels of s/cp × s/cp (mostly unmasked): the fused kernel's rate for that length,
     not the whole sequence's (FlashAttention-2's table, harness/costmodel/peaks.py)."""

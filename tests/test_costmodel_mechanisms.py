@@ -1235,8 +1235,29 @@ def test_the_ends_of_fsdps_pipeline_of_collectives_are_exposed_however_much_comp
     per_mb = micro_batch_compute_s(hsdp, hw)
     assert exposed_dp_s(timed, hsdp, per_mb, hw) == pytest.approx(hsdp.micro_batches * gather[1] / gather[0].calls
                                                                   * edge + sum(reductions) * edge)
+    # PyTorch DDP: its last bucket is the input embedding's gradient alone, ready when the backward ends
     ddp, hw = job_and_hw([*LLAMA, "train.global_batch_size=64", "train.micro_batch_size=4", "backend=ddp"], 8)
-    assert sharded_edge_share(ddp) == 0.0
+    assert sharded_edge_share(ddp) == pytest.approx(split.embedding / split.total, rel=1e-6)
+    timed = [(c, collective_s(c, hw)) for c in collectives(ddp) if c.dim == "dp"]
+    ((reduce, t),) = timed
+    assert exposed_dp_s(timed, ddp, micro_batch_compute_s(ddp, hw), hw) == pytest.approx(
+        t * split.embedding / split.total)
+    alone, _ = job_and_hw([*LLAMA, "backend=ddp"], 1)
+    assert sharded_edge_share(alone) == 0.0
+
+
+def test_ddp_copies_the_gradients_into_its_buckets_and_back() -> None:
+    """Without gradient_as_bucket_view (DDP's default and Fabric's) the reducer copies each gradient into its
+    bucket during the synchronising backward and back into .grad after the bucket's all-reduce: 4 passes of the
+    fp32 gradients per step, 16 bytes per parameter, on one rank none."""
+    from harness.costmodel.timing import ddp_bucket_copies_s, grad_accumulation_s
+
+    ddp, hw = job_and_hw([*LLAMA, "backend=ddp", "train.global_batch_size=16"], 8)
+    assert ddp_bucket_copies_s(ddp, hw) == pytest.approx(ddp.params_per_rank * 16 / hw.memory_bw)
+    assert grad_accumulation_s(ddp, hw) == pytest.approx(ddp_bucket_copies_s(ddp, hw))  # one micro-batch
+    alone, hw1 = job_and_hw([*LLAMA, "backend=ddp"], 1)
+    fsdp, hw8 = job_and_hw([*LLAMA, "train.global_batch_size=16"], 8)
+    assert ddp_bucket_copies_s(alone, hw1) == 0.0 and ddp_bucket_copies_s(fsdp, hw8) == 0.0
 
 
 # --- memory -------------------------------------------------------------------------------------------------------

@@ -261,9 +261,11 @@ def cp_collectives(job: Job) -> list[Collective]:
       the backward runs the same four in reverse, and a recompute runs them again, but for the output's where
       only core attention is recomputed and the checkpoint stops early (Software.recompute_early_stop).
       On the critical path: they sit between the projections and the attention that needs their result.
-    - ring (Liu et al. 2023): cp − 1 passes of this rank's K and V blocks to the next rank in the forward; the
-      backward passes K and V again and their gradients as well, twice the forward's traffic; a recompute adds
-      the forward's. They overlap the block attention (timing.py).
+    - ring (Liu et al. 2023) as torch 2.13 runs it (torch/distributed/tensor/experimental/_context_parallel/
+      _attention.py: _AllGatherRotater, the default; the gradients' _AllToAllRotater): this rank's K and V
+      all-gathered over the group once in each forward, backward and recompute, and the K and V gradients passed
+      to the next rank cp times in fp32. The gathers overlap the first (diagonal) block's attention, the
+      gradients' shifts each next block's backward, the last one nothing (timing.exposed_cp_s).
     """
     layout, m = job.layout, job.model
     cp = layout.cp
@@ -275,8 +277,12 @@ def cp_collectives(job: Job) -> list[Collective]:
     passes = layers_per_stage(job) * job.micro_batches
     kv = job.tokens * 2 * m.kv_heads * m.head_dim / tp * E
     if job.cp_kind == "ring":
-        sends = (cp - 1) * (1 + 2 + recompute) * passes
-        return [Collective("cp", "send_recv", kv / 2, 2 * sends, 2, 2 if local >= cp else 1, stride=tp)]
+        # torch 2.13's ring (context_parallel's default rotate method, ALL_GATHER): one all-gather of this rank's
+        # K and V over the group in each forward, backward and recompute; the K/V gradients rotate cp times as
+        # fp32 point-to-point shifts (convert_to_f32)
+        gathers = (2 + recompute) * passes
+        grads = Collective("cp", "send_recv", kv / E * 4, cp * passes, 2, 2 if local >= cp else 1, stride=tp)
+        return [Collective("cp", "all_gather", kv * cp, gathers, cp, local, stride=tp), grads]
     q_or_out = job.tokens * m.n_heads * m.head_dim / tp * E
     calls = (2 + recompute) * passes  # forward, backward and any recompute: each for q and out, and for k and v
     # recomputing only core attention stops at the attention's output, before its all-to-all, where PyTorch's

@@ -37,7 +37,7 @@ from harness.costmodel.kernels import (
     recompute_kernels,
     shape_efficiency,
 )
-from harness.costmodel.layout import Job, layers_per_stage, stage_loads
+from harness.costmodel.layout import Job, layers_per_stage, param_split, stage_loads
 from harness.costmodel.network import Fabric, fabric
 from harness.costmodel.peaks import (
     AttentionTable,
@@ -283,10 +283,25 @@ def optimizer_s(job: Job, hw: Hardware) -> float:
 def grad_accumulation_s(job: Job, hw: Hardware) -> float:
     """Adding each micro-batch's weight gradients into the step's: per addition a memory-bound pass that reads
     the sum and the new gradient and writes the sum, over the gradients this rank accumulates (its partition
-    under ZeRO-2/3, which reduce every micro-batch), unless the software fuses it into the GEMM."""
-    software, m = job.software, job.micro_batches
-    if hw.memory_bw is None or software.grad_accumulation_fusion:
+    under ZeRO-2/3, which reduce every micro-batch), unless the software fuses it into the GEMM; and PyTorch DDP's
+    copies of the synchronised micro-batch's gradients into its buckets and back (ddp_bucket_copies_s)."""
+    if hw.memory_bw is None:
         return 0.0
+    return ddp_bucket_copies_s(job, hw) + (0.0 if job.software.grad_accumulation_fusion else _accumulation_s(job, hw))
+
+
+def ddp_bucket_copies_s(job: Job, hw: Hardware) -> float:
+    """PyTorch DDP without gradient_as_bucket_view (its default, and Fabric's DDPStrategy's) copies each gradient
+    into its bucket as the backward produces it (Reducer::mark_variable_ready_dense) and, once the bucket's
+    all-reduce is done, back into .grad (finalize_bucket_dense, copy_bucket_to_grad): two passes that read and
+    write the gradients, in the micro-batch that synchronises."""
+    if not (job.spec.gradient_buckets and job.grad_ranks > 1) or hw.memory_bw is None:
+        return 0.0
+    return job.params_per_rank * 4 * job.state_bytes.grads / hw.memory_bw
+
+
+def _accumulation_s(job: Job, hw: Hardware) -> float:
+    software, m = job.software, job.micro_batches
     partitioned = job.spec.deepspeed_engine and job.layout.zero_stage >= 2
     params = job.params_per_rank / (job.shards.grads if partitioned else 1)
     if software.main_grad_bytes:  # the new gradient comes in the compute dtype
@@ -387,22 +402,42 @@ def sharded_edge_share(job: Job) -> float:
     embedding, final norm and output layer, which the last `fully_shard` of the model holds) and the first
     block's. The root's gather, then block 0's, must finish before the embedding and block 0 run, with nothing
     issued before them (block 1's gather is the first to hide, under block 0); in the backward block 0 and the
-    embedding are the last to produce gradients, so their reduce-scatters run after all compute. 0 without
-    sharded parameters."""
+    embedding are the last to produce gradients, so their reduce-scatters run after all compute. PyTorch DDP's
+    last bucket holds the input embedding's gradient alone (a tensor is never split over buckets, and it outgrows
+    the 25 MB cap), ready only when the backward ends: its all-reduce runs after all compute. 0 without
+    sharded parameters or buckets."""
+    if job.spec.gradient_buckets and job.grad_ranks > 1 and job.params_per_rank > 0:
+        return min(1.0, param_split(job.model).embedding / job.params_per_rank)  # DDP: no TP, no pipeline
     if not job.spec.shardings or job.shards.weights <= 1 or job.sharding == "no_shard":
         return 0.0
     return min(1.0, (job.root_params_per_rank + job.block_params_per_rank) / job.params_per_rank)
 
 
-def exposed_cp_s(comm_s: float, job: Job, hw: Hardware) -> float:
+def exposed_cp_s(timed: list[tuple[Collective, float]], job: Job, hw: Hardware) -> float:
     """Context-parallel time on the critical path: ulysses's all-to-alls all of it (the attention waits for their
-    result); ring attention's K/V passes only what the block attention they run beside does not cover."""
-    if job.cp_kind != "ring" or not hw.overlap_comm or comm_s == 0:
-        return comm_s
-    block, _ = compute_kernels(job)
-    attention = kernels_s([k for k in block if k.kind == "attention" or k.name.startswith("attention.")],
-                          hw.rates(job), overlap_host=hw.accelerator)
-    return max(0.0, comm_s - attention * layers_per_stage(job) * job.micro_batches)
+    result); ring attention, per layer and micro-batch, what the attention each piece runs beside does not cover:
+    a K/V all-gather only the first (diagonal) block's attention, 1/cp of the pass's, as the next block waits for
+    it; each of the cp gradient shifts the next block's backward, and the last one nothing (torch waits for it
+    after the loop)."""
+    total = sum(t for _, t in timed)
+    if job.cp_kind != "ring" or not hw.overlap_comm or total == 0:
+        return total
+    rates, cp = hw.rates(job), job.layout.cp
+    forward = kernels_s([k for k in layer_kernels(job, backward=False) if k.kind == "attention"], rates,
+                        overlap_host=hw.accelerator)
+    backward = kernels_s([k for k in layer_kernels(job) if k.kind == "attention"], rates,
+                         overlap_host=hw.accelerator) - forward
+    passes = layers_per_stage(job) * job.micro_batches
+    exposed = 0.0
+    for c, t in timed:
+        each = t / c.calls if c.calls else 0.0
+        if c.kind == "all_gather":  # forward, backward and recompute gathers: the forward's and recompute's beside
+            share_backward = passes / c.calls  # one of each pass's gathers is the backward's
+            exposed += c.calls * ((1 - share_backward) * max(0.0, each - forward / cp)
+                                  + share_backward * max(0.0, each - backward / cp))
+        else:  # cp gradient shifts per pass, each beside the next block's backward but the last
+            exposed += passes * ((cp - 1) * max(0.0, each - backward / cp) + each)
+    return exposed
 
 
 def step_time(job: Job, colls: list[Collective], hw: Hardware) -> StepTime | str:
@@ -440,7 +475,7 @@ def step_time(job: Job, colls: list[Collective], hw: Hardware) -> StepTime | str
         steady, edges = 0.0, p2p * fill_drain / sends[0]
     else:
         steady, edges = p2p, 0.0
-    cp = exposed_cp_s(comm["cp"], job, hw)
+    cp = exposed_cp_s([(c, collective_s(c, hw) or 0.0) for c in colls if c.dim == "cp"], job, hw)
     pipeline = (per_mb + (tp + steady + cp) / m) * m * (1 + bubble) + edges
     exposed = {"dp": exposed_dp_s(dp, job, per_mb, hw, tp), "tp": tp, "pp": steady + edges + tied, "cp": cp}
     # what ran beside compute (data-parallel, ring attention's and pipelined TP's) slowed the compute it overlapped
