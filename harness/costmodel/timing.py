@@ -419,7 +419,7 @@ def exposed_cp_s(timed: list[tuple[Collective, float]], job: Job, hw: Hardware) 
     a K/V all-gather only the first (diagonal) block's attention, 1/cp of the pass's, as the next block waits for
     it; each of the cp gradient shifts the next block's backward, and the last one nothing (torch waits for it
     after the loop)."""
-    total = sum(t for _, t in timed)
+    total = sum((t for _, t in timed), 0.0)
     if job.cp_kind != "ring" or not hw.overlap_comm or total == 0:
         return total
     rates, cp = hw.rates(job), job.layout.cp
