@@ -151,6 +151,14 @@ def test_ring_gathers_k_and_v_once_per_pass_and_shifts_fp32_gradients_cp_times()
     hw = hardware(cfg.system, system_peak(cfg.system, "bf16").tflops)
     timed = [(c, collective_s(c, hw)) for c in (gather, shift)]
     assert passes * timed[1][1] / shift.calls <= exposed_cp_s(timed, job, hw) < sum(t for _, t in timed)
+    # the diagonal block a gather hides behind is 1/cp of a pass's attention: at cp = 2 it covers the gathers, at
+    # 16 (across two nodes) most of them show
+    def gathers_exposed(cp: int) -> float:
+        ring = job_of(f"parallel.cp={cp}", "parallel.cp_kind=ring", "train.activation_checkpointing=selective")
+        gather, _ = [(c, collective_s(c, hw)) for c in collectives(ring) if c.dim == "cp"]
+        return exposed_cp_s([gather], ring, hw) / gather[1]
+
+    assert gathers_exposed(2) == 0.0 and gathers_exposed(16) > 0.5
 
 
 def test_ring_attends_in_blocks_at_the_block_lengths_measured_rate() -> None:
@@ -214,4 +222,5 @@ def test_ddp_leaves_each_ranks_buffers_its_own() -> None:
     cfg = compose(["backend=ddp", "parallel.cp=2", "parallel.cp_kind=ring", "model.position=rope",
                    "system.device=cuda"])
     strategy = DDPBackend(cfg, validate(cfg, 4), torch.device("cpu")).strategy()
-    assert strategy._ddp_kwargs.get("broadcast_buffers") is False
+    kwargs = strategy._ddp_kwargs
+    assert kwargs.get("forward_sync_buffers", kwargs.get("broadcast_buffers")) is False

@@ -24,8 +24,18 @@ class DDPBackend(FabricBackend):
 
         if self.layout.world_size == 1:
             return SingleDeviceStrategy(device=self.device)
-        # No buffer broadcast: DDP would copy rank 0's module buffers over every rank's before each forward, and
-        # ring context parallelism shards the RoPE tables per rank in place (harness/backends/context.py), so each
-        # rank would rotate its chunk of the sequence with rank 0's positions. The model's buffers are functions of
-        # its config, identical on every rank without it.
-        return DDPStrategy(timeout=timedelta(seconds=self.cfg.launcher.pg_timeout_s), broadcast_buffers=False)
+        return DDPStrategy(timeout=timedelta(seconds=self.cfg.launcher.pg_timeout_s), **no_forward_buffer_sync())
+
+
+def no_forward_buffer_sync() -> dict[str, bool]:
+    """DDP's option that stops it copying rank 0's module buffers over every rank's before each forward: ring
+    context parallelism shards the RoPE tables per rank in place (harness/backends/context.py), so each rank would
+    rotate its chunk of the sequence with rank 0's positions. The model's buffers are functions of its config, the
+    same on every rank without it. torch 2.13 names it forward_sync_buffers (and warns on broadcast_buffers);
+    earlier releases only have broadcast_buffers."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    known = inspect.signature(DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in known else {"broadcast_buffers": False}

@@ -18,7 +18,7 @@ it and gathers it again on the next stage (software.py).
 test_comm_volume.py), including collectives DeepSpeed issues over a one-rank group: those have
 `group=1` and move no bytes (`wire_bytes` 0).
 
-Rank order is Megatron's and DeepSpeed's (TP fastest, then DP, then PP): a group of ranks `stride` apart
+Rank order is Megatron's and DeepSpeed's (TP fastest, then CP, then DP, then PP): a group of ranks `stride` apart
 has `devices_per_node / stride` of its members in each node (all of them if they fit, one if the stride is a
 node or more); what a call costs over that placement is network.py's.
 """
@@ -47,7 +47,7 @@ class Collective:
     group: int
     """Ranks in the group."""
     local: int
-    """Ranks of the group in one node (the group spans group // local nodes)."""
+    """Ranks of the group in one node (the group spans ceil(group / local) nodes, the last maybe in part)."""
     units: int = 1
     """Collectives each call is issued as, the payload split evenly over them, each paying the library's latency:
     FSDP2 gathers and reduces one `fully_shard` unit at a time (every block, then the root's own parameters), so a

@@ -180,10 +180,12 @@ class Fabric:
         if self.links:
             held = range(0, min(local * stride, len(self.links)), stride)
             found = ring_bandwidth(tuple(tuple(self.links[i][j] for j in held) for i in held))
-            if not found:  # no ring over direct links: over the widest routes through the node's other devices
+            whole = ring_bandwidth(self.links)
+            if not found:  # no ring over direct links: over the widest routes through the node's other devices,
+                # which share physical links, so at most what the whole node's rings carry
                 routed = widest_routes(self.links)
-                found = ring_bandwidth(tuple(tuple(routed[i][j] for j in held) for i in held))
-            return (found or ring_bandwidth(self.links)) * self.intra_efficiency
+                found = min(whole, ring_bandwidth(tuple(tuple(routed[i][j] for j in held) for i in held)))
+            return (found or whole) * self.intra_efficiency
         return None if self.link_bw is None else self.link_bw * self.intra_efficiency
 
     def nic_share(self, local: int) -> Optional[float]:
@@ -261,15 +263,25 @@ class Fabric:
             best = min(best, latency + moved / p.bandwidth_share("all_to_all", local, nodes))
         return best
 
+    def pair_bandwidth(self, stride: int) -> Optional[float]:
+        """Per-direction bandwidth of the slowest pair of a node's devices `stride` apart, over their link or the
+        widest route between them: every rank sends to the one `stride` further at once (a pipeline's stage
+        boundaries, a ring's shift), and the slowest pair paces them all."""
+        if not self.links:
+            return None if self.link_bw is None else self.link_bw * self.intra_efficiency
+        routed = widest_routes(self.links)
+        n = len(self.links)
+        return min(routed[i][i + stride] for i in range(n - stride)) * self.intra_efficiency
+
     def _send_s(self, payload: float, local: int, nodes: int, stride: int = 1) -> Optional[float]:
-        """A point-to-point transfer between two ranks `stride` apart: over the pair's link in a node, else over
-        this device's share of the node's NICs (each pipeline rank sends on its own rail), in the library's fastest
-        protocol."""
+        """A point-to-point transfer between ranks `stride` apart: over the slowest such pair's link or route in a
+        node (pair_bandwidth), else over this device's share of the node's NICs (each pipeline rank sends on its own
+        rail), in the library's fastest protocol."""
         if nodes > 1:
             bw = self.nic_share(1)
             hop, scale = self.inter_hop, (lambda p: p.inter)
         else:
-            bw = self.intra_ring(2, stride)
+            bw = self.pair_bandwidth(stride)
             hop, scale = self.intra_hop, (lambda p: p.intra)
         if bw is None:
             return None

@@ -397,6 +397,10 @@ def exposed_dp_s(timed: list[tuple[Collective, float]], job: Job, per_mb: float,
             + (m - 1) * over(backward, backward_window) + over(backward + last, backward_window))
 
 
+DDP_BUCKET_BYTES = 25 * 2**20
+"""PyTorch DDP's bucket_cap_mb (25, its default and Fabric's): a bucket closes once it holds this much."""
+
+
 def sharded_edge_share(job: Job) -> float:
     """The share of an FSDP gather or reduce-scatter that no compute can cover: the root module's parameters (the
     embedding, final norm and output layer, which the last `fully_shard` of the model holds) and the first
@@ -406,8 +410,10 @@ def sharded_edge_share(job: Job) -> float:
     last bucket holds the input embedding's gradient alone (a tensor is never split over buckets, and it outgrows
     the 25 MB cap), ready only when the backward ends: its all-reduce runs after all compute. 0 without
     sharded parameters or buckets."""
-    if job.spec.gradient_buckets and job.grad_ranks > 1 and job.params_per_rank > 0:
-        return min(1.0, param_split(job.model).embedding / job.params_per_rank)  # DDP: no TP, no pipeline
+    if job.spec.gradient_buckets and job.grad_ranks > 1 and job.params_per_rank > 0:  # DDP: no TP, no pipeline
+        # beside the embedding, on average half a bucket of block 0's gradients, ready just before it
+        tail = param_split(job.model).embedding + DDP_BUCKET_BYTES / 2 / job.state_bytes.grads
+        return min(1.0, tail / job.params_per_rank)
     if not job.spec.shardings or job.shards.weights <= 1 or job.sharding == "no_shard":
         return 0.0
     return min(1.0, (job.root_params_per_rank + job.block_params_per_rank) / job.params_per_rank)
