@@ -61,7 +61,7 @@ def test_a_group_is_costed_on_the_devices_and_nodes_it_holds() -> None:
     """A data-parallel group beside TP 4 on a Frontier node holds GCDs 0 and 4, which share no xGMI link: its ring
     runs over the node's rings, not over the 200 GB/s link between GCDs 0 and 1 (RCCL's rome_model_74). A group of
     12 on 8-GPU nodes fills one node and half of another, whose four members own half its NICs: it is slower per
-    byte than 16 ranks on two whole nodes, not a one-node ring. An all-to-all across two nodes sends each rank's
+    byte than 16 ranks on two whole nodes, not a one-node ring; TP groups that straddle nodes are costed across them. An all-to-all across two nodes sends each rank's
     cross-node half through the NICs itself, at least local·(group − local)/group of the payload per node."""
     from harness.costmodel.comm import collectives
 
@@ -77,6 +77,11 @@ def test_a_group_is_costed_on_the_devices_and_nodes_it_holds() -> None:
     job, _ = job_and_hw([*LLAMA, "system=frontier", "parallel.tp=4", "train.global_batch_size=4"], 8)
     (reduce,) = [c for c in collectives(job) if c.dim == "dp"][:1]
     assert (reduce.group, reduce.local, reduce.stride) == (2, 2, 4)
+    # TP 4 on Summit's 6 GPUs per node: ranks 4-7 sit 2 and 2 in two nodes, and pace every TP collective
+    summit, _ = job_and_hw([*LLAMA, "system=summit", "parallel.tp=4", "train.precision=fp16",
+                            "train.global_batch_size=6"], 12)
+    (tp,) = {(c.group, c.local, c.intra_node) for c in collectives(summit) if c.dim == "tp"}
+    assert tp == (4, 2, False)
     a100 = fabric(compose(["system=dgx-a100-80gb"]).system)
     payload = 1 * GiB
     one_node, twelve, sixteen = (a100.call_s("all_reduce", payload, n, 8) for n in (8, 12, 16))

@@ -25,6 +25,7 @@ node or more); what a call costs over that placement is network.py's.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from harness.core.registry import CHECKPOINTING
@@ -76,8 +77,16 @@ class Collective:
 
 
 def per_node(stride: int, size: int, job: Job) -> int:
-    """Members per node of a group of `size` ranks `stride` apart (ranks fill nodes in order)."""
-    return max(1, min(size, job.devices_per_node // stride)) if stride < job.devices_per_node else 1
+    """Members per node of a group of `size` ranks `stride` apart (ranks fill nodes in order): all of them if the
+    group fits a node, a node's share if it spans whole nodes; where groups straddle node boundaries unevenly (TP 4
+    on Summit's 6 GPUs per node: ranks 4-7 sit 2 and 2 in two nodes), the fewest any group has in one node, the
+    greatest common divisor of the two, which paces that group's collectives."""
+    if stride >= job.devices_per_node:
+        return 1
+    node = job.devices_per_node // stride
+    if node % size == 0 or size % node == 0:
+        return max(1, min(size, node))
+    return math.gcd(size, node)
 
 
 def dp_collectives(job: Job) -> list[Collective]:
