@@ -59,10 +59,11 @@ def test_a_collective_across_nodes_uses_every_nic_of_the_node() -> None:
 
 def test_a_group_is_costed_on_the_devices_and_nodes_it_holds() -> None:
     """A data-parallel group beside TP 4 on a Frontier node holds GCDs 0 and 4, which share no xGMI link: its ring
-    runs over the node's rings, not over the 200 GB/s link between GCDs 0 and 1 (RCCL's rome_model_74). A group of
-    12 on 8-GPU nodes fills one node and half of another, whose four members own half its NICs: it is slower per
-    byte than 16 ranks on two whole nodes, not a one-node ring; TP groups that straddle nodes are costed across them. An all-to-all across two nodes sends each rank's
-    cross-node half through the NICs itself, at least local·(group − local)/group of the payload per node."""
+    runs over the widest route between them (50 GB/s), not over the 200 GB/s link between GCDs 0 and 1 (RCCL's
+    rome_model_74). A group of 12 on 8-GPU nodes fills one node and half of another, whose four members own half
+    its NICs: it is slower per byte than 16 ranks on two whole nodes, not a one-node ring; TP groups that straddle
+    nodes are costed across them. An all-to-all across two nodes sends each rank's cross-node half through the
+    NICs itself, at least local·(group − local)/group of the payload per node."""
     from harness.costmodel.comm import collectives
 
     frontier = fabric(compose(["system=frontier"]).system)
