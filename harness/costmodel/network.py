@@ -180,12 +180,12 @@ class Fabric:
         if self.links:
             held = range(0, min(local * stride, len(self.links)), stride)
             found = ring_bandwidth(tuple(tuple(self.links[i][j] for j in held) for i in held))
-            whole = ring_bandwidth(self.links)
             if not found:  # no ring over direct links: over the widest routes through the node's other devices,
                 # which share physical links, so at most what the whole node's rings carry
                 routed = widest_routes(self.links)
-                found = min(whole, ring_bandwidth(tuple(tuple(routed[i][j] for j in held) for i in held)))
-            return (found or whole) * self.intra_efficiency
+                whole = ring_bandwidth(self.links)
+                found = min(whole, ring_bandwidth(tuple(tuple(routed[i][j] for j in held) for i in held))) or whole
+            return found * self.intra_efficiency
         return None if self.link_bw is None else self.link_bw * self.intra_efficiency
 
     def nic_share(self, local: int) -> Optional[float]:

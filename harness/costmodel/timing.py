@@ -407,9 +407,9 @@ def sharded_edge_share(job: Job) -> float:
     block's. The root's gather, then block 0's, must finish before the embedding and block 0 run, with nothing
     issued before them (block 1's gather is the first to hide, under block 0); in the backward block 0 and the
     embedding are the last to produce gradients, so their reduce-scatters run after all compute. PyTorch DDP's
-    last bucket holds the input embedding's gradient alone (a tensor is never split over buckets, and it outgrows
-    the 25 MB cap), ready only when the backward ends: its all-reduce runs after all compute. 0 without
-    sharded parameters or buckets."""
+    last bucket holds the input embedding's gradient (a tensor is never split over buckets), ready only when the
+    backward ends, beside what block 0 produced since the previous bucket closed at DDP_BUCKET_BYTES: its
+    all-reduce runs after all compute. 0 without sharded parameters or buckets."""
     if job.spec.gradient_buckets and job.grad_ranks > 1 and job.params_per_rank > 0:  # DDP: no TP, no pipeline
         # beside the embedding, on average half a bucket of block 0's gradients, ready just before it
         tail = param_split(job.model).embedding + DDP_BUCKET_BYTES / 2 / job.state_bytes.grads
@@ -455,6 +455,7 @@ def step_time(job: Job, colls: list[Collective], hw: Hardware) -> StepTime | str
     """
     comm = dict.fromkeys(DIMS, 0.0)
     dp: list[tuple[Collective, float]] = []
+    context: list[tuple[Collective, float]] = []
     p2p = tied = 0.0
     for c in colls:
         t = collective_s(c, hw)
@@ -464,6 +465,8 @@ def step_time(job: Job, colls: list[Collective], hw: Hardware) -> StepTime | str
         comm[c.dim] += t
         if c.dim == "dp":
             dp.append((c, t))
+        elif c.dim == "cp":
+            context.append((c, t))
         elif c.role == "p2p":
             p2p += t
         elif c.dim == "pp":
@@ -481,7 +484,7 @@ def step_time(job: Job, colls: list[Collective], hw: Hardware) -> StepTime | str
         steady, edges = 0.0, p2p * fill_drain / sends[0]
     else:
         steady, edges = p2p, 0.0
-    cp = exposed_cp_s([(c, collective_s(c, hw) or 0.0) for c in colls if c.dim == "cp"], job, hw)
+    cp = exposed_cp_s(context, job, hw)
     pipeline = (per_mb + (tp + steady + cp) / m) * m * (1 + bubble) + edges
     exposed = {"dp": exposed_dp_s(dp, job, per_mb, hw, tp), "tp": tp, "pp": steady + edges + tied, "cp": cp}
     # what ran beside compute (data-parallel, ring attention's and pipelined TP's) slowed the compute it overlapped
