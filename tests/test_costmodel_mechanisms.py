@@ -1339,3 +1339,22 @@ def test_the_memory_check_refuses_the_175b_layout_that_ran_out_of_memory_and_pas
     est = estimate(cfg, validate(cfg, 360))
     assert est["memory_verdict"] == "too big"
     assert est["memory_per_device_bytes"]["grads"] >= 4 * 175e9 / 4 * 0.95
+
+
+def test_a_ranks_fsdp_units_and_tp_collectives_follow_the_blocks_it_holds() -> None:
+    """The rank that holds the most blocks sets the FSDP units it gathers and the TP collectives it runs: under
+    ZBV's v placement 14 blocks on 2 ranks are [embedding, 3] + [3, head] on rank 0 and [4] + [4] on rank 1, so
+    rank 1 runs 8 blocks' collectives, not ceil(14 / 2) = 7."""
+    from harness.costmodel.comm import collectives
+    from harness.costmodel.layout import layers_per_stage
+
+    zbv, _ = job_and_hw([*LLAMA, "model.n_layers=14", "parallel.pp=2", "parallel.vpp=2", "parallel.tp=2",
+                         "parallel.sequence_parallel=true", "backend.pp_schedule=ZBVZeroBubble",
+                         "train.global_batch_size=16"], 8)
+    assert layers_per_stage(zbv) == 8
+    by_kind = {(c.dim, c.kind): c for c in collectives(zbv)}
+    assert by_kind[("dp", "all_gather")].units == 8 + 1  # one fully_shard per block and the root
+    looped = dataclasses.replace(zbv, pp_schedule="Interleaved1F1B")
+    assert layers_per_stage(looped) == 7  # looped: rank r holds virtual stages r and r + 2, 4 + 3 blocks
+    looped_gathers = {(c.dim, c.kind): c for c in collectives(looped)}[("tp", "all_gather")].calls
+    assert by_kind[("tp", "all_gather")].calls > looped_gathers  # a block more of sequence-parallel gathers

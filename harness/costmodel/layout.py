@@ -378,7 +378,9 @@ def _block_params(model: GPTConfig, tp: int) -> float:
 
 
 def layers_per_stage(job: Job) -> int:
-    return -(-job.model.n_layers // job.layout.pp)
+    """Blocks on the pipeline rank that holds the most (stage_loads): the rank whose FSDP units, TP collectives
+    and ring-attention passes set the step."""
+    return max(blocks for blocks, _ in stage_loads(job))
 
 
 def stage_loads(job: Job) -> tuple[tuple[int, bool], ...]:
