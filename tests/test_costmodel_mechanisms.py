@@ -1143,7 +1143,7 @@ def test_fsdp_gathers_hide_only_under_the_phase_that_issues_them() -> None:
     is shorter than its gathers, the excess is exposed even though the whole micro-batch's compute (3-4x the
     forward) would cover all of them (beside the step's first gathers, which nothing precedes)."""
     from harness.costmodel.comm import collectives
-    from harness.costmodel.timing import collective_s, exposed_dp_s, forward_share, sharded_edge_share
+    from harness.costmodel.timing import collective_s, exposed_dp_s, forward_share, root_share, sharded_edge_share
 
     job, hw = job_and_hw([*LLAMA, "model.n_layers=32", "train.global_batch_size=32", "system.devices_per_node=1",
                           "system.nics_per_node=1", "system.nic_bw_gb_per_s=50"], 16)
@@ -1156,7 +1156,8 @@ def test_fsdp_gathers_hide_only_under_the_phase_that_issues_them() -> None:
     fill = total / (2 * m) * sharded_edge_share(job)  # the step's first forward gathers: exposed whatever the phase
     overflow = total / 2 - fill - share * per_mb * m
     assert overflow > 0
-    assert exposed_dp_s(gathers, job, per_mb, hw) == pytest.approx(fill + overflow)
+    root = total / 2 * root_share(job)  # each backward's first gather, the root's: see the test below
+    assert exposed_dp_s(gathers, job, per_mb, hw) == pytest.approx(fill + overflow + root)
 
 
 def test_fsdps_root_module_counts_the_vocabulary_layers_as_the_tp_rank_holds_them() -> None:
@@ -1217,12 +1218,14 @@ def test_the_ends_of_fsdps_pipeline_of_collectives_are_exposed_however_much_comp
     """Each micro-batch's first gathers (the root module's embedding, norm and head, then block 0's) precede its
     compute: FSDP2's root pre-forward makes them wait for the optimizer's update at a step's first forward and for
     the previous backward after it (torch _fsdp_state._root_pre_forward), and the step's last reduce-scatters
-    (block 0's and the root's) follow all compute. So even a step whose compute could hide every collective
-    exposes that share of each micro-batch's gathers and of the reduce-scatter. Without sharded parameters nothing
-    is exposed."""
+    (block 0's and the root's) follow all compute. A root resharded after the forward (reshard_after_forward
+    passed explicitly, as the harness and KempnerForge pass it) is gathered again by its pre-backward hook, which
+    fires only once the loss's backward has produced the logits' gradient: the output layer's backward waits for
+    it. So even a step whose compute could hide every collective exposes those shares of each micro-batch's
+    gathers and of the reduce-scatter. Without sharded parameters nothing is exposed."""
     from harness.costmodel.comm import collectives
     from harness.costmodel.layout import param_split
-    from harness.costmodel.timing import collective_s, exposed_dp_s, sharded_edge_share
+    from harness.costmodel.timing import collective_s, exposed_dp_s, root_share, sharded_edge_share
 
     job, hw = job_and_hw([*LLAMA, "train.global_batch_size=64", "train.micro_batch_size=4"], 8)
     timed = [(c, collective_s(c, hw)) for c in collectives(job) if c.dim == "dp"]
@@ -1233,8 +1236,17 @@ def test_the_ends_of_fsdps_pipeline_of_collectives_are_exposed_however_much_comp
     split = param_split(job.model)
     edge = sharded_edge_share(job)
     assert edge == pytest.approx((split.embedding + split.head + split.per_layer) / split.total, rel=1e-3)
-    fill, drain = gather[1] / gather[0].calls * edge, scatter[1] * edge
+    root = root_share(job)
+    assert root == pytest.approx((split.embedding + split.head) / split.total, rel=1e-3)
+    fill, drain = gather[1] / gather[0].calls * (edge + root), scatter[1] * edge
     assert exposed_dp_s(timed, job, per_mb, hw) == pytest.approx(m * fill + drain)
+    # shard_grad_op keeps every unit gathered from its forward to its backward: no second gather of the root
+    kept, _ = job_and_hw([*LLAMA, "train.global_batch_size=64", "train.micro_batch_size=4",
+                          "backend.sharding=shard_grad_op"], 8)
+    timed_kept = [(c, collective_s(c, hw)) for c in collectives(kept) if c.dim == "dp"]
+    gathered = next((c, t) for c, t in timed_kept if c.role == "params")
+    assert gathered[0].calls == m
+    assert exposed_dp_s(timed_kept, kept, per_mb, hw) == pytest.approx(m * gathered[1] / m * edge + drain)
     # HSDP: each block's reduce-scatter is followed by its all-reduce across the replicas (FSDP2's foreach_reduce),
     # so block 0's and the root's all-reduce follow all compute as well
     hsdp, hw = job_and_hw([*LLAMA, "train.global_batch_size=64", "train.micro_batch_size=4",
@@ -1246,7 +1258,7 @@ def test_the_ends_of_fsdps_pipeline_of_collectives_are_exposed_however_much_comp
     edge = sharded_edge_share(hsdp)
     per_mb = micro_batch_compute_s(hsdp, hw)
     assert exposed_dp_s(timed, hsdp, per_mb, hw) == pytest.approx(hsdp.micro_batches * gather[1] / gather[0].calls
-                                                                  * edge + sum(reductions) * edge)
+                                                                  * (edge + root) + sum(reductions) * edge)
     # PyTorch DDP: its last bucket is the input embedding's gradient alone, ready when the backward ends
     ddp, hw = job_and_hw([*LLAMA, "train.global_batch_size=64", "train.micro_batch_size=4", "backend=ddp"], 8)
     tail = (split.embedding + 25 * 2**20 / 2 / 4) / split.total  # beside it, half a 25 MiB bucket of fp32 grads
@@ -1358,3 +1370,33 @@ def test_a_ranks_fsdp_units_and_tp_collectives_follow_the_blocks_it_holds() -> N
     assert layers_per_stage(looped) == 7  # looped: rank r holds virtual stages r and r + 2, 4 + 3 blocks
     looped_gathers = {(c.dim, c.kind): c for c in collectives(looped)}[("tp", "all_gather")].calls
     assert by_kind[("tp", "all_gather")].calls > looped_gathers  # a block more of sequence-parallel gathers
+
+
+def test_fsdp2s_copies_around_its_collectives_cost_hbm_time_on_the_compute_stream() -> None:
+    """After each all-gather FSDP2 copies the gathered buffer into the unit's parameters, and before the
+    reduce-scatter it copies the unsharded gradients into the collective's input, both on the compute stream
+    (torch foreach_all_gather_copy_out in wait_for_unshard, foreach_reduce_scatter_copy_in in foreach_reduce): a
+    read and a write of the unit each, in the gather's and the reduction's dtype. full_shard gathers twice per
+    micro-batch, shard_grad_op once; DDP copies none of them."""
+    from harness.costmodel.comm import collectives
+    from harness.costmodel.timing import StepTime, fsdp_copies_s, step_time
+
+    def copies(*extra: str) -> tuple[Job, float, float]:
+        job, hw = job_and_hw([*LLAMA, "train.global_batch_size=64", "train.micro_batch_size=4", *extra], 8)
+        P, m = job.params_per_rank, job.micro_batches
+        gathers = m * (1 if job.keeps_units_gathered else 2)
+        expected = kernels.kernels_s(
+            [kernels.Kernel("out", "memory", bytes=gathers * P * 2 * job.act_bytes, count=gathers * job.fsdp_units),
+             kernels.Kernel("in", "memory", bytes=P * 2 * job.reduce_bytes, count=job.fsdp_units)],
+            hw.rates(job), overlap_host=True)
+        timed = step_time(job, collectives(job), hw)
+        assert isinstance(timed, StepTime) and timed.memory_bound_s["fsdp_copies"] == fsdp_copies_s(job, hw)
+        return job, fsdp_copies_s(job, hw), expected
+
+    full, full_s, expected = copies()
+    assert full.micro_batches == 2 and full.fsdp_units == 4 + 1
+    assert full_s == pytest.approx(expected) and full_s > 0
+    kept, kept_s, expected = copies("backend.sharding=shard_grad_op")
+    assert kept_s == pytest.approx(expected) and kept_s < full_s  # one gather per micro-batch, not two
+    _, ddp_s, _ = copies("backend=ddp")
+    assert ddp_s == 0.0

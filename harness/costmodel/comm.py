@@ -179,7 +179,7 @@ def _fsdp_collectives(job: Job, params: float, c) -> list[Collective]:  # type: 
     describes keeping the root unsharded after forward.
     """
     m, dp, R = job.micro_batches, job.grad_ranks, job.reduce_bytes
-    units = layers_per_stage(job) + 1  # one fully_shard per block, and the root's own parameters
+    units = job.fsdp_units
     if job.sharding == "no_shard":  # FSDP2 on a replicate x 1 mesh: an all-reduce per unit
         return [c("all_reduce", params * R, 1, units=units)]
     n, tp = job.shards.weights, job.layout.tp

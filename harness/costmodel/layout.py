@@ -267,6 +267,12 @@ class Job:
         return bool(self.spec.shardings) and (self.software.fsdp_on_one_device or self.layout.world_size > 1)
 
     @property
+    def fsdp_units(self) -> int:
+        """FSDP2's units on the rank that holds the most blocks: one `fully_shard` per block and the root's own
+        parameters, each gathered and reduced as one collective."""
+        return layers_per_stage(self) + 1
+
+    @property
     def keeps_units_gathered(self) -> bool:
         """FSDP keeps every unit's parameters gathered from its forward to its backward: the harness reshards after
         the forward only under full_shard and hybrid_shard (harness/backends/fsdp.py), and never in zero-bubble

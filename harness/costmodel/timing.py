@@ -377,9 +377,13 @@ def exposed_dp_s(timed: list[tuple[Collective, float]], job: Job, per_mb: float,
                 # backward after it, as each root forward ends the iteration): every forward's first gathers
                 gathers, per_call = c.calls // m, t / c.calls
                 fill = per_call * edge
-                exposed += fill * m
+                # a root resharded after its forward is gathered again by its pre-backward hook, which fires when
+                # the loss's backward has produced the logits' gradient: the output layer's backward waits for it,
+                # and only then is the last block's gather prefetched (torch _fsdp_state._pre_backward)
+                root = per_call * root_share(job) if gathers > 1 else 0.0
+                exposed += (fill + root) * m
                 forward += per_call - fill
-                backward += per_call * (gathers - 1)
+                backward += per_call * (gathers - 1) - root
             else:
                 forward += t / m * share
                 backward += t / m * (1 - share)
@@ -416,7 +420,32 @@ def sharded_edge_share(job: Job) -> float:
         return min(1.0, tail / job.params_per_rank)
     if not job.spec.shardings or job.shards.weights <= 1 or job.sharding == "no_shard":
         return 0.0
-    return min(1.0, (job.root_params_per_rank + job.block_params_per_rank) / job.params_per_rank)
+    return min(1.0, root_share(job) + job.block_params_per_rank / job.params_per_rank)
+
+
+def root_share(job: Job) -> float:
+    """The share of an FSDP gather that is the root module's own parameters (the embedding, final norm and output
+    layer on the rank that holds the most)."""
+    return job.root_params_per_rank / job.params_per_rank if job.params_per_rank > 0 else 0.0
+
+
+def fsdp_copies_s(job: Job, hw: Hardware) -> float:
+    """FSDP2's copies on the compute stream: after each all-gather, `foreach_all_gather_copy_out` copies the
+    gathered buffer into the unit's parameters (run by `wait_for_unshard` on the current stream; at world size 1
+    a plain copy into the same buffers), and before the reduce-scatter `foreach_reduce` copies the unsharded
+    gradients into its input (`foreach_reduce_scatter_copy_in`, also on the current stream, in the reduce dtype):
+    each a read and a write of the unit's parameters (torch 2.13 distributed/fsdp/_fully_shard/
+    _fsdp_param_group.py, _fsdp_collectives.py). Per micro-batch one gather per unit, two where units reshard
+    after the forward; one reduction per step."""
+    if not job.fsdp_wraps or hw.memory_bw is None:
+        return 0.0
+    gathers = job.micro_batches * (1 if job.keeps_units_gathered else 2)
+    units = job.fsdp_units
+    params = job.params_per_rank
+    copies = [Kernel("fsdp all-gather copy-out", "memory", bytes=gathers * params * 2 * job.act_bytes,
+                     count=gathers * units),
+              Kernel("fsdp reduce-scatter copy-in", "memory", bytes=params * 2 * job.reduce_bytes, count=units)]
+    return kernels_s(copies, hw.rates(job), overlap_host=hw.accelerator)
 
 
 def exposed_cp_s(timed: list[tuple[Collective, float]], job: Job, hw: Hardware) -> float:
@@ -490,6 +519,7 @@ def step_time(job: Job, colls: list[Collective], hw: Hardware) -> StepTime | str
     # what ran beside compute (data-parallel, ring attention's and pipelined TP's) slowed the compute it overlapped
     hidden = sum(comm[d] for d in ("dp", "tp", "cp")) - exposed["dp"] - exposed["tp"] - exposed["cp"]
     memory_bound = {"optimizer": optimizer_s(job, hw), "grad_accumulation": grad_accumulation_s(job, hw),
+                    "fsdp_copies": fsdp_copies_s(job, hw),
                     "contention": hw.overlap_slowdown * min(max(0.0, hidden), per_mb * m)}
     step = pipeline + exposed["dp"] + tied + sum(memory_bound.values())
     return StepTime(step_s=step, compute_s=per_mb * m, bubble_fraction=bubble, exposed_comm_s=exposed, comm_s=comm,
