@@ -1400,3 +1400,70 @@ def test_fsdp2s_copies_around_its_collectives_cost_hbm_time_on_the_compute_strea
     assert kept_s == pytest.approx(expected) and kept_s < full_s  # one gather per micro-batch, not two
     _, ddp_s, _ = copies("backend=ddp")
     assert ddp_s == 0.0
+
+
+NANOTRON = ["system=dgx-h100", "backend=deepspeed3d", "costmodel.software=nanotron", "model.d_model=2048",
+            "model.n_layers=4", "model.n_heads=32", "model.ffn_hidden=8192", "model.vocab_size=131072",
+            "model.seq_len=4096", "model.activation=swiglu", "model.norm=rmsnorm", "model.position=rope",
+            "model.bias=false", "model.tie_embeddings=true", "train.precision=bf16",
+            "train.activation_checkpointing=none", "train.micro_batch_size=2", "train.global_batch_size=64"]
+
+
+def test_nanotrons_zero1_all_reduces_the_whole_fp32_buffer_after_the_backward() -> None:
+    """nanotron with fp32 gradient accumulation builds no DDP under ZeRO-1 (trainer.py make_ddp) and reduces the
+    whole contiguous fp32 gradient buffer in one all-reduce after the backward (sync_gradients_across_dp with
+    reduce_scatter=False): nothing hides it. Under ZeRO-0 DDP's buckets reduce during the last backward."""
+    from harness.costmodel.comm import collectives
+    from harness.costmodel.timing import collective_s, exposed_dp_s
+
+    zero1, hw = job_and_hw([*NANOTRON, "parallel.zero_stage=1"], 8)
+    timed = [(c, collective_s(c, hw)) for c in collectives(zero1) if c.dim == "dp"]
+    reduce = next(c for c, _ in timed if c.role == "grads")
+    assert reduce.kind == "all_reduce" and reduce.calls == 1
+    assert reduce.payload_bytes == pytest.approx(zero1.params_per_rank * 4)  # the fp32 buffer
+    assert not zero1.grad_reduce_overlap
+    per_mb = micro_batch_compute_s(zero1, hw)
+    assert exposed_dp_s(timed, zero1, per_mb, hw) == pytest.approx(sum(t for _, t in timed))
+    zero0, hw = job_and_hw([*NANOTRON, "parallel.zero_stage=0"], 8)
+    timed = [(c, collective_s(c, hw)) for c in collectives(zero0) if c.dim == "dp"]
+    assert zero0.grad_reduce_overlap
+    assert exposed_dp_s(timed, zero0, micro_batch_compute_s(zero0, hw), hw) < sum(t for _, t in timed) / 2
+
+
+def test_the_embeddings_dense_gradient_is_filled_and_a_tied_heads_is_added_to_it() -> None:
+    """PyTorch's embedding backward zero-fills a vocabulary x hidden gradient every micro-batch (rows split over TP
+    where the embedding is vocabulary-parallel), and a tied output layer's gradient of the same tensor is summed
+    with it by autograd, where both sit on one pipeline stage."""
+    from harness.costmodel.kernels import head_kernels
+
+    def gradient_bytes(*extra: str, world: int = 1) -> dict[str, float]:
+        job, _ = job_and_hw([*NANOTRON, *extra], world)
+        return {k.name: k.bytes for k in head_kernels(job) if "embedding gradient" in k.name}
+
+    V, h, E = 131072, 2048, 2
+    assert gradient_bytes("train.global_batch_size=2") == {"embedding gradient fill": V * h * E,
+                                                           "tied embedding gradient sum": 3 * V * h * E}
+    assert gradient_bytes("train.global_batch_size=2", "parallel.tp=2", world=2) == {
+        "embedding gradient fill": V / 2 * h * E, "tied embedding gradient sum": 3 * V / 2 * h * E}  # vocab-parallel
+    assert gradient_bytes("train.global_batch_size=4", "parallel.pp=2", world=2) == {
+        "embedding gradient fill": V * h * E}  # the tied copy on the last stage is summed by an all-reduce instead
+    autocast, _ = job_and_hw([*LLAMA, "backend=ddp", "costmodel.software=pytorch-autocast-script",
+                              "train.global_batch_size=2"], 1)
+    assert {k.name: k.bytes for k in head_kernels(autocast) if "embedding gradient" in k.name} == {
+        "embedding gradient fill": 128256 * 4096 * 4}  # fp32 weights under autocast, untied
+
+
+def test_a_group_inside_one_package_talks_over_the_packages_own_link() -> None:
+    """Aurora's devices are tiles, two per Max 1550: the two tiles of one GPU move 196 GB/s between them (ALCF's
+    node performance overview), the tiles of different GPUs about 20 over Xe Link. TP 2 on tiles 0 and 1 runs over
+    the package's link; a group with a tile on another GPU (a data-parallel pair 2 apart, TP 4) over the fabric."""
+    system = compose(["system=aurora"]).system
+    net = fabric(system)
+    assert net.package == 2 and net.package_bw == pytest.approx(196e9)
+    assert net.intra_ring(2) == pytest.approx(196e9 * net.intra_efficiency)
+    assert net.intra_ring(2, stride=2) == pytest.approx(20e9 * net.intra_efficiency)
+    assert net.intra_ring(4) == pytest.approx(20e9 * net.intra_efficiency)
+    inside, across = (net.call_s("all_reduce", 2**30, 2, 2, stride) for stride in (1, 2))
+    assert across / inside == pytest.approx(196 / 20, rel=0.02)  # large: bandwidth, not latency
+    flat = fabric(compose(["system=aurora", "system.devices_per_package=1"]).system)
+    assert flat.call_s("all_reduce", 2**30, 2, 2) == pytest.approx(across)

@@ -189,6 +189,11 @@ class SystemConfig:
     """Point-to-point fabrics (xGMI on MI250X, NVLink without a switch): per-direction GB/s between each pair of a
     node's devices, 0 where no link joins them; empty: a switch gives every device intra_node_bw_gb_per_s to any
     other (costmodel/network.py)."""
+    devices_per_package: int = 1
+    """Devices that share one package (a Max 1550's two tiles, which torch's XPU backend sees as two devices): a
+    group that fits in one package talks over the package's own link (package_bw_gb_per_s), not the node's fabric."""
+    package_bw_gb_per_s: Optional[float] = None
+    """Per direction between two devices of one package; None: no link of its own, the node's fabric."""
     intra_node_efficiency: Optional[float] = None
     """Fraction of the fabric's bandwidth a large ring collective reaches (a published nccl-tests/rccl-tests bus
     bandwidth over the line rate); None: comm_efficiency."""

@@ -113,7 +113,8 @@ def dp_collectives(job: Job) -> list[Collective]:
     if stage == 0:
         return [c("all_reduce", params * per.grads, 1)]
     # DeepSpeed 0.19 all-reduces each gradient bucket whole (Software.zero_bucket_allreduce)
-    reduce = "all_reduce" if job.software.zero_bucket_allreduce and job.ds_bucket_allreduce else "reduce_scatter"
+    whole = (job.software.zero_bucket_allreduce and job.ds_bucket_allreduce) or job.software.zero_reduce_after_backward
+    reduce = "all_reduce" if whole else "reduce_scatter"
     if stage == 1:
         return [c(reduce, params * per.grads, 1), c("all_gather", params * per.weights, 1)]
     if stage == 2:  # DeepSpeed reduces partitioned gradients in every micro-batch's backward

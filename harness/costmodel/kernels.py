@@ -339,8 +339,23 @@ def head_kernels(job: Job) -> list[Kernel]:
         per_element = 4 * E if sw.loss_in_compute_dtype else LOSS_BYTES_EAGER + 2 * E
     out.append(Kernel("cross entropy", "memory", bytes=tokens * loss * per_element, count=LOSS_PASSES[kind]))
     out.append(Kernel("embedding", "memory", bytes=tokens * m.d_model * job.stream_bytes * 3, count=2))
+    out += embedding_gradient_kernels(job)
     if job.autocast:  # the output layer's fp32 weight cast for the forward and its gradient cast back
         out.append(Kernel("head weight cast", "memory", bytes=columns * m.d_model * (4 + E) * 2, count=2))
+    return out
+
+
+def embedding_gradient_kernels(job: Job) -> list[Kernel]:
+    """The token embedding's weight gradient is dense: PyTorch's embedding backward (`embedding_dense_backward`,
+    Megatron's and nanotron's vocabulary-parallel embeddings call it too) zero-fills a vocabulary × hidden gradient
+    of the weight's dtype each micro-batch and adds the tokens' rows into it. A tied output layer's gradient for the
+    same tensor is then summed with it by autograd (two reads and a write), where both sit on one stage."""
+    m = job.model
+    rows = m.vocab_size / job.layout.tp if job.vocab.embedding_split else m.vocab_size
+    W = 4 if job.autocast else job.act_bytes  # fp32 weights under autocast, else the compute dtype's
+    out = [Kernel("embedding gradient fill", "memory", bytes=rows * m.d_model * W, count=1)]
+    if m.tie_embeddings and job.layout.pp == 1:
+        out.append(Kernel("tied embedding gradient sum", "memory", bytes=rows * m.d_model * W * 3, count=1))
     return out
 
 

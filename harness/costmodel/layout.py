@@ -220,6 +220,8 @@ class Job:
     def grad_reduce_overlap(self) -> bool:
         """Whether gradient reduction runs during the backward: the profile's mechanism, or for DeepSpeed's ZeRO
         its `overlap_comm` (default on for stage 3 only, deepspeed/runtime/zero/config.py)."""
+        if self.software.zero_reduce_after_backward and self.layout.zero_stage >= 1:
+            return False
         if self.software.grad_reduce_overlap is not None:
             return self.software.grad_reduce_overlap
         return self.ds_overlap_comm if self.ds_overlap_comm is not None else self.layout.zero_stage == 3

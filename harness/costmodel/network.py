@@ -8,7 +8,9 @@ bandwidth of a ring is the smaller of
 
 - the intra-node ring bandwidth of the g local devices: a switch (NVSwitch) gives each device its full link
   bandwidth; point-to-point links (xGMI on MI250X, NVLink without a switch) give what the channels found over
-  the links carry at once (`ring_bandwidth`, a greedy channel search as NCCL's and RCCL's are);
+  the links carry at once (`ring_bandwidth`, a greedy channel search as NCCL's and RCCL's are); devices that
+  share a package (Aurora's tiles, two per Max 1550) reach each other over the package's own link
+  (`system.package_bw_gb_per_s`) when the group fits in one;
 - the NICs' bandwidth that this group's share of the node's devices owns: all of a node's NICs when the group
   holds all of its devices (a data-parallel all-reduce with TP 1), 1/8 of them when it holds one device of
   eight (data parallelism beside TP 8: eight such groups share the node's NICs, one rail each),
@@ -146,6 +148,10 @@ class Fabric:
     links: tuple[tuple[float, ...], ...] = ()
     """Point-to-point fabrics: per-direction bandwidth between each pair of a node's devices (0: no link)."""
     intra_efficiency: float = 0.8
+    package: int = 1
+    """Devices per package (Aurora: a Max 1550's two tiles)."""
+    package_bw: Optional[float] = None
+    """Per direction between two devices of one package, over the package's own link (None: none)."""
     nics: Optional[int] = None
     nic_bw: Optional[float] = None
     nic_efficiency: float = 0.8
@@ -177,6 +183,8 @@ class Fabric:
         it."""
         if local <= 1:
             return math.inf
+        if self.package_bw and (local - 1) * stride < self.package:  # inside one package: its link joins each pair
+            return (local - 1) * self.package_bw * self.intra_efficiency
         if self.links:
             held = range(0, min(local * stride, len(self.links)), stride)
             found = ring_bandwidth(tuple(tuple(self.links[i][j] for j in held) for i in held))
@@ -308,6 +316,8 @@ def fabric(system: Any) -> Fabric:
         link_bw=gb(system.intra_node_bw_gb_per_s),
         links=links,
         intra_efficiency=float(getattr(system, "intra_node_efficiency", None) or default),
+        package=int(getattr(system, "devices_per_package", 1) or 1),
+        package_bw=gb(getattr(system, "package_bw_gb_per_s", None)),
         nics=getattr(system, "nics_per_node", None),
         nic_bw=gb(getattr(system, "nic_bw_gb_per_s", None)),
         nic_efficiency=float(getattr(system, "nic_efficiency", None) or default),

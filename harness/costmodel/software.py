@@ -128,6 +128,11 @@ class Software:
     all-reduced whole (use_multi_rank_bucket_allreduce), twice a reduce-scatter's bytes (Job.ds_bucket_allreduce
     turns it off); otherwise a reduce-scatter, the volume of the older engines and of DeepSpeed's BF16_Optimizer's
     16-bit all-reduce of fp32 buffers that the Megatron-DeepSpeed tables describe as ZeRO-1."""
+    zero_reduce_after_backward: bool = False
+    """ZeRO's gradients are reduced after the last backward, in one all-reduce of the whole gradient buffer that
+    nothing overlaps, not bucket by bucket during it (nanotron with fp32 accumulation and zero_stage > 0 builds no
+    DDP, `trainer.py` init_model's make_ddp, and its training step calls sync_gradients_across_dp with
+    reduce_scatter=False: `optim/gradient_accumulator.py` all_reduce of `_contiguous_fp32_grad_buffer`)."""
     own_optimizer: bool = False
     """The framework's own data-parallel optimizer replaces DeepSpeed's engine under the deepspeed3d backend
     (Megatron-LM's DistributedOptimizer and contiguous grad buffer, nanotron's ZeRO-1 optimizer): none of
@@ -319,7 +324,7 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
                     "accumulate into fp32 buffers by hooks (deepspeed/runtime/bf16_optimizer.py; the Frontier port "
                     "turned gradient_accumulation_fusion off)"),
     Software(name="nanotron", **_PYTORCH, grad_reduce_overlap=True, main_grad_bytes=4, fp32_grads_in_bf16=True,
-             norm_grads_in_one_kernel=True,
+             norm_grads_in_one_kernel=True, zero_reduce_after_backward=True,
              fused_rope=True, optimizer="fused", vocab_parallel_loss=True, attention_reshape_passes=(14.0, 16.0),
              attention_reshape_kernels=(5.0, 3.0),
              seq_first_proj_copy=True, split_glu=True,
@@ -334,9 +339,11 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
                     "(permute(...).contiguous() of q/k/v, torch.cat of k and v, the sequence-first o_proj input), "
                     "vocabulary-parallel embedding, output layer and sharded_cross_entropy in fp32 "
                     "(models/llama.py); bf16 weights with fp32 master weights, gradients accumulated into fp32 "
-                    "buffers that DDP's comm hook all-reduces (ZeRO-1: reduce-scatters) bucket by bucket in the last "
+                    "buffers that DDP's comm hook all-reduces bucket by bucket in the last "
                     "micro-batch's backward (optim/gradient_accumulator.py get_fp32_accum_hook, no_sync before it "
-                    "in parallel/pipeline_parallel/engine.py); torch's fused AdamW (torch_adam_is_fused). Not "
+                    "in parallel/pipeline_parallel/engine.py), and under ZeRO-1 no DDP: one all-reduce of the whole "
+                    "fp32 buffer after the backward (trainer.py make_ddp, sync_gradients_across_dp); torch's fused "
+                    "AdamW (torch_adam_is_fused). Not "
                     "modelled: tp_linear_async_communication overlaps part of the TP traffic with GEMMs (a "
                     "column-parallel layer's input all-gather with its local chunk's GEMM, its input gradient's "
                     "reduce-scatter with the weight-gradient GEMM) and tp_recompute_allgather gathers that input "
