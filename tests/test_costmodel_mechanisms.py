@@ -1467,3 +1467,24 @@ def test_a_group_inside_one_package_talks_over_the_packages_own_link() -> None:
     assert across / inside == pytest.approx(196 / 20, rel=0.02)  # large: bandwidth, not latency
     flat = fabric(compose(["system=aurora", "system.devices_per_package=1"]).system)
     assert flat.call_s("all_reduce", 2**30, 2, 2) == pytest.approx(across)
+
+
+def test_nvls_tree_goes_beyond_the_nics_on_two_nodes_only() -> None:
+    """On nodes with NVLink SHARP NCCL's NVLS tree reduces inside each node's switch and sends each rank's 1/local
+    share between nodes: on two nodes at the node's whole NIC bandwidth, beyond the ring's limit (nccl-tests issue
+    196; NCCL's tuning model doubles its inter-node bandwidth for two nodes), so a two-node all-reduce runs at the
+    switch's NVLS rate; on four nodes at half of it, within the ring's limit; not at all where the site's network
+    does not carry it (system.nvls_across_nodes) or without NVLink SHARP (A100)."""
+    def busbw(*overrides: str, nodes: int) -> float:
+        net = fabric(compose(list(overrides)).system)
+        ranks, size = 8 * nodes, 2**30
+        return 2 * (ranks - 1) / ranks * size / net.call_s("all_reduce", size, ranks, 8) / 1e9
+
+    h100, off = ("system=dgx-h100",), ("system=dgx-h100", "system.nvls_across_nodes=false")
+    nics = 8 * 50 * 0.94  # the ring's limit across nodes, GB/s
+    assert busbw(*off, nodes=2) < nics < busbw(*h100, nodes=2)
+    nvls = 450 * 0.61  # the switch's NVLS rate per device: the two-node tree's algorithm bandwidth
+    assert busbw(*h100, nodes=2) == pytest.approx(2 * 15 / 16 * nvls, rel=0.02)  # beside 67 µs of latency
+    assert busbw(*h100, nodes=1) == pytest.approx(2 * 7 / 8 * nvls, rel=0.01)  # what one node runs at
+    assert busbw(*off, nodes=4) <= busbw(*h100, nodes=4) < nics  # half the NICs per tree: not beyond the ring's limit
+    assert busbw("system=dgx-a100-80gb", nodes=2) < 8 * 25 * 0.96  # no NVLink SHARP: the ring's NIC limit

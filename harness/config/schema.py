@@ -200,6 +200,10 @@ class SystemConfig:
     nvls_efficiency: Optional[float] = None
     """Third-generation NVSwitch (H100/H200): fraction of the link bandwidth an all-reduce inside the node reaches with
     NVLink SHARP (NCCL's NVLS algorithm: payload once each way); None: no in-switch reduction."""
+    nvls_across_nodes: bool = True
+    """With nvls_efficiency: NCCL runs its NVLS tree across nodes (its default from 2.18 where every node's switch
+    supports NVLink SHARP and the network plugin carries it); false where the site's own two-node all-reduce runs at
+    the ring's NIC limit (costmodel/network.py Fabric._nvls_s)."""
     nics_per_node: Optional[int] = None
     """Network adapters per node that collectives spread their channels over."""
     nic_bw_gb_per_s: Optional[float] = None

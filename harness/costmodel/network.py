@@ -25,7 +25,8 @@ latencies are the low-latency (LL) protocol's; each call runs in the protocol th
 (`Protocol`: LL at a quarter of the bandwidth, LL128 at 0.92, Simple at all of it with 5× LL's per-hop latency
 between nodes and 5.7× inside), so a small call pays LL's latency and a large one Simple's. On a
 third-generation NVSwitch (H100, H200) NCCL runs an all-reduce inside a node with NVLink SHARP (NVLS), which
-reduces in the switch: each device moves its payload once each way, at the measured `nvls_efficiency`. NCCL's
+reduces in the switch: each device moves its payload once each way, at the measured `nvls_efficiency`; across
+nodes its NVLS tree, which on two nodes goes beyond the NICs' ring limit (`Fabric._nvls_s`). NCCL's
 own corrections apply as its `ncclTopoGetAlgoTime` applies them: a tree all-reduce's bandwidth times its
 `treeCorrectionFactor` for the size (up to 256 MiB), a Simple ring all-reduce across nodes at 1.4× its latency (1.9×
 before Ampere). RCCL's per-model correction tables (factors down to 0.1, there to steer its choice of algorithm)
@@ -136,6 +137,8 @@ GLOO_PROTOCOLS = (Protocol("gloo", 1.0, 1.0, 1.0, 1.0, 1.0),)
 """gloo on CPU hosts: one protocol, at the profile's latencies and bandwidth."""
 NVLS_LATENCY = 25e-6
 """An NVLink SHARP all-reduce's latency inside a node (NCCL's `hwLat` NVLink NVLS Simple; its `baseLat` is 0)."""
+NVLS_TREE_NET_LATENCY = 20.9e-6
+"""Per tree level between nodes of NCCL's NVLS tree (`hwLat` NET NVLSTree Simple), twice per level (up and down)."""
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,8 @@ class Fabric:
     nvls_efficiency: Optional[float] = None
     """NVLink SHARP (third-generation NVSwitch): an all-reduce inside a node is reduced in the switch, so each device
     sends its data once and receives the sum once, at this fraction of its link bandwidth (None: no such switch)."""
+    nvls_across_nodes: bool = True
+    """NCCL's NVLS tree runs across nodes where the nodes have NVLink SHARP (`nvls_efficiency`)."""
     protocols: tuple[Protocol, ...] = NCCL_PROTOCOLS
     """The collective library's protocols (NCCL's, RCCL's, or gloo's one)."""
     ll128_across_nodes: bool = True
@@ -247,9 +252,29 @@ class Fabric:
                            + 2 * ((local - 1) * self.intra_hop * p.tree_intra
                                   + math.log2(nodes) * self.inter_hop * p.tree_inter)
                            + 2 * payload / (TREE_BANDWIDTH * bw * p.tree_share * p.tree_factor(payload)))
-        if kind == "all_reduce" and nodes == 1 and self.nvls_efficiency and not self.links and self.link_bw:
-            return min(best, NVLS_LATENCY + payload / (self.link_bw * self.nvls_efficiency))
+        if kind == "all_reduce" and local > 1 and self.nvls_efficiency and not self.links and self.link_bw:
+            best = min(best, self._nvls_s(payload, nodes, fewest))
         return best
+
+    def _nvls_s(self, payload: float, nodes: int, fewest: int) -> float:
+        """An all-reduce with NVLink SHARP: inside a node NCCL's NVLS reduces in the switch, each device moving its
+        payload once each way; across nodes its NVLS tree reduces in each node's switch and between nodes over a
+        tree whose every rank sends its 1/local share on its rail. The network then carries the payload once each
+        way per node, not a ring's 2(p−1)/p, and on two nodes (a tree of one edge, both directions busy at once)
+        at the node's whole NIC bandwidth, on more at half of it: NCCL's `ncclTopoTuneModel` doubles the NVLS
+        tree's inter-node bandwidth for nNodes ≤ 2 and halves every tree's bus bandwidth into its algorithm
+        bandwidth (src/graph/tuning.cc). So on two nodes an all-reduce can beat the NICs' ring limit (nccl-tests
+        issue 196: "on two nodes, NCCL uses the tree (or nvlstree) algorithm which can indeed go beyond the
+        network bottleneck"; NVIDIA/nccl issue 1221, 8 H100 and 8 × 400 Gb/s per node: 430 GB/s bus bandwidth
+        with NVLS on one or two nodes, 320–330 on more or without)."""
+        intra = self.link_bw * self.nvls_efficiency  # type: ignore[operator]  # the caller checked both
+        if nodes == 1:
+            return NVLS_LATENCY + payload / intra
+        net = self.nic_share(fewest)
+        if net is None or not self.nvls_across_nodes:
+            return math.inf
+        inter = net if nodes <= 2 else net / 2
+        return NVLS_LATENCY + 2 * math.log2(nodes) * NVLS_TREE_NET_LATENCY + payload / min(intra, inter)
 
     def _all_to_all_s(self, payload: float, group: int, local: int, nodes: int, stride: int,
                       fewest: int) -> Optional[float]:
@@ -325,6 +350,7 @@ def fabric(system: Any) -> Fabric:
         intra_hop=float(getattr(system, "intra_hop_latency_us", 0.6)) * 1e-6,
         inter_hop=float(getattr(system, "inter_hop_latency_us", 2.7)) * 1e-6,
         nvls_efficiency=getattr(system, "nvls_efficiency", None),
+        nvls_across_nodes=bool(getattr(system, "nvls_across_nodes", True)),
         protocols=protocols,
         ring_plateau=ring_plateau_for(system, protocols),
         ll128_across_nodes=ll128_across_nodes(system),
