@@ -502,11 +502,12 @@ def test_software_profiles_differ_by_their_mechanisms() -> None:
         estimate(compose([*layout, "costmodel.software=nemo"]), validate(compose(layout), 64))
 
 
-def test_each_pipeline_schedule_has_its_own_bubble_and_zero_bubble_keeps_parameters_gathered() -> None:
+def test_each_pipeline_schedule_has_its_own_bubble_and_pipeline_stages_keep_parameters_gathered() -> None:
     """backend=fsdp pp 8 x vpp 2 on 64 A100s: 1F1B-interleaved's bubble (p-1)/(v m), a third of it for the
-    interleaved zero-bubble schedule, none for ZB-V; the step time follows, and the zero-bubble schedules hold
-    FSDP's parameters gathered through the backward (harness/backends/pipeline.py): every unit's, where
-    interleaved 1F1B holds two blocks and the root."""
+    interleaved zero-bubble schedule, none for ZB-V; the step time follows. Every schedule's stages hold FSDP's
+    parameters gathered, every unit's: the zero-bubble ones through the backward (harness/backends/pipeline.py),
+    and torch's stages run each backward with set_reshard_after_backward(False), so at a backward's end every unit
+    of the stage is gathered (torch/distributed/pipelining/stage.py)."""
     from harness.costmodel.memory import busiest_rank, gathered_bytes
 
     answers, gathered = {}, {}
@@ -517,18 +518,17 @@ def test_each_pipeline_schedule_has_its_own_bubble_and_zero_bubble_keeps_paramet
                        parallel={"pp": 8, "vpp": 2}, train={"precision": "bf16", "global_batch_size": 256})
         answers[schedule] = estimate(cfg, validate(cfg, 64))
         job = job_from_config(cfg, validate(cfg, 64))
-        assert job.keeps_units_gathered == (schedule != "Interleaved1F1B")
+        assert job.keeps_units_gathered
         rank, block = busiest_rank(job), job.block_params_per_rank
         gathered[schedule] = gathered_bytes(job, rank) - block * job.reduce_bytes
-        held = rank.params if job.keeps_units_gathered else 2 * block + rank.params - rank.blocks * block
-        assert gathered[schedule] == pytest.approx(held * job.act_bytes, rel=1e-6)
+        assert gathered[schedule] == pytest.approx(rank.params * job.act_bytes, rel=1e-6)
     m = 256 // 8  # micro-batches per replica per step: global 256 over 8 data-parallel replicas, micro-batch 1
     bubble = {k: a["bubble_fraction"] for k, a in answers.items()}
     assert bubble == pytest.approx({"Interleaved1F1B": 7 / (2 * m), "InterleavedZeroBubble": 7 / (3 * 2 * m),
                                     "ZBVZeroBubble": 0.0})
     times = [answers[k]["step_time_s"] for k in ("Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble")]
     assert times[0] > max(times[1:])  # ZB-V's rank 0 holds the embedding and the output layer: more to gather
-    assert gathered["ZBVZeroBubble"] > gathered["Interleaved1F1B"] < gathered["InterleavedZeroBubble"]
+    assert gathered["ZBVZeroBubble"] > max(gathered["Interleaved1F1B"], gathered["InterleavedZeroBubble"])
 
 
 def test_a_plan_rows_printed_command_reproduces_its_prediction(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1367,7 +1367,10 @@ def test_a_ranks_fsdp_units_and_tp_collectives_follow_the_blocks_it_holds() -> N
                          "train.global_batch_size=16"], 8)
     assert layers_per_stage(zbv) == 8
     by_kind = {(c.dim, c.kind): c for c in collectives(zbv)}
-    assert by_kind[("dp", "all_gather")].units == 8 + 1  # one fully_shard per block and the root
+    # one fully_shard per block; each stage module is a root of its own, and rank 1's two (middle stages) hold no
+    # parameters outside their blocks
+    assert by_kind[("dp", "all_gather")].units == 8 and zbv.fsdp_units == 8
+    assert dataclasses.replace(zbv, layout=dataclasses.replace(zbv.layout, pp=1)).fsdp_units == 14 + 1
     looped = dataclasses.replace(zbv, pp_schedule="Interleaved1F1B")
     assert layers_per_stage(looped) == 7  # looped: rank r holds virtual stages r and r + 2, 4 + 3 blocks
     looped_gathers = {(c.dim, c.kind): c for c in collectives(looped)}[("tp", "all_gather")].calls
@@ -1378,30 +1381,29 @@ def test_fsdp2s_copies_around_its_collectives_cost_hbm_time_on_the_compute_strea
     """After each all-gather FSDP2 copies the gathered buffer into the unit's parameters, and before the
     reduce-scatter it copies the unsharded gradients into the collective's input, both on the compute stream
     (torch foreach_all_gather_copy_out in wait_for_unshard, foreach_reduce_scatter_copy_in in foreach_reduce): a
-    read and a write of the unit each, in the gather's and the reduction's dtype. full_shard gathers twice per
-    micro-batch, shard_grad_op once; DDP copies none of them."""
+    read and a write of the unit each. full_shard gathers twice per micro-batch, shard_grad_op once; on a one-rank
+    group the fp32 shards' cast to bf16 runs there too; after one micro-batch the reduce-scatter's input is cast from
+    bf16, after several copied from the fp32 sum. DDP copies none of them."""
     from harness.costmodel.comm import collectives
-    from harness.costmodel.timing import StepTime, fsdp_copies_s, step_time
+    from harness.costmodel.timing import StepTime, fsdp_copies_s, fsdp_copy_kernels, step_time
 
-    def copies(*extra: str) -> tuple[Job, float, float]:
-        job, hw = job_and_hw([*LLAMA, "train.global_batch_size=64", "train.micro_batch_size=4", *extra], 8)
-        P, m = job.params_per_rank, job.micro_batches
-        gathers = m * (1 if job.keeps_units_gathered else 2)
-        expected = kernels.kernels_s(
-            [kernels.Kernel("out", "memory", bytes=gathers * P * 2 * job.act_bytes, count=gathers * job.fsdp_units),
-             kernels.Kernel("in", "memory", bytes=P * 2 * job.reduce_bytes, count=job.fsdp_units)],
-            hw.rates(job), overlap_host=True)
+    def copies(*extra: str, world: int = 8) -> tuple[Job, dict[str, float]]:
+        job, hw = job_and_hw([*LLAMA, "train.micro_batch_size=4", *extra], world)
         timed = step_time(job, collectives(job), hw)
         assert isinstance(timed, StepTime) and timed.memory_bound_s["fsdp_copies"] == fsdp_copies_s(job, hw)
-        return job, fsdp_copies_s(job, hw), expected
+        return job, {k.name.split()[-1]: k.bytes for k in fsdp_copy_kernels(job)}
 
-    full, full_s, expected = copies()
-    assert full.micro_batches == 2 and full.fsdp_units == 4 + 1
-    assert full_s == pytest.approx(expected) and full_s > 0
-    kept, kept_s, expected = copies("backend.sharding=shard_grad_op")
-    assert kept_s == pytest.approx(expected) and kept_s < full_s  # one gather per micro-batch, not two
-    _, ddp_s, _ = copies("backend=ddp")
-    assert ddp_s == 0.0
+    full, out = copies("train.global_batch_size=64")
+    P, m = full.params_per_rank, full.micro_batches
+    assert m == 2 and full.act_bytes == 2 and full.reduce_bytes == 4 and full.fsdp_units == 4 + 1
+    assert out == {"copy-out": 2 * m * P * (2 + 2), "copy-in": P * (4 + 4)}  # bf16 gathers, fp32 sum
+    kept, out = copies("train.global_batch_size=64", "backend.sharding=shard_grad_op")
+    assert out == {"copy-out": m * P * (2 + 2), "copy-in": P * (4 + 4)}  # one gather per micro-batch
+    one, out = copies("train.global_batch_size=4", world=1)
+    assert one.micro_batches == 1 and one.state_bytes.weights == 4
+    assert out == {"copy-out": 2 * P * (4 + 2 + 2 + 2), "copy-in": P * (2 + 4)}  # cast, copy; bf16 grads cast up
+    _, out = copies("train.global_batch_size=64", "backend=ddp")
+    assert out == {}
 
 
 NANOTRON = ["system=dgx-h100", "backend=deepspeed3d", "costmodel.software=nanotron", "model.d_model=2048",
@@ -1469,6 +1471,11 @@ def test_a_group_inside_one_package_talks_over_the_packages_own_link() -> None:
     assert across / inside == pytest.approx(196 / 20, rel=0.02)  # large: bandwidth, not latency
     flat = fabric(compose(["system=aurora", "system.devices_per_package=1"]).system)
     assert flat.call_s("all_reduce", 2**30, 2, 2) == pytest.approx(across)
+    from harness.costmodel.whatif import SCENARIOS  # the intra-node what-if doubles the package's link too
+
+    hw = hardware(system, lookup_peak(system.accelerator, "bf16").tflops)
+    doubled = SCENARIOS["2x intra-node bandwidth"](hw).fabric
+    assert doubled.intra_ring(2) == pytest.approx(2 * hw.fabric.intra_ring(2))
 
 
 def test_nvls_tree_goes_beyond_the_nics_on_two_nodes_only() -> None:

@@ -185,7 +185,7 @@ def _fsdp_collectives(job: Job, params: float, c) -> list[Collective]:  # type: 
         return [c("all_reduce", params * R, 1, units=units)]
     n, tp = job.shards.weights, job.layout.tp
     local = per_node(tp, n, job)
-    gathers = 2 if job.sharding in ("full_shard", "hybrid_shard") else 1
+    gathers = 1 if job.keeps_units_gathered else 2  # per micro-batch: once, or for the forward and the backward
     out = [c("all_gather", params * job.act_bytes, gathers * m, n, local, units)]
     out.append(c("reduce_scatter", params * R, 1, n, local, units))
     if job.sharding == "hybrid_shard" and dp > n:

@@ -270,17 +270,26 @@ class Job:
 
     @property
     def fsdp_units(self) -> int:
-        """FSDP2's units on the rank that holds the most blocks: one `fully_shard` per block and the root's own
-        parameters, each gathered and reduced as one collective."""
-        return layers_per_stage(self) + 1
+        """FSDP2's units on the rank that holds the most blocks, each gathered and reduced as one collective: one
+        `fully_shard` per block, and the root's own parameters. Pipeline stages are each a root of their own
+        (harness/backends/pipeline.py shards each stage module), and only the stages holding the embedding (rank
+        0) or the output layer have parameters outside their blocks."""
+        if self.layout.pp == 1:
+            return layers_per_stage(self) + 1
+        loads = stage_loads(self)
+        rank = max(range(len(loads)), key=lambda r: loads[r][0])  # the rank layers_per_stage counts
+        return loads[rank][0] + (rank == 0) + loads[rank][1]
 
     @property
     def keeps_units_gathered(self) -> bool:
-        """FSDP keeps every unit's parameters gathered from its forward to its backward: the harness reshards after
-        the forward only under full_shard and hybrid_shard (harness/backends/fsdp.py), and never in zero-bubble
-        pipeline stages (harness/backends/pipeline.py)."""
-        split = self.layout.pp > 1 and PP_SCHEDULES[self.pp_schedule].split_backward
-        return self.fsdp_wraps and (self.sharding in ("shard_grad_op", "no_shard") or split)
+        """FSDP keeps every unit's parameters gathered from one use to the next, so each is gathered about once per
+        micro-batch and all of them are gathered at once: the harness reshards after the forward only under
+        full_shard and hybrid_shard (harness/backends/fsdp.py), and never in zero-bubble pipeline stages
+        (harness/backends/pipeline.py); and torch's pipeline stages run every backward with
+        `set_reshard_after_backward(False)` (torch/distributed/pipelining/stage.py), so a stage's units stay
+        gathered from each backward to the next forward, which finds them so (a step gathers each about m + 1
+        times, not 2m) and at a backward's end holds all of them."""
+        return self.fsdp_wraps and (self.sharding in ("shard_grad_op", "no_shard") or self.layout.pp > 1)
 
 
 def _ds_reduce_bucket(zero: dict[str, Any], ds_config: Any, precision: str, stage: int) -> Optional[int]:

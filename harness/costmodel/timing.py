@@ -436,16 +436,27 @@ def fsdp_copies_s(job: Job, hw: Hardware) -> float:
     gradients into its input (`foreach_reduce_scatter_copy_in`, also on the current stream, in the reduce dtype):
     each a read and a write of the unit's parameters (torch 2.13 distributed/fsdp/_fully_shard/
     _fsdp_param_group.py, _fsdp_collectives.py). Per micro-batch one gather per unit, two where units reshard
-    after the forward; one reduction per step."""
-    if not job.fsdp_wraps or hw.memory_bw is None:
+    after the forward (Job.keeps_units_gathered); one reduction per step."""
+    if hw.memory_bw is None:
         return 0.0
+    return kernels_s(fsdp_copy_kernels(job), hw.rates(job), overlap_host=hw.accelerator)
+
+
+def fsdp_copy_kernels(job: Job) -> list[Kernel]:
+    """fsdp_copies_s's kernels, per step: none where FSDP does not wrap the model."""
+    if not job.fsdp_wraps:
+        return []
     gathers = job.micro_batches * (1 if job.keeps_units_gathered else 2)
-    units = job.fsdp_units
-    params = job.params_per_rank
-    copies = [Kernel("fsdp all-gather copy-out", "memory", bytes=gathers * params * 2 * job.act_bytes,
-                     count=gathers * units),
-              Kernel("fsdp reduce-scatter copy-in", "memory", bytes=params * 2 * job.reduce_bytes, count=units)]
-    return kernels_s(copies, hw.rates(job), overlap_host=hw.accelerator)
+    units, params, E, R = job.fsdp_units, job.params_per_rank, job.act_bytes, job.reduce_bytes
+    # on a one-rank group the cast of the sharded parameters to the compute dtype runs there too (the gather's
+    # input), before the copy; on more ranks it is a 1/n shard's, on the gather's copy-in stream
+    W = job.state_bytes.weights
+    out = 2 * E + (W + E if job.shards.weights == 1 and W != E else 0)
+    # the reduce-scatter's input is cast from the compute dtype after one micro-batch, copied from the gradients
+    # accumulated in the reduce dtype after several (FSDPParam.to_accumulated_grad_if_needed)
+    into = (E if job.micro_batches == 1 else R) + R
+    return [Kernel("fsdp all-gather copy-out", "memory", bytes=gathers * params * out, count=gathers * units),
+            Kernel("fsdp reduce-scatter copy-in", "memory", bytes=params * into, count=units)]
 
 
 def exposed_cp_s(timed: list[tuple[Collective, float]], job: Job, hw: Hardware) -> float:

@@ -34,7 +34,8 @@ SCENARIOS: dict[str, Callable[[Hardware], Hardware]] = {
     "2x memory bandwidth": lambda hw: dataclasses.replace(
         hw, memory_bw=None if hw.memory_bw is None else hw.memory_bw * 2),
     "2x intra-node bandwidth": lambda hw: _scaled_fabric(
-        hw, link_bw=_times(2), links=lambda links: tuple(tuple(x * 2 for x in row) for row in links)),
+        hw, link_bw=_times(2), links=lambda links: tuple(tuple(x * 2 for x in row) for row in links),
+        package_bw=_times(2)),
     "2x inter-node bandwidth": lambda hw: _scaled_fabric(hw, nic_bw=_times(2)),
 }
 """Each resource doubled, as the Hardware the step is timed on."""

@@ -326,8 +326,10 @@ def profile_from_run(run_dir: Path, name: str) -> dict[str, Any]:
         profile.update(cores_per_node=int(cores), calibrated_ranks_per_node=local)
     comm = fit_collectives(traces, layout.world_size) if layout.world_size > 1 else None
     if comm is not None:
+        # the fitted bandwidth is the node's, for every pair: no link matrix or package link of the base profile
         profile.update(intra_node_bw_gb_per_s=comm[0] / 1e9, intra_node_efficiency=1.0, comm_efficiency=1.0,
-                       comm_latency_us=comm[1] * 1e6, intra_hop_latency_us=0.0, inter_hop_latency_us=0.0)
+                       comm_latency_us=comm[1] * 1e6, intra_hop_latency_us=0.0, inter_hop_latency_us=0.0,
+                       intra_node_links=[], package_bw_gb_per_s=None)
     # What the rates leave unexplained of the measured step: per block and micro-batch.
     modelled = _modelled_step_s(cfg, layout, profile)
     left = measured_ms / 1e3 - modelled
