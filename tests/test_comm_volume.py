@@ -20,7 +20,8 @@ from harness.costmodel.estimate import estimate
 from harness.trace.comm import predicted_bytes
 
 ZERO3_KEEP_NOTHING = ("param_persistence_threshold", "max_reuse_distance", "prefetch_bucket_size")
-LAYOUTS = {  # name: overrides (gpt-tiny, 2 ranks, 2 micro-batches per step; 4 with TP or PP, where dp = 1)
+LAYOUTS = {  # name: overrides (gpt-tiny, 2 ranks unless launcher.nproc says, 2 micro-batches per step; 4 with TP or
+    # PP, where dp = 1)
     "ddp": ["backend=ddp"],
     "fsdp-full_shard": ["backend=fsdp", "backend.sharding=full_shard"],
     "fsdp-shard_grad_op": ["backend=fsdp", "backend.sharding=shard_grad_op"],
@@ -42,6 +43,9 @@ LAYOUTS = {  # name: overrides (gpt-tiny, 2 ranks, 2 micro-batches per step; 4 w
     "fsdp-tp2-sp-untied": ["backend=fsdp", "parallel.tp=2", "parallel.sequence_parallel=true",
                            "model.tie_embeddings=false"],
     "pp2": ["backend=deepspeed3d", "parallel.pp=2"],
+    # FSDP inside torch's pipeline stages on 4 ranks (pp 2 x dp 2, 4 micro-batches, 1F1B): a unit stays gathered
+    # from each backward to the next forward (m + 1 gathers, not 2m), and the tied embedding's shards are summed
+    "fsdp-pp2-dp2": ["backend=fsdp", "parallel.pp=2", "launcher.nproc=4", "train.global_batch_size=8"],
     # context parallelism: ulysses's four all-to-alls per layer, forward and backward, and again in a recompute
     "ulysses-cp2": ["backend=ddp", "parallel.cp=2"],
     "ulysses-cp2-fsdp-full-recompute": ["backend=fsdp", "parallel.cp=2", "train.activation_checkpointing=full"],
@@ -55,11 +59,12 @@ def test_predicted_comm_bytes_match_profiled_step(name: str, tmp_path: Path) -> 
     from harness.launchers.local import launch_local
     from harness.predict.commcount import measure_step
 
-    cfg = compose(COMMON + LAYOUTS[name])
-    out = tmp_path / "counts.json"
-    launch_local(2, measure_step, to_container(cfg), str(out))
+    keys = {o.split("=")[0] for o in LAYOUTS[name]}
+    cfg = compose([o for o in COMMON if o.split("=")[0] not in keys] + LAYOUTS[name])
+    out, ranks = tmp_path / "counts.json", int(cfg.launcher.nproc)
+    launch_local(ranks, measure_step, to_container(cfg), str(out))
     measured = json.loads(out.read_text())
-    predicted = predicted_bytes(estimate(cfg, validate(cfg, 2))["collectives"], gloo=True)
+    predicted = predicted_bytes(estimate(cfg, validate(cfg, ranks))["collectives"], gloo=True)
     # What the model leaves out must be negligible (DDP's bookkeeping broadcasts, scalar norms, the
     # pipeline's loss broadcast).
     for kind in set(measured) - set(predicted):

@@ -1497,3 +1497,29 @@ def test_nvls_tree_goes_beyond_the_nics_on_two_nodes_only() -> None:
     assert busbw(*h100, nodes=1) == pytest.approx(2 * 7 / 8 * nvls, rel=0.01)  # what one node runs at
     assert busbw(*off, nodes=4) <= busbw(*h100, nodes=4) < nics  # half the NICs per tree: not beyond the ring's limit
     assert busbw("system=dgx-a100-80gb", nodes=2) < 8 * 25 * 0.96  # no NVLink SHARP: the ring's NIC limit
+
+
+def test_fsdp_inside_pipeline_stages_gathers_each_unit_once_per_micro_batch_and_one_more() -> None:
+    """torch's pipeline stages run every backward with set_reshard_after_backward(False): under 1F1B a unit is
+    gathered for each backward, and for the forwards that follow a forward (the warm-up's and the first of the
+    steady state), m + 1 times a step where a step outside a pipeline gathers it 2m times; never again under the
+    zero-bubble schedules, whose units stay gathered from the first forward. Those gathers still hide under the
+    compute: they are not all exposed for not being a multiple of the micro-batches."""
+    from harness.costmodel.comm import collectives
+    from harness.costmodel.timing import collective_s, exposed_dp_s
+
+    def job(*extra: str, world: int = 4) -> Job:
+        return job_and_hw([*LLAMA, "model.n_layers=8", "train.global_batch_size=16", *extra], world)[0]
+
+    flat = job(world=2)
+    assert flat.fsdp_gathers == 2 * flat.micro_batches and not flat.keeps_units_gathered
+    assert job("backend.sharding=shard_grad_op", world=2).fsdp_gathers == flat.micro_batches
+    piped = job("parallel.pp=2")
+    assert piped.keeps_units_gathered and piped.fsdp_gathers == piped.micro_batches + 1
+    zbv = job("parallel.pp=2", "parallel.vpp=2", "backend.pp_schedule=ZBVZeroBubble")
+    assert zbv.fsdp_gathers == 1
+    piped, hw = job_and_hw([*LLAMA, "model.n_layers=8", "train.global_batch_size=16", "parallel.pp=2"], 4)
+    timed = [(c, collective_s(c, hw)) for c in collectives(piped) if c.dim == "dp" and c.role == "params"]
+    assert timed[0][0].calls == piped.micro_batches + 1
+    total = sum(t for _, t in timed)
+    assert 0 < exposed_dp_s(timed, piped, micro_batch_compute_s(piped, hw), hw) < total / 2

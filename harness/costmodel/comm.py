@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from harness.core.registry import CHECKPOINTING
+from harness.core.registry import CHECKPOINTING, PP_SCHEDULES
 from harness.costmodel.flops import param_modules, param_tensors, shape_cached
 from harness.costmodel.layout import Job, Zero3, layers_per_stage
 from harness.costmodel.network import RING_FACTOR
@@ -179,14 +179,13 @@ def _fsdp_collectives(job: Job, params: float, c) -> list[Collective]:  # type: 
     what torch 2.13's profiler records (tests/test_comm_volume.py), although FSDP2's documentation
     describes keeping the root unsharded after forward.
     """
-    m, dp, R = job.micro_batches, job.grad_ranks, job.reduce_bytes
+    dp, R = job.grad_ranks, job.reduce_bytes
     units = job.fsdp_units
     if job.sharding == "no_shard":  # FSDP2 on a replicate x 1 mesh: an all-reduce per unit
         return [c("all_reduce", params * R, 1, units=units)]
     n, tp = job.shards.weights, job.layout.tp
     local = per_node(tp, n, job)
-    gathers = 1 if job.keeps_units_gathered else 2  # per micro-batch: once, or for the forward and the backward
-    out = [c("all_gather", params * job.act_bytes, gathers * m, n, local, units)]
+    out = [c("all_gather", params * job.act_bytes, job.fsdp_gathers, n, local, units)]
     out.append(c("reduce_scatter", params * R, 1, n, local, units))
     if job.sharding == "hybrid_shard" and dp > n:
         out.append(c("all_reduce", params * R / n, 1, dp // n, per_node(tp * n, dp // n, job), units, tp * n))
@@ -254,9 +253,12 @@ def pp_collectives(job: Job) -> list[Collective]:
             out.append(Collective("pp", "all_gather", payload, calls, layout.tp, per_node(1, layout.tp, job)))
     else:
         out = [Collective("pp", "send_recv", payload, calls, 2, neighbour, stride=stage)]
-    if job.model.tie_embeddings:
+    if job.model.tie_embeddings and PP_SCHEDULES[job.pp_schedule].placement != "v":  # v: one rank holds both ends
         grads = job.state_bytes.grads
-        tied = job.model.vocab_size * job.model.d_model / layout.tp * grads
+        rows = job.model.vocab_size / (layout.tp if job.vocab.embedding_split else 1)
+        # FSDP's pipeline all-reduces each pair's shard of the weight (harness/backends/pipeline.py
+        # sum_tied_gradients): 65,536 bytes of gpt-tiny's 131,072 on 4 CPU ranks at pp 2 × dp 2
+        tied = rows * job.model.d_model * grads / (job.shards.grads if job.spec.shardings else 1)
         ends = 2 if layout.world_size <= job.devices_per_node else 1  # the first and last stage, a node apart
         out.append(Collective("pp", "all_reduce", tied, 1, 2, ends, stride=stage * (layout.pp - 1)))
     return out

@@ -281,6 +281,20 @@ class Job:
         return loads[rank][0] + (rank == 0) + loads[rank][1]
 
     @property
+    def fsdp_gathers(self) -> int:
+        """How many times a step gathers each FSDP unit: for the forward and the backward of every micro-batch where
+        units reshard after the forward, once per micro-batch where they do not; in torch's pipeline stages, which
+        keep units gathered after each backward (keeps_units_gathered), m + 1 (the backwards', and the forwards'
+        that follow a forward: the warm-up's and the first of the steady state) where they reshard after the
+        forward, and once per step where they do not (the zero-bubble schedules). The harness's FSDP pipeline on 4
+        CPU ranks (pp 2 × dp 2, 4 micro-batches, 1F1B) all-gathers 5/4 of one gather per micro-batch
+        (harness.predict.commcount)."""
+        m = self.micro_batches
+        if self.layout.pp > 1:
+            return 1 if PP_SCHEDULES[self.pp_schedule].split_backward else m + 1
+        return m if self.keeps_units_gathered else 2 * m
+
+    @property
     def keeps_units_gathered(self) -> bool:
         """FSDP keeps every unit's parameters gathered from one use to the next, so each is gathered about once per
         micro-batch and all of them are gathered at once: the harness reshards after the forward only under

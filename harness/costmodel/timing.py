@@ -367,23 +367,28 @@ def exposed_dp_s(timed: list[tuple[Collective, float]], job: Job, per_mb: float,
             drain = t * edge  # the first block's and the root's reduce-scatters, the backward's last
             exposed, t = exposed + drain, t - drain
         if c.role == "params":
-            if not every and job.software.param_gather_overlap:
-                first += t
-            elif not every:
-                exposed += t
-            elif job.spec.shardings:
+            if job.spec.shardings:
                 # FSDP2's root pre-forward makes the gather streams wait for everything queued (torch
                 # _fsdp_state._root_pre_forward: the optimizer's update at a step's first forward, the previous
                 # backward after it, as each root forward ends the iteration): every forward's first gathers
-                gathers, per_call = c.calls // m, t / c.calls
+                per_call = t / c.calls
                 fill = per_call * edge
-                # a root resharded after its forward is gathered again by its pre-backward hook, which fires when
-                # the loss's backward has produced the logits' gradient: the output layer's backward waits for it,
-                # and only then is the last block's gather prefetched (torch _fsdp_state._pre_backward)
-                root = per_call * root_share(job) if gathers > 1 else 0.0
-                exposed += (fill + root) * m
-                forward += per_call - fill
-                backward += per_call * (gathers - 1) - root
+                if c.calls >= 2 * m:  # resharded after each forward: gathered for the forward and the backward
+                    # a root resharded after its forward is gathered again by its pre-backward hook, which fires
+                    # when the loss's backward has produced the logits' gradient: the output layer's backward
+                    # waits for it, and only then is the last block's gather prefetched (_fsdp_state._pre_backward)
+                    root = per_call * root_share(job)
+                    exposed += (fill + root) * m
+                    forward += per_call - fill
+                    backward += per_call * (c.calls // m - 1) - root
+                else:  # kept gathered between uses (Job.fsdp_gathers): about once per micro-batch, or per step
+                    firsts = min(m, c.calls)
+                    exposed += fill * firsts
+                    forward += (t - fill * firsts) / m
+            elif not every and job.software.param_gather_overlap:
+                first += t
+            elif not every:
+                exposed += t
             else:
                 forward += t / m * share
                 backward += t / m * (1 - share)
@@ -446,7 +451,7 @@ def fsdp_copy_kernels(job: Job) -> list[Kernel]:
     """fsdp_copies_s's kernels, per step: none where FSDP does not wrap the model."""
     if not job.fsdp_wraps:
         return []
-    gathers = job.micro_batches * (1 if job.keeps_units_gathered else 2)
+    gathers = job.fsdp_gathers
     units, params, E, R = job.fsdp_units, job.params_per_rank, job.act_bytes, job.reduce_bytes
     # on a one-rank group the cast of the sharded parameters to the compute dtype runs there too (the gather's
     # input), before the copy; on more ranks it is a 1/n shard's, on the gather's copy-in stream
