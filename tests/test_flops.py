@@ -125,3 +125,12 @@ def test_peak_table(device: str, precision: str, expected: float) -> None:
 def test_unknown_peak_is_null_with_a_reason(device: str, precision: str) -> None:
     peak = lookup_peak(device, precision)
     assert peak.tflops is None and peak.reason and precision in peak.reason
+
+
+def test_a_device_without_the_runs_precision_names_those_it_has_and_the_fix() -> None:
+    """V100 has no bf16 tensor-core math; Aurora's tile table holds only its measured bf16 rate: the reason names the
+    precisions the table has and the field that sets it, or the measured peak to give instead."""
+    v100 = lookup_peak("Tesla V100-SXM2-16GB", "bf16").reason or ""
+    assert "set train.precision to one it has (fp16, fp32)" in v100 and "system.peak_tflops" in v100
+    tile = lookup_peak("Max 1550", "fp32").reason or ""
+    assert "set train.precision to one it has (bf16)" in tile

@@ -284,7 +284,10 @@ def lookup_peak(device_name: str, precision: str) -> PeakLookup:
     if peak is not None:
         value = peak.tflops.get(precision)
         if value is None:
-            return PeakLookup(None, None, f"{peak.name} has no dense {precision} peak in the table ({peak.source})")
+            known = ", ".join(sorted(k for k, v in peak.tflops.items() if v is not None))
+            return PeakLookup(None, None, f"{peak.name} has no dense {precision} peak in the table ({peak.source}): "
+                                          f"set train.precision to one it has ({known}), or give a measured one "
+                                          "with system.peak_tflops and system.peak_tflops_source")
         return PeakLookup(value, peak.source, None)
     return PeakLookup(
         None,
