@@ -255,10 +255,9 @@ def pp_collectives(job: Job) -> list[Collective]:
         out = [Collective("pp", "send_recv", payload, calls, 2, neighbour, stride=stage)]
     if job.model.tie_embeddings and PP_SCHEDULES[job.pp_schedule].placement != "v":  # v: one rank holds both ends
         grads = job.state_bytes.grads
-        rows = job.model.vocab_size / (layout.tp if job.vocab.embedding_split else 1)
         # FSDP's pipeline all-reduces each pair's shard of the weight (harness/backends/pipeline.py
         # sum_tied_gradients): 65,536 bytes of gpt-tiny's 131,072 on 4 CPU ranks at pp 2 × dp 2
-        tied = rows * job.model.d_model * grads / (job.shards.grads if job.spec.shardings else 1)
+        tied = job.embedding_rows * job.model.d_model * grads / (job.shards.grads if job.spec.shardings else 1)
         ends = 2 if layout.world_size <= job.devices_per_node else 1  # the first and last stage, a node apart
         out.append(Collective("pp", "all_reduce", tied, 1, 2, ends, stride=stage * (layout.pp - 1)))
     return out

@@ -351,11 +351,11 @@ def embedding_gradient_kernels(job: Job) -> list[Kernel]:
     of the weight's dtype each micro-batch and adds the tokens' rows into it. A tied output layer's gradient for the
     same tensor is then summed with it by autograd (two reads and a write), where both sit on one stage."""
     m = job.model
-    rows = m.vocab_size / job.layout.tp if job.vocab.embedding_split else m.vocab_size
     W = 4 if job.autocast else job.act_bytes  # fp32 weights under autocast, else the compute dtype's
-    out = [Kernel("embedding gradient fill", "memory", bytes=rows * m.d_model * W, count=1)]
+    gradient = job.embedding_rows * m.d_model * W
+    out = [Kernel("embedding gradient fill", "memory", bytes=gradient, count=1)]
     if m.tie_embeddings and job.layout.pp == 1:
-        out.append(Kernel("tied embedding gradient sum", "memory", bytes=rows * m.d_model * W * 3, count=1))
+        out.append(Kernel("tied embedding gradient sum", "memory", bytes=gradient * 3, count=1))
     return out
 
 

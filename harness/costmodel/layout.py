@@ -269,16 +269,25 @@ class Job:
         return bool(self.spec.shardings) and (self.software.fsdp_on_one_device or self.layout.world_size > 1)
 
     @property
+    def ddp_buckets(self) -> bool:
+        """PyTorch DDP reduces this rank's gradients bucket by bucket: a bucketing backend with more than one rank
+        to reduce over."""
+        return bool(self.spec.gradient_buckets) and self.grad_ranks > 1
+
+    @property
+    def embedding_rows(self) -> float:
+        """Vocabulary rows of the token embedding one TP rank holds (all of them where the software keeps it whole:
+        software.TP_VOCAB)."""
+        return self.model.vocab_size / (self.layout.tp if self.vocab.embedding_split else 1)
+
+    @property
     def fsdp_units(self) -> int:
         """FSDP2's units on the rank that holds the most blocks, each gathered and reduced as one collective: one
         `fully_shard` per block, and the root's own parameters. Pipeline stages are each a root of their own
         (harness/backends/pipeline.py shards each stage module), and only the stages holding the embedding (rank
         0) or the output layer have parameters outside their blocks."""
-        if self.layout.pp == 1:
-            return layers_per_stage(self) + 1
-        loads = stage_loads(self)
-        rank = max(range(len(loads)), key=lambda r: loads[r][0])  # the rank layers_per_stage counts
-        return loads[rank][0] + (rank == 0) + loads[rank][1]
+        rank, (blocks, last) = most_blocks(self)
+        return blocks + 1 if self.layout.pp == 1 else blocks + (rank == 0) + last
 
     @property
     def fsdp_gathers(self) -> int:
@@ -411,7 +420,14 @@ def _block_params(model: GPTConfig, tp: int) -> float:
 def layers_per_stage(job: Job) -> int:
     """Blocks on the pipeline rank that holds the most (stage_loads): the rank whose FSDP units, TP collectives
     and ring-attention passes set the step."""
-    return max(blocks for blocks, _ in stage_loads(job))
+    return most_blocks(job)[1][0]
+
+
+def most_blocks(job: Job) -> tuple[int, tuple[int, bool]]:
+    """The pipeline rank that holds the most blocks (the first such), and its (blocks, holds the output layer)."""
+    loads = stage_loads(job)
+    rank = max(range(len(loads)), key=lambda r: loads[r][0])
+    return rank, loads[rank]
 
 
 def stage_loads(job: Job) -> tuple[tuple[int, bool], ...]:

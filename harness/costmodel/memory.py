@@ -194,7 +194,7 @@ def _buffers(job: Job, rank: PipelineRank, loss: tuple[float, float], working_se
     logits = max(peak - working_set, held) if apart else peak
     gathered = gathered_bytes(job, rank)
     buckets = 0.0
-    if job.spec.gradient_buckets and job.grad_ranks > 1:
+    if job.ddp_buckets:
         buckets = rank.params * job.state_bytes.grads
     if job.spec.deepspeed_engine and not job.software.own_optimizer and layout.zero_stage >= 1 \
             and job.ds_reduce_bucket:

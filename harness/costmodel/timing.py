@@ -295,7 +295,7 @@ def ddp_bucket_copies_s(job: Job, hw: Hardware) -> float:
     into its bucket as the backward produces it (Reducer::mark_variable_ready_dense) and, once the bucket's
     all-reduce is done, back into .grad (finalize_bucket_dense, copy_bucket_to_grad): two passes that read and
     write the gradients, in the micro-batch that synchronises."""
-    if not (job.spec.gradient_buckets and job.grad_ranks > 1) or hw.memory_bw is None:
+    if not job.ddp_buckets or hw.memory_bw is None:
         return 0.0
     return job.params_per_rank * 4 * job.state_bytes.grads / hw.memory_bw
 
@@ -419,7 +419,7 @@ def sharded_edge_share(job: Job) -> float:
     last bucket holds the input embedding's gradient (a tensor is never split over buckets), ready only when the
     backward ends, beside what block 0 produced since the previous bucket closed at DDP_BUCKET_BYTES: its
     all-reduce runs after all compute. 0 without sharded parameters or buckets."""
-    if job.spec.gradient_buckets and job.grad_ranks > 1 and job.params_per_rank > 0:  # DDP: no TP, no pipeline
+    if job.ddp_buckets and job.params_per_rank > 0:  # DDP: no TP, no pipeline
         # beside the embedding, on average half a bucket of block 0's gradients, ready just before it
         tail = param_split(job.model).embedding + DDP_BUCKET_BYTES / 2 / job.state_bytes.grads
         return min(1.0, tail / job.params_per_rank)
@@ -436,12 +436,12 @@ def root_share(job: Job) -> float:
 
 def fsdp_copies_s(job: Job, hw: Hardware) -> float:
     """FSDP2's copies on the compute stream: after each all-gather, `foreach_all_gather_copy_out` copies the
-    gathered buffer into the unit's parameters (run by `wait_for_unshard` on the current stream; at world size 1
-    a plain copy into the same buffers), and before the reduce-scatter `foreach_reduce` copies the unsharded
-    gradients into its input (`foreach_reduce_scatter_copy_in`, also on the current stream, in the reduce dtype):
-    each a read and a write of the unit's parameters (torch 2.13 distributed/fsdp/_fully_shard/
-    _fsdp_param_group.py, _fsdp_collectives.py). Per micro-batch one gather per unit, two where units reshard
-    after the forward (Job.keeps_units_gathered); one reduction per step."""
+    gathered buffer into the unit's parameters (run by `wait_for_unshard` on the current stream; at world size 1,
+    after casting the shard to the compute dtype there), and before the reduce-scatter `foreach_reduce` copies the
+    unsharded gradients into its input (`foreach_reduce_scatter_copy_in`, also on the current stream, in the reduce
+    dtype): each a read and a write of the unit's parameters (torch 2.13 distributed/fsdp/_fully_shard/
+    _fsdp_param_group.py, _fsdp_collectives.py), as many gathers as Job.fsdp_gathers counts and one reduction per
+    step (fsdp_copy_kernels)."""
     if hw.memory_bw is None:
         return 0.0
     return kernels_s(fsdp_copy_kernels(job), hw.rates(job), overlap_host=hw.accelerator)
