@@ -900,13 +900,91 @@ def test_tp_comm_overlap_hides_sequence_parallel_traffic_and_is_refused_without_
         job, hw = job_and_hw([*base, f"parallel.sequence_parallel={str(sp).lower()}", *extra], 8)
         return step_time(job, collectives(job), hw).exposed_comm_s["tp"]
 
-    plain, hidden = exposed_tp(sp=True), exposed_tp("costmodel.tp_comm_overlap=true", sp=True)
-    assert hidden == pytest.approx(plain / 8)
+    job, hw = job_and_hw([*base, "parallel.sequence_parallel=true"], 8)
+    total = step_time(job, collectives(job), hw).comm_s["tp"]
+    assert exposed_tp("costmodel.tp_comm_overlap=true", sp=True) == pytest.approx(total / 8)
     with pytest.raises(ConfigError, match="parallel.sequence_parallel=true"):
         exposed_tp("costmodel.tp_comm_overlap=true", sp=False)
     job, hw = job_and_hw([*base, "parallel.sequence_parallel=true", "costmodel.tp_comm_overlap=true"], 8)
     no_sp = dataclasses.replace(job, sequence_parallel=False)
     assert step_time(no_sp, collectives(no_sp), hw).exposed_comm_s["tp"] == pytest.approx(exposed_tp(sp=False))
+
+
+def test_sequence_parallel_linears_gather_their_input_again_for_the_weight_gradient() -> None:
+    """megatron-core and nanotron keep a column-parallel linear's sequence-split input and all-gather it again in
+    the backward (one more gather per sub-layer and block); DTensor's ColwiseParallel saves the gathered input."""
+    base = [*LLAMA, "backend=deepspeed3d", "costmodel.software=megatron-lm", "parallel.tp=4",
+            "parallel.sequence_parallel=true", "train.global_batch_size=2"]
+    job, _ = job_and_hw(base, 4)
+    saved = dataclasses.replace(job, software=dataclasses.replace(job.software, tp_regather_input=False))
+    payload = job.tokens * job.model.d_model * job.act_bytes
+    assert tp_calls(job)[("all_gather", payload)] - tp_calls(saved)[("all_gather", payload)] \
+        == 2 * job.model.n_layers * job.micro_batches
+    no_sp = dataclasses.replace(job, sequence_parallel=False)
+    assert ("all_gather", payload) not in tp_calls(no_sp)
+
+
+def test_a_tp_collective_issued_ahead_of_its_gemm_hides_as_long_as_the_gemm_lasts() -> None:
+    """megatron-core's column-parallel backward runs the input's re-gather beside the input-gradient GEMM and the
+    input gradient's reduce-scatter beside the weight-gradient GEMM: each hides for as long as its GEMM runs, what
+    outlasts the GEMM stays exposed, and the hidden part slows the GEMM (contention). Without the overlap every
+    TP collective blocks."""
+    from harness.costmodel.comm import collectives
+    from harness.costmodel.kernels import kernel_s, linear_kernels
+    from harness.costmodel.timing import step_time, tp_hidden_s
+
+    base = [*LLAMA, "backend=deepspeed3d", "costmodel.software=megatron-lm", "parallel.tp=4",
+            "parallel.sequence_parallel=true", "train.global_batch_size=2"]
+    job, hw = job_and_hw(base, 4)
+    blocking = dataclasses.replace(job, software=dataclasses.replace(job.software, tp_backward_overlap=False))
+    both = step_time(job, collectives(job), hw), step_time(blocking, collectives(blocking), hw)
+    assert both[0].comm_s["tp"] == pytest.approx(both[1].comm_s["tp"])
+    assert both[1].exposed_comm_s["tp"] - both[0].exposed_comm_s["tp"] == pytest.approx(tp_hidden_s(job, hw))
+    assert both[0].memory_bound_s["contention"] > both[1].memory_bound_s["contention"]
+
+    # The hidden time is, per sub-layer, min(collective, GEMM): on a slow fabric each collective outlasts its GEMM
+    # and hides exactly the GEMM's time; on a fast one it hides whole.
+    t, m = job.layout.tp, job.model
+    payload = job.tokens * m.d_model * job.act_bytes
+    rates = hw.rates(job)
+    gemm = {"dgrad": 0.0, "wgrad": 0.0}
+    for spec in block_linears(m):
+        if spec.split == "column":
+            _, dgrad, wgrad = linear_kernels(spec.name, job.tokens, spec.n_in, spec.n_out // t, 3, job.act_bytes)
+            gemm["dgrad"] += kernel_s(dgrad, rates)
+            gemm["wgrad"] += kernel_s(wgrad, rates)
+    per_step = m.n_layers * job.micro_batches
+    slow = dataclasses.replace(hw, fabric=dataclasses.replace(hw.fabric, link_bw=1e6))
+    assert tp_hidden_s(job, slow) == pytest.approx((gemm["dgrad"] + gemm["wgrad"]) * per_step)
+    fast = dataclasses.replace(hw, fabric=dataclasses.replace(hw.fabric, link_bw=1e15, base_latency=0.0,
+                                                               intra_hop=0.0))
+    gather = fast.fabric.call_s("all_gather", payload, t, t)
+    scatter = fast.fabric.call_s("reduce_scatter", payload, t, t)
+    assert gather < min(gemm.values()) / 2
+    assert tp_hidden_s(job, fast) == pytest.approx(2 * (gather + scatter) * m.n_layers * job.micro_batches)
+    assert tp_hidden_s(blocking, hw) == 0.0
+
+
+def test_nanotrons_async_linears_also_hide_a_gather_behind_the_ranks_own_chunk() -> None:
+    """nanotron's tp_linear_async_communication computes the rank's own sequence chunk while the column-parallel
+    forward gathers the rest, and its row-parallel backward likewise: on a slow fabric those two gathers per
+    sub-layer hide 1/TP of their GEMMs beyond what megatron-core's backward overlap hides."""
+    from harness.costmodel.kernels import kernel_s, linear_kernels
+    from harness.costmodel.timing import tp_hidden_s
+
+    job, hw = job_and_hw([*NANOTRON, "parallel.tp=4", "parallel.sequence_parallel=true"], 8)
+    slow = dataclasses.replace(hw, fabric=dataclasses.replace(hw.fabric, link_bw=1e6))
+    backward_only = dataclasses.replace(job, software=dataclasses.replace(job.software, tp_shard_overlap=False))
+    t, m = job.layout.tp, job.model
+    rates = hw.rates(job)
+    chunks = 0.0
+    for spec in block_linears(m):
+        column = spec.split == "column"
+        n_in, n_out = (spec.n_in, spec.n_out // t) if column else (spec.n_in // t, spec.n_out)
+        fwd, dgrad, _ = linear_kernels(spec.name, job.tokens, n_in, n_out, 3, job.act_bytes)
+        chunks += kernel_s(fwd if column else dgrad, rates) / t
+    extra = tp_hidden_s(job, slow) - tp_hidden_s(backward_only, slow)
+    assert extra == pytest.approx(chunks * m.n_layers * job.micro_batches)
 
 
 def test_the_busiest_pipeline_stage_is_the_one_the_software_loads_most() -> None:

@@ -201,7 +201,9 @@ def tp_collectives(job: Job) -> list[Collective]:
 
     Software that gathers the input of every column-parallel projection on its own (Software.
     tp_gather_per_projection: q, k, v and gate, up) runs that many all-gathers in each forward, recompute too,
-    and as many reduce-scatters in the backward (without sequence parallelism: all-reduces in the backward)."""
+    and as many reduce-scatters in the backward (without sequence parallelism: all-reduces in the backward).
+    Software that keeps a column-parallel linear's sequence-split input and gathers it again for the weight
+    gradient (Software.tp_regather_input) runs one more all-gather per sub-layer in each backward."""
     layout, m = job.layout, job.model
     t = layout.tp
     if t == 1:
@@ -215,7 +217,7 @@ def tp_collectives(job: Job) -> list[Collective]:
     layers, mb = layers_per_stage(job), job.micro_batches
     vocab = job.vocab
     gathers, scatters, reduces = vocab.boundary
-    forward = (per_layer + extra * (1 + recompute / 2)) * layers + gathers
+    forward = (per_layer + extra * (1 + recompute / 2) + tp_regathers(job)) * layers + gathers
     backward = (per_layer + extra) * layers + (scatters if job.sequence_parallel else reduces)
     local = per_node(1, t, job)
     out = []
@@ -229,6 +231,14 @@ def tp_collectives(job: Job) -> list[Collective]:
         return [Collective("tp", "all_gather", payload, forward * mb, t, local),
                 Collective("tp", "reduce_scatter", payload, backward * mb, t, local), *out]
     return [Collective("tp", "all_reduce", payload, backward * mb, t, local), *out]
+
+
+def tp_regathers(job: Job) -> int:
+    """All-gathers per block and backward that bring a column-parallel linear's sequence-split input back for its
+    weight gradient (Software.tp_regather_input): one per sub-layer (attention's q/k/v, the MLP's first linear)."""
+    sw = job.software
+    return 2 if job.layout.tp > 1 and job.sequence_parallel and sw.tp_regather_input \
+        and not sw.tp_gather_per_projection else 0
 
 
 def pp_collectives(job: Job) -> list[Collective]:

@@ -119,6 +119,22 @@ class Software:
     """TP all-gathers/reduce-scatters are split into TP chunks pipelined with their GEMMs (Megatron-LM
     `--tp-comm-overlap`, Transformer Engine userbuffers); sequence parallelism only (Megatron-LM's arguments.py
     asserts it), so a layout without it keeps its TP traffic exposed."""
+    tp_regather_input: bool = False
+    """With sequence parallelism each sub-layer's column-parallel linear keeps only its sequence-split input and
+    all-gathers it again in the backward for its weight gradient: one more all-gather per sub-layer and backward
+    (megatron-core's LinearWithGradAccumulationAndAsyncCommunication.backward under `ctx.sequence_parallel`;
+    nanotron's tp_recompute_allgather, on by default). DTensor's ColwiseParallel saves the gathered input."""
+    tp_backward_overlap: bool = False
+    """A column-parallel linear's backward issues that all-gather before its input-gradient GEMM and the input
+    gradient's reduce-scatter (all-reduce without sequence parallelism) before its weight-gradient GEMM, so each
+    runs beside that GEMM and only what outlasts it is exposed (megatron-core, with CUDA_DEVICE_MAX_CONNECTIONS=1
+    so the collective starts first: its async all-reduce without sequence parallelism, its sequence-parallel path
+    with it; nanotron's tp_linear_async_communication). Otherwise every TP collective blocks."""
+    tp_shard_overlap: bool = False
+    """Beyond tp_backward_overlap, a column-parallel linear's forward all-gather runs beside the GEMM of the rank's
+    own sequence chunk (1/TP of the GEMM), and a row-parallel linear's backward all-gather of its output gradient
+    beside its own chunk's input-gradient GEMM (nanotron's _ColumnLinearAsyncCommunication.forward and
+    _RowLinearAsyncCommunication.backward, parallel/tensor_parallel/functional.py)."""
     grad_accumulation_fusion: bool = False
     """The weight-gradient GEMM adds into the step's gradient in place (Megatron-LM's
     gradient_accumulation_fusion); otherwise each micro-batch's gradients are added by a separate,
@@ -302,12 +318,16 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
              norm_grads_in_one_kernel=True,
              fused_attention=True, dropout=True, pp_scatter_gather=True,
              recompute_early_stop=False, grad_reduce_overlap=True, param_gather_overlap=True, p2p_overlap=True,
-             grad_accumulation_fusion=True,
+             grad_accumulation_fusion=True, tp_regather_input=True, tp_backward_overlap=True,
              own_optimizer=True,
              source="megatron-core with the flags its performance recipes set: --use-distributed-optimizer "
                     "--overlap-grad-reduce --overlap-param-gather (megatron/core/distributed/"
                     "distributed_data_parallel_config.py), overlap_p2p_comm for the interleaved schedule (on by "
-                    "default), gradient_accumulation_fusion (on by default), flash attention; "
+                    "default), gradient_accumulation_fusion (on by default), flash attention; its tensor-parallel "
+                    "linears' backward (megatron/core/tensor_parallel/layers.py "
+                    "LinearWithGradAccumulationAndAsyncCommunication, Transformer Engine's likewise) gathers a "
+                    "sequence-parallel input again and runs that gather and the input gradient's reduce-scatter "
+                    "(all-reduce) beside its GEMMs; "
                     "Transformer Engine's norms in its default layer spec (their backward writes the weight "
                     "gradient as per-CTA partial sums from the input gradient's kernel and a finalize kernel adds "
                     "the partials: "
@@ -325,6 +345,7 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
                     "turned gradient_accumulation_fusion off)"),
     Software(name="nanotron", **_PYTORCH, grad_reduce_overlap=True, main_grad_bytes=4, fp32_grads_in_bf16=True,
              norm_grads_in_one_kernel=True, zero_reduce_after_backward=True,
+             tp_regather_input=True, tp_backward_overlap=True, tp_shard_overlap=True,
              fused_rope=True, optimizer="fused", vocab_parallel_loss=True, attention_reshape_passes=(14.0, 16.0),
              attention_reshape_kernels=(5.0, 3.0),
              seq_first_proj_copy=True, split_glu=True,
@@ -343,12 +364,10 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
                     "micro-batch's backward (optim/gradient_accumulator.py get_fp32_accum_hook, no_sync before it "
                     "in parallel/pipeline_parallel/engine.py), and under ZeRO-1 no DDP: one all-reduce of the whole "
                     "fp32 buffer after the backward (trainer.py make_ddp, sync_gradients_across_dp); torch's fused "
-                    "AdamW (torch_adam_is_fused). Not "
-                    "modelled: tp_linear_async_communication overlaps part of the TP traffic with GEMMs (a "
-                    "column-parallel layer's input all-gather with its local chunk's GEMM, its input gradient's "
-                    "reduce-scatter with the weight-gradient GEMM) and tp_recompute_allgather gathers that input "
-                    "again in the backward (parallel/tensor_parallel/functional.py): TP traffic counts as exposed, "
-                    "in Megatron's count"),
+                    "AdamW (torch_adam_is_fused); tp_linear_async_communication and tp_recompute_allgather "
+                    "(the benchmark config's, parallel/tensor_parallel/functional.py): each column-parallel linear "
+                    "gathers its input again in the backward, and its gathers and its input gradient's "
+                    "reduce-scatter run beside its GEMMs"),
     Software(name="pytorch-autocast-script", **_PYTORCH, autocast_casts=True, run_flags=True, loop_holds_logits=True,
              attention_reshape_passes=(0.0, 39.0), attention_reshape_kernels=(0.0, 9.0),
              source="a single-process PyTorch training script in the minGPT style, as the Kempner Institute's GPU "

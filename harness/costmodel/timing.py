@@ -24,15 +24,17 @@ import functools
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from harness.core.registry import pipeline_bubble
-from harness.costmodel.comm import DIMS, Collective
+from harness.core.registry import CHECKPOINTING, pipeline_bubble
+from harness.costmodel.comm import DIMS, Collective, per_node, tp_regathers
 from harness.costmodel.flops import model_key, param_tensors
 from harness.costmodel.kernels import (
     Kernel,
     Rates,
     head_kernels,
+    kernel_s,
     kernels_s,
     layer_kernels,
+    linear_kernels,
     optimizer_kernel,
     recompute_kernels,
     shape_efficiency,
@@ -491,6 +493,52 @@ def exposed_cp_s(timed: list[tuple[Collective, float]], job: Job, hw: Hardware) 
     return exposed
 
 
+def tp_hidden_s(job: Job, hw: Hardware) -> float:
+    """TP time per step that runs beside the linears' own GEMMs on the busiest rank (Software.tp_backward_overlap,
+    tp_shard_overlap): per sub-layer, block and micro-batch, of each collective issued ahead of a GEMM, as much
+    as that GEMM lasts; what outlasts it stays exposed. A column-parallel linear's backward hides its input's
+    re-gather (tp_regather_input) behind the input-gradient GEMM and the input gradient's reduce-scatter (or
+    all-reduce) behind the weight-gradient GEMM; nanotron's forward hides the input's gather behind the rank's own
+    1/TP chunk of the GEMM, in each forward pass (the recomputed one too), and a row-parallel linear's backward
+    its output gradient's gather behind its own chunk of the input-gradient GEMM."""
+    from harness.models.config import block_linears
+
+    sw, layout, m = job.software, job.layout, job.model
+    t, sp = layout.tp, job.sequence_parallel
+    if t == 1 or sw.tp_gather_per_projection or not (sw.tp_backward_overlap or sw.tp_shard_overlap):
+        return 0.0
+    payload = job.tokens * m.d_model * job.act_bytes
+    local = per_node(1, t, job)
+    gather = hw.fabric.call_s("all_gather", payload, t, local)
+    reduce = hw.fabric.call_s("reduce_scatter" if sp else "all_reduce", payload, t, local)
+    if gather is None or reduce is None:
+        return 0.0
+    rates = hw.rates(job)
+    region = CHECKPOINTING[job.checkpointing].region
+    hidden = 0.0
+    for sub in ("attn.", "mlp."):
+        gemms = {"fwd": 0.0, "dgrad": 0.0, "wgrad": 0.0, "row dgrad": 0.0}
+        for spec in block_linears(m):
+            if not spec.name.startswith(sub):
+                continue
+            column = spec.split == "column"
+            n_in, n_out = (spec.n_in, spec.n_out // t) if column else (spec.n_in // t, spec.n_out)
+            fwd, dgrad, wgrad = linear_kernels(spec.name, job.tokens, n_in, n_out, 3, job.act_bytes)
+            if column:
+                gemms["fwd"] += kernel_s(fwd, rates)
+                gemms["dgrad"] += kernel_s(dgrad, rates)
+                gemms["wgrad"] += kernel_s(wgrad, rates)
+            else:
+                gemms["row dgrad"] += kernel_s(dgrad, rates)
+        hidden += min(reduce, gemms["wgrad"])
+        if tp_regathers(job):
+            hidden += min(gather, gemms["dgrad"])
+        if sw.tp_shard_overlap and sp:
+            passes = 2 if region == "block" or (region == "attn" and sub == "attn.") else 1
+            hidden += passes * min(gather, gemms["fwd"] / t) + min(gather, gemms["row dgrad"] / t)
+    return hidden * layers_per_stage(job) * job.micro_batches
+
+
 def step_time(job: Job, colls: list[Collective], hw: Hardware) -> StepTime | str:
     """The modelled step, or the reason it cannot be modelled (a link bandwidth the profile lacks).
 
@@ -523,6 +571,8 @@ def step_time(job: Job, colls: list[Collective], hw: Hardware) -> StepTime | str
     tp = comm["tp"]
     if overlap and job.software.tp_comm_overlap and layout.tp > 1 and job.sequence_parallel:
         tp = max(tp / layout.tp, tp - per_mb * m)
+    elif overlap:
+        tp = max(0.0, tp - tp_hidden_s(job, hw))
     sends = [c.calls for c in colls if c.kind == "send_recv" and c.dim == "pp"]
     if overlap and job.software.p2p_overlap and job.vpp > 1 and sends:
         fill_drain = min(sends[0], 2 * (layout.pp * job.vpp - 1))
