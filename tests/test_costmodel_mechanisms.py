@@ -911,80 +911,106 @@ def test_tp_comm_overlap_hides_sequence_parallel_traffic_and_is_refused_without_
 
 
 def test_sequence_parallel_linears_gather_their_input_again_for_the_weight_gradient() -> None:
-    """megatron-core and nanotron keep a column-parallel linear's sequence-split input and all-gather it again in
-    the backward (one more gather per sub-layer and block); DTensor's ColwiseParallel saves the gathered input."""
-    base = [*LLAMA, "backend=deepspeed3d", "costmodel.software=megatron-lm", "parallel.tp=4",
-            "parallel.sequence_parallel=true", "train.global_batch_size=2"]
-    job, _ = job_and_hw(base, 4)
-    saved = dataclasses.replace(job, software=dataclasses.replace(job.software, tp_regather_input=False))
-    payload = job.tokens * job.model.d_model * job.act_bytes
-    assert tp_calls(job)[("all_gather", payload)] - tp_calls(saved)[("all_gather", payload)] \
-        == 2 * job.model.n_layers * job.micro_batches
-    no_sp = dataclasses.replace(job, sequence_parallel=False)
-    assert ("all_gather", payload) not in tp_calls(no_sp)
+    """megatron-core (and the harness's deepspeed3d, which builds its linears from it) and nanotron keep a
+    column-parallel linear's sequence-split input and all-gather it again in the backward: one more gather per
+    sub-layer and block, and one for the column-parallel output layer. DTensor's ColwiseParallel saves the gathered
+    input, and without sequence parallelism there is nothing to gather."""
+    base = [*LLAMA, "backend=deepspeed3d", "parallel.tp=4", "parallel.sequence_parallel=true",
+            "train.global_batch_size=2"]
+    for software in ("megatron-lm", "harness-deepspeed3d"):
+        job, _ = job_and_hw([*base, f"costmodel.software={software}"], 4)
+        saved = dataclasses.replace(job, software=dataclasses.replace(job.software, tp_regather_input=False))
+        payload = job.tokens * job.model.d_model * job.act_bytes
+        assert job.vocab.head_split
+        assert tp_calls(job)[("all_gather", payload)] - tp_calls(saved)[("all_gather", payload)] \
+            == (2 * job.model.n_layers + 1) * job.micro_batches
+        assert ("all_gather", payload) not in tp_calls(dataclasses.replace(job, sequence_parallel=False))
+    fsdp, _ = job_and_hw([*LLAMA, "parallel.tp=4", "parallel.sequence_parallel=true", "train.global_batch_size=2",
+                          "costmodel.software=harness-fsdp"], 4)
+    assert not fsdp.software.tp_regather_input
+
+
+def column_and_row_gemms(job: Job, hw: Any) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """Per block, the column-parallel linears' forward, input- and weight-gradient GEMM times, the row-parallel
+    ones' input-gradient time, and the output layer's three; one micro-batch on one TP rank."""
+    from harness.costmodel.kernels import kernel_s, linear_kernels
+
+    t, rates = job.layout.tp, hw.rates(job)
+    column = {"fwd": 0.0, "dgrad": 0.0, "wgrad": 0.0}
+    row = {"dgrad": 0.0}
+    for spec in block_linears(job.model):
+        n_in, n_out = (spec.n_in, spec.n_out // t) if spec.split == "column" else (spec.n_in // t, spec.n_out)
+        times = dict(zip(("fwd", "dgrad", "wgrad"), (kernel_s(k, rates) for k in linear_kernels(
+            spec.name, job.tokens, n_in, n_out, 3, job.act_bytes))))
+        for key in (column if spec.split == "column" else row):
+            (column if spec.split == "column" else row)[key] += times[key]
+    head = dict(zip(("fwd", "dgrad", "wgrad"), (kernel_s(k, rates) for k in linear_kernels(
+        "lm_head", job.tokens, job.model.d_model, int(job.vocab_per_rank[0]), 3, job.act_bytes))))
+    return column, row, head
 
 
 def test_a_tp_collective_issued_ahead_of_its_gemm_hides_as_long_as_the_gemm_lasts() -> None:
     """megatron-core's column-parallel backward runs the input's re-gather beside the input-gradient GEMM and the
-    input gradient's reduce-scatter beside the weight-gradient GEMM: each hides for as long as its GEMM runs, what
-    outlasts the GEMM stays exposed, and the hidden part slows the GEMM (contention). Without the overlap every
-    TP collective blocks."""
+    input gradient's reduce-scatter (all-reduce without sequence parallelism) beside the weight-gradient GEMM: each
+    hides for as long as its GEMM runs, what outlasts the GEMM stays exposed, and the hidden part slows the GEMM
+    (contention). Without the overlap every TP collective blocks; under a zero-bubble schedule the weight gradient
+    is deferred, so nothing hides the reduce-scatter."""
     from harness.costmodel.comm import collectives
-    from harness.costmodel.kernels import kernel_s, linear_kernels
     from harness.costmodel.timing import step_time, tp_hidden_s
 
     base = [*LLAMA, "backend=deepspeed3d", "costmodel.software=megatron-lm", "parallel.tp=4",
-            "parallel.sequence_parallel=true", "train.global_batch_size=2"]
-    job, hw = job_and_hw(base, 4)
+            "train.global_batch_size=2"]
+    job, hw = job_and_hw([*base, "parallel.sequence_parallel=true"], 4)
     blocking = dataclasses.replace(job, software=dataclasses.replace(job.software, tp_backward_overlap=False))
     both = step_time(job, collectives(job), hw), step_time(blocking, collectives(blocking), hw)
     assert both[0].comm_s["tp"] == pytest.approx(both[1].comm_s["tp"])
     assert both[1].exposed_comm_s["tp"] - both[0].exposed_comm_s["tp"] == pytest.approx(tp_hidden_s(job, hw))
     assert both[0].memory_bound_s["contention"] > both[1].memory_bound_s["contention"]
+    assert tp_hidden_s(blocking, hw) == 0.0
 
-    # The hidden time is, per sub-layer, min(collective, GEMM): on a slow fabric each collective outlasts its GEMM
-    # and hides exactly the GEMM's time; on a fast one it hides whole.
-    t, m = job.layout.tp, job.model
-    payload = job.tokens * m.d_model * job.act_bytes
-    rates = hw.rates(job)
-    gemm = {"dgrad": 0.0, "wgrad": 0.0}
-    for spec in block_linears(m):
-        if spec.split == "column":
-            _, dgrad, wgrad = linear_kernels(spec.name, job.tokens, spec.n_in, spec.n_out // t, 3, job.act_bytes)
-            gemm["dgrad"] += kernel_s(dgrad, rates)
-            gemm["wgrad"] += kernel_s(wgrad, rates)
-    per_step = m.n_layers * job.micro_batches
+    # Per column-parallel linear, min(collective, GEMM): on a slow fabric each collective outlasts its GEMM and
+    # hides exactly the GEMM's time; on a fast one it hides whole.
+    column, _, head = column_and_row_gemms(job, hw)
+    layers, m = job.model.n_layers, job.micro_batches
     slow = dataclasses.replace(hw, fabric=dataclasses.replace(hw.fabric, link_bw=1e6))
-    assert tp_hidden_s(job, slow) == pytest.approx((gemm["dgrad"] + gemm["wgrad"]) * per_step)
+    assert tp_hidden_s(job, slow) == pytest.approx(
+        ((column["dgrad"] + column["wgrad"]) * layers + head["dgrad"] + head["wgrad"]) * m)
     fast = dataclasses.replace(hw, fabric=dataclasses.replace(hw.fabric, link_bw=1e15, base_latency=0.0,
                                                                intra_hop=0.0))
+    t = job.layout.tp
+    payload = job.tokens * job.model.d_model * job.act_bytes
     gather = fast.fabric.call_s("all_gather", payload, t, t)
     scatter = fast.fabric.call_s("reduce_scatter", payload, t, t)
-    assert gather < min(gemm.values()) / 2
-    assert tp_hidden_s(job, fast) == pytest.approx(2 * (gather + scatter) * m.n_layers * job.micro_batches)
-    assert tp_hidden_s(blocking, hw) == 0.0
+    assert gather < min(column["dgrad"], head["dgrad"]) / 10
+    assert tp_hidden_s(job, fast) == pytest.approx((gather + scatter) * (2 * layers + 1) * m)
+
+    # Without sequence parallelism: the input gradient's all-reduce beside the weight-gradient GEMM, no re-gather.
+    plain, _ = job_and_hw([*base, "parallel.sequence_parallel=false"], 4)
+    assert tp_hidden_s(plain, slow) == pytest.approx((column["wgrad"] * layers + head["wgrad"]) * m)
+    zero_bubble = dataclasses.replace(job, pp_schedule="ZBVZeroBubble")
+    assert tp_hidden_s(zero_bubble, slow) == pytest.approx(
+        (column["dgrad"] * layers + head["dgrad"]) * m)
 
 
 def test_nanotrons_async_linears_also_hide_a_gather_behind_the_ranks_own_chunk() -> None:
     """nanotron's tp_linear_async_communication computes the rank's own sequence chunk while the column-parallel
-    forward gathers the rest, and its row-parallel backward likewise: on a slow fabric those two gathers per
-    sub-layer hide 1/TP of their GEMMs beyond what megatron-core's backward overlap hides."""
-    from harness.costmodel.kernels import kernel_s, linear_kernels
+    forward gathers the rest, and its row-parallel backward likewise: on a slow fabric those gathers hide 1/TP of
+    their GEMMs beyond what megatron-core's backward overlap hides (the output layer's forward too). It runs them
+    only in REDUCE_SCATTER mode (sequence parallelism): its ALL_REDUCE mode refuses async communication."""
     from harness.costmodel.timing import tp_hidden_s
 
     job, hw = job_and_hw([*NANOTRON, "parallel.tp=4", "parallel.sequence_parallel=true"], 8)
     slow = dataclasses.replace(hw, fabric=dataclasses.replace(hw.fabric, link_bw=1e6))
     backward_only = dataclasses.replace(job, software=dataclasses.replace(job.software, tp_shard_overlap=False))
-    t, m = job.layout.tp, job.model
-    rates = hw.rates(job)
-    chunks = 0.0
-    for spec in block_linears(m):
-        column = spec.split == "column"
-        n_in, n_out = (spec.n_in, spec.n_out // t) if column else (spec.n_in // t, spec.n_out)
-        fwd, dgrad, _ = linear_kernels(spec.name, job.tokens, n_in, n_out, 3, job.act_bytes)
-        chunks += kernel_s(fwd if column else dgrad, rates) / t
+    t = job.layout.tp
+    column, row, head = column_and_row_gemms(job, hw)
     extra = tp_hidden_s(job, slow) - tp_hidden_s(backward_only, slow)
-    assert extra == pytest.approx(chunks * m.n_layers * job.micro_batches)
+    assert extra == pytest.approx(((column["fwd"] + row["dgrad"]) * job.model.n_layers + head["fwd"]) / t
+                                  * job.micro_batches)
+    full = dataclasses.replace(job, checkpointing="full")  # the recomputed forward gathers again, beside its chunk
+    assert tp_hidden_s(full, slow) - tp_hidden_s(job, slow) == pytest.approx(
+        column["fwd"] / t * job.model.n_layers * job.micro_batches)
+    assert tp_hidden_s(dataclasses.replace(job, sequence_parallel=False), slow) == 0.0
 
 
 def test_the_busiest_pipeline_stage_is_the_one_the_software_loads_most() -> None:

@@ -203,7 +203,8 @@ def tp_collectives(job: Job) -> list[Collective]:
     tp_gather_per_projection: q, k, v and gate, up) runs that many all-gathers in each forward, recompute too,
     and as many reduce-scatters in the backward (without sequence parallelism: all-reduces in the backward).
     Software that keeps a column-parallel linear's sequence-split input and gathers it again for the weight
-    gradient (Software.tp_regather_input) runs one more all-gather per sub-layer in each backward."""
+    gradient (Software.tp_regather_input) runs one more all-gather per sub-layer in each backward, and one for a
+    column-parallel output layer."""
     layout, m = job.layout, job.model
     t = layout.tp
     if t == 1:
@@ -217,7 +218,9 @@ def tp_collectives(job: Job) -> list[Collective]:
     layers, mb = layers_per_stage(job), job.micro_batches
     vocab = job.vocab
     gathers, scatters, reduces = vocab.boundary
-    forward = (per_layer + extra * (1 + recompute / 2) + tp_regathers(job)) * layers + gathers
+    regathers = tp_regathers(job)
+    head_regather = 1 if regathers and job.vocab.head_split else 0  # the column-parallel output layer's input
+    forward = (per_layer + extra * (1 + recompute / 2) + regathers) * layers + gathers + head_regather
     backward = (per_layer + extra) * layers + (scatters if job.sequence_parallel else reduces)
     local = per_node(1, t, job)
     out = []

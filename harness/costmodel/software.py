@@ -300,12 +300,16 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
              source="DeepSpeed ZeRO reduces gradients in hooks during the backward only with "
                     "zero_optimization.overlap_comm (deepspeed/runtime/zero/config.py: default on for stage 3)"),
     Software(name="harness-deepspeed3d", **_PYTORCH, grad_reduce_overlap=False, optimizer="fused", run_flags=True,
-             zero_bucket_allreduce=True,
+             zero_bucket_allreduce=True, tp_regather_input=True,
              pp_partition="type:transformer",
              vocab_parallel_loss=True,
              source="DeepSpeed's pipeline engine reduces gradients and tied weights after the last micro-batch "
                     "(deepspeed/runtime/pipe/engine.py _exec_reduce_grads, _exec_reduce_tied_grads); the loss is "
-                    "megatron-core's vocab_parallel_cross_entropy on fp32 logits (harness/backends/deepspeed3d.py)"),
+                    "megatron-core's vocab_parallel_cross_entropy on fp32 logits (harness/backends/deepspeed3d.py); "
+                    "its linears are megatron-core's ColumnParallelLinear/RowParallelLinear, which gather a "
+                    "sequence-parallel input again in the backward; no TP overlap is credited, since the harness does not "
+                    "set CUDA_DEVICE_MAX_CONNECTIONS=1, which megatron-core's layers.py calls 'necessary for a "
+                    "speedup' (it orders each collective before the GEMM it should overlap)"),
     Software(name="megatron-lm-2021", **_MEGATRON_KERNELS, fp32_grads_in_bf16=True, fused_attention=False,
              dropout=True, pp_scatter_gather=True,
              recompute_early_stop=False, grad_reduce_overlap=False, main_grad_bytes=4,
@@ -364,10 +368,10 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
                     "micro-batch's backward (optim/gradient_accumulator.py get_fp32_accum_hook, no_sync before it "
                     "in parallel/pipeline_parallel/engine.py), and under ZeRO-1 no DDP: one all-reduce of the whole "
                     "fp32 buffer after the backward (trainer.py make_ddp, sync_gradients_across_dp); torch's fused "
-                    "AdamW (torch_adam_is_fused); tp_linear_async_communication and tp_recompute_allgather "
-                    "(the benchmark config's, parallel/tensor_parallel/functional.py): each column-parallel linear "
-                    "gathers its input again in the backward, and its gathers and its input gradient's "
-                    "reduce-scatter run beside its GEMMs"),
+                    "AdamW (torch_adam_is_fused); tp_linear_async_communication (the benchmark config's) and "
+                    "tp_recompute_allgather (nanotron's default, config/parallelism_config.py): each column-parallel "
+                    "linear gathers its input again in the backward, and its gathers and its input gradient's "
+                    "reduce-scatter run beside its GEMMs (parallel/tensor_parallel/functional.py)"),
     Software(name="pytorch-autocast-script", **_PYTORCH, autocast_casts=True, run_flags=True, loop_holds_logits=True,
              attention_reshape_passes=(0.0, 39.0), attention_reshape_kernels=(0.0, 9.0),
              source="a single-process PyTorch training script in the minGPT style, as the Kempner Institute's GPU "

@@ -24,7 +24,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from harness.core.registry import CHECKPOINTING, pipeline_bubble
+from harness.core.registry import CHECKPOINTING, PP_SCHEDULES, pipeline_bubble
 from harness.costmodel.comm import DIMS, Collective, per_node, tp_regathers
 from harness.costmodel.flops import model_key, param_tensors
 from harness.costmodel.kernels import (
@@ -495,17 +495,21 @@ def exposed_cp_s(timed: list[tuple[Collective, float]], job: Job, hw: Hardware) 
 
 def tp_hidden_s(job: Job, hw: Hardware) -> float:
     """TP time per step that runs beside the linears' own GEMMs on the busiest rank (Software.tp_backward_overlap,
-    tp_shard_overlap): per sub-layer, block and micro-batch, of each collective issued ahead of a GEMM, as much
-    as that GEMM lasts; what outlasts it stays exposed. A column-parallel linear's backward hides its input's
-    re-gather (tp_regather_input) behind the input-gradient GEMM and the input gradient's reduce-scatter (or
-    all-reduce) behind the weight-gradient GEMM; nanotron's forward hides the input's gather behind the rank's own
-    1/TP chunk of the GEMM, in each forward pass (the recomputed one too), and a row-parallel linear's backward
-    its output gradient's gather behind its own chunk of the input-gradient GEMM."""
+    tp_shard_overlap): per column-parallel linear (each sub-layer's, and a split output layer's once per
+    micro-batch) of each collective issued ahead of a GEMM, as much as that GEMM lasts; what outlasts it stays
+    exposed. Its backward hides the input's re-gather (tp_regather_input) behind the input-gradient GEMM and the
+    input gradient's reduce-scatter (or all-reduce) behind the weight-gradient GEMM, which waits for the gather, so
+    the two follow each other on the collectives' stream; not under a zero-bubble schedule, which defers the
+    weight gradient. nanotron's forward hides the input's gather behind the rank's own 1/TP chunk of the GEMM, in
+    each forward pass (the recomputed one too), and a row-parallel linear's backward its output gradient's gather
+    behind its own chunk of the input-gradient GEMM; it runs them only with sequence parallelism (its ALL_REDUCE
+    mode refuses async communication: nanotron nn.py), so without it nothing hides."""
     from harness.models.config import block_linears
 
     sw, layout, m = job.software, job.layout, job.model
     t, sp = layout.tp, job.sequence_parallel
-    if t == 1 or sw.tp_gather_per_projection or not (sw.tp_backward_overlap or sw.tp_shard_overlap):
+    if t == 1 or sw.tp_gather_per_projection or not (sw.tp_backward_overlap or sw.tp_shard_overlap) \
+            or (sw.tp_shard_overlap and not sp):
         return 0.0
     payload = job.tokens * m.d_model * job.act_bytes
     local = per_node(1, t, job)
@@ -515,28 +519,39 @@ def tp_hidden_s(job: Job, hw: Hardware) -> float:
         return 0.0
     rates = hw.rates(job)
     region = CHECKPOINTING[job.checkpointing].region
-    hidden = 0.0
+    wgrad_beside = sw.tp_backward_overlap and not PP_SCHEDULES[job.pp_schedule].split_backward
+
+    def beside(column: dict[str, float], row_dgrad: float, passes: int) -> float:
+        """What one sub-layer's collectives hide behind its column-parallel GEMMs (and its row-parallel one)."""
+        hidden = min(reduce, column["wgrad"]) if wgrad_beside else 0.0
+        if sw.tp_backward_overlap and tp_regathers(job):
+            hidden += min(gather, column["dgrad"])
+        if sw.tp_shard_overlap:
+            hidden += passes * min(gather, column["fwd"] / t) + min(gather, row_dgrad / t)
+        return hidden
+
+    def gemms(name: str, n_in: int, n_out: int) -> dict[str, float]:
+        fwd, dgrad, wgrad = linear_kernels(name, job.tokens, n_in, n_out, 3, job.act_bytes)
+        return {"fwd": kernel_s(fwd, rates), "dgrad": kernel_s(dgrad, rates), "wgrad": kernel_s(wgrad, rates)}
+
+    per_block = 0.0
     for sub in ("attn.", "mlp."):
-        gemms = {"fwd": 0.0, "dgrad": 0.0, "wgrad": 0.0, "row dgrad": 0.0}
+        column = dict.fromkeys(("fwd", "dgrad", "wgrad"), 0.0)
+        row_dgrad = 0.0
         for spec in block_linears(m):
             if not spec.name.startswith(sub):
                 continue
-            column = spec.split == "column"
-            n_in, n_out = (spec.n_in, spec.n_out // t) if column else (spec.n_in // t, spec.n_out)
-            fwd, dgrad, wgrad = linear_kernels(spec.name, job.tokens, n_in, n_out, 3, job.act_bytes)
-            if column:
-                gemms["fwd"] += kernel_s(fwd, rates)
-                gemms["dgrad"] += kernel_s(dgrad, rates)
-                gemms["wgrad"] += kernel_s(wgrad, rates)
+            if spec.split == "column":
+                for key, value in gemms(spec.name, spec.n_in, spec.n_out // t).items():
+                    column[key] += value
             else:
-                gemms["row dgrad"] += kernel_s(dgrad, rates)
-        hidden += min(reduce, gemms["wgrad"])
-        if tp_regathers(job):
-            hidden += min(gather, gemms["dgrad"])
-        if sw.tp_shard_overlap and sp:
-            passes = 2 if region == "block" or (region == "attn" and sub == "attn.") else 1
-            hidden += passes * min(gather, gemms["fwd"] / t) + min(gather, gemms["row dgrad"] / t)
-    return hidden * layers_per_stage(job) * job.micro_batches
+                row_dgrad += gemms(spec.name, spec.n_in // t, spec.n_out)["dgrad"]
+        passes = 2 if region == "block" or (region == "attn" and sub == "attn.") else 1
+        per_block += beside(column, row_dgrad, passes)
+    head = 0.0
+    if job.vocab.head_split:  # the output layer is column-parallel; its input gathered as a sub-layer's is
+        head = beside(gemms("lm_head", m.d_model, int(job.vocab_per_rank[0])), 0.0, 1)
+    return (per_block * layers_per_stage(job) + head) * job.micro_batches
 
 
 def step_time(job: Job, colls: list[Collective], hw: Hardware) -> StepTime | str:
