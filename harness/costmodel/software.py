@@ -307,9 +307,9 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
                     "(deepspeed/runtime/pipe/engine.py _exec_reduce_grads, _exec_reduce_tied_grads); the loss is "
                     "megatron-core's vocab_parallel_cross_entropy on fp32 logits (harness/backends/deepspeed3d.py); "
                     "its linears are megatron-core's ColumnParallelLinear/RowParallelLinear, which gather a "
-                    "sequence-parallel input again in the backward; no TP overlap is credited, since the harness does not "
-                    "set CUDA_DEVICE_MAX_CONNECTIONS=1, which megatron-core's layers.py calls 'necessary for a "
-                    "speedup' (it orders each collective before the GEMM it should overlap)"),
+                    "sequence-parallel input again in the backward; no TP overlap is credited, since the harness "
+                    "does not set CUDA_DEVICE_MAX_CONNECTIONS=1, which megatron-core's layers.py calls 'necessary "
+                    "for a speedup' (it orders each collective before the GEMM it should overlap)"),
     Software(name="megatron-lm-2021", **_MEGATRON_KERNELS, fp32_grads_in_bf16=True, fused_attention=False,
              dropout=True, pp_scatter_gather=True,
              recompute_early_stop=False, grad_reduce_overlap=False, main_grad_bytes=4,
