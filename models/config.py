@@ -136,6 +136,11 @@ class Linear:
         """Writes into the residual stream (the row-parallel projections): scaled init, TP all-reduce."""
         return self.split == "row"
 
+    def on_rank(self, tp: int) -> tuple[int, int]:
+        """(input, output) features one of `tp` ranks multiplies: a column split divides the output, a row split
+        the input."""
+        return (self.n_in, self.n_out // tp) if self.split == "column" else (self.n_in // tp, self.n_out)
+
 
 def block_linears(config: GPTConfig) -> tuple[Linear, ...]:
     """A block's linears in forward order: the one description the model, the backends' tensor-parallel plans and

@@ -939,11 +939,11 @@ def column_and_row_gemms(job: Job, hw: Any) -> tuple[dict[str, float], dict[str,
     column = {"fwd": 0.0, "dgrad": 0.0, "wgrad": 0.0}
     row = {"dgrad": 0.0}
     for spec in block_linears(job.model):
-        n_in, n_out = (spec.n_in, spec.n_out // t) if spec.split == "column" else (spec.n_in // t, spec.n_out)
         times = dict(zip(("fwd", "dgrad", "wgrad"), (kernel_s(k, rates) for k in linear_kernels(
-            spec.name, job.tokens, n_in, n_out, 3, job.act_bytes))))
-        for key in (column if spec.split == "column" else row):
-            (column if spec.split == "column" else row)[key] += times[key]
+            spec.name, job.tokens, *spec.on_rank(t), 3, job.act_bytes))))
+        part = column if spec.split == "column" else row
+        for key in part:
+            part[key] += times[key]
     head = dict(zip(("fwd", "dgrad", "wgrad"), (kernel_s(k, rates) for k in linear_kernels(
         "lm_head", job.tokens, job.model.d_model, int(job.vocab_per_rank[0]), 3, job.act_bytes))))
     return column, row, head

@@ -219,7 +219,7 @@ def tp_collectives(job: Job) -> list[Collective]:
     vocab = job.vocab
     gathers, scatters, reduces = vocab.boundary
     regathers = tp_regathers(job)
-    head_regather = 1 if regathers and job.vocab.head_split else 0  # the column-parallel output layer's input
+    head_regather = 1 if regathers and vocab.head_split else 0  # the column-parallel output layer's input
     forward = (per_layer + extra * (1 + recompute / 2) + regathers) * layers + gathers + head_regather
     backward = (per_layer + extra) * layers + (scatters if job.sequence_parallel else reduces)
     local = per_node(1, t, job)

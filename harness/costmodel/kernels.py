@@ -217,7 +217,7 @@ def layer_kernels(job: Job, *, backward: bool = True, region: str = "block") -> 
     if region == "block" and not sw.compiled:
         out.append(norm_kernel("norm1", residual, job, fwd_only))
     for spec in block_linears(m):
-        n_in, n_out = (spec.n_in, spec.n_out // tp) if spec.split == "column" else (spec.n_in // tp, spec.n_out)
+        n_in, n_out = spec.on_rank(tp)
         attention_part = spec.name.startswith("attn.")
         if (attention_part and in_attention) or (not attention_part and region == "block"):
             out += linear_kernels(spec.name, tokens, n_in, n_out, 1 if fwd_only else 3, E)

@@ -520,34 +520,31 @@ def tp_hidden_s(job: Job, hw: Hardware) -> float:
     rates = hw.rates(job)
     region = CHECKPOINTING[job.checkpointing].region
     wgrad_beside = sw.tp_backward_overlap and not PP_SCHEDULES[job.pp_schedule].split_backward
+    regather_beside = sw.tp_backward_overlap and tp_regathers(job) > 0
 
-    def beside(column: dict[str, float], row_dgrad: float, passes: int) -> float:
-        """What one sub-layer's collectives hide behind its column-parallel GEMMs (and its row-parallel one)."""
-        hidden = min(reduce, column["wgrad"]) if wgrad_beside else 0.0
-        if sw.tp_backward_overlap and tp_regathers(job):
-            hidden += min(gather, column["dgrad"])
-        if sw.tp_shard_overlap:
-            hidden += passes * min(gather, column["fwd"] / t) + min(gather, row_dgrad / t)
-        return hidden
-
-    def gemms(name: str, n_in: int, n_out: int) -> dict[str, float]:
+    def gemms(name: str, n_in: int, n_out: int) -> tuple[float, float, float]:
+        """(forward, input-gradient, weight-gradient) GEMM times of one linear on this rank."""
         fwd, dgrad, wgrad = linear_kernels(name, job.tokens, n_in, n_out, 3, job.act_bytes)
-        return {"fwd": kernel_s(fwd, rates), "dgrad": kernel_s(dgrad, rates), "wgrad": kernel_s(wgrad, rates)}
+        return kernel_s(fwd, rates), kernel_s(dgrad, rates), kernel_s(wgrad, rates)
+
+    def beside(column: tuple[float, float, float], row_dgrad: float, passes: int) -> float:
+        """What one sub-layer's collectives hide behind its column-parallel GEMMs (and its row-parallel one)."""
+        fwd, dgrad, wgrad = column
+        hidden = min(reduce, wgrad) if wgrad_beside else 0.0
+        if regather_beside:
+            hidden += min(gather, dgrad)
+        if sw.tp_shard_overlap:
+            hidden += passes * min(gather, fwd / t) + min(gather, row_dgrad / t)
+        return hidden
 
     per_block = 0.0
     for sub in ("attn.", "mlp."):
-        column = dict.fromkeys(("fwd", "dgrad", "wgrad"), 0.0)
-        row_dgrad = 0.0
-        for spec in block_linears(m):
-            if not spec.name.startswith(sub):
-                continue
-            if spec.split == "column":
-                for key, value in gemms(spec.name, spec.n_in, spec.n_out // t).items():
-                    column[key] += value
-            else:
-                row_dgrad += gemms(spec.name, spec.n_in // t, spec.n_out)["dgrad"]
+        specs = [spec for spec in block_linears(m) if spec.name.startswith(sub)]
+        times = [(spec.split, gemms(spec.name, *spec.on_rank(t))) for spec in specs]
+        fwd, dgrad, wgrad = (sum(g[i] for split, g in times if split == "column") for i in range(3))
+        row_dgrad = sum(g[1] for split, g in times if split == "row")
         passes = 2 if region == "block" or (region == "attn" and sub == "attn.") else 1
-        per_block += beside(column, row_dgrad, passes)
+        per_block += beside((fwd, dgrad, wgrad), row_dgrad, passes)
     head = 0.0
     if job.vocab.head_split:  # the output layer is column-parallel; its input gathered as a sub-layer's is
         head = beside(gemms("lm_head", m.d_model, int(job.vocab_per_rank[0])), 0.0, 1)
