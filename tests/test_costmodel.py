@@ -62,7 +62,8 @@ def test_zero_paper_example(stage: int, expected_gb: float) -> None:
 # tables, LUMI's runs and strong scaling, the ZeRO example, KempnerForge's weak scaling and two of its memory
 # tables and the H200 nccl-tests table meet. Dash et al.'s fp16 runs on Frontier are predicted 20-30% too fast
 # (docs/costmodel.md).
-PUBLISHED_BOUNDS = {"narayanan2021-table1": 0.09, "narayanan2021-table2": 0.03, "bloom-176b": 0.15,
+PUBLISHED_BOUNDS = {"narayanan2021-table1": 0.09, "narayanan2021-table2": 0.03, "dgxc-h100-megatron-core": 0.09,
+                    "bloom-176b": 0.15,
                     "dash2023-frontier": 0.31, "lumi-megatron-deepspeed": 0.04, "lumi-176b-strong-scaling": 0.15,
                     "zero2020-memory": 0.02, "kempnerforge-h200-fsdp2": 0.31, "kempnerforge-h200-weak-scaling": 0.04,
                     "kempnerforge-h200-memory": 0.08, "kempnerforge-h200-weak-scaling-memory": 0.06,
@@ -405,6 +406,31 @@ def test_estimate_gives_runs_config_errors() -> None:
                                                 "parallel.tp*parallel.pp=2; choose tp and pp whose product divides 3"]
     with pytest.raises(ConfigError):
         validate(make_cfg(parallel={"tp": 2}), 2)
+
+
+def test_a_prediction_of_another_frameworks_run_takes_the_layouts_that_framework_runs() -> None:
+    """`harness estimate` with a profile no harness backend runs (costmodel.software=megatron-lm) predicts the
+    layouts that software runs, as the published Megatron-core runs need (context parallelism beside interleaved
+    pipeline stages), which the harness's own deepspeed3d backend cannot run; `harness run`, and a prediction of
+    the backend's own run, still refuse them, and the model's own rules (divisibility) hold for both."""
+    from harness.run.preflight import check_config
+
+    megatron = ["model=gpt-13b", "model.position=rope", "system=dgx-h100", "backend=deepspeed3d", "parallel.tp=2",
+                "parallel.pp=4", "parallel.vpp=5", "parallel.cp=2", "parallel.cp_kind=ring", "parallel.zero_stage=1",
+                "train.precision=bf16", "train.global_batch_size=64", "parallel.world_size=32"]
+    predicted = check_config(compose([*megatron, "costmodel.software=megatron-lm"]), 32, runs=False)
+    assert predicted.layout.dp == 2 and predicted.layout.cp == 2 and predicted.estimate["step_time_s"] > 0
+    with pytest.raises(ConfigError, match="parallel.vpp=5: backend=deepspeed3d has no interleaved pipeline"):
+        check_config(compose([*megatron, "costmodel.software=megatron-lm"]), 32)  # what `harness run` checks
+    with pytest.raises(ConfigError, match="backend=deepspeed3d"):  # the backend's own profile: its own limits
+        check_config(compose(megatron), 32, runs=False)
+    with pytest.raises(ConfigError, match="parallel.vpp=5: backend=deepspeed3d"):
+        check_config(compose([*megatron, "costmodel.software=harness-deepspeed3d"]), 32, runs=False)
+    with pytest.raises(ConfigError, match="train.global_batch_size=64 is not divisible by micro_batch_size.dp"):
+        check_config(compose([*megatron, "costmodel.software=megatron-lm", "parallel.world_size=48"]), 48, runs=False)
+    proc = harness_cli("estimate", *megatron, "costmodel.software=megatron-lm", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["step_time_s"] == pytest.approx(predicted.estimate["step_time_s"])
 
 
 def test_plan_ranks_only_legal_fitting_layouts() -> None:

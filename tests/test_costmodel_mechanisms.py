@@ -377,6 +377,8 @@ def test_sdpa_on_hopper_runs_cudnns_attention_where_the_run_did() -> None:
     flash, cudnn = attention_s([]), attention_s(["costmodel.software=kempnerforge"])
     assert flash / cudnn == pytest.approx(518 / 319, rel=0.01)  # 128 head dim, causal, 4k: cuDNN's forward over FA2's
     assert attention_s(["costmodel.attention_kernel=cudnn"]) == pytest.approx(cudnn, rel=0.01)
+    # megatron-core's Transformer Engine attention prefers cuDNN's on Hopper too (get_attention_backend)
+    assert attention_s(["costmodel.software=megatron-lm"]) == pytest.approx(cudnn, rel=0.01)
     assert attention_s(["costmodel.software=kempnerforge", "costmodel.attention_kernel=flash"]) == pytest.approx(
         flash, rel=0.01)
     wide = ["model.n_heads=16", "model.n_kv_heads=4"]  # head dim 256: FlashAttention-2 runs

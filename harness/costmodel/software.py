@@ -323,7 +323,7 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
              fused_attention=True, dropout=True, pp_scatter_gather=True,
              recompute_early_stop=False, grad_reduce_overlap=True, param_gather_overlap=True, p2p_overlap=True,
              grad_accumulation_fusion=True, tp_regather_input=True, tp_backward_overlap=True,
-             own_optimizer=True,
+             own_optimizer=True, attention_kernel="cudnn",
              source="megatron-core with the flags its performance recipes set: --use-distributed-optimizer "
                     "--overlap-grad-reduce --overlap-param-gather (megatron/core/distributed/"
                     "distributed_data_parallel_config.py), overlap_p2p_comm for the interleaved schedule (on by "
@@ -332,6 +332,10 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
                     "LinearWithGradAccumulationAndAsyncCommunication, Transformer Engine's likewise) gathers a "
                     "sequence-parallel input again and runs that gather and the input gradient's reduce-scatter "
                     "(all-reduce) beside its GEMMs; "
+                    "Transformer Engine's attention in its default layer spec, which gives cuDNN's fused attention "
+                    "preference over FlashAttention on Hopper ('Disabling FlashAttention to give FusedAttention "
+                    "preference on Hopper+ for performance reasons', transformer_engine/pytorch/attention.py "
+                    "get_attention_backend); "
                     "Transformer Engine's norms in its default layer spec (their backward writes the weight "
                     "gradient as per-CTA partial sums from the input gradient's kernel and a finalize kernel adds "
                     "the partials: "

@@ -170,7 +170,9 @@ def estimate_command(args: list[str]) -> int:
         print(USAGE)
         return 0
     cfg = compose(overrides)
-    checked = check_config(cfg, planned_world_size(cfg))  # what `harness run` checks, bar this host
+    # what `harness run` checks, bar this host, and bar what only the harness's backend cannot run where the config
+    # predicts another framework's run (costmodel.software=megatron-lm, ...)
+    checked = check_config(cfg, planned_world_size(cfg), runs=False)
     layout, est = checked.layout, checked.estimate
     if "--json" in flags:
         print(json.dumps(est, indent=2))

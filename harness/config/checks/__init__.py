@@ -55,8 +55,19 @@ def check_finite(node: Any, prefix: str = "") -> None:
         check_finite(value, name)
 
 
-def validate(cfg: AnyConfig, world_size: int) -> Layout:
-    """Check the whole config for a job of `world_size` ranks and derive its layout."""
+def predicts_other_software(cfg: AnyConfig) -> bool:
+    """The config asks the cost model about another framework's run (`costmodel.software` names a profile that no
+    harness backend runs: megatron-lm, nanotron, ...), not about a run of the harness's own backend."""
+    section = getattr(cfg, "costmodel", None)
+    name = getattr(section, "software", None)
+    return bool(name) and name not in {spec.software for spec in BACKENDS.values()}
+
+
+def validate(cfg: AnyConfig, world_size: int, *, runs: bool = True) -> Layout:
+    """Check the whole config for a job of `world_size` ranks and derive its layout. `runs=False` checks a layout
+    only to predict it: where the config names another framework's profile (predicts_other_software), the layouts
+    that framework runs are accepted although the harness's backend cannot run them (Megatron-LM's interleaved
+    stages with context parallelism, say); `harness run` always checks what the backend itself can do."""
     node = cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg)
     check_finite(OmegaConf.to_container(node, resolve=True))
     p, t, backend = cfg.parallel, cfg.train, cfg.backend.name
@@ -66,8 +77,9 @@ def validate(cfg: AnyConfig, world_size: int) -> Layout:
     check_system(cfg.system)
     check_train(t, model.n_layers, backend)
     check_backend_options(cfg.backend)
-    check_parallel(backend, model, p, t.precision)
-    check_context_parallel(backend, model, p, cfg.system.device)
+    bound = runs or not predicts_other_software(cfg)  # held to what the harness's backend runs
+    check_parallel(backend, model, p, t.precision, backend_bound=bound)
+    check_context_parallel(backend, model, p, cfg.system.device, backend_bound=bound)
     if backend_spec(backend).deepspeed_engine:
         check_deepspeed(cfg.backend, p, t.precision, cfg.system.device)
     dp = check_world(world_size, p)

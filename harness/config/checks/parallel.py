@@ -21,12 +21,39 @@ from harness.core.registry import (
 from harness.models.config import GPTConfig, nearest_divisor
 
 
-def check_parallel(backend: str, model: GPTConfig, p: ParallelConfig, precision: str) -> None:
-    """The parallel sizes against what `backend` can do and what the model's shapes allow."""
+def check_parallel(backend: str, model: GPTConfig, p: ParallelConfig, precision: str,
+                   backend_bound: bool = True) -> None:
+    """The parallel sizes against what `backend` can do (unless not `backend_bound`: a prediction of another
+    framework's run, checks.validate) and what the model's shapes allow."""
     can = backend_spec(backend)
     at_least(p, "parallel", ("tp", "pp", "vpp"), 1, "at least 1")
     if p.zero_stage < 0:
         raise ConfigError(f"parallel.zero_stage={p.zero_stage}: must be 0, 1, 2 or 3")
+    if backend_bound:
+        check_backend_can(backend, p, precision)
+    if p.vpp > 1 and p.pp == 1:
+        raise ConfigError(f"parallel.vpp={p.vpp} interleaves pipeline stages and needs parallel.pp > 1; "
+                          "set parallel.pp or leave parallel.vpp=1")
+    if p.sequence_parallel and p.tp == 1:
+        raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1 "
+                          "(it splits the sequence over TP ranks)")
+    if p.sequence_parallel and can.sequence_parallel_equal_shards and model.seq_len % p.tp:
+        raise ConfigError(f"parallel.sequence_parallel=true splits model.seq_len={model.seq_len} over parallel.tp="
+                          f"{p.tp} ranks (megatron-core: equal shards); choose a seq_len divisible by tp")
+    check_tensor_parallel(model, p.tp)
+    if p.pp > model.n_layers and not can.pipeline_implementation:
+        raise ConfigError(f"parallel.pp={p.pp} is larger than model.n_layers={model.n_layers}; "
+                          "every pipeline stage needs at least one block")
+    stages = p.pp * p.vpp
+    if can.pipeline_implementation and p.pp > 1 and pipeline_split(model.n_layers, stages) is None:
+        raise ConfigError(f"model.n_layers={model.n_layers} does not split evenly into parallel.pp*parallel.vpp="
+                          f"{stages} pipeline stages; choose pp and vpp whose product divides {model.n_layers} "
+                          f"(or {model.n_layers + 2}: the embedding and the output layer then take a block's place)")
+
+
+def check_backend_can(backend: str, p: ParallelConfig, precision: str) -> None:
+    """The precision, ZeRO stage and parallel splits against what the harness's `backend` itself runs."""
+    can = backend_spec(backend)
     if precision not in can.precisions:
         raise ConfigError(f"train.precision={precision}: backend={backend} supports {', '.join(can.precisions)}")
     if p.zero_stage not in can.zero_stages:
@@ -50,24 +77,6 @@ def check_parallel(backend: str, model: GPTConfig, p: ParallelConfig, precision:
         fix = f"use backend={' or backend='.join(interleaving)}" if interleaving else "leave parallel.vpp=1"
         raise ConfigError(f"parallel.vpp={p.vpp}: backend={backend} has no interleaved pipeline schedule "
                           f"(virtual stages); {fix}")
-    if p.vpp > 1 and p.pp == 1:
-        raise ConfigError(f"parallel.vpp={p.vpp} interleaves pipeline stages and needs parallel.pp > 1; "
-                          "set parallel.pp or leave parallel.vpp=1")
-    if p.sequence_parallel and p.tp == 1:
-        raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1 "
-                          "(it splits the sequence over TP ranks)")
-    if p.sequence_parallel and can.sequence_parallel_equal_shards and model.seq_len % p.tp:
-        raise ConfigError(f"parallel.sequence_parallel=true splits model.seq_len={model.seq_len} over parallel.tp="
-                          f"{p.tp} ranks (megatron-core: equal shards); choose a seq_len divisible by tp")
-    check_tensor_parallel(model, p.tp)
-    if p.pp > model.n_layers and not can.pipeline_implementation:
-        raise ConfigError(f"parallel.pp={p.pp} is larger than model.n_layers={model.n_layers}; "
-                          "every pipeline stage needs at least one block")
-    stages = p.pp * p.vpp
-    if can.pipeline_implementation and p.pp > 1 and pipeline_split(model.n_layers, stages) is None:
-        raise ConfigError(f"model.n_layers={model.n_layers} does not split evenly into parallel.pp*parallel.vpp="
-                          f"{stages} pipeline stages; choose pp and vpp whose product divides {model.n_layers} "
-                          f"(or {model.n_layers + 2}: the embedding and the output layer then take a block's place)")
 
 
 def check_pipeline_schedule(b: BackendConfig, p: ParallelConfig, micro_batches: int, compile_blocks: bool,
@@ -113,19 +122,21 @@ def micro_batches_refused(name: str, pp: int, vpp: int, micro_batches: int) -> s
     return None
 
 
-def check_context_parallel(backend: str, model: GPTConfig, p: ParallelConfig, device: str = "auto") -> None:
-    """parallel.cp and parallel.cp_kind against the backend, the other splits and the model's shapes, and against
-    the device system.device names (`auto`: checked by preflight once the host's device is known)."""
+def check_context_parallel(backend: str, model: GPTConfig, p: ParallelConfig, device: str = "auto",
+                           backend_bound: bool = True) -> None:
+    """parallel.cp and parallel.cp_kind against the backend (unless not `backend_bound`, as check_parallel), the
+    other splits and the model's shapes, and against the device system.device names (`auto`: checked by
+    preflight once the host's device is known)."""
     at_least(p, "parallel", ("cp",), 1, "at least 1")
     choice(p.cp_kind, CP_KINDS, "parallel.cp_kind")
     if p.cp == 1:
         return
     kind, can = CP_KINDS[p.cp_kind], backend_spec(backend)
-    if p.cp_kind not in can.context_parallel:
+    if backend_bound and p.cp_kind not in can.context_parallel:
         others = [n for n, s in BACKENDS.items() if p.cp_kind in s.context_parallel]
         raise ConfigError(f"parallel.cp={p.cp}: backend={backend} has no {p.cp_kind} context parallelism; use "
                           f"backend={' or backend='.join(others)}")
-    if p.pp > 1:
+    if backend_bound and p.pp > 1:
         raise ConfigError(f"parallel.cp={p.cp} with parallel.pp={p.pp}: the harness runs context parallelism with "
                           "data and tensor parallelism, not pipeline stages; set parallel.pp=1 or parallel.cp=1")
     chunks = 2 * p.cp if kind.load_balanced else p.cp
