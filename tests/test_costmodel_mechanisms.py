@@ -761,7 +761,8 @@ def test_bf16_runs_of_megatron_deepspeeds_bf16_optimizer_and_nanotron_keep_and_r
     """Megatron-LM forces fp32 gradient accumulation and all-reduce for bf16, DeepSpeed's BF16_Optimizer and nanotron
     reduce their fp32 accumulation buffers: in bf16 the gradients take 4 bytes per parameter in memory and twice the
     data-parallel bytes of a bf16 reduction; the parameter gather does not change, and fp16 runs keep 16-bit
-    gradients."""
+    gradients. A run that turns it off (NeMo 2.0's performance mode: megatron-core's grad_reduce_in_fp32=False) says
+    so with costmodel.grad_reduce_in_fp32=false."""
     from harness.costmodel.comm import dp_collectives
     from harness.costmodel.memory import model_state_bytes
 
@@ -769,7 +770,8 @@ def test_bf16_runs_of_megatron_deepspeeds_bf16_optimizer_and_nanotron_keep_and_r
         for stage in (0, 1):
             common = [*LLAMA, "backend=deepspeed3d", f"parallel.zero_stage={stage}", f"costmodel.software={software}"]
             fp32, _ = job_and_hw(common, 8)
-            bf16 = dataclasses.replace(fp32, software=dataclasses.replace(fp32.software, fp32_grads_in_bf16=False))
+            bf16, _ = job_and_hw([*common, "costmodel.grad_reduce_in_fp32=false"], 8)
+            assert job_and_hw([*common, "costmodel.grad_reduce_in_fp32=true"], 8)[0].state_bytes == fp32.state_bytes
             mine, theirs = dp_collectives(fp32), dp_collectives(bf16)
             assert [c.kind for c in mine] == [c.kind for c in theirs]
             assert mine[0].payload_bytes == pytest.approx(2 * theirs[0].payload_bytes)

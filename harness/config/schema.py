@@ -441,6 +441,10 @@ class CostModelConfig:
     SDPA's choice as kernels.attention.sdpa_kernel in its summary); None: the profile's."""
     tp_comm_overlap: Optional[bool] = None
     """Megatron-LM's --tp-comm-overlap (Transformer Engine userbuffers); None: the profile's."""
+    grad_reduce_in_fp32: Optional[bool] = None
+    """A bf16 run accumulates and reduces its gradients in fp32 (megatron-core's DistributedDataParallelConfig.
+    grad_reduce_in_fp32: Megatron-LM forces it on for bf16, NeMo 2.0's performance mode turns it off; Apex's
+    distributed_fused_adam: grad_sync_dtype); None: the profile's."""
     pp_partition: Optional[str] = None
     """How the run split its blocks over pipeline stages (megatron | type:transformer | type:transformer|embedding:
     software.PP_PARTITIONS, DeepSpeed's partition_method names); None: the profile's."""
