@@ -59,9 +59,9 @@ def test_zero_paper_example(stage: int, expected_gb: float) -> None:
 
 # Today's max |error| per published table (harness/costmodel/published_runs.yaml), held so that a change that
 # makes any table worse fails; they are not the goal (mean <= 8%, max <= 15% on every table), which Narayanan's two
-# tables, LUMI's runs and strong scaling, the ZeRO example, KempnerForge's weak scaling and two of its memory
-# tables and the H200 nccl-tests table meet. Dash et al.'s fp16 runs on Frontier are predicted 20-30% too fast
-# (docs/costmodel.md).
+# tables, NVIDIA's megatron-core runs on H100, LUMI's runs and strong scaling, the ZeRO example, KempnerForge's weak
+# scaling and two of its memory tables, Kempner's single-GPU runs and the H200 nccl-tests table meet. Dash et al.'s
+# fp16 runs on Frontier are predicted 20-30% too fast (docs/costmodel.md).
 PUBLISHED_BOUNDS = {"narayanan2021-table1": 0.09, "narayanan2021-table2": 0.03, "dgxc-h100-megatron-core": 0.10,
                     "bloom-176b": 0.15,
                     "dash2023-frontier": 0.31, "lumi-megatron-deepspeed": 0.04, "lumi-176b-strong-scaling": 0.15,
@@ -409,28 +409,42 @@ def test_estimate_gives_runs_config_errors() -> None:
 
 
 def test_a_prediction_of_another_frameworks_run_takes_the_layouts_that_framework_runs() -> None:
-    """`harness estimate` with a profile no harness backend runs (costmodel.software=megatron-lm) predicts the
-    layouts that software runs, as the published Megatron-core runs need (context parallelism beside interleaved
-    pipeline stages), which the harness's own deepspeed3d backend cannot run; `harness run`, and a prediction of
-    the backend's own run, still refuse them, and the model's own rules (divisibility) hold for both."""
-    from harness.run.preflight import check_config
+    """`harness estimate` with a profile no harness backend runs predicts the layouts that framework runs itself
+    (core.registry.FRAMEWORK_LAYOUTS): Megatron-LM's context parallelism beside interleaved pipeline stages, as
+    the published megatron-core runs use, which the harness's own deepspeed3d backend cannot run. Only those: the
+    backend's ZeRO stages still hold, a framework that does not interleave (nanotron) gets no vpp, and `harness
+    run` (preflight), like a prediction of the backend's own run, refuses them all."""
+    from harness.run.preflight import check_config, preflight
 
-    megatron = ["model=gpt-13b", "model.position=rope", "system=dgx-h100", "backend=deepspeed3d", "parallel.tp=2",
+    megatron = ["model=gpt-13b", "system=dgx-h100", "backend=deepspeed3d", "parallel.tp=2",
                 "parallel.pp=4", "parallel.vpp=5", "parallel.cp=2", "parallel.cp_kind=ring", "parallel.zero_stage=1",
                 "train.precision=bf16", "train.global_batch_size=64", "parallel.world_size=32"]
-    predicted = check_config(compose([*megatron, "costmodel.software=megatron-lm"]), 32, runs=False)
+    theirs = [*megatron, "costmodel.software=megatron-lm"]
+    predicted = check_config(compose(theirs), 32, runs=False)  # learned positions too: Megatron's CP, not torch's
     assert predicted.layout.dp == 2 and predicted.layout.cp == 2 and predicted.estimate["step_time_s"] > 0
-    with pytest.raises(ConfigError, match="parallel.vpp=5: backend=deepspeed3d has no interleaved pipeline"):
-        check_config(compose([*megatron, "costmodel.software=megatron-lm"]), 32)  # what `harness run` checks
-    with pytest.raises(ConfigError, match="backend=deepspeed3d"):  # the backend's own profile: its own limits
-        check_config(compose(megatron), 32, runs=False)
-    with pytest.raises(ConfigError, match="parallel.vpp=5: backend=deepspeed3d"):
-        check_config(compose([*megatron, "costmodel.software=harness-deepspeed3d"]), 32, runs=False)
-    with pytest.raises(ConfigError, match="train.global_batch_size=64 is not divisible by micro_batch_size.dp"):
-        check_config(compose([*megatron, "costmodel.software=megatron-lm", "parallel.world_size=48"]), 48, runs=False)
-    proc = harness_cli("estimate", *megatron, "costmodel.software=megatron-lm", "--json")
+    fsdp = [*theirs, "backend=fsdp", "parallel.vpp=1", "parallel.zero_stage=0"]  # FSDP runs ring CP, not beside PP
+    assert check_config(compose(fsdp), 32, runs=False).layout.cp == 2
+    proc = harness_cli("estimate", *theirs, "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["step_time_s"] == pytest.approx(predicted.estimate["step_time_s"])
+    refusals = [
+        (theirs, None, "parallel.vpp=5: backend=deepspeed3d has no interleaved pipeline"),  # what `run` checks
+        ([*theirs, "parallel.vpp=1"], None, "parallel.cp=2: backend=deepspeed3d has no ring context parallelism"),
+        ([*fsdp, "model.position=rope"], None, "parallel.cp=2 with parallel.pp=4: the harness runs"),
+        (megatron, False, "parallel.vpp=5: backend=deepspeed3d"),  # the backend's own profile: its own limits
+        ([*megatron, "costmodel.software=harness-deepspeed3d"], False, "parallel.vpp=5: backend=deepspeed3d"),
+        ([*theirs, "parallel.zero_stage=3"], False, "parallel.zero_stage=3: DeepSpeed's pipeline engine"),
+        ([*megatron, "costmodel.software=nanotron"], False, "parallel.vpp=5: backend=deepspeed3d"),
+        ([*theirs, "parallel.vpp=3"], False, "model.n_layers=40 does not split evenly"),  # Megatron's even split
+        ([*theirs, "parallel.world_size=48"], False, "train.global_batch_size=64 is not divisible"),
+    ]
+    for overrides, runs, message in refusals:
+        world = 48 if "parallel.world_size=48" in overrides else 32
+        with pytest.raises(ConfigError, match=message):
+            if runs is None:
+                preflight(compose(overrides), world, 8)
+            else:
+                check_config(compose(overrides), world, runs=runs)
 
 
 def test_plan_ranks_only_legal_fitting_layouts() -> None:

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from harness.config.checks.data import DATA_KINDS
 from harness.config.compose import CONF_DIR, group_names
-from harness.core.registry import BACKENDS, CHECKPOINTING, PP_SCHEDULES, REPORT_VIEWS, load
+from harness.core.registry import BACKENDS, CHECKPOINTING, CP_KINDS, FRAMEWORK_LAYOUTS, PP_SCHEDULES, REPORT_VIEWS, load
 from harness.costmodel.peaks import device_entry
 from harness.costmodel.software import PROFILES
 from harness.run.sweep import JOB_LAUNCHERS, LOCAL_LAUNCHERS
@@ -52,6 +52,10 @@ def test_a_file_names_itself(group: str, key: str) -> None:
 def test_each_backend_has_its_software_profile_and_each_harness_profile_a_backend() -> None:
     assert all(spec.software in PROFILES for spec in BACKENDS.values())
     assert {name for name in PROFILES if name.startswith("harness-")} == {s.software for s in BACKENDS.values()}
+    # every other framework's profile states the layouts it runs itself (what `estimate` accepts for it)
+    assert set(FRAMEWORK_LAYOUTS) == set(PROFILES) - {s.software for s in BACKENDS.values()}
+    assert all(layouts.source for layouts in FRAMEWORK_LAYOUTS.values())
+    assert all(set(layouts.context_parallel) <= set(CP_KINDS) for layouts in FRAMEWORK_LAYOUTS.values())
 
 
 def test_each_backend_implementation_is_a_module_beside_the_registry() -> None:

@@ -239,6 +239,36 @@ def backend_spec(name: str) -> BackendSpec:
     return BACKENDS[name]
 
 
+@dataclass(frozen=True)
+class FrameworkLayouts:
+    """The layouts another framework runs itself, beyond what the harness's backend for its kind of run does: a
+    prediction of that framework's run (costmodel.software names its profile) accepts them (checks.validate)."""
+
+    interleaved_pipeline: bool = False
+    """It runs interleaved pipeline stages (parallel.vpp > 1), splitting the blocks evenly over pp·vpp stages (or
+    over pp·vpp after counting the embedding and the loss as one block each)."""
+    context_parallel: tuple[str, ...] = ()
+    """parallel.cp_kind values it runs with parallel.cp > 1, beside pipeline stages too."""
+    source: str = ""
+
+
+FRAMEWORK_LAYOUTS: dict[str, FrameworkLayouts] = {
+    "megatron-lm": FrameworkLayouts(
+        interleaved_pipeline=True, context_parallel=("ring",),
+        source="megatron-core: --num-layers-per-virtual-pipeline-stage (the interleaved 1F1B schedule, "
+               "megatron/core/pipeline_parallel/schedules.py) and --context-parallel-size, whose default cp_comm_type "
+               "p2p passes KV chunks around a ring with a load-balanced split, beside TP, PP and DP"),
+    "megatron-lm-2021": FrameworkLayouts(
+        interleaved_pipeline=True,
+        source="Narayanan et al. 2021, section 2.2.2: the interleaved schedule (no context parallelism yet)"),
+    "megatron-deepspeed": FrameworkLayouts(source="DeepSpeed's pipeline engine: one stage per rank, no CP"),
+    "nanotron": FrameworkLayouts(source="nanotron's 1F1B and all-forward-all-backward engines, no CP"),
+    "kempnerforge": FrameworkLayouts(source="predicted with the harness's FSDP backend's own layouts"),
+    "pytorch-autocast-script": FrameworkLayouts(source="one process"),
+}
+"""Every cost-model profile that no backend runs (harness/costmodel/software.py PROFILES), by name."""
+
+
 def fsdp_replica_group(sharding: str, hybrid_shard_group: Optional[int], devices_per_node: int,
                        dp: int, tp: int = 1) -> int:
     """Ranks that shard one replica: all data-parallel ranks, one (no_shard), or under hybrid_shard the

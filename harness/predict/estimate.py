@@ -152,7 +152,8 @@ def print_what_if(est: dict[str, Any]) -> None:
 USAGE = f"""usage: harness estimate [overrides ...] [--json] [--what-if]
 
 Predict per-device memory, communication, step time, MFU and energy of one layout with the analytical
-cost model, checked as `harness run` would check it. Exit status 1 when it does not fit the device
+cost model, checked as `harness run` would check it (but for the interleaved stages and context parallelism another
+framework's profile, costmodel.software=megatron-lm, runs itself). Exit status 1 when it does not fit the device
 (more than {REFUSE_ABOVE:g}× its memory; `harness run` warns below that and refuses above).
 
   harness estimate model=gpt-1t system=frontier backend=deepspeed3d parallel.tp=8 parallel.pp=64 \\

@@ -10,7 +10,7 @@ before any heavy import.
 from __future__ import annotations
 
 import math
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -29,7 +29,7 @@ from harness.config.checks.sections import check_launcher, check_report, check_s
 from harness.config.schema import Config
 from harness.core.errors import ConfigError
 from harness.core.layout import Layout, profile_window
-from harness.core.registry import BACKENDS, backend_spec
+from harness.core.registry import BACKENDS, FRAMEWORK_LAYOUTS, FrameworkLayouts, backend_spec
 from harness.models.config import GPTConfig, ModelConfigError
 
 AnyConfig = Union[DictConfig, Config]
@@ -55,19 +55,21 @@ def check_finite(node: Any, prefix: str = "") -> None:
         check_finite(value, name)
 
 
-def predicts_other_software(cfg: AnyConfig) -> bool:
-    """The config asks the cost model about another framework's run (`costmodel.software` names a profile that no
-    harness backend runs: megatron-lm, nanotron, ...), not about a run of the harness's own backend."""
+def other_framework(cfg: AnyConfig) -> Optional[FrameworkLayouts]:
+    """The layouts of the other framework whose run the config asks the cost model about (`costmodel.software`
+    names a profile that no harness backend runs: megatron-lm, nanotron, ...); None for a run of the harness's own
+    backend."""
     section = getattr(cfg, "costmodel", None)
     name = getattr(section, "software", None)
-    return bool(name) and name not in {spec.software for spec in BACKENDS.values()}
+    return FRAMEWORK_LAYOUTS.get(name) if name else None
 
 
 def validate(cfg: AnyConfig, world_size: int, *, runs: bool = True) -> Layout:
     """Check the whole config for a job of `world_size` ranks and derive its layout. `runs=False` checks a layout
-    only to predict it: where the config names another framework's profile (predicts_other_software), the layouts
-    that framework runs are accepted although the harness's backend cannot run them (Megatron-LM's interleaved
-    stages with context parallelism, say); `harness run` always checks what the backend itself can do."""
+    only to predict it: where the config names another framework's profile (other_framework), the interleaved
+    stages and context parallelism that framework runs itself (core.registry.FRAMEWORK_LAYOUTS) pass although the
+    harness's backend cannot run them (Megatron-LM's CP beside interleaved stages); everything else, the backend's
+    ZeRO stages and precisions among it, holds as for a run. `harness run` checks what the backend itself runs."""
     node = cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg)
     check_finite(OmegaConf.to_container(node, resolve=True))
     p, t, backend = cfg.parallel, cfg.train, cfg.backend.name
@@ -77,9 +79,9 @@ def validate(cfg: AnyConfig, world_size: int, *, runs: bool = True) -> Layout:
     check_system(cfg.system)
     check_train(t, model.n_layers, backend)
     check_backend_options(cfg.backend)
-    bound = runs or not predicts_other_software(cfg)  # held to what the harness's backend runs
-    check_parallel(backend, model, p, t.precision, backend_bound=bound)
-    check_context_parallel(backend, model, p, cfg.system.device, backend_bound=bound)
+    framework = None if runs else other_framework(cfg)  # what it runs beyond the harness's backend
+    check_parallel(backend, model, p, t.precision, framework)
+    check_context_parallel(backend, model, p, cfg.system.device, framework)
     if backend_spec(backend).deepspeed_engine:
         check_deepspeed(cfg.backend, p, t.precision, cfg.system.device)
     dp = check_world(world_size, p)

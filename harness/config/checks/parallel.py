@@ -3,6 +3,8 @@ the pipeline schedule, the world size and the global batch it divides into."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 from harness.config.checks.common import at_least, choice
 from harness.config.schema import (
     BackendConfig,
@@ -14,6 +16,7 @@ from harness.core.registry import (
     BACKENDS,
     CP_KINDS,
     PP_SCHEDULES,
+    FrameworkLayouts,
     backend_spec,
     pipeline_split,
     resolve_pp_schedule,
@@ -22,15 +25,15 @@ from harness.models.config import GPTConfig, nearest_divisor
 
 
 def check_parallel(backend: str, model: GPTConfig, p: ParallelConfig, precision: str,
-                   backend_bound: bool = True) -> None:
-    """The parallel sizes against what `backend` can do (unless not `backend_bound`: a prediction of another
-    framework's run, checks.validate) and what the model's shapes allow."""
+                   framework: Optional[FrameworkLayouts] = None) -> None:
+    """The parallel sizes against what `backend` can do, or where another framework's run is predicted
+    (`framework`, checks.validate) what that framework runs beyond it, and what the model's shapes allow."""
     can = backend_spec(backend)
     at_least(p, "parallel", ("tp", "pp", "vpp"), 1, "at least 1")
     if p.zero_stage < 0:
         raise ConfigError(f"parallel.zero_stage={p.zero_stage}: must be 0, 1, 2 or 3")
-    if backend_bound:
-        check_backend_can(backend, p, precision)
+    interleaves = framework is not None and framework.interleaved_pipeline
+    check_backend_can(backend, p, precision, interleaves)
     if p.vpp > 1 and p.pp == 1:
         raise ConfigError(f"parallel.vpp={p.vpp} interleaves pipeline stages and needs parallel.pp > 1; "
                           "set parallel.pp or leave parallel.vpp=1")
@@ -45,14 +48,15 @@ def check_parallel(backend: str, model: GPTConfig, p: ParallelConfig, precision:
         raise ConfigError(f"parallel.pp={p.pp} is larger than model.n_layers={model.n_layers}; "
                           "every pipeline stage needs at least one block")
     stages = p.pp * p.vpp
-    if can.pipeline_implementation and p.pp > 1 and pipeline_split(model.n_layers, stages) is None:
+    if (can.pipeline_implementation or interleaves) and p.pp > 1 and pipeline_split(model.n_layers, stages) is None:
         raise ConfigError(f"model.n_layers={model.n_layers} does not split evenly into parallel.pp*parallel.vpp="
                           f"{stages} pipeline stages; choose pp and vpp whose product divides {model.n_layers} "
                           f"(or {model.n_layers + 2}: the embedding and the output layer then take a block's place)")
 
 
-def check_backend_can(backend: str, p: ParallelConfig, precision: str) -> None:
-    """The precision, ZeRO stage and parallel splits against what the harness's `backend` itself runs."""
+def check_backend_can(backend: str, p: ParallelConfig, precision: str, interleaves: bool = False) -> None:
+    """The precision, ZeRO stage and parallel splits against what the harness's `backend` itself runs; interleaved
+    stages also where the framework whose run is predicted runs them (`interleaves`)."""
     can = backend_spec(backend)
     if precision not in can.precisions:
         raise ConfigError(f"train.precision={precision}: backend={backend} supports {', '.join(can.precisions)}")
@@ -72,7 +76,7 @@ def check_backend_can(backend: str, p: ParallelConfig, precision: str) -> None:
     if p.pp > 1 and not can.pipeline_parallel:
         raise ConfigError(f"parallel.pp={p.pp}: backend={backend} has no pipeline parallelism; use backend="
                           + " or backend=".join(n for n, s in BACKENDS.items() if s.pipeline_parallel))
-    if p.vpp > 1 and not can.interleaved_pipeline:
+    if p.vpp > 1 and not (can.interleaved_pipeline or interleaves):
         interleaving = [n for n, s in BACKENDS.items() if s.interleaved_pipeline]
         fix = f"use backend={' or backend='.join(interleaving)}" if interleaving else "leave parallel.vpp=1"
         raise ConfigError(f"parallel.vpp={p.vpp}: backend={backend} has no interleaved pipeline schedule "
@@ -123,20 +127,21 @@ def micro_batches_refused(name: str, pp: int, vpp: int, micro_batches: int) -> s
 
 
 def check_context_parallel(backend: str, model: GPTConfig, p: ParallelConfig, device: str = "auto",
-                           backend_bound: bool = True) -> None:
-    """parallel.cp and parallel.cp_kind against the backend (unless not `backend_bound`, as check_parallel), the
-    other splits and the model's shapes, and against the device system.device names (`auto`: checked by
-    preflight once the host's device is known)."""
+                           framework: Optional[FrameworkLayouts] = None) -> None:
+    """parallel.cp and parallel.cp_kind against the backend, or the framework whose run is predicted where it runs
+    that kind itself (`framework`, as check_parallel), the other splits and the model's shapes, and against the
+    device system.device names (`auto`: checked by preflight once the host's device is known)."""
     at_least(p, "parallel", ("cp",), 1, "at least 1")
     choice(p.cp_kind, CP_KINDS, "parallel.cp_kind")
     if p.cp == 1:
         return
     kind, can = CP_KINDS[p.cp_kind], backend_spec(backend)
-    if backend_bound and p.cp_kind not in can.context_parallel:
+    theirs = framework is not None and p.cp_kind in framework.context_parallel  # not the harness's implementation
+    if not theirs and p.cp_kind not in can.context_parallel:
         others = [n for n, s in BACKENDS.items() if p.cp_kind in s.context_parallel]
         raise ConfigError(f"parallel.cp={p.cp}: backend={backend} has no {p.cp_kind} context parallelism; use "
                           f"backend={' or backend='.join(others)}")
-    if backend_bound and p.pp > 1:
+    if not theirs and p.pp > 1:
         raise ConfigError(f"parallel.cp={p.cp} with parallel.pp={p.pp}: the harness runs context parallelism with "
                           "data and tensor parallelism, not pipeline stages; set parallel.pp=1 or parallel.cp=1")
     chunks = 2 * p.cp if kind.load_balanced else p.cp
@@ -150,6 +155,8 @@ def check_context_parallel(backend: str, model: GPTConfig, p: ParallelConfig, de
             if heads % (p.tp * p.cp):
                 raise ConfigError(f"parallel.cp={p.cp} (ulysses) splits {key}={heads} over tp*cp={p.tp * p.cp} "
                                   f"ranks; choose cp from the divisors of {heads // p.tp} or parallel.cp_kind=ring")
+    if theirs:
+        return
     if kind.name == "ring" and model.position != "rope":
         raise ConfigError(f"parallel.cp_kind=ring with model.position={model.position}: ring attention hands "
                           "each rank two chunks of the sequence and shards the RoPE tables to match; set "
