@@ -804,6 +804,33 @@ def test_fsdp_holds_unsharded_fp32_gradients_only_while_accumulating() -> None:
     assert plain.state_bytes.grads == 2 and model_state_bytes(params, plain)["grads"] == pytest.approx(2 * params)
 
 
+def test_fsdp_reducing_every_micro_batch_keeps_its_gradients_sharded_and_reduces_m_times() -> None:
+    """Software that reduce-scatters in every micro-batch's backward (costmodel.fsdp_defer_grad_sync=false:
+    torchtitan's default, NeMo AutoModel's defer_fsdp_grad_sync: False) holds only the sharded gradients, in the
+    parameters' dtype, and reduces m times per step where deferring software reduces once; its accumulation adds
+    the shards. NeMo AutoModel's Llama 3.1 70B on 64 H100, which ran, fits so, and would not with deferral."""
+    from harness.costmodel.comm import dp_collectives
+    from harness.costmodel.estimate import estimate
+    from harness.costmodel.memory import model_state_bytes
+    from harness.costmodel.published import RUNS, table_rows
+    from harness.costmodel.timing import grad_accumulation_s
+
+    common = [*LLAMA, "train.global_batch_size=64"]
+    defers, hw = job_and_hw(common, 8)
+    each, _ = job_and_hw([*common, "costmodel.fsdp_defer_grad_sync=false"], 8)
+    params, m = each.params_per_rank, each.micro_batches
+    assert m == 4 and each.unsharded_grad_bytes is None and defers.unsharded_grad_bytes == 4
+    assert model_state_bytes(params, each)["grads"] == pytest.approx(params * each.state_bytes.grads / 8)
+    calls = {c.kind: c.calls for c in dp_collectives(each)}
+    assert calls["reduce_scatter"] == m and {c.kind: c.calls for c in dp_collectives(defers)}["reduce_scatter"] == 1
+    assert grad_accumulation_s(each, hw) < grad_accumulation_s(defers, hw) / 4  # the shards, not whole gradients
+    table = next(t for t in yaml.safe_load(RUNS.read_text())["tables"] if t["id"] == "nemo-automodel-h100-fsdp2")
+    _, overrides, world, _ = table_rows(table)[0]
+    for defer, verdict in (("false", "fits"), ("true", "too big")):
+        cfg = compose([*overrides, f"costmodel.fsdp_defer_grad_sync={defer}"])
+        assert estimate(cfg, validate(cfg, world, runs=False))["memory_verdict"] == verdict
+
+
 def test_a_whole_model_compiled_backward_returns_every_gradient_at_once() -> None:
     """KempnerForge on one GPU compiles the whole model with no FSDP hooks to break its graph, so the backward is one
     graph whose outputs are all the gradients: accumulating micro-batches, they are all live at its end beside the

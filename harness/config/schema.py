@@ -445,6 +445,10 @@ class CostModelConfig:
     """A bf16 run accumulates and reduces its gradients in fp32 (megatron-core's DistributedDataParallelConfig.
     grad_reduce_in_fp32: Megatron-LM forces it on for bf16, NeMo 2.0's performance mode turns it off; Apex's
     distributed_fused_adam: grad_sync_dtype); None: the profile's."""
+    fsdp_defer_grad_sync: Optional[bool] = None
+    """FSDP2 accumulating micro-batches reduce-scatters only the last one's gradients, holding them unsharded until
+    then (the harness, KempnerForge), or false: every micro-batch's (torchtitan, NeMo AutoModel's
+    defer_fsdp_grad_sync: False); None: the profile's."""
     pp_partition: Optional[str] = None
     """How the run split its blocks over pipeline stages (megatron | type:transformer | type:transformer|embedding:
     software.PP_PARTITIONS, DeepSpeed's partition_method names); None: the profile's."""

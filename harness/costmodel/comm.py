@@ -174,7 +174,8 @@ def _fsdp_collectives(job: Job, params: float, c) -> list[Collective]:  # type: 
     """FSDP2: parameters gathered in the compute dtype, gradients reduced in backend.reduce_dtype (fp32 by default),
     once per step, each pass one collective per `fully_shard` unit (`Collective.units`).
 
-    Fabric's `no_backward_sync` skips the reduce-scatter of all but the last micro-batch. With
+    Fabric's `no_backward_sync` skips the reduce-scatter of all but the last micro-batch; software that does not
+    defer it (Software.fsdp_defers_grad_sync) reduce-scatters in every micro-batch's backward. With
     full_shard every parameter, the root module's too, is gathered again for the backward: that is
     what torch 2.13's profiler records (tests/test_comm_volume.py), although FSDP2's documentation
     describes keeping the root unsharded after forward.
@@ -186,9 +187,11 @@ def _fsdp_collectives(job: Job, params: float, c) -> list[Collective]:  # type: 
     n, tp = job.shards.weights, job.layout.tp
     local = per_node(tp, n, job)
     out = [c("all_gather", params * job.act_bytes, job.fsdp_gathers, n, local, units)]
-    out.append(c("reduce_scatter", params * R, 1, n, local, units))
+    reductions = 1 if job.software.fsdp_defers_grad_sync else job.micro_batches
+    out.append(c("reduce_scatter", params * R, reductions, n, local, units))
     if job.sharding == "hybrid_shard" and dp > n:
-        out.append(c("all_reduce", params * R / n, 1, dp // n, per_node(tp * n, dp // n, job), units, tp * n))
+        out.append(c("all_reduce", params * R / n, reductions, dp // n, per_node(tp * n, dp // n, job), units,
+                     tp * n))
     return out
 
 

@@ -257,7 +257,8 @@ class Job:
         parameter's whole gradient on its rank, cast up to the reduce dtype (torch FSDPParam.
         to_accumulated_grad_if_needed), until the last micro-batch's backward reduce-scatters it. A one-rank group
         too, where FSDP2 wraps the run (fsdp_wraps)."""
-        if self.fsdp_wraps and self.sharding != "no_shard" and self.micro_batches > 1:
+        if self.fsdp_wraps and self.sharding != "no_shard" and self.micro_batches > 1 \
+                and self.software.fsdp_defers_grad_sync:
             return self.reduce_bytes
         return None
 

@@ -8,7 +8,8 @@ stage 2 also the gradients, stage 3 also the weights: (2+2+K)Ψ, 4Ψ + KΨ/N, 2�
 gradients instead (4 + 4 + 8 bytes) and cast copies for compute; FSDP2 shards like stage 3
 (full_shard), keeps gathered blocks between forward and backward (shard_grad_op), shards within a
 node only (hybrid_shard) or not at all (no_shard); accumulating several micro-batches, it holds every
-gradient unsharded in fp32 until the last one reduces them (layout.Job.unsharded_grad_bytes).
+gradient unsharded in fp32 until the last one reduces them (layout.Job.unsharded_grad_bytes), unless the software
+reduces every micro-batch's (Software.fsdp_defers_grad_sync).
 DeepSpeed 3D keeps Ψ/(PP·TP) per rank with ZeRO-1 over DP (the issue's M_p/(PP·TP) + M_o/DP + M_g/(PP·TP)).
 
 Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer

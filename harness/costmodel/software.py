@@ -236,6 +236,12 @@ class Software:
     once each in the forward and reduce-scatter its gradient once each in the backward (without sequence
     parallelism: an all-reduce each in the backward); otherwise one gather per sub-layer (Megatron's fused QKV
     and FC1, the harness's PrepareModuleInput)."""
+    fsdp_defers_grad_sync: bool = True
+    """Accumulating micro-batches, FSDP2 skips the reduce-scatter of all but the last (set_requires_gradient_sync(
+    False): the harness through Fabric's no_backward_sync, KempnerForge's maybe_no_sync), holding every gradient
+    unsharded in the reduce dtype meanwhile (Job.unsharded_grad_bytes); False where the software reduce-scatters in
+    every micro-batch's backward and accumulates the sharded gradients (torchtitan's default; NeMo AutoModel's
+    defer_fsdp_grad_sync: False): more traffic, none of the unsharded gradients' memory."""
     fsdp_on_one_device: bool = True
     """FSDP2 wraps a run of one device too (the harness's FSDP backend shards every run); False where the software
     builds no mesh there and trains the plain model (KempnerForge: init_distributed returns no mesh at world size
@@ -412,14 +418,14 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
 def software_for(cfg: Any) -> Software:
     """The profile a config names (`costmodel.software`, default: the run's backend's own), with the
     run-specific switches (`costmodel.flash_attention`, `costmodel.attention_kernel`, `costmodel.tp_comm_overlap`,
-    `costmodel.pp_partition`, `costmodel.grad_reduce_in_fp32`) applied."""
+    `costmodel.pp_partition`, `costmodel.grad_reduce_in_fp32`, `costmodel.fsdp_defer_grad_sync`) applied."""
     section = getattr(cfg, "costmodel", None)
     name = getattr(section, "software", None) or backend_spec(cfg.backend.name).software
     if name not in PROFILES:
         raise ConfigError(f"costmodel.software={name}: unknown; choose one of {', '.join(PROFILES)}")
     profile = PROFILES[name]
     changes = {key: getattr(section, key) for key in ("flash_attention", "tp_comm_overlap", "attention_kernel",
-                                                      "pp_partition", "grad_reduce_in_fp32")
+                                                      "pp_partition", "grad_reduce_in_fp32", "fsdp_defer_grad_sync")
                if section is not None and getattr(section, key, None) is not None}
     if changes.get("attention_kernel", ATTENTION_KERNELS[0]) not in ATTENTION_KERNELS:
         raise ConfigError(f"costmodel.attention_kernel={changes['attention_kernel']}: unknown; choose one of "
@@ -438,6 +444,8 @@ def software_for(cfg: Any) -> Software:
         changes["fused_attention"] = changes.pop("flash_attention")
     if "grad_reduce_in_fp32" in changes:
         changes["fp32_grads_in_bf16"] = changes.pop("grad_reduce_in_fp32")
+    if "fsdp_defer_grad_sync" in changes:
+        changes["fsdp_defers_grad_sync"] = changes.pop("fsdp_defer_grad_sync")
     train = getattr(cfg, "train", None)
     if profile.run_flags and train is not None:
         if getattr(train, "compile", False):

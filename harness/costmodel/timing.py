@@ -304,7 +304,8 @@ def ddp_bucket_copies_s(job: Job, hw: Hardware) -> float:
 
 def _accumulation_s(job: Job, hw: Hardware) -> float:
     software, m = job.software, job.micro_batches
-    partitioned = job.spec.deepspeed_engine and job.layout.zero_stage >= 2
+    partitioned = (job.spec.deepspeed_engine and job.layout.zero_stage >= 2) or (
+        job.fsdp_wraps and not software.fsdp_defers_grad_sync)  # the reduced shards accumulate, not whole gradients
     params = job.params_per_rank / (job.shards.grads if partitioned else 1)
     if software.main_grad_bytes:  # the new gradient comes in the compute dtype
         return m * params * (2 * software.main_grad_bytes + job.act_bytes) / hw.memory_bw
