@@ -807,13 +807,14 @@ def test_fsdp_holds_unsharded_fp32_gradients_only_while_accumulating() -> None:
 def test_fsdp_reducing_every_micro_batch_keeps_its_gradients_sharded_and_reduces_m_times() -> None:
     """Software that reduce-scatters in every micro-batch's backward (costmodel.fsdp_defer_grad_sync=false:
     torchtitan's default, NeMo AutoModel's defer_fsdp_grad_sync: False) holds only the sharded gradients, in the
-    parameters' dtype, and reduces m times per step where deferring software reduces once; its accumulation adds
-    the shards. NeMo AutoModel's Llama 3.1 70B on 64 H100, which ran, fits so, and would not with deferral."""
+    parameters' dtype, and reduces (and copies its gradients into the reduction) m times per step where deferring
+    software does once; its accumulation adds the shards; torch's pipeline stages defer whatever the software.
+    NeMo AutoModel's Llama 3.1 70B on 64 H100, which ran, fits so, and would not with deferral."""
     from harness.costmodel.comm import dp_collectives
     from harness.costmodel.estimate import estimate
     from harness.costmodel.memory import model_state_bytes
     from harness.costmodel.published import RUNS, table_rows
-    from harness.costmodel.timing import grad_accumulation_s
+    from harness.costmodel.timing import fsdp_copy_kernels, grad_accumulation_s
 
     common = [*LLAMA, "train.global_batch_size=64"]
     defers, hw = job_and_hw(common, 8)
@@ -824,6 +825,10 @@ def test_fsdp_reducing_every_micro_batch_keeps_its_gradients_sharded_and_reduces
     calls = {c.kind: c.calls for c in dp_collectives(each)}
     assert calls["reduce_scatter"] == m and {c.kind: c.calls for c in dp_collectives(defers)}["reduce_scatter"] == 1
     assert grad_accumulation_s(each, hw) < grad_accumulation_s(defers, hw) / 4  # the shards, not whole gradients
+    each_in, once_in = (next(k for k in fsdp_copy_kernels(job) if "copy-in" in k.name) for job in (each, defers))
+    assert each_in.count == m * once_in.count  # each reduction copies its gradients in
+    piped, _ = job_and_hw([*common, "costmodel.fsdp_defer_grad_sync=false", "parallel.pp=2"], 8)
+    assert not piped.fsdp_reduces_every_micro_batch and piped.unsharded_grad_bytes == 4  # torch's stages defer
     table = next(t for t in yaml.safe_load(RUNS.read_text())["tables"] if t["id"] == "nemo-automodel-h100-fsdp2")
     _, overrides, world, _ = table_rows(table)[0]
     for defer, verdict in (("false", "fits"), ("true", "too big")):

@@ -447,7 +447,7 @@ class CostModelConfig:
     distributed_fused_adam: grad_sync_dtype); None: the profile's."""
     fsdp_defer_grad_sync: Optional[bool] = None
     """FSDP2 accumulating micro-batches reduce-scatters only the last one's gradients, holding them unsharded until
-    then (the harness, KempnerForge), or false: every micro-batch's (torchtitan, NeMo AutoModel's
+    then (the harness, KempnerForge), or false: every micro-batch's (torchtitan without HSDP, NeMo AutoModel's
     defer_fsdp_grad_sync: False); None: the profile's."""
     pp_partition: Optional[str] = None
     """How the run split its blocks over pipeline stages (megatron | type:transformer | type:transformer|embedding:

@@ -172,7 +172,8 @@ def _zero3_gathered_numel(model: GPTConfig, z: Zero3) -> tuple[float, float]:
 
 def _fsdp_collectives(job: Job, params: float, c) -> list[Collective]:  # type: ignore[no-untyped-def]
     """FSDP2: parameters gathered in the compute dtype, gradients reduced in backend.reduce_dtype (fp32 by default),
-    once per step, each pass one collective per `fully_shard` unit (`Collective.units`).
+    once per step or once per micro-batch (Job.fsdp_reduces_every_micro_batch), each pass one collective per
+    `fully_shard` unit (`Collective.units`).
 
     Fabric's `no_backward_sync` skips the reduce-scatter of all but the last micro-batch; software that does not
     defer it (Software.fsdp_defers_grad_sync) reduce-scatters in every micro-batch's backward. With
@@ -182,12 +183,12 @@ def _fsdp_collectives(job: Job, params: float, c) -> list[Collective]:  # type: 
     """
     dp, R = job.grad_ranks, job.reduce_bytes
     units = job.fsdp_units
+    reductions = job.micro_batches if job.fsdp_reduces_every_micro_batch else 1
     if job.sharding == "no_shard":  # FSDP2 on a replicate x 1 mesh: an all-reduce per unit
-        return [c("all_reduce", params * R, 1, units=units)]
+        return [c("all_reduce", params * R, reductions, units=units)]
     n, tp = job.shards.weights, job.layout.tp
     local = per_node(tp, n, job)
     out = [c("all_gather", params * job.act_bytes, job.fsdp_gathers, n, local, units)]
-    reductions = 1 if job.software.fsdp_defers_grad_sync else job.micro_batches
     out.append(c("reduce_scatter", params * R, reductions, n, local, units))
     if job.sharding == "hybrid_shard" and dp > n:
         out.append(c("all_reduce", params * R / n, reductions, dp // n, per_node(tp * n, dp // n, job), units,

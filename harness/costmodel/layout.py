@@ -256,11 +256,21 @@ class Job:
         Fabric's no_backward_sync and torch's pipeline stages, KempnerForge through maybe_no_sync) keeps every
         parameter's whole gradient on its rank, cast up to the reduce dtype (torch FSDPParam.
         to_accumulated_grad_if_needed), until the last micro-batch's backward reduce-scatters it. A one-rank group
-        too, where FSDP2 wraps the run (fsdp_wraps)."""
+        too, where FSDP2 wraps the run (fsdp_wraps); not where the software reduces every micro-batch's
+        (fsdp_reduces_every_micro_batch)."""
         if self.fsdp_wraps and self.sharding != "no_shard" and self.micro_batches > 1 \
-                and self.software.fsdp_defers_grad_sync:
+                and not self.fsdp_reduces_every_micro_batch:
             return self.reduce_bytes
         return None
+
+    @property
+    def fsdp_reduces_every_micro_batch(self) -> bool:
+        """FSDP2 accumulating micro-batches reduces each one's gradients and accumulates their shards, where the
+        software does not defer it (Software.fsdp_defers_grad_sync); never in torch's pipeline stages, which always
+        do (pipelining/stage.py backward_maybe_with_nosync sets set_requires_gradient_sync(False) and
+        perform_reduce_grad reduces once)."""
+        return (self.fsdp_wraps and self.micro_batches > 1 and self.layout.pp == 1
+                and not self.software.fsdp_defers_grad_sync)
 
     @property
     def fsdp_wraps(self) -> bool:

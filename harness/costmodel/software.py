@@ -240,8 +240,9 @@ class Software:
     """Accumulating micro-batches, FSDP2 skips the reduce-scatter of all but the last (set_requires_gradient_sync(
     False): the harness through Fabric's no_backward_sync, KempnerForge's maybe_no_sync), holding every gradient
     unsharded in the reduce dtype meanwhile (Job.unsharded_grad_bytes); False where the software reduce-scatters in
-    every micro-batch's backward and accumulates the sharded gradients (torchtitan's default; NeMo AutoModel's
-    defer_fsdp_grad_sync: False): more traffic, none of the unsharded gradients' memory."""
+    every micro-batch's backward and accumulates the sharded gradients (torchtitan's default without HSDP; NeMo
+    AutoModel's defer_fsdp_grad_sync: False): more traffic, none of the unsharded gradients' memory (not in pipeline
+    stages: Job.fsdp_reduces_every_micro_batch)."""
     fsdp_on_one_device: bool = True
     """FSDP2 wraps a run of one device too (the harness's FSDP backend shards every run); False where the software
     builds no mesh there and trains the plain model (KempnerForge: init_distributed returns no mesh at world size

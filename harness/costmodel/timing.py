@@ -304,8 +304,8 @@ def ddp_bucket_copies_s(job: Job, hw: Hardware) -> float:
 
 def _accumulation_s(job: Job, hw: Hardware) -> float:
     software, m = job.software, job.micro_batches
-    partitioned = (job.spec.deepspeed_engine and job.layout.zero_stage >= 2) or (
-        job.fsdp_wraps and not software.fsdp_defers_grad_sync)  # the reduced shards accumulate, not whole gradients
+    every = job.fsdp_reduces_every_micro_batch  # the reduced shards accumulate, not whole gradients
+    partitioned = (job.spec.deepspeed_engine and job.layout.zero_stage >= 2) or every
     params = job.params_per_rank / (job.shards.grads if partitioned else 1)
     if software.main_grad_bytes:  # the new gradient comes in the compute dtype
         return m * params * (2 * software.main_grad_bytes + job.act_bytes) / hw.memory_bw
@@ -316,7 +316,11 @@ def _accumulation_s(job: Job, hw: Hardware) -> float:
         E = job.act_bytes
         first = E + reduce if E != reduce else 0.0
         return params * (first + (m - 1) * (2 * reduce + E)) / hw.memory_bw
-    return (m - 1) * params * 3 * job.state_bytes.grads / hw.memory_bw
+    W = job.state_bytes.grads
+    # each micro-batch's reduced shard is cast to the parameters' dtype before it is added (_fsdp_collectives.py
+    # foreach_reduce, _to_dtype_if_needed)
+    cast = m * params * (job.reduce_bytes + W) if every and job.reduce_bytes != W else 0.0
+    return ((m - 1) * params * 3 * W + cast) / hw.memory_bw
 
 
 def collective_s(c: Collective, hw: Hardware) -> Optional[float]:
@@ -366,8 +370,8 @@ def exposed_dp_s(timed: list[tuple[Collective, float]], job: Job, per_mb: float,
     forward = backward = first = last = exposed = 0.0  # per-micro-batch loads; what no phase covers
     for c, t in timed:
         every = c.calls >= m and c.calls % m == 0
-        if c.role == "grads" and c.calls == 1 and edge:
-            drain = t * edge  # the first block's and the root's reduce-scatters, the backward's last
+        if c.role == "grads" and (c.calls == 1 or every) and edge:
+            drain = t / c.calls * edge  # the first block's and the root's reduce-scatters, the last backward's
             exposed, t = exposed + drain, t - drain
         if c.role == "params":
             if job.spec.shardings:
@@ -444,7 +448,7 @@ def fsdp_copies_s(job: Job, hw: Hardware) -> float:
     unsharded gradients into its input (`foreach_reduce_scatter_copy_in`, also on the current stream, in the reduce
     dtype): each a read and a write of the unit's parameters (torch 2.13 distributed/fsdp/_fully_shard/
     _fsdp_param_group.py, _fsdp_collectives.py), as many gathers as Job.fsdp_gathers counts and one reduction per
-    step (fsdp_copy_kernels)."""
+    step, or per micro-batch (Job.fsdp_reduces_every_micro_batch) (fsdp_copy_kernels)."""
     if hw.memory_bw is None:
         return 0.0
     return kernels_s(fsdp_copy_kernels(job), hw.rates(job), overlap_host=hw.accelerator)
@@ -460,11 +464,15 @@ def fsdp_copy_kernels(job: Job) -> list[Kernel]:
     # input), before the copy; on more ranks it is a 1/n shard's, on the gather's copy-in stream
     W = job.state_bytes.weights
     out = 2 * E + (W + E if job.shards.weights == 1 and W != E else 0)
-    # the reduce-scatter's input is cast from the compute dtype after one micro-batch, copied from the gradients
-    # accumulated in the reduce dtype after several (FSDPParam.to_accumulated_grad_if_needed)
-    into = (E if job.micro_batches == 1 else R) + R
+    # the reduce-scatter's input is cast from the compute dtype after one micro-batch (or in every one, where each
+    # is reduced), copied from the gradients accumulated in the reduce dtype after several
+    # (FSDPParam.to_accumulated_grad_if_needed)
+    every = job.fsdp_reduces_every_micro_batch
+    reductions = job.micro_batches if every else 1
+    into = (E if job.micro_batches == 1 or every else R) + R
     return [Kernel("fsdp all-gather copy-out", "memory", bytes=gathers * params * out, count=gathers * units),
-            Kernel("fsdp reduce-scatter copy-in", "memory", bytes=params * into, count=units)]
+            Kernel("fsdp reduce-scatter copy-in", "memory", bytes=reductions * params * into,
+                   count=reductions * units)]
 
 
 def exposed_cp_s(timed: list[tuple[Collective, float]], job: Job, hw: Hardware) -> float:
