@@ -416,17 +416,22 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
 )}
 
 
+RUN_SWITCHES = {"flash_attention": "fused_attention", "tp_comm_overlap": "tp_comm_overlap",
+                "attention_kernel": "attention_kernel", "pp_partition": "pp_partition",
+                "grad_reduce_in_fp32": "fp32_grads_in_bf16", "fsdp_defer_grad_sync": "fsdp_defers_grad_sync"}
+"""The `costmodel.*` keys that state what a run did where its profile assumes otherwise, each with the Software
+field it sets."""
+
+
 def software_for(cfg: Any) -> Software:
     """The profile a config names (`costmodel.software`, default: the run's backend's own), with the
-    run-specific switches (`costmodel.flash_attention`, `costmodel.attention_kernel`, `costmodel.tp_comm_overlap`,
-    `costmodel.pp_partition`, `costmodel.grad_reduce_in_fp32`, `costmodel.fsdp_defer_grad_sync`) applied."""
+    run-specific switches (RUN_SWITCHES) applied."""
     section = getattr(cfg, "costmodel", None)
     name = getattr(section, "software", None) or backend_spec(cfg.backend.name).software
     if name not in PROFILES:
         raise ConfigError(f"costmodel.software={name}: unknown; choose one of {', '.join(PROFILES)}")
     profile = PROFILES[name]
-    changes = {key: getattr(section, key) for key in ("flash_attention", "tp_comm_overlap", "attention_kernel",
-                                                      "pp_partition", "grad_reduce_in_fp32", "fsdp_defer_grad_sync")
+    changes = {key: getattr(section, key) for key in RUN_SWITCHES
                if section is not None and getattr(section, key, None) is not None}
     if changes.get("attention_kernel", ATTENTION_KERNELS[0]) not in ATTENTION_KERNELS:
         raise ConfigError(f"costmodel.attention_kernel={changes['attention_kernel']}: unknown; choose one of "
@@ -441,12 +446,7 @@ def software_for(cfg: Any) -> Software:
                           "parallelism: Megatron-LM overlaps the sequence-parallel all-gathers and reduce-scatters "
                           "with their GEMMs and refuses the overlap without them; set "
                           "parallel.sequence_parallel=true or drop costmodel.tp_comm_overlap")
-    if "flash_attention" in changes:
-        changes["fused_attention"] = changes.pop("flash_attention")
-    if "grad_reduce_in_fp32" in changes:
-        changes["fp32_grads_in_bf16"] = changes.pop("grad_reduce_in_fp32")
-    if "fsdp_defer_grad_sync" in changes:
-        changes["fsdp_defers_grad_sync"] = changes.pop("fsdp_defer_grad_sync")
+    changes = {RUN_SWITCHES[key]: value for key, value in changes.items()}
     train = getattr(cfg, "train", None)
     if profile.run_flags and train is not None:
         if getattr(train, "compile", False):

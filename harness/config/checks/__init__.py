@@ -59,9 +59,7 @@ def other_framework(cfg: AnyConfig) -> Optional[FrameworkLayouts]:
     """The layouts of the other framework whose run the config asks the cost model about (`costmodel.software`
     names a profile that no harness backend runs: megatron-lm, nanotron, ...); None for a run of the harness's own
     backend."""
-    section = getattr(cfg, "costmodel", None)
-    name = getattr(section, "software", None)
-    return FRAMEWORK_LAYOUTS.get(name) if name else None
+    return FRAMEWORK_LAYOUTS.get(getattr(getattr(cfg, "costmodel", None), "software", None))
 
 
 def validate(cfg: AnyConfig, world_size: int, *, runs: bool = True) -> Layout:
