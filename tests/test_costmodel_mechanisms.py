@@ -391,6 +391,43 @@ def test_sdpa_on_hopper_runs_cudnns_attention_where_the_run_did() -> None:
         job_and_hw([*LLAMA, "costmodel.attention_kernel=flash3"])
 
 
+def test_transformer_engine_gives_cudnn_heads_up_to_256_on_hopper_where_sdpa_stops_at_128() -> None:
+    """Nemotron-4 340B's head dimension is 192: megatron-core's Transformer Engine attention runs cuDNN's kernel on
+    an H100 there (nvte_get_fused_attn_backend: up to 256 on sm90 with cuDNN 9), PyTorch's SDPA FlashAttention-2."""
+    def attention_s(overrides: list[str]) -> float:
+        job, hw = job_and_hw([*LLAMA, "model.seq_len=4096", "model.n_heads=16", "model.d_model=3072",
+                              "model.n_kv_heads=8", *overrides])
+        attention = next(k for k in compute_kernels(job)[0] if k.kind == "attention")
+        return kernels.kernel_s(attention, hw.rates(job)) - attention.count * hw.startup_s
+
+    flash = attention_s(["costmodel.attention_kernel=flash"])
+    assert attention_s(["costmodel.attention_kernel=cudnn"]) == pytest.approx(flash)  # SDPA: head dim 192 > 128
+    assert attention_s(["costmodel.software=megatron-lm", "backend=deepspeed3d"]) < 0.8 * flash
+    assert PROFILES["megatron-lm"].cudnn_head_dim_max == 256 and PROFILES["kempnerforge"].cudnn_head_dim_max == 128
+
+
+def test_a_load_balanced_ring_prices_its_diagonal_step_causal_and_the_rest_as_unmasked_half_blocks() -> None:
+    """Ring attention over cp ranks with the sequence in 2·cp chunks: each rank's first step attends its own chunk
+    pair under the causal mask (1/cp of its work), every other step an unmasked block of half the queries or keys
+    (torch's _templated_ring_attention, Transformer Engine's AttnFuncWithCPAndKVP2P). Each at its measured rate, so
+    a rank's attention runs below the unmasked rate at s/cp that a ring of whole blocks would get."""
+    from harness.costmodel.peaks import attention_rate
+    from harness.costmodel.timing import ring_attention_rate
+
+    for cp in (2, 4):
+        job, hw = job_and_hw([*LLAMA, "model.seq_len=8192", f"parallel.cp={cp}", "parallel.cp_kind=ring",
+                              "train.global_batch_size=2"], cp)
+        table, block = hw.attention, 8192 // cp
+        causal, unmasked = attention_rate(table, 128, True, block), attention_rate(table, 128, False, block // 2)
+        assert causal is not None and unmasked is not None
+        expected = 1 / ((1 / cp) / causal + (1 - 1 / cp) / attention_rate(table, 128, False, int(block / 2 ** 0.5)))
+        assert hw.rates(job).attention_flops == pytest.approx(expected * 1e12)
+        assert hw.rates(job).attention_flops < attention_rate(table, 128, False, block) * 1e12
+        assert ring_attention_rate(table, 128, 8192, cp) == pytest.approx(expected)
+    whole, hw = job_and_hw([*LLAMA, "model.seq_len=8192"])
+    assert hw.rates(whole).attention_flops == pytest.approx(attention_rate(hw.attention, 128, True, 8192) * 1e12)
+
+
 def test_a_gpu_runs_prediction_prices_the_attention_kernel_its_sdpa_ran() -> None:
     """A run records which kernel PyTorch's SDPA dispatcher picked on its GPU for its shapes (kernels.attention.
     sdpa_kernel, torch's SDPBackend names); its summary's prediction prices that kernel where the model prices it,
@@ -834,6 +871,22 @@ def test_fsdp_reducing_every_micro_batch_keeps_its_gradients_sharded_and_reduces
     for defer, verdict in (("false", "fits"), ("true", "too big")):
         cfg = compose([*overrides, f"costmodel.fsdp_defer_grad_sync={defer}"])
         assert estimate(cfg, validate(cfg, world, runs=False))["memory_verdict"] == verdict
+
+
+def test_fsdp_reducing_every_micro_batch_waits_for_each_backwards_last_reduce_scatters() -> None:
+    """Unless the loop clears `is_last_backward` (AutoModel does not), FSDP2's post-backward callback makes the
+    compute stream wait for the reduce-scatters still in flight at the end of every backward: reducing every
+    micro-batch, each micro-batch's last units' reductions are exposed, not only the last micro-batch's."""
+    from harness.costmodel.comm import dp_collectives
+    from harness.costmodel.timing import collective_s, exposed_dp_s, sharded_edge_share
+
+    each, hw = job_and_hw([*LLAMA, "train.global_batch_size=64", "costmodel.fsdp_defer_grad_sync=false"], 8)
+    rs = next(c for c in dp_collectives(each) if c.kind == "reduce_scatter")
+    t, m = collective_s(rs, hw), each.micro_batches
+    assert m == 4 and rs.calls == m
+    idle = exposed_dp_s([(rs, t)], each, per_mb=1e6, hw=hw)  # compute long enough to hide every other reduction
+    assert idle == pytest.approx(t * sharded_edge_share(each))
+    assert idle > 3 * t / m * sharded_edge_share(each)
 
 
 def test_a_whole_model_compiled_backward_returns_every_gradient_at_once() -> None:

@@ -94,6 +94,12 @@ class Software:
     Hopper since 2.9 with a recent cuDNN (pytorch/pytorch pull 162073; check_prefer_cudnn_attention in
     aten/src/ATen/native/transformers/cuda/sdp_utils.cpp); priced at the device's measured rate for that kernel
     (peaks.py), else FlashAttention-2's."""
+    cudnn_head_dim_max: int = 128
+    """The largest head dimension the software's attention dispatcher gives cuDNN's kernel (attention_kernel
+    "cudnn"); a wider head runs FlashAttention-2. PyTorch's SDPA: 128 (`check_cudnn_tensor_shapes` in
+    aten/src/ATen/native/transformers/cuda/sdp_utils.cpp). Transformer Engine on Hopper with cuDNN 9: 256
+    (`nvte_get_fused_attn_backend`, transformer_engine/common/fused_attn/fused_attn.cpp at 3b2a7b0, the 1.14 code
+    NeMo d2b2155 pins: head_dim_qk <= 256 for sm_arch >= 90 and cudnn >= 9.0)."""
     dropout: bool = False
     """Hidden/attention dropout: its masks are stored (Korthikanti et al. 2022, section 4.1)."""
     pp_partition: str = "megatron"
@@ -330,7 +336,7 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
              fused_attention=True, dropout=True, pp_scatter_gather=True,
              recompute_early_stop=False, grad_reduce_overlap=True, param_gather_overlap=True, p2p_overlap=True,
              grad_accumulation_fusion=True, tp_regather_input=True, tp_backward_overlap=True,
-             own_optimizer=True, attention_kernel="cudnn",
+             own_optimizer=True, attention_kernel="cudnn", cudnn_head_dim_max=256,
              source="megatron-core with the flags its performance recipes set: --use-distributed-optimizer "
                     "--overlap-grad-reduce --overlap-param-gather (megatron/core/distributed/"
                     "distributed_data_parallel_config.py), overlap_p2p_comm for the interleaved schedule (on by "

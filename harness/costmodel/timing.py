@@ -21,6 +21,7 @@ per token × D tokens, by default D = 20·P (Hoffmann et al. 2022), t ≈ T_FLOP
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -100,12 +101,12 @@ class Hardware:
         m = job.model
         attention = self.attention_flops if job.software.fused_attention else None
         if attention is None and job.precision in TENSOR_CORE_PRECISIONS and job.software.fused_attention:
-            # ring attention runs cp blocks of s/cp queries × s/cp keys, most of them unmasked
-            ring = job.layout.cp > 1 and job.cp_kind == "ring"
-            cudnn = job.software.attention_kernel == "cudnn" and cudnn_serves(m.head_dim)
+            sw = job.software
+            cudnn = sw.attention_kernel == "cudnn" and cudnn_serves(m.head_dim, sw.cudnn_head_dim_max)
             table = self.cudnn_attention if cudnn else ()
-            tflops = attention_rate(table or self.attention, m.head_dim, not ring,
-                                    m.seq_len // job.layout.cp if ring else m.seq_len)
+            tflops = ring_attention_rate(table or self.attention, m.head_dim, m.seq_len, job.layout.cp) \
+                if job.layout.cp > 1 and job.cp_kind == "ring" \
+                else attention_rate(table or self.attention, m.head_dim, True, m.seq_len)
             attention = None if tflops is None else tflops * 1e12
         held = self.sustained_share if job.precision in TENSOR_CORE_PRECISIONS else 1.0
         gemm = self.peak_flops * self.gemm_efficiency * held * dict(self.gemm_precision_ratio).get(job.precision, 1.0)
@@ -144,11 +145,31 @@ dispatcher, autograd's bookkeeping and cudaLaunchKernel, each a few microseconds
 the host's own per block)."""
 
 
-def cudnn_serves(head_dim: int) -> bool:
-    """Whether PyTorch's SDPA gives this head dimension to cuDNN's kernel: up to 128, a multiple of 8
-    (`check_cudnn_tensor_shapes` in aten/src/ATen/native/transformers/cuda/sdp_utils.cpp; larger ones need a newer
-    cuDNN); otherwise FlashAttention-2 runs."""
-    return head_dim <= 128 and head_dim % 8 == 0
+def cudnn_serves(head_dim: int, widest: int = 128) -> bool:
+    """Whether the attention dispatcher gives this head dimension to cuDNN's kernel: up to `widest`
+    (Software.cudnn_head_dim_max: PyTorch SDPA's 128, Transformer Engine's 256 on Hopper), a multiple of 8
+    (`check_cudnn_tensor_shapes` in aten/src/ATen/native/transformers/cuda/sdp_utils.cpp); otherwise
+    FlashAttention-2 runs."""
+    return head_dim <= widest and head_dim % 8 == 0
+
+
+def ring_attention_rate(table: AttentionTable, head_dim: int, seq_len: int, cp: int) -> Optional[float]:
+    """A load-balanced ring's fused-attention rate on one rank, forward + backward. Each sequence is cut in 2·cp
+    chunks and rank r holds chunks r and 2·cp−1−r, so of its cp steps the first attends its own queries to its own
+    keys under the causal mask (s/cp × s/cp, half of it computed: 1/cp of the rank's work) and each other step is an
+    unmasked block of half the queries or half the keys (s/cp × s/(2·cp)): torch's `_templated_ring_attention`
+    (torch 2.13 distributed/tensor/experimental/_context_parallel/_attention.py: i == 0 causal, else
+    query.chunk(2)[1] or key.chunk(2)[0], is_causal False) and Transformer Engine's AttnFuncWithCPAndKVP2P
+    (transformer_engine/pytorch/attention.py at 3b2a7b0, the 1.14 code NeMo d2b2155 pins: the diagonal step with
+    the causal mask, the others with none on half-size blocks). Each kind at its measured rate, the unmasked
+    blocks at the length of the square of the same work (s/cp/√2); the rank's rate is the work over the summed
+    times. None where the device has no measurement."""
+    block = seq_len // cp
+    diagonal = attention_rate(table, head_dim, True, block)
+    halves = attention_rate(table, head_dim, False, int(block / math.sqrt(2)))
+    if diagonal is None or halves is None:
+        return None
+    return 1.0 / ((1.0 / cp) / diagonal + ((cp - 1.0) / cp) / halves)
 
 
 def sustained_share(system: Any) -> float:
@@ -358,7 +379,7 @@ def exposed_dp_s(timed: list[tuple[Collective, float]], job: Job, per_mb: float,
     exposed: one phase's slack does not cover another's load, since a collective cannot start before it is issued.
     FSDP's pipeline of gathers has ends that nothing covers (sharded_edge_share): each micro-batch's first gathers
     wait for what is queued before them (the optimizer's update of the shards, then the previous backward), and
-    the step's last reduce-scatters hold up the optimizer.
+    the step's last reduce-scatters hold up the optimizer (each micro-batch's, where FSDP reduces in every one).
     """
     if not hw.overlap_comm:
         return sum(t for _, t in timed)
@@ -371,7 +392,11 @@ def exposed_dp_s(timed: list[tuple[Collective, float]], job: Job, per_mb: float,
     for c, t in timed:
         every = c.calls >= m and c.calls % m == 0
         if c.role == "grads" and (c.calls == 1 or every) and edge:
-            drain = t / c.calls * edge  # the first block's and the root's reduce-scatters, the last backward's
+            # the first block's and the root's reduce-scatters, after the last backward; where FSDP reduces in every
+            # micro-batch, after each: its post-backward callback makes the compute stream wait for them whenever
+            # is_last_backward holds, which it does unless the loop clears it (torch 2.13 _fsdp_state.py
+            # _root_post_backward_final_callback, `is_last_backward` True by default)
+            drain = t / (1 if every and job.spec.shardings else c.calls) * edge
             exposed, t = exposed + drain, t - drain
         if c.role == "params":
             if job.spec.shardings:
