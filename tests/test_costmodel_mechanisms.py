@@ -35,10 +35,11 @@ from harness.models.config import block_linears
 GiB = 2**30
 
 
-def job_and_hw(overrides: list[str], world: int = 1) -> tuple[Job, Any]:
+def job_and_hw(overrides: list[str], world: int = 1, runs: bool = True) -> tuple[Job, Any]:
+    """`runs=False`: a prediction of another framework's run, with the layouts it runs (config.checks.validate)."""
     cfg = compose(overrides)
     peak = lookup_peak(cfg.system.accelerator, compute_precision(cfg)).tflops
-    return job_from_config(cfg, validate(cfg, world)), hardware(cfg.system, peak)
+    return job_from_config(cfg, validate(cfg, world, runs=runs)), hardware(cfg.system, peak)
 
 
 # --- network ------------------------------------------------------------------------------------------------------
@@ -871,6 +872,37 @@ def test_fsdp_reducing_every_micro_batch_keeps_its_gradients_sharded_and_reduces
     for defer, verdict in (("false", "fits"), ("true", "too big")):
         cfg = compose([*overrides, f"costmodel.fsdp_defer_grad_sync={defer}"])
         assert estimate(cfg, validate(cfg, world, runs=False))["memory_verdict"] == verdict
+
+
+def test_megatron_reduces_and_gathers_bucket_by_bucket_each_paying_the_rings_latency() -> None:
+    """megatron-core's DDP with overlap_grad_reduce cuts the gradient buffer into buckets of max(40M, 1M × DP)
+    parameters (NeMo: 128·2^20), each reduce-scattered and, with the distributed optimizer, all-gathered by its own
+    collective: as many latencies per pass, which over a thousand data-parallel ranks are no longer small. Pipeline
+    stages after the first keep one bucket per model chunk; Megatron-LM 2021 reduced its buffer in one call."""
+    from harness.costmodel.comm import dp_collectives
+    from harness.costmodel.timing import collective_s
+
+    base = [*LLAMA, "model.n_layers=16", "backend=deepspeed3d", "parallel.zero_stage=1", "parallel.tp=8",
+            "costmodel.software=megatron-lm"]
+
+    def dp(extra: list[str], world: int) -> tuple[Job, Any, list[Any]]:
+        job, hw = job_and_hw([*base, f"train.global_batch_size={2 * world // 8}", *extra], world, runs=False)
+        return job, hw, [c for c in dp_collectives(job) if c.dim == "dp"]
+
+    job, hw, colls = dp([], 64)
+    params = job.params_per_rank
+    assert {c.kind: c.units for c in colls} == {"reduce_scatter": -(-int(params) // 40_000_000),
+                                                "all_gather": -(-int(params) // 40_000_000)}
+    _, _, wide = dp([], 8192)  # 1024 data-parallel ranks: 1.024B-parameter buckets
+    assert {c.units for c in wide} == {-(-int(params) // 1_024_000_000)}
+    _, _, nemo = dp(["costmodel.grad_bucket_params=134217728"], 64)
+    assert {c.units for c in nemo} == {-(-int(params) // 134217728)}
+    piped, _, staged = dp(["parallel.pp=2", "parallel.vpp=2"], 128)
+    assert {c.units for c in staged} == {piped.vpp} == {2}
+    _, _, old = dp(["costmodel.software=megatron-lm-2021"], 64)
+    assert {c.units for c in old} == {1}
+    one = [dataclasses.replace(c, units=1) for c in colls]
+    assert all(collective_s(c, hw) > collective_s(o, hw) for c, o in zip(colls, one))
 
 
 def test_fsdp_reducing_every_micro_batch_waits_for_each_backwards_last_reduce_scatters() -> None:

@@ -449,6 +449,10 @@ class CostModelConfig:
     """FSDP2 accumulating micro-batches reduce-scatters only the last one's gradients, holding them unsharded until
     then (the harness, KempnerForge), or false: every micro-batch's (torchtitan without HSDP, NeMo AutoModel's
     defer_fsdp_grad_sync: False); None: the profile's."""
+    grad_bucket_params: Optional[int] = None
+    """Parameters per gradient bucket of megatron-core's DistributedDataParallel, each bucket reduced (and, with the
+    distributed optimizer, gathered) by its own collective (NeMo 2.0's comm-overlap callback sets 128·2^20); None:
+    megatron-core's default, max(40M, 1M × data-parallel ranks)."""
     pp_partition: Optional[str] = None
     """How the run split its blocks over pipeline stages (megatron | type:transformer | type:transformer|embedding:
     software.PP_PARTITIONS, DeepSpeed's partition_method names); None: the profile's."""

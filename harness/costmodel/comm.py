@@ -102,6 +102,7 @@ def dp_collectives(job: Job) -> list[Collective]:
         return Collective("dp", kind, payload, calls, group, members, units, stride)
 
     stage = layout.zero_stage
+    buckets = grad_bucket_count(job)
     if dp == 1:
         # ZeRO-1's gradient reduction (deepspeed/runtime/zero/stage_1_and_2.py `reduce_gradients`)
         # still runs over a one-rank group; only the parameter all-gather checks for it
@@ -111,12 +112,12 @@ def dp_collectives(job: Job) -> list[Collective]:
     if job.spec.shardings:
         return _fsdp_collectives(job, params, c)
     if stage == 0:
-        return [c("all_reduce", params * per.grads, 1)]
+        return [c("all_reduce", params * per.grads, 1, units=buckets)]
     # DeepSpeed 0.19 all-reduces each gradient bucket whole (Software.zero_bucket_allreduce)
     whole = (job.software.zero_bucket_allreduce and job.ds_bucket_allreduce) or job.software.zero_reduce_after_backward
     reduce = "all_reduce" if whole else "reduce_scatter"
     if stage == 1:
-        return [c(reduce, params * per.grads, 1), c("all_gather", params * per.weights, 1)]
+        return [c(reduce, params * per.grads, 1, units=buckets), c("all_gather", params * per.weights, 1, units=buckets)]
     if stage == 2:  # DeepSpeed reduces partitioned gradients in every micro-batch's backward
         return [c(reduce, params * per.grads, m), c("all_gather", params * per.weights, 1)]
     per_micro_batch, per_step = zero3_gathered_numel(job)
@@ -124,6 +125,25 @@ def dp_collectives(job: Job) -> list[Collective]:
     if per_step:
         gathers.append(c("all_gather", per_step * per.weights, 1))
     return gathers + [c("reduce_scatter", params * per.grads, m)]
+
+
+MEGATRON_BUCKET_PARAMS = (40_000_000, 1_000_000)
+"""megatron-core's default bucket: max(40M, 1M × data-parallel ranks) parameters (Software.grad_bucket_params; its
+parallel_state.get_data_parallel_world_size(), the context-parallel ranks not counted)."""
+
+
+def grad_bucket_count(job: Job) -> int:
+    """Collectives per gradient reduction (and distributed-optimizer gather) of software that reduces bucket by
+    bucket (Software.grad_buckets) while it overlaps the backward: on a one-stage model its buckets of
+    grad_bucket_params, on a pipeline one bucket per model chunk, as the stages after the first keep (the first
+    stage's first chunk is bucketed too; the busiest stage is priced, so the others' count stands). 1 otherwise."""
+    sw = job.software
+    if not sw.grad_buckets or not job.grad_reduce_overlap:
+        return 1
+    if job.layout.pp > 1:
+        return job.vpp
+    size = sw.grad_bucket_params or max(MEGATRON_BUCKET_PARAMS[0], MEGATRON_BUCKET_PARAMS[1] * job.layout.dp)
+    return max(1, math.ceil(job.params_per_rank / size))
 
 
 def zero3_gathered_numel(job: Job) -> tuple[float, float]:

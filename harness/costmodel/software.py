@@ -155,6 +155,17 @@ class Software:
     nothing overlaps, not bucket by bucket during it (nanotron with fp32 accumulation and zero_stage > 0 builds no
     DDP, `trainer.py` init_model's make_ddp, and its training step calls sync_gradients_across_dp with
     reduce_scatter=False: `optim/gradient_accumulator.py` all_reduce of `_contiguous_fp32_grad_buffer`)."""
+    grad_buckets: bool = False
+    """Gradients are reduced bucket by bucket, each bucket its own collective and, with a distributed optimizer, its
+    own parameter all-gather, so each pays the library's latency (comm.grad_bucket_count): megatron-core's
+    DistributedDataParallel with overlap_grad_reduce, whose buckets hold `grad_bucket_params` parameters on the
+    first pipeline stage's first model chunk and one bucket per model chunk elsewhere ("Turn off bucketing if we
+    are on a pipeline stage that is not the first", megatron/core/distributed/distributed_data_parallel.py at
+    aa6207e, megatron-core 0.11). Otherwise one collective per step over the whole buffer."""
+    grad_bucket_params: Optional[int] = None
+    """Parameters per bucket where the software buckets (costmodel.grad_bucket_params); None: megatron-core's default,
+    max(40M, 1M × data-parallel ranks), 'to ensure that chunks used in NCCL ring-reduce implementations are large
+    enough to remain bandwidth-bound rather than latency-bound' (the same file)."""
     own_optimizer: bool = False
     """The framework's own data-parallel optimizer replaces DeepSpeed's engine under the deepspeed3d backend
     (Megatron-LM's DistributedOptimizer and contiguous grad buffer, nanotron's ZeRO-1 optimizer): none of
@@ -336,7 +347,7 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
              fused_attention=True, dropout=True, pp_scatter_gather=True,
              recompute_early_stop=False, grad_reduce_overlap=True, param_gather_overlap=True, p2p_overlap=True,
              grad_accumulation_fusion=True, tp_regather_input=True, tp_backward_overlap=True,
-             own_optimizer=True, attention_kernel="cudnn", cudnn_head_dim_max=256,
+             own_optimizer=True, attention_kernel="cudnn", cudnn_head_dim_max=256, grad_buckets=True,
              source="megatron-core with the flags its performance recipes set: --use-distributed-optimizer "
                     "--overlap-grad-reduce --overlap-param-gather (megatron/core/distributed/"
                     "distributed_data_parallel_config.py), overlap_p2p_comm for the interleaved schedule (on by "
@@ -424,7 +435,8 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
 
 RUN_SWITCHES = {"flash_attention": "fused_attention", "tp_comm_overlap": "tp_comm_overlap",
                 "attention_kernel": "attention_kernel", "pp_partition": "pp_partition",
-                "grad_reduce_in_fp32": "fp32_grads_in_bf16", "fsdp_defer_grad_sync": "fsdp_defers_grad_sync"}
+                "grad_reduce_in_fp32": "fp32_grads_in_bf16", "fsdp_defer_grad_sync": "fsdp_defers_grad_sync",
+                "grad_bucket_params": "grad_bucket_params"}
 """The `costmodel.*` keys that state what a run did where its profile assumes otherwise, each with the Software
 field it sets."""
 
