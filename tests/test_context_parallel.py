@@ -162,13 +162,18 @@ def test_ring_gathers_k_and_v_once_per_pass_and_shifts_fp32_gradients_cp_times()
 
 
 def test_ring_attends_in_blocks_at_the_block_lengths_measured_rate() -> None:
-    """Ring attention runs cp kernels of s/cp × s/cp (mostly unmasked): the fused kernel's rate for that length,
-    not the whole sequence's (FlashAttention-2's table, harness/costmodel/peaks.py)."""
+    """Ring attention runs cp kernels per rank on s/cp-long blocks (the causal diagonal, then unmasked half
+    blocks): the fused kernel's rates for those lengths, not the whole sequence's (FlashAttention-2's table,
+    harness/costmodel/peaks.py; timing.ring_attention_rate)."""
+    from harness.costmodel.timing import ring_attention_rate
+
     cfg = compose(LONG)
     hw = hardware(cfg.system, system_peak(cfg.system, "bf16").tflops)
     ring, ulysses = job_of("parallel.cp=8", "parallel.cp_kind=ring"), job_of("parallel.cp=8")
     table = hw.attention
-    assert hw.rates(ring).attention_flops == attention_rate(table, 128, False, 4096) * 1e12
+    blocks = 1 / (1 / 8 / attention_rate(table, 128, True, 4096) + 7 / 8 / attention_rate(table, 128, False, 2896))
+    assert hw.rates(ring).attention_flops == pytest.approx(blocks * 1e12)
+    assert ring_attention_rate(table, 128, 32768, 8) == pytest.approx(blocks)
     assert hw.rates(ulysses).attention_flops == attention_rate(table, 128, True, 32768) * 1e12
 
 

@@ -407,6 +407,70 @@ def test_transformer_engine_gives_cudnn_heads_up_to_256_on_hopper_where_sdpa_sto
     assert PROFILES["megatron-lm"].cudnn_head_dim_max == 256 and PROFILES["kempnerforge"].cudnn_head_dim_max == 128
 
 
+MCORE = [*LLAMA, "backend=deepspeed3d", "parallel.zero_stage=1", "costmodel.software=megatron-lm"]
+
+
+def test_megatron_copies_q_k_v_into_transformer_engines_layout_unless_they_stay_packed() -> None:
+    """megatron-core hands Transformer Engine q, k and v as views of the fused QKV output: grouped queries with
+    more than one KV group on the rank are merged by a copy, fused RoPE's bshd format makes v contiguous, and the
+    backward concatenates dq, dk and dv; GPT-3's packed q/k/v (no groups, no RoPE) are copied nowhere, nor are
+    any in software that lays them out itself."""
+    from harness.costmodel.kernels import qkv_layout_kernels
+
+    def copies(*extra: str, world: int = 1) -> tuple[float, float, Job]:
+        job = job_and_hw([*MCORE, *extra], world, runs=False)[0]
+        found = qkv_layout_kernels(job, fwd_only=False)
+        return (found[0].bytes, found[0].count, job) if found else (0.0, 0.0, job)
+
+    both, count, job = copies()  # 32 heads over 8 KV groups on one rank
+    q = job.tokens * 32 * 128
+    kv = job.tokens * 8 * 128
+    assert both == pytest.approx((2 * q + 2 * kv + 2 * (q + 2 * kv)) * 2) and count == 3
+    one_group, count, _ = copies("parallel.tp=8", "parallel.sequence_parallel=true", world=8)  # 1 KV group a rank
+    assert one_group == pytest.approx((2 * kv + 2 * (q + 2 * kv)) / 8 * 2) and count == 2
+    assert copies("model.n_kv_heads=32", "model.position=learned")[0] == 0.0  # packed: sbh3d
+    assert copies("costmodel.software=megatron-lm-2021")[0] == 0.0
+
+
+def test_transformer_engines_ring_copies_and_corrects_beside_its_attention_calls() -> None:
+    """Transformer Engine's AttnFuncWithCPAndKVP2P concatenates K and V for each send, corrects the output and the
+    softmax statistics at every step and accumulates dq, dk and dv step by step: memory-bound kernels that grow
+    with cp, priced per rank (averaged over the ranks); torch's ring and a run without context parallelism have
+    none of them."""
+    from harness.costmodel.kernels import te_ring_kernels
+
+    def helpers(cp: int, *extra: str) -> list[kernels.Kernel]:
+        job = job_and_hw([*MCORE, "model.seq_len=8192", f"parallel.cp={cp}", "parallel.cp_kind=ring",
+                          "train.global_batch_size=2", *extra], cp, runs=False)[0]
+        return te_ring_kernels(job, fwd_only=False)
+
+    two, four = helpers(2), helpers(4)
+    job = job_and_hw([*MCORE, "model.seq_len=8192", "parallel.cp=2", "parallel.cp_kind=ring",
+                      "train.global_batch_size=2"], 2, runs=False)[0]
+    q, kv, lse = job.tokens * 32 * 128, 2 * job.tokens * 8 * 128, job.tokens * 32
+    rank0 = (5.5 * q + 2 * kv) * 2 + 56 * lse + (3.5 * q + 10.5 * kv) * 2 + 4 * lse
+    rank1 = (7 * q + 2 * kv) * 2 + 68 * lse + (5 * q + 9 * kv) * 2 + 4 * lse
+    assert two[0].bytes == pytest.approx((rank0 + rank1) / 2) and two[0].count == pytest.approx(8 + (10 + 8) / 2)
+    quarter = job.tokens / 2  # a rank's tokens at cp 4
+    assert four[0].bytes / quarter > two[0].bytes / job.tokens  # per token, more steps to correct
+    assert helpers(2, "costmodel.software=harness-fsdp", "backend=fsdp", "parallel.zero_stage=0") == []
+    assert te_ring_kernels(job_and_hw(MCORE, 1, runs=False)[0], fwd_only=False) == []
+
+
+def test_megatrons_fused_loss_reads_the_logits_in_four_kernels() -> None:
+    """megatron-core's cross_entropy_loss_fusion (on in NeMo's GPTConfig) compiles the vocab-parallel loss into
+    four kernels, 28 + 2E bytes per logit, where the eager one runs eight at 48 + 2E; Megatron-LM leaves it off."""
+    from harness.costmodel.kernels import head_kernels
+
+    def loss(*extra: str) -> kernels.Kernel:
+        job = job_and_hw([*MCORE, *extra], 1, runs=False)[0]
+        return next(k for k in head_kernels(job) if k.name == "cross entropy")
+
+    eager, fused = loss(), loss("costmodel.cross_entropy_loss_fusion=true")
+    assert eager.count == 8 and fused.count == 4
+    assert fused.bytes / eager.bytes == pytest.approx((28 + 4) / (48 + 4))
+
+
 def test_a_load_balanced_ring_prices_its_diagonal_step_causal_and_the_rest_as_unmasked_half_blocks() -> None:
     """Ring attention over cp ranks with the sequence in 2·cp chunks: each rank's first step attends its own chunk
     pair under the causal mask (1/cp of its work), every other step an unmasked block of half the queries or keys

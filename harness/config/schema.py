@@ -453,6 +453,9 @@ class CostModelConfig:
     """Parameters per gradient bucket of megatron-core's DistributedDataParallel, each bucket reduced (and, with the
     distributed optimizer, gathered) by its own collective (NeMo 2.0's comm-overlap callback sets 128·2^20); None:
     megatron-core's default, max(40M, 1M × data-parallel ranks)."""
+    cross_entropy_loss_fusion: Optional[bool] = None
+    """Megatron's vocab-parallel loss ran fused (megatron-core's cross_entropy_loss_fusion: on in NeMo 2.0's
+    GPTConfig, off by default in Megatron-LM); None: the profile's."""
     pp_partition: Optional[str] = None
     """How the run split its blocks over pipeline stages (megatron | type:transformer | type:transformer|embedding:
     software.PP_PARTITIONS, DeepSpeed's partition_method names); None: the profile's."""

@@ -117,7 +117,8 @@ def dp_collectives(job: Job) -> list[Collective]:
     whole = (job.software.zero_bucket_allreduce and job.ds_bucket_allreduce) or job.software.zero_reduce_after_backward
     reduce = "all_reduce" if whole else "reduce_scatter"
     if stage == 1:
-        return [c(reduce, params * per.grads, 1, units=buckets), c("all_gather", params * per.weights, 1, units=buckets)]
+        return [c(reduce, params * per.grads, 1, units=buckets),
+                c("all_gather", params * per.weights, 1, units=buckets)]
     if stage == 2:  # DeepSpeed reduces partitioned gradients in every micro-batch's backward
         return [c(reduce, params * per.grads, m), c("all_gather", params * per.weights, 1)]
     per_micro_batch, per_step = zero3_gathered_numel(job)

@@ -46,7 +46,7 @@ the incoming gradient: twice the forward's."""
 SOFTMAX_PASSES_EAGER = 24.0
 """PyTorch's math attention per score element, in bytes: cast to fp32 (E + 4), mask (8), softmax (8), cast back
 (4 + E) forward, as many backward: counted as 24 + 2E per direction (E added where used)."""
-LOSS_PASSES = {"fused": 2, "eager": 6, "vocab_parallel": 8}
+LOSS_PASSES = {"fused": 2, "eager": 6, "vocab_parallel": 8, "vocab_parallel_fused": 4}
 """Kernels each loss launches over the logits (forward and backward), counted as the bytes below are."""
 LOSS_BYTES_EAGER = 24.0
 """The loss over the logits per element, PyTorch's cross entropy on fp32 logits: cast (E + 4), log-softmax (8),
@@ -58,6 +58,12 @@ LOSS_BYTES_VOCAB_PARALLEL = 48.0
 sharded_cross_entropy is a copy), one eager pass per operation over the fp32 logits: cast (E + 4), max (4), subtract
 the max (8), exp in place (8), sum (4), divide in place (8) forward; multiply by the incoming gradient (8) and cast
 back (4 + E) backward: 48 + 2E bytes, also at TP 1, where it runs over the whole vocabulary."""
+LOSS_BYTES_VOCAB_PARALLEL_FUSED = 28.0
+"""The same through megatron-core's cross_entropy_loss_fusion (megatron/core/fusions/fused_cross_entropy.py at
+aa6207e, megatron-core 0.11, its steps under jit_fuser, torch.compile): the cast and the max in one kernel (E + 4),
+the subtraction, exp and sum in place in one (8), the division in place (8) forward; the gradient from the saved
+softmax in one kernel that writes the softmax back and the 16-bit gradient (8 + E) backward: 28 + 2E bytes in 4
+kernels."""
 OPTIMIZER_BYTES = {"fused": 28.0, "foreach": 64.0, "loop": 64.0}
 """AdamW per parameter on its rank: fused reads the fp32 weight, gradient and both moments and writes the
 weight and moments once (7 × 4 bytes); torch's foreach and loop implementations run a kernel per operation
@@ -226,6 +232,7 @@ def layer_kernels(job: Job, *, backward: bool = True, region: str = "block") -> 
                 rope = 2.0 if sw.fused_rope or sw.compiled else ROPE_PASSES
                 memory("rope", qk, rope, rope, kernels=1 if sw.fused_rope or sw.compiled else 5)
             out += attention_kernels(job, heads, fwd_only)
+            out += qkv_layout_kernels(job, fwd_only) + te_ring_kernels(job, fwd_only)
             if in_attention and (sw.attention_reshape_passes[0] or not fwd_only and sw.attention_reshape_passes[1]):
                 memory("attention reshapes", tokens * h / tp, *sw.attention_reshape_passes,
                        *sw.attention_reshape_kernels)
@@ -267,6 +274,74 @@ def bias_grad_kernel(job: Job) -> Kernel:
     elements = sum(job.tokens * spec.n_out / (tp if spec.split == "column" else seq_split)
                    for spec in block_linears(job.model))
     return Kernel("bias grads", "memory", bytes=elements * job.act_bytes, count=len(block_linears(job.model)))
+
+
+def _qkv_elements(job: Job) -> tuple[float, float, float]:
+    """This rank's query and key (= value) elements of one micro-batch, and its softmax statistics (one per
+    token and query head)."""
+    m, tp = job.model, job.layout.tp
+    heads, kv = m.n_heads / tp, max(1.0, m.kv_heads / tp)
+    return job.tokens * heads * m.head_dim, job.tokens * kv * m.head_dim, job.tokens * heads
+
+
+def qkv_layout_kernels(job: Job, fwd_only: bool) -> list[Kernel]:
+    """The copies between megatron-core's fused QKV output and Transformer Engine's attention (Software.
+    megatron_qkv_split; megatron/core/transformer/attention.py and extensions/transformer_engine.py at aa6207e,
+    megatron-core 0.11; transformer_engine/pytorch/attention.py at 3b2a7b0, the 1.14 code NeMo d2b2155 pins). q, k
+    and v are views of that output. With grouped queries and more than one KV group on the rank, `query.reshape`
+    merges the groups' heads, a copy (2 passes over q). With fused RoPE (apply_rope_fusion, on in NeMo's Llama and
+    Nemotron configs and by default in Megatron-LM) the attention runs in the bshd format, for which v, a strided
+    view, is transposed and made contiguous (2 passes over v); the fused RoPE kernel itself is the `rope` kernel.
+    In the backward Transformer Engine's SplitAlongDim concatenates dq, dk and dv, which the attention wrote apart,
+    (2 passes over each), except where q, k and v stay one packed tensor (heads = KV heads and no RoPE: the
+    sbh3d layout, GPT-3's): nothing is copied then. At one sequence per micro-batch, as the recipes run."""
+    m, sw = job.model, job.software
+    if not sw.megatron_qkv_split:
+        return []
+    packed = m.n_heads == m.kv_heads and m.position != "rope"
+    if packed:
+        return []
+    q, kv, _ = _qkv_elements(job)
+    merge = m.kv_heads < m.n_heads and m.kv_heads / job.layout.tp > 1
+    fwd = 2 * q * merge + 2 * kv * (m.position == "rope")
+    fwd_kernels = int(merge) + int(m.position == "rope")
+    bwd = 0.0 if fwd_only else 2 * (q + 2 * kv)
+    return [Kernel("qkv layout copies", "memory", bytes=(fwd + bwd) * job.act_bytes,
+                   count=fwd_kernels + (0 if fwd_only else 1))]
+
+
+def te_ring_kernels(job: Job, fwd_only: bool) -> list[Kernel]:
+    """Transformer Engine's ring context parallelism beside its attention calls (Software.te_context_parallel;
+    AttnFuncWithCPAndKVP2P in transformer_engine/pytorch/attention.py at 3b2a7b0, TE 1.14 as NeMo d2b2155 pins it;
+    its P2P sends are communication, priced apart). On rank r of cp, with this rank's q and k + v elements Q and KV
+    (activation dtype) and L softmax statistics (fp32, one per token and head), in bytes per element:
+    forward, the send buffer's K/V concatenation (2KV), a zeroed output (Q), the statistics cloned to fp64 (20L),
+    corrected at each later step (20L, or 10L on half a chunk pair) and cast back (12L), the output corrected at
+    each step (3Q + 8L, or 1.5Q + 6L on half): (1.5cp + 1.5r + 2.5)Q + 2KV + (16cp + 12r + 24)L in 2cp + 4 kernels;
+    backward, the statistics made contiguous (4L), the K/V buffer copied (2KV), dk and dv concatenated at each step
+    and dq, dk, dv accumulated step by step: (1.5cp + 1.5r + 0.5)Q + (5cp − 2.5r + 1)KV + 4L in 3cp + 3 kernels
+    (rank 0: (1.5cp + 0.5)Q + (5cp + 0.5)KV in 3cp + 4; the last rank: (3cp − 1)Q + (2.5cp + 4)KV in 3cp + 2).
+    Averaged over the ranks, whose steps wait on each other's sends."""
+    cp = job.layout.cp
+    if not job.software.te_context_parallel or cp < 2 or job.cp_kind != "ring":
+        return []
+    q, kv1, lse = _qkv_elements(job)
+    kv, E = 2 * kv1, job.act_bytes
+    fwd = bwd = fwd_kernels = bwd_kernels = 0.0
+    for r in range(cp):
+        fwd += ((1.5 * cp + 1.5 * r + 2.5) * q + 2 * kv) * E + (16 * cp + 12 * r + 24) * lse
+        fwd_kernels += 2 * cp + 4
+        if r == 0:
+            dq, dkv, k = 1.5 * cp + 0.5, 5 * cp + 0.5, 3 * cp + 4
+        elif r == cp - 1:
+            dq, dkv, k = 3 * cp - 1, 2.5 * cp + 4, 3 * cp + 2
+        else:
+            dq, dkv, k = 1.5 * cp + 1.5 * r + 0.5, 5 * cp - 2.5 * r + 1, 3 * cp + 3
+        bwd += (dq * q + dkv * kv) * E + 4 * lse
+        bwd_kernels += k
+    if fwd_only:
+        bwd = bwd_kernels = 0.0
+    return [Kernel("ring attention copies", "memory", bytes=(fwd + bwd) / cp, count=(fwd_kernels + bwd_kernels) / cp)]
 
 
 def attention_kernels(job: Job, heads: int, fwd_only: bool) -> list[Kernel]:
@@ -335,6 +410,8 @@ def head_kernels(job: Job) -> list[Kernel]:
         per_element = 2 * E
     elif kind == "vocab_parallel":
         per_element = LOSS_BYTES_VOCAB_PARALLEL + 2 * E
+    elif kind == "vocab_parallel_fused":
+        per_element = LOSS_BYTES_VOCAB_PARALLEL_FUSED + 2 * E
     else:
         per_element = 4 * E if sw.loss_in_compute_dtype else LOSS_BYTES_EAGER + 2 * E
     out.append(Kernel("cross entropy", "memory", bytes=tokens * loss * per_element, count=LOSS_PASSES[kind]))

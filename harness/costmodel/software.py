@@ -202,6 +202,16 @@ class Software:
     fused_cross_entropy: bool = False
     """The loss reads the logits and writes their gradient once (a fused or chunked cross entropy); otherwise an
     eager one (`vocab_parallel_loss` says which)."""
+    fused_vocab_parallel_loss: bool = False
+    """Megatron's vocab-parallel loss through megatron-core's cross_entropy_loss_fusion (costmodel.
+    cross_entropy_loss_fusion; on in NeMo 2.0's GPTConfig, off by default in Megatron-LM): its steps compiled into
+    four kernels (kernels.LOSS_BYTES_VOCAB_PARALLEL_FUSED)."""
+    megatron_qkv_split: bool = False
+    """megatron-core's attention takes q, k and v from the fused QKV linear's output as views and hands them to
+    Transformer Engine, which copies what is not laid out for it (kernels.qkv_layout_kernels)."""
+    te_context_parallel: bool = False
+    """Ring context parallelism as Transformer Engine's AttnFuncWithCPAndKVP2P runs it, with its copies and its
+    output and softmax-statistics corrections beside the attention calls (kernels.te_ring_kernels)."""
     vocab_parallel_loss: bool = False
     """The loss is Megatron's vocab_parallel_cross_entropy, an eager pass per operation over fp32 logits (kernels.
     LOSS_BYTES_VOCAB_PARALLEL), at any TP degree; otherwise PyTorch's cross entropy (kernels.LOSS_BYTES_EAGER)."""
@@ -299,7 +309,11 @@ class Software:
     def loss_kind(self) -> str:
         """Which loss the software runs, as the kernels (kernels.LOSS_PASSES) and memory (memory.loss_bytes) cost
         it: fused, Megatron's vocab-parallel, or PyTorch's eager cross entropy."""
-        return "fused" if self.fused_cross_entropy else "vocab_parallel" if self.vocab_parallel_loss else "eager"
+        if self.fused_cross_entropy:
+            return "fused"
+        if self.vocab_parallel_loss:
+            return "vocab_parallel_fused" if self.fused_vocab_parallel_loss else "vocab_parallel"
+        return "eager"
 
     def describe(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -348,6 +362,7 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
              recompute_early_stop=False, grad_reduce_overlap=True, param_gather_overlap=True, p2p_overlap=True,
              grad_accumulation_fusion=True, tp_regather_input=True, tp_backward_overlap=True,
              own_optimizer=True, attention_kernel="cudnn", cudnn_head_dim_max=256, grad_buckets=True,
+             megatron_qkv_split=True, te_context_parallel=True,
              source="megatron-core with the flags its performance recipes set: --use-distributed-optimizer "
                     "--overlap-grad-reduce --overlap-param-gather (megatron/core/distributed/"
                     "distributed_data_parallel_config.py), overlap_p2p_comm for the interleaved schedule (on by "
@@ -436,7 +451,7 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
 RUN_SWITCHES = {"flash_attention": "fused_attention", "tp_comm_overlap": "tp_comm_overlap",
                 "attention_kernel": "attention_kernel", "pp_partition": "pp_partition",
                 "grad_reduce_in_fp32": "fp32_grads_in_bf16", "fsdp_defer_grad_sync": "fsdp_defers_grad_sync",
-                "grad_bucket_params": "grad_bucket_params"}
+                "grad_bucket_params": "grad_bucket_params", "cross_entropy_loss_fusion": "fused_vocab_parallel_loss"}
 """The `costmodel.*` keys that state what a run did where its profile assumes otherwise, each with the Software
 field it sets."""
 
