@@ -62,7 +62,7 @@ def test_zero_paper_example(stage: int, expected_gb: float) -> None:
 # tables, NVIDIA's megatron-core runs on H100, LUMI's runs and strong scaling, the ZeRO example, KempnerForge's weak
 # scaling and two of its memory tables, Kempner's single-GPU runs and the H200 nccl-tests table meet. Dash et al.'s
 # fp16 runs on Frontier are predicted 20-30% too fast (docs/costmodel.md).
-PUBLISHED_BOUNDS = {"narayanan2021-table1": 0.09, "narayanan2021-table2": 0.03, "dgxc-h100-megatron-core": 0.10,
+PUBLISHED_BOUNDS = {"narayanan2021-table1": 0.10, "narayanan2021-table2": 0.03, "dgxc-h100-megatron-core": 0.10,
                     "bloom-176b": 0.15,
                     "dash2023-frontier": 0.31, "lumi-megatron-deepspeed": 0.04, "lumi-176b-strong-scaling": 0.15,
                     "zero2020-memory": 0.02, "kempnerforge-h200-fsdp2": 0.31, "kempnerforge-h200-weak-scaling": 0.04,
