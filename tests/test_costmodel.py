@@ -68,7 +68,7 @@ PUBLISHED_BOUNDS = {"narayanan2021-table1": 0.10, "narayanan2021-table2": 0.03, 
                     "zero2020-memory": 0.02, "kempnerforge-h200-fsdp2": 0.31, "kempnerforge-h200-weak-scaling": 0.04,
                     "kempnerforge-h200-memory": 0.08, "kempnerforge-h200-weak-scaling-memory": 0.06,
                     "kempnerforge-h200-175b": 0.66, "kempnerforge-h200-175b-memory": 0.15,
-                    "nemo-automodel-h100-fsdp2": 0.08,
+                    "nemo-automodel-h100-fsdp2": 0.05,
                     "ultrascale-playbook-h100": 0.31, "kempner-gpu-bench-a100": 0.04, "kempner-gpu-bench-h100": 0.02,
                     "kempner-gpu-bench-h200": 0.06,
                     "nccl-tests-busbw": 0.26, "nccl-tests-busbw-h200": 0.11, "nccl-tests-busbw-polaris": 0.20}

@@ -423,6 +423,7 @@ def test_megatron_copies_q_k_v_into_transformer_engines_layout_unless_they_stay_
         return (found[0].bytes, found[0].count, job) if found else (0.0, 0.0, job)
 
     both, count, job = copies()  # 32 heads over 8 KV groups on one rank
+    assert any(k.name == "qkv layout copies" for k in compute_kernels(job)[0])
     q = job.tokens * 32 * 128
     kv = job.tokens * 8 * 128
     assert both == pytest.approx((2 * q + 2 * kv + 2 * (q + 2 * kv)) * 2) and count == 3
@@ -432,29 +433,37 @@ def test_megatron_copies_q_k_v_into_transformer_engines_layout_unless_they_stay_
     assert copies("costmodel.software=megatron-lm-2021")[0] == 0.0
 
 
-def test_transformer_engines_ring_copies_and_corrects_beside_its_attention_calls() -> None:
+def test_a_rings_copies_casts_and_merges_beside_its_attention_calls_are_priced() -> None:
     """Transformer Engine's AttnFuncWithCPAndKVP2P concatenates K and V for each send, corrects the output and the
-    softmax statistics at every step and accumulates dq, dk and dv step by step: memory-bound kernels that grow
-    with cp, priced per rank (averaged over the ranks); torch's ring and a run without context parallelism have
-    none of them."""
-    from harness.costmodel.kernels import te_ring_kernels
+    softmax statistics at every step and accumulates dq, dk and dv step by step; torch's ring casts each step's
+    output to fp32, merges it into the running one (_SDPAMerger) and accumulates the gradients in fp32 buffers:
+    memory-bound kernels in every layer's attention, more per token the more steps; none without a ring."""
+    from harness.costmodel.kernels import ring_attention_kernels
 
-    def helpers(cp: int, *extra: str) -> list[kernels.Kernel]:
-        job = job_and_hw([*MCORE, "model.seq_len=8192", f"parallel.cp={cp}", "parallel.cp_kind=ring",
-                          "train.global_batch_size=2", *extra], cp, runs=False)[0]
-        return te_ring_kernels(job, fwd_only=False)
+    def job_of(cp: int, *extra: str) -> Job:
+        return job_and_hw([*MCORE, "model.seq_len=8192", f"parallel.cp={cp}", "parallel.cp_kind=ring",
+                           "train.global_batch_size=2", *extra], cp, runs=False)[0]
 
-    two, four = helpers(2), helpers(4)
-    job = job_and_hw([*MCORE, "model.seq_len=8192", "parallel.cp=2", "parallel.cp_kind=ring",
-                      "train.global_batch_size=2"], 2, runs=False)[0]
-    q, kv, lse = job.tokens * 32 * 128, 2 * job.tokens * 8 * 128, job.tokens * 32
-    rank0 = (5.5 * q + 2 * kv) * 2 + 56 * lse + (3.5 * q + 10.5 * kv) * 2 + 4 * lse
-    rank1 = (7 * q + 2 * kv) * 2 + 68 * lse + (5 * q + 9 * kv) * 2 + 4 * lse
-    assert two[0].bytes == pytest.approx((rank0 + rank1) / 2) and two[0].count == pytest.approx(8 + (10 + 8) / 2)
-    quarter = job.tokens / 2  # a rank's tokens at cp 4
-    assert four[0].bytes / quarter > two[0].bytes / job.tokens  # per token, more steps to correct
-    assert helpers(2, "costmodel.software=harness-fsdp", "backend=fsdp", "parallel.zero_stage=0") == []
-    assert te_ring_kernels(job_and_hw(MCORE, 1, runs=False)[0], fwd_only=False) == []
+    two = job_of(2)
+    q, kv, lse, E = two.tokens * 32 * 128, 2 * two.tokens * 8 * 128, two.tokens * 32, 2
+    te0 = (5.5 * q + 2 * kv) * E + 56 * lse + (3.5 * q + 10.5 * kv) * E + 4 * lse  # rank 0, forward + backward
+    te1 = (7 * q + 2 * kv) * E + 68 * lse + (5 * q + 9 * kv) * E + 4 * lse  # rank 1
+    (te,) = ring_attention_kernels(two, fwd_only=False)
+    assert te.bytes == pytest.approx((te0 + te1) / 2) and te.count == pytest.approx(8 + (10 + 8) / 2)
+    assert te in compute_kernels(two)[0]  # part of the layer, not beside it
+    torch_job = job_of(2, "costmodel.software=harness-fsdp", "backend=fsdp", "parallel.zero_stage=0")
+    (merges,) = ring_attention_kernels(torch_job, fwd_only=False)
+    # rank 0 (its later step on half of q) and rank 1 (on all of it): forward, then backward
+    fwd0 = 2 * kv * E + (E + 4) * q + ((E + 4 + 32) / 2 + 8) * q + (4 + E) * q
+    fwd1 = 2 * kv * E + (E + 4) * q + (E + 4 + 32) * q + (4 + E) * q
+    common = 4 * (q + kv) + 2 * kv * E + (8 + E) * (q + kv) + 2 * 8 * kv + (4 + E) * (q + kv)
+    bwd0 = common + (8 + E) * kv + ((8 + E) / 2 + 8) * q
+    bwd1 = common + ((8 + E) / 2 + 8) * kv + (8 + E) * q
+    assert merges.bytes == pytest.approx((fwd0 + fwd1 + bwd0 + bwd1) / 2)
+    assert merges in compute_kernels(torch_job)[0]
+    four = job_of(4)
+    assert ring_attention_kernels(four, False)[0].bytes / four.tokens > te.bytes / two.tokens  # more steps
+    assert ring_attention_kernels(job_and_hw(MCORE, 1, runs=False)[0], fwd_only=False) == []
 
 
 def test_megatrons_fused_loss_reads_the_logits_in_four_kernels() -> None:
@@ -961,8 +970,10 @@ def test_megatron_reduces_and_gathers_bucket_by_bucket_each_paying_the_rings_lat
     assert {c.units for c in wide} == {-(-int(params) // 1_024_000_000)}
     _, _, nemo = dp(["costmodel.grad_bucket_params=134217728"], 64)
     assert {c.units for c in nemo} == {-(-int(params) // 134217728)}
-    piped, _, staged = dp(["parallel.pp=2", "parallel.vpp=2"], 128)
-    assert {c.units for c in staged} == {piped.vpp} == {2}
+    piped, _, staged = dp(["parallel.pp=2", "parallel.vpp=2"], 128)  # the first stage: its first chunk bucketed
+    assert {c.units for c in staged} == {-(-int(piped.params_per_rank / 2) // 40_000_000) + 1}
+    with pytest.raises(ConfigError, match="costmodel.grad_bucket_params=0"):
+        dp(["costmodel.grad_bucket_params=0"], 64)
     _, _, old = dp(["costmodel.software=megatron-lm-2021"], 64)
     assert {c.units for c in old} == {1}
     one = [dataclasses.replace(c, units=1) for c in colls]

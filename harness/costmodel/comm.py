@@ -135,16 +135,14 @@ parallel_state.get_data_parallel_world_size(), the context-parallel ranks not co
 
 def grad_bucket_count(job: Job) -> int:
     """Collectives per gradient reduction (and distributed-optimizer gather) of software that reduces bucket by
-    bucket (Software.grad_buckets) while it overlaps the backward: on a one-stage model its buckets of
-    grad_bucket_params, on a pipeline one bucket per model chunk, as the stages after the first keep (the first
-    stage's first chunk is bucketed too; the busiest stage is priced, so the others' count stands). 1 otherwise."""
+    bucket (Software.grad_buckets) while it overlaps the backward: buckets of grad_bucket_params over the first
+    pipeline stage's first model chunk and one per other chunk (later stages keep one per chunk, but the first
+    stage finishes its backward last, so its reduction is the one the step waits for). 1 otherwise."""
     sw = job.software
     if not sw.grad_buckets or not job.grad_reduce_overlap:
         return 1
-    if job.layout.pp > 1:
-        return job.vpp
     size = sw.grad_bucket_params or max(MEGATRON_BUCKET_PARAMS[0], MEGATRON_BUCKET_PARAMS[1] * job.layout.dp)
-    return max(1, math.ceil(job.params_per_rank / size))
+    return max(1, math.ceil(job.params_per_rank / job.vpp / size)) + job.vpp - 1
 
 
 def zero3_gathered_numel(job: Job) -> tuple[float, float]:

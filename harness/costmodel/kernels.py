@@ -232,7 +232,7 @@ def layer_kernels(job: Job, *, backward: bool = True, region: str = "block") -> 
                 rope = 2.0 if sw.fused_rope or sw.compiled else ROPE_PASSES
                 memory("rope", qk, rope, rope, kernels=1 if sw.fused_rope or sw.compiled else 5)
             out += attention_kernels(job, heads, fwd_only)
-            out += qkv_layout_kernels(job, fwd_only) + te_ring_kernels(job, fwd_only)
+            out += qkv_layout_kernels(job, fwd_only, region) + ring_attention_kernels(job, fwd_only)
             if in_attention and (sw.attention_reshape_passes[0] or not fwd_only and sw.attention_reshape_passes[1]):
                 memory("attention reshapes", tokens * h / tp, *sw.attention_reshape_passes,
                        *sw.attention_reshape_kernels)
@@ -284,7 +284,7 @@ def _qkv_elements(job: Job) -> tuple[float, float, float]:
     return job.tokens * heads * m.head_dim, job.tokens * kv * m.head_dim, job.tokens * heads
 
 
-def qkv_layout_kernels(job: Job, fwd_only: bool) -> list[Kernel]:
+def qkv_layout_kernels(job: Job, fwd_only: bool, region: str = "block") -> list[Kernel]:
     """The copies between megatron-core's fused QKV output and Transformer Engine's attention (Software.
     megatron_qkv_split; megatron/core/transformer/attention.py and extensions/transformer_engine.py at aa6207e,
     megatron-core 0.11; transformer_engine/pytorch/attention.py at 3b2a7b0, the 1.14 code NeMo d2b2155 pins). q, k
@@ -294,7 +294,9 @@ def qkv_layout_kernels(job: Job, fwd_only: bool) -> list[Kernel]:
     view, is transposed and made contiguous (2 passes over v); the fused RoPE kernel itself is the `rope` kernel.
     In the backward Transformer Engine's SplitAlongDim concatenates dq, dk and dv, which the attention wrote apart,
     (2 passes over each), except where q, k and v stay one packed tensor (heads = KV heads and no RoPE: the
-    sbh3d layout, GPT-3's): nothing is copied then. At one sequence per micro-batch, as the recipes run."""
+    sbh3d layout, GPT-3's): nothing is copied then. At one sequence per micro-batch, as the recipes run. A
+    recompute of the core attention alone ("attn.core": selective recompute) repeats only v's copy, which
+    Transformer Engine's attention makes; the merge runs before it, in get_query_key_value_tensors."""
     m, sw = job.model, job.software
     if not sw.megatron_qkv_split:
         return []
@@ -302,7 +304,7 @@ def qkv_layout_kernels(job: Job, fwd_only: bool) -> list[Kernel]:
     if packed:
         return []
     q, kv, _ = _qkv_elements(job)
-    merge = m.kv_heads < m.n_heads and m.kv_heads / job.layout.tp > 1
+    merge = m.kv_heads < m.n_heads and m.kv_heads / job.layout.tp > 1 and region != "attn.core"
     fwd = 2 * q * merge + 2 * kv * (m.position == "rope")
     fwd_kernels = int(merge) + int(m.position == "rope")
     bwd = 0.0 if fwd_only else 2 * (q + 2 * kv)
@@ -310,8 +312,8 @@ def qkv_layout_kernels(job: Job, fwd_only: bool) -> list[Kernel]:
                    count=fwd_kernels + (0 if fwd_only else 1))]
 
 
-def te_ring_kernels(job: Job, fwd_only: bool) -> list[Kernel]:
-    """Transformer Engine's ring context parallelism beside its attention calls (Software.te_context_parallel;
+def _te_ring(cp: int, q: float, kv: float, lse: float, E: float) -> tuple[float, float, float, float]:
+    """Transformer Engine's ring context parallelism beside its attention calls (Software.ring_attention "te";
     AttnFuncWithCPAndKVP2P in transformer_engine/pytorch/attention.py at 3b2a7b0, TE 1.14 as NeMo d2b2155 pins it;
     its P2P sends are communication, priced apart). On rank r of cp, with this rank's q and k + v elements Q and KV
     (activation dtype) and L softmax statistics (fp32, one per token and head), in bytes per element:
@@ -321,12 +323,7 @@ def te_ring_kernels(job: Job, fwd_only: bool) -> list[Kernel]:
     backward, the statistics made contiguous (4L), the K/V buffer copied (2KV), dk and dv concatenated at each step
     and dq, dk, dv accumulated step by step: (1.5cp + 1.5r + 0.5)Q + (5cp − 2.5r + 1)KV + 4L in 3cp + 3 kernels
     (rank 0: (1.5cp + 0.5)Q + (5cp + 0.5)KV in 3cp + 4; the last rank: (3cp − 1)Q + (2.5cp + 4)KV in 3cp + 2).
-    Averaged over the ranks, whose steps wait on each other's sends."""
-    cp = job.layout.cp
-    if not job.software.te_context_parallel or cp < 2 or job.cp_kind != "ring":
-        return []
-    q, kv1, lse = _qkv_elements(job)
-    kv, E = 2 * kv1, job.act_bytes
+    (forward bytes, kernels, backward bytes, kernels), summed over the ranks."""
     fwd = bwd = fwd_kernels = bwd_kernels = 0.0
     for r in range(cp):
         fwd += ((1.5 * cp + 1.5 * r + 2.5) * q + 2 * kv) * E + (16 * cp + 12 * r + 24) * lse
@@ -339,6 +336,49 @@ def te_ring_kernels(job: Job, fwd_only: bool) -> list[Kernel]:
             dq, dkv, k = 1.5 * cp + 1.5 * r + 0.5, 5 * cp - 2.5 * r + 1, 3 * cp + 3
         bwd += (dq * q + dkv * kv) * E + 4 * lse
         bwd_kernels += k
+    return fwd, fwd_kernels, bwd, bwd_kernels
+
+
+def _torch_ring(cp: int, q: float, kv: float, E: float) -> tuple[float, float, float, float]:
+    """torch's ring context parallelism beside its attention calls (Software.ring_attention "torch"; torch 2.13
+    distributed/tensor/experimental/_context_parallel/_attention.py, `convert_to_f32` on by default). On rank r of
+    cp, in bytes per element of this rank's q (Q) and k + v (KV), steps i = 1..r covering all of q, the later ones
+    half of it: forward, K and V concatenated for each send but the last (2KV each), every step's output cast to
+    fp32 (E + 4) and merged into the running one (`_SDPAMerger._merge_one`: out − sigmoid(·)·(out − block_out), 32
+    bytes over the step's output), a half step's merge written back into the whole (`_partial_update`'s torch.cat,
+    8Q), the result cast back (4 + E); backward, fp32 gradient buffers zeroed (4(Q + KV)), K and V concatenated
+    for each send but the last (2KV), each step's gradients added into fp32 ((8 + E) per element added; a half
+    one then concatenated back into the whole, 8 per element of it), the K/V gradients concatenated for every
+    send (8KV) and the results cast back ((4 + E)(Q + KV)). (forward bytes, kernels, backward bytes, kernels),
+    summed over the ranks."""
+    fwd = bwd = fwd_kernels = bwd_kernels = 0.0
+    later = cp - 1
+    for r in range(cp):
+        full, half = r, later - r  # later steps covering all of q (i <= r), half of it (i > r)
+        fwd += (later * 2 * kv * E + (E + 4) * q + full * (E + 4 + 32) * q
+                + half * ((E + 4 + 32) / 2 + 8) * q + (4 + E) * q)
+        fwd_kernels += later + 2 + full * 8 + half * 10
+        bwd += (4 * (q + kv) + later * 2 * kv * E + (8 + E) * (q + kv)
+                + full * (((8 + E) / 2 + 8) * kv + (8 + E) * q)
+                + half * ((8 + E) * kv + ((8 + E) / 2 + 8) * q)
+                + cp * 8 * kv + (4 + E) * (q + kv))
+        bwd_kernels += 3 + later + 3 + full * 5 + half * 4 + cp + 2
+    return fwd, fwd_kernels, bwd, bwd_kernels
+
+
+def ring_attention_kernels(job: Job, fwd_only: bool) -> list[Kernel]:
+    """The copies, casts and merges a ring's attention makes beside its attention calls, per layer and
+    micro-batch on one rank, averaged over the cp ranks, whose steps wait on each other's sends (Software.
+    ring_attention: _torch_ring or _te_ring); none without ring context parallelism."""
+    cp = job.layout.cp
+    if cp < 2 or job.cp_kind != "ring":
+        return []
+    q, kv_one, lse = _qkv_elements(job)
+    kv, E = 2 * kv_one, job.act_bytes
+    if job.software.ring_attention == "te":
+        fwd, fwd_kernels, bwd, bwd_kernels = _te_ring(cp, q, kv, lse, E)
+    else:
+        fwd, fwd_kernels, bwd, bwd_kernels = _torch_ring(cp, q, kv, E)
     if fwd_only:
         bwd = bwd_kernels = 0.0
     return [Kernel("ring attention copies", "memory", bytes=(fwd + bwd) / cp, count=(fwd_kernels + bwd_kernels) / cp)]
@@ -349,9 +389,9 @@ def attention_kernels(job: Job, heads: int, fwd_only: bool) -> list[Kernel]:
     its backward as 2.5 forwards), or the math path's two batched GEMMs and the softmax between them.
 
     Under context parallelism each rank does 1/cp of the work: ulysses attends whole sequences with heads/cp of the
-    heads; ring attends its s/cp queries to every key, block by block (cp kernels of s/cp × s/cp; balanced for the
-    causal mask, so half of all the blocks' work is skipped overall). The fused kernel's rate for that block length
-    is the Hardware's (timing.py)."""
+    heads; ring attends its s/cp queries to every key in cp kernels, load-balanced for the causal mask (half of all
+    the work skipped overall): its own chunk pair under the mask, then unmasked half blocks, each kind at its own
+    rate (timing.ring_attention_rate); the copies and merges around them are ring_attention_kernels'."""
     m, sw, cp = job.model, job.software, job.layout.cp
     E, d = job.act_bytes, m.head_dim
     ring = cp > 1 and job.cp_kind == "ring"

@@ -78,6 +78,8 @@ the blocks alone (Megatron-DeepSpeed's default; the harness's deepspeed3d matche
 
 ATTENTION_KERNELS = ("flash", "cudnn")
 """Software.attention_kernel: FlashAttention-2 (flash-attn, or SDPA's flash backend), cuDNN's fused attention."""
+RING_ATTENTIONS = ("torch", "te")
+"""Software.ring_attention: torch's context_parallel, Transformer Engine's ring (cp_comm_type "p2p")."""
 SDPA_BACKENDS = {"FLASH_ATTENTION": "flash", "CUDNN_ATTENTION": "cudnn"}
 """PyTorch's SDPA backends (torch.nn.attention.SDPBackend names) that are one of ATTENTION_KERNELS."""
 
@@ -209,9 +211,10 @@ class Software:
     megatron_qkv_split: bool = False
     """megatron-core's attention takes q, k and v from the fused QKV linear's output as views and hands them to
     Transformer Engine, which copies what is not laid out for it (kernels.qkv_layout_kernels)."""
-    te_context_parallel: bool = False
-    """Ring context parallelism as Transformer Engine's AttnFuncWithCPAndKVP2P runs it, with its copies and its
-    output and softmax-statistics corrections beside the attention calls (kernels.te_ring_kernels)."""
+    ring_attention: str = "torch"
+    """Whose ring context parallelism runs (RING_ATTENTIONS), for the copies, casts and merges it makes beside its
+    attention calls (kernels.ring_attention_kernels): torch's `context_parallel` (_templated_ring_attention and its
+    fp32 _SDPAMerger) or Transformer Engine's AttnFuncWithCPAndKVP2P."""
     vocab_parallel_loss: bool = False
     """The loss is Megatron's vocab_parallel_cross_entropy, an eager pass per operation over fp32 logits (kernels.
     LOSS_BYTES_VOCAB_PARALLEL), at any TP degree; otherwise PyTorch's cross entropy (kernels.LOSS_BYTES_EAGER)."""
@@ -292,6 +295,8 @@ class Software:
     source: str = ""
 
     def __post_init__(self) -> None:
+        if self.ring_attention not in RING_ATTENTIONS:
+            raise ValueError(f"ring_attention={self.ring_attention}: one of {', '.join(RING_ATTENTIONS)}")
         if self.attention_kernel not in ATTENTION_KERNELS:
             raise ValueError(f"attention_kernel={self.attention_kernel}: one of {', '.join(ATTENTION_KERNELS)}")
         if self.pp_partition not in PP_PARTITIONS:
@@ -362,7 +367,7 @@ PROFILES: dict[str, Software] = {s.name: s for s in (
              recompute_early_stop=False, grad_reduce_overlap=True, param_gather_overlap=True, p2p_overlap=True,
              grad_accumulation_fusion=True, tp_regather_input=True, tp_backward_overlap=True,
              own_optimizer=True, attention_kernel="cudnn", cudnn_head_dim_max=256, grad_buckets=True,
-             megatron_qkv_split=True, te_context_parallel=True,
+             megatron_qkv_split=True, ring_attention="te",
              source="megatron-core with the flags its performance recipes set: --use-distributed-optimizer "
                     "--overlap-grad-reduce --overlap-param-gather (megatron/core/distributed/"
                     "distributed_data_parallel_config.py), overlap_p2p_comm for the interleaved schedule (on by "
@@ -472,6 +477,9 @@ def software_for(cfg: Any) -> Software:
     if changes.get("pp_partition", PP_PARTITIONS[0]) not in PP_PARTITIONS:
         raise ConfigError(f"costmodel.pp_partition={changes['pp_partition']}: unknown; choose one of "
                           f"{', '.join(PP_PARTITIONS)}")
+    if changes.get("grad_bucket_params") is not None and changes["grad_bucket_params"] <= 0:
+        raise ConfigError(f"costmodel.grad_bucket_params={changes['grad_bucket_params']}: a bucket holds at least one "
+                          "parameter; give the run's bucket size or leave it unset for megatron-core's default")
     parallel = getattr(cfg, "parallel", None)
     if changes.get("tp_comm_overlap") and parallel is not None and parallel.tp > 1 \
             and not parallel.sequence_parallel:
