@@ -454,10 +454,11 @@ def test_a_rings_copies_casts_and_merges_beside_its_attention_calls_are_priced()
     torch_job = job_of(2, "costmodel.software=harness-fsdp", "backend=fsdp", "parallel.zero_stage=0")
     (merges,) = ring_attention_kernels(torch_job, fwd_only=False)
     # rank 0 (its later step on half of q) and rank 1 (on all of it): forward, then backward
-    fwd0 = 2 * kv * E + (E + 4) * q + ((E + 4 + 32) / 2 + 8) * q + (4 + E) * q
-    fwd1 = 2 * kv * E + (E + 4) * q + (E + 4 + 32) * q + (4 + E) * q
+    fwd0 = 2 * kv * E + (E + 4) * q + ((E + 4 + 32) / 2 + 8) * q + (4 + E) * q + 36 * lse
+    fwd1 = 2 * kv * E + (E + 4) * q + (E + 4 + 32) * q + (4 + E) * q + 56 * lse
     common = 4 * (q + kv) + 2 * kv * E + (8 + E) * (q + kv) + 2 * 8 * kv + (4 + E) * (q + kv)
-    bwd0 = common + (8 + E) * kv + ((8 + E) / 2 + 8) * q
+    # rank 0's backward also copies each step's output slice contiguous for the flash backward (2E, E on a half)
+    bwd0 = common + (8 + E) * kv + ((8 + E) / 2 + 8) * q + 4 * lse + 2 * E * q + E * q
     bwd1 = common + ((8 + E) / 2 + 8) * kv + (8 + E) * q
     assert merges.bytes == pytest.approx((fwd0 + fwd1 + bwd0 + bwd1) / 2)
     assert merges in compute_kernels(torch_job)[0]
@@ -971,7 +972,10 @@ def test_megatron_reduces_and_gathers_bucket_by_bucket_each_paying_the_rings_lat
     _, _, nemo = dp(["costmodel.grad_bucket_params=134217728"], 64)
     assert {c.units for c in nemo} == {-(-int(params) // 134217728)}
     piped, _, staged = dp(["parallel.pp=2", "parallel.vpp=2"], 128)  # the first stage: its first chunk bucketed
-    assert {c.units for c in staged} == {-(-int(piped.params_per_rank / 2) // 40_000_000) + 1}
+    blocks = 16 // 2 // 2  # the first virtual stage's blocks, beside the embedding
+    embedding = piped.stage_params[0] - 16 // 2 * piped.block_params_per_rank
+    first = embedding + blocks * piped.block_params_per_rank
+    assert {c.units for c in staged} == {-(-int(first) // 40_000_000) + 1} and first > piped.params_per_rank / 2
     with pytest.raises(ConfigError, match="costmodel.grad_bucket_params=0"):
         dp(["costmodel.grad_bucket_params=0"], 64)
     _, _, old = dp(["costmodel.software=megatron-lm-2021"], 64)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from harness.core.registry import CHECKPOINTING, PP_SCHEDULES
 from harness.costmodel.flops import param_modules, param_tensors, shape_cached
-from harness.costmodel.layout import Job, Zero3, layers_per_stage
+from harness.costmodel.layout import Job, Zero3, layers_per_stage, stage_loads
 from harness.costmodel.network import RING_FACTOR
 from harness.models.config import GPTConfig
 
@@ -135,14 +135,18 @@ parallel_state.get_data_parallel_world_size(), the context-parallel ranks not co
 
 def grad_bucket_count(job: Job) -> int:
     """Collectives per gradient reduction (and distributed-optimizer gather) of software that reduces bucket by
-    bucket (Software.grad_buckets) while it overlaps the backward: buckets of grad_bucket_params over the first
-    pipeline stage's first model chunk and one per other chunk (later stages keep one per chunk, but the first
-    stage finishes its backward last, so its reduction is the one the step waits for). 1 otherwise."""
+    bucket (Software.grad_buckets) while it overlaps the backward: about one per grad_bucket_params over the first
+    pipeline stage's first model chunk (its first virtual stage's blocks and the embedding; megatron closes a bucket
+    once it holds at least that many, so a large tensor can leave fewer) and one per other chunk (later stages keep
+    one per chunk, but the first stage finishes its backward last, so its reduction is the one the step waits for).
+    1 otherwise."""
     sw = job.software
     if not sw.grad_buckets or not job.grad_reduce_overlap:
         return 1
     size = sw.grad_bucket_params or max(MEGATRON_BUCKET_PARAMS[0], MEGATRON_BUCKET_PARAMS[1] * job.layout.dp)
-    return max(1, math.ceil(job.params_per_rank / job.vpp / size)) + job.vpp - 1
+    blocks, block = stage_loads(job)[0][0], job.block_params_per_rank
+    first_chunk = job.stage_params[0] - blocks * block + blocks / job.vpp * block
+    return max(1, math.ceil(first_chunk / size)) + job.vpp - 1
 
 
 def zero3_gathered_numel(job: Job) -> tuple[float, float]:

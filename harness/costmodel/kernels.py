@@ -339,7 +339,7 @@ def _te_ring(cp: int, q: float, kv: float, lse: float, E: float) -> tuple[float,
     return fwd, fwd_kernels, bwd, bwd_kernels
 
 
-def _torch_ring(cp: int, q: float, kv: float, E: float) -> tuple[float, float, float, float]:
+def _torch_ring(cp: int, q: float, kv: float, lse: float, E: float) -> tuple[float, float, float, float]:
     """torch's ring context parallelism beside its attention calls (Software.ring_attention "torch"; torch 2.13
     distributed/tensor/experimental/_context_parallel/_attention.py, `convert_to_f32` on by default). On rank r of
     cp, in bytes per element of this rank's q (Q) and k + v (KV), steps i = 1..r covering all of q, the later ones
@@ -349,20 +349,24 @@ def _torch_ring(cp: int, q: float, kv: float, E: float) -> tuple[float, float, f
     8Q), the result cast back (4 + E); backward, fp32 gradient buffers zeroed (4(Q + KV)), K and V concatenated
     for each send but the last (2KV), each step's gradients added into fp32 ((8 + E) per element added; a half
     one then concatenated back into the whole, 8 per element of it), the K/V gradients concatenated for every
-    send (8KV) and the results cast back ((4 + E)(Q + KV)). (forward bytes, kernels, backward bytes, kernels),
-    summed over the ranks."""
+    send (8KV) and the results cast back ((4 + E)(Q + KV)); on every rank but the last the output the forward
+    concatenated back is in the layout the flash backward transposes from, so each backward step copies its output
+    slice contiguous (`_flash_attention_backward`'s out.contiguous(): 2E per element); the softmax statistics
+    (L, fp32) merged too (56 bytes each per whole step, 28 + 8 per half one, and a contiguous copy of the half,
+    4, in the backward). (forward bytes, kernels, backward bytes, kernels), summed over the ranks."""
     fwd = bwd = fwd_kernels = bwd_kernels = 0.0
     later = cp - 1
     for r in range(cp):
         full, half = r, later - r  # later steps covering all of q (i <= r), half of it (i > r)
         fwd += (later * 2 * kv * E + (E + 4) * q + full * (E + 4 + 32) * q
-                + half * ((E + 4 + 32) / 2 + 8) * q + (4 + E) * q)
-        fwd_kernels += later + 2 + full * 8 + half * 10
+                + half * ((E + 4 + 32) / 2 + 8) * q + (4 + E) * q + (full * 56 + half * 36) * lse)
+        fwd_kernels += later + 2 + full * 9 + half * 11
+        out_copies = 0.0 if r == cp - 1 else 2 * E * q * (1 + full) + E * q * half
         bwd += (4 * (q + kv) + later * 2 * kv * E + (8 + E) * (q + kv)
                 + full * (((8 + E) / 2 + 8) * kv + (8 + E) * q)
-                + half * ((8 + E) * kv + ((8 + E) / 2 + 8) * q)
-                + cp * 8 * kv + (4 + E) * (q + kv))
-        bwd_kernels += 3 + later + 3 + full * 5 + half * 4 + cp + 2
+                + half * ((8 + E) * kv + ((8 + E) / 2 + 8) * q + 4 * lse)
+                + cp * 8 * kv + (4 + E) * (q + kv) + out_copies)
+        bwd_kernels += 3 + later + 3 + full * 5 + half * 5 + cp + 2 + (0 if r == cp - 1 else cp)
     return fwd, fwd_kernels, bwd, bwd_kernels
 
 
@@ -378,7 +382,7 @@ def ring_attention_kernels(job: Job, fwd_only: bool) -> list[Kernel]:
     if job.software.ring_attention == "te":
         fwd, fwd_kernels, bwd, bwd_kernels = _te_ring(cp, q, kv, lse, E)
     else:
-        fwd, fwd_kernels, bwd, bwd_kernels = _torch_ring(cp, q, kv, E)
+        fwd, fwd_kernels, bwd, bwd_kernels = _torch_ring(cp, q, kv, lse, E)
     if fwd_only:
         bwd = bwd_kernels = 0.0
     return [Kernel("ring attention copies", "memory", bytes=(fwd + bwd) / cp, count=(fwd_kernels + bwd_kernels) / cp)]
