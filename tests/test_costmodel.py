@@ -516,6 +516,22 @@ def test_plan_searches_the_whole_space_and_its_front_trades_devices_for_time() -
     assert (True, True, "none") in axes and any(r["sharding"] == "hybrid_shard" for r in full.rows)
 
 
+def test_every_costmodel_run_switch_is_registered_and_documented() -> None:
+    """A `costmodel.*` key that states what a run did (None: the profile's) sets a Software field through
+    software.RUN_SWITCHES; a key added to the schema without its entry would be read by nothing, and one missing
+    from docs/costmodel.md would be unknown to users."""
+    import dataclasses as dc
+
+    from harness.config.schema import CostModelConfig
+    from harness.costmodel.software import RUN_SWITCHES, Software
+
+    switches = {f.name for f in dc.fields(CostModelConfig) if f.default is None} - {"software"}
+    assert switches == set(RUN_SWITCHES)
+    assert set(RUN_SWITCHES.values()) <= {f.name for f in dc.fields(Software)}
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "costmodel.md").read_text()
+    assert [key for key in sorted(switches) if f"costmodel.{key}" not in docs] == []
+
+
 def test_software_profiles_differ_by_their_mechanisms() -> None:
     """The same layout under Megatron-LM and Megatron-DeepSpeed: Megatron overlaps the gradient reduction and
     the distributed optimizer's gather (exposed DP time drops) and, with sequence parallelism, sends 1/TP of each
