@@ -168,6 +168,14 @@ def test_each_call_runs_in_the_protocol_its_library_finds_fastest() -> None:
     assert fabric(compose(["system=cpu"]).system).protocols[0].name == "gloo"
 
 
+def test_a_trees_latency_counts_whole_levels_as_nccl_does() -> None:
+    """NCCL prices a tree over n nodes at ⌊log2 n⌋ levels of network latency (log2i): a small all-reduce over 64,
+    96 or 127 nodes pays the same latency, over 128 one level more."""
+    f = fabric(compose(["system=dgx-h100"]).system)
+    small = {n: f.call_s("all_reduce", 1024.0, n * 8, 8) for n in (64, 96, 127, 128)}
+    assert small[64] == small[96] == small[127] < small[128]
+
+
 def test_nccls_own_corrections_slow_medium_trees_and_multi_node_simple_rings() -> None:
     """NCCL's tuning model corrects its tree bandwidth for medium sizes (`treeCorrectionFactor`, by log2 of the bytes
     over 64, up to 256 MiB: Simple's 0.9 at 128 MiB) and multiplies a multi-node Simple ring all-reduce's latency

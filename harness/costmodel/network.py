@@ -19,7 +19,7 @@ each times the efficiency a published nccl-tests/rccl-tests measurement of the f
 profile's `intra_node_efficiency`, `nic_efficiency`, with their sources). Time = latency + the ring volume
 over the bus bandwidth; the latency follows NCCL's own model (src/graph/tuning.cc, `ncclTopoTuneModel`): a
 base per call plus a per-hop latency inside (`intra_hop_latency_us`) and between nodes
-(`inter_hop_latency_us`), 2(p−1) hops for a ring all-reduce, 2·((g−1) + log2 n) for a tree, which NCCL picks
+(`inter_hop_latency_us`), 2(p−1) hops for a ring all-reduce, 2·((g−1) + ⌊log2 n⌋) for a tree, which NCCL picks
 across nodes when it is faster (its bandwidth is 0.92 of the ring's: the same file's tree cap). The profile's
 latencies are the low-latency (LL) protocol's; each call runs in the protocol the library's model finds fastest
 (`Protocol`: LL at a quarter of the bandwidth, LL128 at 0.92, Simple at all of it with 5× LL's per-hop latency
@@ -53,6 +53,11 @@ RING_FACTOR = {"all_reduce": lambda p: 2 * (p - 1) / p, "all_gather": lambda p: 
                "all_to_all": lambda p: (p - 1) / p}
 """Bytes each rank sends per byte of the full tensor, for a ring of p ranks (Patarasuk & Yuan 2009); an
 all-to-all's tensor is each rank's own, of which it keeps 1/p and sends the rest."""
+def log2_down(n: int) -> int:
+    """log2 rounded down, as NCCL counts a tree's levels over n nodes (`log2i`, src/include/utils.h: log2Down)."""
+    return max(0, int(n).bit_length() - 1)
+
+
 TREE_BANDWIDTH = 0.92
 """NCCL caps a tree all-reduce's bus bandwidth at 0.92 of the channels' (src/graph/tuning.cc)."""
 
@@ -250,7 +255,7 @@ class Fabric:
             if tree:
                 best = min(best, self.base_latency * p.base
                            + 2 * ((local - 1) * self.intra_hop * p.tree_intra
-                                  + math.log2(nodes) * self.inter_hop * p.tree_inter)
+                                  + log2_down(nodes) * self.inter_hop * p.tree_inter)
                            + 2 * payload / (TREE_BANDWIDTH * bw * p.tree_share * p.tree_factor(payload)))
         if kind == "all_reduce" and local > 1 and self.nvls_efficiency and not self.links and self.link_bw:
             best = min(best, self._nvls_s(payload, nodes, fewest))
@@ -274,7 +279,7 @@ class Fabric:
         if net is None or not self.nvls_across_nodes:
             return math.inf
         inter = net if nodes <= 2 else net / 2
-        return NVLS_LATENCY + 2 * math.log2(nodes) * NVLS_TREE_NET_LATENCY + payload / min(intra, inter)
+        return NVLS_LATENCY + 2 * log2_down(nodes) * NVLS_TREE_NET_LATENCY + payload / min(intra, inter)
 
     def _all_to_all_s(self, payload: float, group: int, local: int, nodes: int, stride: int,
                       fewest: int) -> Optional[float]:
