@@ -102,7 +102,6 @@ def dp_collectives(job: Job) -> list[Collective]:
         return Collective("dp", kind, payload, calls, group, members, units, stride)
 
     stage = layout.zero_stage
-    buckets = grad_bucket_count(job)
     if dp == 1:
         # ZeRO-1's gradient reduction (deepspeed/runtime/zero/stage_1_and_2.py `reduce_gradients`)
         # still runs over a one-rank group; only the parameter all-gather checks for it
@@ -111,6 +110,7 @@ def dp_collectives(job: Job) -> list[Collective]:
         return [c("reduce_scatter", params * per.grads, 1)] if zero1 else []
     if job.spec.shardings:
         return _fsdp_collectives(job, params, c)
+    buckets = grad_bucket_count(job)
     if stage == 0:
         return [c("all_reduce", params * per.grads, 1, units=buckets)]
     # DeepSpeed 0.19 all-reduces each gradient bucket whole (Software.zero_bucket_allreduce)

@@ -375,7 +375,7 @@ def ring_attention_kernels(job: Job, fwd_only: bool) -> list[Kernel]:
     micro-batch on one rank, averaged over the cp ranks, whose steps wait on each other's sends (Software.
     ring_attention: _torch_ring or _te_ring); none without ring context parallelism."""
     cp = job.layout.cp
-    if cp < 2 or job.cp_kind != "ring":
+    if not job.ring_cp:
         return []
     q, kv_one, lse = _qkv_elements(job)
     kv, E = 2 * kv_one, job.act_bytes
@@ -398,7 +398,7 @@ def attention_kernels(job: Job, heads: int, fwd_only: bool) -> list[Kernel]:
     rate (timing.ring_attention_rate); the copies and merges around them are ring_attention_kernels'."""
     m, sw, cp = job.model, job.software, job.layout.cp
     E, d = job.act_bytes, m.head_dim
-    ring = cp > 1 and job.cp_kind == "ring"
+    ring = job.ring_cp
     if cp > 1 and not ring:
         heads = heads // cp
     q_len, kv_len = (m.seq_len // cp if ring else m.seq_len), m.seq_len

@@ -273,6 +273,11 @@ class Job:
                 and not self.software.fsdp_defers_grad_sync)
 
     @property
+    def ring_cp(self) -> bool:
+        """Context parallelism passes K and V around a ring (parallel.cp_kind=ring with cp > 1), not all-to-alls."""
+        return self.layout.cp > 1 and self.cp_kind == "ring"
+
+    @property
     def fsdp_wraps(self) -> bool:
         """FSDP2 wraps the model: every FSDP run, on a one-rank group too (a TP-only mesh, where KempnerForge gives
         its mesh a dp_shard dimension of size 1 beside TP: kempnerforge/distributed/setup.py init_distributed), but

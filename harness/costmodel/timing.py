@@ -105,8 +105,7 @@ class Hardware:
             cudnn = sw.attention_kernel == "cudnn" and cudnn_serves(m.head_dim, sw.cudnn_head_dim_max)
             table = self.cudnn_attention if cudnn else ()
             tflops = ring_attention_rate(table or self.attention, m.head_dim, m.seq_len, job.layout.cp) \
-                if job.layout.cp > 1 and job.cp_kind == "ring" \
-                else attention_rate(table or self.attention, m.head_dim, True, m.seq_len)
+                if job.ring_cp else attention_rate(table or self.attention, m.head_dim, True, m.seq_len)
             attention = None if tflops is None else tflops * 1e12
         held = self.sustained_share if job.precision in TENSOR_CORE_PRECISIONS else 1.0
         gemm = self.peak_flops * self.gemm_efficiency * held * dict(self.gemm_precision_ratio).get(job.precision, 1.0)
@@ -396,7 +395,7 @@ def exposed_dp_s(timed: list[tuple[Collective, float]], job: Job, per_mb: float,
             # micro-batch, after each: its post-backward callback makes the compute stream wait for them whenever
             # is_last_backward holds, which it does unless the loop clears it (torch 2.13 _fsdp_state.py
             # _root_post_backward_final_callback, `is_last_backward` True by default)
-            drain = t / (1 if every and job.spec.shardings else c.calls) * edge
+            drain = t * edge  # all of it: one call, or (FSDP) every micro-batch's
             exposed, t = exposed + drain, t - drain
         if c.role == "params":
             if job.spec.shardings:
