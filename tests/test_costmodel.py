@@ -60,8 +60,8 @@ def test_zero_paper_example(stage: int, expected_gb: float) -> None:
 # Today's max |error| per published table (harness/costmodel/published_runs.yaml), held so that a change that
 # makes any table worse fails; they are not the goal (mean <= 8%, max <= 15% on every table), which Narayanan's two
 # tables, NVIDIA's megatron-core runs on H100, LUMI's runs and strong scaling, the ZeRO example, KempnerForge's weak
-# scaling and two of its memory tables, Kempner's single-GPU runs and the H200 nccl-tests table meet. Dash et al.'s
-# fp16 runs on Frontier are predicted 20-30% too fast (docs/costmodel.md).
+# scaling and two of its memory tables, Kempner's single-GPU runs and the H200 and Polaris nccl-tests tables meet.
+# Dash et al.'s fp16 runs on Frontier are predicted 20-30% too fast (docs/costmodel.md).
 PUBLISHED_BOUNDS = {"narayanan2021-table1": 0.10, "narayanan2021-table2": 0.03, "dgxc-h100-megatron-core": 0.10,
                     "bloom-176b": 0.15,
                     "dash2023-frontier": 0.31, "lumi-megatron-deepspeed": 0.04, "lumi-176b-strong-scaling": 0.15,
@@ -71,7 +71,7 @@ PUBLISHED_BOUNDS = {"narayanan2021-table1": 0.10, "narayanan2021-table2": 0.03, 
                     "nemo-automodel-h100-fsdp2": 0.05,
                     "ultrascale-playbook-h100": 0.31, "kempner-gpu-bench-a100": 0.04, "kempner-gpu-bench-h100": 0.02,
                     "kempner-gpu-bench-h200": 0.06,
-                    "nccl-tests-busbw": 0.26, "nccl-tests-busbw-h200": 0.11, "nccl-tests-busbw-polaris": 0.20}
+                    "nccl-tests-busbw": 0.26, "nccl-tests-busbw-h200": 0.11, "nccl-tests-busbw-polaris": 0.12}
 
 
 @pytest.fixture(scope="module")

@@ -215,6 +215,10 @@ class SystemConfig:
     nic_efficiency: Optional[float] = None
     """Fraction of the NICs' bandwidth a large ring collective across nodes reaches (a published nccl-tests bus
     bandwidth over the line rate); None: comm_efficiency."""
+    coll_channels: Optional[int] = None
+    """The channels NCCL/RCCL run a collective on across nodes (the "N coll channels" line NCCL_DEBUG=INFO prints at
+    init), which sets how long a tree all-reduce's pipeline takes to fill (costmodel/network.py
+    Fabric.tree_fill_s); None: not known, so that fill is not priced."""
     idle_power_w: Optional[float] = None
     """Power of one device while idle."""
     peak_power_w: Optional[float] = None

@@ -97,6 +97,13 @@ class Protocol:
     ring_plateau: bool = False
     """A multi-node ring all-reduce in this protocol pays its latency `Fabric.ring_plateau` times (NCCL's
     "plateau effect of ring", Simple only)."""
+    chunk: float = 524288.0
+    """Bytes of data one channel moves per pipeline step of a tree (`computeCollChunkInfo`: the protocol's buffer
+    over NCCL_STEPS, 8; LL carries 8 bytes of data per 16-byte line, LL128 120 of every 128)."""
+    tree_chunk_halving: tuple[tuple[float, int], ...] = ()
+    """How the library shrinks a tree's chunk for a call too small to fill its pipeline: (steps, floor) pairs, each
+    halving the chunk while a channel's share of the call is fewer than steps × the tree's depth chunks and the
+    chunk is above floor (RCCL's Simple tree; NCCL's up to 2.18, none from 2.19)."""
 
     def tree_factor(self, payload: float) -> float:
         """The tree correction for a call of `payload` bytes (1 where the table ends)."""
@@ -115,26 +122,32 @@ class Protocol:
 NCCL_PROTOCOLS = (
     Protocol("LL", 1.0, 1.0, 1.0, 1.0, 5.0 / 2.7, share=1 / 4, share_in_node=1 / 3, tree_share=1 / 3.8,
              tree_correction=(1.0, 1.0, 1.0, 1.0, .9, .8, .7, .7, .7, .7, .6, .5, .4, .4, .5, .6, .7, .8, .9, 1.0,
-                              1.0, 1.0, 1.0)),
+                              1.0, 1.0, 1.0), chunk=8 * 512 * 16 / 2),
     Protocol("LL128", 14.0 / 6.6, 1.9 / 0.6, 4.0 / 2.7, 1.25 / 0.6, 8.5 / 2.7, share=0.92, share_one_per_node=0.7,
              tree_share=120 / 128,
              tree_correction=(1.0, 1.0, 1.0, 1.0, 1.0, .9, .8, .8, .8, .7, .6, .6, .6, .6, .6, .6, .8, .9, .9, .9,
-                              .9, 1.0, 1.0)),
+                              .9, 1.0, 1.0), chunk=120 * 640 * 8 * 120 / 128),
     Protocol("Simple", 8.4 / 6.6, 3.4 / 0.6, 14.0 / 2.7, 4.0 / 0.6, 14.0 / 2.7,
              tree_correction=(.9, .9, .9, .9, .9, .9, .9, .8, .7, .6, .6, .5, .5, .5, .5, .6, .7, .8, .7, .7, .8,
-                              .9, .9), ring_plateau=True),
+                              .9, .9), ring_plateau=True, chunk=(1 << 22) / 8),
 )
 """NCCL's: ring base latency LL 6.6, LL128 14.0, Simple 8.4 µs; per NVLink hop ring 0.6, 1.9, 3.4 and tree 0.6,
 1.25, 4.0; per network hop ring 2.7, 4.0, 14.0 and tree 5.0, 8.5, 14; a ring's LL at a quarter of the bandwidth (a
 third for an in-node call other than an all-reduce), LL128 at 0.92 (0.7 with one rank per node); a tree's LL at
-1/3.8, LL128 at 120/128 (NVIDIA/nccl src/graph/tuning.cc)."""
+1/3.8, LL128 at 120/128 (NVIDIA/nccl src/graph/tuning.cc). A tree's chunk per channel and step (src/enqueue.cc
+computeCollChunkInfo, 2.19 to 2.2x, over src/init.cc's default buffers): LL 32 KiB (8 lines of 16 bytes for each
+of 512 threads over 8 steps, half of it data), LL128 576,000 bytes (120 8-byte words for each of 640 threads over
+8 steps, 120 of 128 data; halved for small calls: `Fabric.tree_chunk`), Simple 512 KiB (4 MiB over 8 steps)."""
 RCCL_PROTOCOLS = (
-    Protocol("LL", 1.0, 1.0, 1.0, 1.0, 12.5 / 9.5, share=0.20, tree_share=0.20),
-    Protocol("Simple", 17.0 / 12.0, 3.6 / 0.8, 19.8 / 9.5, 2.5 / 0.8, 22.4 / 9.5),
+    Protocol("LL", 1.0, 1.0, 1.0, 1.0, 12.5 / 9.5, share=0.20, tree_share=0.20, chunk=8 * 256 * 16 / 2),
+    Protocol("Simple", 17.0 / 12.0, 3.6 / 0.8, 19.8 / 9.5, 2.5 / 0.8, 22.4 / 9.5, chunk=(1 << 22) / 8,
+             tree_chunk_halving=((8, 131072), (4, 65536), (1, 32768))),
 )
 """RCCL's for MI250X nodes (ROCm/rccl src/graph/tuning.cc, `tuning_model_3`, the model the system profile's LL
 figures come from): base latency LL 12, Simple 17 µs; per xGMI hop ring 0.8, 3.6 and tree 0.8, 2.5; per network
-hop ring 9.5, 19.8 and tree 12.5, 22.4; LL at 0.20 of the bandwidth (`bwRatio`); no LL128 on this model."""
+hop ring 9.5, 19.8 and tree 12.5, 22.4; LL at 0.20 of the bandwidth (`bwRatio`); no LL128 on this model. Its tree
+chunks (src/enqueue.cc at 0cbce2a): LL 16 KiB (256 threads where NCCL has 512), Simple 512 KiB, halved while a
+channel's share of the call is fewer than 8, 4 and 1 times the tree's depth chunks, down to 128, 64 and 32 KiB."""
 P2P_LL_THRESHOLD = 16384
 """Bytes up to which NCCL sends a point-to-point message with LL, above which with Simple (`NCCL_P2P_LL_THRESHOLD`'s
 default); it never uses LL128 for them."""
@@ -180,6 +193,9 @@ class Fabric:
     ring_plateau: float = 1.0
     """How many times its latency a multi-node ring all-reduce pays in a `Protocol.ring_plateau` protocol (NCCL:
     1.4 from compute capability 8.0, 1.9 below)."""
+    channels: Optional[int] = None
+    """The channels the library runs a collective on across nodes (NCCL's "N coll channels" line at init); None:
+    not known, so a tree's pipeline fill is not priced (`tree_fill_s`)."""
 
     @property
     def gloo(self) -> bool:
@@ -256,10 +272,46 @@ class Fabric:
                 best = min(best, self.base_latency * p.base
                            + 2 * ((local - 1) * self.intra_hop * p.tree_intra
                                   + log2_down(nodes) * self.inter_hop * p.tree_inter)
-                           + 2 * payload / (TREE_BANDWIDTH * bw * p.tree_share * p.tree_factor(payload)))
+                           + 2 * payload / (TREE_BANDWIDTH * bw * p.tree_share * p.tree_factor(payload))
+                           + self.tree_fill_s(p, payload, local, nodes, stride, fewest))
         if kind == "all_reduce" and local > 1 and self.nvls_efficiency and not self.links and self.link_bw:
             best = min(best, self._nvls_s(payload, nodes, fewest))
         return best
+
+    def tree_chunk(self, p: Protocol, payload: float, local: int, nodes: int) -> float:
+        """The chunk each channel of a tree all-reduce moves per step in protocol `p` for a call of `payload` bytes
+        (NCCL's and RCCL's computeCollChunkInfo): the protocol's, halved for a call too small to fill the pipeline
+        where the library does so (NCCL's LL128 by the tree's steps per node-rank, RCCL's Simple by its depth)."""
+        channels = self.channels or 1
+        if p.name == "LL128":
+            steps = 1 + log2_down(nodes) + 0.1 * local
+            rules: tuple[tuple[float, float], ...] = ((steps * 64 / local, 131072), (steps * 16 / local, 32768))
+        else:
+            depth = local - 1 + log2_down(nodes)
+            rules = tuple((depth * k, floor) for k, floor in p.tree_chunk_halving)
+        chunk = p.chunk
+        for least, floor in rules:
+            while payload // (channels * chunk) < least and chunk > floor:
+                chunk /= 2
+        return chunk
+
+    def tree_fill_s(self, p: Protocol, payload: float, local: int, nodes: int, stride: int = 1,
+                    fewest: Optional[int] = None) -> float:
+        """The time a tree all-reduce's pipeline takes to fill and drain: a chunk reaches the root only after it
+        has crossed every level of the tree, one chunk time per level, and comes back down the same way, so the
+        call ends 2 × depth chunk times after its bandwidth term alone would have it. The tree's depth is NCCL's
+        (src/graph/connect.cc connectTrees: the node's chain of local − 1 hops and ⌊log2 nodes⌋ levels between
+        nodes); a chunk crosses a hop at its channel's share of that hop's bandwidth (the node's ring inside it, the
+        members' NICs between nodes). What nccl-tests shows: at 256 and 540 Polaris nodes an all-reduce takes about
+        2.4 ms plus its bandwidth term from 8 MiB to 128 MiB, where on 8 nodes (a ring) it takes 0.2 ms plus
+        (argonne-lcf/alcf-nccl-tests results_polaris/nccl_2_21). 0 where the channel count is not known."""
+        if self.channels is None or nodes <= 1:
+            return 0.0
+        intra, net = self.intra_ring(local, stride), self.nic_share(fewest or local)
+        if intra is None or net is None:
+            return 0.0
+        hop = self.tree_chunk(p, payload, local, nodes) * self.channels / p.tree_share
+        return 2 * hop * ((local - 1) / intra + log2_down(nodes) / net)
 
     def _nvls_s(self, payload: float, nodes: int, fewest: int) -> float:
         """An all-reduce with NVLink SHARP: inside a node NCCL's NVLS reduces in the switch, each device moving its
@@ -359,6 +411,7 @@ def fabric(system: Any) -> Fabric:
         protocols=protocols,
         ring_plateau=ring_plateau_for(system, protocols),
         ll128_across_nodes=ll128_across_nodes(system),
+        channels=getattr(system, "coll_channels", None),
     )
 
 

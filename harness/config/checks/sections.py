@@ -95,7 +95,7 @@ def check_system(system: Any) -> None:
         raise ConfigError("system.peak_tflops is set without system.peak_tflops_source; say where it was measured")
     if system.nic_gpu_path is not None:
         choice(system.nic_gpu_path, NIC_PATHS, "system.nic_gpu_path")
-    at_least(system, "system", ("devices_per_node",), 1, "at least 1")
+    at_least(system, "system", ("devices_per_node", "coll_channels"), 1, "at least 1")
     at_least(system, "system", ("peak_tflops", "memory_gb"), 1e-9, "positive")
 
 
