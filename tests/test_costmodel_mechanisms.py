@@ -230,11 +230,12 @@ def test_no_ll128_across_nodes_where_a_gpu_reaches_its_nic_through_the_cpu() -> 
 
 def test_a_trees_pipeline_fills_and_drains_one_chunk_time_per_level() -> None:
     """A tree all-reduce ends 2 × depth chunk times after its bandwidth term: each channel's chunk crosses the
-    node's chain (local − 1 hops) and ⌊log2 nodes⌋ levels up, then back down, at the channel's share of each hop's
-    bandwidth. With Polaris's 4 channels, 256 nodes of 4: 2 × (3 intra + 8 inter hops) of a 512 KiB Simple chunk.
-    Where the channel count is not known, nothing is added; a ring (8 nodes) has no such fill."""
+    node's chain (nRanks/nNodes − 1 hops) and ⌊log2 nodes⌋ levels up, then back down, at the channel's share of
+    each hop's bandwidth. With Polaris's 4 channels, 256 nodes of 4: 2 × (3 intra + 8 inter hops) of a 512 KiB
+    Simple chunk. A channel never moves more than its share of the call, so a small call fills in little time.
+    Where the channel count is not known, nothing is added, nor under gloo; a ring (8 nodes) has no such fill."""
     from harness.core.errors import ConfigError
-    from harness.costmodel.network import NCCL_PROTOCOLS, RCCL_PROTOCOLS
+    from harness.costmodel.network import GLOO_PROTOCOLS, NCCL_PROTOCOLS, RCCL_PROTOCOLS
 
     net = fabric(compose(["system=polaris"]).system)
     unknown = dataclasses.replace(net, channels=None)
@@ -243,19 +244,26 @@ def test_a_trees_pipeline_fills_and_drains_one_chunk_time_per_level() -> None:
     assert net.channels == 4 and simple.chunk == 512 * 1024
     payload = 128 * 2**20
     fill = 2 * 512 * 1024 * 4 * (3 / net.intra_ring(4) + 8 / net.nic_share(4))
-    assert net.tree_fill_s(simple, payload, 4, 256) == pytest.approx(fill)
+    assert net.tree_fill_s(simple, payload, 1024, 4) == pytest.approx(fill)
     assert net.call_s("all_reduce", payload, 1024, 4) == pytest.approx(
         unknown.call_s("all_reduce", payload, 1024, 4) + fill)
-    assert unknown.tree_fill_s(simple, payload, 4, 256) == 0.0
+    assert unknown.tree_fill_s(simple, payload, 1024, 4) == 0.0
     assert net.call_s("all_reduce", payload, 32, 4) == unknown.call_s("all_reduce", payload, 32, 4)  # a ring
+    # 1 KiB: each channel holds 256 bytes, its whole chunk, so the fill is 2·11 hops of 256 bytes
+    assert net.tree_chunk(simple, 1024, 1024, 256) == 256
+    assert net.tree_fill_s(simple, 1024, 1024, 4) == pytest.approx(fill * 256 / (512 * 1024))
+    # NCCL's depth counts nRanks // nNodes: 10 ranks at 4 per node are a chain of 2 hops on 3 nodes, not 3
+    assert net.tree_fill_s(simple, payload, 10, 4) == pytest.approx(
+        2 * 512 * 1024 * 4 * (2 / net.intra_ring(4) + 1 / net.nic_share(2)))
+    assert dataclasses.replace(net, protocols=GLOO_PROTOCOLS).tree_fill_s(GLOO_PROTOCOLS[0], payload, 1024, 4) == 0
     # NCCL halves an LL128 tree's chunk while a channel's share is short of (1 + log2 nodes + 0.1·ppn)·64/ppn chunks
-    assert ll128.chunk == 576000 and net.tree_chunk(ll128, 1 << 30, 4, 256) == 576000
+    assert ll128.chunk == 576000 and net.tree_chunk(ll128, 1 << 30, 1024, 256) == 576000
     # 64 MiB: 29 chunks a channel, short of 9.4·64/4 = 150.4, so halved while above 128 KiB: 288,000, 144,000, 72,000
-    assert net.tree_chunk(ll128, 64 * 2**20, 4, 256) == 72000
-    # RCCL (as NCCL up to 2.18) halves a Simple tree's chunk while a channel holds fewer than 8 × depth of them
+    assert net.tree_chunk(ll128, 64 * 2**20, 1024, 256) == 72000
+    # RCCL (as NCCL up to 2.19) halves a Simple tree's chunk while a channel holds fewer than 8 × depth of them
     rccl = next(p for p in RCCL_PROTOCOLS if p.name == "Simple")
-    assert net.tree_chunk(rccl, 1 << 30, 4, 256) == 512 * 1024
-    assert net.tree_chunk(rccl, 128 * 2**20, 4, 256) == 256 * 1024  # 64 chunks < 8 × 11; 128 ≥ 88
+    assert net.tree_chunk(rccl, 1 << 30, 1024, 256) == 512 * 1024
+    assert net.tree_chunk(rccl, 128 * 2**20, 1024, 256) == 256 * 1024  # 64 chunks < 8 × 11; 128 ≥ 88
     with pytest.raises(ConfigError, match="system.coll_channels=0"):
         validate(compose(["system=polaris", "system.coll_channels=0"]), 1)
 

@@ -218,7 +218,8 @@ class SystemConfig:
     coll_channels: Optional[int] = None
     """The channels NCCL/RCCL run a collective on across nodes (the "N coll channels" line NCCL_DEBUG=INFO prints at
     init), which sets how long a tree all-reduce's pipeline takes to fill (costmodel/network.py
-    Fabric.tree_fill_s); None: not known, so that fill is not priced."""
+    Fabric.tree_fill_s), taken for every group shape though NCCL may build more or fewer channels for another; None:
+    not known, so that fill is not priced."""
     idle_power_w: Optional[float] = None
     """Power of one device while idle."""
     peak_power_w: Optional[float] = None

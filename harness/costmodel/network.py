@@ -30,11 +30,12 @@ nodes its NVLS tree, which on two nodes goes beyond the NICs' ring limit (`Fabri
 own corrections apply as its `ncclTopoGetAlgoTime` applies them: a tree all-reduce's bandwidth times its
 `treeCorrectionFactor` for the size (up to 256 MiB), a Simple ring all-reduce across nodes at 1.4× its latency (1.9×
 before Ampere). RCCL's per-model correction tables (factors down to 0.1, there to steer its choice of algorithm)
-are not rates and are not used.
+are not rates and are not used. A tree all-reduce also pays its pipeline's fill and drain, 2 × depth chunk times,
+where the profile states the library's channel count (`Fabric.tree_fill_s`, `system.coll_channels`).
 
 Scored against published nccl-tests bus bandwidths (published_runs.yaml, kind `collective`): 128 MiB to 8 GiB,
 2 to 540 nodes; at 128 MiB on one node nccl-tests still measures up to 26% less than this model (A100), and
-20% less at 128 MiB over 256 Polaris nodes.
+11% less at 1 GiB over 540 Polaris nodes.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ class Protocol:
     tree_chunk_halving: tuple[tuple[float, int], ...] = ()
     """How the library shrinks a tree's chunk for a call too small to fill its pipeline: (steps, floor) pairs, each
     halving the chunk while a channel's share of the call is fewer than steps × the tree's depth chunks and the
-    chunk is above floor (RCCL's Simple tree; NCCL's up to 2.18, none from 2.19)."""
+    chunk is above floor (RCCL's Simple tree; NCCL's up to 2.19, none from 2.20 on, still so at 2.30)."""
 
     def tree_factor(self, payload: float) -> float:
         """The tree correction for a call of `payload` bytes (1 where the table ends)."""
@@ -135,9 +136,11 @@ NCCL_PROTOCOLS = (
 1.25, 4.0; per network hop ring 2.7, 4.0, 14.0 and tree 5.0, 8.5, 14; a ring's LL at a quarter of the bandwidth (a
 third for an in-node call other than an all-reduce), LL128 at 0.92 (0.7 with one rank per node); a tree's LL at
 1/3.8, LL128 at 120/128 (NVIDIA/nccl src/graph/tuning.cc). A tree's chunk per channel and step (src/enqueue.cc
-computeCollChunkInfo, 2.19 to 2.2x, over src/init.cc's default buffers): LL 32 KiB (8 lines of 16 bytes for each
-of 512 threads over 8 steps, half of it data), LL128 576,000 bytes (120 8-byte words for each of 640 threads over
-8 steps, 120 of 128 data; halved for small calls: `Fabric.tree_chunk`), Simple 512 KiB (4 MiB over 8 steps)."""
+computeCollChunkInfo, from 2.20 on and unchanged at 2.30, over src/init.cc's default buffers): LL 32 KiB (8 lines
+of 16 bytes for each of 512 threads over 8 steps, half of it data), LL128 576,000 bytes (120 8-byte words for each
+of 640 threads over 8 steps, 120 of 128 data; halved for small calls: `Fabric.tree_chunk`), Simple 512 KiB (4 MiB
+over 8 steps). Up to 2.19 NCCL also halved Simple's chunk for small calls, as RCCL still does, and started LL128's
+halving from its whole 614,400-byte step; the model follows 2.20 on."""
 RCCL_PROTOCOLS = (
     Protocol("LL", 1.0, 1.0, 1.0, 1.0, 12.5 / 9.5, share=0.20, tree_share=0.20, chunk=8 * 256 * 16 / 2),
     Protocol("Simple", 17.0 / 12.0, 3.6 / 0.8, 19.8 / 9.5, 2.5 / 0.8, 22.4 / 9.5, chunk=(1 << 22) / 8,
@@ -273,45 +276,53 @@ class Fabric:
                            + 2 * ((local - 1) * self.intra_hop * p.tree_intra
                                   + log2_down(nodes) * self.inter_hop * p.tree_inter)
                            + 2 * payload / (TREE_BANDWIDTH * bw * p.tree_share * p.tree_factor(payload))
-                           + self.tree_fill_s(p, payload, local, nodes, stride, fewest))
+                           + self.tree_fill_s(p, payload, group, local, stride, fewest))
         if kind == "all_reduce" and local > 1 and self.nvls_efficiency and not self.links and self.link_bw:
             best = min(best, self._nvls_s(payload, nodes, fewest))
         return best
 
-    def tree_chunk(self, p: Protocol, payload: float, local: int, nodes: int) -> float:
-        """The chunk each channel of a tree all-reduce moves per step in protocol `p` for a call of `payload` bytes
-        (NCCL's and RCCL's computeCollChunkInfo): the protocol's, halved for a call too small to fill the pipeline
-        where the library does so (NCCL's LL128 by the tree's steps per node-rank, RCCL's Simple by its depth)."""
+    def tree_chunk(self, p: Protocol, payload: float, group: int, nodes: int) -> float:
+        """The chunk each channel of a tree all-reduce over `group` ranks on `nodes` nodes moves per step in protocol
+        `p` for a call of `payload` bytes (NCCL's and RCCL's computeCollChunkInfo): the protocol's, halved for a
+        call too small to fill the pipeline where the library does so (NCCL's LL128 by the tree's steps per
+        node-rank, RCCL's Simple by its depth), and never more than a channel's share of the call (the kernel
+        moves min(chunk, what is left of the channel's share): src/device/all_reduce.h)."""
         channels = self.channels or 1
+        ppn = group // nodes  # NCCL's nRanks / nNodes
         if p.name == "LL128":
-            steps = 1 + log2_down(nodes) + 0.1 * local
-            rules: tuple[tuple[float, float], ...] = ((steps * 64 / local, 131072), (steps * 16 / local, 32768))
+            steps = 1 + log2_down(nodes) + 0.1 * ppn
+            rules: tuple[tuple[float, float], ...] = ((steps * 64 / ppn, 131072), (steps * 16 / ppn, 32768))
         else:
-            depth = local - 1 + log2_down(nodes)
+            depth = ppn - 1 + log2_down(nodes)
             rules = tuple((depth * k, floor) for k, floor in p.tree_chunk_halving)
         chunk = p.chunk
         for least, floor in rules:
             while payload // (channels * chunk) < least and chunk > floor:
                 chunk /= 2
-        return chunk
+        return min(chunk, math.ceil(payload / channels))
 
-    def tree_fill_s(self, p: Protocol, payload: float, local: int, nodes: int, stride: int = 1,
+    def tree_fill_s(self, p: Protocol, payload: float, group: int, local: int, stride: int = 1,
                     fewest: Optional[int] = None) -> float:
         """The time a tree all-reduce's pipeline takes to fill and drain: a chunk reaches the root only after it
         has crossed every level of the tree, one chunk time per level, and comes back down the same way, so the
         call ends 2 × depth chunk times after its bandwidth term alone would have it. The tree's depth is NCCL's
-        (src/graph/connect.cc connectTrees: the node's chain of local − 1 hops and ⌊log2 nodes⌋ levels between
-        nodes); a chunk crosses a hop at its channel's share of that hop's bandwidth (the node's ring inside it, the
-        members' NICs between nodes). What nccl-tests shows: at 256 and 540 Polaris nodes an all-reduce takes about
-        2.4 ms plus its bandwidth term from 8 MiB to 128 MiB, where on 8 nodes (a ring) it takes 0.2 ms plus
-        (argonne-lcf/alcf-nccl-tests results_polaris/nccl_2_21). 0 where the channel count is not known."""
-        if self.channels is None or nodes <= 1:
+        (src/graph/connect.cc connectTrees: nRanks/nNodes − 1 hops of the node's chain and ⌊log2 nodes⌋ levels
+        between nodes); a chunk crosses a hop at its channel's share of that hop's bandwidth (the node's ring
+        inside it, the members' NICs between nodes). What nccl-tests shows: over 256 and 540 Polaris nodes (a
+        tree) an all-reduce of 128 MiB to 1 GiB takes about 2.4 ms beyond its bandwidth term, 2.0–3.4 ms from 8 to
+        128 MiB, where over 8 nodes (a ring) it takes about 0.2 ms beyond at 64 MiB and up
+        (argonne-lcf/alcf-nccl-tests results_polaris/nccl_2_21). 0 where the channel count is not known, and
+        under gloo. The channel count is the library's for the group the profile's log shows; NCCL may build
+        more or fewer channels for another group shape (one rank per node beside TP), which is not modelled."""
+        local = max(1, min(local, group))
+        nodes = -(-group // local)
+        if self.channels is None or nodes <= 1 or self.gloo:
             return 0.0
-        intra, net = self.intra_ring(local, stride), self.nic_share(fewest or local)
+        intra, net = self.intra_ring(local, stride), self.nic_share(fewest or group - (nodes - 1) * local)
         if intra is None or net is None:
             return 0.0
-        hop = self.tree_chunk(p, payload, local, nodes) * self.channels / p.tree_share
-        return 2 * hop * ((local - 1) / intra + log2_down(nodes) / net)
+        hop = self.tree_chunk(p, payload, group, nodes) * self.channels / p.tree_share
+        return 2 * hop * ((group // nodes - 1) / intra + log2_down(nodes) / net)
 
     def _nvls_s(self, payload: float, nodes: int, fewest: int) -> float:
         """An all-reduce with NVLink SHARP: inside a node NCCL's NVLS reduces in the switch, each device moving its
