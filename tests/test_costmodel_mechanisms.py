@@ -840,7 +840,7 @@ def test_a_loss_on_the_16_bit_logits_keeps_no_fp32_copy_and_streams_fewer_bytes(
     in its backward, the logits sit beside the bf16 log-softmax the forward saved, the gradient nll_loss hands
     log_softmax's backward and the one that returns (4E bytes per logit); the harness's model upcasts and returns
     only the loss, so its peak is those three in fp32 (12). Its kernels stream 4E, not 24 + 2E."""
-    from harness.costmodel.memory import buffer_bytes, gathered_bytes
+    from harness.costmodel.memory import buffer_bytes, busiest_rank, gathered_at_loss
 
     upcast, _ = job_and_hw([*LLAMA, "costmodel.software=harness-fsdp"])
     native = dataclasses.replace(upcast, software=dataclasses.replace(
@@ -848,7 +848,8 @@ def test_a_loss_on_the_16_bit_logits_keeps_no_fp32_copy_and_streams_fewer_bytes(
     freed = dataclasses.replace(native, software=dataclasses.replace(native.software, loop_holds_logits=False))
     logits = upcast.tokens * upcast.model.vocab_size
     E = native.act_bytes
-    units = gathered_bytes(native)  # FSDP2's unsharded units, on one rank too; no buckets
+    units = gathered_at_loss(native, busiest_rank(native))  # none: every unit resharded after the forward
+    assert units == 0.0
     assert buffer_bytes(native) == pytest.approx(logits * 4 * E + units)
     assert buffer_bytes(freed) == pytest.approx(logits * 3 * E + units)
     assert buffer_bytes(upcast) == pytest.approx(logits * 12 + units)
@@ -1517,8 +1518,8 @@ def test_fsdp_gathers_hide_only_under_the_phase_that_issues_them() -> None:
 def test_fsdps_root_module_counts_the_vocabulary_layers_as_the_tp_rank_holds_them() -> None:
     """The root module (embedding, final norm, output layer) that FSDP gathers whole per rank is what that TP rank
     holds: KempnerForge splits the output layer over TP and replicates the embedding; the harness's FSDP backend
-    replicates a tied embedding. Memory (the gathered root beside two blocks) and the exposed ends of FSDP's
-    collectives use it."""
+    replicates a tied embedding. Memory (the gathered root in the backward and at its end) and the exposed ends of
+    FSDP's collectives use it."""
     from harness.costmodel.layout import param_split
     from harness.costmodel.memory import buffer_bytes
 
@@ -1530,9 +1531,8 @@ def test_fsdps_root_module_counts_the_vocabulary_layers_as_the_tp_rank_holds_the
         assert job.root_params_per_rank == pytest.approx(root)
         split = param_split(job.model)
         assert job.block_params_per_rank == pytest.approx(split.per_layer / tp, rel=1e-3)
-        if software == "kempnerforge":  # its loss holds 4E per logit; two blocks and the root gathered, one fp32 grad
-            E, block = job.act_bytes, job.block_params_per_rank
-            assert buffer_bytes(job) == pytest.approx(job.tokens * V * 4 * E + (2 * block + root) * E + 4 * block)
+        if software == "kempnerforge":  # its loss holds 4E per logit, with every unit resharded after the forward
+            assert buffer_bytes(job) == pytest.approx(job.tokens * V * 4 * job.act_bytes)
 
 
 def test_fsdp2_on_a_one_rank_group_still_gathers_and_reduces_through_buffers() -> None:
@@ -1566,6 +1566,42 @@ def test_fsdp2_on_a_one_rank_group_still_gathers_and_reduces_through_buffers() -
     assert gathered_bytes(kempnerforge) == 0.0 and kempnerforge.unsharded_grad_bytes is None
     assert model_state_bytes(kempnerforge.params_per_rank, kempnerforge)["grads"] == pytest.approx(
         kempnerforge.params_per_rank * 2)
+
+
+def test_fsdp2_peaks_in_the_phase_that_holds_the_most_not_at_the_sum_of_all_of_them() -> None:
+    """FSDP2's buffers are not all live at once (torch 2.13, _fsdp_param_group.py; a torch.profiler memory trace
+    of the harness's FSDP2 run on this CPU shows each): at the loss's peak every unit is resharded after its
+    forward (the root too, as the harness and KempnerForge pass reshard_after_forward), so nothing is gathered;
+    a block's backward holds two blocks, the root and a block's fp32 gradient; at the backward's end the
+    embedding's backward holds the root gathered again, the previous block's reduce-scatter input and the
+    embedding's dense gradient, three vocabulary × hidden tensors for a tied embedding (the output layer's
+    gradient, the embedding's and their sum); then the root's reduction holds its gradients beside their
+    reduce-scatter copy, its parameters already freed. shard_grad_op keeps every unit gathered from the forward
+    to the backward, so at the loss too."""
+    from harness.costmodel.memory import (
+        busiest_rank,
+        end_of_backward_bytes,
+        gathered_at_loss,
+        gathered_bytes,
+        rank_memories,
+    )
+
+    tiny = ["model=gpt-tiny", "model.d_model=512", "model.n_heads=8", "model.n_layers=4", "model.vocab_size=8192",
+            "model.seq_len=64", "train.precision=fp32", "train.micro_batch_size=1", "train.global_batch_size=2",
+            "backend=fsdp", "system=dgx-a100-80gb"]
+    job, _ = job_and_hw(tiny, 2)
+    rank = busiest_rank(job)
+    E, block, V, h = job.act_bytes, job.block_params_per_rank, 8192, 512
+    root = job.root_params_per_rank
+    assert job.model.tie_embeddings and gathered_at_loss(job, rank) == 0.0
+    assert gathered_bytes(job, rank) == pytest.approx((2 * block + root) * E + block * job.reduce_bytes)
+    embedding_phase = root * E + 3 * V * h * E + block * job.reduce_bytes
+    assert end_of_backward_bytes(job, rank, 0.0) == pytest.approx(max(embedding_phase, root * (E + 4)))
+    memory = rank_memories(job, [rank])[0]
+    states = memory["weights"] + memory["grads"] + memory["optimizer"]
+    assert memory["total"] == pytest.approx(states + embedding_phase)  # the end of the backward is this run's peak
+    kept, _ = job_and_hw([*tiny, "backend.sharding=shard_grad_op"], 2)
+    assert gathered_at_loss(kept, busiest_rank(kept)) == pytest.approx(kept.params_per_rank * E)
 
 
 def test_the_ends_of_fsdps_pipeline_of_collectives_are_exposed_however_much_compute_there_is() -> None:

@@ -192,8 +192,11 @@ def _buffers(job: Job, rank: PipelineRank, loss: tuple[float, float], working_se
     # GPipe and looped BFS run every micro-batch's forward first: the other micro-batches' losses are still held
     # when the first layer is recomputed, so the loss and the working set are not kept apart there
     apart = layout.pp == 1 or not PP_SCHEDULES[job.pp_schedule].holds_all_micro_batches
-    logits = max(peak - working_set, held) if apart else peak
     gathered = gathered_bytes(job, rank)
+    if apart:  # the loss peaks before any unit is gathered for the backward: FSDP holds then only what stays gathered
+        logits_and_units = max(peak + gathered_at_loss(job, rank) - working_set, held + gathered)
+    else:
+        logits_and_units = peak + gathered
     buckets = 0.0
     if job.ddp_buckets:
         buckets = rank.params * job.state_bytes.grads
@@ -205,7 +208,7 @@ def _buffers(job: Job, rank: PipelineRank, loss: tuple[float, float], working_se
         # per gradient dtype when it initialises (stage3.py, the IPG buckets' buffer, with contiguous_gradients)
         copies = 2 if job.ds_overlap_comm and layout.zero_stage < 3 else 1  # overlap_comm: off by default below 3
         buckets += copies * job.ds_reduce_bucket * job.state_bytes.weights
-    return logits + gathered + buckets + autocast_weight_copies(job, rank)
+    return logits_and_units + buckets + autocast_weight_copies(job, rank)
 
 
 def gathered_bytes(job: Job, rank: Optional[PipelineRank] = None) -> float:
@@ -222,6 +225,49 @@ def gathered_bytes(job: Job, rank: Optional[PipelineRank] = None) -> float:
     root = max(0.0, rank.params - rank.blocks * block)
     held = rank.params if job.keeps_units_gathered else 2 * block + root
     return held * E + block * job.reduce_bytes
+
+
+def gathered_at_loss(job: Job, rank: PipelineRank) -> float:
+    """What FSDP and ZeRO-3 hold unsharded when the loss peaks, after the last forward and before any unit is
+    gathered for the backward: nothing where units reshard after the forward (the root too: the harness and
+    KempnerForge pass reshard_after_forward to it, and its pre-backward hook gathers it again only once the loss's
+    backward has produced the logits' gradient), every unit where they stay gathered (Job.keeps_units_gathered).
+    gathered_bytes counts what the backward that follows holds: two blocks, the root and a block's gradient."""
+    if not (job.fsdp_wraps or job.shards.weights > 1 or job.offload):
+        return 0.0
+    return rank.params * job.act_bytes if job.keeps_units_gathered else 0.0
+
+
+def end_of_backward_bytes(job: Job, rank: PipelineRank, held_logits: float) -> float:
+    """What FSDP holds beyond the shards at the end of the backward, when every activation is gone, in the larger
+    of its two last phases (torch 2.13, _fully_shard/_fsdp_param_group.py; on this CPU a profiled FSDP2 run peaks
+    in the first, benchmarks/memory_cpu.py):
+
+    - the embedding's backward: the root gathered again for the backward (every unit in torch's pipeline stages,
+      which keep them gathered after each backward; shard_grad_op and no_shard reshard after the backward),
+      the previous unit's reduce-scatter input still in flight (one buffer, FSDP's default), the output layer's
+      gradient held since the backward began, and the embedding's dense gradient (a vocabulary × hidden tensor
+      in the parameters' dtype); a tied embedding sums its output-layer gradient and its own into a third such
+      tensor (autograd's accumulation of the two uses);
+    - the root's reduction: its parameters resharded first (post_backward reshards before foreach_reduce), its
+      unsharded gradients beside the copy it reduce-scatters in the reduce dtype.
+
+    Both beside the logits the training loop still holds."""
+    if not job.fsdp_wraps:
+        return 0.0
+    E, h, block = job.act_bytes, job.model.d_model, job.block_params_per_rank
+    root = max(0.0, rank.params - rank.blocks * block)
+    stage_keeps = job.keeps_units_gathered and job.layout.pp > 1  # set_reshard_after_backward(False)
+    kept = rank.params * E if stage_keeps else root * E
+    embedding = job.embedding_rows * h if rank.index == 0 else 0.0
+    head = job.vocab_per_rank[0] * h if rank.last else 0.0
+    if job.model.tie_embeddings and job.layout.pp == 1:  # one parameter: its two gradients and their sum
+        grads = 3 * embedding
+    else:
+        grads = embedding + head
+    embedding_phase = kept + grads * E + block * job.reduce_bytes
+    reduce_phase = root * (E + job.reduce_bytes) + (rank.params * E if stage_keeps else 0.0)
+    return max(embedding_phase, reduce_phase) + held_logits
 
 
 def whole_graph_gradients(job: Job, rank: PipelineRank) -> float:
@@ -276,9 +322,10 @@ def rank_memories(job: Job, ranks: Optional[list[PipelineRank]] = None,
         memory = model_state_bytes(rank.params, job)
         memory["activations"] = rank.blocks * per_layer * in_flight_micro_batches(job, rank.index) + working_set
         memory["buffers"] = _buffers(job, rank, loss, working_set)
-        # at the backward's end the activations are gone; where a second set of gradients is live then, the step
-        # peaks there if that is more, counted with the buffers
-        memory["buffers"] = max(memory["buffers"], whole_graph_gradients(job, rank) - memory["activations"])
+        # at the backward's end the activations are gone; where a second set of gradients, or FSDP's last phases,
+        # hold more then, the step peaks there, counted with the buffers
+        end = max(whole_graph_gradients(job, rank), end_of_backward_bytes(job, rank, loss[1] if rank.last else 0.0))
+        memory["buffers"] = max(memory["buffers"], end - memory["activations"])
         memory["overhead"] = framework_overhead_bytes
         memory["total"] = sum(memory.values())
         out.append(memory)
