@@ -848,9 +848,12 @@ def test_a_loss_on_the_16_bit_logits_keeps_no_fp32_copy_and_streams_fewer_bytes(
     freed = dataclasses.replace(native, software=dataclasses.replace(native.software, loop_holds_logits=False))
     logits = upcast.tokens * upcast.model.vocab_size
     E = native.act_bytes
-    units = gathered_at_loss(native, busiest_rank(native))  # none: every unit resharded after the forward
-    assert units == 0.0
-    assert buffer_bytes(native) == pytest.approx(logits * 4 * E + units)
+    # at the loss: nothing gathered where the loop takes the logits (KempnerForge), the root and the last block where
+    # the model returns the loss (the root's pre-backward hook runs first)
+    assert gathered_at_loss(native, busiest_rank(native)) == 0.0
+    units = gathered_at_loss(freed, busiest_rank(freed))
+    assert units == pytest.approx((upcast.root_params_per_rank + upcast.block_params_per_rank) * E)
+    assert buffer_bytes(native) == pytest.approx(logits * 4 * E)
     assert buffer_bytes(freed) == pytest.approx(logits * 3 * E + units)
     assert buffer_bytes(upcast) == pytest.approx(logits * 12 + units)
 
@@ -1548,12 +1551,16 @@ def test_fsdp2_on_a_one_rank_group_still_gathers_and_reduces_through_buffers() -
     sharded, _ = job_and_hw([*LLAMA, "backend=fsdp", "parallel.tp=2", "train.global_batch_size=4"], 4)
     assert tp_only.layout.dp == 1 and tp_only.shards.weights == 1 and sharded.shards.weights == 2
     E, block, root = tp_only.act_bytes, tp_only.block_params_per_rank, tp_only.root_params_per_rank
-    assert gathered_bytes(tp_only) == pytest.approx((2 * block + root) * E + block * tp_only.reduce_bytes)
+    head = tp_only.vocab_per_rank[0] * tp_only.model.d_model  # the output layer's gradient, held in the backward
+    assert gathered_bytes(tp_only) == pytest.approx((2 * block + root) * E + block * tp_only.reduce_bytes
+                                                    + (block + head) * E)
     assert gathered_bytes(tp_only) == pytest.approx(gathered_bytes(sharded))
     # no_shard never reshards after the forward (harness/backends/fsdp.py): every unit stays gathered
     no_shard, _ = job_and_hw([*LLAMA, "backend=fsdp", "backend.sharding=no_shard"], 2)
+    # (the first block's gradient in place of its parameters, freed before its reduction; the output layer's beside)
+    ns_block, ns_head = no_shard.block_params_per_rank, no_shard.vocab_per_rank[0] * no_shard.model.d_model
     assert no_shard.shards.weights == 1 and gathered_bytes(no_shard) == pytest.approx(
-        no_shard.params_per_rank * no_shard.act_bytes + no_shard.block_params_per_rank * no_shard.reduce_bytes)
+        no_shard.params_per_rank * no_shard.act_bytes + ns_block * no_shard.reduce_bytes + ns_head * no_shard.act_bytes)
     ddp, _ = job_and_hw([*LLAMA, "backend=ddp"], 2)
     assert gathered_bytes(ddp) == 0.0 and buffer_bytes(tp_only) > gathered_bytes(tp_only)  # counted in the buffers
     # One GPU: the harness wraps it in FSDP2 all the same; KempnerForge builds no mesh and trains the plain model,
@@ -1569,21 +1576,25 @@ def test_fsdp2_on_a_one_rank_group_still_gathers_and_reduces_through_buffers() -
 
 
 def test_fsdp2_peaks_in_the_phase_that_holds_the_most_not_at_the_sum_of_all_of_them() -> None:
-    """FSDP2's buffers are not all live at once (torch 2.13, _fsdp_param_group.py; a torch.profiler memory trace
-    of the harness's FSDP2 run on this CPU shows each): at the loss's peak every unit is resharded after its
-    forward (the root too, as the harness and KempnerForge pass reshard_after_forward), so nothing is gathered;
-    a block's backward holds two blocks, the root and a block's fp32 gradient; at the backward's end the
-    embedding's backward holds the root gathered again, the previous block's reduce-scatter input and the
-    embedding's dense gradient, three vocabulary × hidden tensors for a tied embedding (the output layer's
-    gradient, the embedding's and their sum); then the root's reduction holds its gradients beside their
-    reduce-scatter copy, its parameters already freed. shard_grad_op keeps every unit gathered from the forward
-    to the backward, so at the loss too."""
+    """FSDP2's buffers are not all live at once (torch 2.13, _fsdp_param_group.py; torch.profiler memory traces of
+    the harness's FSDP2 runs on this CPU show each, docs/costmodel.md). At the loss's peak every unit is resharded
+    after its forward (the root too, as the harness and KempnerForge pass reshard_after_forward), except that the
+    harness's model returns the loss from the root's forward, so the root's pre-backward hook gathers the root and
+    prefetches the last block before the loss's backward runs (KempnerForge's loop computes the loss outside the
+    model: nothing). A block's backward holds two blocks, the root, the current block's gradient, the previous
+    one's reduce-scatter input and the output layer's gradient. At the backward's end the embedding's backward
+    holds the root, block 0's reduce-scatter input and the embedding's dense gradient, three vocabulary × hidden
+    tensors for a tied embedding (the output layer's gradient, the embedding's and their sum); then the root's
+    reduction holds its gradients beside their reduce-scatter copy, its parameters already freed. The peak is the
+    largest of them. shard_grad_op keeps every unit gathered from the forward to the backward."""
     from harness.costmodel.memory import (
         busiest_rank,
         end_of_backward_bytes,
         gathered_at_loss,
         gathered_bytes,
+        loss_bytes,
         rank_memories,
+        recompute_working_set,
     )
 
     tiny = ["model=gpt-tiny", "model.d_model=512", "model.n_heads=8", "model.n_layers=4", "model.vocab_size=8192",
@@ -1593,15 +1604,33 @@ def test_fsdp2_peaks_in_the_phase_that_holds_the_most_not_at_the_sum_of_all_of_t
     rank = busiest_rank(job)
     E, block, V, h = job.act_bytes, job.block_params_per_rank, 8192, 512
     root = job.root_params_per_rank
-    assert job.model.tie_embeddings and gathered_at_loss(job, rank) == 0.0
-    assert gathered_bytes(job, rank) == pytest.approx((2 * block + root) * E + block * job.reduce_bytes)
+    # the tied token embedding, the learned positions and the final norm
+    assert job.model.tie_embeddings and root == pytest.approx(V * h + 64 * h + 2 * h)
+    assert gathered_at_loss(job, rank) == pytest.approx((root + block) * E)
+    holds_logits = dataclasses.replace(job, software=dataclasses.replace(job.software, loop_holds_logits=True))
+    assert gathered_at_loss(holds_logits, rank) == 0.0
+    backward = (2 * block + root) * E + block * job.reduce_bytes + (block + V * h) * E
+    assert gathered_bytes(job, rank) == pytest.approx(backward)
     embedding_phase = root * E + 3 * V * h * E + block * job.reduce_bytes
-    assert end_of_backward_bytes(job, rank, 0.0) == pytest.approx(max(embedding_phase, root * (E + 4)))
+    reduce_phase = root * (E + job.reduce_bytes)
+    assert end_of_backward_bytes(job, rank, 0.0) == pytest.approx(max(embedding_phase, reduce_phase))
     memory = rank_memories(job, [rank])[0]
-    states = memory["weights"] + memory["grads"] + memory["optimizer"]
-    assert memory["total"] == pytest.approx(states + embedding_phase)  # the end of the backward is this run's peak
+    peak, held = loss_bytes(job)
+    loss_phase = peak + (root + block) * E - recompute_working_set(job)
+    assert memory["buffers"] == pytest.approx(max(loss_phase, held + backward, embedding_phase - memory["activations"]))
+    assert memory["buffers"] < loss_phase + backward + embedding_phase - 2 * (root + block) * E  # not their sum
+    # a wider vocabulary: the embedding's backward, its three vocabulary × hidden tensors, is the step's peak
+    wide, _ = job_and_hw([*tiny, "model.vocab_size=32768"], 2)
+    wide_rank = busiest_rank(wide)
+    wide_memory = rank_memories(wide, [wide_rank])[0]
+    wide_end = (wide.root_params_per_rank + 3 * 32768 * h) * E + block * wide.reduce_bytes
+    assert end_of_backward_bytes(wide, wide_rank, 0.0) == pytest.approx(wide_end)
+    assert wide_memory["buffers"] == pytest.approx(wide_end - wide_memory["activations"])
     kept, _ = job_and_hw([*tiny, "backend.sharding=shard_grad_op"], 2)
     assert gathered_at_loss(kept, busiest_rank(kept)) == pytest.approx(kept.params_per_rank * E)
+    # its backward peaks at the first block's reduction: every unit gathered but that block, whose gradient
+    # replaced its parameters, the block's reduce-scatter input and the output layer's gradient
+    assert gathered_bytes(kept) == pytest.approx(kept.params_per_rank * E + block * kept.reduce_bytes + V * h * E)
 
 
 def test_the_ends_of_fsdps_pipeline_of_collectives_are_exposed_however_much_compute_there_is() -> None:

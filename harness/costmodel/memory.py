@@ -212,61 +212,83 @@ def _buffers(job: Job, rank: PipelineRank, loss: tuple[float, float], working_se
 
 
 def gathered_bytes(job: Job, rank: Optional[PipelineRank] = None) -> float:
-    """What FSDP and ZeRO-3 hold unsharded beside the shards: the gathered blocks in the compute dtype (current +
-    one prefetched, and the root module, which stays gathered from its forward to its backward; every unit where
-    FSDP keeps them gathered: Job.keeps_units_gathered) and one unsharded block gradient in the reduce dtype before
-    it is reduced. FSDP2 runs its gather and reduce on one-rank groups too (no_shard's, a TP-only mesh's): it copies
-    each unit's parameters into unsharded buffers and its gradients into a reduce-scatter input all the same (torch
-    2.13 FSDPParamGroup.wait_for_unshard and foreach_reduce at world_size 1)."""
+    """What FSDP and ZeRO-3 hold unsharded beside the shards in a block's backward: the gathered blocks in the
+    compute dtype (current + one prefetched, and the root module, gathered again for the backward; every unit where
+    FSDP keeps them gathered: Job.keeps_units_gathered), the previous block's gradient in the reduce dtype, the
+    reduce-scatter input FSDP keeps until the next unit's reduction, and under FSDP2 without pipeline stages (whose
+    accumulated gradients the model states hold) the current block's unsharded gradient in the parameters' dtype
+    (where units stay gathered, in place of that block's parameters, freed before its reduction) and, on the rank
+    with the output layer, that layer's gradient, held from the loss's backward until the root's
+    reduction (a tied embedding's until the embedding's backward adds its own). FSDP2 runs its gather and reduce on
+    one-rank groups too (no_shard's, a TP-only mesh's): it copies each unit's parameters into unsharded buffers and
+    its gradients into a reduce-scatter input all the same (torch 2.13 FSDPParamGroup.wait_for_unshard and
+    foreach_reduce at world_size 1)."""
     if not (job.fsdp_wraps or job.shards.weights > 1 or job.offload):
         return 0.0
     rank = rank or busiest_rank(job)
     E, block = job.act_bytes, job.block_params_per_rank  # as this TP rank holds them
     root = max(0.0, rank.params - rank.blocks * block)
     held = rank.params if job.keeps_units_gathered else 2 * block + root
-    return held * E + block * job.reduce_bytes
+    grads = 0.0
+    if job.fsdp_wraps and job.layout.pp == 1:
+        head = job.vocab_per_rank[0] * job.model.d_model if rank.last else 0.0
+        # where every unit stays gathered, the first block's backward is the phase's peak, and that block's
+        # parameters are freed before its reduce-scatter input is allocated: its gradient takes their place
+        grads = (head if job.keeps_units_gathered else block + head) * E
+    return held * E + block * job.reduce_bytes + grads
 
 
 def gathered_at_loss(job: Job, rank: PipelineRank) -> float:
-    """What FSDP and ZeRO-3 hold unsharded when the loss peaks, after the last forward and before any unit is
-    gathered for the backward: nothing where units reshard after the forward (the root too: the harness and
-    KempnerForge pass reshard_after_forward to it, and its pre-backward hook gathers it again only once the loss's
-    backward has produced the logits' gradient), every unit where they stay gathered (Job.keeps_units_gathered).
-    gathered_bytes counts what the backward that follows holds: two blocks, the root and a block's gradient."""
+    """What FSDP and ZeRO-3 hold unsharded when the loss peaks, after the last forward: every unit where units stay
+    gathered (Job.keeps_units_gathered); where they reshard after the forward (the root too: the harness and
+    KempnerForge pass reshard_after_forward to it) the root and the last block, which the root's pre-backward hook
+    gathers and prefetches as soon as the backward reaches the root's output, before the loss's own backward runs
+    where the model returns the loss (the harness's models/gpt.py: profiled on CPU, FSDP::pre_backward inside
+    NllLossBackward0), and nothing where the loop takes the logits and computes the loss outside the model
+    (Software.loop_holds_logits, KempnerForge: the hook waits for the logits' gradient). gathered_bytes counts what
+    a block's backward holds."""
     if not (job.fsdp_wraps or job.shards.weights > 1 or job.offload):
         return 0.0
-    return rank.params * job.act_bytes if job.keeps_units_gathered else 0.0
+    if job.keeps_units_gathered:
+        return rank.params * job.act_bytes
+    if not rank.last or job.software.loop_holds_logits:
+        return 0.0
+    root = max(0.0, rank.params - rank.blocks * job.block_params_per_rank)
+    return (root + job.block_params_per_rank) * job.act_bytes
 
 
 def end_of_backward_bytes(job: Job, rank: PipelineRank, held_logits: float) -> float:
     """What FSDP holds beyond the shards at the end of the backward, when every activation is gone, in the larger
-    of its two last phases (torch 2.13, _fully_shard/_fsdp_param_group.py; on this CPU a profiled FSDP2 run peaks
+    of its two last phases (torch 2.13, _fully_shard/_fsdp_param_group.py; a profiled FSDP2 run on this CPU peaks
     in the first, benchmarks/memory_cpu.py):
 
-    - the embedding's backward: the root gathered again for the backward (every unit in torch's pipeline stages,
-      which keep them gathered after each backward; shard_grad_op and no_shard reshard after the backward),
-      the previous unit's reduce-scatter input still in flight (one buffer, FSDP's default), the output layer's
-      gradient held since the backward began, and the embedding's dense gradient (a vocabulary × hidden tensor
-      in the parameters' dtype); a tied embedding sums its output-layer gradient and its own into a third such
-      tensor (autograd's accumulation of the two uses);
+    - the embedding's backward: the root gathered again for the backward, block 0's reduce-scatter input still
+      held (FSDP frees it at the next unit's reduction), the output layer's gradient held since the backward began,
+      and the embedding's dense gradient (a vocabulary × hidden tensor in the parameters' dtype); a tied embedding
+      sums its output-layer gradient and its own into a third such tensor (autograd's accumulation of the two
+      uses). torch's pipeline stages keep every unit gathered (set_reshard_after_backward(False)) and reduce
+      nothing until the step's end (their accumulated gradients are in the model states);
     - the root's reduction: its parameters resharded first (post_backward reshards before foreach_reduce), its
-      unsharded gradients beside the copy it reduce-scatters in the reduce dtype.
+      unsharded gradients beside the copy it reduce-scatters in the reduce dtype; in a pipeline stage the other
+      units still gathered, and the root's gradients already in the model states.
 
     Both beside the logits the training loop still holds."""
     if not job.fsdp_wraps:
         return 0.0
     E, h, block = job.act_bytes, job.model.d_model, job.block_params_per_rank
     root = max(0.0, rank.params - rank.blocks * block)
-    stage_keeps = job.keeps_units_gathered and job.layout.pp > 1  # set_reshard_after_backward(False)
-    kept = rank.params * E if stage_keeps else root * E
     embedding = job.embedding_rows * h if rank.index == 0 else 0.0
     head = job.vocab_per_rank[0] * h if rank.last else 0.0
     if job.model.tie_embeddings and job.layout.pp == 1:  # one parameter: its two gradients and their sum
         grads = 3 * embedding
     else:
         grads = embedding + head
-    embedding_phase = kept + grads * E + block * job.reduce_bytes
-    reduce_phase = root * (E + job.reduce_bytes) + (rank.params * E if stage_keeps else 0.0)
+    if job.layout.pp > 1:  # torch's stages: every unit gathered, nothing reduced before the step's end
+        embedding_phase = rank.params * E + grads * E
+        reduce_phase = (rank.params - root) * E + root * job.reduce_bytes
+    else:
+        embedding_phase = root * E + grads * E + block * job.reduce_bytes
+        reduce_phase = root * (E + job.reduce_bytes)
     return max(embedding_phase, reduce_phase) + held_logits
 
 
