@@ -193,7 +193,7 @@ def _buffers(job: Job, rank: PipelineRank, loss: tuple[float, float], working_se
     # when the first layer is recomputed, so the loss and the working set are not kept apart there
     apart = layout.pp == 1 or not PP_SCHEDULES[job.pp_schedule].holds_all_micro_batches
     gathered = gathered_bytes(job, rank)
-    if apart:  # the loss peaks before any unit is gathered for the backward: FSDP holds then only what stays gathered
+    if apart:  # the loss peaks before the blocks' backward, FSDP holding then what gathered_at_loss says
         logits_and_units = max(peak + gathered_at_loss(job, rank) - working_set, held + gathered)
     else:
         logits_and_units = peak + gathered
@@ -214,8 +214,8 @@ def _buffers(job: Job, rank: PipelineRank, loss: tuple[float, float], working_se
 def gathered_bytes(job: Job, rank: Optional[PipelineRank] = None) -> float:
     """What FSDP and ZeRO-3 hold unsharded beside the shards in a block's backward: the gathered blocks in the
     compute dtype (current + one prefetched, and the root module, gathered again for the backward; every unit where
-    FSDP keeps them gathered: Job.keeps_units_gathered), the previous block's gradient in the reduce dtype, the
-    reduce-scatter input FSDP keeps until the next unit's reduction, and under FSDP2 without pipeline stages (whose
+    FSDP keeps them gathered: Job.keeps_units_gathered), the previous block's gradient in the reduce dtype (the
+    reduce-scatter input FSDP keeps until the next unit's reduction), and under FSDP2 without pipeline stages (whose
     accumulated gradients the model states hold) the current block's unsharded gradient in the parameters' dtype
     (where units stay gathered, in place of that block's parameters, freed before its reduction) and, on the rank
     with the output layer, that layer's gradient, held from the loss's backward until the root's
@@ -251,7 +251,7 @@ def gathered_at_loss(job: Job, rank: PipelineRank) -> float:
         return 0.0
     if job.keeps_units_gathered:
         return rank.params * job.act_bytes
-    if not rank.last or job.software.loop_holds_logits:
+    if not (job.fsdp_wraps and rank.last) or job.software.loop_holds_logits:  # the hook is FSDP2's
         return 0.0
     root = max(0.0, rank.params - rank.blocks * job.block_params_per_rank)
     return (root + job.block_params_per_rank) * job.act_bytes
