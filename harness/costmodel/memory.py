@@ -211,6 +211,21 @@ def _buffers(job: Job, rank: PipelineRank, loss: tuple[float, float], working_se
     return logits_and_units + buckets + autocast_weight_copies(job, rank)
 
 
+def _gathers_units(job: Job) -> bool:
+    """FSDP, ZeRO-3 or offload gathers parameters from shards, so the rank holds unsharded copies at times."""
+    return job.fsdp_wraps or job.shards.weights > 1 or job.offload
+
+
+def _root_params(job: Job, rank: PipelineRank) -> float:
+    """This pipeline rank's parameters outside its blocks (FSDP's root: embedding, final norm, output layer)."""
+    return max(0.0, rank.params - rank.blocks * job.block_params_per_rank)
+
+
+def _head_params(job: Job, rank: PipelineRank) -> float:
+    """The output layer's parameters on this rank, as its TP rank holds them (none off the last stage)."""
+    return job.vocab_per_rank[0] * job.model.d_model if rank.last else 0.0
+
+
 def gathered_bytes(job: Job, rank: Optional[PipelineRank] = None) -> float:
     """What FSDP and ZeRO-3 hold unsharded beside the shards in a block's backward: the gathered blocks in the
     compute dtype (current + one prefetched, and the root module, gathered again for the backward; every unit where
@@ -223,15 +238,14 @@ def gathered_bytes(job: Job, rank: Optional[PipelineRank] = None) -> float:
     one-rank groups too (no_shard's, a TP-only mesh's): it copies each unit's parameters into unsharded buffers and
     its gradients into a reduce-scatter input all the same (torch 2.13 FSDPParamGroup.wait_for_unshard and
     foreach_reduce at world_size 1)."""
-    if not (job.fsdp_wraps or job.shards.weights > 1 or job.offload):
+    if not _gathers_units(job):
         return 0.0
     rank = rank or busiest_rank(job)
     E, block = job.act_bytes, job.block_params_per_rank  # as this TP rank holds them
-    root = max(0.0, rank.params - rank.blocks * block)
-    held = rank.params if job.keeps_units_gathered else 2 * block + root
+    held = rank.params if job.keeps_units_gathered else 2 * block + _root_params(job, rank)
     grads = 0.0
     if job.fsdp_wraps and job.layout.pp == 1:
-        head = job.vocab_per_rank[0] * job.model.d_model if rank.last else 0.0
+        head = _head_params(job, rank)
         # where every unit stays gathered, the first block's backward is the phase's peak, and that block's
         # parameters are freed before its reduce-scatter input is allocated: its gradient takes their place
         grads = (head if job.keeps_units_gathered else block + head) * E
@@ -247,14 +261,13 @@ def gathered_at_loss(job: Job, rank: PipelineRank) -> float:
     NllLossBackward0), and nothing where the loop takes the logits and computes the loss outside the model
     (Software.loop_holds_logits, KempnerForge: the hook waits for the logits' gradient). gathered_bytes counts what
     a block's backward holds."""
-    if not (job.fsdp_wraps or job.shards.weights > 1 or job.offload):
+    if not _gathers_units(job):
         return 0.0
     if job.keeps_units_gathered:
         return rank.params * job.act_bytes
     if not (job.fsdp_wraps and rank.last) or job.software.loop_holds_logits:  # the hook is FSDP2's
         return 0.0
-    root = max(0.0, rank.params - rank.blocks * job.block_params_per_rank)
-    return (root + job.block_params_per_rank) * job.act_bytes
+    return (_root_params(job, rank) + job.block_params_per_rank) * job.act_bytes
 
 
 def end_of_backward_bytes(job: Job, rank: PipelineRank, held_logits: float) -> float:
@@ -275,14 +288,12 @@ def end_of_backward_bytes(job: Job, rank: PipelineRank, held_logits: float) -> f
     Both beside the logits the training loop still holds."""
     if not job.fsdp_wraps:
         return 0.0
-    E, h, block = job.act_bytes, job.model.d_model, job.block_params_per_rank
-    root = max(0.0, rank.params - rank.blocks * block)
-    embedding = job.embedding_rows * h if rank.index == 0 else 0.0
-    head = job.vocab_per_rank[0] * h if rank.last else 0.0
+    E, block, root = job.act_bytes, job.block_params_per_rank, _root_params(job, rank)
+    embedding = job.embedding_rows * job.model.d_model if rank.index == 0 else 0.0
     if job.model.tie_embeddings and job.layout.pp == 1:  # one parameter: its two gradients and their sum
         grads = 3 * embedding
     else:
-        grads = embedding + head
+        grads = embedding + _head_params(job, rank)
     if job.layout.pp > 1:  # torch's stages: every unit gathered, nothing reduced before the step's end
         embedding_phase = rank.params * E + grads * E
         reduce_phase = (rank.params - root) * E + root * job.reduce_bytes
@@ -313,8 +324,7 @@ def autocast_weight_copies(job: Job, rank: Optional[PipelineRank] = None) -> flo
         return 0.0
     rank = rank or busiest_rank(job)
     saved = 1.0 - job.checkpoint_modes.get("full", 0.0)
-    head = job.vocab_per_rank[0] * job.model.d_model if rank.last else 0.0
-    return (rank.blocks * job.block_params_per_rank * saved + head) * job.act_bytes
+    return (rank.blocks * job.block_params_per_rank * saved + _head_params(job, rank)) * job.act_bytes
 
 
 def memory_per_device(job: Job, framework_overhead_bytes: float = 0.0) -> dict[str, float]:
